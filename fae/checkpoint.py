@@ -1,0 +1,134 @@
+"""Checkpoints: `save_pretrained`/`from_pretrained` bundles and atomic writes.
+
+A bundle is a folder with `config.json` (the model's class, its dataclass config, and any extra record such as
+the frozen encoder it belongs to) and `model.safetensors`. Every write goes to a temporary file in the same
+folder and is renamed into place, so a kill never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, ClassVar, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fae.config import ConfigError, from_dict, to_dict
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+M = TypeVar("M", bound="PretrainedMixin")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp_path)` then rename onto `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written folder into place; an older folder of the same name is removed only afterwards."""
+    final_dir = Path(final_dir)
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final_dir)
+
+
+def state_dict_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied/shared storage cloned (safetensors refuses shared tensors)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in module.state_dict().items():
+        ptr = v.untyped_storage().data_ptr() if v.device.type != "meta" else id(v)
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def read_bundle_config(path: str | Path) -> dict[str, Any]:
+    path = resolve_pretrained(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a fae bundle: {CONFIG_NAME} is missing")
+    return json.loads(cfg_file.read_text())
+
+
+def resolve_pretrained(name_or_path: str | Path) -> Path:
+    """A local folder, or a hub id downloaded with huggingface_hub (needs network)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file; expected a bundle folder with {CONFIG_NAME}")
+    text = str(name_or_path)
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(text))
+        except Exception as exc:  # offline, unknown id, ...
+            raise FileNotFoundError(f"{text}: not a local folder, and fetching it from the hub failed ({exc})") from None
+    raise FileNotFoundError(f"{text}: no such folder")
+
+
+class PretrainedMixin:
+    """Adds `save_pretrained`/`from_pretrained` to an nn.Module built as `cls(config)` from a dataclass config.
+
+    Subclasses set `config_class` and keep `self.config`. `extra` records (e.g. the frozen encoder a model
+    belongs to) go into config.json beside the config and come back from `read_bundle_config`.
+    """
+
+    config_class: ClassVar[type]
+    config: Any
+
+    def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        record = {"class": type(self).__name__, "config": to_dict(self.config), **(extra or {})}
+        atomic_save_safetensors(state_dict_for_save(self), directory / WEIGHTS_NAME)  # type: ignore[arg-type]
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(record, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls: type[M], name_or_path: str | Path, map_location: str | torch.device = "cpu") -> M:
+        path = resolve_pretrained(name_or_path)
+        record = read_bundle_config(path)
+        if record.get("class") != cls.__name__:
+            raise ConfigError(f"{path}: bundle holds a {record.get('class')}, not a {cls.__name__}")
+        model = cls(from_dict(cls.config_class, record["config"]))  # type: ignore[call-arg]
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path}: {WEIGHTS_NAME} is missing")
+        state = load_file(str(weights), device=str(map_location))
+        model.load_state_dict(state, strict=True)  # type: ignore[attr-defined]
+        return model

@@ -1,0 +1,199 @@
+"""Shared building blocks: norms, MLPs, 2-D RoPE, attention with a kernel switch, transformer blocks.
+
+Every transformer in fae (feature decoder, pixel decoder, DiT, flows) is assembled from these pieces,
+so a convention (RoPE layout, SwiGLU width, attention scaling) is written once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AttentionBackend = Literal["auto", "sdpa", "math"]
+_DEFAULT_BACKEND: AttentionBackend = "auto"
+
+
+def set_attention_backend(backend: AttentionBackend) -> None:
+    """Choose the attention kernel globally. 'auto' = SDPA on GPU, plain matmul-softmax on CPU
+    (on small CPU models SDPA's backward is 2-4x slower than the plain version)."""
+    global _DEFAULT_BACKEND
+    if backend not in ("auto", "sdpa", "math"):
+        raise ValueError(f"attention backend must be auto, sdpa or math, not {backend!r}")
+    _DEFAULT_BACKEND = backend
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: AttentionBackend | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention over (B, H, N, Dh) tensors. `mask` is boolean (True = attend) or additive."""
+    backend = backend or _DEFAULT_BACKEND
+    if backend == "auto":
+        backend = "sdpa" if q.is_cuda else "math"
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 for bf16 stability, return in the input dtype
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        y = y.to(x.dtype)
+        return y * self.weight.to(x.dtype) if self.weight is not None else y
+
+
+def make_norm(kind: str, dim: int, affine: bool = True, eps: float = 1e-6) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps, affine=affine)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r} (expected rmsnorm, layernorm or none)")
+
+
+def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
+    """LightningDiT's convention: a SwiGLU with 2/3 of the GELU-MLP width has the same parameter count."""
+    return int(2 / 3 * mlp_ratio * dim)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def make_mlp(kind: str, dim: int, mlp_ratio: float, bias: bool = True) -> nn.Module:
+    if kind == "swiglu":
+        return SwiGLU(dim, swiglu_hidden(dim, mlp_ratio), bias=bias)
+    if kind == "gelu":
+        return Mlp(dim, int(dim * mlp_ratio), bias=bias)
+    raise ValueError(f"unknown mlp {kind!r} (expected swiglu or gelu)")
+
+
+class RoPE2D(nn.Module):
+    """2-D rotary embedding for a (h, w) token grid in row-major order.
+
+    Half of each head's channels rotate with the row index, half with the column index
+    (the axial layout used by LightningDiT/RAE). Tables are buffers, rebuilt for any grid.
+    """
+
+    def __init__(self, head_dim: int, grid: tuple[int, int], theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
+        self.head_dim, self.theta = head_dim, theta
+        cos, sin = self._tables(grid)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = grid
+        quarter = self.head_dim // 4
+        freqs = 1.0 / (self.theta ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+        rows = torch.arange(h, dtype=torch.float32).repeat_interleave(w)
+        cols = torch.arange(w, dtype=torch.float32).repeat(h)
+        angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)  # (N, head_dim/2)
+        return angles.cos(), angles.sin()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate (B, H, N, Dh); channel pairs are (i, i + Dh/2)."""
+        n = x.shape[-2]
+        if self.cos.shape[0] != n:
+            raise ValueError(f"RoPE built for {self.cos.shape[0]} tokens, got {n}")
+        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: fused QKV (with bias), optional QK-norm and RoPE, output projection."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
+                 backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: RoPE2D | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        out = attention(q, k, v, self.backend, mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block (no conditioning): x + attn(norm(x)), x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm: str = "rmsnorm",
+                 mlp: str = "swiglu", qk_norm: bool = False, backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.norm1 = make_norm(norm, dim)
+        self.attn = Attention(dim, num_heads, qk_norm=qk_norm, backend=backend)
+        self.norm2 = make_norm(norm, dim)
+        self.mlp = make_mlp(mlp, dim, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, rope: RoPE2D | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation; shift/scale are (B, D) and broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Fixed 2-D sine-cosine table (N, dim) as in MAE/DiT: half the channels for rows, half for columns."""
+    if dim % 4:
+        raise ValueError(f"sin-cos table needs a width divisible by 4, got {dim}")
+    h, w = grid
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)[:, None] * omega
+    cols = torch.arange(w, dtype=torch.float64).repeat(h)[:, None] * omega
+    return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1).float()
+
+
+def grid_side(num_tokens: int) -> int:
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"{num_tokens} tokens do not form a square grid")
+    return side
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
