@@ -1,0 +1,125 @@
+"""The `fae` command. It only parses arguments and calls library functions a Python user can call too.
+
+User mistakes (bad config keys, missing files, ...) print one line and a hint, not a traceback;
+`fae --debug ...` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from fae.config import ConfigError
+
+# Modules that add subcommands: each exposes `register(subparsers)` and sets `func` on its parsers.
+COMMAND_MODULES = ["fae.cli_eval", "fae.cli_generate", "fae.demo"]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fae.stages import load_stage_config, train_stage
+
+    name, cfg = load_stage_config(args.config, args.overrides, stage=args.stage)
+    out = Path(args.out or f"runs/{name}")
+    train_stage(name, cfg, out, fresh=args.fresh, progress=not args.no_progress)
+    print(f"done: {out}")
+    return 0
+
+
+def parameter_table(name: str, cfg: object) -> list[dict[str, object]]:
+    import torch
+
+    from fae.nn import count_parameters
+    from fae.stages import stage_module
+
+    with torch.device("meta"):
+        parts = stage_module(name).components(cfg)
+    rows = [{"component": k, "parameters": count_parameters(m), "millions": round(count_parameters(m) / 1e6, 2)}
+            for k, m in parts.items()]
+    return rows
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from fae.stages import load_stage_config
+
+    name, cfg = load_stage_config(args.config, args.overrides)
+    rows = parameter_table(name, cfg)
+    if args.json:
+        print(json.dumps({"stage": name, "components": rows}, indent=2))
+        return 0
+    width = max(len(r["component"]) for r in rows)
+    print(f"stage: {name}  ({args.config})")
+    print(f"{'component':<{width}}  {'parameters':>14}  {'millions':>9}")
+    for r in rows:
+        print(f"{r['component']:<{width}}  {r['parameters']:>14,}  {r['millions']:>8.2f}M")
+    total = sum(int(r["parameters"]) for r in rows)
+    print(f"{'total':<{width}}  {total:>14,}  {total / 1e6:>8.2f}M")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fae", description="FAE: adapt a frozen visual encoder into a small latent "
+                                     "space; train, sample and evaluate generators on it.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    p = sub.add_parser("train", help="train a stage: fae | pixel-decoder | dit",
+                       description="Train one stage with the shared trainer. Re-running the same command resumes "
+                       "from the newest checkpoint in --out.")
+    p.add_argument("stage", help="fae | pixel-decoder | dit")
+    p.add_argument("--config", required=True, help="YAML config (see configs/paper and configs/demo)")
+    p.add_argument("--out", help="run folder (default runs/<stage>)")
+    p.add_argument("--fresh", action="store_true", help="delete the run folder and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=100")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("summary", help="per-component parameter counts of a config",
+                       description="Build every component of a stage config on the meta device (no memory, no "
+                       "download) and print its parameter count.")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    p.set_defaults(func=_cmd_summary)
+
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # that part of the tool is not installed yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    from fae.training import TrainingError, TrainingInterrupted
+
+    try:
+        return int(func(args) or 0)
+    except TrainingInterrupted as exc:
+        print(f"fae: {exc}", file=sys.stderr)
+        return 130
+    except (*USER_ERRORS, TrainingError) as exc:
+        if args.debug:
+            raise
+        print(f"fae: error: {exc}", file=sys.stderr)
+        print("hint: check the path or key named above; `fae <command> --help` lists the options, "
+              "`fae --debug ...` shows a traceback", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

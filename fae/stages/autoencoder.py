@@ -1,0 +1,132 @@
+"""Stage 1 (paper stage Ia): train the single-attention encoder and the feature decoder on frozen features.
+
+Loss: ||x_hat - x||^2 + beta * KL (eq. 4.1). Features come from the frozen encoder on the fly, or from a feature
+cache computed once (small data sets). The exported bundle records which frozen encoder it belongs to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fae.autoencoder import FAEConfig, FeatureAutoEncoder, vae_loss
+from fae.config import ConfigError
+from fae.data import DataConfig, build_dataset
+from fae.encoders import EncoderConfig, FrozenEncoder
+from fae.training import OptimConfig, TrainConfig, TrainStage
+
+
+@dataclass
+class VAELossConfig:
+    kl_weight: float = 1e-4           # beta on per-element KL vs per-element MSE (docs/autoencoder.md)
+    sample_posterior: bool = True     # reparameterised z in training; the posterior mean at evaluation
+
+    def validate(self) -> None:
+        if self.kl_weight < 0:
+            raise ValueError(f"loss.kl_weight must be >= 0, got {self.kl_weight}")
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    limit: int | None = 1000          # held-out images scored after training (eval.json)
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    encoder: EncoderConfig
+    model: FAEConfig = field(default_factory=FAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    features: Literal["on_the_fly", "cache"] = "on_the_fly"
+    feature_cache_dir: str | None = None   # default: <out>/../feature_cache
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="cosine", warmup_steps=1000))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def check_encoder_matches(model: FAEConfig, encoder: FrozenEncoder) -> None:
+    if model.feature_dim != encoder.dim:
+        raise ConfigError(f"model.feature_dim={model.feature_dim} but the encoder gives {encoder.dim}-d features")
+    if tuple(model.grid) != tuple(encoder.grid):
+        raise ConfigError(f"model.grid={list(model.grid)} but the encoder gives a {list(encoder.grid)} token grid")
+
+
+class FAEStage(TrainStage):
+    def __init__(self, cfg: Config, encoder: FrozenEncoder | None = None) -> None:
+        self.cfg, self.optim = cfg, cfg.optim
+        self.encoder = encoder or FrozenEncoder.from_config(cfg.encoder)
+        check_encoder_matches(cfg.model, self.encoder)
+        self.modules = {"model": FeatureAutoEncoder(cfg.model)}
+        self._dataset: Dataset | None = None
+
+    def to(self, device: torch.device) -> None:
+        self.encoder.to(device)
+
+    def train_dataset(self) -> Dataset:
+        if self._dataset is None:
+            self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split)
+        return self._dataset
+
+    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch["features"] if "features" in batch else self.encoder(batch["image"])
+        x_hat, posterior = self.modules["model"](x.float(), sample=self.cfg.loss.sample_posterior)
+        return vae_loss(x, x_hat, posterior, self.cfg.loss.kl_weight)
+
+    def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
+        model = modules["model"]
+        assert isinstance(model, FeatureAutoEncoder)
+        bundle = model.save_pretrained(out_dir / "fae", extra={"encoder": self.encoder.reference()})
+        if self.cfg.eval.limit != 0:
+            from fae.checkpoint import atomic_write_text
+            import json
+
+            scores = evaluate_reconstruction(model, self.encoder, self.cfg)
+            atomic_write_text(out_dir / "eval.json", json.dumps(scores, indent=2))
+            print(f"held-out ({scores['split']}, {scores['images']} images): feature cosine {scores['cos']:.4f}, "
+                  f"MSE {scores['mse']:.4g}; bundle: {bundle}")
+
+
+def features_dataset(cfg: Config, encoder: FrozenEncoder, split: str, limit: int | None = None) -> Dataset:
+    """Images (+ cached features when `features: cache`)."""
+    data_cfg = cfg.data if limit is None else type(cfg.data)(**{**cfg.data.__dict__, "limit": limit})
+    dataset = build_dataset(data_cfg, split)
+    if cfg.features == "cache":
+        from fae.data.features import CachedFeatureDataset, build_feature_cache
+
+        cache_dir = Path(cfg.feature_cache_dir or "runs/feature_cache")
+        cache = build_feature_cache(encoder, dataset, cache_dir, flips=data_cfg.hflip)
+        dataset = CachedFeatureDataset(dataset, cache)
+    return dataset
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: FeatureAutoEncoder, encoder: FrozenEncoder, cfg: Config) -> dict[str, Any]:
+    """Feature cosine similarity and MSE between x_hat (from the posterior mean) and x on held-out images."""
+    from torch.utils.data import DataLoader
+
+    dataset = build_dataset(type(cfg.data)(**{**cfg.data.__dict__, "hflip": False, "limit": cfg.eval.limit}), cfg.eval.split)
+    device = next(model.parameters()).device
+    model.eval()
+    cos_sum, mse_sum, count = 0.0, 0.0, 0
+    for batch in DataLoader(dataset, batch_size=cfg.eval.batch_size):
+        x = encoder(batch["image"].to(device)).float()
+        x_hat = model.decode(model.encode(x).mode())
+        cos_sum += torch.nn.functional.cosine_similarity(x_hat, x, dim=-1).mean(1).sum().item()
+        mse_sum += (x_hat - x).pow(2).mean((1, 2)).sum().item()
+        count += x.shape[0]
+    return {"split": cfg.eval.split, "images": count, "cos": cos_sum / count, "mse": mse_sum / count}
+
+
+def build(cfg: Config) -> FAEStage:
+    return FAEStage(cfg)
+
+
+def components(cfg: Config) -> dict[str, nn.Module]:
+    model = FeatureAutoEncoder(cfg.model)
+    return {"fae encoder (single attention)": model.encoder, "feature decoder": model.decoder}

@@ -1,0 +1,434 @@
+"""One trainer for every stage.
+
+A stage (FAE, pixel decoder, DiT, ...) subclasses `TrainStage`: it names its trainable modules, its optimizer
+groups and its loss. The `Trainer` owns everything else: the resumable data order, DDP, gradient accumulation
+(grads zeroed once per optimizer step, `no_sync` on all but the last micro-batch), bf16 autocast, gradient
+clipping, EMA of trainable parameters only, non-finite-loss handling, atomic checkpoints with the full training
+state, exact resume, `metrics.jsonl` and a progress bar.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from fae import distributed as D
+from fae.checkpoint import atomic_save_safetensors, atomic_write_text, replace_dir, state_dict_for_save
+from fae.config import save_config
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 0.0          # end of the cosine schedule
+    grad_clip: float | None = 1.0
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.warmup_steps < 0:
+            raise ValueError("optim: lr must be > 0, min_lr and warmup_steps >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must lie in [0, 1), got {self.betas}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64            # global: split over processes and accumulation micro-batches
+    grad_accum: int = 1
+    ema_decay: float = 0.9999
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    num_workers: int = 0
+    max_bad_steps: int = 5          # consecutive non-finite losses before the run stops
+    device: str = "auto"            # auto | cpu | cuda
+
+    def validate(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise ValueError("train: steps, batch_size and grad_accum must be positive")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.checkpoint_every <= 0 or self.keep_checkpoints <= 0 or self.log_every <= 0:
+            raise ValueError("train: checkpoint_every, keep_checkpoints and log_every must be positive")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss stayed non-finite); the last checkpoint is intact."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM: the current step was finished and checkpointed before stopping."""
+
+
+class TrainStage:
+    """What a stage plugs into the Trainer. Subclasses set `self.modules` and implement `loss` and `export`."""
+
+    modules: dict[str, nn.Module]
+
+    def optimizer_groups(self) -> dict[str, list[str]]:
+        return {"main": list(self.modules)}
+
+    def optim_config(self, group: str) -> OptimConfig:
+        return self.optim  # type: ignore[attr-defined]
+
+    def ema_modules(self) -> list[str]:
+        return list(self.modules)
+
+    def group_active(self, group: str, step: int) -> bool:
+        return True
+
+    def train_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> None:
+        """Move non-trainable helpers (frozen encoders, ...) to the device; trainable modules are moved for you."""
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data order: a deterministic stream of (index, seed) keys that any process count can resume exactly.
+# ----------------------------------------------------------------------------------------------------------------
+class ResumableSampler(Sampler):
+    """Infinite stream of dataset keys. Global position p maps to epoch p // N, a seeded permutation of that
+    epoch, and a per-sample augmentation seed; process r of W takes positions r, r+W, ... from `start`."""
+
+    def __init__(self, length: int, seed: int, start: int = 0, rank: int = 0, world: int = 1) -> None:
+        if length <= 0:
+            raise ValueError("the training dataset is empty")
+        self.length, self.seed, self.start, self.rank, self.world = length, seed, start, rank, world
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def key(self, position: int) -> tuple[int, int]:
+        epoch, offset = divmod(position, self.length)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.length, generator=g)
+        return int(self._perm[offset]), (self.seed * 6_364_136_223_846_793 + position) % (2**62)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.start + self.rank
+        while True:
+            yield self.key(position)
+            position += self.world
+
+    def __len__(self) -> int:  # infinite; DataLoader only needs a number
+        return 2**62
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        floor = cfg.min_lr / cfg.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (buffers are copied)."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for e, p in zip(self.module.parameters(), module.parameters()):
+            e.lerp_(p.detach(), 1.0 - self.decay)
+        for e, b in zip(self.module.buffers(), module.buffers()):
+            e.copy_(b)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "training_state.pt").is_file()]
+    return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))
+
+
+class Trainer:
+    def __init__(self, stage: TrainStage, cfg: TrainConfig, out_dir: str | Path, run_config: Any = None,
+                 progress: bool = True) -> None:
+        self.stage, self.cfg, self.out_dir, self.run_config = stage, cfg, Path(out_dir), run_config
+        self.rank, self.world, device = D.init_distributed()
+        self.device = device if cfg.device == "auto" else torch.device(cfg.device)
+        self.progress = progress and self.rank == 0
+        if cfg.batch_size % (self.world * cfg.grad_accum):
+            raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by processes x grad_accum "
+                             f"= {self.world} x {cfg.grad_accum}")
+        self.micro_batch = cfg.batch_size // (self.world * cfg.grad_accum)
+        torch.manual_seed(cfg.seed + self.rank)
+        random.seed(cfg.seed + self.rank)
+
+        self.raw = dict(stage.modules)
+        for m in self.raw.values():
+            m.to(self.device).train()
+        stage.to(self.device)
+        if self.world > 1:
+            stage.modules = {k: DistributedDataParallel(m, broadcast_buffers=False) for k, m in self.raw.items()}
+        self.groups = stage.optimizer_groups()
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        for group, names in self.groups.items():
+            ocfg = stage.optim_config(group)
+            params = [p for n in names for p in self.raw[n].parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=ocfg.lr, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
+                                    fused=self.device.type == "cuda")
+            self.optimizers[group] = opt
+            self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, cfg.steps))
+        self.ema = {n: EMA(self.raw[n], cfg.ema_decay) for n in stage.ema_modules()}
+        self.step, self.bad_steps = 0, 0
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def fit(self, stop_at: int | None = None) -> dict[str, float]:
+        """Train to `cfg.steps` (or pause at `stop_at`, checkpointed), resuming from the newest checkpoint."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0 and self.run_config is not None:
+            save_config(self.run_config, self.out_dir / "config.yaml")
+        self._resume()
+        end = min(self.cfg.steps, stop_at) if stop_at is not None else self.cfg.steps
+        dataset = self.stage.train_dataset()
+        sampler = ResumableSampler(len(dataset), self.cfg.seed, self.step * self.cfg.batch_size, self.rank, self.world)
+        loader = DataLoader(dataset, batch_size=self.micro_batch, sampler=sampler, num_workers=self.cfg.num_workers,
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.cfg.seed),
+                            persistent_workers=False)
+        batches = iter(loader)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.precision == "bf16"
+                    else contextlib.nullcontext())
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
+        logs: dict[str, list[float]] = {}
+        last: dict[str, float] = {}
+        t0 = time.time()
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._on_signal)
+        try:
+            while self.step < end:
+                micro = [_to_device(next(batches), self.device) for _ in range(self.cfg.grad_accum)]
+                for group, opt in self.optimizers.items():
+                    if not self.stage.group_active(group, self.step):
+                        continue
+                    self._optimizer_step(group, opt, micro, autocast, logs)
+                for name, ema in self.ema.items():
+                    ema.update(self.raw[name])
+                self.step += 1
+                bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == end:
+                    last = self._log(logs, t0)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k.startswith("loss")})
+                    logs, t0 = {}, time.time()
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                    self.save_checkpoint()
+                if D.all_reduce_max(float(self._stop_signal is not None)) > 0:
+                    if self.step % self.cfg.checkpoint_every and self.step != end:
+                        self.save_checkpoint()
+                    raise TrainingInterrupted(f"stopped by signal at step {self.step}; resume by running the same "
+                                              f"command again (checkpoint in {self.out_dir / 'checkpoints'})")
+        finally:
+            bar.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if self.step >= self.cfg.steps and self.rank == 0:
+            self.stage.export(self.out_dir, self.export_modules())
+        D.barrier()
+        return last
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        if self.rank == 0:
+            print(f"\nsignal {signum}: finishing step {self.step + 1}, then checkpointing (Ctrl-C again to abort)")
+
+    def _optimizer_step(self, group: str, opt: torch.optim.Optimizer, micro: list[Any], autocast: Any,
+                        logs: dict[str, list[float]]) -> None:
+        names = self.groups[group]
+        opt.zero_grad(set_to_none=True)
+        finite = True
+        for i, batch in enumerate(micro):
+            last_micro = i == len(micro) - 1
+            with contextlib.ExitStack() as stack:
+                if not last_micro:
+                    for n in names:
+                        m = self.stage.modules[n]
+                        if isinstance(m, DistributedDataParallel):
+                            stack.enter_context(m.no_sync())
+                with autocast:
+                    loss, info = self.stage.loss(group, batch, self.step)
+                if not torch.isfinite(loss.detach()).item():
+                    finite = False
+                (loss / len(micro)).backward()
+            for k, v in {f"loss/{group}": loss.item(), **info}.items():
+                logs.setdefault(k, []).append(float(v))
+        finite = D.all_reduce_max(float(not finite)) == 0
+        params = [p for n in names for p in self.raw[n].parameters() if p.requires_grad]
+        if finite:
+            clip = self.stage.optim_config(group).grad_clip
+            if clip:
+                norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                logs.setdefault(f"grad_norm/{group}", []).append(float(norm))
+                finite = bool(torch.isfinite(norm).item())
+        if finite:
+            opt.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            warnings.warn(f"step {self.step}: non-finite loss or gradient in group '{group}', update skipped "
+                          f"({self.bad_steps}/{self.cfg.max_bad_steps} in a row)")
+            if self.bad_steps >= self.cfg.max_bad_steps:
+                ckpts = checkpoint_dirs(self.out_dir)
+                where = f"the last checkpoint is {ckpts[-1]} (skipped updates leave weights finite)" if ckpts else "no checkpoint was written yet"
+                raise TrainingError(f"loss was not finite for {self.bad_steps} steps in a row (group '{group}', step "
+                                    f"{self.step}); {where}. Lower the learning rate, enable grad clipping or use fp32.")
+        opt.zero_grad(set_to_none=True)
+        self.schedulers[group].step()
+
+    def _log(self, logs: dict[str, list[float]], t0: float) -> dict[str, float]:
+        row = {k: sum(v) / len(v) for k, v in logs.items() if v}
+        row.update({f"lr/{g}": s.get_last_lr()[0] for g, s in self.schedulers.items()})
+        row["sec_per_step"] = (time.time() - t0) / self.cfg.log_every
+        if self.rank == 0:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **row}) + "\n")
+        return row
+
+    # ------------------------------------------------------------------------------------------------------------
+    def export_modules(self) -> dict[str, nn.Module]:
+        return {n: (self.ema[n].module if n in self.ema else m) for n, m in self.raw.items()}
+
+    def save_checkpoint(self) -> Path:
+        rng = D.all_gather_objects({"torch": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                                    "python": random.getstate()})
+        root = self.out_dir / "checkpoints"
+        final = root / f"step_{self.step:08d}"
+        if self.rank == 0:
+            tmp = root / f".tmp_step_{self.step:08d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name, module in self.raw.items():
+                atomic_save_safetensors(state_dict_for_save(module), tmp / f"{name}.safetensors")
+            for name, ema in self.ema.items():
+                atomic_save_safetensors(state_dict_for_save(ema.module), tmp / f"{name}.ema.safetensors")
+            state = {
+                "step": self.step,
+                "bad_steps": self.bad_steps,
+                "data_position": self.step * self.cfg.batch_size,
+                "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
+                "schedulers": {g: s.state_dict() for g, s in self.schedulers.items()},
+                "rng": rng,
+                "stage": self.stage.extra_state(),
+            }
+            torch.save(state, tmp / "training_state.pt")
+            replace_dir(tmp, final)
+            for old in checkpoint_dirs(self.out_dir)[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        D.barrier()
+        return final
+
+    def _resume(self) -> None:
+        ckpts = checkpoint_dirs(self.out_dir)
+        if not ckpts:
+            return
+        path = ckpts[-1]
+        for name, module in self.raw.items():
+            module.load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(self.device)))
+        for name, ema in self.ema.items():
+            ema.module.load_state_dict(load_file(str(path / f"{name}.ema.safetensors"), device=str(self.device)))
+        state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        for g, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][g])
+        for g, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][g])
+        self.step, self.bad_steps = state["step"], state["bad_steps"]
+        self.stage.load_extra_state(state.get("stage", {}))
+        rngs = state["rng"]
+        mine = rngs[self.rank] if self.rank < len(rngs) else rngs[0]
+        torch.set_rng_state(mine["torch"])
+        if torch.cuda.is_available() and mine["cuda"]:
+            torch.cuda.set_rng_state_all(mine["cuda"])
+        random.setstate(_as_tuple(mine["python"]))
+        self._truncate_metrics()
+        if self.rank == 0 and self.progress:
+            print(f"resuming from {path} (step {self.step})")
+
+    def _truncate_metrics(self) -> None:
+        """Drop log rows written after the checkpoint we resume from, so metrics.jsonl stays one clean history."""
+        path = self.out_dir / "metrics.jsonl"
+        if self.rank != 0 or not path.is_file():
+            return
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if json.loads(r).get("step", 0) <= self.step]
+        if len(kept) != len(rows):
+            atomic_write_text(path, "".join(r + "\n" for r in kept))
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def load_run_state(out_dir: str | Path) -> dict[str, Any] | None:
+    """The newest checkpoint's training state (weights_only), or None."""
+    ckpts = checkpoint_dirs(Path(out_dir))
+    return torch.load(ckpts[-1] / "training_state.pt", weights_only=True) if ckpts else None
+
+
+def num_threads_hint() -> None:
+    """Use the cores we have on CPU (torch defaults can oversubscribe under torchrun)."""
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, D.world_size())))

@@ -1,0 +1,138 @@
+"""The shared trainer on a toy stage: exact resume, accumulation, EMA, non-finite losses, checkpoints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fae.data import split_key
+from fae.training import (EMA, OptimConfig, ResumableSampler, TrainConfig, Trainer, TrainingError, TrainStage,
+                          checkpoint_dirs, load_run_state)
+
+
+class ToyData(Dataset):
+    """y = A x; the key's seed adds augmentation noise so data-order bugs show up in the weights."""
+
+    def __init__(self, n: int = 40) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = self.x @ torch.randn(6, 3, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, key):
+        index, rng = split_key(key)
+        noise = torch.randn(6, generator=rng) * 0.01 if rng is not None else torch.zeros(6)
+        return {"x": self.x[index] + noise, "y": self.y[index]}
+
+
+class ToyStage(TrainStage):
+    def __init__(self, nan_at: set[int] | None = None, lr: float = 1e-2) -> None:
+        self.modules = {"model": nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.1), nn.Linear(16, 3))}
+        self.optim = OptimConfig(lr=lr, warmup_steps=2, schedule="cosine")
+        self.nan_at = nan_at or set()
+        self.exported: dict[str, nn.Module] | None = None
+
+    def train_dataset(self) -> Dataset:
+        return ToyData()
+
+    def loss(self, group, batch, step):
+        loss = (self.modules["model"](batch["x"]) - batch["y"]).pow(2).mean()
+        if step in self.nan_at:
+            loss = loss * float("nan")
+        return loss, {"mse": loss.item()}
+
+    def export(self, out_dir: Path, modules) -> None:
+        self.exported = modules
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(steps=6, batch_size=8, checkpoint_every=2, log_every=1, ema_decay=0.9, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(stage: ToyStage) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in stage.modules["model"].parameters()]
+
+
+def test_resume_is_exact(tmp_path):
+    torch.manual_seed(0)
+    straight = ToyStage()
+    Trainer(straight, _cfg(), tmp_path / "a", progress=False).fit()
+
+    torch.manual_seed(0)
+    first = ToyStage()
+    Trainer(first, _cfg(), tmp_path / "b", progress=False).fit(stop_at=3)  # "killed" after step 3
+    assert [p.name for p in checkpoint_dirs(tmp_path / "b")] == ["step_00000002", "step_00000003"]
+    torch.manual_seed(123)  # a new process starts from a different RNG state
+    resumed = ToyStage()
+    Trainer(resumed, _cfg(), tmp_path / "b", progress=False).fit()
+    for a, b in zip(_weights(straight), _weights(resumed)):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.exported["model"].parameters(), resumed.exported["model"].parameters()):
+        assert torch.equal(a, b)  # EMA too
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    results = []
+    for accum in (1, 4):
+        torch.manual_seed(0)
+        stage = ToyStage()
+        stage.modules["model"][1].p = 0.0  # no dropout: micro-batches must add up to the full batch exactly
+        Trainer(stage, _cfg(grad_accum=accum, steps=3), tmp_path / f"acc{accum}", progress=False).fit()
+        results.append(_weights(stage))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_goes_down_and_checkpoints_are_pruned(tmp_path):
+    stage = ToyStage(lr=5e-2)
+    Trainer(stage, _cfg(steps=30, checkpoint_every=5, keep_checkpoints=2), tmp_path, progress=False).fit()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["mse"] < 0.5 * rows[0]["mse"]
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000025", "step_00000030"]
+    state = load_run_state(tmp_path)  # loadable with weights_only=True
+    assert state["step"] == 30 and state["data_position"] == 30 * 8
+
+
+def test_non_finite_loss_is_skipped_then_stops(tmp_path):
+    stage = ToyStage(nan_at={2})
+    with pytest.warns(UserWarning, match="non-finite"):
+        Trainer(stage, _cfg(steps=4), tmp_path / "skip", progress=False).fit()
+    assert all(torch.isfinite(p).all() for p in stage.modules["model"].parameters())
+
+    stage = ToyStage(nan_at=set(range(2, 100)))
+    with pytest.warns(UserWarning), pytest.raises(TrainingError, match="last checkpoint is .*step_00000004"):
+        Trainer(stage, _cfg(steps=20, max_bad_steps=3), tmp_path / "stop", progress=False).fit()
+    # skipped updates leave the weights finite, so the checkpoint written meanwhile is usable
+    assert all(torch.isfinite(p).all() for p in stage.modules["model"].parameters())
+
+
+def test_ema_tracks_parameters():
+    model = nn.Linear(2, 2)
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    old = ema.module.weight.clone()
+    ema.update(model)
+    torch.testing.assert_close(ema.module.weight, 0.5 * old + 0.5 * model.weight)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_sampler_is_independent_of_process_count():
+    single = ResumableSampler(10, seed=5)
+    stream = [single.key(p) for p in range(25)]
+    ranks = [iter(ResumableSampler(10, seed=5, rank=r, world=2)) for r in range(2)]
+    interleaved = [next(ranks[p % 2]) for p in range(25)]
+    assert stream == interleaved
+    assert sorted(k[0] for k in stream[:10]) == list(range(10))  # each epoch is a permutation
+    resumed = iter(ResumableSampler(10, seed=5, start=13))
+    assert [next(resumed) for _ in range(5)] == stream[13:18]
