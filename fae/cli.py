@@ -21,7 +21,13 @@ COMMAND_MODULES = ["fae.cli_eval", "fae.cli_generate", "fae.demo"]
 def _cmd_train(args: argparse.Namespace) -> int:
     from fae.stages import load_stage_config, train_stage
 
-    name, cfg = load_stage_config(args.config, args.overrides, stage=args.stage)
+    overrides = list(args.overrides)
+    # pixel-decoder stage II shorthands (same as the config keys finetune_from= and fae=)
+    if getattr(args, "finetune_from", None):
+        overrides.append(f"finetune_from={json.dumps(args.finetune_from)}")
+    if getattr(args, "fae", None):
+        overrides.append(f"fae={json.dumps(args.fae)}")
+    name, cfg = load_stage_config(args.config, overrides, stage=args.stage)
     out = Path(args.out or f"runs/{name}")
     train_stage(name, cfg, out, fresh=args.fresh, progress=not args.no_progress)
     print(f"done: {out}")
@@ -73,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<stage>)")
     p.add_argument("--fresh", action="store_true", help="delete the run folder and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--finetune-from", metavar="RUN", help="pixel-decoder stage II: start from this Gaussian-decoder "
+                   "run folder (or pixel_decoder bundle)")
+    p.add_argument("--fae", metavar="RUN", help="pixel-decoder stage II: the stage-1 FAE run folder (or bundle) whose "
+                   "reconstructed features x_hat the decoder is fine-tuned on")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. train.steps=100")
     p.set_defaults(func=_cmd_train)
 

@@ -240,7 +240,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0 and self.run_config is not None:
             save_config(self.run_config, self.out_dir / "config.yaml")
-        self._resume()
+        rng_state = self._resume()
         end = min(self.cfg.steps, stop_at) if stop_at is not None else self.cfg.steps
         dataset = self.stage.train_dataset()
         sampler = ResumableSampler(len(dataset), self.cfg.seed, self.step * self.cfg.batch_size, self.rank, self.world)
@@ -248,6 +248,8 @@ class Trainer:
                             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.cfg.seed),
                             persistent_workers=False)
         batches = iter(loader)
+        if rng_state is not None:  # restored last: building the data set above may draw random numbers
+            self._set_rng(rng_state)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.precision == "bf16"
                     else contextlib.nullcontext())
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
@@ -381,10 +383,11 @@ class Trainer:
         D.barrier()
         return final
 
-    def _resume(self) -> None:
+    def _resume(self) -> dict[str, Any] | None:
+        """Load the newest checkpoint; returns this process's RNG state for the caller to apply."""
         ckpts = checkpoint_dirs(self.out_dir)
         if not ckpts:
-            return
+            return None
         path = ckpts[-1]
         for name, module in self.raw.items():
             module.load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(self.device)))
@@ -397,15 +400,18 @@ class Trainer:
             s.load_state_dict(state["schedulers"][g])
         self.step, self.bad_steps = state["step"], state["bad_steps"]
         self.stage.load_extra_state(state.get("stage", {}))
-        rngs = state["rng"]
-        mine = rngs[self.rank] if self.rank < len(rngs) else rngs[0]
-        torch.set_rng_state(mine["torch"])
-        if torch.cuda.is_available() and mine["cuda"]:
-            torch.cuda.set_rng_state_all(mine["cuda"])
-        random.setstate(_as_tuple(mine["python"]))
         self._truncate_metrics()
         if self.rank == 0 and self.progress:
             print(f"resuming from {path} (step {self.step})")
+        rngs = state["rng"]
+        return rngs[self.rank] if self.rank < len(rngs) else rngs[0]
+
+    @staticmethod
+    def _set_rng(state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if torch.cuda.is_available() and state["cuda"]:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        random.setstate(_as_tuple(state["python"]))
 
     def _truncate_metrics(self) -> None:
         """Drop log rows written after the checkpoint we resume from, so metrics.jsonl stays one clean history."""

@@ -51,10 +51,17 @@ def prepare_out_dir(out_dir: Path, cfg: Any, fresh: bool) -> None:
 def train_stage(name: str, cfg: Any, out_dir: str | Path, fresh: bool = False, progress: bool = True,
                 stop_at: int | None = None) -> Path:
     """Build and run a stage with the shared trainer; returns the run folder (final bundles inside)."""
+    import torch
+
+    from fae import distributed as D
     from fae.training import Trainer
 
     out_dir = Path(out_dir)
-    prepare_out_dir(out_dir, cfg, fresh)
+    rank, _, _ = D.init_distributed()
+    if rank == 0:
+        prepare_out_dir(out_dir, cfg, fresh)
+    D.barrier()
+    torch.manual_seed(cfg.train.seed)  # model initialisation is part of the run's seed
     stage = stage_module(name).build(cfg)
     Trainer(stage, cfg.train, out_dir, run_config=cfg, progress=progress).fit(stop_at=stop_at)
     return out_dir

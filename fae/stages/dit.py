@@ -1,0 +1,92 @@
+"""Stage 3a: class-conditional LightningDiT / SiT on a latent cache (`fae encode` output), flow matching.
+
+Paper recipe (App. D, LDM column): LightningDiT-XL/1 on 16x16x32 latents, AdamW (0.9, 0.999), lr 1e-4 constant,
+no warmup, batch 512, 2M iterations, time shift 0.4. Unstated and chosen here (docs/diffusion.md): EMA 0.9999,
+label dropout 0.1, uniform t, shift applied in training and sampling, posterior-mean latents with random flips,
+channel-wise normalisation with the cache's exact statistics, gradient clipping at 1.0.
+
+The exported generator bundle (`<out>/dit`) holds the EMA weights, and in config.json the latent statistics, the
+latent cache's FAE bundle and encoder references, the transport settings and the class names, so `fae sample`
+needs nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fae.config import ConfigError, to_dict
+from fae.data.latents import LatentCache, LatentDataset
+from fae.dit import DiT, DiTConfig
+from fae.training import OptimConfig, TrainConfig, TrainStage
+from fae.transport import TransportConfig, flow_matching_loss
+
+
+@dataclass
+class Config:
+    latents: str                                          # latent cache folder written by `fae encode`
+    model: DiTConfig = field(default_factory=DiTConfig)
+    transport: TransportConfig = field(default_factory=lambda: TransportConfig(time_shift=0.4))
+    hflip: bool = True                                    # pick the flipped latent for half the samples
+    sample_posterior: bool = False                        # z = mean + std * n (needs a cache with --store-std)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="constant", grad_clip=1.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512, ema_decay=0.9999))
+
+
+def check_model_matches_cache(model: DiTConfig, cache: LatentCache) -> None:
+    if model.in_channels != cache.channels:
+        raise ConfigError(f"model.in_channels={model.in_channels} but the latents in {cache.path} have "
+                          f"{cache.channels} channels; set model.in_channels={cache.channels}")
+    if tuple(model.input_size) != tuple(cache.grid):
+        raise ConfigError(f"model.input_size={list(model.input_size)} but the latents in {cache.path} are "
+                          f"{list(cache.grid)}; set model.input_size={list(cache.grid)}")
+    if model.num_classes < cache.num_classes:
+        raise ConfigError(f"model.num_classes={model.num_classes} but the latent cache has {cache.num_classes} "
+                          f"classes; set model.num_classes={cache.num_classes}")
+
+
+class DiTStage(TrainStage):
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.optim = cfg, cfg.optim
+        self.cache = LatentCache(cfg.latents)
+        check_model_matches_cache(cfg.model, self.cache)
+        with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
+            torch.manual_seed(cfg.train.seed)
+            self.modules = {"model": DiT(cfg.model)}
+
+    def train_dataset(self) -> Dataset:
+        return LatentDataset(self.cache, hflip=self.cfg.hflip and self.cache.manifest["flip"],
+                             sample_posterior=self.cfg.sample_posterior)
+
+    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        # t, noise and label dropout come from the global RNG, which the trainer seeds and checkpoints
+        return flow_matching_loss(self.modules["model"], batch["latent"], batch["label"], self.cfg.transport)
+
+    def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
+        model = modules["model"]
+        assert isinstance(model, DiT)
+        model.save_pretrained(out_dir / "dit", extra=generator_record(self.cfg, self.cache))
+
+
+def generator_record(cfg: Config, cache: LatentCache) -> dict[str, Any]:
+    """What a generator bundle records besides its weights (read back by fae.sampling)."""
+    m = cache.manifest
+    return {
+        "latent_stats": cache.stats(),
+        "latents": {"cache": str(Path(cache.path).resolve()), "source": m["source"], "channels": m["channels"],
+                    "grid": m["grid"], "fae": m.get("fae"), "encoder": m.get("encoder")},
+        "transport": to_dict(cfg.transport),
+        "class_names": m.get("class_names"),
+    }
+
+
+def build(cfg: Config) -> DiTStage:
+    return DiTStage(cfg)
+
+
+def components(cfg: Config) -> dict[str, nn.Module]:
+    return {"diffusion transformer": DiT(cfg.model)}

@@ -1,0 +1,327 @@
+"""Pixel-decoder stages (paper §4.2): one stage module, two uses.
+
+- Stage Ib, the Gaussian embedding decoder (`fae train pixel-decoder`): the decoder learns to draw the image from
+  the frozen encoder's features plus fixed Gaussian noise, x~ = x + N(0, sigma^2). It needs no FAE checkpoint, so it
+  trains in parallel with stage Ia.
+- Stage II, fine-tuning (`fae train pixel-decoder --finetune-from <Gaussian run> --fae <stage-1 run>`): the same
+  decoder, initialised from the Gaussian one, learns from x_hat = feature_decoder(z), z from the FAE encoder.
+
+Losses: reconstruction + perceptual + GAN (fae/losses.py). With a GAN there are two optimizer groups, "gen" (the
+decoder) and "disc" (the PatchGAN discriminator, trained from `losses.disc_start`). The export writes the decoder
+bundle, the discriminator, held-out PSNR/SSIM/rFID (recon.json) with a grid PNG and, after fine-tuning, the
+complete `FAE` pipeline bundle (encoder reference + FAE + pixel decoder).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import Dataset
+
+from fae.autoencoder import FeatureAutoEncoder
+from fae.checkpoint import CONFIG_NAME, atomic_save_safetensors, atomic_write_text, read_bundle_config
+from fae.config import ConfigError, to_dict
+from fae.data import DataConfig, build_dataset
+from fae.encoders import EncoderConfig, FrozenEncoder
+from fae.losses import PatchDiscriminator, PixelLoss, PixelLossConfig
+from fae.pipeline import FAE, same_encoder
+from fae.pixel_decoder import FeatureNoise, PixelDecoder, PixelDecoderConfig, feature_rms, scaled_noise_sigma
+from fae.training import OptimConfig, TrainConfig, TrainStage
+
+
+@dataclass
+class NoiseConfig:
+    """x~ = x + N(0, s^2) in the Gaussian stage, s = sigma * rms(x) / ref_rms ('rms') or sigma ('absolute').
+    With ref_rms = 1, sigma = 0.4 is the paper's value for LayerNorm-normalised (unit-RMS) DINOv2 tokens and scales
+    with the norm of any other encoder's features (docs/pixel-decoder.md)."""
+
+    sigma: float = 0.4
+    mode: Literal["rms", "absolute"] = "rms"
+    ref_rms: float = 1.0
+    rms_images: int = 256          # training images whose features give rms(x) (the first ones, unflipped)
+
+    def validate(self) -> None:
+        if self.sigma < 0 or self.ref_rms <= 0 or self.rms_images <= 0:
+            raise ValueError("noise: sigma must be >= 0, ref_rms and rms_images > 0")
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    limit: int | None = 1000       # held-out images scored after training (0 = skip)
+    batch_size: int = 250
+    grid_rows: int = 8
+    fid_features: Literal["encoder", "inception", "none"] = "encoder"  # rFID feature space
+    inception_weights: str | None = None
+
+
+@dataclass
+class Config:
+    encoder: EncoderConfig
+    decoder: PixelDecoderConfig | None = None   # required for the Gaussian stage; fine-tuning takes the bundle's
+    data: DataConfig = field(default_factory=DataConfig)
+    losses: PixelLossConfig = field(default_factory=PixelLossConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    finetune_from: str | None = None            # stage II: a Gaussian-decoder run folder or pixel_decoder bundle
+    fae: str | None = None                      # stage II: the stage-1 run folder or FAE bundle that gives x_hat
+    finetune_latent: Literal["mode", "sample"] = "mode"  # z = posterior mean (default) or a posterior sample
+    features: Literal["on_the_fly", "cache"] = "on_the_fly"
+    feature_cache_dir: str | None = None        # default: runs/feature_cache
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="cosine", warmup_steps=1000))
+    disc_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="cosine", warmup_steps=0))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        if self.finetune_from is not None and self.fae is None:
+            raise ValueError("finetune_from is set but fae is not: stage II fine-tunes on x_hat from an FAE bundle "
+                             "(--fae <stage-1 run>)")
+        if self.finetune_from is None and self.decoder is None:
+            raise ValueError("decoder: required for the Gaussian stage (a PixelDecoderConfig; see configs/)")
+
+    @property
+    def finetuning(self) -> bool:
+        return self.fae is not None
+
+
+def bundle_dir(path: str | Path, name: str) -> Path:
+    """A run folder's `<name>/` bundle, or `path` itself when it is a bundle."""
+    path = Path(path)
+    if (path / name / CONFIG_NAME).is_file():
+        return path / name
+    if (path / CONFIG_NAME).is_file():
+        return path
+    raise FileNotFoundError(f"{path}: neither a {name} bundle nor a run folder holding {name}/{CONFIG_NAME} "
+                            "(did that run finish?)")
+
+
+def encoder_feature_fn(encoder: FrozenEncoder):
+    """Images -> encoder tokens WITH gradients to the images (FrozenEncoder.forward has none), for the perceptual
+    loss. Same resize and normalisation as the encoder, without its [0, 1] check: decoder outputs may overshoot."""
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if x.shape[-1] != encoder.input_size:
+            x = F.interpolate(x, size=(encoder.input_size, encoder.input_size), mode="bicubic", antialias=True,
+                              align_corners=False)
+        return encoder.tokens(((x - encoder.mean) / encoder.std).to(encoder.model_dtype)).float()
+
+    return features
+
+
+class PixelDecoderStage(TrainStage):
+    def __init__(self, cfg: Config, encoder: FrozenEncoder | None = None) -> None:
+        self.cfg, self.optim = cfg, cfg.optim
+        self.encoder = encoder or FrozenEncoder.from_config(cfg.encoder)
+        self.fae: FeatureAutoEncoder | None = None
+        self.init_from: Path | None = None
+        decoder_cfg = cfg.decoder
+        if cfg.finetuning:
+            fae_dir = bundle_dir(cfg.fae, "fae")  # type: ignore[arg-type]
+            self._check_reference(fae_dir)
+            self.fae = FeatureAutoEncoder.from_pretrained(fae_dir).eval().requires_grad_(False)
+        if cfg.finetune_from is not None:
+            self.init_from = bundle_dir(cfg.finetune_from, "pixel_decoder")
+            self._check_reference(self.init_from)
+            bundled = PixelDecoder.from_pretrained(self.init_from).config
+            if decoder_cfg is not None and decoder_cfg != bundled:
+                raise ConfigError(f"decoder: differs from the config of {self.init_from}; drop the decoder block "
+                                  "when fine-tuning (it is taken from the Gaussian decoder)")
+            decoder_cfg = bundled
+        assert decoder_cfg is not None
+        self._check_shapes(decoder_cfg)
+        decoder = PixelDecoder(decoder_cfg)
+        if self.init_from is not None:
+            decoder.load_state_dict(PixelDecoder.from_pretrained(self.init_from).state_dict())
+        self.decoder_config = decoder_cfg
+        self.pixel_loss = PixelLoss(cfg.losses, feature_fn=encoder_feature_fn(self.encoder))
+        self.modules: dict[str, nn.Module] = {"decoder": decoder}
+        disc = self.pixel_loss.build_discriminator(decoder_cfg.out_channels)
+        if disc is not None:
+            min_size = disc.min_size()
+            if decoder_cfg.image_size < min_size:
+                raise ConfigError(f"losses.discriminator.n_layers={cfg.losses.discriminator.n_layers} needs images of "
+                                  f">= {min_size} px, the decoder makes {decoder_cfg.image_size} px; lower n_layers")
+            if self.init_from is not None and (self.init_from.parent / "discriminator.safetensors").is_file():
+                disc.load_state_dict(load_file(str(self.init_from.parent / "discriminator.safetensors")))
+            self.modules["disc"] = disc
+        # the trainer may wrap modules in DDP; keep the plain ones for the last layer and the frozen-D generator pass
+        self._decoder_raw, self._disc_raw = decoder, disc
+        self.noise = FeatureNoise(0.0)
+        self._dataset: Dataset | None = None
+
+    # -- checks -------------------------------------------------------------------------------------------------
+    def _check_reference(self, bundle: Path) -> None:
+        ref = read_bundle_config(bundle).get("encoder")
+        if ref is None:
+            raise ConfigError(f"{bundle}: the bundle does not record which frozen encoder it belongs to")
+        differs = same_encoder(ref, self.encoder.reference())
+        if differs:
+            raise ConfigError(f"{bundle} was trained on another frozen encoder than encoder: {self.encoder.reference()} "
+                              f"(differs in {differs})")
+
+    def _check_shapes(self, dec: PixelDecoderConfig) -> None:
+        if dec.in_dim != self.encoder.dim or dec.num_tokens != self.encoder.num_tokens:
+            raise ConfigError(f"decoder: in_dim={dec.in_dim}, num_tokens={dec.num_tokens}, but the encoder gives "
+                              f"{self.encoder.num_tokens} tokens of width {self.encoder.dim}")
+        if dec.image_size != self.cfg.data.image_size:
+            g = dec.grid
+            hint = (f"; set decoder.patch_size={self.cfg.data.image_size // g}" if self.cfg.data.image_size % g == 0
+                    else "")
+            raise ConfigError(f"decoder: makes {dec.image_size} px images ({g}x{g} tokens x patch {dec.patch_size}), "
+                              f"but data.image_size={self.cfg.data.image_size}{hint}")
+
+    # -- TrainStage ---------------------------------------------------------------------------------------------
+    def optimizer_groups(self) -> dict[str, list[str]]:
+        groups = {"gen": ["decoder"]}
+        if "disc" in self.modules:
+            groups["disc"] = ["disc"]
+        return groups
+
+    def optim_config(self, group: str) -> OptimConfig:
+        return self.cfg.disc_optim if group == "disc" else self.cfg.optim
+
+    def ema_modules(self) -> list[str]:
+        return ["decoder"]
+
+    def group_active(self, group: str, step: int) -> bool:
+        return self.pixel_loss.disc_active(step) if group == "disc" else True
+
+    def to(self, device: torch.device) -> None:
+        self.encoder.to(device)
+        self.pixel_loss.to(device)
+        if self.fae is not None:
+            self.fae.to(device)
+
+    def train_dataset(self) -> Dataset:
+        if self._dataset is None:
+            self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split)
+            if not self.cfg.finetuning:
+                self.noise = FeatureNoise(self.noise_sigma())
+        return self._dataset
+
+    @torch.no_grad()
+    def noise_sigma(self) -> float:
+        """The fixed noise level: the rule applied to the RMS of the first `noise.rms_images` training features."""
+        n = self.cfg.noise
+        if n.mode == "absolute":
+            return scaled_noise_sigma(n.sigma, None, mode="absolute")
+        dataset = self.train_dataset()
+        count = min(n.rms_images, len(dataset))  # type: ignore[arg-type]
+        device = self.encoder.mean.device
+        total = 0.0
+        for start in range(0, count, 64):
+            items = [dataset[i] for i in range(start, min(count, start + 64))]
+            if "features" in items[0]:
+                x = torch.stack([it["features"] for it in items])
+            else:
+                x = self.encoder(torch.stack([it["image"] for it in items]).to(device))
+            total += x.float().pow(2).mean().item() * len(items)
+        self.feature_rms = (total / count) ** 0.5
+        return scaled_noise_sigma(n.sigma, self.feature_rms, n.ref_rms, "rms")
+
+    def decoder_input(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The features the decoder learns from: x + noise (Gaussian stage) or x_hat (fine-tuning)."""
+        x = batch["features"].float() if "features" in batch else self.encoder(batch["image"])
+        if self.fae is None:
+            return self.noise(x)
+        with torch.no_grad():
+            posterior = self.fae.encode(x)
+            z = posterior.sample() if self.cfg.finetune_latent == "sample" else posterior.mode()
+            return self.fae.decode(z).float()
+
+    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        target = batch["image"]
+        if group == "disc":
+            fake = batch.get("_fake")
+            if fake is None:  # the generator pass did not run on this batch
+                with torch.no_grad():
+                    fake = self._decoder_raw(self.decoder_input(batch))
+            return self.pixel_loss.discriminator_loss(self.modules["disc"], target, fake)
+        pred = self.modules["decoder"](self.decoder_input(batch))
+        batch["_fake"] = pred.detach()  # reused by the discriminator pass of the same step
+        loss, logs = self.pixel_loss.generator_loss(pred, target, step, self._disc_raw, self._decoder_raw.last_layer)
+        with torch.no_grad():
+            logs["psnr"] = psnr(pred.detach().float().clamp(0, 1), target.float()).mean().item()
+        return loss, logs
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"lecam": {k: v.cpu() for k, v in self.pixel_loss.lecam.state_dict().items()},
+                "noise_sigma": self.noise.sigma}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "lecam" in state:
+            self.pixel_loss.lecam.load_state_dict(state["lecam"])
+
+    def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
+        decoder = modules["decoder"]
+        assert isinstance(decoder, PixelDecoder)
+        ref = self.encoder.reference()
+        record = {"encoder": ref, "stage": "finetune" if self.cfg.finetuning else "gaussian",
+                  "noise_sigma": self.noise.sigma, "fae": self.cfg.fae, "finetune_from": self.cfg.finetune_from}
+        decoder.save_pretrained(out_dir / "pixel_decoder", extra=record)
+        if "disc" in modules:
+            atomic_save_safetensors(modules["disc"].state_dict(), out_dir / "discriminator.safetensors")
+        if self.fae is not None:
+            FAE(self.encoder, self.fae, decoder).save_pretrained(out_dir / "fae_pipeline")
+        if self.cfg.eval.limit != 0:
+            from fae.reconstruction import evaluate_stage
+
+            scores = evaluate_stage(self, decoder, out_dir)
+            summary = ", ".join(f"{k}: PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}" for k, v in scores["decoders"].items())
+            print(f"held-out ({scores['split']}, {scores['images']} images): {summary}")
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [0, 1] (training log only; evaluation uses fae.metrics)."""
+    mse = (pred - target).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def features_dataset(cfg: Config, encoder: FrozenEncoder, split: str, limit: int | None = None,
+                     hflip: bool | None = None) -> Dataset:
+    """Images, plus cached features when `features: cache` (built once, reused by every later run)."""
+    data_cfg = replace(cfg.data, **({} if limit is None else {"limit": limit}), **({} if hflip is None else {"hflip": hflip}))
+    dataset = build_dataset(data_cfg, split)
+    if cfg.features == "cache":
+        from fae.data.features import CachedFeatureDataset, build_feature_cache
+
+        root = Path(cfg.feature_cache_dir or "runs/feature_cache")
+        name = cache_name(encoder, dataset, split, data_cfg.hflip)
+        cache = build_feature_cache(encoder, dataset, root / name, flips=data_cfg.hflip, progress=False)
+        dataset = CachedFeatureDataset(dataset, cache)
+    return dataset
+
+
+def cache_name(encoder: FrozenEncoder, dataset: Dataset, split: str, flips: bool) -> str:
+    """One cache file per (encoder, data set, flips): different runs share it instead of overwriting each other."""
+    import hashlib
+
+    from fae.data.features import dataset_signature
+
+    key = json.dumps([encoder.reference(), dataset_signature(dataset), flips], sort_keys=True, default=str)
+    return f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.safetensors"
+
+
+def build(cfg: Config) -> PixelDecoderStage:
+    return PixelDecoderStage(cfg)
+
+
+def components(cfg: Config) -> dict[str, nn.Module]:
+    """Parameter table (`fae summary`), built without loading the encoder."""
+    parts: dict[str, nn.Module] = {}
+    if cfg.decoder is not None:
+        parts["pixel decoder"] = PixelDecoder(cfg.decoder)
+    if cfg.losses.use_gan:
+        parts["discriminator"] = PatchDiscriminator(cfg.losses.discriminator)
+    return parts
+
+
+__all__ = ["Config", "EvalConfig", "NoiseConfig", "PixelDecoderStage", "build", "components", "encoder_feature_fn",
+           "features_dataset", "to_dict"]

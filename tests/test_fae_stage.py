@@ -1,0 +1,123 @@
+"""Stage 1 end to end on real (Fashion-MNIST) images with a tiny frozen encoder: CLI train, bundle, resume after
+kill -9, two-process torchrun, config errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fae.autoencoder import FeatureAutoEncoder
+from fae.checkpoint import read_bundle_config
+from fae.cli import main
+from fae.encoders import save_tiny_encoder
+from fae.training import checkpoint_dirs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory) -> Path:
+    return save_tiny_encoder("dinov2", tmp_path_factory.mktemp("enc") / "dinov2", hidden_size=32, num_layers=1,
+                             num_heads=2, patch_size=4, image_size=16)
+
+
+def write_config(path: Path, encoder_dir: Path, steps: int = 6, **extra: str) -> Path:
+    text = f"""
+stage: fae
+encoder: {{kind: dinov2, name_or_path: {encoder_dir}}}
+model: {{feature_dim: 32, grid: [4, 4], latent_channels: 4, encoder_heads: 2, encoder_head_dim: 16,
+        decoder_depth: 1, decoder_heads: 2}}
+data: {{kind: fashion_mnist, image_size: 16, limit: 64, hflip: true}}
+loss: {{kl_weight: 1.0e-4}}
+optim: {{lr: 1.0e-3, warmup_steps: 2}}
+train: {{steps: {steps}, batch_size: 8, checkpoint_every: 2, log_every: 1, ema_decay: 0.9, seed: 1}}
+eval: {{limit: 32}}
+"""
+    path.write_text(text)
+    return path
+
+
+def test_train_cli_writes_bundle_and_eval(tmp_path, encoder_dir):
+    cfg = write_config(tmp_path / "fae.yaml", encoder_dir)
+    assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    bundle = tmp_path / "run" / "fae"
+    model = FeatureAutoEncoder.from_pretrained(bundle)
+    record = read_bundle_config(bundle)
+    assert record["encoder"]["name_or_path"] == str(encoder_dir) and record["encoder"]["kind"] == "dinov2"
+    scores = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert scores["images"] == 32 and -1 <= scores["cos"] <= 1
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"mse", "kl", "cos", "loss/main"} <= set(rows[0])
+    assert model.encode(torch.randn(2, 16, 32)).mean.shape == (2, 4, 4, 4)
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, encoder_dir):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "fae.cli", "train", "fae", "--no-progress"]
+    cfg = write_config(tmp_path / "fae.yaml", encoder_dir, steps=24)
+    subprocess.run(cmd + ["--config", str(cfg), "--out", str(tmp_path / "straight")], check=True, env=env,
+                   capture_output=True)
+
+    proc = subprocess.Popen(cmd + ["--config", str(cfg), "--out", str(tmp_path / "killed")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not checkpoint_dirs(tmp_path / "killed") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    reached = checkpoint_dirs(tmp_path / "killed")
+    assert reached and int(reached[-1].name.split("_")[1]) < 24, "the run should be killed mid-way"
+    subprocess.run(cmd + ["--config", str(cfg), "--out", str(tmp_path / "killed")], check=True, env=env,
+                   capture_output=True)
+    a = load_file(str(tmp_path / "straight" / "fae" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "fae" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_processes(tmp_path, encoder_dir):
+    cfg = write_config(tmp_path / "fae.yaml", encoder_dir, steps=4)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "fae.cli", "train", "fae", "--config", str(cfg), "--out", str(out), "--no-progress"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "fae" / "model.safetensors").is_file()
+    assert len([l for l in (out / "metrics.jsonl").read_text().splitlines()]) == 4  # rank 0 logs alone
+
+
+def test_config_errors_name_the_key(tmp_path, encoder_dir, capsys):
+    cfg = write_config(tmp_path / "fae.yaml", encoder_dir)
+    assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "r"), "model.latent_chanels=8"]) == 1
+    assert "model.latent_chanels: unknown key" in capsys.readouterr().err
+    assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "r"), "train.steps=many"]) == 1
+    assert "train.steps: expected an integer" in capsys.readouterr().err
+    assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "r"), "model.feature_dim=48",
+                 "model.encoder_heads=2"]) == 1
+    assert "model.feature_dim=48 but the encoder gives 32-d features" in capsys.readouterr().err
+    assert main(["train", "fae", "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_changed_config_is_refused_without_fresh(tmp_path, encoder_dir, capsys):
+    cfg = write_config(tmp_path / "fae.yaml", encoder_dir, steps=2)
+    out = str(tmp_path / "run")
+    assert main(["train", "fae", "--config", str(cfg), "--out", out, "--no-progress"]) == 0
+    assert main(["train", "fae", "--config", str(cfg), "--out", out, "--no-progress", "optim.lr=0.01"]) == 1
+    assert "holds a run with a different config" in capsys.readouterr().err
+    assert main(["train", "fae", "--config", str(cfg), "--out", out, "--no-progress", "--fresh", "optim.lr=0.01"]) == 0
+
+
+def test_paper_summary_counts(capsys):
+    assert main(["summary", str(ROOT / "configs/paper/fae_dinov2_g14.yaml"), "--json"]) == 0
+    rows = {r["component"]: r["parameters"] for r in json.loads(capsys.readouterr().out)["components"]}
+    assert abs(rows["fae encoder (single attention)"] / 38.17e6 - 1) < 0.005
+    assert abs(rows["feature decoder"] / 170.43e6 - 1) < 0.005
