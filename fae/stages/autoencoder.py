@@ -5,6 +5,7 @@ cache computed once (small data sets). The exported bundle records which frozen 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +45,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     features: Literal["on_the_fly", "cache"] = "on_the_fly"
-    feature_cache_dir: str | None = None   # default: <out>/../feature_cache
+    feature_cache_dir: str | None = None   # default: $XDG_CACHE_HOME/fae/features (~/.cache/fae/features)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="cosine", warmup_steps=1000))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -97,12 +98,24 @@ def features_dataset(cfg: Config, encoder: FrozenEncoder, split: str, limit: int
     data_cfg = cfg.data if limit is None else type(cfg.data)(**{**cfg.data.__dict__, "limit": limit})
     dataset = build_dataset(data_cfg, split)
     if cfg.features == "cache":
-        from fae.data.features import CachedFeatureDataset, build_feature_cache
-
-        cache_dir = Path(cfg.feature_cache_dir or "runs/feature_cache")
-        cache = build_feature_cache(encoder, dataset, cache_dir, flips=data_cfg.hflip)
-        dataset = CachedFeatureDataset(dataset, cache)
+        dataset = cached_features(encoder, dataset, cfg.feature_cache_dir, flips=data_cfg.hflip)
     return dataset
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fae" / "features"
+
+
+def cached_features(encoder: FrozenEncoder, dataset: Dataset, cache_dir: str | None, flips: bool) -> Dataset:
+    """Wrap `dataset` so items carry the encoder's features from a cache built once (by rank 0 under DDP)."""
+    from fae import distributed as D
+    from fae.data.features import CachedFeatureDataset, build_feature_cache
+
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    if D.is_main():
+        build_feature_cache(encoder, dataset, folder, flips=flips)
+    D.barrier()
+    return CachedFeatureDataset(dataset, build_feature_cache(encoder, dataset, folder, flips=flips, progress=False))
 
 
 @torch.no_grad()

@@ -1,0 +1,175 @@
+"""Feature cache: a frozen encoder's features for every item of a (small) data set, computed once.
+
+The cache is one safetensors file: `features` (L,N,D), and `features_flip` (features of the horizontally flipped
+images) when built with `flips=True`. Its metadata records the encoder's `reference()`, the data set's signature
+and length, so `build_feature_cache` reuses a matching file and rebuilds a stale one. Rows are read lazily
+(memory-mapped), so a cache larger than memory still works, one item at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Dataset
+
+from fae.checkpoint import atomic_save_safetensors
+from fae.data.keys import check_index, flip_coin, split_key
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = "fae-feature-cache-v1"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def dataset_signature(dataset: Dataset) -> dict[str, Any]:
+    signature = getattr(dataset, "signature", None)
+    if callable(signature):
+        return signature()
+    return {"class": type(dataset).__name__, "length": len(dataset)}  # type: ignore[arg-type]
+
+
+def cache_metadata(encoder: Any, dataset: Dataset, flips: bool, dtype: str) -> dict[str, str]:
+    """The metadata a cache of `encoder` over `dataset` carries (all values are strings, as safetensors wants)."""
+    return {"format": CACHE_FORMAT, "encoder": json.dumps(encoder.reference(), sort_keys=True),
+            "dataset": json.dumps(dataset_signature(dataset), sort_keys=True),
+            "length": str(len(dataset)), "flips": str(bool(flips)).lower(), "dtype": dtype}  # type: ignore[arg-type]
+
+
+class FeatureCache:
+    """Read access to a cache file: `get(index, flipped)` -> (N,D) float32 features of one item."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"feature cache {self.path} does not exist; build it with build_feature_cache")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                self.metadata: dict[str, str] = dict(f.metadata() or {})
+                keys = set(f.keys())
+                shape = list(f.get_slice("features").get_shape()) if "features" in keys else []
+        except Exception as exc:
+            raise ValueError(f"{self.path} is not a readable safetensors file ({exc})") from None
+        if self.metadata.get("format") != CACHE_FORMAT or len(shape) != 3:
+            raise ValueError(f"{self.path} is not a fae feature cache (format {self.metadata.get('format')!r})")
+        self.length, self.num_tokens, self.dim = shape
+        self.has_flips = "features_flip" in keys
+        self.encoder: dict[str, Any] = json.loads(self.metadata["encoder"])
+        self._file: Any = None  # opened lazily, once per process (DataLoader workers cannot share the handle)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def mismatch(self, metadata: dict[str, str]) -> str | None:
+        """The first metadata key whose value differs from `metadata`, or None when the cache matches."""
+        for key, value in metadata.items():
+            if self.metadata.get(key) != value:
+                return key
+        return None
+
+    def get(self, index: int, flipped: bool = False) -> torch.Tensor:
+        if flipped and not self.has_flips:
+            raise ValueError(f"{self.path} holds no flipped features; rebuild it with flips=True")
+        index = check_index(index, self.length, str(self.path))
+        if self._file is None:
+            self._file = safe_open(str(self.path), framework="pt")
+        rows = self._file.get_slice("features_flip" if flipped else "features")[index:index + 1]
+        return rows[0].float()
+
+    def all(self, flipped: bool = False) -> torch.Tensor:
+        """Every row at once (L,N,D) float32 — for small caches and statistics."""
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor("features_flip" if flipped else "features").float()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None}
+
+
+@torch.no_grad()
+def build_feature_cache(encoder: Any, dataset: Dataset, path: str | Path, batch_size: int = 64, flips: bool = False,
+                        dtype: Literal["float32", "float16"] = "float32", progress: bool = True, num_workers: int = 0,
+                        rebuild: bool = False) -> FeatureCache:
+    """Compute `encoder` features of every item of `dataset` (plain images, and flipped ones if `flips`) and write
+    them atomically to `path`; an existing cache with the same metadata is reused unless `rebuild`.
+
+    `path` is the cache file (`*.safetensors`), or a folder: the file inside is then named by a hash of the
+    metadata, so caches of different encoders or data sets share the folder without overwriting each other.
+    Items are read with plain integer keys, so the data set's random flip is off and row i is item i's image.
+    """
+    from tqdm.auto import tqdm
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"cache dtype must be float32 or float16, not {dtype!r}")
+    path = Path(path)
+    metadata = cache_metadata(encoder, dataset, flips, dtype)
+    if path.suffix != ".safetensors":
+        digest = hashlib.sha1(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:16]
+        path = path / f"features-{digest}.safetensors"
+    if path.is_file() and not rebuild:
+        try:
+            stale = FeatureCache(path).mismatch(metadata)
+        except ValueError as exc:
+            stale = f"unreadable ({exc})"
+        if stale is None:
+            log.info("reusing feature cache %s", path)
+            return FeatureCache(path)
+        log.warning("rebuilding feature cache %s: its %s differs", path, stale)
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError("cannot cache features of an empty data set")
+    device = encoder.mean.device if hasattr(encoder, "mean") else torch.device("cpu")
+    shape = (n, encoder.num_tokens, encoder.dim)
+    tensors = {"features": torch.empty(shape, dtype=_DTYPES[dtype])}
+    if flips:
+        tensors["features_flip"] = torch.empty(shape, dtype=_DTYPES[dtype])
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    start = 0
+    for batch in tqdm(loader, desc=f"features -> {path.name}", disable=not progress):
+        images = batch["image"].to(device)
+        stop = start + len(images)
+        tensors["features"][start:stop] = encoder(images).to(_DTYPES[dtype]).cpu()
+        if flips:
+            tensors["features_flip"][start:stop] = encoder(images.flip(-1)).to(_DTYPES[dtype]).cpu()
+        start = stop
+    atomic_save_safetensors(tensors, path, metadata=metadata)
+    return FeatureCache(path)
+
+
+class CachedFeatureDataset(Dataset):
+    """`base` items plus "features" (N,D) from a cache. When the key's seed flips the item, both the image and
+    the features are the flipped ones, so they always agree. The flip follows `base.hflip` unless `hflip` is given.
+    """
+
+    def __init__(self, base: Dataset, cache: FeatureCache | str | Path, hflip: bool | None = None,
+                 encoder_reference: dict[str, Any] | None = None) -> None:
+        self.base = base
+        self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+        if len(self.cache) != len(base):  # type: ignore[arg-type]
+            raise ValueError(f"{self.cache.path} holds {len(self.cache)} items, "
+                             f"the data set has {len(base)}")  # type: ignore[arg-type]
+        if self.cache.metadata.get("dataset") != json.dumps(dataset_signature(base), sort_keys=True):
+            raise ValueError(f"{self.cache.path} was built for another data set; rebuild it with build_feature_cache")
+        if encoder_reference is not None:
+            differs = [k for k, v in encoder_reference.items() if self.cache.encoder.get(k) != v]
+            if differs:
+                raise ValueError(f"{self.cache.path} was built with another encoder (differs in {differs}); rebuild it")
+        self.hflip = bool(getattr(base, "hflip", False)) if hflip is None else hflip
+        if self.hflip and not self.cache.has_flips:
+            raise ValueError(f"{self.cache.path} has no flipped features but the data set flips; "
+                             "rebuild it with flips=True (or set hflip=False)")
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Any) -> dict[str, torch.Tensor]:
+        index, generator = split_key(key)
+        index = check_index(index, len(self), "CachedFeatureDataset")
+        item = dict(self.base[index])  # a plain index: the base never flips, we decide below
+        flipped = self.hflip and flip_coin(generator)
+        if flipped:
+            item["image"] = item["image"].flip(-1)
+        item["features"] = self.cache.get(index, flipped)
+        return item
