@@ -1,0 +1,286 @@
+"""`fae eval ...`: generation metrics, reference statistics, reconstruction metrics and linear probing.
+
+Every subcommand writes a JSON report (numbers, feature network + weights hash, sample counts, protocol) and
+prints a table. The work is done by `fae.metrics`; this module only parses arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from fae.config import ConfigError
+
+WEIGHTS_TEXT = """\
+Inception weights: the FID network needs pt_inception-2015-12-05-6726825d.pth (91 MB, the
+pytorch-fid port of TensorFlow's inception-2015-12-05 graph). Nothing is downloaded at run
+time. The file is taken from --inception-weights PATH, else $FAE_INCEPTION_WEIGHTS, else the
+torch hub folder <torch hub dir>/checkpoints/ (usually ~/.cache/torch/hub/checkpoints/):
+  mkdir -p ~/.cache/torch/hub/checkpoints
+  curl -L -o ~/.cache/torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth \\
+    https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+"""
+INPUTS_TEXT = """\
+Samples: an image folder or an .npz with arr_0 uint8 (N,H,W,3) (the ADM format; a `fae sample`
+run folder holding one .npz also works).
+Reference: an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz), a `fae eval stats`
+file, or an image folder / .npz of images.
+"""
+INCEPTION_HELP = ("FID Inception weights file pt_inception-2015-12-05-6726825d.pth (default: $FAE_INCEPTION_WEIGHTS, "
+                  "else ~/.cache/torch/hub/checkpoints/; see the description above)")
+NETWORK_HELP = (
+    "feature network: 'inception' (FID Inception-v3, TF-1 resize from uint8 as the ADM evaluator; default), "
+    "'inception:pytorch' (pytorch-fid's resize), or 'encoder:<model folder or kind:hub id>' for a Fréchet distance "
+    "in a frozen encoder's space (e.g. FD-DINOv2; mean-pooled patch tokens)")
+# modules that add their own `fae eval` subcommands: (module, function taking the eval subparsers)
+EVAL_EXTENSIONS = [("fae.cli_recon", "register_recon")]
+
+
+def _add_common(p: argparse.ArgumentParser, network: bool = True, out: bool = True) -> None:
+    if network:
+        p.add_argument("--network", default="inception", help=NETWORK_HELP)
+        p.add_argument("--inception-weights", metavar="PATH", help=INCEPTION_HELP)
+    p.add_argument("--batch-size", type=int, default=50, help="images per feature-network batch (default 50)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/fae/eval-features, or under "
+                   "$FAE_CACHE_DIR / $XDG_CACHE_HOME); features are reused per input + network + weights")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    if out:
+        p.add_argument("--out", help="JSON report path (default: next to the samples, <samples>.<command>.json)")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers: Any) -> None:
+    """Add `fae eval` and its subcommands to the `fae` command's subparsers."""
+    ev = subparsers.add_parser("eval", help="evaluate: FID/sFID/IS/precision/recall, reference stats, rFID/PSNR/SSIM, "
+                               "linear probe", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ev.add_subparsers(dest="eval_command", metavar="<metric>")
+    ev.set_defaults(func=lambda args: (ev.print_help(), 2)[1])
+
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("fid", help="FID (or FD in another feature network's space)", formatter_class=raw,
+                       description="Fréchet distance between the samples and the reference in a feature network's "
+                       "space.\nWith --network inception (default) this is FID as the ADM evaluator computes it.\n\n"
+                       + INPUTS_TEXT + "\n" + WEIGHTS_TEXT)
+    _add_gen_args(p, precision_recall=False)
+    p.set_defaults(func=_cmd_gen, metrics=["fid"], command_name="fid", is_splits=10, is_split_size=None, k=3)
+
+    p = sub.add_parser("gen", help="all generation metrics: FID, sFID, IS, precision, recall (the ADM suite)",
+                       formatter_class=raw,
+                       description="FID, sFID, Inception Score (10 splits) and k-NN precision/recall (k=3) of the "
+                       "samples,\nas in the paper's Table 2 (ADM evaluator protocol). With an encoder network only "
+                       "FD,\nprecision and recall are available.\n\n" + INPUTS_TEXT + "\n" + WEIGHTS_TEXT)
+    _add_gen_args(p)
+    p.add_argument("--metrics", nargs="+", choices=["fid", "sfid", "is", "precision", "recall"],
+                   help="subset to compute (default: all the network supports)")
+    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default 10)")
+    p.add_argument("--is-split-size", type=int, help="IS parts of this many samples instead (ADM: 5000)")
+    p.set_defaults(func=_cmd_gen, command_name="gen")
+
+    p = sub.add_parser("is", help="Inception Score", formatter_class=raw,
+                       description="Inception Score of the samples (softmax of the Inception logits, 10 splits;\n"
+                       "--split-size 5000 reproduces ADM exactly).\n\n" + WEIGHTS_TEXT)
+    p.add_argument("--samples", required=True, help="image folder or .npz (arr_0)")
+    p.add_argument("--num-samples", type=int, help="use only the first N samples")
+    p.add_argument("--splits", type=int, default=10)
+    p.add_argument("--split-size", type=int, help="split into parts of this many samples instead (ADM: 5000)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_is, command_name="is")
+
+    p = sub.add_parser("stats", help="compute reference statistics (ADM-compatible .npz)", formatter_class=raw,
+                       description="Compute mu/sigma (and sFID mu_s/sigma_s) of an image set, keep a seeded random "
+                       "subset of\nimages (arr_0) and of pool features (feat_pool) for precision/recall, and write "
+                       "them in the\nADM reference format (+ fae_meta: network, weights hash, sample count).\n\n"
+                       + WEIGHTS_TEXT)
+    p.add_argument("--images", required=True, help="image folder or .npz (arr_0)")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--num-samples", type=int, help="use only the first N images")
+    p.add_argument("--keep-images", type=int, default=10_000, help="reference images stored as arr_0 (ADM: 10000)")
+    p.add_argument("--keep-features", type=int, default=10_000, help="pool features stored for precision/recall")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kept subset")
+    _add_common(p, out=False)
+    p.set_defaults(func=_cmd_stats, command_name="stats")
+
+    p = sub.add_parser("rfid", help="rFID + PSNR + SSIM of paired originals / reconstructions",
+                       formatter_class=raw,
+                       description="Reconstruction metrics on aligned image pairs (same order; same file names for\n"
+                       "folders): PSNR (data range 1), SSIM (Gaussian 11x11, sigma 1.5) and rFID through the\n"
+                       "feature network.\n\n" + WEIGHTS_TEXT)
+    p.add_argument("--originals", required=True, help="image folder or .npz")
+    p.add_argument("--reconstructions", required=True, help="image folder or .npz, paired with --originals")
+    p.add_argument("--num-samples", type=int, help="use only the first N pairs")
+    p.add_argument("--no-rfid", action="store_true", help="PSNR/SSIM only (no feature network needed)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_rfid, command_name="rfid")
+
+    p = sub.add_parser("probe", help="linear probe of raw features x, reconstructions x̂ and latents z (Table 1)",
+                       description="Linear probing (a grid of learning rates x poolings trained in parallel on frozen "
+                       "inputs, best picked on a held-out split of the training set, test top-1 reported) of the "
+                       "frozen encoder's features x, the FAE reconstructions x̂ = decode(z) and the latents z = "
+                       "posterior mean, side by side. Without --fae only x is probed.")
+    p.add_argument("--fae", help="FAE bundle folder (as exported by `fae train fae`: <run>/export/fae or similar)")
+    p.add_argument("--encoder", help="frozen encoder (model folder or hub id); default: the one the bundle records")
+    p.add_argument("--config", help="a stage YAML whose `data:` section describes the data set (e.g. configs/demo/...)")
+    p.add_argument("--data", choices=["fashion_mnist", "image_folder"], help="data set kind (overrides --config)")
+    p.add_argument("--data-root", help="data folder (default for fashion_mnist: the Debian package's)")
+    p.add_argument("--image-size", type=int, help="image size fed to the encoder (default: the data config's, else "
+                   "the encoder's input size)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--train-limit", type=int, help="use only N training images")
+    p.add_argument("--test-limit", type=int, help="use only N test images")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lrs", type=float, nargs="+", help="learning-rate grid (default 8 values, 1e-3 .. 3)")
+    p.add_argument("--poolings", nargs="+", choices=["mean", "mean_max", "flatten"], help="default: all three")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256, help="batch size for feature extraction and probe training")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="JSON report path (default: beside the bundle, <bundle>.probe.json)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_probe, command_name="probe")
+
+    for module_name, function in EVAL_EXTENSIONS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        getattr(module, function)(sub)
+
+
+def _add_gen_args(p: argparse.ArgumentParser, precision_recall: bool = True) -> None:
+    p.add_argument("--samples", required=True, help="image folder or .npz (arr_0 uint8 N,H,W,3)")
+    p.add_argument("--ref", required=True, help="reference .npz (ADM or `fae eval stats`) or image folder / .npz")
+    p.add_argument("--num-samples", type=int, help="use only the first N samples (the paper: 50000)")
+    if precision_recall:
+        p.add_argument("--k", type=int, default=3, help="k of the k-NN manifolds for precision/recall (ADM: 3)")
+    _add_common(p)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _network(args: argparse.Namespace) -> Any:
+    from fae.metrics.networks import build_network, resolve_device
+
+    return build_network(args.network, args.inception_weights, resolve_device(args.device))
+
+
+def _cache_dir(args: argparse.Namespace) -> Path | None:
+    from fae.metrics.features import default_cache_dir
+
+    if args.no_cache:
+        return None
+    return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+
+
+def _default_out(anchor: str, command: str) -> Path:
+    path = Path(anchor)
+    return path.with_name(f"{path.stem if path.suffix == '.npz' else path.name}.{command}.json")
+
+
+def _finish(args: argparse.Namespace, report: Any, anchor: str) -> int:
+    out = Path(args.out) if args.out else _default_out(anchor, args.command_name)
+    report.write(out)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    if not args.json:
+        print(f"report: {out}")
+    return 0
+
+
+def _check_positive(**values: int | None) -> None:
+    for name, v in values.items():
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+
+
+def _cmd_gen(args: argparse.Namespace) -> int:
+    from fae.metrics.evaluate import evaluate_generation
+    from fae.metrics.networks import resolve_device
+
+    _check_positive(num_samples=args.num_samples, batch_size=args.batch_size, k=args.k, is_splits=args.is_splits,
+                    is_split_size=args.is_split_size)
+    network = _network(args)
+    report = evaluate_generation(args.samples, args.ref, network, metrics=args.metrics,
+                                 num_samples=args.num_samples, batch_size=args.batch_size,
+                                 cache_dir=_cache_dir(args), is_splits=args.is_splits,
+                                 is_split_size=args.is_split_size, pr_k=args.k, device=resolve_device(args.device),
+                                 progress=not args.no_progress)
+    return _finish(args, report, args.samples)
+
+
+def _cmd_is(args: argparse.Namespace) -> int:
+    from fae.metrics.features import extract_features
+    from fae.metrics.report import EvalReport
+    from fae.metrics.scores import inception_score
+
+    _check_positive(num_samples=args.num_samples, batch_size=args.batch_size, splits=args.splits,
+                    split_size=args.split_size)
+    network = _network(args)
+    fs = extract_features(args.samples, network, args.batch_size, _cache_dir(args), args.num_samples,
+                          not args.no_progress)
+    mean, std = inception_score(fs["logits"], splits=args.splits, split_size=args.split_size)
+    report = EvalReport("generation", {"is": mean, "is_std": std}, network.info(), fs.num_samples,
+                        {"is": {"splits": None if args.split_size else args.splits, "split_size": args.split_size,
+                                "logits": "pool @ W^T (no bias), 1008 classes"}}, {"samples": fs.source})
+    return _finish(args, report, args.samples)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from fae.metrics.reference import save_reference
+    from fae.metrics.report import EvalReport
+
+    _check_positive(num_samples=args.num_samples, batch_size=args.batch_size)
+    if args.keep_images < 0 or args.keep_features < 0:
+        raise ConfigError("--keep-images and --keep-features must be >= 0")
+    network = _network(args)
+    meta = save_reference(args.out, args.images, network, keep_images=args.keep_images,
+                          keep_features=args.keep_features, seed=args.seed, batch_size=args.batch_size,
+                          cache_dir=_cache_dir(args), limit=args.num_samples, progress=not args.no_progress)
+    report = EvalReport("reference-stats", {"num_samples": meta["num_samples"], "images_kept": meta["num_images_kept"],
+                                            "features_kept": meta["num_features_kept"]},
+                        network.info(), meta["num_samples"], {"subset_seed": args.seed}, {"images": meta["source"],
+                                                                                          "written": args.out})
+    report_path = report.write(Path(args.out).with_suffix(".json"))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    print(f"reference statistics: {args.out} (report: {report_path})")
+    return 0
+
+
+def _cmd_rfid(args: argparse.Namespace) -> int:
+    from fae.metrics.evaluate import evaluate_reconstruction
+
+    _check_positive(num_samples=args.num_samples, batch_size=args.batch_size)
+    network = None if args.no_rfid else _network(args)
+    report = evaluate_reconstruction(args.originals, args.reconstructions, network, num_samples=args.num_samples,
+                                     batch_size=args.batch_size, cache_dir=_cache_dir(args),
+                                     progress=not args.no_progress)
+    return _finish(args, report, args.reconstructions)
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from fae.metrics.probe import POOLINGS, ProbeConfig, run_probe
+
+    _check_positive(train_limit=args.train_limit, test_limit=args.test_limit, epochs=args.epochs,
+                    batch_size=args.batch_size)
+    cfg = ProbeConfig(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
+                      poolings=tuple(args.poolings or POOLINGS),
+                      **({"learning_rates": tuple(args.lrs)} if args.lrs else {}))
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    report = run_probe(fae=args.fae, encoder=args.encoder, config_path=args.config, data_kind=args.data,
+                       data_root=args.data_root, image_size=args.image_size, train_split=args.train_split,
+                       test_split=args.test_split, train_limit=args.train_limit, test_limit=args.test_limit,
+                       probe=cfg, device=args.device, progress=not args.no_progress)
+    anchor = args.fae or args.encoder
+    if args.out is None and (anchor is None or not Path(anchor).exists()):
+        args.out = "probe.json"   # a hub id: write in the current folder
+    return _finish(args, report, anchor or "probe")

@@ -1,0 +1,330 @@
+"""Image inputs for evaluation and their features, computed once and cached.
+
+Inputs (`open_images`): a folder of images (searched recursively, sorted by path), an `.npz` whose `arr_0` is
+uint8 (N, H, W, 3) (the ADM sample/reference format; read in a streaming way, so a 50k x 256 px file never sits
+in memory), an in-memory tensor/array, or a generator run (`CallableSource`: a function returning images
+[start, start+count)). Every source has a `fingerprint` (path + size + mtime of the files, or None for in-memory
+data) so `extract_features` can cache the features per (input, feature network, weights hash) as an `.npz` in a
+cache folder: the second metric on the same input, or the same reference next week, reuses them.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from fae.checkpoint import atomic_write
+from fae.config import ConfigError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+FEATURE_FORMAT = 1  # bump when the extraction protocol changes: old cache entries are then ignored
+
+
+def default_cache_dir() -> Path:
+    """$FAE_CACHE_DIR/eval-features, else $XDG_CACHE_HOME/fae/eval-features, else ~/.cache/fae/eval-features."""
+    if os.environ.get("FAE_CACHE_DIR"):
+        return Path(os.environ["FAE_CACHE_DIR"]) / "eval-features"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fae" / "eval-features"
+
+
+class ImageSource:
+    """A sequence of images delivered in uint8 batches (B, 3, H, W)."""
+
+    name: str = "images"
+    fingerprint: str | None = None  # None: never cached
+    num_images: int = 0
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "num_images": self.num_images, "kind": type(self).__name__}
+
+
+def _to_uint8_nchw(images: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
+    """Images -> uint8 (N, 3, H, W). NumPy arrays are (N, H, W, C) as saved files hold them; tensors are
+    (N, C, H, W) as fae's APIs pass them. C is 1 (grey, repeated) or 3; values uint8, or float in [0, 1]."""
+    channels_last = isinstance(images, np.ndarray)
+    t = torch.as_tensor(images)
+    if t.ndim == 3:  # grey without a channel axis
+        t = t.unsqueeze(-1 if channels_last else 1)
+    if t.ndim != 4:
+        raise ValueError(f"{what}: expected a batch of images, got shape {tuple(t.shape)}")
+    if channels_last:
+        t = t.permute(0, 3, 1, 2)
+    if t.shape[1] == 1:
+        t = t.expand(-1, 3, -1, -1)
+    if t.shape[1] != 3:
+        layout = "(N, H, W, 3) for arrays" if channels_last else "(N, 3, H, W) for tensors"
+        raise ValueError(f"{what}: expected 1 or 3 colour channels {layout}, got shape {tuple(images.shape)}")
+    if t.dtype == torch.uint8:
+        return t.contiguous()
+    if t.is_floating_point():
+        if t.numel() and (t.min() < -1e-3 or t.max() > 1 + 1e-3):
+            raise ValueError(f"{what}: float images must be in [0, 1], got "
+                             f"[{float(t.min()):.3g}, {float(t.max()):.3g}]")
+        return (t.float() * 255.0).round().clamp(0, 255).to(torch.uint8).contiguous()
+    raise ValueError(f"{what}: images must be uint8 or float in [0, 1], got {t.dtype}")
+
+
+class TensorSource(ImageSource):
+    """Images in memory: a tensor (N,3,H,W) or a NumPy array (N,H,W,3), uint8 or float in [0,1]."""
+
+    def __init__(self, images: np.ndarray | torch.Tensor, name: str = "tensor", fingerprint: str | None = None) -> None:
+        self.images = _to_uint8_nchw(images, name)
+        self.name, self.fingerprint, self.num_images = name, fingerprint, int(self.images.shape[0])
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for i in range(0, self.num_images, batch_size):
+            yield self.images[i:i + batch_size]
+
+
+class CallableSource(ImageSource):
+    """A generator run: `fn(start, count)` returns images [start, start+count) (uint8 or float in [0,1]).
+
+    Give a `fingerprint` (e.g. checkpoint hash + sampler settings + seed) to let its features be cached.
+    """
+
+    def __init__(self, fn: Callable[[int, int], torch.Tensor], num_images: int, name: str = "generator",
+                 fingerprint: str | None = None) -> None:
+        self.fn, self.num_images, self.name, self.fingerprint = fn, int(num_images), name, fingerprint
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, self.num_images, batch_size):
+            count = min(batch_size, self.num_images - start)
+            images = _to_uint8_nchw(self.fn(start, count), self.name)
+            if images.shape[0] != count:
+                raise ValueError(f"{self.name}: asked for {count} images, got {images.shape[0]}")
+            yield images
+
+
+def _file_fingerprint(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+class FolderSource(ImageSource):
+    """Every image file under a folder (recursive, sorted by relative path); all must share one size."""
+
+    def __init__(self, root: str | Path, limit: int | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such folder")
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise FileNotFoundError(f"{self.root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        self.files = files[:limit] if limit is not None else files
+        self.num_images = len(self.files)
+        self.name = str(self.root)
+        digest = hashlib.sha256()
+        for f in self.files:
+            digest.update(_file_fingerprint(f).encode())
+        self.fingerprint = f"folder:{digest.hexdigest()}"
+
+    def load(self, index: int) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self.files[index]) as im:
+            return np.asarray(im.convert("RGB"))
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        first: tuple[int, ...] | None = None
+        for i in range(0, self.num_images, batch_size):
+            arrays = [self.load(j) for j in range(i, min(i + batch_size, self.num_images))]
+            for j, a in enumerate(arrays):
+                first = first or a.shape
+                if a.shape != first:
+                    raise ValueError(f"{self.files[i + j]} is {a.shape[1]}x{a.shape[0]} but {self.files[0].name} is "
+                                     f"{first[1]}x{first[0]}: resize/crop all images of a set to one size first")
+            yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+class NpzSource(ImageSource):
+    """`arr_0` (or `key`) of an .npz, uint8 (N, H, W, 3), streamed from the zip member batch by batch."""
+
+    def __init__(self, path: str | Path, key: str = "arr_0", limit: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such file")
+        self.key = key
+        with self._open() as f:
+            shape, fortran, dtype = _read_npy_header(f)
+        if fortran or dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
+            raise ValueError(f"{self.path}: {key} must be a C-ordered uint8 array (N, H, W, 3) as in the ADM "
+                             f"format, got dtype {dtype}, shape {shape}")
+        self.shape = tuple(shape)
+        self.num_images = min(shape[0], limit) if limit is not None else shape[0]
+        self.name = str(self.path)
+        self.fingerprint = f"npz:{_file_fingerprint(self.path)}|{key}"
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[Any]:
+        try:
+            zf = zipfile.ZipFile(self.path)
+        except zipfile.BadZipFile:
+            raise ValueError(f"{self.path}: not an .npz file") from None
+        with zf:
+            if f"{self.key}.npy" not in zf.namelist():
+                names = [n[:-4] for n in zf.namelist()]
+                raise ConfigError(f"{self.path}: has no array {self.key!r} (it has {names}); ADM sample files "
+                                  "store images in arr_0")
+            with zf.open(f"{self.key}.npy") as member:
+                yield member
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        per_image = int(np.prod(self.shape[1:]))
+        with self._open() as f:
+            _read_npy_header(f)
+            for i in range(0, self.num_images, batch_size):
+                n = min(batch_size, self.num_images - i)
+                data = _read_exactly(f, n * per_image)
+                yield _to_uint8_nchw(np.frombuffer(bytearray(data), dtype=np.uint8).reshape(n, *self.shape[1:]),
+                                     self.name)
+
+
+def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"unsupported .npy format version {version}")
+
+
+def _read_exactly(f: Any, size: int) -> bytes:
+    chunks, got = [], 0
+    while got < size:
+        chunk = f.read(size - got)
+        if not chunk:
+            raise ValueError(f"truncated array: expected {size} more bytes, got {got}")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def open_images(spec: str | Path | np.ndarray | torch.Tensor | ImageSource, limit: int | None = None) -> ImageSource:
+    """An ImageSource for an image folder, an .npz (arr_0), an array/tensor, or an existing source.
+
+    A folder holding exactly one .npz (a `fae sample` run folder, whose grid PNGs have other sizes) means that .npz.
+    """
+    if isinstance(spec, ImageSource):
+        return spec
+    if isinstance(spec, (np.ndarray, torch.Tensor)):
+        return TensorSource(spec[:limit] if limit is not None else spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        # a `fae sample` run folder: its ADM-format .npz holds exactly the samples (PNGs there include grids)
+        npzs = sorted(path.glob("*.npz"))
+        if len(npzs) == 1:
+            return NpzSource(npzs[0], limit=limit)
+        return FolderSource(path, limit=limit)
+    if path.suffix == ".npz":
+        return NpzSource(path, limit=limit)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    raise ConfigError(f"{path}: expected an image folder or an .npz file with arr_0")
+
+
+@dataclass
+class FeatureSet:
+    """Features of one input through one network: {"pool": (N, D), ...} float32, plus what made them."""
+
+    features: dict[str, np.ndarray]
+    network: dict[str, Any]
+    source: dict[str, Any]
+    cached: bool = False
+    cache_file: str | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return int(next(iter(self.features.values())).shape[0])
+
+    def __getitem__(self, kind: str) -> np.ndarray:
+        if kind not in self.features:
+            raise ConfigError(f"feature network {self.network.get('name')} gives no {kind!r} features "
+                              f"(it gives {sorted(self.features)})")
+        return self.features[kind]
+
+
+def cache_key(source: ImageSource, network: Any) -> str | None:
+    if source.fingerprint is None:
+        return None
+    text = json.dumps({"source": source.fingerprint, "n": source.num_images, "network": network.name,
+                       "weights": network.weights_hash, "format": FEATURE_FORMAT}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare path
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def meta_array(meta: dict[str, Any]) -> np.ndarray:
+    """JSON metadata as a 0-d unicode array: readable with np.load(allow_pickle=False)."""
+    return np.array(json.dumps(meta, sort_keys=True))
+
+
+def extract_features(source: ImageSource | str | Path | np.ndarray | torch.Tensor, network: Any,
+                     batch_size: int = 50, cache_dir: str | Path | None = None, limit: int | None = None,
+                     progress: bool = False) -> FeatureSet:
+    """Run every image of `source` through `network`; reuse / write the cache in `cache_dir` if given."""
+    source = open_images(source, limit=limit)
+    if source.num_images == 0:
+        raise ConfigError(f"{source.name}: no images")
+    key = cache_key(source, network)
+    cache_file = Path(cache_dir) / f"{key}.npz" if (cache_dir is not None and key is not None) else None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            with np.load(cache_file, allow_pickle=False) as data:
+                feats = {k: data[k] for k in data.files if k != "meta"}
+            if feats and all(v.shape[0] == source.num_images for v in feats.values()):
+                return FeatureSet(feats, network.info(), source.describe(), cached=True, cache_file=str(cache_file))
+        except (OSError, ValueError, zipfile.BadZipFile):
+            pass  # a damaged cache entry is recomputed and overwritten
+    chunks: dict[str, list[np.ndarray]] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=source.num_images, desc=f"features {Path(source.name).name}", unit="img")
+    for images in source.batches(batch_size):
+        out = network.features(images)
+        for kind, value in out.items():
+            chunks.setdefault(kind, []).append(value.detach().float().cpu().numpy())
+        if bar is not None:
+            bar.update(images.shape[0])
+    if bar is not None:
+        bar.close()
+    feats = {k: np.concatenate(v) for k, v in chunks.items()}
+    if cache_file is not None:
+        meta = {"source": source.describe(), "network": network.info(), "format": FEATURE_FORMAT}
+        _save_npz(cache_file, {**feats, "meta": meta_array(meta)})
+    return FeatureSet(feats, network.info(), source.describe(), cached=False,
+                      cache_file=str(cache_file) if cache_file else None)
+
+
+def read_npz_meta(data: Any, key: str = "fae_meta") -> dict[str, Any] | None:
+    if key not in data.files:
+        return None
+    return json.loads(str(data[key][()]))
+
+
+def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Atomically write an uncompressed .npz (public wrapper used by reference statistics)."""
+    _save_npz(Path(path), arrays)
+
+
+__all__ = ["ImageSource", "TensorSource", "CallableSource", "FolderSource", "NpzSource", "open_images",
+           "FeatureSet", "extract_features", "default_cache_dir", "save_npz", "meta_array", "read_npz_meta",
+           "IMAGE_EXTENSIONS"]

@@ -1,0 +1,155 @@
+"""Feature networks: what every distribution metric (FID, sFID, IS, precision/recall, FD-DINOv2) runs images through.
+
+A `FeatureNetwork` has a `name`, a `weights_hash` (both go into reports and feature-cache keys) and
+`features(images) -> {"pool": (B, D), "logits": (B, K), "spatial": (B, S)}` with only the entries it supports
+(`outputs`). Images are uint8 (B,3,H,W) in [0,255] or float in [0,1]. Two adapters:
+
+* `InceptionNetwork`: the FID Inception-v3 (fae.metrics.inception): pool, logits, spatial. FID, sFID, IS, P/R.
+* `EncoderNetwork`: any fae `FrozenEncoder` (DINOv2 for FD-DINOv2, the demo's tiny encoder, SigLIP2, MAE): `pool`
+  = the mean of the last-layer patch tokens. Our FrozenEncoder drops the CLS token, so FD-DINOv2 here is on
+  mean-pooled patch tokens, not on the CLS token that dgm-eval / Stein et al. (2023) use: numbers are comparable
+  across our runs, not with published FD_DINOv2 values.
+
+`build_network("inception" | "inception:pytorch" | "encoder:<folder or hub id>" | "encoder:<kind>:<...>")`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from fae.config import ConfigError
+from fae.metrics.inception import (
+    WEIGHTS_SHA256_PREFIX,
+    ResizeMode,
+    file_sha256,
+    find_inception_weights,
+    load_fid_inception,
+)
+
+FEATURE_KINDS = ("pool", "logits", "spatial")
+
+
+@runtime_checkable
+class FeatureNetwork(Protocol):
+    name: str
+    weights_hash: str
+    outputs: tuple[str, ...]
+
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0,255] or float [0,1] images -> float32 in [0,1]."""
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    if not images.is_floating_point():
+        raise ValueError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
+    return images.float()
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """A hash of a module's weights (names, dtypes, shapes, bytes), independent of how they were stored."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class InceptionNetwork:
+    """FID Inception-v3 from the standard weights file (see `fae.metrics.inception`)."""
+
+    outputs = ("pool", "logits", "spatial")
+
+    def __init__(self, weights: str | Path | None = None, resize: ResizeMode = "tf1",
+                 device: str | torch.device = "cpu") -> None:
+        path = find_inception_weights(weights)
+        self.model = load_fid_inception(path, resize=resize, device=device)
+        self.device = torch.device(device)
+        self.weights_path = path
+        self.weights_hash = file_sha256(path)
+        self.standard_weights = self.weights_hash.startswith(WEIGHTS_SHA256_PREFIX)
+        self.resize = resize
+        self.name = "inception-v3-fid" if resize == "tf1" else "inception-v3-fid-pytorch-resize"
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(images.to(self.device))
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "weights_hash": self.weights_hash, "weights_file": str(self.weights_path),
+                "standard_weights": self.standard_weights, "resize": self.resize, "input_size": 299,
+                "outputs": list(self.outputs)}
+
+
+class EncoderNetwork:
+    """A fae FrozenEncoder as a feature network: pool = mean over its patch tokens."""
+
+    outputs = ("pool",)
+
+    def __init__(self, encoder: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.encoder = encoder.to(self.device).eval()
+        ref = encoder.reference() if hasattr(encoder, "reference") else {}
+        self.reference = ref
+        self.name = f"encoder:{ref.get('kind', type(encoder).__name__)}:{ref.get('name_or_path', '?')}"
+        self.weights_hash = state_dict_sha256(encoder)
+
+    @classmethod
+    def from_spec(cls, spec: str, device: str | torch.device = "cpu") -> EncoderNetwork:
+        """`<folder or hub id>` (kind read from its config.json) or `<kind>:<folder or hub id>`."""
+        from fae.encoders import KINDS, EncoderConfig, FrozenEncoder
+
+        kind, _, rest = spec.partition(":")
+        if rest and kind in KINDS:
+            name_or_path = rest
+        else:
+            kind, name_or_path = _detect_kind(spec), spec
+        return cls(FrozenEncoder.from_config(EncoderConfig(kind=kind, name_or_path=name_or_path)), device)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = self.encoder(to_unit_float(images).to(self.device))
+        return {"pool": tokens.float().mean(dim=1)}
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "weights_hash": self.weights_hash, "encoder": self.reference,
+                "pooling": "mean of patch tokens (CLS/registers dropped)", "outputs": list(self.outputs)}
+
+
+def _detect_kind(name_or_path: str) -> str:
+    """The FrozenEncoder kind of a local transformers folder, from its config.json `model_type`."""
+    from fae import encoders
+
+    if not (Path(name_or_path).expanduser() / "config.json").is_file():
+        raise ConfigError(f"encoder:{name_or_path}: not a local model folder with config.json; "
+                          f"write the kind explicitly as encoder:<kind>:<hub id> (kinds: {', '.join(encoders.KINDS)})")
+    try:
+        return encoders.detect_kind(str(Path(name_or_path).expanduser()))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def build_network(spec: str = "inception", inception_weights: str | Path | None = None,
+                  device: str | torch.device = "cpu") -> FeatureNetwork:
+    """A feature network from a short spec (the CLI's --network)."""
+    if spec in ("inception", "inception:tf1"):
+        return InceptionNetwork(inception_weights, resize="tf1", device=device)
+    if spec == "inception:pytorch":
+        return InceptionNetwork(inception_weights, resize="pytorch", device=device)
+    if spec.startswith("encoder:") and len(spec) > len("encoder:"):
+        return EncoderNetwork.from_spec(spec[len("encoder:"):], device=device)
+    raise ConfigError(f"--network {spec!r}: expected inception, inception:pytorch or encoder:<model folder>")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

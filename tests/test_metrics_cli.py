@@ -1,0 +1,132 @@
+"""`fae eval ...` end to end: FID with the Inception network (random weights from a file), the missing-weights
+error, reference statistics + generation metrics in a frozen encoder's space, PSNR/SSIM, and the linear probe of
+x / x̂ / z on Fashion-MNIST with a tiny encoder and FAE bundle."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fae.cli import main
+from fae.metrics import inception as inc
+from fae.metrics.inception import file_sha256, random_inception_state
+
+pytestmark = pytest.mark.filterwarnings("ignore:only .* samples")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # tiny tensor ops: a second thread only adds synchronisation (80x slower on a busy 2-core machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_images(root: Path, n: int, seed: int, size: int = 16) -> Path:
+    root.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=size, mode="bilinear")
+    for i, im in enumerate((x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)):
+        Image.fromarray(im).save(root / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fae.encoders import save_tiny_encoder
+
+    return save_tiny_encoder("dinov2", tmp_path_factory.mktemp("enc") / "tiny", hidden_size=32, num_layers=1,
+                             num_heads=2, patch_size=4, image_size=16)
+
+
+def test_fid_and_gen_with_inception(tmp_path: Path) -> None:
+    weights = tmp_path / "random_inception.pth"
+    torch.save(random_inception_state(0), weights)
+    a, b = write_images(tmp_path / "a", 6, 0), write_images(tmp_path / "b", 6, 1)
+    common = ["--inception-weights", str(weights), "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+              "--no-progress"]
+    assert main(["eval", "gen", "--samples", str(a), "--ref", str(b), "--is-splits", "2", *common]) == 0
+    report = json.loads((tmp_path / "a.gen.json").read_text())   # default: beside the samples
+    assert set(report["metrics"]) == {"fid", "sfid", "is", "is_std", "precision", "recall"}
+    assert report["metrics"]["fid"] > 0 and report["num_samples"] == 6
+    net = report["feature_network"]
+    assert net["name"] == "inception-v3-fid" and net["weights_hash"] == file_sha256(weights)
+    assert net["standard_weights"] is False and report["protocol"]["feature_cache"] is False
+    # FID alone reuses the cached features; the same set against itself is 0
+    assert main(["eval", "fid", "--samples", str(a), "--ref", str(a), "--out", str(tmp_path / "self.json"),
+                 *common]) == 0
+    self_report = json.loads((tmp_path / "self.json").read_text())
+    assert self_report["metrics"] == {"fid": pytest.approx(0.0, abs=1e-6)}
+    assert self_report["protocol"]["feature_cache"] is True
+
+
+def test_missing_weights_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv(inc.WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    a = write_images(tmp_path / "a", 2, 0)
+    assert main(["eval", "fid", "--samples", str(a), "--ref", str(a), "--no-cache"]) == 1
+    err = capsys.readouterr().err
+    assert inc.WEIGHTS_URL in err and "Traceback" not in err
+
+
+def test_help_says_where_the_weights_come_from(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "fid", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert inc.WEIGHTS_NAME in text and "FAE_INCEPTION_WEIGHTS" in text and "hub" in text
+
+
+def test_stats_then_gen_in_encoder_space(tmp_path: Path, tiny_encoder: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    ref_imgs, samples = write_images(tmp_path / "ref", 12, 2), write_images(tmp_path / "smp", 10, 3)
+    network = ["--network", f"encoder:{tiny_encoder}", "--device", "cpu", "--no-cache", "--no-progress"]
+    assert main(["eval", "stats", "--images", str(ref_imgs), "--out", str(tmp_path / "ref.npz"),
+                 "--keep-images", "4", *network]) == 0
+    with np.load(tmp_path / "ref.npz") as data:
+        assert data["arr_0"].shape == (4, 16, 16, 3) and data["mu"].shape == (32,) and "mu_s" not in data.files
+    assert main(["eval", "gen", "--samples", str(samples), "--ref", str(tmp_path / "ref.npz"), "--out",
+                 str(tmp_path / "g.json"), *network]) == 0
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert set(report["metrics"]) == {"fid", "precision", "recall"}   # no logits / spatial in an encoder's space
+    assert report["feature_network"]["name"].startswith("encoder:dinov2:")
+    assert report["inputs"]["reference"]["origin"] == "fae-stats"
+    capsys.readouterr()
+    assert main(["eval", "gen", "--samples", str(samples), "--ref", str(ref_imgs), "--metrics", "is", *network]) == 1
+    assert "cannot give" in capsys.readouterr().err
+
+
+def test_rfid_command_psnr_ssim(tmp_path: Path) -> None:
+    a = write_images(tmp_path / "a", 3, 0)
+    assert main(["eval", "rfid", "--originals", str(a), "--reconstructions", str(a), "--no-rfid",
+                 "--out", str(tmp_path / "r.json")]) == 0
+    metrics = json.loads((tmp_path / "r.json").read_text())["metrics"]
+    assert metrics == {"psnr": 100.0, "ssim": pytest.approx(1.0)}
+
+
+def test_probe_raw_recon_latent(tmp_path: Path, tiny_encoder: Path) -> None:
+    from fae.autoencoder import FAEConfig, FeatureAutoEncoder
+    from fae.data.idx import FASHION_MNIST_DIR
+    from fae.encoders import EncoderConfig, FrozenEncoder
+
+    if not (Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST (apt-get install dataset-fashion-mnist) is not installed")
+    encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder)))
+    cfg = FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2, encoder_head_dim=16,
+                    decoder_depth=1, decoder_heads=2)
+    bundle = FeatureAutoEncoder(cfg).save_pretrained(tmp_path / "fae", extra={"encoder": encoder.reference()})
+    assert main(["eval", "probe", "--fae", str(bundle), "--train-limit", "300", "--test-limit", "100",
+                 "--epochs", "2", "--lrs", "0.1", "1.0", "--device", "cpu", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "fae.probe.json").read_text())   # default: beside the bundle
+    assert set(report["metrics"]) == {"top1_raw", "top1_recon", "top1_latent"}
+    assert all(0.0 <= v <= 1.0 for v in report["metrics"].values())
+    assert report["metrics"]["top1_raw"] > 0.3   # 10 classes: well above chance even for a random tiny encoder
+    assert [row["input"].split(":")[0] for row in report["table"]] == ["x", "x̂", "z"]
+    assert report["inputs"]["num_train"] == 300 and report["num_samples"] == 100
