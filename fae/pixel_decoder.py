@@ -47,7 +47,11 @@ class PixelDecoderConfig:
             raise ValueError(f"pixel decoder width={self.width} is not divisible by num_heads={self.num_heads}")
         if self.width % 4:
             raise ValueError(f"pixel decoder width={self.width} must be divisible by 4 (2-D sin-cos position init)")
-        grid_side(self.num_tokens)  # raises for a non-square token count
+        try:
+            grid_side(self.num_tokens)
+        except ValueError:
+            raise ValueError(f"pixel decoder num_tokens={self.num_tokens} is not a square grid (e.g. 256 = 16 x 16)"
+                             ) from None
 
     @property
     def grid(self) -> int:

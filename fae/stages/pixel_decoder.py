@@ -13,7 +13,6 @@ complete `FAE` pipeline bundle (encoder reference + FAE + pixel decoder).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -25,8 +24,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fae.autoencoder import FeatureAutoEncoder
-from fae.checkpoint import CONFIG_NAME, atomic_save_safetensors, atomic_write_text, read_bundle_config
-from fae.config import ConfigError, to_dict
+from fae.checkpoint import CONFIG_NAME, atomic_save_safetensors, read_bundle_config
+from fae.config import ConfigError, from_dict
 from fae.data import DataConfig, build_dataset
 from fae.encoders import EncoderConfig, FrozenEncoder
 from fae.losses import PatchDiscriminator, PixelLoss, PixelLossConfig
@@ -72,7 +71,7 @@ class Config:
     fae: str | None = None                      # stage II: the stage-1 run folder or FAE bundle that gives x_hat
     finetune_latent: Literal["mode", "sample"] = "mode"  # z = posterior mean (default) or a posterior sample
     features: Literal["on_the_fly", "cache"] = "on_the_fly"
-    feature_cache_dir: str | None = None        # default: runs/feature_cache
+    feature_cache_dir: str | None = None        # default: ~/.cache/fae/features (shared with stage 1)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="cosine", warmup_steps=1000))
     disc_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="cosine", warmup_steps=0))
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -83,7 +82,8 @@ class Config:
             raise ValueError("finetune_from is set but fae is not: stage II fine-tunes on x_hat from an FAE bundle "
                              "(--fae <stage-1 run>)")
         if self.finetune_from is None and self.decoder is None:
-            raise ValueError("decoder: required for the Gaussian stage (a PixelDecoderConfig; see configs/)")
+            raise ValueError("decoder: required for the Gaussian stage (a PixelDecoderConfig; see configs/); "
+                             "to fine-tune, pass --finetune-from <Gaussian run> --fae <stage-1 run> instead")
 
     @property
     def finetuning(self) -> bool:
@@ -129,20 +129,23 @@ class PixelDecoderStage(TrainStage):
         if cfg.finetune_from is not None:
             self.init_from = bundle_dir(cfg.finetune_from, "pixel_decoder")
             self._check_reference(self.init_from)
-            bundled = PixelDecoder.from_pretrained(self.init_from).config
+            gaussian = PixelDecoder.from_pretrained(self.init_from)
+            bundled = gaussian.config
             if decoder_cfg is not None and decoder_cfg != bundled:
                 raise ConfigError(f"decoder: differs from the config of {self.init_from}; drop the decoder block "
                                   "when fine-tuning (it is taken from the Gaussian decoder)")
             decoder_cfg = bundled
         assert decoder_cfg is not None
         self._check_shapes(decoder_cfg)
-        decoder = PixelDecoder(decoder_cfg)
-        if self.init_from is not None:
-            decoder.load_state_dict(PixelDecoder.from_pretrained(self.init_from).state_dict())
         self.decoder_config = decoder_cfg
         self.pixel_loss = PixelLoss(cfg.losses, feature_fn=encoder_feature_fn(self.encoder))
+        with torch.random.fork_rng(devices=[]):  # initial weights depend on train.seed only, not on the caller's RNG
+            torch.manual_seed(cfg.train.seed)
+            decoder = PixelDecoder(decoder_cfg)
+            disc = self.pixel_loss.build_discriminator(decoder_cfg.out_channels)
+        if self.init_from is not None:
+            decoder.load_state_dict(gaussian.state_dict())
         self.modules: dict[str, nn.Module] = {"decoder": decoder}
-        disc = self.pixel_loss.build_discriminator(decoder_cfg.out_channels)
         if disc is not None:
             min_size = disc.min_size()
             if decoder_cfg.image_size < min_size:
@@ -154,6 +157,7 @@ class PixelDecoderStage(TrainStage):
         # the trainer may wrap modules in DDP; keep the plain ones for the last layer and the frozen-D generator pass
         self._decoder_raw, self._disc_raw = decoder, disc
         self.noise = FeatureNoise(0.0)
+        self.feature_rms: float | None = None
         self._dataset: Dataset | None = None
 
     # -- checks -------------------------------------------------------------------------------------------------
@@ -201,9 +205,12 @@ class PixelDecoderStage(TrainStage):
 
     def train_dataset(self) -> Dataset:
         if self._dataset is None:
-            self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split)
-            if not self.cfg.finetuning:
-                self.noise = FeatureNoise(self.noise_sigma())
+            # building a feature cache draws from the global RNG (DataLoader seeds); keep the trainer's stream intact
+            # so that a run that builds the cache and one that reuses it train identically
+            with torch.random.fork_rng(devices=[]):
+                self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split)
+                if not self.cfg.finetuning:
+                    self.noise = FeatureNoise(self.noise_sigma())
         return self._dataset
 
     @torch.no_grad()
@@ -226,9 +233,15 @@ class PixelDecoderStage(TrainStage):
         self.feature_rms = (total / count) ** 0.5
         return scaled_noise_sigma(n.sigma, self.feature_rms, n.ref_rms, "rms")
 
+    def clean_features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """x: the frozen encoder's features of the batch's images (cached, or computed once per batch)."""
+        if "features" not in batch:
+            batch["features"] = self.encoder(batch["image"])
+        return batch["features"].float()
+
     def decoder_input(self, batch: dict[str, Any]) -> torch.Tensor:
         """The features the decoder learns from: x + noise (Gaussian stage) or x_hat (fine-tuning)."""
-        x = batch["features"].float() if "features" in batch else self.encoder(batch["image"])
+        x = self.clean_features(batch)
         if self.fae is None:
             return self.noise(x)
         with torch.no_grad():
@@ -246,7 +259,10 @@ class PixelDecoderStage(TrainStage):
             return self.pixel_loss.discriminator_loss(self.modules["disc"], target, fake)
         pred = self.modules["decoder"](self.decoder_input(batch))
         batch["_fake"] = pred.detach()  # reused by the discriminator pass of the same step
-        loss, logs = self.pixel_loss.generator_loss(pred, target, step, self._disc_raw, self._decoder_raw.last_layer)
+        # x is exactly the encoder's features of the target image (same preprocessing when no resize is needed;
+        # with a resize they differ only by the clamp of bicubic overshoot), which saves one encoder forward
+        loss, logs = self.pixel_loss.generator_loss(pred, target, step, self._disc_raw, self._decoder_raw.last_layer,
+                                                    target_features=self.clean_features(batch))
         with torch.no_grad():
             logs["psnr"] = psnr(pred.detach().float().clamp(0, 1), target.float()).mean().item()
         return loss, logs
@@ -264,7 +280,8 @@ class PixelDecoderStage(TrainStage):
         assert isinstance(decoder, PixelDecoder)
         ref = self.encoder.reference()
         record = {"encoder": ref, "stage": "finetune" if self.cfg.finetuning else "gaussian",
-                  "noise_sigma": self.noise.sigma, "fae": self.cfg.fae, "finetune_from": self.cfg.finetune_from}
+                  "noise_sigma": self.noise.sigma, "feature_rms": self.feature_rms, "fae": self.cfg.fae,
+                  "finetune_from": self.cfg.finetune_from}
         decoder.save_pretrained(out_dir / "pixel_decoder", extra=record)
         if "disc" in modules:
             atomic_save_safetensors(modules["disc"].state_dict(), out_dir / "discriminator.safetensors")
@@ -286,27 +303,15 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def features_dataset(cfg: Config, encoder: FrozenEncoder, split: str, limit: int | None = None,
                      hflip: bool | None = None) -> Dataset:
-    """Images, plus cached features when `features: cache` (built once, reused by every later run)."""
+    """Images, plus cached features when `features: cache` — the same cache files as stage 1 (one per encoder and
+    data set in the cache folder), so stages Ia and Ib on one data set compute the features once."""
+    from fae.stages.autoencoder import cached_features
+
     data_cfg = replace(cfg.data, **({} if limit is None else {"limit": limit}), **({} if hflip is None else {"hflip": hflip}))
     dataset = build_dataset(data_cfg, split)
     if cfg.features == "cache":
-        from fae.data.features import CachedFeatureDataset, build_feature_cache
-
-        root = Path(cfg.feature_cache_dir or "runs/feature_cache")
-        name = cache_name(encoder, dataset, split, data_cfg.hflip)
-        cache = build_feature_cache(encoder, dataset, root / name, flips=data_cfg.hflip, progress=False)
-        dataset = CachedFeatureDataset(dataset, cache)
+        dataset = cached_features(encoder, dataset, cfg.feature_cache_dir, flips=data_cfg.hflip)
     return dataset
-
-
-def cache_name(encoder: FrozenEncoder, dataset: Dataset, split: str, flips: bool) -> str:
-    """One cache file per (encoder, data set, flips): different runs share it instead of overwriting each other."""
-    import hashlib
-
-    from fae.data.features import dataset_signature
-
-    key = json.dumps([encoder.reference(), dataset_signature(dataset), flips], sort_keys=True, default=str)
-    return f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.safetensors"
 
 
 def build(cfg: Config) -> PixelDecoderStage:
@@ -315,13 +320,17 @@ def build(cfg: Config) -> PixelDecoderStage:
 
 def components(cfg: Config) -> dict[str, nn.Module]:
     """Parameter table (`fae summary`), built without loading the encoder."""
-    parts: dict[str, nn.Module] = {}
-    if cfg.decoder is not None:
-        parts["pixel decoder"] = PixelDecoder(cfg.decoder)
+    decoder_cfg = cfg.decoder
+    if decoder_cfg is None:  # fine-tuning: the architecture is the Gaussian decoder's
+        if cfg.finetune_from is None:
+            raise ConfigError("this config takes its decoder from --finetune-from (finetune_from=...); give it")
+        record = read_bundle_config(bundle_dir(cfg.finetune_from, "pixel_decoder"))
+        decoder_cfg = from_dict(PixelDecoderConfig, record["config"], "decoder")
+    parts: dict[str, nn.Module] = {"pixel decoder": PixelDecoder(decoder_cfg)}
     if cfg.losses.use_gan:
         parts["discriminator"] = PatchDiscriminator(cfg.losses.discriminator)
     return parts
 
 
 __all__ = ["Config", "EvalConfig", "NoiseConfig", "PixelDecoderStage", "build", "components", "encoder_feature_fn",
-           "features_dataset", "to_dict"]
+           "features_dataset"]

@@ -1,0 +1,113 @@
+"""`FAE`: the whole image <-> latent path in one object — frozen encoder, FeatureAutoEncoder, pixel decoder.
+
+    fae = FAE.from_pretrained("runs/pixel-decoder-ft/fae_pipeline")
+    z = fae.encode(images)             # (B,3,H,W) in [0,1] -> latents (B,C,h,w)
+    images = fae.decode_to_pixels(z)   # -> (B,3,H,W) in [0,1]
+
+A bundle folder holds `config.json` (class "FAE" and the frozen encoder's reference: kind, hub id or folder,
+revision, input size, norm), `fae/` (the FeatureAutoEncoder bundle) and `pixel_decoder/` (the PixelDecoder bundle).
+The encoder's weights are not copied: they are loaded from the reference, exactly as the stages did.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fae.autoencoder import FeatureAutoEncoder
+from fae.checkpoint import CONFIG_NAME, atomic_write_text, read_bundle_config, resolve_pretrained
+from fae.config import ConfigError
+from fae.encoders import FrozenEncoder
+from fae.pixel_decoder import PixelDecoder
+
+ENCODER_KEYS = ("kind", "name_or_path", "revision", "input_size", "affine_norm")
+
+
+def same_encoder(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Keys on which two encoder references differ (an empty list = the same frozen encoder)."""
+    return [k for k in ENCODER_KEYS if a.get(k) != b.get(k)]
+
+
+class FAE(nn.Module):
+    """Frozen encoder + FeatureAutoEncoder (+ pixel decoder). Everything runs in eval mode without gradients."""
+
+    def __init__(self, encoder: FrozenEncoder, autoencoder: FeatureAutoEncoder,
+                 pixel_decoder: PixelDecoder | None = None) -> None:
+        super().__init__()
+        if tuple(autoencoder.config.grid) != tuple(encoder.grid) or autoencoder.config.feature_dim != encoder.dim:
+            raise ConfigError(f"the FAE expects {autoencoder.config.grid} x {autoencoder.config.feature_dim} features, "
+                              f"the encoder gives {encoder.grid} x {encoder.dim}")
+        if pixel_decoder is not None and (pixel_decoder.config.in_dim != encoder.dim
+                                          or pixel_decoder.config.num_tokens != encoder.num_tokens):
+            raise ConfigError(f"the pixel decoder expects {pixel_decoder.config.num_tokens} x "
+                              f"{pixel_decoder.config.in_dim} features, the encoder gives {encoder.num_tokens} x {encoder.dim}")
+        self.encoder, self.autoencoder, self.pixel_decoder = encoder, autoencoder, pixel_decoder
+        self.eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "FAE":
+        path = resolve_pretrained(path)
+        record = read_bundle_config(path)
+        if record.get("class") != cls.__name__:
+            raise ConfigError(f"{path}: bundle holds a {record.get('class')}, not an FAE pipeline")
+        encoder = FrozenEncoder.from_reference(record["encoder"])
+        decoder = PixelDecoder.from_pretrained(path / "pixel_decoder", map_location) \
+            if (path / "pixel_decoder").is_dir() else None
+        model = cls(encoder, FeatureAutoEncoder.from_pretrained(path / "fae", map_location), decoder)
+        return model.to(map_location)
+
+    @classmethod
+    def from_parts(cls, fae_bundle: str | Path, pixel_decoder_bundle: str | Path | None = None,
+                   map_location: str | torch.device = "cpu") -> "FAE":
+        """Assemble from a stage-1 FAE bundle and a pixel-decoder bundle; both must name the same encoder."""
+        record = read_bundle_config(fae_bundle)
+        if "encoder" not in record:
+            raise ConfigError(f"{fae_bundle}: the FAE bundle does not record its frozen encoder")
+        decoder = None
+        if pixel_decoder_bundle is not None:
+            differs = same_encoder(record["encoder"], read_bundle_config(pixel_decoder_bundle).get("encoder", {}))
+            if differs:
+                raise ConfigError(f"{pixel_decoder_bundle} was trained on another encoder than {fae_bundle} "
+                                  f"(differs in {differs})")
+            decoder = PixelDecoder.from_pretrained(pixel_decoder_bundle, map_location)
+        encoder = FrozenEncoder.from_reference(record["encoder"])
+        return cls(encoder, FeatureAutoEncoder.from_pretrained(fae_bundle, map_location), decoder).to(map_location)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        ref = self.encoder.reference()
+        self.autoencoder.save_pretrained(directory / "fae", extra={"encoder": ref})
+        if self.pixel_decoder is not None:
+            self.pixel_decoder.save_pretrained(directory / "pixel_decoder", extra={"encoder": ref})
+        atomic_write_text(directory / CONFIG_NAME, json.dumps({"class": type(self).__name__, "encoder": ref}, indent=2))
+        return directory
+
+    def train(self, mode: bool = True) -> "FAE":
+        return super().train(False)  # inference object: never training mode
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        """Images (B,3,H,W) in [0,1] -> latents (B,C,h,w): the posterior mean, or a sample with `sample=True`."""
+        posterior = self.autoencoder.encode(self.encoder(images))
+        return posterior.sample(generator) if sample else posterior.mode()
+
+    @torch.no_grad()
+    def decode_features(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B,C,h,w) -> reconstructed encoder features x_hat (B,N,D)."""
+        return self.autoencoder.decode(z)
+
+    @torch.no_grad()
+    def decode_to_pixels(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B,C,h,w) -> images (B,3,H,W) in [0,1], through the feature decoder and the pixel decoder."""
+        if self.pixel_decoder is None:
+            raise ConfigError("this FAE bundle has no pixel decoder; train one with `fae train pixel-decoder` and "
+                              "assemble with FAE.from_parts(fae_bundle, pixel_decoder_bundle)")
+        return self.pixel_decoder.decode(self.decode_features(z))
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decode_to_pixels(self.encode(images))
