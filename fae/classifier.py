@@ -1,0 +1,146 @@
+"""A small CNN classifier trained on real images, to score class-conditional samples by class agreement: the share
+of generated images that the classifier assigns to the class they were conditioned on.
+
+    clf = train_classifier(DataConfig(kind="fashion_mnist", image_size=32), "runs/classifier")   # cached
+    agreement = class_agreement(clf, samples["arr_0"], samples["labels"])
+
+The classifier sees images exactly as the data pipeline produces them (same size and fit), in grey scale, so
+it judges shape, not colour. On Fashion-MNIST it reaches about 91-92% test accuracy after 3 epochs (CPU, ~1 min).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fae.checkpoint import PretrainedMixin, atomic_write_text, read_bundle_config
+from fae.config import to_dict
+
+
+@dataclass
+class ClassifierConfig:
+    num_classes: int = 10
+    width: int = 32
+    in_channels: int = 1               # images are averaged to grey
+
+    def validate(self) -> None:
+        if self.num_classes < 2 or self.width < 2:
+            raise ValueError("num_classes must be >= 2 and width >= 2")
+
+
+class SmallCNN(nn.Module, PretrainedMixin):
+    """conv-pool, conv-conv-pool, conv, global average pool, linear: any input size >= 4 px."""
+
+    config_class = ClassifierConfig
+
+    def __init__(self, config: ClassifierConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        w = config.width
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+        # pool early: the classifier must train in about a minute on two CPU cores
+        self.features = nn.Sequential(block(config.in_channels, w // 2), nn.MaxPool2d(2),
+                                      block(w // 2, w), block(w, w), nn.MaxPool2d(2),
+                                      block(w, 2 * w), nn.Dropout(0.25))
+        self.head = nn.Linear(2 * w, config.num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) in [0,1] -> logits (B, num_classes)."""
+        x = images.float().mean(1, keepdim=True) if self.config.in_channels == 1 else images.float()
+        return self.head(self.features(2 * x - 1).mean((2, 3)))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor | np.ndarray, batch_size: int = 500) -> torch.Tensor:
+        """Class ids for float (B,3,H,W) images in [0,1] or uint8 (B,H,W,3) arrays."""
+        self.eval()
+        x = _as_float_images(images)
+        device = next(self.parameters()).device
+        return torch.cat([self(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+
+
+def _as_float_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if images.dtype == torch.uint8:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be (B,H,W,3), got {tuple(images.shape)}")
+        return images.permute(0, 3, 1, 2).float() / 255
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"float images must be (B,3,H,W) in [0,1], got {tuple(images.shape)}")
+    return images.float()
+
+
+def _stack(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items])
+
+
+def train_classifier(data: Any, out_dir: str | Path, epochs: int = 3, batch_size: int = 128, lr: float = 2e-3,
+                     seed: int = 0, width: int = 32, device: str = "cpu", progress: bool = True,
+                     train_limit: int | None = None) -> SmallCNN:
+    """Train on the train split of `data` (a DataConfig) and save to `out_dir`; a saved classifier for the same
+    data and settings is loaded instead. Test accuracy is recorded in the bundle (`test_accuracy`)."""
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    from fae.data import build_dataset
+
+    out = Path(out_dir)
+    key = {"data": to_dict(replace(data, hflip=False, limit=None)), "epochs": epochs, "batch_size": batch_size,
+           "lr": lr, "seed": seed, "width": width, "train_limit": train_limit}
+    if (out / "config.json").is_file() and read_bundle_config(out).get("key") == key:
+        return SmallCNN.from_pretrained(out, map_location=device).eval()
+    train_x, train_y = _stack(build_dataset(replace(data, hflip=False, limit=train_limit), "train"))
+    test_x, test_y = _stack(build_dataset(replace(data, hflip=False, limit=None), "test"))
+    num_classes = int(train_y.max()) + 1
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SmallCNN(ClassifierConfig(num_classes=num_classes, width=width)).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        steps = epochs * (len(train_x) // batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+        bar = tqdm(total=steps, desc="classifier", disable=not progress)
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(train_x), generator=g)
+            for i in range(len(train_x) // batch_size):
+                idx = perm[i * batch_size:(i + 1) * batch_size]
+                x = train_x[idx]
+                flip = torch.rand(len(idx), generator=g) < 0.5       # flips are label-preserving here
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+                loss = F.cross_entropy(model(x.to(device)), train_y[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+        bar.close()
+    accuracy = float((model.predict(test_x) == test_y).float().mean())
+    model.save_pretrained(out, extra={"key": key, "test_accuracy": accuracy})
+    return model.eval()
+
+
+def class_agreement(classifier: SmallCNN, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+                    ) -> dict[str, Any]:
+    """Share of images classified as their conditioning label, overall and per class."""
+    labels = torch.as_tensor(np.asarray(labels)).long()
+    pred = classifier.predict(images)
+    hit = (pred == labels).float()
+    per_class = {int(k): float(hit[labels == k].mean()) for k in labels.unique()}
+    return {"agreement": float(hit.mean()), "per_class": per_class, "num_images": int(len(labels))}
+
+
+def write_report(path: str | Path, report: dict[str, Any]) -> None:
+    atomic_write_text(Path(path), json.dumps(report, indent=2))

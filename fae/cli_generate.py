@@ -1,0 +1,132 @@
+"""`fae encode` (latent cache) and `fae sample` (images from a generator). Parsing only; the work is in
+fae.data.latents and fae.sampling."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from fae.config import ConfigError, apply_overrides, from_dict, read_yaml
+
+
+def _section(path: str, key: str) -> dict[str, Any]:
+    """A YAML file holding a `key:` section (e.g. a stage config) or the section's fields at the top level."""
+    data = read_yaml(path)
+    return data[key] if isinstance(data.get(key), dict) else {k: v for k, v in data.items() if k != "stage"}
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from fae.data import DataConfig
+    from fae.data.latents import EncodeOptions, encode_latents
+    from fae.distributed import init_distributed
+    from fae.encoders import EncoderConfig
+
+    init_distributed()
+    data = from_dict(DataConfig, apply_overrides(_section(args.data, "data"), args.overrides), "data")
+    encoder = from_dict(EncoderConfig, _section(args.encoder, "encoder"), "encoder") if args.encoder else None
+    opts = EncodeOptions(source=args.source, flip=not args.no_flip, store_std=args.store_std,
+                         shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
+                         num_workers=args.num_workers)
+    try:
+        opts.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out = encode_latents(data, args.out, fae=args.fae, encoder=encoder, split=args.split, options=opts,
+                         device=args.device, progress=not args.no_progress, feature_cache=args.feature_cache)
+    from fae.distributed import is_main
+
+    if is_main():
+        print(f"latent cache: {out}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from fae.distributed import init_distributed, is_main
+    from fae.sampling import load_decoder, load_generator, sample_to_dir
+    from fae.transport import GuidanceSchedule, SamplerConfig
+
+    _, _, dist_device = init_distributed()
+    device = str(dist_device) if args.device == "auto" else args.device
+    try:
+        guidance = GuidanceSchedule.parse(args.guidance)
+    except ValueError as exc:
+        raise ConfigError(f"--guidance: {exc}") from None
+    guidance.channels = args.guidance_channels
+    method = args.sampler
+    if method == "auto":  # the paper's protocol: SDE without guidance, Euler ODE with it
+        method = "euler" if guidance.active else "euler_maruyama"
+    sampler = SamplerConfig(method=method, steps=args.steps, time_shift=args.time_shift, guidance=guidance,
+                            cfg_batch=args.cfg_batch)
+    try:
+        sampler.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    gen = load_generator(args.dit, device=device)
+    decode = load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device)
+    written = sample_to_dir(gen, decode, args.out, args.num_samples, seed=args.seed, labels=args.labels,
+                            sampler=sampler, batch_size=args.batch_size, device=device, progress=not args.no_progress,
+                            grid=not args.no_grid, pngs=not args.no_pngs, npz=not args.no_npz, per_row=args.per_row,
+                            precision=args.precision)
+    if is_main():
+        for kind, path in written.items():
+            print(f"{kind}: {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("encode", help="encode a data set into a latent cache (for `fae train dit`)",
+                       description="Run the frozen encoder and the FAE encoder once over a data set (plain and "
+                       "h-flipped images) and write safetensors shards with labels and exact per-channel "
+                       "statistics. Re-running resumes: finished shards are kept. Works under torchrun.")
+    p.add_argument("--fae", help="FAE bundle (e.g. runs/fae/fae); its recorded frozen encoder is used")
+    p.add_argument("--data", required=True, help="YAML with a data: section (e.g. the FAE training config) or "
+                   "DataConfig fields")
+    p.add_argument("--encoder", help="YAML with an encoder: section; default: the encoder the FAE bundle records")
+    p.add_argument("--split", help="data split (default: the config's)")
+    p.add_argument("--feature-cache", help="a feature cache file of the same encoder and data (e.g. stage 1's, under "
+                   "runs/feature_cache/): its features are used instead of running the encoder")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--source", choices=["fae", "raw_features"], default="fae",
+                   help="fae: FAE posterior means; raw_features: the frozen encoder's features as (D, h, w)")
+    p.add_argument("--no-flip", action="store_true", help="do not store latents of flipped images")
+    p.add_argument("--store-std", action="store_true", help="also store the posterior std (sample at train time)")
+    p.add_argument("--shard-size", type=int, default=10000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="data overrides key=value, e.g. limit=1000 image_size=32")
+    p.set_defaults(func=_cmd_encode)
+
+    p = sub.add_parser("sample", help="generate images with a trained DiT",
+                       description="Sample latents with a DiT generator, decode them to pixels and write a labelled "
+                       "grid.png, images/*.png and samples.npz (arr_0: uint8 NHWC, for the ADM evaluator). Under "
+                       "torchrun the work is split across processes with identical results.")
+    p.add_argument("--dit", required=True, help="DiT bundle or `fae train dit` run folder (newest EMA if unfinished)")
+    p.add_argument("--fae", help="FAE pipeline bundle (with pixel decoder) or stage-1 FAE bundle; default: the one "
+                   "the latents were encoded with")
+    p.add_argument("--pixel-decoder", help="pixel decoder bundle (when --fae has none, or for raw-feature latents)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("-n", "--num-samples", type=int, default=100)
+    p.add_argument("--labels", default="equal", help="equal (sample i gets class i mod K) | random | ids like 0,3,7")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=["auto", "euler", "heun", "euler_maruyama"], default="auto",
+                   help="auto: Euler-Maruyama SDE without guidance, Euler ODE with it (the paper's protocol)")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--guidance", default="none", help="none | paper (0.9 on t in [0.9,1], 2.5 on [0,0.7]) | a scale "
+                   "for all t | 't_min-t_max:scale,...'")
+    p.add_argument("--guidance-channels", type=int, default=None,
+                   help="guide only the first N channels (3 = the DiT/SiT code's legacy behaviour); default all")
+    p.add_argument("--time-shift", type=float, default=None, help="the paper's s; default: the training value")
+    p.add_argument("--cfg-batch", choices=["concat", "separate"], default="concat",
+                   help="run conditional/unconditional as one batch or two calls")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="model precision (bf16 autocast)")
+    p.add_argument("--per-row", type=int, default=10, help="samples per class row in grid.png")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-grid", action="store_true")
+    p.add_argument("--no-pngs", action="store_true")
+    p.add_argument("--no-npz", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_sample)

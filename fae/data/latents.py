@@ -1,0 +1,446 @@
+"""Latent cache: a data set encoded once (frozen encoder + FAE encoder) for training generators.
+
+Layout of a cache folder:
+
+    cache.json                 manifest: source, shapes, shards and counts, FAE/encoder references, data signature
+    shard-00000.safetensors    "latents" (n,C,h,w), "latents_flip" (latents of the h-flipped images), "labels" (n,)
+                               and, with `store_std`, "std" / "std_flip" (the posterior std, to sample at train time)
+    stats.safetensors          per-channel "mean" / "std" (float64) and the recipe in its metadata
+
+Latents are the FAE posterior mean by default. `source="raw_features"` stores the frozen encoder's features
+reshaped to (D, h, w) instead (the "diffusion directly on encoder features" baseline of the paper's Table 5).
+
+Statistics are exact and deterministic: two passes in float64 (mean, then the mean squared deviation) over every
+stored latent (plain and flipped) in shard order, with NumPy's pairwise summation over fixed 1024-row chunks, so
+re-running on the same inputs gives byte-identical statistics. `LatentDataset` opens shards memory-mapped, picks
+the flip from the trainer's (index, seed) key and normalises with the stored statistics.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from fae import distributed as D
+from fae.checkpoint import atomic_save_safetensors, atomic_write_text
+from fae.data import check_index, flip_coin, split_key
+
+CACHE_FORMAT = "fae-latent-cache-v1"
+MANIFEST = "cache.json"
+STATS = "stats.safetensors"
+STATS_RECIPE = ("per-channel mean and population std over every stored latent (plain and flipped) and position, "
+                "two passes in float64 (mean, then mean squared deviation), shards in order, NumPy pairwise sums "
+                "over 1024-row chunks")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CHUNK = 1024
+
+Source = Literal["fae", "raw_features"]
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+@dataclass
+class EncodeOptions:
+    source: Source = "fae"
+    flip: bool = True                 # also store the latents of the horizontally flipped images
+    store_std: bool = False           # also store the posterior std (source=fae only)
+    shard_size: int = 10000
+    batch_size: int = 256
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ValueError("shard_size and batch_size must be positive")
+        if self.store_std and self.source != "fae":
+            raise ValueError("store_std needs source=fae (raw features have no posterior)")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
+
+
+def _dataset_signature(dataset: Dataset) -> dict[str, Any]:
+    sig = getattr(dataset, "signature", None)
+    return sig() if callable(sig) else {"class": type(dataset).__name__, "length": len(dataset)}  # type: ignore[arg-type]
+
+
+LatentFn = Callable[[dict[str, torch.Tensor], bool], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+def make_latent_fn(encoder: Callable[[torch.Tensor], torch.Tensor] | None, fae: Any | None, source: Source,
+                   grid: tuple[int, int], store_std: bool = False) -> LatentFn:
+    """(batch, flipped) -> (latents (B,C,h,w), posterior std or None). The batch holds "image" (B,3,H,W) in [0,1],
+    or cached encoder features "features" / "features_flip" (B,N,D), which then skip the encoder."""
+
+    @torch.no_grad()
+    def fn(batch: dict[str, torch.Tensor], flipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = "features_flip" if flipped else "features"
+        if key in batch:
+            features = batch[key].float()
+        else:
+            if encoder is None:
+                raise ValueError("no encoder and no cached features in the batch")
+            images = batch["image"]
+            features = encoder(images.flip(-1) if flipped else images).float()
+        if source == "raw_features":
+            b, n, d = features.shape
+            return features.transpose(1, 2).reshape(b, d, *grid), None
+        posterior = fae.encode(features)
+        return posterior.mean.float(), (posterior.std.float() if store_std else None)
+
+    return fn
+
+
+class _CachedFeatureRows(Dataset):
+    """Items {"features", "features_flip"?, "label"} from a feature cache (fae.data.features) of `base`."""
+
+    def __init__(self, base: Dataset, cache: Any, flips: bool) -> None:
+        self.base, self.cache, self.flips = base, cache, flips
+        self.class_names = getattr(base, "class_names", None)
+        self.num_classes = getattr(base, "num_classes", 0)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def _label(self, index: int) -> Any:
+        labels, samples = getattr(self.base, "labels", None), getattr(self.base, "samples", None)
+        if isinstance(labels, torch.Tensor):      # FashionMNIST
+            return labels[index]
+        if isinstance(samples, list):             # ImageFolderDataset: (path, label); no image decoding
+            return samples[index][1]
+        return self.base[index]["label"]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        label = self._label(index)
+        item = {"features": self.cache.get(index), "label": torch.as_tensor(label, dtype=torch.long)}
+        if self.flips:
+            item["features_flip"] = self.cache.get(index, flipped=True)
+        return item
+
+    def signature(self) -> dict[str, Any]:
+        return _dataset_signature(self.base)
+
+
+@torch.no_grad()
+def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
+                   out_dir: str | Path, options: EncodeOptions | None = None, device: torch.device | str = "cpu",
+                   record: dict[str, Any] | None = None, progress: bool = True) -> Path:
+    """Encode every item of `dataset` (integer keys: no augmentation) into shards under `out_dir`, then compute the
+    statistics and write the manifest. Shards already written by an interrupted run with the same settings are
+    kept. Under torchrun each process encodes shards rank, rank + W, ...; rank 0 writes statistics and manifest.
+
+    `record` is stored in the manifest (e.g. the FAE bundle and encoder references).
+    """
+    from tqdm.auto import tqdm
+
+    opts = options or EncodeOptions()
+    opts.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError("cannot encode an empty data set")
+    num_shards = math.ceil(n / opts.shard_size)
+    signature = json.dumps({"data": _dataset_signature(dataset), "record": record or {},
+                            "options": {k: v for k, v in opts.__dict__.items() if k != "num_workers"}}, sort_keys=True)
+    rank, world = D.rank(), D.world_size()
+    dtype = _DTYPES[opts.dtype]
+    mine = [s for s in range(num_shards) if s % world == rank]
+    bar = tqdm(total=sum(min(opts.shard_size, n - s * opts.shard_size) for s in mine), desc=f"encode -> {out.name}",
+               disable=not (progress and rank == 0), dynamic_ncols=True)
+    for s in mine:
+        lo, hi = s * opts.shard_size, min(n, (s + 1) * opts.shard_size)
+        path = out / shard_name(s)
+        if _shard_done(path, signature, hi - lo):
+            bar.update(hi - lo)
+            continue
+        parts: dict[str, list[torch.Tensor]] = {}
+        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=opts.batch_size, shuffle=False,
+                            num_workers=opts.num_workers)
+        for batch in loader:
+            labels = batch.pop("label")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            z, std = latent_fn(batch, False)
+            parts.setdefault("latents", []).append(z.to(dtype).cpu())
+            parts.setdefault("labels", []).append(labels.long().cpu())
+            if std is not None:
+                parts.setdefault("std", []).append(std.to(dtype).cpu())
+            if opts.flip:
+                zf, stdf = latent_fn(batch, True)
+                parts.setdefault("latents_flip", []).append(zf.to(dtype).cpu())
+                if stdf is not None:
+                    parts.setdefault("std_flip", []).append(stdf.to(dtype).cpu())
+            bar.update(len(labels))
+        tensors = {k: torch.cat(v) for k, v in parts.items()}
+        atomic_save_safetensors(tensors, path, metadata={"format": CACHE_FORMAT, "signature": signature,
+                                                         "count": str(hi - lo), "start": str(lo)})
+    bar.close()
+    D.barrier()
+    if rank == 0:
+        write_manifest(out, signature, num_shards, opts, record or {}, _dataset_signature(dataset), dataset)
+    D.barrier()
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None, encoder: Any | None = None,
+                   split: str | None = None, options: EncodeOptions | None = None, device: str = "auto",
+                   progress: bool = True, feature_cache: str | Path | None = None) -> Path:
+    """`fae encode`: the data set of `data` (a DataConfig or a Dataset) through the frozen encoder and the FAE
+    bundle `fae` into a latent cache at `out_dir`.
+
+    The frozen encoder is the one the FAE bundle records, unless `encoder` (an EncoderConfig or a FrozenEncoder)
+    is given. With `options.source="raw_features"` no FAE is used (but its bundle may still name the encoder).
+    `feature_cache`: a feature cache of the same encoder and data set (fae.data.features, e.g. the one stage 1
+    wrote); its features are used instead of running the encoder again.
+    """
+    from fae.checkpoint import WEIGHTS_NAME, read_bundle_config, resolve_pretrained
+    from fae.encoders import EncoderConfig, FrozenEncoder
+
+    opts = options or EncodeOptions()
+    opts.validate()
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if D.is_distributed() and dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    record: dict[str, Any] = {"fae": None}
+    fae_model = None
+    if fae is not None:
+        from fae.autoencoder import FeatureAutoEncoder
+
+        bundle = resolve_pretrained(fae)
+        bundle_record = read_bundle_config(bundle)
+        record["fae"] = {"path": str(Path(bundle).resolve()), "weights_sha256": file_sha256(bundle / WEIGHTS_NAME)}
+        if opts.source == "fae":
+            fae_model = FeatureAutoEncoder.from_pretrained(bundle).to(dev).eval()
+        if encoder is None:
+            if "encoder" not in bundle_record:
+                raise ValueError(f"{bundle}: the FAE bundle records no frozen encoder; pass one with --encoder")
+            encoder = EncoderConfig(**bundle_record["encoder"])
+    elif opts.source == "fae":
+        raise ValueError("source=fae needs the FAE bundle (--fae); for raw encoder features use source=raw_features")
+    if encoder is None:
+        raise ValueError("no frozen encoder: pass --encoder (a config) or an FAE bundle that records one")
+    if isinstance(encoder, EncoderConfig):
+        encoder = FrozenEncoder.from_config(encoder)
+    encoder = encoder.to(dev).eval()
+    if fae_model is not None and (tuple(fae_model.config.grid) != tuple(encoder.grid)
+                                  or fae_model.config.feature_dim != encoder.dim):
+        raise ValueError(f"the FAE bundle expects {list(fae_model.config.grid)} x {fae_model.config.feature_dim} "
+                         f"features, the encoder gives {list(encoder.grid)} x {encoder.dim}")
+    record["encoder"] = encoder.reference()
+    if isinstance(data, Dataset):
+        dataset = data
+    else:
+        from fae.data import build_dataset
+
+        dataset = build_dataset(data, split)
+    if feature_cache is not None:
+        from fae.data.features import FeatureCache, dataset_signature
+
+        cache = FeatureCache(feature_cache)
+        if cache.metadata.get("dataset") != json.dumps(dataset_signature(dataset), sort_keys=True):
+            raise ValueError(f"feature cache {feature_cache} was built for another data set than the one to encode")
+        differs = [k for k, v in encoder.reference().items() if cache.encoder.get(k) != v]
+        if differs:
+            raise ValueError(f"feature cache {feature_cache} was built with another encoder (differs in {differs})")
+        if opts.flip and not cache.has_flips:
+            raise ValueError(f"feature cache {feature_cache} holds no flipped features; encode with --no-flip or "
+                             "without the cache")
+        dataset = _CachedFeatureRows(dataset, cache, opts.flip)
+    latent_fn = make_latent_fn(encoder, fae_model, opts.source, tuple(encoder.grid), opts.store_std)
+    return encode_dataset(latent_fn, dataset, out_dir, opts, dev, record, progress)
+
+
+def _shard_done(path: Path, signature: str, count: int) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        return False
+    return meta.get("signature") == signature and meta.get("count") == str(count)
+
+
+def write_manifest(out: Path, signature: str, num_shards: int, opts: EncodeOptions, record: dict[str, Any],
+                   data_signature: dict[str, Any], dataset: Dataset | None = None) -> None:
+    shards, shape, labels = [], None, []
+    for s in range(num_shards):
+        with safe_open(str(out / shard_name(s)), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("signature") != signature:
+                raise RuntimeError(f"{out / shard_name(s)} belongs to another encoding run")
+            shape = list(f.get_slice("latents").get_shape())
+            labels.append(f.get_tensor("labels"))
+            shards.append({"file": shard_name(s), "count": shape[0]})
+    assert shape is not None
+    all_labels = torch.cat(labels)
+    mean, std = compute_stats(out, [s["file"] for s in shards], flip=opts.flip)
+    # one metadata key: safetensors writes metadata from a hash map, whose order would differ between runs
+    atomic_save_safetensors({"mean": mean, "std": std}, out / STATS, metadata={"recipe": json.dumps(
+        {"recipe": STATS_RECIPE, "items": int(all_labels.numel()), "flip": opts.flip}, sort_keys=True)})
+    class_names = getattr(dataset, "class_names", None) or getattr(dataset, "classes", None)
+    manifest = {
+        "format": CACHE_FORMAT,
+        "source": opts.source,
+        "num_items": int(all_labels.numel()),
+        "channels": shape[1],
+        "grid": shape[2:],
+        "dtype": opts.dtype,
+        "flip": opts.flip,
+        "has_std": opts.store_std,
+        "num_classes": int(getattr(dataset, "num_classes", 0) or int(all_labels.max()) + 1),
+        "class_names": list(class_names) if class_names is not None else None,
+        "shards": shards,
+        "stats": {"file": STATS, "recipe": STATS_RECIPE},
+        "data": data_signature,
+        **record,
+    }
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+
+
+def compute_stats(cache_dir: str | Path, files: list[str], flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-channel mean and population std (float64) over all stored latents; see STATS_RECIPE."""
+    keys = ["latents", "latents_flip"] if flip else ["latents"]
+
+    def chunks():
+        for name in files:
+            with safe_open(str(Path(cache_dir) / name), framework="pt") as f:
+                for key in keys:
+                    sl = f.get_slice(key)
+                    rows = sl.get_shape()[0]
+                    for lo in range(0, rows, _CHUNK):
+                        x = sl[lo:min(rows, lo + _CHUNK)].float().numpy().astype(np.float64)
+                        yield np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)  # (C, rows*h*w)
+
+    total, count = None, 0
+    for x in chunks():
+        s = x.sum(axis=1)
+        total = s if total is None else total + s
+        count += x.shape[1]
+    mean = total / count
+    ss = None
+    for x in chunks():
+        d = ((x - mean[:, None]) ** 2).sum(axis=1)
+        ss = d if ss is None else ss + d
+    std = np.sqrt(ss / count)
+    return torch.from_numpy(mean), torch.from_numpy(std)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+class LatentCache:
+    """A cache folder: manifest, statistics, and row access by global index."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{self.path} is not a latent cache ({MANIFEST} missing); create it with "
+                                    f"`fae encode`")
+        self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        if self.manifest.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{manifest}: unknown cache format {self.manifest.get('format')!r}")
+        stats = self.path / STATS
+        with safe_open(str(stats), framework="pt") as f:
+            self.mean64, self.std64 = f.get_tensor("mean"), f.get_tensor("std")
+        self.counts = [s["count"] for s in self.manifest["shards"]]
+        self.offsets = np.cumsum([0] + self.counts)
+        self._files: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.manifest["channels"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.manifest["grid"])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    def stats(self) -> dict[str, list[float]]:
+        """Per-channel statistics as plain lists (stored in generator bundles)."""
+        return {"mean": self.mean64.tolist(), "std": self.std64.tolist()}
+
+    def _file(self, shard: int) -> Any:
+        if shard not in self._files:
+            self._files[shard] = safe_open(str(self.path / self.manifest["shards"][shard]["file"]), framework="pt")
+        return self._files[shard]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        index = check_index(index, len(self), str(self.path))
+        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return shard, index - int(self.offsets[shard])
+
+    def row(self, index: int, key: str) -> torch.Tensor:
+        shard, i = self.locate(index)
+        return self._file(shard).get_slice(key)[i:i + 1][0]
+
+    def labels(self) -> torch.Tensor:
+        return torch.cat([self._file(s).get_tensor("labels") for s in range(len(self.counts))])
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own handles
+        return {**self.__dict__, "_files": {}}
+
+
+def normalize(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(z - mean) / std per channel; mean/std are (C,), z is (..., C, h, w)."""
+    return (z - mean.to(z).view(-1, 1, 1)) / (std.to(z).view(-1, 1, 1) + eps)
+
+
+def denormalize(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    return z * (std.to(z).view(-1, 1, 1) + eps) + mean.to(z).view(-1, 1, 1)
+
+
+class LatentDataset(Dataset):
+    """Items {"latent": (C,h,w) float32 normalised, "label": int64}. With an (index, seed) key the seed's coin picks
+    the flipped latent (`flip_coin`, as every fae data set); with `sample_posterior` the seed also draws
+    z = mean + std * n from the stored posterior std."""
+
+    def __init__(self, cache: LatentCache | str | Path, hflip: bool = True, normalize: bool = True,
+                 sample_posterior: bool = False) -> None:
+        self.cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
+        if hflip and not self.cache.manifest["flip"]:
+            raise ValueError(f"{self.cache.path} holds no flipped latents; re-encode with flip, or set hflip=False")
+        if sample_posterior and not self.cache.manifest["has_std"]:
+            raise ValueError(f"{self.cache.path} holds no posterior std; re-encode with --store-std, or set "
+                             "sample_posterior=False")
+        self.hflip, self.normalize, self.sample_posterior = hflip, normalize, sample_posterior
+        self.mean, self.std = self.cache.mean64.float(), self.cache.std64.float()
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, key: Any) -> dict[str, torch.Tensor]:
+        index, generator = split_key(key)
+        flipped = self.hflip and flip_coin(generator)
+        suffix = "_flip" if flipped else ""
+        z = self.cache.row(index, "latents" + suffix).float()
+        if self.sample_posterior:
+            std = self.cache.row(index, "std" + suffix).float()
+            z = z + std * torch.randn(z.shape, generator=generator)
+        if self.normalize:
+            z = normalize(z, self.mean, self.std)
+        return {"latent": z, "label": self.cache.row(index, "labels").long()}

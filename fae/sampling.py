@@ -1,0 +1,354 @@
+"""Sampling images from a trained generator: DiT bundle + FAE (+ pixel decoder) -> grid PNG, PNGs, ADM `.npz`.
+
+    gen = load_generator("runs/dit")                        # bundle, run folder, or unfinished run (newest EMA)
+    decode = load_decoder(gen, fae="runs/pixel-decoder-ft/fae_pipeline")
+    result = generate(gen, decode, num_samples=100, seed=0, sampler=SamplerConfig(guidance=GuidanceSchedule.paper()))
+    write_samples("samples/", result, gen.class_names)
+
+Reproducibility: sample i's starting noise (and SDE noise) comes from its own generator seeded by (seed, i), and
+samples are processed in fixed chunks of `batch_size` consecutive indices, chunk k on process k mod W. So a run
+gives the same images with 1 or N processes (torchrun), and any sample can be regenerated alone.
+Labels: `equal` gives sample i the class i mod K (so N = multiple of K is exactly balanced, RAE's default for FID);
+`random` draws them from the seed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from fae import distributed as D
+from fae.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text, read_bundle_config
+from fae.config import ConfigError, to_dict
+from fae.data.latents import denormalize, file_sha256
+from fae.dit import DiT
+from fae.transport import GuidedVelocity, SamplerConfig, initial_noise, sample, sample_generators
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Generator:
+    model: DiT
+    mean: torch.Tensor                  # per-channel latent statistics (C,)
+    std: torch.Tensor
+    time_shift: float
+    record: dict[str, Any]
+    source: str = "bundle"
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.record.get("class_names")
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_classes
+
+
+def _find_bundle(path: Path, names: Sequence[str], cls: str | None = None) -> Path | None:
+    """`path` itself when it is a bundle (of class `cls`), else the first `path/<name>` that is one."""
+    for p in [path, *(path / n for n in names)]:
+        if (p / CONFIG_NAME).is_file():
+            if cls is None or read_bundle_config(p).get("class") == cls:
+                return p
+    return None
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
+    """A DiT bundle (`<run>/dit`), a run folder holding one, or an unfinished run folder: then the newest
+    checkpoint's EMA weights with the run's config.yaml."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"generator {path}: no such folder")
+    bundle = _find_bundle(path, ["dit"], cls="DiT")
+    if bundle is not None:
+        model = DiT.from_pretrained(bundle, map_location=device)
+        record = read_bundle_config(bundle)
+        source = str(bundle)
+    else:
+        model, record, source = _from_checkpoint(path, device)
+    if "latent_stats" not in record:
+        raise ConfigError(f"{source}: the generator records no latent statistics; export it with `fae train dit`")
+    stats = record["latent_stats"]
+    return Generator(model.eval(), torch.tensor(stats["mean"], dtype=torch.float32, device=device),
+                     torch.tensor(stats["std"], dtype=torch.float32, device=device),
+                     float(record.get("transport", {}).get("time_shift", 1.0)), record, source)
+
+
+def _from_checkpoint(run: Path, device: str | torch.device) -> tuple[DiT, dict[str, Any], str]:
+    from safetensors.torch import load_file
+
+    from fae.data.latents import LatentCache
+    from fae.stages import load_stage_config
+    from fae.stages.dit import generator_record
+    from fae.training import checkpoint_dirs
+
+    ckpts = checkpoint_dirs(run)
+    if not ckpts or not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is neither a DiT bundle nor a `fae train dit` run folder with checkpoints")
+    name, cfg = load_stage_config(run / "config.yaml", stage="dit")
+    model = DiT(cfg.model)
+    weights = ckpts[-1] / "model.ema.safetensors"
+    if not weights.is_file():
+        weights = ckpts[-1] / "model.safetensors"
+    model.load_state_dict(load_file(str(weights), device=str(device)))
+    return model.to(device), generator_record(cfg, LatentCache(cfg.latents)), str(weights)
+
+
+def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: str | Path | None = None,
+                 device: str | torch.device = "cpu") -> Decoder:
+    """Latents (B,C,h,w) in the generator's space (de-normalised) -> images (B,3,H,W) in [0,1].
+
+    FAE latents: `fae` is an FAE pipeline bundle (with its pixel decoder), or a stage-1 FAE bundle plus
+    `pixel_decoder`; by default the FAE bundle the latent cache was encoded with. Raw-feature latents: the features
+    go straight into `pixel_decoder`.
+    """
+    from fae.pipeline import FAE
+    from fae.pixel_decoder import PixelDecoder
+
+    latents = gen.record.get("latents", {})
+    if latents.get("source") == "raw_features":
+        if pixel_decoder is None:
+            raise ConfigError("these latents are raw encoder features: pass the pixel decoder bundle "
+                              "(--pixel-decoder), e.g. <pixel-decoder run>/pixel_decoder")
+        pd_path = _find_bundle(Path(pixel_decoder), ["pixel_decoder"], cls="PixelDecoder") or Path(pixel_decoder)
+        pd = PixelDecoder.from_pretrained(pd_path, map_location=device).eval()
+        return lambda z: pd.decode(z.flatten(2).transpose(1, 2))
+    if fae is None:
+        fae = (latents.get("fae") or {}).get("path")
+        if fae is None:
+            raise ConfigError("the generator does not record its FAE bundle; pass --fae")
+    fae_path = Path(fae)
+    pipeline_path = _find_bundle(fae_path, ["fae_pipeline"], cls="FAE")
+    if pipeline_path is not None and pixel_decoder is None:
+        pipe = FAE.from_pretrained(pipeline_path, map_location=device)
+    else:
+        fae_bundle = _find_bundle(fae_path, ["fae"], cls="FeatureAutoEncoder")
+        if fae_bundle is None:
+            raise FileNotFoundError(f"{fae_path}: no FAE bundle (config.json of a FeatureAutoEncoder or an FAE "
+                                    "pipeline) here or in its fae/ sub-folder")
+        if pixel_decoder is None:
+            raise ConfigError(f"{fae_bundle} is a stage-1 FAE bundle without a pixel decoder: pass --pixel-decoder "
+                              "<bundle> (train one with `fae train pixel-decoder`), or --fae an fae_pipeline bundle")
+        pd_path = _find_bundle(Path(pixel_decoder), ["pixel_decoder"], cls="PixelDecoder") or Path(pixel_decoder)
+        pipe = FAE.from_parts(fae_bundle, pd_path, map_location=device)
+    expected = latents.get("fae") or {}
+    if expected.get("weights_sha256"):
+        actual_dir = pipeline_path / "fae" if pipeline_path is not None and pixel_decoder is None else fae_bundle
+        if file_sha256(Path(actual_dir) / WEIGHTS_NAME) != expected["weights_sha256"]:
+            warnings.warn(f"the FAE weights in {actual_dir} differ from those the latents were encoded with "
+                          f"({expected.get('path')}); samples will decode wrongly if the latent spaces differ",
+                          stacklevel=2)
+    return pipe.decode_to_pixels
+
+
+# --------------------------------------------------------------------------------------------------- generation
+def make_labels(spec: str | Sequence[int], num_samples: int, num_classes: int, seed: int) -> torch.Tensor | None:
+    """`equal`: i mod K; `random`: uniform from the seed; or explicit class ids (repeated to num_samples)."""
+    if num_classes == 0:
+        return None
+    if isinstance(spec, str):
+        if spec == "equal":
+            return torch.arange(num_samples) % num_classes
+        if spec == "random":
+            return torch.randint(num_classes, (num_samples,), generator=torch.Generator().manual_seed(seed))
+        try:
+            spec = [int(s) for s in spec.split(",")]
+        except ValueError:
+            raise ConfigError(f"labels must be 'equal', 'random' or comma-separated class ids, got {spec!r}") from None
+    ids = torch.tensor(list(spec), dtype=torch.long)
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= num_classes:
+        raise ConfigError(f"class ids must lie in [0, {num_classes - 1}], got {list(spec)}")
+    return ids.repeat(math.ceil(num_samples / ids.numel()))[:num_samples]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B,3,H,W) float in [0,1] -> (B,H,W,3) uint8, rounded."""
+    return (images.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@dataclass
+class Samples:
+    images: np.ndarray                  # (N,H,W,3) uint8, in sample-index order
+    labels: np.ndarray | None           # (N,) int64
+    indices: np.ndarray                 # (N,) the global sample indices these rows hold
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, labels: str | Sequence[int] = "equal",
+             sampler: SamplerConfig | None = None, batch_size: int = 64, device: str | torch.device = "cpu",
+             progress: bool = True, gather: bool = True, precision: str = "fp32") -> Samples:
+    """Generate `num_samples` images. Under torchrun each process takes chunks k = rank, rank + W, ... and, with
+    `gather`, rank 0 returns all of them in index order (other ranks return their own part).
+    `precision="bf16"` runs the model under bf16 autocast; the integration itself stays float32."""
+    import contextlib
+
+    from tqdm.auto import tqdm
+
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision must be fp32 or bf16, got {precision!r}")
+
+    sampler = sampler or SamplerConfig()
+    sampler.validate()
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError("num_samples and batch_size must be positive")
+    model = gen.model.eval()
+    cfg = model.config
+    ys = make_labels(labels, num_samples, cfg.num_classes, seed)
+    if sampler.guidance.active and ys is None:
+        raise ConfigError("guidance needs a class-conditional model")
+    if sampler.guidance.active and cfg.class_dropout == 0:
+        raise ConfigError("this model was trained without label dropout (class_dropout=0): it has no unconditional "
+                          "branch for classifier-free guidance; sample with guidance 'none'")
+    velocity = GuidedVelocity(model, sampler.guidance, batch=sampler.cfg_batch)
+    rank, world = D.rank(), D.world_size()
+    chunks = [range(k * batch_size, min(num_samples, (k + 1) * batch_size))
+              for k in range(math.ceil(num_samples / batch_size))]
+    mine = chunks[rank::world]
+    images, indices = [], []
+    bar = tqdm(total=sum(len(c) for c in mine), desc="sample", disable=not (progress and rank == 0),
+               dynamic_ncols=True)
+    c, (h, w) = cfg.in_channels, cfg.input_size
+    for chunk in mine:
+        idx = list(chunk)
+        gens = sample_generators(seed, idx)
+        noise = initial_noise((len(idx), c, h, w), gens, device)
+        y = ys[idx].to(device) if ys is not None else None
+        amp = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16"
+               else contextlib.nullcontext())
+        with amp:
+            x0 = sample(velocity, noise, y, sampler, time_shift=gen.time_shift, generators=gens)
+            images.append(to_uint8(decode(denormalize(x0.float(), gen.mean, gen.std))))
+        indices.extend(idx)
+        bar.update(len(idx))
+    bar.close()
+    settings = {"num_samples": num_samples, "seed": seed, "labels": labels if isinstance(labels, str) else list(labels),
+                "batch_size": batch_size, "precision": precision, "sampler": to_dict(sampler),
+                "time_shift": sampler.time_shift if sampler.time_shift is not None else gen.time_shift,
+                "generator": gen.source}
+    part = Samples(np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8),
+                   ys[indices].numpy() if ys is not None else None, np.asarray(indices, dtype=np.int64), settings)
+    if world == 1 or not gather:
+        return part
+    parts = D.all_gather_objects(part)
+    if rank != 0:
+        return part
+    parts = [p for p in parts if len(p.indices)]
+    order = np.argsort(np.concatenate([p.indices for p in parts]), kind="stable")
+    return Samples(np.concatenate([p.images for p in parts])[order],
+                   np.concatenate([p.labels for p in parts])[order] if ys is not None else None,
+                   np.concatenate([p.indices for p in parts])[order], settings)
+
+
+# --------------------------------------------------------------------------------------------------- outputs
+def image_grid(images: np.ndarray, labels: np.ndarray | None, class_names: Sequence[str] | None = None,
+               per_row: int = 10, max_rows: int = 20):
+    """A PIL grid: one row per class (its name on the left) with up to `per_row` samples; unlabelled samples fill
+    rows in order."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = images.shape[1:3]
+    if labels is None:
+        rows = [(None, list(range(i, min(len(images), i + per_row)))) for i in range(0, len(images), per_row)]
+    else:
+        rows = [(int(k), [int(i) for i in np.flatnonzero(labels == k)[:per_row]]) for k in np.unique(labels)]
+    rows = rows[:max_rows]
+    font = ImageFont.load_default()
+    names = [("" if k is None else (class_names[k] if class_names and k < len(class_names) else f"class {k}"))
+             for k, _ in rows]
+    label_w = 0 if labels is None else 8 + max(int(font.getlength(n)) for n in names)
+    pad = 2
+    canvas = Image.new("RGB", (label_w + per_row * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, ((k, idx), name) in enumerate(zip(rows, names)):
+        y = pad + r * (h + pad)
+        if name:
+            draw.text((4, y + h // 2), name, fill="black", font=font, anchor="lm")
+        for c, i in enumerate(idx):
+            canvas.paste(Image.fromarray(images[i]), (label_w + pad + c * (w + pad), y))
+    return canvas
+
+
+def write_samples(out_dir: str | Path, samples: Samples, class_names: Sequence[str] | None = None,
+                  grid: bool = True, pngs: bool = True, npz: bool = True, per_row: int = 10,
+                  manifest: bool = True) -> dict[str, str]:
+    """`grid.png` (labelled), `images/000000.png` ..., `samples.npz` (arr_0: uint8 NHWC, as the ADM evaluator
+    reads; `labels`), and `samples.json` with the settings. Returns the written paths."""
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    if npz:
+        arrays = {"arr_0": samples.images}
+        if samples.labels is not None:
+            arrays["labels"] = samples.labels
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        atomic_write(out / "samples.npz", save)
+        written["npz"] = str(out / "samples.npz")
+    if pngs:
+        (out / "images").mkdir(exist_ok=True)
+        for i, img in zip(samples.indices, samples.images):
+            Image.fromarray(img).save(out / "images" / f"{int(i):06d}.png")
+        written["pngs"] = str(out / "images")
+    if grid and len(samples.images):
+        image_grid(samples.images, samples.labels, class_names, per_row=per_row).save(out / "grid.png")
+        written["grid"] = str(out / "grid.png")
+    if manifest:
+        meta = {**samples.settings, "class_names": list(class_names) if class_names else None, "outputs": written}
+        atomic_write_text(out / "samples.json", json.dumps(meta, indent=2))
+    return written
+
+
+def sample_to_dir(gen: Generator, decode: Decoder, out_dir: str | Path, num_samples: int, seed: int = 0,
+                  labels: str | Sequence[int] = "equal", sampler: SamplerConfig | None = None, batch_size: int = 64,
+                  device: str | torch.device = "cpu", progress: bool = True, grid: bool = True, pngs: bool = True,
+                  npz: bool = True, per_row: int = 10, precision: str = "fp32") -> dict[str, str]:
+    """`fae sample`: generate and write the outputs. Under torchrun every process writes its own PNGs and a part
+    file; rank 0 merges the parts in index order into `samples.npz` and the grid (through the disk, not memory
+    gathers, so 50k samples at 256 px work on any backend)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    part = generate(gen, decode, num_samples, seed, labels, sampler, batch_size, device, progress, gather=False,
+                    precision=precision)
+    if D.world_size() == 1:
+        return write_samples(out, part, gen.class_names, grid, pngs, npz, per_row)
+    rank = D.rank()
+    write_samples(out, part, None, grid=False, pngs=pngs, npz=False, manifest=False)
+    part_file = out / f".part-{rank:05d}.npz"
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=part.images, indices=part.indices,
+                     **({"labels": part.labels} if part.labels is not None else {}))
+
+    atomic_write(part_file, save)
+    D.barrier()
+    written: dict[str, str] = {}
+    if rank == 0:
+        files = sorted(out.glob(".part-*.npz"))
+        loaded = [dict(np.load(f)) for f in files]
+        loaded = [p for p in loaded if len(p["indices"])]
+        idx = np.concatenate([p["indices"] for p in loaded])
+        order = np.argsort(idx, kind="stable")
+        merged = Samples(np.concatenate([p["images"] for p in loaded])[order],
+                         np.concatenate([p["labels"] for p in loaded])[order] if "labels" in loaded[0] else None,
+                         idx[order], part.settings)
+        written = write_samples(out, merged, gen.class_names, grid, pngs=False, npz=npz, per_row=per_row)
+        if pngs:
+            written["pngs"] = str(out / "images")
+        for f in files:
+            f.unlink()
+    D.barrier()
+    return written

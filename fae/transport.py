@@ -1,0 +1,310 @@
+"""Flow matching on latents: the path, training times and time shift, the loss, ODE/SDE samplers, guidance.
+
+Convention (design.md, paper App. D): t in [0, 1], t = 0 data, t = 1 noise,
+
+    x_t = (1 - t) x0 + t eps,      the model predicts v = eps - x0  (so dx_t/dt = v).
+
+Sampling integrates from t = 1 (pure noise) down to t = 0.
+
+Time shift. ONE parameter, `time_shift` = s, with the paper's meaning ("timesteps shift = 0.4"): the paper follows
+LightningDiT, whose formula tau' = s tau / (1 + (s - 1) tau) is written on a grid where tau = 0 is noise. With
+t = 1 - tau that is, in our convention,
+
+    t' = t / (s + (1 - s) t)          (= alpha t / (1 + (alpha - 1) t) with alpha = 1/s, RAE's / SD3's form)
+
+s = 1 is the identity; s < 1 moves times toward the noise end (s = 0.4 maps t = 0.5 to 0.714). The same map is
+applied to the training times (unless `shift_in_training` is off) and to the sampling grid.
+
+Reverse SDE (SiT's Euler-Maruyama with diffusion coefficient w_t = sigma_t = t). From v and the path,
+E[eps | x_t] = x_t + (1 - t) v, so the score is s(x, t) = -(x + (1 - t) v) / t. Stepping from t to t - h:
+
+    x <- x - h (v - w_t s) + sqrt(2 w_t h) z = x - h (v + x + (1 - t) v) + sqrt(2 t h) z       (w_t = t)
+
+w_t s has no 1/t, so the step is finite down to t = 0; the last step goes to the mean (no noise), as SiT.
+
+Classifier-free guidance acts on ALL channels (not the 3 of the DiT/SiT/LightningDiT code, a known leftover), with a
+piecewise-constant scale over t; `GuidanceSchedule.paper()` is the main-results schedule.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------- path
+def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t eps, with t of shape (B,)."""
+    t = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1 - t) * x0 + t * eps
+
+
+def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    return eps - x0
+
+
+def shift_time(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """The paper's time shift s (module docstring): t' = t / (s + (1 - s) t). s = 1 is the identity."""
+    if shift <= 0:
+        raise ValueError(f"time_shift must be > 0, got {shift}")
+    if shift == 1.0:
+        return t
+    return t / (shift + (1.0 - shift) * t)
+
+
+def dimension_shift(num_tokens: int, channels: int, base: int = 4096) -> float:
+    """RAE's dimension rule alpha = sqrt(N * C / base), returned as the paper-convention s = 1 / alpha
+    (16x16x32 latents: s = 0.71, near the paper's best 32-d value 0.7 in Table 8)."""
+    return 1.0 / math.sqrt(num_tokens * channels / base)
+
+
+# ------------------------------------------------------------------------------------------------------ training
+@dataclass
+class TransportConfig:
+    time_dist: Literal["uniform", "logit_normal"] = "uniform"
+    logit_normal_mean: float = 0.0     # t = sigmoid(mean + std * n); symmetric around 0.5 when mean = 0
+    logit_normal_std: float = 1.0
+    time_shift: float = 1.0            # the paper's s: 0.4 for the main results, 1.0 = no shift
+    shift_in_training: bool = True     # apply the shift to training times too (RAE; see docs/diffusion.md)
+    cosine_loss_weight: float = 0.0    # LightningDiT adds 1 - cos(v_pred, v) over channels with weight 1
+
+    def validate(self) -> None:
+        if self.time_shift <= 0:
+            raise ValueError(f"time_shift must be > 0 (1.0 = no shift), got {self.time_shift}")
+        if self.logit_normal_std <= 0:
+            raise ValueError("logit_normal_std must be > 0")
+        if self.cosine_loss_weight < 0:
+            raise ValueError("cosine_loss_weight must be >= 0")
+
+
+def sample_time(batch: int, cfg: TransportConfig, generator: torch.Generator | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Training times (B,) in [0, 1], shifted when `cfg.shift_in_training`."""
+    if cfg.time_dist == "uniform":
+        t = torch.rand(batch, generator=generator, device=device)
+    else:
+        n = torch.randn(batch, generator=generator, device=device)
+        t = torch.sigmoid(cfg.logit_normal_mean + cfg.logit_normal_std * n)
+    return shift_time(t, cfg.time_shift) if cfg.shift_in_training else t
+
+
+def flow_matching_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, y: torch.Tensor | None,
+                       cfg: TransportConfig, generator: torch.Generator | None = None,
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """MSE between the predicted and true velocity (mean over elements), plus the optional cosine term."""
+    t = sample_time(x0.shape[0], cfg, generator, x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    target = velocity_target(x0, eps)
+    pred = model(interpolate(x0, eps, t), t, y)
+    mse = (pred.float() - target.float()).pow(2).mean()
+    loss = mse
+    logs = {"mse": mse.item()}
+    if cfg.cosine_loss_weight > 0:
+        cos = 1 - F.cosine_similarity(pred.float(), target.float(), dim=1).mean()
+        loss = loss + cfg.cosine_loss_weight * cos
+        logs["cos_loss"] = cos.item()
+    return loss, logs
+
+
+# ------------------------------------------------------------------------------------------------------ guidance
+@dataclass
+class GuidanceInterval:
+    t_min: float
+    t_max: float
+    scale: float
+
+
+@dataclass
+class GuidanceSchedule:
+    """Piecewise-constant CFG scale over t. The first interval with t_min <= t <= t_max gives the scale; times in no
+    interval get 1.0 (no guidance, and no unconditional pass). `channels=None` guides every channel; 3 reproduces
+    the DiT/SiT/LightningDiT code, which guides only the first three."""
+
+    intervals: list[GuidanceInterval] = field(default_factory=list)
+    channels: int | None = None
+
+    def validate(self) -> None:
+        for iv in self.intervals:
+            if not 0.0 <= iv.t_min <= iv.t_max <= 1.0:
+                raise ValueError(f"guidance interval needs 0 <= t_min <= t_max <= 1, got [{iv.t_min}, {iv.t_max}]")
+        if self.channels is not None and self.channels <= 0:
+            raise ValueError("guidance channels must be positive or null (= all)")
+
+    @classmethod
+    def constant(cls, scale: float, t_min: float = 0.0, t_max: float = 1.0) -> GuidanceSchedule:
+        return cls([GuidanceInterval(t_min, t_max, scale)])
+
+    @classmethod
+    def paper(cls) -> GuidanceSchedule:
+        """Main results (App. D): 0.9 on t in [1, 0.9], 2.5 on [0.7, 0]; the middle value is missing from the
+        paper's text and taken as 1.0, i.e. no interval (fae-paper.md open question 8)."""
+        return cls([GuidanceInterval(0.9, 1.0, 0.9), GuidanceInterval(0.0, 0.7, 2.5)])
+
+    @classmethod
+    def parse(cls, text: str) -> GuidanceSchedule:
+        """'none' | 'paper' | '2.5' (all t) | 't_min-t_max:scale,...' e.g. '0.9-1:0.9,0-0.7:2.5'."""
+        text = text.strip().lower()
+        if text in ("none", "", "1", "1.0"):
+            return cls()
+        if text == "paper":
+            return cls.paper()
+        try:
+            return cls.constant(float(text))
+        except ValueError:
+            pass
+        intervals = []
+        try:
+            for part in text.split(","):
+                span, scale = part.split(":")
+                lo, hi = span.split("-")
+                intervals.append(GuidanceInterval(float(lo), float(hi), float(scale)))
+        except ValueError:
+            raise ValueError(f"cannot read guidance {text!r}; use none, paper, a number, or "
+                             f"'t_min-t_max:scale,...' such as '0.9-1:0.9,0-0.7:2.5'") from None
+        sched = cls(intervals)
+        sched.validate()
+        return sched
+
+    def scale_at(self, t: float) -> float:
+        for iv in self.intervals:
+            if iv.t_min <= t <= iv.t_max:
+                return iv.scale
+        return 1.0
+
+    @property
+    def active(self) -> bool:
+        return any(iv.scale != 1.0 for iv in self.intervals)
+
+
+class GuidedVelocity:
+    """Wraps a class-conditional velocity model `model(x, t, y)` (y=None: unconditional) with CFG.
+
+    `batch="concat"` runs the conditional and unconditional halves as one batch (best on GPU); "separate" runs two
+    calls (on small CPUs two calls were faster at large batch; docs/diffusion.md has the measurement).
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor], guidance: GuidanceSchedule | None = None,
+                 batch: Literal["concat", "separate"] = "concat", null_class: int | None = None) -> None:
+        self.model, self.guidance, self.batch = model, guidance or GuidanceSchedule(), batch
+        if null_class is None:
+            null_class = getattr(getattr(model, "config", None), "null_class", None)
+        self.null_class = null_class
+        if self.guidance.active and self.batch == "concat" and null_class is None:
+            raise ValueError("concat guidance needs the model's null class id; pass null_class=")
+
+    def __call__(self, x: torch.Tensor, t: float, y: torch.Tensor | None) -> torch.Tensor:
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        scale = self.guidance.scale_at(t)
+        if y is None or scale == 1.0:
+            return self.model(x, tt, y)
+        if self.batch == "concat":
+            null = torch.full_like(y, self.null_class)
+            v_cond, v_uncond = self.model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).chunk(2)
+        else:
+            v_cond, v_uncond = self.model(x, tt, y), self.model(x, tt, None)
+        guided = v_uncond + scale * (v_cond - v_uncond)
+        ch = self.guidance.channels
+        if ch is None or ch >= x.shape[1]:
+            return guided
+        return torch.cat([guided[:, :ch], v_cond[:, ch:]], dim=1)  # legacy: the rest stays conditional
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+@dataclass
+class SamplerConfig:
+    method: Literal["euler", "heun", "euler_maruyama"] = "euler"
+    steps: int = 250
+    time_shift: float | None = None    # None: the time_shift the model was trained with (its bundle)
+    diffusion_norm: float = 1.0        # SDE: w_t = diffusion_norm * sigma_t (SiT's "sigma" form)
+    guidance: GuidanceSchedule = field(default_factory=GuidanceSchedule)
+    cfg_batch: Literal["concat", "separate"] = "concat"
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.time_shift is not None and self.time_shift <= 0:
+            raise ValueError("time_shift must be > 0")
+        if self.diffusion_norm < 0:
+            raise ValueError("diffusion_norm must be >= 0")
+        self.guidance.validate()
+
+
+def time_grid(steps: int, shift: float = 1.0) -> list[float]:
+    """steps + 1 times from 1 (noise) to 0 (data): a uniform grid mapped through the time shift."""
+    return [float(shift_time(1.0 - i / steps, shift)) for i in range(steps + 1)]
+
+
+def _noise(shape: Sequence[int], generators: torch.Generator | Sequence[torch.Generator] | None,
+           device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian noise; with one generator per sample, sample i's noise depends only on its own generator, so the
+    result does not depend on how samples are batched or split across processes. Drawn on the CPU (reproducible
+    across devices), then moved."""
+    if generators is None or isinstance(generators, torch.Generator):
+        return torch.randn(tuple(shape), generator=generators).to(device, dtype)
+    if len(generators) != shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators]).to(device, dtype)
+
+
+@torch.no_grad()
+def sample(velocity: VelocityFn, noise: torch.Tensor, y: torch.Tensor | None, cfg: SamplerConfig,
+           time_shift: float = 1.0, generators: torch.Generator | Sequence[torch.Generator] | None = None,
+           progress: bool = False) -> torch.Tensor:
+    """Integrate from x_1 = `noise` at t = 1 to t = 0 and return x_0.
+
+    `velocity(x, t: float, y)` is e.g. a `GuidedVelocity`. `time_shift` is the trained model's s (overridden by
+    `cfg.time_shift`). `generators` feed the SDE noise (one per sample for batch-independent results).
+    """
+    cfg.validate()
+    shift = cfg.time_shift if cfg.time_shift is not None else time_shift
+    ts = time_grid(cfg.steps, shift)
+    x = noise
+    steps = range(cfg.steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"{cfg.method} x{cfg.steps}", leave=False)
+    for i in steps:
+        t, t_next = ts[i], ts[i + 1]
+        h = t - t_next
+        v = velocity(x, t, y)
+        if cfg.method == "euler":
+            x = x - h * v
+        elif cfg.method == "heun":
+            x_pred = x - h * v
+            x = x - h * 0.5 * (v + velocity(x_pred, t_next, y))
+        elif cfg.method == "euler_maruyama":
+            w = cfg.diffusion_norm * t
+            # drift of the reverse SDE: v - w * score, with w * score = -(diffusion_norm) * (x + (1 - t) v)
+            x_mean = x - h * (v + cfg.diffusion_norm * (x + (1 - t) * v))
+            if i == cfg.steps - 1:
+                x = x_mean  # last step to the mean
+            else:
+                x = x_mean + math.sqrt(2 * w * h) * _noise(x.shape, generators, x.device, x.dtype)
+        else:
+            raise ValueError(f"unknown sampler {cfg.method!r} (euler, heun, euler_maruyama)")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- per-sample seeds
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for global sample `index` of a run seeded with `seed` (independent of batching/ranks)."""
+    digest = hashlib.sha256(f"fae-sample:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+
+
+def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x_1 for a batch: one draw of shape[1:] from each sample's generator."""
+    return _noise(shape, list(generators), torch.device(device), dtype)
+

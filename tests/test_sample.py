@@ -1,0 +1,175 @@
+"""End to end on Fashion-MNIST with tiny parts: `fae encode` -> `fae train dit` (resume, EMA) -> `fae sample`
+(outputs, determinism, torchrun split)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fae.autoencoder import FAEConfig, FeatureAutoEncoder
+from fae.checkpoint import read_bundle_config
+from fae.cli import main
+from fae.config import ConfigError
+from fae.data.latents import LatentCache
+from fae.dit import DiT
+from fae.encoders import EncoderConfig, FrozenEncoder, save_tiny_encoder
+from fae.pipeline import FAE
+from fae.pixel_decoder import PixelDecoder, PixelDecoderConfig
+from fae.sampling import image_grid, load_decoder, load_generator, make_labels
+from fae.stages import load_stage_config, train_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    enc_dir = save_tiny_encoder("dinov2", root / "encoder", hidden_size=32, num_layers=1, image_size=16, patch_size=4)
+    encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(enc_dir)))
+    torch.manual_seed(0)
+    fae = FeatureAutoEncoder(FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2,
+                                       encoder_head_dim=8, decoder_depth=1, decoder_heads=2))
+    fae_bundle = fae.save_pretrained(root / "fae", extra={"encoder": encoder.reference()})
+    pd = PixelDecoder(PixelDecoderConfig(in_dim=32, num_tokens=16, patch_size=4, width=32, depth=1, num_heads=2,
+                                         refine_channels=0))
+    pipeline = FAE(encoder, fae, pd).save_pretrained(root / "pipeline")
+    (root / "data.yaml").write_text("data: {kind: fashion_mnist, split: test, image_size: 16, limit: 40}\n")
+    assert main(["encode", "--fae", str(fae_bundle), "--data", str(root / "data.yaml"), "--out", str(root / "cache"),
+                 "--shard-size", "16", "--no-progress"]) == 0
+    cfg = root / "dit.yaml"
+    cfg.write_text(f"""
+stage: dit
+latents: {root / 'cache'}
+model: {{input_size: [4, 4], in_channels: 4, hidden_size: 32, depth: 1, num_heads: 2, num_classes: 10}}
+transport: {{time_shift: 0.5}}
+optim: {{lr: 1.0e-3}}
+train: {{steps: 6, batch_size: 8, checkpoint_every: 3, log_every: 1, ema_decay: 0.9, seed: 1}}
+""")
+    assert main(["train", "dit", "--config", str(cfg), "--out", str(root / "run"), "--no-progress"]) == 0
+    return dict(root=root, fae=fae_bundle, pipeline=pipeline, cfg=cfg, run=root / "run")
+
+
+def test_generator_bundle_records_stats_fae_and_transport(world):
+    bundle = world["run"] / "dit"
+    record = read_bundle_config(bundle)
+    cache = LatentCache(world["root"] / "cache")
+    assert record["latent_stats"] == cache.stats()
+    assert record["latents"]["fae"]["path"] == str(Path(world["fae"]).resolve())
+    assert record["latents"]["source"] == "fae" and record["transport"]["time_shift"] == 0.5
+    assert record["class_names"][9] == "Ankle boot"
+    ema = load_file(str(world["run"] / "checkpoints" / "step_00000006" / "model.ema.safetensors"))
+    exported = load_file(str(bundle / "model.safetensors"))
+    assert all(torch.equal(ema[k], exported[k]) for k in ema)          # the bundle holds the EMA weights
+    raw = load_file(str(world["run"] / "checkpoints" / "step_00000006" / "model.safetensors"))
+    assert not torch.equal(raw["final_layer.linear.weight"], ema["final_layer.linear.weight"])
+    rows = [json.loads(line) for line in (world["run"] / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {"mse", "loss/main", "grad_norm/main"} <= set(rows[0])
+
+
+def test_resume_gives_the_same_weights(world, tmp_path):
+    _, cfg = load_stage_config(world["cfg"])
+    train_stage("dit", cfg, tmp_path / "paused", progress=False, stop_at=3)
+    assert not (tmp_path / "paused" / "dit").exists()
+    train_stage("dit", cfg, tmp_path / "paused", progress=False)
+    for name in ("model.safetensors", "model.ema.safetensors"):
+        a = load_file(str(world["run"] / "checkpoints" / "step_00000006" / name))
+        b = load_file(str(tmp_path / "paused" / "checkpoints" / "step_00000006" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_model_must_match_the_cache(world, tmp_path):
+    with pytest.raises(ConfigError, match=r"set model.in_channels=4"):
+        _, cfg = load_stage_config(world["cfg"], ["model.in_channels=8"])
+        train_stage("dit", cfg, tmp_path / "bad", progress=False)
+
+
+def _sample(world, out: Path, *extra: str) -> np.lib.npyio.NpzFile:
+    args = ["sample", "--dit", str(world["run"]), "--fae", str(world["pipeline"]), "--out", str(out), "-n", "12",
+            "--steps", "4", "--batch-size", "5", "--no-progress", *extra]
+    assert main(args) == 0
+    return np.load(out / "samples.npz")
+
+
+def test_sample_outputs_and_determinism(world, tmp_path):
+    a = _sample(world, tmp_path / "a", "--guidance", "paper")
+    assert a["arr_0"].shape == (12, 16, 16, 3) and a["arr_0"].dtype == np.uint8
+    assert list(a["labels"]) == [i % 10 for i in range(12)]
+    assert (tmp_path / "a" / "grid.png").is_file() and len(list((tmp_path / "a" / "images").glob("*.png"))) == 12
+    meta = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert meta["sampler"]["method"] == "euler" and meta["time_shift"] == 0.5
+    b = _sample(world, tmp_path / "b", "--guidance", "paper")
+    assert np.array_equal(a["arr_0"], b["arr_0"])                     # same seed, same images
+    sde = _sample(world, tmp_path / "sde", "--labels", "random", "--seed", "1")  # auto: SDE without guidance
+    assert json.loads((tmp_path / "sde" / "samples.json").read_text())["sampler"]["method"] == "euler_maruyama"
+    assert sde["labels"].min() >= 0 and sde["labels"].max() < 10 and not np.array_equal(a["arr_0"], sde["arr_0"])
+
+
+def test_torchrun_two_processes_give_the_same_images(world, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    args = ["sample", "--dit", str(world["run"] / "dit"), "--fae", str(world["pipeline"]), "-n", "11", "--steps", "3",
+            "--batch-size", "3", "--guidance", "2.0", "--sampler", "euler_maruyama", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fae.cli"]
+    done = subprocess.run(cmd + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = np.load(tmp_path / "two" / "samples.npz")["arr_0"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0          # one process, here
+    one = np.load(tmp_path / "one" / "samples.npz")["arr_0"]
+    assert one.shape == (11, 16, 16, 3) and np.array_equal(one, two)
+    assert len(list((tmp_path / "two" / "images").glob("*.png"))) == 11
+    assert not list((tmp_path / "two").glob(".part-*"))
+
+
+def test_unfinished_run_and_decoder_errors(world, tmp_path):
+    _, cfg = load_stage_config(world["cfg"])
+    train_stage("dit", cfg, tmp_path / "partial", progress=False, stop_at=3)
+    gen = load_generator(tmp_path / "partial")                          # newest checkpoint's EMA weights
+    ema = load_file(str(tmp_path / "partial" / "checkpoints" / "step_00000003" / "model.ema.safetensors"))
+    assert torch.equal(gen.model.state_dict()["final_layer.linear.weight"], ema["final_layer.linear.weight"])
+    assert gen.time_shift == 0.5 and isinstance(gen.model, DiT)
+    with pytest.raises(ConfigError, match="--pixel-decoder"):
+        load_decoder(gen, fae=world["fae"])                             # a stage-1 bundle has no pixel decoder
+    with pytest.raises(ConfigError, match="--pixel-decoder"):
+        load_decoder(gen)                                               # default: the recorded stage-1 bundle
+    gen.record["latents"]["source"] = "raw_features"
+    with pytest.raises(ConfigError, match="raw encoder features"):
+        load_decoder(gen)
+
+
+def test_labels_and_grid():
+    assert make_labels("equal", 5, 3, 0).tolist() == [0, 1, 2, 0, 1]
+    assert make_labels("2,0", 5, 3, 0).tolist() == [2, 0, 2, 0, 2]
+    assert torch.equal(make_labels("random", 50, 3, 4), make_labels("random", 50, 3, 4))
+    assert make_labels("equal", 4, 0, 0) is None
+    with pytest.raises(ConfigError, match="class ids"):
+        make_labels("5", 2, 3, 0)
+    images = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
+    grid = image_grid(images, np.array([0, 1, 0, 1, 0, 1]), ["shirt", "boot"], per_row=3)
+    assert grid.height == 2 * 10 + 2 and grid.width > 3 * 10
+
+
+def test_class_agreement_classifier(tmp_path):
+    from fae.checkpoint import read_bundle_config
+    from fae.classifier import class_agreement, train_classifier
+    from fae.data import DataConfig, build_dataset
+
+    data = DataConfig(kind="fashion_mnist", image_size=16)
+    clf = train_classifier(data, tmp_path / "clf", epochs=3, width=16, train_limit=3000, progress=False)
+    record = read_bundle_config(tmp_path / "clf")
+    assert record["test_accuracy"] > 0.5                                 # far above chance (0.1) on real test images
+    again = train_classifier(data, tmp_path / "clf", epochs=3, width=16, train_limit=3000, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(clf.state_dict().values(), again.state_dict().values()))
+    test = build_dataset(DataConfig(kind="fashion_mnist", image_size=16, limit=200), "test")
+    images = torch.stack([test[i]["image"] for i in range(200)])
+    labels = torch.stack([test[i]["label"] for i in range(200)])
+    right = class_agreement(clf, images, labels)
+    wrong = class_agreement(clf, (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), (labels + 1) % 10)
+    assert right["agreement"] > 0.5 > wrong["agreement"] and set(right["per_class"]) == set(range(10))
