@@ -4,7 +4,6 @@ x / x̂ / z on Fashion-MNIST with a tiny encoder and FAE bundle."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:only .* samples")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny tensor ops: a second thread only adds synchronisation (80x slower on a busy 2-core machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs single-threaded (see conftest.one_thread)."""
 
 
 def write_images(root: Path, n: int, seed: int, size: int = 16) -> Path:

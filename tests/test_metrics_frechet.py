@@ -1,7 +1,6 @@
 """Fréchet distance: parity with scipy.linalg.sqrtm, exact answers on ill-conditioned cases, clear errors."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,12 +18,8 @@ from fae.metrics.frechet import (
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # small decompositions: a second thread only adds synchronisation on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs single-threaded (see conftest.one_thread)."""
 
 
 

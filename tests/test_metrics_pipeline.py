@@ -3,7 +3,6 @@ generation / reconstruction evaluations, with a small deterministic stand-in fea
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:only .* samples")  # small sets 
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny tensor ops: a second thread only adds synchronisation (80x slower on a busy 2-core machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs single-threaded (see conftest.one_thread)."""
 
 
 class ToyNet:

@@ -2,7 +2,6 @@
 is deterministic, and picks its grid point on the held-out split."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,12 +13,8 @@ FAST = dict(epochs=4, learning_rates=(0.01, 0.1, 1.0))
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny tensor ops: a second thread only adds synchronisation (80x slower on a busy 2-core machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs single-threaded (see conftest.one_thread)."""
 
 
 def make_tokens(n: int, classes: int = 5, seed: int = 0, signal: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:

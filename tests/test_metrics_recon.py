@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -12,12 +11,8 @@ from fae.metrics.recon import PairedAccumulator, psnr, ssim
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny tensor ops: a second thread only adds synchronisation (80x slower on a busy 2-core machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs single-threaded (see conftest.one_thread)."""
 
 
 def smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
