@@ -53,12 +53,13 @@ def main() -> None:
     ap.add_argument("--pd-steps", type=int, default=1500)
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--sample-steps", type=int, default=50)
-    ap.add_argument("--guidance", default="paper")
+    ap.add_argument("--guidance", nargs="+", default=["paper"], help="guidance schedules to evaluate (ODE)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (every stage; DiT CPU time is timed apart)")
     ap.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke tests)")
     ap.add_argument("--fae-steps", type=int, default=None, help="override configs/demo/fae.yaml train.steps")
     ap.add_argument("--clf-epochs", type=int, default=4)
+    ap.add_argument("--clf-limit", type=int, default=None, help="classifier training images (default: all 60k)")
     ap.add_argument("--perceptual", default="encoder", help="pixel decoder perceptual loss: encoder | none")
     ap.add_argument("--until", choices=["encode", "dit", "all"], default="all", help="stop after this step")
     ap.add_argument("overrides", nargs="*", help="DiT config overrides key=value")
@@ -161,7 +162,7 @@ def main() -> None:
 
     # 6. classifier on real images
     clf = train_classifier(replace(data_cfg, limit=None), work / "classifier", epochs=args.clf_epochs, progress=False,
-                           device=device, train_limit=args.limit)
+                           device=device, train_limit=args.clf_limit)
     from fae.checkpoint import read_bundle_config
 
     report["classifier_test_accuracy"] = read_bundle_config(work / "classifier")["test_accuracy"]
@@ -177,20 +178,24 @@ def main() -> None:
     recon_fd = fid(reference[:5000], TensorSource(reference[5000:]), network)
     report["fd_test_half_vs_half"] = recon_fd
     runs = {"no_guidance": SamplerConfig(method="euler_maruyama", steps=args.sample_steps),
-            "no_guidance_ode": SamplerConfig(method="euler", steps=args.sample_steps),
-            f"guidance_{args.guidance}": SamplerConfig(method="euler", steps=args.sample_steps,
-                                                      guidance=GuidanceSchedule.parse(args.guidance))}
+            "no_guidance_ode": SamplerConfig(method="euler", steps=args.sample_steps)}
+    for spec in args.guidance:
+        runs[f"guidance_{spec}"] = SamplerConfig(method="euler", steps=args.sample_steps,
+                                                 guidance=GuidanceSchedule.parse(spec))
     for name, sampler in runs.items():
+        if name in report:
+            continue
         t0 = time.time()
         samples = generate(gen, decode, args.num_samples, seed=0, labels="equal", sampler=sampler, batch_size=250,
                            progress=False, device=device)
         seconds = time.time() - t0
-        write_samples(work / "samples" / name, samples, gen.class_names, pngs=False)
+        folder = work / "samples" / name.replace(":", "_").replace(",", "+")
+        write_samples(folder, samples, gen.class_names, pngs=False)
         agree = class_agreement(clf, samples.images, samples.labels)
         fd = fid(samples.images, TensorSource(reference), network)
         report[name] = {"class_agreement": agree["agreement"], "per_class": agree["per_class"], "fd_encoder": fd,
                         "sampler": to_dict(sampler), "seconds": round(seconds, 1),
-                        "grid": str(work / "samples" / name / "grid.png")}
+                        "grid": str(folder / "grid.png")}
         log(f"{name}: class agreement {agree['agreement']:.3f}, FD(encoder) {fd:.3f}, {seconds:.0f} s")
         (work / "report.json").write_text(json.dumps(report, indent=2))
     log(f"report: {work / 'report.json'}")

@@ -35,7 +35,9 @@ class ClassifierConfig:
 
 
 class SmallCNN(nn.Module, PretrainedMixin):
-    """conv-pool, conv-conv-pool, conv, global average pool, linear: any input size >= 4 px."""
+    """conv-pool, conv-pool, conv, adaptive pool to 4x4, MLP head: any input size >= 4 px. The head sees where
+    features are (not only their average), which Fashion-MNIST's shape-defined classes need; the early pooling keeps
+    training to about half a minute per 60k-image epoch on two CPU cores."""
 
     config_class = ClassifierConfig
 
@@ -48,16 +50,15 @@ class SmallCNN(nn.Module, PretrainedMixin):
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
 
-        # pool early: the classifier must train in about a minute on two CPU cores
-        self.features = nn.Sequential(block(config.in_channels, w // 2), nn.MaxPool2d(2),
-                                      block(w // 2, w), block(w, w), nn.MaxPool2d(2),
-                                      block(w, 2 * w), nn.Dropout(0.25))
-        self.head = nn.Linear(2 * w, config.num_classes)
+        self.features = nn.Sequential(block(config.in_channels, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2),
+                                      block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(4))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(4 * w * 16, 128), nn.ReLU(),
+                                  nn.Linear(128, config.num_classes))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) in [0,1] -> logits (B, num_classes)."""
         x = images.float().mean(1, keepdim=True) if self.config.in_channels == 1 else images.float()
-        return self.head(self.features(2 * x - 1).mean((2, 3)))
+        return self.head(self.features(2 * x - 1))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor | np.ndarray, batch_size: int = 500) -> torch.Tensor:

@@ -125,7 +125,7 @@ def plot_curves(series: dict[str, Sequence[dict[str, Any]]], keys: Sequence[str]
         if logy and all(r[key] > 0 for rows in series.values() for r in rows if key in r):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        if len(series) > 1:
+        if len(series) > 1 and ax.get_lines():
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
