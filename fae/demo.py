@@ -256,6 +256,26 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else str(value)
 
 
+def glance_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The headline numbers of a demo run, as (metric, value) rows; missing steps are left out."""
+    rows = [("total stage time (s)", _fmt(sum(float(v.get("seconds", 0)) for v in r.values()), 0))]
+    if "fae" in r:
+        rows.append(("FAE held-out feature cosine (x̂ vs x)", _fmt(r["fae"].get("cos"), 4)))
+    if "finetune" in r:
+        best = r["finetune"]["decoders"].get("finetuned(x_hat)", {})
+        rows.append(("reconstruction PSNR / SSIM (image → z → image)",
+                     f"{_fmt(best.get('psnr'), 2)} dB / {_fmt(best.get('ssim'), 4)}"))
+    for key, label in (("fae", "FAE latents"), ("raw", "raw features")):
+        for g in ("guidance", "no_guidance"):
+            v = r.get("samples", {}).get(f"{key}/{g}")
+            if v:
+                rows.append((f"DiT on {label}, {g.replace('_', ' ')}: class-agreement / FD",
+                             f"{_fmt(v['class_agreement'])} / {_fmt(v['fd_encoder'], 4)}"))
+    for row in r.get("probe", {}).get("rows", []):
+        rows.append((f"linear probe top-1, {row['input']}", _fmt(row["top1"])))
+    return rows
+
+
 def step_report(ctx: DemoContext) -> dict[str, Any]:
     from fae.report import Figure, Report, Section, Table, plot_curves, read_metrics, write_report
 
@@ -340,6 +360,7 @@ def step_report(ctx: DemoContext) -> dict[str, Any]:
             tables=[Table(["input", "test top-1", "pooling"], [(row["input"], _fmt(row["top1"]), row["pooling"])
                                                              for row in probe_rows])]))
 
+    sections.insert(1, Section("At a glance", tables=[Table(["metric", "value"], glance_rows(r))]))
     report = Report("fae demo: the Feature Auto-Encoder on Fashion-MNIST, end to end on a CPU",
                     intro=["FAE (Gao et al., 2025) adapts a frozen pretrained encoder to generation: one attention "
                            "layer compresses its patch features to a small latent, a feature decoder reconstructs "
