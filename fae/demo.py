@@ -239,7 +239,8 @@ def step_probe(ctx: DemoContext) -> dict[str, Any]:
     from fae.metrics.probe import run_probe
 
     knobs = ctx.profile["probe"]
-    common = {"data_kind": "fashion_mnist", "image_size": ctx.data_config().image_size, **knobs}
+    common = {"data_kind": "fashion_mnist", "image_size": ctx.data_config().image_size, "progress": ctx.progress,
+              **knobs}
     fae_report = run_probe(fae=str(ctx.out / "fae" / "fae"), **common)
     arch = json.loads((ctx.encoder_dir / "config.json").read_text())
     random_dir = save_tiny_encoder("dinov2", ctx.out / "probe" / "random-encoder", hidden_size=arch["hidden_size"],

@@ -57,6 +57,7 @@ class TrainConfig:
     batch_size: int = 64            # global: split over processes and accumulation micro-batches
     grad_accum: int = 1
     ema_decay: float = 0.9999
+    ema_warmup: bool = False        # decay min(ema_decay, (1 + n) / (10 + n)) after n updates: short runs forget init
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
     checkpoint_every: int = 1000
@@ -121,6 +122,16 @@ class TrainStage:
         pass
 
 
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that stops rank 0's buffers being broadcast at every forward (our buffers are constants or
+    per-rank statistics): `forward_sync_buffers` from torch 2.13, the deprecated `broadcast_buffers` before."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Data order: a deterministic stream of (index, seed) keys that any process count can resume exactly.
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,14 +177,19 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
 class EMA:
     """Exponential moving average of a module's parameters (buffers are copied)."""
 
-    def __init__(self, module: nn.Module, decay: float) -> None:
-        self.decay = decay
+    def __init__(self, module: nn.Module, decay: float, warmup: bool = False) -> None:
+        self.decay, self.warmup = decay, warmup
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
 
+    def decay_at(self, updates: int) -> float:
+        """The decay of update number `updates` (0-based)."""
+        return min(self.decay, (1 + updates) / (10 + updates)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, updates: int = 0) -> None:
+        decay = self.decay_at(updates)
         for e, p in zip(self.module.parameters(), module.parameters()):
-            e.lerp_(p.detach(), 1.0 - self.decay)
+            e.lerp_(p.detach(), 1.0 - decay)
         for e, b in zip(self.module.buffers(), module.buffers()):
             e.copy_(b)
 
@@ -219,7 +235,7 @@ class Trainer:
             m.to(self.device).train()
         stage.to(self.device)
         if self.world > 1:
-            stage.modules = {k: DistributedDataParallel(m, broadcast_buffers=False) for k, m in self.raw.items()}
+            stage.modules = {k: DistributedDataParallel(m, **_no_forward_buffer_sync()) for k, m in self.raw.items()}
         self.groups = stage.optimizer_groups()
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
@@ -230,7 +246,7 @@ class Trainer:
                                     fused=self.device.type == "cuda")
             self.optimizers[group] = opt
             self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, cfg.steps))
-        self.ema = {n: EMA(self.raw[n], cfg.ema_decay) for n in stage.ema_modules()}
+        self.ema = {n: EMA(self.raw[n], cfg.ema_decay, cfg.ema_warmup) for n in stage.ema_modules()}
         self.step, self.bad_steps = 0, 0
         self._stop_signal: int | None = None
 
@@ -267,7 +283,7 @@ class Trainer:
                         continue
                     self._optimizer_step(group, opt, micro, autocast, logs)
                 for name, ema in self.ema.items():
-                    ema.update(self.raw[name])
+                    ema.update(self.raw[name], updates=self.step)
                 self.step += 1
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == end:

@@ -127,6 +127,19 @@ def test_ema_tracks_parameters():
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
+def test_ema_warmup_forgets_the_initial_weights():
+    ema = EMA(nn.Linear(2, 2), decay=0.9999, warmup=True)
+    assert ema.decay_at(0) == 0.1 and ema.decay_at(90) == 0.91 and ema.decay_at(10**7) == 0.9999
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    for n in range(20):
+        ema.update(model, updates=n)
+    # without warm-up a 0.9999 EMA would still be ~99.8 % the initial weights after 20 updates
+    assert (ema.module.weight - 3.0).abs().max() < 0.5
+    assert EMA(nn.Linear(2, 2), decay=0.9999).decay_at(0) == 0.9999
+
+
 def test_sampler_is_independent_of_process_count():
     single = ResumableSampler(10, seed=5)
     stream = [single.key(p) for p in range(25)]
