@@ -287,3 +287,22 @@ def test_seam_ratio_detects_a_patch_grid():
     blocky.update(x, x + 0.05 * torch.randn_like(x) + 0.5 * offsets)
     assert 0.8 < smooth.ratio() < 1.2
     assert blocky.ratio() > 2
+
+
+def test_torchrun_two_processes_with_gan(tmp_path, encoder_dir):
+    """Both optimizer groups (decoder and discriminator) under DDP, from the CLI, with the GAN switched on."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = write_config(tmp_path / "g.yaml", encoder_dir, steps=4)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "fae.cli", "train", "pixel-decoder", "--config", str(cfg), "--out", str(out),
+                             "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and "loss/disc" in rows[-1]
+    assert (out / "pixel_decoder" / "model.safetensors").is_file() and (out / "discriminator.safetensors").is_file()

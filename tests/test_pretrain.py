@@ -99,3 +99,22 @@ def test_demo_encoder_cache(tmp_path, monkeypatch, one_thread):
     # another config or other data is another key
     assert cache_key(tiny_config("train.steps=3")) != cache_key(cfg)
     assert cache_key(tiny_config("train.steps=2", "data.limit=80")) != cache_key(cfg)
+
+
+def test_torchrun_two_processes(tmp_path):
+    """DDP with two student forwards per step (global and local crops) and all-reduced centres."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "fae.cli", "train", "encoder", "--config", str(root / "configs/demo/encoder_pretrain.yaml"),
+                             "--out", str(out), "--no-progress", *TINY, "train.steps=3"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "encoder" / "model.safetensors").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
