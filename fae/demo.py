@@ -26,8 +26,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": {
         "encoder": [],
         "fae": ["data.limit=10000", "train.steps=300"],
-        "pixel-decoder": ["data.limit=10000", "train.steps=300"],
-        "finetune": ["data.limit=10000", "train.steps=120"],
+        "pixel-decoder": ["data.limit=10000", "train.steps=600"],
+        "finetune": ["data.limit=10000", "train.steps=200"],
         "dit": [],
         "latent_limit": 10000,
         "classifier": {"epochs": 2, "train_limit": 30000, "lr": 3e-3},
