@@ -154,28 +154,23 @@ def step_latents(ctx: DemoContext) -> dict[str, Any]:
     return info
 
 
-def _dit(ctx: DemoContext, name: str, cache: str, channels: int) -> dict[str, Any]:
+def _dit(ctx: DemoContext, name: str, cache: str) -> dict[str, Any]:
+    from fae.data.latents import LatentCache
     from fae.report import read_metrics
 
-    overrides = [f"latents={cache}", f"model.in_channels={channels}", *ctx.profile["dit"]]
+    overrides = [f"latents={cache}", f"model.in_channels={LatentCache(cache).channels}", *ctx.profile["dit"]]
     run = ctx.train("dit", "dit.yaml", name, overrides)
     rows = read_metrics(run / "metrics.jsonl")
     return {"run": str(run), "loss_first": rows[0]["loss/main"], "loss_last": rows[-1]["loss/main"]}
 
 
 def step_dit(ctx: DemoContext) -> dict[str, Any]:
-    from fae.autoencoder import FeatureAutoEncoder
-
-    channels = FeatureAutoEncoder.from_pretrained(ctx.out / "fae" / "fae").config.latent_channels
-    return _dit(ctx, "dit", ctx.results["latents"]["fae"], channels)
+    return _dit(ctx, "dit", ctx.results["latents"]["fae"])
 
 
 def step_dit_raw(ctx: DemoContext) -> dict[str, Any]:
     """The paper's Table 5 baseline in miniature: the same DiT budget on the raw (uncompressed) encoder features."""
-    from fae.encoders import EncoderConfig, FrozenEncoder
-
-    channels = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(ctx.encoder_dir))).dim
-    return _dit(ctx, "dit-raw", ctx.results["latents"]["raw"], channels)
+    return _dit(ctx, "dit-raw", ctx.results["latents"]["raw"])
 
 
 def step_classifier(ctx: DemoContext) -> dict[str, Any]:

@@ -38,15 +38,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from fae import distributed as D
 from fae.config import to_dict
 from fae.data import DataConfig, build_dataset
-from fae.training import OptimConfig, TrainConfig, TrainStage
+from fae.data.latents import dataset_signature
+from fae.encoders import IMAGENET_MEAN, IMAGENET_STD
+from fae.training import OptimConfig, TrainConfig, TrainStage, unwrap
 
 # Bump when a code change alters what a given config trains: it is part of the cache key.
 PRETRAIN_VERSION = "2"
 RECORD_NAME = "fae_pretrain.json"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -140,7 +141,7 @@ def load_images(data: DataConfig) -> tuple[Tensor, dict[str, Any]]:
     the data set's identity for the cache key. Fashion-MNIST is converted in one batched call, checked against
     the data set's own per-item conversion; other sets go item by item."""
     dataset = build_dataset(dataclasses.replace(data, hflip=False), data.split)
-    signature = dataset.signature() if hasattr(dataset, "signature") else {"config": to_dict(data), "length": len(dataset)}
+    signature = dataset_signature(dataset)
     images = _batched_fashion_mnist(dataset)
     if images is None:
         images = torch.stack([_to_uint8(dataset[i]["image"]) for i in range(len(dataset))])
@@ -308,6 +309,7 @@ class EncoderPretraining(TrainStage):
         self.teacher = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "head": copy.deepcopy(head)}).requires_grad_(False)
         self.center_cls = torch.zeros(obj.prototypes)
         self.center_patch = torch.zeros(obj.prototypes)
+        # augmentation runs on the CPU (seeded CPU generator), so the normalisation constants stay there
         self.mean, self.std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         self.teacher_step = 0  # optimizer steps folded into the teacher so far
         self._images: Tensor | None = None
@@ -319,7 +321,6 @@ class EncoderPretraining(TrainStage):
     def to(self, device: torch.device) -> None:
         self.teacher.to(device)
         self.center_cls, self.center_patch = self.center_cls.to(device), self.center_patch.to(device)
-        self.mean, self.std = self.mean.to(device), self.std.to(device)
 
     def train_dataset(self) -> Dataset:
         if self._images is None:
@@ -332,7 +333,7 @@ class EncoderPretraining(TrainStage):
         while self.teacher_step < step:
             m = teacher_momentum(self.cfg.objective.teacher_momentum, self.teacher_step, self.cfg.train.steps)
             for name in ("encoder", "head"):
-                student = _unwrap(self.modules[name]).state_dict()
+                student = unwrap(self.modules[name]).state_dict()
                 for key, value in self.teacher[name].state_dict().items():
                     if value.is_floating_point():
                         value.mul_(m).add_(student[key].detach().to(value.dtype), alpha=1 - m)
@@ -345,7 +346,7 @@ class EncoderPretraining(TrainStage):
         b, size, p = images.shape[0], cfg.data.image_size, cfg.model.patch_size
         g = torch.Generator().manual_seed(int(batch["seed"][0]))
         cpu = images.cpu()
-        globals_ = torch.cat([augment(cpu, size, views.global_scale, views.jitter, g, self.mean.cpu(), self.std.cpu())
+        globals_ = torch.cat([augment(cpu, size, views.global_scale, views.jitter, g, self.mean, self.std)
                               for _ in range(2)]).to(images.device)
         tokens = (size // p) ** 2
         masks = random_masks(2 * b, tokens, obj.mask_ratio, g).to(images.device)
@@ -359,8 +360,8 @@ class EncoderPretraining(TrainStage):
         t_cls = F.softmax((t_logits[:, 0] - self.center_cls) / obj.teacher_temp, dim=-1).chunk(2)
         s_cls = list(F.log_softmax(s_logits[:, 0] / obj.student_temp, dim=-1).chunk(2))
         if views.local_crops:
-            locals_ = torch.cat([augment(cpu, views.local_size, views.local_scale, views.jitter, g, self.mean.cpu(),
-                                         self.std.cpu()) for _ in range(views.local_crops)]).to(images.device)
+            locals_ = torch.cat([augment(cpu, views.local_size, views.local_scale, views.jitter, g, self.mean, self.std)
+                                 for _ in range(views.local_crops)]).to(images.device)
             local_logits = head(encoder(pixel_values=locals_).last_hidden_state[:, 0]).float()
             s_cls += list(F.log_softmax(local_logits / obj.student_temp, dim=-1).chunk(views.local_crops))
         terms = [-(t_cls[i] * s_cls[j]).sum(-1).mean() for i in range(2) for j in range(len(s_cls)) if i != j]
@@ -371,8 +372,6 @@ class EncoderPretraining(TrainStage):
         per_token = -(t_patch * s_patch).sum(-1)
         ibot = (per_token * masks).sum(1).div(masks.sum(1)).mean()
         with torch.no_grad():  # centres: EMA of the teacher's batch-mean logits
-            from fae import distributed as D
-
             m = obj.center_momentum
             self.center_cls.mul_(m).add_(D.all_reduce_mean(t_logits[:, 0].mean(0)), alpha=1 - m)
             self.center_patch.mul_(m).add_(D.all_reduce_mean(t_logits[:, 1:].mean((0, 1))), alpha=1 - m)
@@ -397,10 +396,6 @@ class EncoderPretraining(TrainStage):
         self.update_teacher(self.cfg.train.steps)
         save_encoder(self.teacher["encoder"], out_dir / "encoder", record={
             "config": to_dict(self.cfg), "data": self.data_signature, "version": PRETRAIN_VERSION})
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") and isinstance(getattr(module, "module"), nn.Module) else module
 
 
 def save_encoder(model: nn.Module, folder: Path, record: dict[str, Any]) -> Path:
@@ -445,8 +440,8 @@ def cache_key(cfg: Config) -> str:
     config["train"].pop("device", None)
     config["train"].pop("num_workers", None)
     dataset = build_dataset(dataclasses.replace(cfg.data, hflip=False), cfg.data.split)
-    signature = dataset.signature() if hasattr(dataset, "signature") else {"length": len(dataset)}
-    blob = json.dumps({"config": config, "data": signature, "version": PRETRAIN_VERSION}, sort_keys=True)
+    blob = json.dumps({"config": config, "data": dataset_signature(dataset), "version": PRETRAIN_VERSION},
+                      sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

@@ -68,7 +68,8 @@ class EncodeOptions:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
 
 
-def _dataset_signature(dataset: Dataset) -> dict[str, Any]:
+def dataset_signature(dataset: Dataset) -> dict[str, Any]:
+    """What identifies a data set's content (its own `signature()`, else class and length), for cache keys."""
     sig = getattr(dataset, "signature", None)
     return sig() if callable(sig) else {"class": type(dataset).__name__, "length": len(dataset)}  # type: ignore[arg-type]
 
@@ -127,7 +128,7 @@ class _CachedFeatureRows(Dataset):
         return item
 
     def signature(self) -> dict[str, Any]:
-        return _dataset_signature(self.base)
+        return dataset_signature(self.base)
 
 
 @torch.no_grad()
@@ -150,7 +151,7 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
     if n == 0:
         raise ValueError("cannot encode an empty data set")
     num_shards = math.ceil(n / opts.shard_size)
-    signature = json.dumps({"data": _dataset_signature(dataset), "record": record or {},
+    signature = json.dumps({"data": dataset_signature(dataset), "record": record or {},
                             "options": {k: v for k, v in opts.__dict__.items() if k != "num_workers"}}, sort_keys=True)
     rank, world = D.rank(), D.world_size()
     dtype = _DTYPES[opts.dtype]
@@ -186,7 +187,7 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
     bar.close()
     D.barrier()
     if rank == 0:
-        write_manifest(out, signature, num_shards, opts, record or {}, _dataset_signature(dataset), dataset)
+        write_manifest(out, signature, num_shards, opts, record or {}, dataset_signature(dataset), dataset)
     D.barrier()
     return out
 
