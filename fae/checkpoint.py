@@ -24,6 +24,17 @@ WEIGHTS_NAME = "model.safetensors"
 M = TypeVar("M", bound="PretrainedMixin")
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (the identity of weights files and shipped assets)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)` then rename onto `path` (atomic on POSIX)."""
     path = Path(path)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fae.config import ConfigError, apply_overrides, from_dict, read_yaml
+from fae.precision import PRECISIONS
 
 
 def _section(path: str, key: str) -> dict[str, Any]:
@@ -122,7 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg-batch", choices=["concat", "separate"], default="concat",
                    help="run conditional/unconditional as one batch or two calls")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="model precision (bf16 autocast)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="auto (default): bf16 autocast where the device runs bf16 natively, else fp32")
     p.add_argument("--per-row", type=int, default=10, help="samples per class row in grid.png")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-grid", action="store_true")

@@ -54,7 +54,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
     from fae.checkpoint import read_bundle_config
     from fae.data import DataConfig, build_dataset
     from fae.encoders import FrozenEncoder
-    from fae.pipeline import same_encoder
+    from fae.encoders import reference_differences
     from fae.pixel_decoder import PixelDecoder
     from fae.reconstruction import build_fid_network, evaluate_reconstruction
     from fae.stages.pixel_decoder import bundle_dir
@@ -75,7 +75,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
         raise ConfigError(f"bundles without an encoder record: {[k for k, r in refs.items() if r is None]}")
     first = next(iter(refs))
     for k, ref in refs.items():
-        differs = same_encoder(refs[first], ref)
+        differs = reference_differences(refs[first], ref)
         if differs:
             raise ConfigError(f"the {k} bundle was trained on another encoder than the {first} one (differs in {differs})")
     encoder = FrozenEncoder.from_reference(refs[first]).to(device)

@@ -25,29 +25,29 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {
         "encoder": [],
-        "fae": ["data.limit=10000", "train.steps=300"],
-        "pixel-decoder": ["data.limit=10000", "train.steps=600"],
-        "finetune": ["data.limit=10000", "train.steps=200"],
+        "fae": ["data.limit=10000"],
+        "pixel-decoder": ["data.limit=10000"],
+        "finetune": ["data.limit=10000"],
         "dit": [],
         "latent_limit": 10000,
         "classifier": {"epochs": 2, "train_limit": 30000, "lr": 3e-3},
-        "samples": 1000, "sample_steps": 25, "guidance": "0-0.7:4.0",
+        "samples": 1000, "sample_steps": 25, "guidance": "0-0.7:6.0",
         "probe": {"train_limit": 5000, "test_limit": 2000}, "fd_reference": None,
     },
     "quick": {
         "encoder": ["data.limit=1000", "train.steps=10", "train.batch_size=32", "train.checkpoint_every=10",
                     "train.log_every=5", "optim.warmup_steps=2", "views.local_crops=0"],
-        "fae": ["data.limit=512", "train.steps=40", "train.batch_size=64", "train.checkpoint_every=20",
-                "train.log_every=10", "optim.warmup_steps=10", "eval.limit=200"],
-        "pixel-decoder": ["data.limit=512", "train.steps=30", "train.batch_size=32", "train.checkpoint_every=30",
-                          "train.log_every=10", "optim.warmup_steps=5", "eval.limit=64"],
-        "finetune": ["data.limit=512", "train.steps=10", "train.batch_size=32", "train.checkpoint_every=10",
-                     "train.log_every=5", "optim.warmup_steps=2", "eval.limit=64"],
+        "fae": ["data.limit=512", "train.steps=60", "train.checkpoint_every=30", "train.log_every=10",
+                "optim.warmup_steps=10", "eval.limit=200"],
+        "pixel-decoder": ["data.limit=512", "train.steps=30", "train.checkpoint_every=30", "train.log_every=10",
+                          "optim.warmup_steps=5", "eval.limit=64"],
+        "finetune": ["data.limit=512", "train.steps=10", "train.checkpoint_every=10", "train.log_every=5",
+                     "optim.warmup_steps=2", "eval.limit=64"],
         "dit": ["train.steps=30", "train.batch_size=64", "train.checkpoint_every=30", "train.log_every=10",
                 "optim.warmup_steps=5", "model.hidden_size=64", "model.depth=2"],
         "latent_limit": 512,
-        "classifier": {"epochs": 1, "train_limit": 1000, "lr": 3e-3},
-        "samples": 20, "sample_steps": 4, "guidance": "0-0.7:4.0",
+        "classifier": {"epochs": 2, "train_limit": 2000, "lr": 3e-3},
+        "samples": 20, "sample_steps": 4, "guidance": "0-0.7:6.0",
         "probe": {"train_limit": 500, "test_limit": 200}, "fd_reference": 1000,
     },
 }
@@ -58,6 +58,8 @@ class DemoContext:
     out: Path
     quick: bool
     progress: bool = True
+    precision: str = "auto"         # what `auto` means in this run (FAE_PRECISION, fae.precision)
+    from_scratch: bool = False      # pretrain the frozen encoder and train the judge now, not the shipped ones
     results: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -66,7 +68,12 @@ class DemoContext:
 
     @property
     def encoder_dir(self) -> Path:
-        return self.out / "encoder" / "encoder"
+        """The frozen encoder, as the configs in configs/demo/ name it (runs/demo/encoder)."""
+        return self.out / "encoder"
+
+    @property
+    def judge_dir(self) -> Path:
+        return self.out / "classifier"
 
     def config(self, name: str, stage: str, overrides: list[str]) -> Any:
         from fae.stages import stage_module
@@ -89,6 +96,11 @@ class DemoContext:
 
         return from_dict(DataConfig, read_yaml(CONFIG_DIR / "fae.yaml")["data"])
 
+    def encoder_config(self) -> Any:
+        from fae.encoders import EncoderConfig
+
+        return EncoderConfig(kind="dinov2", name_or_path=str(self.encoder_dir))
+
 
 @dataclass
 class Step:
@@ -99,17 +111,23 @@ class Step:
 
 # ------------------------------------------------------------------------------------------------------------
 def step_encoder(ctx: DemoContext) -> dict[str, Any]:
-    """Self-supervised pretraining of the frozen encoder (cached across runs by config and data)."""
-    from fae.pretrain import RECORD_NAME, demo_encoder
+    """The frozen encoder: the self-supervised tiny DINOv2 that ships with fae (SHA-256 checked), or with
+    --from-scratch pretrained now (cached across runs by config and data)."""
+    from fae.assets import asset, manifest
+    from fae.pretrain import demo_encoder
 
-    cfg = ctx.config("encoder_pretrain.yaml", "encoder", ctx.profile["encoder"])
-    cached, from_cache = demo_encoder(cfg, ctx.out / "encoder" / "pretrain", progress=ctx.progress)
+    if ctx.from_scratch:
+        cfg = ctx.config("encoder_pretrain.yaml", "encoder", ctx.profile["encoder"])
+        source, from_cache = demo_encoder(cfg, ctx.out / "encoder-pretrain", progress=ctx.progress)
+        origin, steps, sha256 = ("cache" if from_cache else "trained"), cfg.train.steps, None
+    else:
+        source, origin = asset("demo-encoder"), "shipped"
+        steps, sha256 = manifest("demo-encoder")["steps"], manifest("demo-encoder")["files"]["model.safetensors"]
     if ctx.encoder_dir.exists():
         shutil.rmtree(ctx.encoder_dir)
-    shutil.copytree(cached, ctx.encoder_dir)
-    record = json.loads((cached / RECORD_NAME).read_text())
-    return {"encoder": str(ctx.encoder_dir), "cache": str(cached), "from_cache": from_cache,
-            "steps": record["config"]["train"]["steps"], "train_seconds": record.get("seconds")}
+    shutil.copytree(source, ctx.encoder_dir)
+    return {"encoder": str(ctx.encoder_dir), "source": str(source), "origin": origin, "steps": steps,
+            "sha256": sha256}
 
 
 def step_fae(ctx: DemoContext) -> dict[str, Any]:
@@ -174,14 +192,24 @@ def step_dit_raw(ctx: DemoContext) -> dict[str, Any]:
 
 
 def step_classifier(ctx: DemoContext) -> dict[str, Any]:
-    """The judge of class-agreement: a small CNN trained on real training images (labels used only here)."""
+    """The judge of class-agreement: a small CNN trained on real training images (labels used only here), shipped
+    with fae (SHA-256 checked) or with --from-scratch trained now."""
+    from fae.assets import asset, manifest
     from fae.checkpoint import read_bundle_config
     from fae.classifier import train_classifier
 
-    knobs = ctx.profile["classifier"]
-    train_classifier(replace(ctx.data_config(), limit=None), ctx.out / "classifier", epochs=knobs["epochs"],
-                     lr=knobs["lr"], progress=ctx.progress, train_limit=knobs["train_limit"])
-    return {"test_accuracy": read_bundle_config(ctx.out / "classifier")["test_accuracy"]}
+    if ctx.from_scratch:
+        knobs = ctx.profile["classifier"]
+        train_classifier(replace(ctx.data_config(), limit=None), ctx.judge_dir, epochs=knobs["epochs"],
+                         lr=knobs["lr"], progress=ctx.progress, train_limit=knobs["train_limit"])
+        origin = "trained"
+    else:
+        if ctx.judge_dir.exists():
+            shutil.rmtree(ctx.judge_dir)
+        shutil.copytree(asset("demo-judge"), ctx.judge_dir)
+        knobs, origin = manifest("demo-judge"), "shipped"
+    return {"test_accuracy": read_bundle_config(ctx.judge_dir)["test_accuracy"], "origin": origin,
+            "epochs": knobs["epochs"], "train_images": knobs["train_limit"]}
 
 
 def step_samples(ctx: DemoContext) -> dict[str, Any]:
@@ -198,10 +226,10 @@ def step_samples(ctx: DemoContext) -> dict[str, Any]:
     from fae.transport import GuidanceSchedule, SamplerConfig
 
     p = ctx.profile
-    classifier = SmallCNN.from_pretrained(ctx.out / "classifier").eval()
+    classifier = SmallCNN.from_pretrained(ctx.judge_dir).eval()
     test = build_dataset(replace(ctx.data_config(), hflip=False, limit=p["fd_reference"]), "test")
     images = to_uint8(torch.stack([test[i]["image"] for i in range(len(test))]))
-    network = EncoderNetwork(FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(ctx.encoder_dir))))
+    network = EncoderNetwork(FrozenEncoder.from_config(ctx.encoder_config()))
     reference = load_reference(TensorSource(images, name="test split"), network)  # features once, for every FD
     half = len(images) // 2
     info: dict[str, Any] = {"fd_test_half_vs_half": fid(images[:half], TensorSource(images[half:]), network),
@@ -217,7 +245,7 @@ def step_samples(ctx: DemoContext) -> dict[str, Any]:
             start = time.time()
             sampler = SamplerConfig(method="euler", steps=p["sample_steps"], guidance=schedule)
             samples = generate(gen, decode, p["samples"], seed=0, labels="equal", sampler=sampler, batch_size=250,
-                               progress=ctx.progress, precision="bf16")
+                               progress=ctx.progress)
             folder = ctx.out / "samples" / f"{gen_name}-{g_name.replace('_', '-')}"
             write_samples(folder, samples, gen.class_names, pngs=False)
             agree = class_agreement(classifier, samples.images, samples.labels)
@@ -272,6 +300,22 @@ def glance_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+_ENCODER_ORIGIN = {"shipped": "came with the package (checked against its recorded SHA-256; "
+                              "`fae demo --from-scratch` trains it instead)",
+                   "cache": "came from the cache of an earlier --from-scratch run",
+                   "trained": "was pretrained now (--from-scratch)"}
+
+
+def _machine_text(out: Path) -> str:
+    path = out / "machine.json"
+    if not path.is_file():
+        return ""
+    m = json.loads(path.read_text())
+    how = "chosen automatically" if m["requested"] == "auto" else "requested"
+    return (f"Precision: {m['precision']} ({how}; {m['reason']}). CPU capability {m['cpu_capability']}; the "
+            f"calibration step ran {m['slowdown_vs_reference']:.2f}x as long as on the reference machine.")
+
+
 def step_report(ctx: DemoContext) -> dict[str, Any]:
     from fae.report import Figure, Report, Section, Table, plot_curves, read_metrics, write_report
 
@@ -280,7 +324,7 @@ def step_report(ctx: DemoContext) -> dict[str, Any]:
     sections = [Section(
         "What ran",
         text=["Every stage below ran on this machine's CPU, in this order; times are wall-clock seconds "
-              "(a stage finished by an earlier run shows that run's time)."],
+              "(a stage finished by an earlier run shows that run's time).", _machine_text(out)],
         tables=[Table(["step", "what", "seconds"], [(s.name, s.title, round(r.get(s.name, {}).get("seconds", 0), 1))
                                                     for s in STEPS if s.name in r])])]
 
@@ -292,12 +336,12 @@ def step_report(ctx: DemoContext) -> dict[str, Any]:
     probe_rows = r.get("probe", {}).get("rows", [])
     sections.append(Section(
         "1. A pretrained frozen encoder",
-        text=["No pretrained DINOv2 can be downloaded offline, so the demo pretrains a tiny one (transformers "
-              "Dinov2Model, 32 px, patch 4: 8x8 tokens of width 128) on the training images without labels, with "
-              "DINOv2's objective in miniature (DINO self-distillation + iBOT masked-patch prediction), then freezes "
-              f"it. {'It came from the cache of an earlier run' if enc.get('from_cache') else 'It was trained now'}"
-              f" ({enc.get('steps')} steps). The linear probes below compare it with the same architecture at "
-              "random initialisation."],
+        text=["No pretrained DINOv2 can be downloaded offline, so fae ships a tiny one it pretrained itself "
+              "(transformers Dinov2Model, 32 px, patch 4: 8x8 tokens of width 128) on the training images without "
+              "labels, with DINOv2's objective in miniature (DINO self-distillation + iBOT masked-patch "
+              f"prediction), then froze it. Here it {_ENCODER_ORIGIN.get(enc.get('origin'), 'was used')} "
+              f"({enc.get('steps')} pretraining steps). The linear probes below compare it with the same "
+              "architecture at random initialisation."],
         figures=enc_curves))
 
     fae_scores = r.get("fae", {})
@@ -367,7 +411,7 @@ def step_report(ctx: DemoContext) -> dict[str, Any]:
 
 
 STEPS = [
-    Step("encoder", "pretrain the frozen encoder (self-supervised)", step_encoder),
+    Step("encoder", "the frozen encoder (self-supervised tiny DINOv2)", step_encoder),
     Step("fae", "FAE stage 1 (feature reconstruction)", step_fae),
     Step("pixel-decoder", "pixel decoder on noisy features", step_pixel_decoder),
     Step("finetune", "pixel decoder fine-tuned on x̂", step_finetune),
@@ -380,15 +424,122 @@ STEPS = [
 ]
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = False, progress: bool = True) -> Path:
-    """Run every demo step that is not done yet; returns the report path."""
+# What each step took on the reference machine (2 cores, AVX2 emulated with ATEN_CPU_CAPABILITY=avx2
+# ONEDNN_MAX_CPU_ISA=AVX2, so fp32; docs/benchmarks.md), and the calibration step there. The estimate scales them by
+# how fast this machine runs the calibration step, and then by how fast the finished steps actually ran.
+REFERENCE_SECONDS: dict[str, dict[str, float]] = {
+    "default": {"encoder": 0.1, "fae": 40.7, "pixel-decoder": 23.8, "finetune": 27.7, "latents": 13.5, "dit": 49.2,
+                "dit-raw": 59.7, "classifier": 0.1, "samples": 56.5, "probe": 26.4, "report": 3.0},
+    "quick": {"encoder": 0.1, "fae": 4.7, "pixel-decoder": 1.5, "finetune": 1.5, "latents": 1.3, "dit": 0.5,
+              "dit-raw": 0.7, "classifier": 0.1, "samples": 2.0, "probe": 2.4, "report": 1.4},
+}
+REFERENCE_CALIBRATION = 0.090  # seconds per calibration step on the reference machine
+BUDGET_SECONDS = {"default": 600.0, "quick": 120.0}
+
+
+def calibration_step_seconds(steps: int = 3) -> float:
+    """Seconds per training step of the demo's DiT (batch 128, this run's precision): the yardstick the time
+    estimate scales by. Runs on a private RNG, so the demo's seeded results do not depend on it."""
+    import torch
+
+    from fae.dit import DiT
+    from fae.precision import resolve_precision
+    from fae.stages import stage_module
+    from fae.transport import flow_matching_loss
+
+    data = read_yaml(CONFIG_DIR / "dit.yaml")
+    data.pop("stage", None)
+    cfg = from_dict(stage_module("dit").Config, data)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DiT(cfg.model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        latents = torch.randn(128, cfg.model.in_channels, *cfg.model.input_size)
+        labels = torch.randint(0, cfg.model.num_classes, (128,))
+        autocast = resolve_precision(cfg.train.precision, "cpu").autocast
+        times = []
+        for _ in range(steps + 1):  # the first step warms kernels up and is not counted
+            begin = time.perf_counter()
+            with autocast():
+                loss, _ = flow_matching_loss(model, latents, labels, cfg.transport)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - begin)
+    return min(times[1:])
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+class Forecast:
+    """The demo's time estimate: reference seconds per step x how much slower this machine is."""
+
+    def __init__(self, profile: str, calibration: float) -> None:
+        self.reference = REFERENCE_SECONDS[profile]
+        self.budget = BUDGET_SECONDS[profile]
+        self.slowdown = calibration / REFERENCE_CALIBRATION
+        self.ran_reference, self.ran_actual = 0.0, 0.0
+
+    def observe(self, step: str, seconds: float) -> None:
+        self.ran_reference += self.reference.get(step, 0.0)
+        self.ran_actual += seconds
+
+    def factor(self) -> float:
+        """Calibration before any step ran; the observed ratio once enough work has run to trust it."""
+        return self.ran_actual / self.ran_reference if self.ran_reference >= 20 else self.slowdown
+
+    def left(self, steps: list[str]) -> float:
+        return self.factor() * sum(self.reference.get(s, 0.0) for s in steps)
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = False, progress: bool = True,
+             precision: str = "auto", from_scratch: bool = False) -> Path:
+    """Run every demo step that is not done yet; returns the report path. `precision` is what `auto` means for
+    every stage, the encoder and sampling (default: chosen from the hardware, fae.precision)."""
+    import os
+
+    from fae.precision import PRECISIONS, resolve_precision
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, not {precision!r}")
     out = Path(out)
     if quick and out == Path("runs/demo"):
         out = Path("runs/demo-quick")
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = DemoContext(out=out, quick=quick, progress=progress)
+    saved_env = os.environ.get("FAE_PRECISION")
+    if precision != "auto":
+        os.environ["FAE_PRECISION"] = precision
+    try:
+        return _run_steps(DemoContext(out=out, quick=quick, progress=progress, precision=precision,
+                                      from_scratch=from_scratch), resolve_precision("auto", "cpu"))
+    finally:
+        if saved_env is None:
+            os.environ.pop("FAE_PRECISION", None)
+        else:
+            os.environ["FAE_PRECISION"] = saved_env
+
+
+def _run_steps(ctx: DemoContext, choice: Any) -> Path:
+    out, profile = ctx.out, "quick" if ctx.quick else "default"
+    todo = [s.name for s in STEPS if not (out / s.name / "done.json").is_file()] + ["report"]
+    forecast = Forecast(profile, calibration_step_seconds())
+    estimate = forecast.left(todo)
+    print(f"[demo] precision: {choice.describe()}", flush=True)
+    print(f"[demo] estimate: about {_minutes(estimate)} for {len(todo) - 1} of {len(STEPS)} steps "
+          f"(this machine runs the calibration step {forecast.slowdown:.2f}x as long as the reference machine)",
+          flush=True)
+    if estimate > 1.5 * forecast.budget:
+        hint = "" if ctx.quick else "; `fae demo --quick` is a smoke run of about " \
+            f"{_minutes(forecast.slowdown * sum(REFERENCE_SECONDS['quick'].values()))}"
+        print(f"[demo] this machine looks {forecast.slowdown:.1f}x slower than the one the demo's "
+              f"{_minutes(forecast.budget)} budget assumes{hint}", flush=True)
+    atomic_write_text(out / "machine.json", json.dumps({
+        **choice.as_dict(), "cpu_capability": _cpu_capability(), "calibration_seconds": forecast.slowdown *
+        REFERENCE_CALIBRATION, "slowdown_vs_reference": forecast.slowdown, "estimate_seconds": estimate}, indent=2))
     begin = time.time()
     for number, step in enumerate(STEPS, 1):
         marker = out / step.name / "done.json"
@@ -404,23 +555,40 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
         marker.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(marker, json.dumps(info, indent=2))
         ctx.results[step.name] = info
-        print(f"{head}: {info['seconds']:.1f} s", flush=True)
+        forecast.observe(step.name, info["seconds"])
+        todo.remove(step.name)
+        print(f"{head}: {info['seconds']:.1f} s; {_minutes(time.time() - begin)} so far, about "
+              f"{_minutes(forecast.left(todo))} left", flush=True)
     report = Path(step_report(ctx)["report"])
     print(f"[demo] finished in {time.time() - begin:.0f} s; report: {report.resolve()}", flush=True)
     return report
 
 
+def _cpu_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(args.out, quick=args.quick, fresh=args.fresh, progress=not args.no_progress)
+    run_demo(args.out, quick=args.quick, fresh=args.fresh, progress=not args.no_progress, precision=args.precision,
+             from_scratch=args.from_scratch)
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from fae.precision import PRECISIONS
+
     p = sub.add_parser("demo", help="run FAE end to end on Fashion-MNIST on CPU and write an HTML report",
                        description="Run the embedded default: FAE on Fashion-MNIST, on CPU, offline. Finished steps "
                        "are skipped on a re-run; --fresh starts over.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo, runs/demo-quick with --quick)")
     p.add_argument("--quick", action="store_true", help="a much smaller run for smoke tests (under two minutes)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder first")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="auto (default): bf16 where this CPU runs it natively, else fp32")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="pretrain the frozen encoder and train the judge classifier now (a few minutes more) instead "
+                   "of using the copies fae ships")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

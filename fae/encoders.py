@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fae.precision import PRECISIONS, Precision, PrecisionChoice, resolve_precision
+
 log = logging.getLogger(__name__)
 EncoderKind = Literal["dinov2", "dinov2_reg", "siglip2", "mae"]
 EncoderDType = Literal["float32", "bfloat16", "float16"]
@@ -68,7 +70,10 @@ class EncoderConfig:
     revision: str | None = None
     input_size: int | None = None  # encoder resolution; None = the checkpoint's own (preprocessor crop size)
     affine_norm: bool = True  # False = RAE's final LayerNorm without its affine scale/shift
-    dtype: EncoderDType = "float32"  # weights and compute; features are always returned as float32
+    dtype: EncoderDType = "float32"  # weights; features are always returned as float32
+    # compute: auto = bf16 autocast where the device runs bf16 natively, else fp32 (fae.precision). The encoder sets
+    # its own autocast, so training, `fae encode` and evaluation get the same features from the same image.
+    precision: Precision = "auto"
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -79,6 +84,8 @@ class EncoderConfig:
             raise ValueError(f"encoder input_size must be positive, not {self.input_size}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"encoder dtype must be one of {list(_DTYPES)}, not {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"encoder precision must be one of {list(PRECISIONS)}, not {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -383,11 +390,19 @@ class FrozenEncoder(nn.Module):
                               align_corners=False).clamp_(0.0, 1.0)  # bicubic overshoots; the processor's can't
         return (x - self.mean) / self.std
 
+    @property
+    def precision(self) -> PrecisionChoice:
+        """The compute precision on the encoder's current device (auto resolved there)."""
+        return resolve_precision(self.config.precision, self.mean.device)
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        """(B,3,H,W) float in [0,1] -> (B, num_tokens, dim) float32 features. No grad, whatever the caller does."""
-        pixels = self.preprocess(images).to(self.model_dtype)
-        return self.tokens(pixels).float()
+        """(B,3,H,W) float in [0,1] -> (B, num_tokens, dim) float32 features. No grad, whatever the caller does;
+        its own precision, whatever autocast the caller runs under."""
+        with torch.autocast(images.device.type, enabled=False):
+            pixels = self.preprocess(images).to(self.model_dtype)
+        with self.precision.autocast():
+            return self.tokens(pixels).float()
 
     def tokens(self, pixel_values: Tensor) -> Tensor:
         """Run the model on already-normalised pixels at input_size; return the patch tokens (B,N,D)."""
@@ -426,6 +441,26 @@ class FrozenEncoder(nn.Module):
         c = self.config
         return (f"kind={c.kind}, name_or_path={c.name_or_path!r}, input_size={c.input_size}, grid={self.grid}, "
                 f"dim={self.dim}, affine_norm={c.affine_norm}")
+
+
+REFERENCE_KEYS = ("kind", "name_or_path", "revision", "input_size", "affine_norm")
+
+
+def _same_source(a: Any, b: Any) -> bool:
+    """Two name_or_path values name the same encoder: equal strings, or the same local folder however written
+    (relative to the working directory or absolute)."""
+    if a == b:
+        return True
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def reference_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Keys on which two encoder references (`FrozenEncoder.reference()`) differ; empty = the same frozen encoder."""
+    return [k for k in REFERENCE_KEYS
+            if not (_same_source(a.get(k), b.get(k)) if k == "name_or_path" else a.get(k) == b.get(k))]
 
 
 def _check_images(images: Tensor) -> None:

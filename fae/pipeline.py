@@ -20,15 +20,9 @@ from torch import nn
 from fae.autoencoder import FeatureAutoEncoder
 from fae.checkpoint import CONFIG_NAME, atomic_write_text, read_bundle_config, resolve_pretrained
 from fae.config import ConfigError
-from fae.encoders import FrozenEncoder
+from fae.encoders import FrozenEncoder, reference_differences
 from fae.pixel_decoder import PixelDecoder
 
-ENCODER_KEYS = ("kind", "name_or_path", "revision", "input_size", "affine_norm")
-
-
-def same_encoder(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Keys on which two encoder references differ (an empty list = the same frozen encoder)."""
-    return [k for k in ENCODER_KEYS if a.get(k) != b.get(k)]
 
 
 class FAE(nn.Module):
@@ -68,7 +62,7 @@ class FAE(nn.Module):
             raise ConfigError(f"{fae_bundle}: the FAE bundle does not record its frozen encoder")
         decoder = None
         if pixel_decoder_bundle is not None:
-            differs = same_encoder(record["encoder"], read_bundle_config(pixel_decoder_bundle).get("encoder", {}))
+            differs = reference_differences(record["encoder"], read_bundle_config(pixel_decoder_bundle).get("encoder", {}))
             if differs:
                 raise ConfigError(f"{pixel_decoder_bundle} was trained on another encoder than {fae_bundle} "
                                   f"(differs in {differs})")

@@ -18,6 +18,9 @@ pretrained representation" meaningless, so `fae demo` first trains a transformer
   data identity, cache key). `FrozenEncoder(kind="dinov2", name_or_path=<folder>)` loads it like a hub model.
 - cache: `demo_encoder()` keys the result by (config, data content, PRETRAIN_VERSION) under
   `$FAE_CACHE/demo-encoder/<key>/` (default `~/.cache/fae`), written atomically, so a second demo run skips training.
+- shipped: the package carries the result of `configs/demo/encoder_pretrain.yaml` (fp32, seed 0) as the asset
+  `demo-encoder` (fae.assets, 3 MB, made by `scripts/ship_demo_assets.py`, SHA-256 checked on every use). `fae demo`
+  uses it, as a real user downloads a pretrained encoder; `fae demo --from-scratch` trains it instead.
 """
 from __future__ import annotations
 

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from fae import distributed as D
-from fae.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text, read_bundle_config
+from fae.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text, file_sha256, read_bundle_config
 from fae.config import ConfigError, to_dict
-from fae.data.latents import denormalize, file_sha256
+from fae.data.latents import denormalize
 from fae.dit import DiT
+from fae.precision import resolve_precision
 from fae.transport import GuidedVelocity, SamplerConfig, initial_noise, sample, sample_generators
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
@@ -184,16 +185,16 @@ class Samples:
 @torch.no_grad()
 def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, labels: str | Sequence[int] = "equal",
              sampler: SamplerConfig | None = None, batch_size: int = 64, device: str | torch.device = "cpu",
-             progress: bool = True, gather: bool = True, precision: str = "fp32") -> Samples:
+             progress: bool = True, gather: bool = True, precision: str = "auto") -> Samples:
     """Generate `num_samples` images. Under torchrun each process takes chunks k = rank, rank + W, ... and, with
     `gather`, rank 0 returns all of them in index order (other ranks return their own part).
-    `precision="bf16"` runs the model under bf16 autocast; the integration itself stays float32."""
-    import contextlib
-
+    `precision` (auto | fp32 | bf16, fae.precision) sets the model's autocast; the integration stays float32."""
     from tqdm.auto import tqdm
 
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"precision must be fp32 or bf16, got {precision!r}")
+    try:
+        choice = resolve_precision(precision, device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
     sampler = sampler or SamplerConfig()
     sampler.validate()
@@ -221,16 +222,14 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
         gens = sample_generators(seed, idx)
         noise = initial_noise((len(idx), c, h, w), gens, device)
         y = ys[idx].to(device) if ys is not None else None
-        amp = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16"
-               else contextlib.nullcontext())
-        with amp:
+        with choice.autocast():
             x0 = sample(velocity, noise, y, sampler, time_shift=gen.time_shift, generators=gens)
             images.append(to_uint8(decode(denormalize(x0.float(), gen.mean, gen.std))))
         indices.extend(idx)
         bar.update(len(idx))
     bar.close()
     settings = {"num_samples": num_samples, "seed": seed, "labels": labels if isinstance(labels, str) else list(labels),
-                "batch_size": batch_size, "precision": precision, "sampler": to_dict(sampler),
+                "batch_size": batch_size, "precision": choice.as_dict(), "sampler": to_dict(sampler),
                 "time_shift": sampler.time_shift if sampler.time_shift is not None else gen.time_shift,
                 "generator": gen.source}
     part = Samples(np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8),
@@ -314,7 +313,7 @@ def write_samples(out_dir: str | Path, samples: Samples, class_names: Sequence[s
 def sample_to_dir(gen: Generator, decode: Decoder, out_dir: str | Path, num_samples: int, seed: int = 0,
                   labels: str | Sequence[int] = "equal", sampler: SamplerConfig | None = None, batch_size: int = 64,
                   device: str | torch.device = "cpu", progress: bool = True, grid: bool = True, pngs: bool = True,
-                  npz: bool = True, per_row: int = 10, precision: str = "fp32") -> dict[str, str]:
+                  npz: bool = True, per_row: int = 10, precision: str = "auto") -> dict[str, str]:
     """`fae sample`: generate and write the outputs. Under torchrun every process writes its own PNGs and a part
     file; rank 0 merges the parts in index order into `samples.npz` and the grid (through the disk, not memory
     gathers, so 50k samples at 256 px work on any backend)."""

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from fae import distributed as D
 from fae.checkpoint import atomic_save_safetensors, atomic_write_text, replace_dir, state_dict_for_save
 from fae.config import save_config
+from fae.precision import PRECISIONS, Precision, resolve_precision
 
 
 @dataclass
@@ -58,7 +59,7 @@ class TrainConfig:
     grad_accum: int = 1
     ema_decay: float = 0.9999
     ema_warmup: bool = False        # decay min(ema_decay, (1 + n) / (10 + n)) after n updates: short runs forget init
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "auto"   # auto: bf16 autocast where the device runs bf16 natively, else fp32
     seed: int = 0
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -76,6 +77,8 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.checkpoint_every <= 0 or self.keep_checkpoints <= 0 or self.log_every <= 0:
             raise ValueError("train: checkpoint_every, keep_checkpoints and log_every must be positive")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {list(PRECISIONS)}, not {self.precision!r}")
 
 
 class TrainingError(RuntimeError):
@@ -227,6 +230,7 @@ class Trainer:
             raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by processes x grad_accum "
                              f"= {self.world} x {cfg.grad_accum}")
         self.micro_batch = cfg.batch_size // (self.world * cfg.grad_accum)
+        self.precision = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed + self.rank)
         random.seed(cfg.seed + self.rank)
 
@@ -254,8 +258,12 @@ class Trainer:
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train to `cfg.steps` (or pause at `stop_at`, checkpointed), resuming from the newest checkpoint."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0 and self.run_config is not None:
-            save_config(self.run_config, self.out_dir / "config.yaml")
+        if self.rank == 0:
+            if self.run_config is not None:
+                save_config(self.run_config, self.out_dir / "config.yaml")
+            atomic_write_text(self.out_dir / "run.json", json.dumps(self.run_record(), indent=2))
+            if self.progress:
+                print(f"precision: {self.precision.describe()}", flush=True)
         rng_state = self._resume()
         end = min(self.cfg.steps, stop_at) if stop_at is not None else self.cfg.steps
         dataset = self.stage.train_dataset()
@@ -266,8 +274,7 @@ class Trainer:
         batches = iter(loader)
         if rng_state is not None:  # restored last: building the data set above may draw random numbers
             self._set_rng(rng_state)
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.precision == "bf16"
-                    else contextlib.nullcontext())
+        autocast = self.precision.autocast()
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
         logs: dict[str, list[float]] = {}
         last: dict[str, float] = {}
@@ -305,6 +312,11 @@ class Trainer:
             self.stage.export(self.out_dir, self.export_modules())
         D.barrier()
         return last
+
+    def run_record(self) -> dict[str, Any]:
+        """Where and how this run computes: written to run.json next to config.yaml."""
+        return {"device": str(self.device), "processes": self.world, "precision": self.precision.as_dict(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._stop_signal is not None:  # second Ctrl-C: stop now

@@ -2,25 +2,96 @@
 resumes after a step is lost, and its report references only files that exist."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from fae.cli import main
-from fae.demo import STEPS
+from fae.demo import (REFERENCE_CALIBRATION, REFERENCE_SECONDS, STEPS, DemoContext, Forecast,
+                      calibration_step_seconds, step_classifier, step_encoder)
+from fae.precision import resolve_precision
 from fae.report import referenced_images
 
 
-def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("FAE_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
-    assert "report:" in capsys.readouterr().out
-    results = {s.name: json.loads((out / s.name / "done.json").read_text()) for s in STEPS}
+REPO = Path(__file__).resolve().parents[1]
 
-    # the frozen encoder was pretrained, cached, and is a folder FrozenEncoder loads
-    assert results["encoder"]["from_cache"] is False
-    assert (out / "encoder" / "encoder" / "config.json").is_file()
+
+@pytest.fixture(scope="module")
+def finished_demo(tmp_path_factory):
+    """A quick demo finished in <root>/runs/demo, with the repository's configs/ beside it: the layout the docs'
+    commands assume when run from a checkout after `fae demo`. Yields (root, what the demo printed)."""
+    root = tmp_path_factory.mktemp("checkout")
+    (root / "configs").symlink_to(REPO / "configs")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setenv("FAE_CACHE", str(root / "cache"))
+        assert main(["demo", "--quick", "--out", str(root / "runs" / "demo"), "--no-progress"]) == 0
+    return root, printed.getvalue()
+
+
+# Commands the docs and config headers show for use after `fae demo`, with the file that shows each. The test runs
+# each one from the checkout against the finished demo, writing to a scratch folder (`out`) and at a tiny size.
+DOCUMENTED = [
+    ("configs/demo/fae.yaml", "fae train fae --config configs/demo/fae.yaml --out runs/demo-fae",
+     ["train.steps=2", "data.limit=64", "eval.limit=16", "train.batch_size=16"]),
+    ("configs/demo/pixel_decoder.yaml",
+     "fae train pixel-decoder --config configs/demo/pixel_decoder.yaml --out runs/demo/pixel-decoder",
+     ["train.steps=2", "data.limit=64", "eval.limit=16", "train.batch_size=16"]),
+    ("configs/demo/pixel_decoder_finetune.yaml",
+     "fae train pixel-decoder --config configs/demo/pixel_decoder_finetune.yaml --out runs/demo/pixel-decoder-ft "
+     "--finetune-from runs/demo/pixel-decoder --fae runs/demo/fae",
+     ["train.steps=2", "data.limit=64", "eval.limit=16", "train.batch_size=16"]),
+    ("configs/demo/dit.yaml",
+     "fae encode --fae runs/demo/fae/fae --data configs/demo/fae.yaml --out runs/demo/latents/fae", ["limit=32"]),
+    ("docs/diffusion.md", "fae train dit --config configs/demo/dit.yaml --out runs/demo/dit",
+     ["train.steps=2", "train.batch_size=16"]),
+    ("docs/diffusion.md",
+     "fae sample --dit runs/demo/dit --fae runs/demo/pixel-decoder-ft/fae_pipeline --out samples -n 1000 "
+     "--guidance paper", ["-n", "4", "--steps", "2"]),
+    ("docs/evaluation.md", "fae eval probe --encoder runs/demo/encoder",
+     ["--train-limit", "64", "--test-limit", "32", "--epochs", "1", "--out", "{out}/probe.json"]),
+    ("docs/evaluation.md", "fae eval probe --fae runs/demo/fae/fae --config configs/demo/fae.yaml --train-limit 20000",
+     ["--train-limit", "64", "--test-limit", "32", "--epochs", "1", "--out", "{out}/probe-fae.json"]),
+]
+
+
+def _documented(text: str) -> str:
+    """A doc's text with shell line continuations joined and runs of spaces collapsed."""
+    return " ".join(text.replace("\\\n", " ").replace("#", " ").split())
+
+
+@pytest.mark.parametrize("doc,command,tiny", DOCUMENTED, ids=[c.split(" --")[0] for _, c, _ in DOCUMENTED])
+def test_documented_commands_work_after_the_demo(finished_demo, tmp_path, monkeypatch, doc, command, tiny):
+    root, _ = finished_demo
+    assert command in _documented((REPO / doc).read_text()), f"{doc} no longer shows: {command}"
+    args = command.split()[1:]
+    if "--out" in args:  # write somewhere new: the demo's own run folders stay as the demo left them
+        args[args.index("--out") + 1] = str(tmp_path / "out")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("FAE_CACHE", str(root / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root / "xdg"))  # stage 1's feature cache
+    assert main([*args, *[t.format(out=tmp_path) for t in tiny], "--no-progress"]) == 0
+
+
+def test_quick_demo_end_to_end(finished_demo, capsys, monkeypatch):
+    root, printed = finished_demo
+    monkeypatch.setenv("FAE_CACHE", str(root / "cache"))
+    out = root / "runs" / "demo"
+    assert "report:" in printed
+    # it says what it chose and what to expect, then one line per step with the time left
+    choice = resolve_precision("auto", "cpu")
+    assert f"[demo] precision: {choice.name} (auto;" in printed and "[demo] estimate: about" in printed
+    assert printed.count(" left") == len(STEPS)
+    results = {s.name: json.loads((out / s.name / "done.json").read_text()) for s in STEPS}
+    assert json.loads((out / "machine.json").read_text())["precision"] == choice.name
+
+    # the frozen encoder is the shipped one, where the configs in configs/demo/ look for it
+    assert results["encoder"]["origin"] == "shipped" and results["encoder"]["steps"] == 200
+    assert (out / "encoder" / "config.json").is_file()
     assert results["fae"]["images"] == 200 and results["fae"]["cos"] > 0.5
     decoders = results["finetune"]["decoders"]
     assert set(decoders) == {"gaussian(x)", "gaussian(x_hat)", "finetuned(x_hat)"}
@@ -39,13 +110,34 @@ def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert len(images) >= 8, images  # curves, reconstructions, four sample grids
     for src in images:
         assert (out / src).is_file(), src
-    for needle in ("class-agreement", "raw features", "PSNR", "random initialisation"):
+    for needle in ("class-agreement", "raw features", "PSNR", "random initialisation", f"Precision: {choice.name}"):
         assert needle in html
 
-    # a re-run skips everything; losing one step's marker redoes only that step (the encoder from the cache)
+    # a re-run skips everything; losing one step's folder redoes only that step
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     assert capsys.readouterr().out.count("done before") == len(STEPS)
     shutil.rmtree(out / "encoder")
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     assert capsys.readouterr().out.count("done before") == len(STEPS) - 1
-    assert json.loads((out / "encoder" / "done.json").read_text())["from_cache"] is True
+    assert json.loads((out / "encoder" / "done.json").read_text())["origin"] == "shipped"
+
+
+def test_from_scratch_trains_the_encoder_once_and_the_judge(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAE_CACHE", str(tmp_path / "cache"))
+    first = DemoContext(out=tmp_path / "a", quick=True, progress=False, from_scratch=True)
+    info = step_encoder(first)
+    assert info["origin"] == "trained" and info["steps"] == 10
+    assert (first.encoder_dir / "config.json").is_file() and (first.encoder_dir / "metrics.jsonl").is_file()
+    again = step_encoder(DemoContext(out=tmp_path / "b", quick=True, progress=False, from_scratch=True))
+    assert again["origin"] == "cache" and again["source"] == info["source"]
+    judge = step_classifier(first)
+    assert judge["origin"] == "trained" and judge["train_images"] == 2000 and judge["test_accuracy"] > 0.5
+
+
+def test_forecast_scales_by_calibration_then_by_observation():
+    forecast = Forecast("default", calibration=2 * REFERENCE_CALIBRATION)
+    steps = list(REFERENCE_SECONDS["default"])
+    assert forecast.left(steps) == pytest.approx(2 * sum(REFERENCE_SECONDS["default"].values()))
+    forecast.observe("fae", 3 * REFERENCE_SECONDS["default"]["fae"])  # the real work ran 3x slower
+    assert forecast.left(["dit"]) == pytest.approx(3 * REFERENCE_SECONDS["default"]["dit"])
+    assert calibration_step_seconds(steps=1) > 0

@@ -63,7 +63,8 @@ def _reference_tokens(variant: str, path: Path, pixel_values: torch.Tensor) -> t
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_matches_transformers_output(tiny_dirs: dict[str, Path], variant: str) -> None:
-    enc = FrozenEncoder.from_config(EncoderConfig(kind=_kind(variant), name_or_path=str(tiny_dirs[variant])))
+    enc = FrozenEncoder.from_config(EncoderConfig(kind=_kind(variant), name_or_path=str(tiny_dirs[variant]),
+                                                  precision="fp32"))  # parity with transformers' fp32 output
     assert enc.input_size == 16 and enc.grid == (4, 4) and enc.num_tokens == 16 and enc.dim == 32
     assert detect_kind(str(tiny_dirs[variant])) == _kind(variant)
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -118,8 +119,9 @@ def test_defaults_without_preprocessor(tmp_path: Path) -> None:
 @pytest.mark.parametrize("variant", ["dinov2", "dinov2_reg", "siglip2", "mae"])
 def test_non_affine_final_norm(tiny_dirs: dict[str, Path], variant: str) -> None:
     path = str(tiny_dirs[variant])
-    affine = FrozenEncoder.from_config(EncoderConfig(kind=_kind(variant), name_or_path=path))
-    plain = FrozenEncoder.from_config(EncoderConfig(kind=_kind(variant), name_or_path=path, affine_norm=False))
+    affine = FrozenEncoder.from_config(EncoderConfig(kind=_kind(variant), name_or_path=path, precision="fp32"))
+    plain = FrozenEncoder.from_config(EncoderConfig(kind=_kind(variant), name_or_path=path, affine_norm=False,
+                                                    precision="fp32"))
     images = torch.rand(2, 3, 16, 16)
     a, b = affine(images), plain(images)
     assert not torch.allclose(a, b, atol=1e-3)
@@ -234,3 +236,15 @@ def test_registry_gives_16x16_grids() -> None:
     with torch.device("meta"):
         reg = FrozenEncoder.skeleton("dinov2-reg-s")
     assert reg.num_prefix_tokens == 5  # CLS + 4 registers dropped
+
+
+def test_reference_differences_treat_one_folder_written_two_ways_as_one_encoder(tmp_path, monkeypatch):
+    from fae.encoders import reference_differences
+
+    (tmp_path / "runs" / "enc").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    ref = {"kind": "dinov2", "name_or_path": "runs/enc", "revision": None, "input_size": 32, "affine_norm": True}
+    assert reference_differences(ref, {**ref, "name_or_path": str(tmp_path / "runs" / "enc")}) == []
+    assert reference_differences(ref, {**ref, "name_or_path": "runs/other"}) == ["name_or_path"]
+    assert reference_differences(ref, {**ref, "input_size": 64, "kind": "mae"}) == ["kind", "input_size"]
+    assert reference_differences({**ref, "name_or_path": "org/a"}, {**ref, "name_or_path": "org/a"}) == []

@@ -13,7 +13,8 @@ from PIL import Image
 
 from fae.cli import main
 from fae.metrics import inception as inc
-from fae.metrics.inception import file_sha256, random_inception_state
+from fae.checkpoint import file_sha256
+from fae.metrics.inception import random_inception_state
 
 pytestmark = pytest.mark.filterwarnings("ignore:only .* samples")
 

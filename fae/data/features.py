@@ -33,10 +33,13 @@ def dataset_signature(dataset: Dataset) -> dict[str, Any]:
 
 
 def cache_metadata(encoder: Any, dataset: Dataset, flips: bool, dtype: str) -> dict[str, str]:
-    """The metadata a cache of `encoder` over `dataset` carries (all values are strings, as safetensors wants)."""
+    """The metadata a cache of `encoder` over `dataset` carries (all values are strings, as safetensors wants).
+    The encoder's resolved compute precision is part of it: bf16 and fp32 features of one image differ."""
+    precision = getattr(encoder, "precision", None)
     return {"format": CACHE_FORMAT, "encoder": json.dumps(encoder.reference(), sort_keys=True),
             "dataset": json.dumps(dataset_signature(dataset), sort_keys=True),
-            "length": str(len(dataset)), "flips": str(bool(flips)).lower(), "dtype": dtype}  # type: ignore[arg-type]
+            "length": str(len(dataset)), "flips": str(bool(flips)).lower(), "dtype": dtype,  # type: ignore[arg-type]
+            "precision": precision.name if precision is not None else "fp32"}
 
 
 class FeatureCache:
@@ -153,7 +156,9 @@ class CachedFeatureDataset(Dataset):
         if self.cache.metadata.get("dataset") != json.dumps(dataset_signature(base), sort_keys=True):
             raise ValueError(f"{self.cache.path} was built for another data set; rebuild it with build_feature_cache")
         if encoder_reference is not None:
-            differs = [k for k, v in encoder_reference.items() if self.cache.encoder.get(k) != v]
+            from fae.encoders import reference_differences
+
+            differs = reference_differences(self.cache.encoder, encoder_reference)
             if differs:
                 raise ValueError(f"{self.cache.path} was built with another encoder (differs in {differs}); rebuild it")
         self.hflip = bool(getattr(base, "hflip", False)) if hflip is None else hflip

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from fae import distributed as D
-from fae.checkpoint import atomic_save_safetensors, atomic_write_text
+from fae.checkpoint import atomic_save_safetensors, atomic_write_text, file_sha256
 from fae.data import check_index, flip_coin, split_key
 
 CACHE_FORMAT = "fae-latent-cache-v1"
@@ -192,15 +192,6 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
     return out
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None, encoder: Any | None = None,
                    split: str | None = None, options: EncodeOptions | None = None, device: str = "auto",
@@ -259,7 +250,9 @@ def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None
         cache = FeatureCache(feature_cache)
         if cache.metadata.get("dataset") != json.dumps(dataset_signature(dataset), sort_keys=True):
             raise ValueError(f"feature cache {feature_cache} was built for another data set than the one to encode")
-        differs = [k for k, v in encoder.reference().items() if cache.encoder.get(k) != v]
+        from fae.encoders import reference_differences
+
+        differs = reference_differences(cache.encoder, encoder.reference())
         if differs:
             raise ValueError(f"feature cache {feature_cache} was built with another encoder (differs in {differs})")
         if opts.flip and not cache.has_flips:

@@ -18,7 +18,6 @@ Score; `spatial` (B, 2023) = the first 7 channels of TF node `mixed_6/conv` (ReL
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Literal
@@ -26,6 +25,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fae.checkpoint import file_sha256
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
@@ -262,14 +263,6 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(missing_weights_message(tried))
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_fid_inception(path: str | Path | None = None, resize: ResizeMode = "tf1",

@@ -21,11 +21,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from fae.checkpoint import file_sha256
 from fae.config import ConfigError
 from fae.metrics.inception import (
     WEIGHTS_SHA256_PREFIX,
     ResizeMode,
-    file_sha256,
     find_inception_weights,
     load_fid_inception,
 )

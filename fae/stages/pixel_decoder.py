@@ -27,9 +27,9 @@ from fae.autoencoder import FeatureAutoEncoder
 from fae.checkpoint import CONFIG_NAME, atomic_save_safetensors, read_bundle_config
 from fae.config import ConfigError, from_dict
 from fae.data import DataConfig, build_dataset
-from fae.encoders import EncoderConfig, FrozenEncoder
+from fae.encoders import EncoderConfig, FrozenEncoder, reference_differences
 from fae.losses import PatchDiscriminator, PixelLoss, PixelLossConfig
-from fae.pipeline import FAE, same_encoder
+from fae.pipeline import FAE
 from fae.pixel_decoder import FeatureNoise, PixelDecoder, PixelDecoderConfig, feature_rms, scaled_noise_sigma
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
@@ -165,7 +165,7 @@ class PixelDecoderStage(TrainStage):
         ref = read_bundle_config(bundle).get("encoder")
         if ref is None:
             raise ConfigError(f"{bundle}: the bundle does not record which frozen encoder it belongs to")
-        differs = same_encoder(ref, self.encoder.reference())
+        differs = reference_differences(ref, self.encoder.reference())
         if differs:
             raise ConfigError(f"{bundle} was trained on another frozen encoder than encoder: {self.encoder.reference()} "
                               f"(differs in {differs})")

@@ -1,0 +1,119 @@
+"""Numeric precision, chosen from the hardware.
+
+`auto` (the default everywhere a precision is chosen) means bf16 autocast where the device runs bf16 natively and
+fp32 elsewhere. On CUDA that is `torch.cuda.is_bf16_supported()`. On a CPU the flags are not enough: oneDNN may
+be capped below the CPU's ISA (`ONEDNN_MAX_CPU_ISA`, `ATEN_CPU_CAPABILITY`), and a CPU without AVX-512 BF16 / AMX
+runs bf16 matmuls 15-60x slower than fp32. So `auto` times one small matmul of each kind, once per process, and
+takes bf16 only when it is actually faster. An explicit `bf16` still runs where it is slow, with one warning.
+The environment variable FAE_PRECISION=fp32|bf16 overrides what `auto` picks (for benchmarks and comparisons).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
+@dataclass(frozen=True)
+class CpuMatmulTiming:
+    fp32_ms: float
+    bf16_ms: float
+
+    @property
+    def bf16_native(self) -> bool:
+        return self.bf16_ms < self.fp32_ms
+
+    def describe(self) -> str:
+        return f"256x256 matmul: bf16 {self.bf16_ms:.2f} ms, fp32 {self.fp32_ms:.2f} ms"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_matmul_timing(size: int = 256, repeats: int = 3) -> CpuMatmulTiming:
+    """Best-of-`repeats` time of one size x size matmul in fp32 and in bf16 on this process's CPU settings."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
+
+    def best(x: torch.Tensor, y: torch.Tensor) -> float:
+        x @ y  # warm-up: first calls pick and JIT kernels
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - start)
+        return min(times) * 1e3
+
+    return CpuMatmulTiming(fp32_ms=best(a, b), bf16_ms=best(a.bfloat16(), b.bfloat16()))
+
+
+def bf16_native(device: torch.device | str) -> tuple[bool, str]:
+    """Whether `device` runs bf16 natively (fast), and the evidence in words."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        name = torch.cuda.get_device_name(device)
+        return ok, f"{name} {'supports' if ok else 'does not support'} bf16"
+    if device.type != "cpu":
+        return False, f"no bf16 check for device type {device.type!r}"
+    timing = cpu_matmul_timing()
+    capability = torch.backends.cpu.get_cpu_capability()
+    verdict = "native" if timing.bf16_native else "not native (emulated, slow)"
+    return timing.bf16_native, f"CPU {capability}, bf16 {verdict}: {timing.describe()}"
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What a run computes in: `name` is fp32 or bf16 (never auto); `reason` says why, for logs and reports."""
+
+    name: Literal["fp32", "bf16"]
+    requested: str
+    device_type: str
+    reason: str
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast, or autocast explicitly off (so an outer autocast cannot change fp32 code)."""
+        if self.name == "bf16":
+            return torch.autocast(self.device_type, dtype=torch.bfloat16)
+        return torch.autocast(self.device_type, enabled=False)
+
+    def describe(self) -> str:
+        how = "auto" if self.requested == "auto" else "requested"
+        return f"{self.name} ({how}; {self.reason})"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"precision": self.name, "requested": self.requested, "device": self.device_type,
+                "reason": self.reason}
+
+
+_warned: set[str] = set()
+
+
+def resolve_precision(requested: str, device: torch.device | str = "cpu") -> PrecisionChoice:
+    """Turn a configured precision (auto | fp32 | bf16) into the one this device will use."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, not {requested!r}")
+    device = torch.device(device)
+    wanted, source = requested, f"{requested} requested"
+    forced = os.environ.get("FAE_PRECISION", "")
+    if requested == "auto" and forced:
+        if forced not in ("fp32", "bf16"):
+            raise ValueError(f"FAE_PRECISION must be fp32 or bf16, not {forced!r}")
+        wanted, source = forced, f"FAE_PRECISION={forced}"
+    if wanted == "fp32":
+        return PrecisionChoice("fp32", requested, device.type, source)
+    native, evidence = bf16_native(device)
+    if wanted == "auto":
+        return PrecisionChoice("bf16" if native else "fp32", requested, device.type, evidence)
+    if not native and evidence not in _warned:
+        _warned.add(evidence)
+        warnings.warn(f"precision bf16 ({source}), but bf16 is not native here ({evidence}); it will run many "
+                      "times slower than fp32. Use precision auto or fp32.", stacklevel=2)
+    return PrecisionChoice("bf16", requested, device.type, f"{source}; {evidence}")

@@ -1,0 +1,75 @@
+"""The pretrained files fae ships (the demo's frozen encoder and judge) match the SHA-256 their manifests record,
+load as what they claim to be, are part of the package data, and a corrupt or missing file is refused by name."""
+from __future__ import annotations
+
+import fnmatch
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import fae.assets as assets
+from fae.checkpoint import file_sha256
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["demo-encoder", "demo-judge"])
+def test_shipped_files_match_their_manifest(name):
+    folder = assets.asset(name)
+    recorded = assets.manifest(name)["files"]
+    assert "model.safetensors" in recorded and "config.json" in recorded
+    assert {p.name for p in folder.iterdir() if p.is_file()} == {*recorded, assets.MANIFEST}
+    for file, digest in recorded.items():
+        assert file_sha256(folder / file) == digest
+    assert assets.manifest(name)["command"].startswith("python scripts/ship_demo_assets.py")
+
+
+def test_shipped_encoder_is_the_demo_encoder():
+    from fae.encoders import EncoderConfig, FrozenEncoder
+
+    encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(assets.asset("demo-encoder"))))
+    assert encoder.grid == (8, 8) and encoder.dim == 128 and encoder.input_size == 32
+    features = encoder(torch.rand(2, 3, 32, 32))
+    assert features.shape == (2, 64, 128) and features.std() > 0.1
+    assert assets.manifest("demo-encoder")["steps"] == 200
+
+
+def test_shipped_judge_classifies_real_images():
+    from fae.checkpoint import read_bundle_config
+    from fae.classifier import SmallCNN
+    from fae.data import DataConfig, build_dataset
+
+    judge = SmallCNN.from_pretrained(assets.asset("demo-judge"))
+    assert read_bundle_config(assets.asset("demo-judge"))["test_accuracy"] > 0.85
+    test = build_dataset(DataConfig(kind="fashion_mnist", image_size=32, limit=200), "test")
+    images = torch.stack([test[i]["image"] for i in range(len(test))])
+    labels = torch.stack([test[i]["label"] for i in range(len(test))])
+    assert (judge.predict(images) == labels).float().mean() > 0.8
+
+
+def test_corrupt_or_missing_asset_is_refused_by_name(tmp_path, monkeypatch):
+    shutil.copytree(assets.ROOT / "demo-judge", tmp_path / "demo-judge")
+    monkeypatch.setattr(assets, "ROOT", tmp_path)
+    assert assets.asset("demo-judge") == tmp_path / "demo-judge"
+    weights = tmp_path / "demo-judge" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors is corrupt"):
+        assets.asset("demo-judge")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        assets.asset("demo-judge")
+    with pytest.raises(FileNotFoundError, match="'demo-encoder'"):
+        assets.asset("demo-encoder")
+
+
+def test_every_asset_file_is_package_data():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["fae"]
+    files = [p.relative_to(REPO / "fae").as_posix() for p in (REPO / "fae" / "assets").glob("*/*")]
+    assert files
+    for file in files:
+        assert any(fnmatch.fnmatch(file, pattern) for pattern in patterns), file
