@@ -229,7 +229,7 @@ def step_samples(ctx: DemoContext) -> dict[str, Any]:
     classifier = SmallCNN.from_pretrained(ctx.judge_dir).eval()
     test = build_dataset(replace(ctx.data_config(), hflip=False, limit=p["fd_reference"]), "test")
     images = to_uint8(torch.stack([test[i]["image"] for i in range(len(test))]))
-    network = EncoderNetwork(FrozenEncoder.from_config(ctx.encoder_config()))
+    network = EncoderNetwork(FrozenEncoder.from_config(replace(ctx.encoder_config(), precision="fp32")))  # a metric
     reference = load_reference(TensorSource(images, name="test split"), network)  # features once, for every FD
     half = len(images) // 2
     info: dict[str, Any] = {"fd_test_half_vs_half": fid(images[:half], TensorSource(images[half:]), network),

@@ -104,7 +104,8 @@ class EncoderNetwork:
 
     @classmethod
     def from_spec(cls, spec: str, device: str | torch.device = "cpu") -> EncoderNetwork:
-        """`<folder or hub id>` (kind read from its config.json) or `<kind>:<folder or hub id>`."""
+        """`<folder or hub id>` (kind read from its config.json) or `<kind>:<folder or hub id>`. Runs in fp32, like
+        every metric network: a distance must not depend on whether the device has native bf16."""
         from fae.encoders import KINDS, EncoderConfig, FrozenEncoder
 
         kind, _, rest = spec.partition(":")
@@ -112,7 +113,8 @@ class EncoderNetwork:
             name_or_path = rest
         else:
             kind, name_or_path = _detect_kind(spec), spec
-        return cls(FrozenEncoder.from_config(EncoderConfig(kind=kind, name_or_path=name_or_path)), device)  # type: ignore[arg-type]
+        config = EncoderConfig(kind=kind, name_or_path=name_or_path, precision="fp32")  # type: ignore[arg-type]
+        return cls(FrozenEncoder.from_config(config), device)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
