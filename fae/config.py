@@ -152,10 +152,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return data
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # configs/ of a checkout is a link to it
+
+
+def find_config(path: str | Path) -> Path:
+    """A config file: `path` itself, or, for `configs/...` when there is no such file here (an installed fae run
+    outside a checkout), the copy that ships inside the package."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    if path.is_file():
+        return path
+    if not path.is_absolute() and path.parts[:1] == ("configs",):
+        packaged = PACKAGED_CONFIGS.joinpath(*path.parts[1:])
+        if packaged.is_file():
+            return packaged
+        raise ConfigError(f"config file not found: {path} (nor {packaged} in the installed package; "
+                          f"the packaged configs are {', '.join(sorted(_packaged_names()))})")
+    raise ConfigError(f"config file not found: {path}")
+
+
+def _packaged_names() -> list[str]:
+    return [f"configs/{p.relative_to(PACKAGED_CONFIGS).as_posix()}" for p in PACKAGED_CONFIGS.glob("*/*.yaml")]
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = find_config(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

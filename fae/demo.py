@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fae.checkpoint import atomic_write_text
-from fae.config import apply_overrides, from_dict, read_yaml
+from fae.config import PACKAGED_CONFIGS, apply_overrides, from_dict, read_yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
+CONFIG_DIR = PACKAGED_CONFIGS / "demo"
 
 # Per-stage overrides of the configs/demo/*.yaml files, and the demo's own knobs. "default" is sized to finish in
 # about ten minutes on two CPU cores (docs/benchmarks.md has the per-step times), "quick" in under two.
@@ -80,7 +80,7 @@ class DemoContext:
 
         path = CONFIG_DIR / name
         if not path.is_file():
-            raise FileNotFoundError(f"demo config {path} is missing (run fae demo from a checkout of the repository)")
+            raise FileNotFoundError(f"demo config {path} is missing from this installation of fae; reinstall it")
         data = apply_overrides(read_yaml(path), overrides)
         data.pop("stage", None)
         return from_dict(stage_module(stage).Config, data)

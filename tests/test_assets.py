@@ -66,10 +66,25 @@ def test_corrupt_or_missing_asset_is_refused_by_name(tmp_path, monkeypatch):
         assets.asset("demo-encoder")
 
 
-def test_every_asset_file_is_package_data():
+def test_every_asset_and_config_is_package_data():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["fae"]
-    files = [p.relative_to(REPO / "fae").as_posix() for p in (REPO / "fae" / "assets").glob("*/*")]
-    assert files
+    files = [p.relative_to(REPO / "fae").as_posix() for folder in ("assets", "configs")
+             for p in (REPO / "fae" / folder).glob("*/*")]
+    assert len(files) > 10 and any(f.startswith("configs/paper/") for f in files)
     for file in files:
         assert any(fnmatch.fnmatch(file, pattern) for pattern in patterns), file
+
+
+def test_configs_resolve_to_the_packaged_copy_outside_a_checkout(tmp_path, monkeypatch):
+    from fae.config import ConfigError, read_yaml
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert read_yaml("configs/paper/fae_dinov2_g14.yaml")["stage"] == "fae"
+    (tmp_path / "configs" / "paper").mkdir(parents=True)  # a local file of the same name wins
+    (tmp_path / "configs" / "paper" / "fae_dinov2_g14.yaml").write_text("stage: mine\n")
+    assert read_yaml("configs/paper/fae_dinov2_g14.yaml")["stage"] == "mine"
+    with pytest.raises(ConfigError, match="configs/demo/fae.yaml"):
+        read_yaml("configs/demo/nope.yaml")
+    with pytest.raises(ConfigError, match="config file not found: other/x.yaml"):
+        read_yaml("other/x.yaml")
