@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from fae.dit import DiT, DiTConfig
+from fae.models.dit import DiT, DiTConfig
 from fae.transport import GuidanceSchedule, GuidedVelocity
 
 

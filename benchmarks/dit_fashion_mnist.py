@@ -66,13 +66,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from fae.classifier import class_agreement, train_classifier
     from fae.config import from_dict, read_yaml, to_dict
     from fae.data import DataConfig, build_dataset
     from fae.data.features import FeatureCache
-    from fae.data.latents import EncodeOptions, encode_latents
+    from fae.data.latents import EncodeOptions
     from fae.encoders import EncoderConfig, FrozenEncoder
+    from fae.encoding import encode_latents
     from fae.metrics import EncoderNetwork, TensorSource, fid
+    from fae.metrics.judge import class_agreement, train_classifier
     from fae.sampling import generate, load_decoder, load_generator, write_samples
     from fae.stages import load_stage_config, train_stage
     from fae.transport import GuidanceSchedule, SamplerConfig
@@ -163,7 +164,7 @@ def main() -> None:
     # 6. classifier on real images
     clf = train_classifier(replace(data_cfg, limit=None), work / "classifier", epochs=args.clf_epochs, progress=False,
                            device=device, train_limit=args.clf_limit)
-    from fae.checkpoint import read_bundle_config
+    from fae.io import read_bundle_config
 
     report["classifier_test_accuracy"] = read_bundle_config(work / "classifier")["test_accuracy"]
     log(f"classifier test accuracy {report['classifier_test_accuracy']:.4f}")

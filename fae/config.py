@@ -188,9 +188,3 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
     data = read_yaml(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, list(overrides)))
-
-
-def save_config(obj: Any, path: str | Path) -> None:
-    from fae.checkpoint import atomic_write_text
-
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(obj), sort_keys=False))

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from fae.autoencoder import FeatureAutoEncoder
-from fae.checkpoint import CONFIG_NAME, atomic_write_text, read_bundle_config, resolve_pretrained
 from fae.config import ConfigError
 from fae.encoders import FrozenEncoder, reference_differences
-from fae.pixel_decoder import PixelDecoder
-
+from fae.io import CONFIG_NAME, atomic_write_text, read_bundle_config, resolve_pretrained
+from fae.models.autoencoder import FeatureAutoEncoder
+from fae.models.pixel_decoder import PixelDecoder
 
 
 class FAE(nn.Module):

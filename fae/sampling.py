@@ -1,6 +1,6 @@
 """Sampling images from a trained generator: DiT bundle + FAE (+ pixel decoder) -> grid PNG, PNGs, ADM `.npz`.
 
-    gen = load_generator("runs/dit")                        # bundle, run folder, or unfinished run (newest EMA)
+    gen = load_generator("runs/dit")                        # bundle or finished run folder
     decode = load_decoder(gen, fae="runs/pixel-decoder-ft/fae_pipeline")
     result = generate(gen, decode, num_samples=100, seed=0, sampler=SamplerConfig(guidance=GuidanceSchedule.paper()))
     write_samples("samples/", result, gen.class_names)
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from fae import distributed as D
-from fae.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text, file_sha256, read_bundle_config
 from fae.config import ConfigError, to_dict
 from fae.data.latents import denormalize
-from fae.dit import DiT
+from fae.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text, file_sha256, read_bundle_config
+from fae.models.dit import DiT
 from fae.precision import resolve_precision
 from fae.transport import GuidedVelocity, SamplerConfig, initial_noise, sample, sample_generators
 
@@ -62,44 +62,27 @@ def _find_bundle(path: Path, names: Sequence[str], cls: str | None = None) -> Pa
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
-    """A DiT bundle (`<run>/dit`), a run folder holding one, or an unfinished run folder: then the newest
-    checkpoint's EMA weights with the run's config.yaml."""
+    """A DiT bundle (`<run>/dit`) or a finished run folder holding one. (An unfinished `fae train dit` run folder:
+    `fae.stages.dit.load_run_generator`, which knows the stage's checkpoints.)"""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"generator {path}: no such folder")
     bundle = _find_bundle(path, ["dit"], cls="DiT")
-    if bundle is not None:
-        model = DiT.from_pretrained(bundle, map_location=device)
-        record = read_bundle_config(bundle)
-        source = str(bundle)
-    else:
-        model, record, source = _from_checkpoint(path, device)
+    if bundle is None:
+        raise FileNotFoundError(f"{path} holds no DiT bundle (an unfinished run? `fae sample` and "
+                                "fae.stages.dit.load_run_generator read its newest checkpoint)")
+    return make_generator(DiT.from_pretrained(bundle, map_location=device), read_bundle_config(bundle), str(bundle),
+                          device)
+
+
+def make_generator(model: DiT, record: dict[str, Any], source: str, device: str | torch.device = "cpu") -> Generator:
+    """A Generator from a DiT and what its bundle records (latent statistics, transport)."""
     if "latent_stats" not in record:
         raise ConfigError(f"{source}: the generator records no latent statistics; export it with `fae train dit`")
     stats = record["latent_stats"]
     return Generator(model.eval(), torch.tensor(stats["mean"], dtype=torch.float32, device=device),
                      torch.tensor(stats["std"], dtype=torch.float32, device=device),
                      float(record.get("transport", {}).get("time_shift", 1.0)), record, source)
-
-
-def _from_checkpoint(run: Path, device: str | torch.device) -> tuple[DiT, dict[str, Any], str]:
-    from safetensors.torch import load_file
-
-    from fae.data.latents import LatentCache
-    from fae.stages import load_stage_config
-    from fae.stages.dit import generator_record
-    from fae.training import checkpoint_dirs
-
-    ckpts = checkpoint_dirs(run)
-    if not ckpts or not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is neither a DiT bundle nor a `fae train dit` run folder with checkpoints")
-    name, cfg = load_stage_config(run / "config.yaml", stage="dit")
-    model = DiT(cfg.model)
-    weights = ckpts[-1] / "model.ema.safetensors"
-    if not weights.is_file():
-        weights = ckpts[-1] / "model.safetensors"
-    model.load_state_dict(load_file(str(weights), device=str(device)))
-    return model.to(device), generator_record(cfg, LatentCache(cfg.latents)), str(weights)
 
 
 def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: str | Path | None = None,
@@ -110,8 +93,8 @@ def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: s
     `pixel_decoder`; by default the FAE bundle the latent cache was encoded with. Raw-feature latents: the features
     go straight into `pixel_decoder`.
     """
+    from fae.models.pixel_decoder import PixelDecoder
     from fae.pipeline import FAE
-    from fae.pixel_decoder import PixelDecoder
 
     latents = gen.record.get("latents", {})
     if latents.get("source") == "raw_features":

@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from fae import distributed as D
-from fae.checkpoint import atomic_save_safetensors, atomic_write_text, replace_dir, state_dict_for_save
-from fae.config import save_config
+from fae.io import atomic_save_safetensors, atomic_write_text, replace_dir, save_config, state_dict_for_save
 from fae.precision import PRECISIONS, Precision, resolve_precision
 
 
@@ -362,7 +361,8 @@ class Trainer:
                           f"({self.bad_steps}/{self.cfg.max_bad_steps} in a row)")
             if self.bad_steps >= self.cfg.max_bad_steps:
                 ckpts = checkpoint_dirs(self.out_dir)
-                where = f"the last checkpoint is {ckpts[-1]} (skipped updates leave weights finite)" if ckpts else "no checkpoint was written yet"
+                where = (f"the last checkpoint is {ckpts[-1]} (skipped updates leave weights finite)" if ckpts
+                         else "no checkpoint was written yet")
                 raise TrainingError(f"loss was not finite for {self.bad_steps} steps in a row (group '{group}', step "
                                     f"{self.step}); {where}. Lower the learning rate, enable grad clipping or use fp32.")
         opt.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@ the SHA-256 of every file (checked on every use and by the tests):
 
 - demo-encoder: the demo's frozen encoder, configs/demo/encoder_pretrain.yaml (seed 0, fp32): 200 steps of
   DINO + iBOT on the Fashion-MNIST training images, no labels. The teacher is exported with its loss curves.
-- demo-judge: the class-agreement judge, `fae.classifier.train_classifier` with JUDGE below on the real training
+- demo-judge: the class-agreement judge, `fae.metrics.judge.train_classifier` with JUDGE below on the real training
   images (the only place labels are used besides the probes).
 
 The shipped files were made under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (fp32). Another CPU kind trains
@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from fae.assets import ROOT, write_manifest
-from fae.checkpoint import replace_dir
+from fae.io import replace_dir
 
 REPO = Path(__file__).resolve().parents[1]
 ENCODER_CONFIG = REPO / "configs" / "demo" / "encoder_pretrain.yaml"
-# the judge's training settings (fae.classifier.train_classifier); fae demo reads them back from the manifest
+# the judge's training settings (fae.metrics.judge.train_classifier); fae demo reads them back from the manifest
 JUDGE = {"epochs": 2, "train_limit": 30000, "lr": 3e-3, "seed": 0, "width": 32}
 
 
@@ -53,9 +53,9 @@ def make_encoder(work: Path, staged: Path) -> dict:
 
 
 def make_judge(work: Path, staged: Path) -> dict:
-    from fae.classifier import train_classifier
     from fae.config import from_dict, read_yaml
     from fae.data import DataConfig
+    from fae.metrics.judge import train_classifier
 
     data = from_dict(DataConfig, read_yaml(REPO / "configs" / "demo" / "fae.yaml")["data"])
     train_classifier(data, staged, progress=True, **JUDGE)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fae.assets as assets
-from fae.checkpoint import file_sha256
+from fae.io import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,9 +37,9 @@ def test_shipped_encoder_is_the_demo_encoder():
 
 
 def test_shipped_judge_classifies_real_images():
-    from fae.checkpoint import read_bundle_config
-    from fae.classifier import SmallCNN
     from fae.data import DataConfig, build_dataset
+    from fae.io import read_bundle_config
+    from fae.metrics.judge import SmallCNN
 
     judge = SmallCNN.from_pretrained(assets.asset("demo-judge"))
     assert read_bundle_config(assets.asset("demo-judge"))["test_accuracy"] > 0.85

@@ -14,8 +14,19 @@ import torch
 from PIL import Image
 
 from fae.config import ConfigError, from_dict
-from fae.data import (CachedFeatureDataset, DataConfig, FashionMNIST, FeatureCache, ImageFolderDataset,
-                      build_dataset, build_feature_cache, center_crop_arr, flip_coin, read_idx, split_key)
+from fae.data import (
+    CachedFeatureDataset,
+    DataConfig,
+    FashionMNIST,
+    FeatureCache,
+    ImageFolderDataset,
+    build_dataset,
+    build_feature_cache,
+    center_crop_arr,
+    flip_coin,
+    read_idx,
+    split_key,
+)
 from fae.data.idx import FASHION_MNIST_DIR
 from fae.encoders import EncoderConfig, FrozenEncoder, save_tiny_encoder
 

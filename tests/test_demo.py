@@ -11,11 +11,18 @@ from pathlib import Path
 import pytest
 
 from fae.cli import main
-from fae.demo import (REFERENCE_CALIBRATION, REFERENCE_SECONDS, STEPS, DemoContext, Forecast,
-                      calibration_step_seconds, step_classifier, step_encoder)
+from fae.demo import (
+    REFERENCE_CALIBRATION,
+    REFERENCE_SECONDS,
+    STEPS,
+    DemoContext,
+    Forecast,
+    calibration_step_seconds,
+    step_classifier,
+    step_encoder,
+)
+from fae.demo.html import referenced_images
 from fae.precision import resolve_precision
-from fae.report import referenced_images
-
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fae.dit import DiT, DiTConfig, dit_config
+from fae.models.dit import DiT, DiTConfig, dit_config
 from fae.nn import count_parameters
 from fae.transport import GuidedVelocity, SamplerConfig, TransportConfig, flow_matching_loss, sample
 

@@ -11,8 +11,14 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 from fae.config import ConfigError, from_dict
-from fae.encoders import (KNOWN_ENCODERS, EncoderConfig, FrozenEncoder, detect_kind, known_encoder_config,
-                          save_tiny_encoder)
+from fae.encoders import (
+    KNOWN_ENCODERS,
+    EncoderConfig,
+    FrozenEncoder,
+    detect_kind,
+    known_encoder_config,
+    save_tiny_encoder,
+)
 
 # distinctive mean/std, so a test fails if the preprocessor config is ignored
 MEAN, STD = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)

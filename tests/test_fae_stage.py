@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fae.autoencoder import FeatureAutoEncoder
-from fae.checkpoint import read_bundle_config
 from fae.cli import main
 from fae.encoders import save_tiny_encoder
+from fae.io import read_bundle_config
+from fae.models.autoencoder import FeatureAutoEncoder
 from fae.training import checkpoint_dirs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from fae.autoencoder import FAEConfig, FeatureAutoEncoder
 from fae.data import flip_coin, split_key
 from fae.data.idx import FashionMNIST
 from fae.data.latents import (
@@ -15,10 +14,11 @@ from fae.data.latents import (
     LatentCache,
     LatentDataset,
     encode_dataset,
-    encode_latents,
     make_latent_fn,
 )
 from fae.encoders import EncoderConfig, FrozenEncoder, save_tiny_encoder
+from fae.encoding import encode_latents
+from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from fae.cli import main
+from fae.io import file_sha256
 from fae.metrics import inception as inc
-from fae.checkpoint import file_sha256
 from fae.metrics.inception import random_inception_state
 
 pytestmark = pytest.mark.filterwarnings("ignore:only .* samples")
@@ -108,9 +108,9 @@ def test_rfid_command_psnr_ssim(tmp_path: Path) -> None:
 
 
 def test_probe_raw_recon_latent(tmp_path: Path, tiny_encoder: Path) -> None:
-    from fae.autoencoder import FAEConfig, FeatureAutoEncoder
     from fae.data.idx import FASHION_MNIST_DIR
     from fae.encoders import EncoderConfig, FrozenEncoder
+    from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
 
     if not (Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST (apt-get install dataset-fashion-mnist) is not installed")

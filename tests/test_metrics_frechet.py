@@ -1,7 +1,6 @@
 """Fréchet distance: parity with scipy.linalg.sqrtm, exact answers on ill-conditioned cases, clear errors."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import scipy.linalg

@@ -2,7 +2,6 @@
 is deterministic, and picks its grid point on the held-out split."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 

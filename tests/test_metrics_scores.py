@@ -2,7 +2,6 @@
 re-implementation of the ADM evaluator's ManifoldEstimator semantics."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from fae.config import ConfigError, from_dict
-from fae.nn import count_parameters
-from fae.pixel_decoder import (
+from fae.models.pixel_decoder import (
     FeatureNoise,
     PixelDecoder,
     PixelDecoderConfig,
@@ -14,6 +13,7 @@ from fae.pixel_decoder import (
     pixel_decoder_config,
     scaled_noise_sigma,
 )
+from fae.nn import count_parameters
 
 
 def tiny_config(**kw) -> PixelDecoderConfig:
@@ -130,10 +130,10 @@ from pathlib import Path  # noqa: E402
 
 from safetensors.torch import load_file  # noqa: E402
 
-from fae.autoencoder import FAEConfig, FeatureAutoEncoder  # noqa: E402
-from fae.checkpoint import read_bundle_config  # noqa: E402
 from fae.cli import main  # noqa: E402
-from fae.encoders import FrozenEncoder, EncoderConfig, save_tiny_encoder  # noqa: E402
+from fae.encoders import EncoderConfig, FrozenEncoder, save_tiny_encoder  # noqa: E402
+from fae.io import read_bundle_config  # noqa: E402
+from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder  # noqa: E402
 from fae.pipeline import FAE  # noqa: E402
 from fae.stages import load_stage_config, train_stage  # noqa: E402
 
@@ -278,7 +278,7 @@ def test_finetune_config_errors(tmp_path, encoder_dir):
 
 
 def test_seam_ratio_detects_a_patch_grid():
-    from fae.reconstruction import SeamAccumulator
+    from fae.metrics.reconstruction import SeamAccumulator
 
     x = torch.rand(4, 3, 16, 16)
     smooth, blocky = SeamAccumulator(4), SeamAccumulator(4)

@@ -1,4 +1,4 @@
-"""Self-supervised pretraining of the demo encoder (fae.pretrain): schedule and masks, mimetic init, a tiny run
+"""Self-supervised pretraining of the demo encoder (fae.stages.encoder): schedule and masks, mimetic init, a tiny run
 that exports a folder FrozenEncoder loads, exact resume, and the cache that lets a second demo skip training."""
 from __future__ import annotations
 
@@ -9,9 +9,17 @@ import torch
 from safetensors.torch import load_file
 
 from fae.config import ConfigError, apply_overrides, from_dict, read_yaml
-from fae.pretrain import (RECORD_NAME, Config, EncoderArchConfig, build_encoder, cache_key, demo_encoder,
-                          random_masks, teacher_momentum)
 from fae.stages import train_stage
+from fae.stages.encoder import (
+    RECORD_NAME,
+    Config,
+    EncoderArchConfig,
+    build_encoder,
+    cache_key,
+    demo_encoder,
+    random_masks,
+    teacher_momentum,
+)
 
 TINY = ["data.limit=96", "data.image_size=16", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
         "views.local_crops=1", "views.local_size=8", "objective.prototypes=32", "objective.head_hidden=32",

@@ -13,17 +13,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fae.autoencoder import FAEConfig, FeatureAutoEncoder
-from fae.checkpoint import read_bundle_config
 from fae.cli import main
 from fae.config import ConfigError
 from fae.data.latents import LatentCache
-from fae.dit import DiT
 from fae.encoders import EncoderConfig, FrozenEncoder, save_tiny_encoder
+from fae.io import read_bundle_config
+from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
+from fae.models.dit import DiT
+from fae.models.pixel_decoder import PixelDecoder, PixelDecoderConfig
 from fae.pipeline import FAE
-from fae.pixel_decoder import PixelDecoder, PixelDecoderConfig
 from fae.sampling import image_grid, load_decoder, load_generator, make_labels
 from fae.stages import load_stage_config, train_stage
+from fae.stages.dit import load_run_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +132,9 @@ def test_torchrun_two_processes_give_the_same_images(world, tmp_path):
 def test_unfinished_run_and_decoder_errors(world, tmp_path):
     _, cfg = load_stage_config(world["cfg"])
     train_stage("dit", cfg, tmp_path / "partial", progress=False, stop_at=3)
-    gen = load_generator(tmp_path / "partial")                          # newest checkpoint's EMA weights
+    with pytest.raises(FileNotFoundError, match="load_run_generator"):
+        load_generator(tmp_path / "partial")                            # the sampling layer reads bundles only
+    gen = load_run_generator(tmp_path / "partial")                      # newest checkpoint's EMA weights
     ema = load_file(str(tmp_path / "partial" / "checkpoints" / "step_00000003" / "model.ema.safetensors"))
     assert torch.equal(gen.model.state_dict()["final_layer.linear.weight"], ema["final_layer.linear.weight"])
     assert gen.time_shift == 0.5 and isinstance(gen.model, DiT)
@@ -157,9 +160,9 @@ def test_labels_and_grid():
 
 
 def test_class_agreement_classifier(tmp_path):
-    from fae.checkpoint import read_bundle_config
-    from fae.classifier import class_agreement, train_classifier
     from fae.data import DataConfig, build_dataset
+    from fae.io import read_bundle_config
+    from fae.metrics.judge import class_agreement, train_classifier
 
     data = DataConfig(kind="fashion_mnist", image_size=16)
     clf = train_classifier(data, tmp_path / "clf", epochs=3, width=16, train_limit=3000, progress=False)

@@ -10,8 +10,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fae.data import split_key
-from fae.training import (EMA, OptimConfig, ResumableSampler, TrainConfig, Trainer, TrainingError, TrainStage,
-                          checkpoint_dirs, load_run_state)
+from fae.training import (
+    EMA,
+    OptimConfig,
+    ResumableSampler,
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    TrainStage,
+    checkpoint_dirs,
+    load_run_state,
+)
 
 
 class ToyData(Dataset):

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fae.checkpoint import file_sha256
+from fae.io import file_sha256
 
 ROOT = Path(__file__).resolve().parent
 MANIFEST = "manifest.json"

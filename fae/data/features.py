@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
-from fae.checkpoint import atomic_save_safetensors
 from fae.data.keys import check_index, flip_coin, split_key
+from fae.io import atomic_save_safetensors, reference_differences
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "fae-feature-cache-v1"
@@ -156,8 +156,6 @@ class CachedFeatureDataset(Dataset):
         if self.cache.metadata.get("dataset") != json.dumps(dataset_signature(base), sort_keys=True):
             raise ValueError(f"{self.cache.path} was built for another data set; rebuild it with build_feature_cache")
         if encoder_reference is not None:
-            from fae.encoders import reference_differences
-
             differs = reference_differences(self.cache.encoder, encoder_reference)
             if differs:
                 raise ValueError(f"{self.cache.path} was built with another encoder (differs in {differs}); rebuild it")

@@ -2,8 +2,17 @@
 linear probing, with pluggable feature networks, cached features and ADM-compatible reference statistics.
 docs/evaluation.md explains each metric and the paper's protocol."""
 from fae.metrics.evaluate import evaluate_generation, evaluate_reconstruction, fid
-from fae.metrics.features import (CallableSource, FeatureSet, FolderSource, ImageSource, NpzSource, TensorSource,
-                                  default_cache_dir, extract_features, open_images)
+from fae.metrics.features import (
+                                  CallableSource,
+                                  FeatureSet,
+                                  FolderSource,
+                                  ImageSource,
+                                  NpzSource,
+                                  TensorSource,
+                                  default_cache_dir,
+                                  extract_features,
+                                  open_images,
+)
 from fae.metrics.frechet import FrechetError, GaussianStats, StatsAccumulator, compute_stats, frechet_distance
 from fae.metrics.inception import FIDInceptionV3, find_inception_weights, load_fid_inception
 from fae.metrics.networks import EncoderNetwork, FeatureNetwork, InceptionNetwork, build_network

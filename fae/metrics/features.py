@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from fae.checkpoint import atomic_write
 from fae.config import ConfigError
+from fae.io import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 FEATURE_FORMAT = 1  # bump when the extraction protocol changes: old cache entries are then ignored

@@ -15,14 +15,13 @@ A `FeatureNetwork` has a `name`, a `weights_hash` (both go into reports and feat
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from fae.checkpoint import file_sha256
 from fae.config import ConfigError
+from fae.io import file_sha256
 from fae.metrics.inception import (
     WEIGHTS_SHA256_PREFIX,
     ResizeMode,

@@ -238,10 +238,10 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
 
     Returns an EvalReport whose table has one row per input (top-1, best pooling and learning rate).
     """
-    from fae.checkpoint import read_bundle_config
     from fae.config import from_dict, read_yaml
     from fae.data import DataConfig, build_dataset
     from fae.encoders import EncoderConfig, FrozenEncoder
+    from fae.io import read_bundle_config
     from fae.metrics.networks import _detect_kind, resolve_device, state_dict_sha256
     from fae.metrics.report import EvalReport
 
@@ -249,7 +249,7 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
     dev = resolve_device(device)
     autoencoder, enc_ref = None, None
     if fae is not None:
-        from fae.autoencoder import FeatureAutoEncoder
+        from fae.models.autoencoder import FeatureAutoEncoder
 
         enc_ref = read_bundle_config(fae).get("encoder")
         autoencoder = FeatureAutoEncoder.from_pretrained(fae).to(dev).eval()

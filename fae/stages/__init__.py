@@ -16,7 +16,7 @@ STAGES: dict[str, str] = {
     "fae": "fae.stages.autoencoder",
     "pixel-decoder": "fae.stages.pixel_decoder",
     "dit": "fae.stages.dit",
-    "encoder": "fae.pretrain",  # self-supervised pretraining of the demo encoder
+    "encoder": "fae.stages.encoder",  # self-supervised pretraining of the demo encoder
 }
 
 

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fae.autoencoder import FAEConfig, FeatureAutoEncoder, vae_loss
 from fae.config import ConfigError
 from fae.data import DataConfig, build_dataset
 from fae.encoders import EncoderConfig, FrozenEncoder
+from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder, vae_loss
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
 
@@ -84,8 +84,9 @@ class FAEStage(TrainStage):
         assert isinstance(model, FeatureAutoEncoder)
         bundle = model.save_pretrained(out_dir / "fae", extra={"encoder": self.encoder.reference()})
         if self.cfg.eval.limit != 0:
-            from fae.checkpoint import atomic_write_text
             import json
+
+            from fae.io import atomic_write_text
 
             scores = evaluate_reconstruction(model, self.encoder, self.cfg)
             atomic_write_text(out_dir / "eval.json", json.dumps(scores, indent=2))

@@ -21,7 +21,9 @@ from torch.utils.data import Dataset
 
 from fae.config import ConfigError, to_dict
 from fae.data.latents import LatentCache, LatentDataset
-from fae.dit import DiT, DiTConfig
+from fae.io import CONFIG_NAME
+from fae.models.dit import DiT, DiTConfig
+from fae.sampling import Generator, load_generator, make_generator
 from fae.training import OptimConfig, TrainConfig, TrainStage
 from fae.transport import TransportConfig, flow_matching_loss
 
@@ -90,3 +92,26 @@ def build(cfg: Config) -> DiTStage:
 
 def components(cfg: Config) -> dict[str, nn.Module]:
     return {"diffusion transformer": DiT(cfg.model)}
+
+
+def load_run_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
+    """A DiT bundle or finished run folder (fae.sampling.load_generator), or an unfinished `fae train dit` run
+    folder: then the newest checkpoint's EMA weights with the run's config.yaml."""
+    from safetensors.torch import load_file
+
+    from fae.stages import load_stage_config
+    from fae.training import checkpoint_dirs
+
+    run = Path(path)
+    ckpts = checkpoint_dirs(run) if run.is_dir() else []
+    if not ckpts or any((run / n / CONFIG_NAME).is_file() for n in (".", "dit")):
+        return load_generator(run, device)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is neither a DiT bundle nor a `fae train dit` run folder with checkpoints")
+    _, cfg = load_stage_config(run / "config.yaml", stage="dit")
+    model = DiT(cfg.model)
+    weights = ckpts[-1] / "model.ema.safetensors"
+    if not weights.is_file():
+        weights = ckpts[-1] / "model.safetensors"
+    model.load_state_dict(load_file(str(weights), device=str(device)))
+    return make_generator(model.to(device), generator_record(cfg, LatentCache(cfg.latents)), str(weights), device)

@@ -23,14 +23,14 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from fae.autoencoder import FeatureAutoEncoder
-from fae.checkpoint import CONFIG_NAME, atomic_save_safetensors, read_bundle_config
 from fae.config import ConfigError, from_dict
 from fae.data import DataConfig, build_dataset
 from fae.encoders import EncoderConfig, FrozenEncoder, reference_differences
+from fae.io import CONFIG_NAME, atomic_save_safetensors, read_bundle_config
 from fae.losses import PatchDiscriminator, PixelLoss, PixelLossConfig
+from fae.models.autoencoder import FeatureAutoEncoder
+from fae.models.pixel_decoder import FeatureNoise, PixelDecoder, PixelDecoderConfig, scaled_noise_sigma
 from fae.pipeline import FAE
-from fae.pixel_decoder import FeatureNoise, PixelDecoder, PixelDecoderConfig, feature_rms, scaled_noise_sigma
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
 
@@ -288,11 +288,30 @@ class PixelDecoderStage(TrainStage):
         if self.fae is not None:
             FAE(self.encoder, self.fae, decoder).save_pretrained(out_dir / "fae_pipeline")
         if self.cfg.eval.limit != 0:
-            from fae.reconstruction import evaluate_stage
-
             scores = evaluate_stage(self, decoder, out_dir)
             summary = ", ".join(f"{k}: PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}" for k, v in scores["decoders"].items())
             print(f"held-out ({scores['split']}, {scores['images']} images): {summary}")
+
+
+def evaluate_stage(stage: Any, decoder: PixelDecoder, out_dir: Path) -> dict[str, Any]:
+    """The end-of-run evaluation of a pixel-decoder stage on its held-out split, with fae.metrics.reconstruction."""
+    from fae.metrics.reconstruction import FeatureInput, build_fid_network, evaluate_reconstruction, replace_features
+
+    cfg = stage.cfg
+    dataset = features_dataset(replace_features(cfg), stage.encoder, cfg.eval.split, limit=cfg.eval.limit, hflip=False)
+    decoders: dict[str, tuple[PixelDecoder, FeatureInput]] = {}
+    if stage.init_from is not None:
+        gaussian = PixelDecoder.from_pretrained(stage.init_from)
+        decoders["gaussian(x)"] = (gaussian, "x")
+        decoders["gaussian(x_hat)"] = (gaussian, "x_hat")
+    if cfg.finetuning:
+        decoders["finetuned(x_hat)" if stage.init_from is not None else "decoder(x_hat)"] = (decoder, "x_hat")
+    else:
+        decoders["gaussian(x)"] = (decoder, "x")
+    network = build_fid_network(cfg.eval.fid_features, stage.encoder, cfg.eval.inception_weights)
+    scores = evaluate_reconstruction(stage.encoder, dataset, decoders, fae=stage.fae, network=network,
+                                     batch_size=cfg.eval.batch_size, grid_rows=cfg.eval.grid_rows, out_dir=out_dir)
+    return {"split": cfg.eval.split, **scores}
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@
 
 The FAE bundle (for x_hat) defaults to the one the fine-tuned decoder was trained with, the frozen encoder to the
 one the bundles record, and the held-out data to the `data` block of the run's config.yaml (split `test`).
-The library call behind it is `fae.reconstruction.evaluate_reconstruction`.
+The library call behind it is `fae.metrics.reconstruction.evaluate_reconstruction`.
 """
 from __future__ import annotations
 
@@ -50,13 +50,12 @@ def _run_config(bundle: Path) -> dict[str, Any] | None:
 def cmd_recon(args: argparse.Namespace) -> int:
     import torch
 
-    from fae.autoencoder import FeatureAutoEncoder
-    from fae.checkpoint import read_bundle_config
     from fae.data import DataConfig, build_dataset
-    from fae.encoders import FrozenEncoder
-    from fae.encoders import reference_differences
-    from fae.pixel_decoder import PixelDecoder
-    from fae.reconstruction import build_fid_network, evaluate_reconstruction
+    from fae.encoders import FrozenEncoder, reference_differences
+    from fae.io import read_bundle_config
+    from fae.metrics.reconstruction import build_fid_network, evaluate_reconstruction
+    from fae.models.autoencoder import FeatureAutoEncoder
+    from fae.models.pixel_decoder import PixelDecoder
     from fae.stages.pixel_decoder import bundle_dir
 
     if not args.gaussian and not args.finetuned:
@@ -120,7 +119,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m fae.cli_recon ...`) for when `fae eval` is not wired up."""
+    """Stand-alone entry (`python -m fae.cli.recon ...`) for when `fae eval` is not wired up."""
     parser = argparse.ArgumentParser(prog="fae eval")
     sub = parser.add_subparsers(dest="command", required=True)
     register_recon(sub)

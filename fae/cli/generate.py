@@ -3,7 +3,6 @@ fae.data.latents and fae.sampling."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from fae.config import ConfigError, apply_overrides, from_dict, read_yaml
@@ -18,9 +17,10 @@ def _section(path: str, key: str) -> dict[str, Any]:
 
 def _cmd_encode(args: argparse.Namespace) -> int:
     from fae.data import DataConfig
-    from fae.data.latents import EncodeOptions, encode_latents
+    from fae.data.latents import EncodeOptions
     from fae.distributed import init_distributed
     from fae.encoders import EncoderConfig
+    from fae.encoding import encode_latents
 
     init_distributed()
     data = from_dict(DataConfig, apply_overrides(_section(args.data, "data"), args.overrides), "data")
@@ -43,7 +43,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from fae.distributed import init_distributed, is_main
-    from fae.sampling import load_decoder, load_generator, sample_to_dir
+    from fae.sampling import load_decoder, sample_to_dir
+    from fae.stages.dit import load_run_generator
     from fae.transport import GuidanceSchedule, SamplerConfig
 
     _, _, dist_device = init_distributed()
@@ -62,7 +63,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         sampler.validate()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    gen = load_generator(args.dit, device=device)
+    gen = load_run_generator(args.dit, device=device)
     decode = load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device)
     written = sample_to_dir(gen, decode, args.out, args.num_samples, seed=args.seed, labels=args.labels,
                             sampler=sampler, batch_size=args.batch_size, device=device, progress=not args.no_progress,

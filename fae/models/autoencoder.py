@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fae.checkpoint import PretrainedMixin
+from fae.io import PretrainedMixin
 from fae.nn import RoPE2D, TransformerBlock, attention, make_norm
 
 

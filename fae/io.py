@@ -143,3 +143,33 @@ class PretrainedMixin:
         state = load_file(str(weights), device=str(map_location))
         model.load_state_dict(state, strict=True)  # type: ignore[attr-defined]
         return model
+
+
+def save_config(obj: Any, path: str | Path) -> None:
+    """A dataclass config as YAML, written atomically (every run writes its resolved config beside its checkpoints)."""
+    import yaml
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# which frozen encoder a bundle or cache belongs to
+
+REFERENCE_KEYS = ("kind", "name_or_path", "revision", "input_size", "affine_norm")
+
+
+def _same_source(a: Any, b: Any) -> bool:
+    """Two name_or_path values name the same encoder: equal strings, or the same local folder however written
+    (relative to the working directory or absolute)."""
+    if a == b:
+        return True
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def reference_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Keys on which two encoder references (`FrozenEncoder.reference()`) differ; empty = the same frozen encoder."""
+    return [k for k in REFERENCE_KEYS
+            if not (_same_source(a.get(k), b.get(k)) if k == "name_or_path" else a.get(k) == b.get(k))]

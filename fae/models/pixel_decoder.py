@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fae.checkpoint import PretrainedMixin
+from fae.io import PretrainedMixin
 from fae.nn import TransformerBlock, grid_side, make_norm, sincos_pos_embed_2d
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fae.io import REFERENCE_KEYS, reference_differences  # noqa: F401  (part of this module's API)
 from fae.precision import PRECISIONS, Precision, PrecisionChoice, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -441,26 +442,6 @@ class FrozenEncoder(nn.Module):
         c = self.config
         return (f"kind={c.kind}, name_or_path={c.name_or_path!r}, input_size={c.input_size}, grid={self.grid}, "
                 f"dim={self.dim}, affine_norm={c.affine_norm}")
-
-
-REFERENCE_KEYS = ("kind", "name_or_path", "revision", "input_size", "affine_norm")
-
-
-def _same_source(a: Any, b: Any) -> bool:
-    """Two name_or_path values name the same encoder: equal strings, or the same local folder however written
-    (relative to the working directory or absolute)."""
-    if a == b:
-        return True
-    if not isinstance(a, str) or not isinstance(b, str):
-        return False
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
-
-
-def reference_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Keys on which two encoder references (`FrozenEncoder.reference()`) differ; empty = the same frozen encoder."""
-    return [k for k in REFERENCE_KEYS
-            if not (_same_source(a.get(k), b.get(k)) if k == "name_or_path" else a.get(k) == b.get(k))]
 
 
 def _check_images(images: Tensor) -> None:

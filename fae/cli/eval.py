@@ -6,11 +6,11 @@ prints a table. The work is done by `fae.metrics`; this module only parses argum
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 from typing import Any
 
+from fae.cli.recon import register_recon
 from fae.config import ConfigError
 
 WEIGHTS_TEXT = """\
@@ -34,8 +34,6 @@ NETWORK_HELP = (
     "feature network: 'inception' (FID Inception-v3, TF-1 resize from uint8 as the ADM evaluator; default), "
     "'inception:pytorch' (pytorch-fid's resize), or 'encoder:<model folder or kind:hub id>' for a Fréchet distance "
     "in a frozen encoder's space (e.g. FD-DINOv2; mean-pooled patch tokens)")
-# modules that add their own `fae eval` subcommands: (module, function taking the eval subparsers)
-EVAL_EXTENSIONS = [("fae.cli_recon", "register_recon")]
 
 
 def _add_common(p: argparse.ArgumentParser, network: bool = True, out: bool = True) -> None:
@@ -144,14 +142,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_probe, command_name="probe")
 
-    for module_name, function in EVAL_EXTENSIONS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
-        getattr(module, function)(sub)
+    register_recon(sub)
 
 
 def _add_gen_args(p: argparse.ArgumentParser, precision_recall: bool = True) -> None:

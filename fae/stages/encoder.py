@@ -403,7 +403,7 @@ class EncoderPretraining(TrainStage):
 
 def save_encoder(model: nn.Module, folder: Path, record: dict[str, Any]) -> Path:
     """A Dinov2Model as a hub-style folder that FrozenEncoder loads, written atomically."""
-    from fae.checkpoint import replace_dir
+    from fae.io import replace_dir
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -466,7 +466,7 @@ def demo_encoder(cfg: Config, work_dir: Path, progress: bool = True) -> tuple[Pa
     shutil.copy(run / "metrics.jsonl", tmp / "metrics.jsonl")  # the loss curves travel with the weights
     record = json.loads((tmp / RECORD_NAME).read_text())
     (tmp / RECORD_NAME).write_text(json.dumps({**record, "seconds": round(time.time() - start, 1)}, indent=2))
-    from fae.checkpoint import replace_dir
+    from fae.io import replace_dir
 
     replace_dir(tmp, cached)
     return cached, False

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from fae.checkpoint import PretrainedMixin
+from fae.io import PretrainedMixin
 from fae.nn import Attention, AttentionBackend, RoPE2D, make_mlp, make_norm, modulate, sincos_pos_embed_2d
 
 

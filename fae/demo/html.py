@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from fae.checkpoint import atomic_write_text
+from fae.io import atomic_write_text
 
 
 @dataclass

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fae.checkpoint import PretrainedMixin, atomic_write_text, read_bundle_config
 from fae.config import to_dict
+from fae.io import PretrainedMixin, atomic_write_text, read_bundle_config
 
 
 @dataclass

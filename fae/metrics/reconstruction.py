@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fae.autoencoder import FeatureAutoEncoder
-from fae.checkpoint import atomic_write, atomic_write_text
-from fae.pixel_decoder import PixelDecoder
+from fae.io import atomic_write, atomic_write_text
+from fae.models.autoencoder import FeatureAutoEncoder
+from fae.models.pixel_decoder import PixelDecoder
 
 FeatureInput = Literal["x", "x_hat"]
 
@@ -140,27 +140,6 @@ def save_grid(columns: dict[str, list[torch.Tensor]], path: str | Path, min_cell
     path = Path(path)
     atomic_write(path, lambda p: canvas.save(p, format="PNG"))
     return path
-
-
-def evaluate_stage(stage: Any, decoder: PixelDecoder, out_dir: Path) -> dict[str, Any]:
-    """The end-of-run evaluation of a pixel-decoder stage (fae.stages.pixel_decoder) on its held-out split."""
-    from fae.stages.pixel_decoder import features_dataset
-
-    cfg = stage.cfg
-    dataset = features_dataset(replace_features(cfg), stage.encoder, cfg.eval.split, limit=cfg.eval.limit, hflip=False)
-    decoders: dict[str, tuple[PixelDecoder, FeatureInput]] = {}
-    if stage.init_from is not None:
-        gaussian = PixelDecoder.from_pretrained(stage.init_from)
-        decoders["gaussian(x)"] = (gaussian, "x")
-        decoders["gaussian(x_hat)"] = (gaussian, "x_hat")
-    if cfg.finetuning:
-        decoders["finetuned(x_hat)" if stage.init_from is not None else "decoder(x_hat)"] = (decoder, "x_hat")
-    else:
-        decoders["gaussian(x)"] = (decoder, "x")
-    network = build_fid_network(cfg.eval.fid_features, stage.encoder, cfg.eval.inception_weights)
-    scores = evaluate_reconstruction(stage.encoder, dataset, decoders, fae=stage.fae, network=network,
-                                     batch_size=cfg.eval.batch_size, grid_rows=cfg.eval.grid_rows, out_dir=out_dir)
-    return {"split": cfg.eval.split, **scores}
 
 
 def replace_features(cfg: Any) -> Any:

@@ -1,21 +1,10 @@
-"""The `fae` command. It only parses arguments and calls library functions a Python user can call too.
-
-User mistakes (bad config keys, missing files, ...) print one line and a hint, not a traceback;
-`fae --debug ...` shows the traceback.
-"""
+"""`fae train` and `fae summary`: parse, then call fae.stages."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
 from pathlib import Path
-from typing import Callable, Sequence
-
-from fae.config import ConfigError
-
-# Modules that add subcommands: each exposes `register(subparsers)` and sets `func` on its parsers.
-COMMAND_MODULES = ["fae.cli_eval", "fae.cli_generate", "fae.demo"]
+from typing import Any
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -65,12 +54,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fae", description="FAE: adapt a frozen visual encoder into a small latent "
-                                     "space; train, sample and evaluate generators on it.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
-
+def register(sub: Any) -> None:
     p = sub.add_parser("train", help="train a stage: fae | pixel-decoder | dit",
                        description="Train one stage with the shared trainer. Re-running the same command resumes "
                        "from the newest checkpoint in --out.")
@@ -94,47 +78,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     p.set_defaults(func=_cmd_summary)
 
-    for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # that part of the tool is not installed yet
-                continue
-            raise
-        module.register(sub)
-    return parser
-
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    # `key=value` overrides may stand anywhere after the options, which argparse's positionals cannot express
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = list(args.overrides) + extra
-    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-    if func is None:
-        parser.print_help()
-        return 2
-    from fae.training import TrainingError, TrainingInterrupted
-
-    try:
-        return int(func(args) or 0)
-    except TrainingInterrupted as exc:
-        print(f"fae: {exc}", file=sys.stderr)
-        return 130
-    except (*USER_ERRORS, TrainingError) as exc:
-        if args.debug:
-            raise
-        print(f"fae: error: {exc}", file=sys.stderr)
-        print("hint: check the path or key named above; `fae <command> --help` lists the options, "
-              "`fae --debug ...` shows a traceback", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The demo's HTML report: an at-a-glance table, each stage's curves, grids and tables (fae.demo.html draws them)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fae.demo.steps import STEPS, DemoContext
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else str(value)
+
+
+def glance_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The headline numbers of a demo run, as (metric, value) rows; missing steps are left out."""
+    rows = [("total stage time (s)", _fmt(sum(float(v.get("seconds", 0)) for v in r.values()), 0))]
+    if "fae" in r:
+        rows.append(("FAE held-out feature cosine (x̂ vs x)", _fmt(r["fae"].get("cos"), 4)))
+    if "finetune" in r:
+        best = r["finetune"]["decoders"].get("finetuned(x_hat)", {})
+        rows.append(("reconstruction PSNR / SSIM (image → z → image)",
+                     f"{_fmt(best.get('psnr'), 2)} dB / {_fmt(best.get('ssim'), 4)}"))
+    for key, label in (("fae", "FAE latents"), ("raw", "raw features")):
+        for g in ("guidance", "no_guidance"):
+            v = r.get("samples", {}).get(f"{key}/{g}")
+            if v:
+                rows.append((f"DiT on {label}, {g.replace('_', ' ')}: class-agreement / FD",
+                             f"{_fmt(v['class_agreement'])} / {_fmt(v['fd_encoder'], 4)}"))
+    for row in r.get("probe", {}).get("rows", []):
+        rows.append((f"linear probe top-1, {row['input']}", _fmt(row["top1"])))
+    return rows
+
+
+_ENCODER_ORIGIN = {"shipped": "came with the package (checked against its recorded SHA-256; "
+                              "`fae demo --from-scratch` trains it instead)",
+                   "cache": "came from the cache of an earlier --from-scratch run",
+                   "trained": "was pretrained now (--from-scratch)"}
+
+
+def _machine_text(out: Path) -> str:
+    path = out / "machine.json"
+    if not path.is_file():
+        return ""
+    m = json.loads(path.read_text())
+    how = "chosen automatically" if m["requested"] == "auto" else "requested"
+    return (f"Precision: {m['precision']} ({how}; {m['reason']}). CPU capability {m['cpu_capability']}; the "
+            f"calibration step ran {m['slowdown_vs_reference']:.2f}x as long as on the reference machine.")
+
+
+def step_report(ctx: DemoContext) -> dict[str, Any]:
+    from fae.demo.html import Figure, Report, Section, Table, plot_curves, read_metrics, write_report
+
+    r, out, figs = ctx.results, ctx.out, ctx.out / "report"
+    figs.mkdir(parents=True, exist_ok=True)
+    sections = [Section(
+        "What ran",
+        text=["Every stage below ran on this machine's CPU, in this order; times are wall-clock seconds "
+              "(a stage finished by an earlier run shows that run's time).", _machine_text(out)],
+        tables=[Table(["step", "what", "seconds"], [(s.name, s.title, round(r.get(s.name, {}).get("seconds", 0), 1))
+                                                    for s in STEPS if s.name in r])])]
+
+    enc = r.get("encoder", {})
+    enc_curves = [Figure(plot_curves({"pretraining": read_metrics(ctx.encoder_dir / "metrics.jsonl")},
+                                     ["loss/dino", "loss/ibot"], figs / "encoder_curves.png",
+                                     title="encoder pretraining (DINO + iBOT)", logy=False), "pretraining losses")] \
+        if (ctx.encoder_dir / "metrics.jsonl").is_file() else []
+    probe_rows = r.get("probe", {}).get("rows", [])
+    sections.append(Section(
+        "1. A pretrained frozen encoder",
+        text=["No pretrained DINOv2 can be downloaded offline, so fae ships a tiny one it pretrained itself "
+              "(transformers Dinov2Model, 32 px, patch 4: 8x8 tokens of width 128) on the training images without "
+              "labels, with DINOv2's objective in miniature (DINO self-distillation + iBOT masked-patch "
+              f"prediction), then froze it. Here it {_ENCODER_ORIGIN.get(enc.get('origin'), 'was used')} "
+              f"({enc.get('steps')} pretraining steps). The linear probes below compare it with the same "
+              "architecture at random initialisation."],
+        figures=enc_curves))
+
+    fae_scores = r.get("fae", {})
+    sections.append(Section(
+        "2. FAE stage 1: one attention layer down to a small latent, a feature decoder back up",
+        text=[f"Held-out {fae_scores.get('split')} images ({fae_scores.get('images')}): feature cosine similarity "
+              f"between x̂ and x {_fmt(fae_scores.get('cos'), 4)}, MSE {_fmt(fae_scores.get('mse'), 4)}."],
+        figures=[Figure(plot_curves({"stage 1": read_metrics(out / "fae" / "metrics.jsonl")}, ["mse", "cos"],
+                                    figs / "fae_curves.png", title="FAE stage 1", logy=False), "stage-1 curves")]))
+
+    if "finetune" in r:
+        rows = [(name, _fmt(v["psnr"], 2), _fmt(v["ssim"], 4)) for name, v in r["finetune"]["decoders"].items()]
+        curves = plot_curves({"Gaussian (x + noise)": read_metrics(out / "pixel-decoder" / "metrics.jsonl"),
+                              "fine-tune (x̂)": read_metrics(out / "pixel-decoder-ft" / "metrics.jsonl")},
+                             ["rec", "psnr"], figs / "pixel_decoder_curves.png", title="pixel decoder (training batches)",
+                             logy=False)
+        grid = out / "pixel-decoder-ft" / "recon_grid.png"
+        sections.append(Section(
+            "3. Pixel decoder: trained on noisy features, fine-tuned on x̂",
+            text=["Held-out reconstructions. Columns of the grid: original, then each decoder below."],
+            tables=[Table(["decoder(input)", "PSNR dB", "SSIM"], rows)],
+            figures=[Figure(grid, "reconstructions"), Figure(curves, "pixel-decoder training")]))
+
+    if "samples" in r:
+        s = r["samples"]
+        rows = []
+        for gen, label in (("fae", "FAE latents (8x8x8)"), ("raw", "raw features (8x8x128)")):
+            for g in ("no_guidance", "guidance"):
+                if f"{gen}/{g}" in s:
+                    v = s[f"{gen}/{g}"]
+                    rows.append((label, g.replace("_", " "), _fmt(v["class_agreement"]), _fmt(v["fd_encoder"], 4)))
+        curves = plot_curves({"FAE latents": read_metrics(out / "dit" / "metrics.jsonl"),
+                              "raw features": read_metrics(out / "dit-raw" / "metrics.jsonl")},
+                             ["loss/main"], figs / "dit_curves.png", title="DiT flow-matching loss")
+        figures = [Figure(Path(s[f"{gen}/{g}"]["grid"]), f"{gen} latents, {g.replace('_', ' ')}")
+                   for gen in ("fae", "raw") for g in ("guidance", "no_guidance") if f"{gen}/{g}" in s]
+        sections.append(Section(
+            "4. Class-conditional generation: DiT on FAE latents vs on raw features (paper Table 5 in miniature)",
+            text=[f"The same DiT and training budget on the FAE latents and on the raw encoder features; "
+                  f"{s['num_samples']} samples each ({s['sample_steps']} Euler steps), equally many per class. "
+                  f"Guidance: classifier-free on all channels with schedule {s['guidance']!r} (t=1 noise, t=0 data). "
+                  f"Class-agreement: share of samples a small CNN trained on real images (test accuracy "
+                  f"{_fmt(r.get('classifier', {}).get('test_accuracy'))}) assigns to the conditioning class. "
+                  f"FD: Fréchet distance to the test split in the frozen encoder's feature space (mean-pooled "
+                  f"tokens; lower is better; half the test split against the other half gives "
+                  f"{_fmt(s['fd_test_half_vs_half'], 4)})."],
+            tables=[Table(["generator trained on", "sampling", "class-agreement", "FD (encoder)"], rows)],
+            figures=[*figures, Figure(curves, "DiT training")]))
+
+    if probe_rows:
+        sections.append(Section(
+            "5. Linear probes: does the latent keep the encoder's understanding?",
+            text=[f"A linear classifier on frozen inputs ({r['probe']['train_images']} training images, "
+                  f"{r['probe']['test_images']} test images; best pooling and learning rate chosen on a held-out "
+                  f"part of the training images)."],
+            tables=[Table(["input", "test top-1", "pooling"], [(row["input"], _fmt(row["top1"]), row["pooling"])
+                                                             for row in probe_rows])]))
+
+    sections.insert(1, Section("At a glance", tables=[Table(["metric", "value"], glance_rows(r))]))
+    report = Report("fae demo: the Feature Auto-Encoder on Fashion-MNIST, end to end on a CPU",
+                    intro=["FAE (Gao et al., 2025) adapts a frozen pretrained encoder to generation: one attention "
+                           "layer compresses its patch features to a small latent, a feature decoder reconstructs "
+                           "them, a pixel decoder turns features into images, and a diffusion transformer learns to "
+                           "generate latents. This page shows each stage at laptop scale."],
+                    sections=sections)
+    return {"report": str(write_report(report, out))}

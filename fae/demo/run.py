@@ -1,0 +1,159 @@
+"""Running the demo: the time estimate (a calibration step scaled against a reference machine), the precision it
+chose, one line per step with the time left, and the report at the end."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from fae.config import from_dict, read_yaml
+from fae.demo.report import step_report
+from fae.demo.steps import CONFIG_DIR, STEPS, DemoContext
+from fae.io import atomic_write_text
+
+# What each step took on the reference machine (2 cores, AVX2 emulated with ATEN_CPU_CAPABILITY=avx2
+# ONEDNN_MAX_CPU_ISA=AVX2, so fp32; docs/benchmarks.md), and the calibration step there. The estimate scales them by
+# how fast this machine runs the calibration step, and then by how fast the finished steps actually ran.
+REFERENCE_SECONDS: dict[str, dict[str, float]] = {
+    "default": {"encoder": 0.1, "fae": 40.7, "pixel-decoder": 23.8, "finetune": 27.7, "latents": 13.5, "dit": 49.2,
+                "dit-raw": 59.7, "classifier": 0.1, "samples": 56.5, "probe": 26.4, "report": 3.0},
+    "quick": {"encoder": 0.1, "fae": 4.7, "pixel-decoder": 1.5, "finetune": 1.5, "latents": 1.3, "dit": 0.5,
+              "dit-raw": 0.7, "classifier": 0.1, "samples": 2.0, "probe": 2.4, "report": 1.4},
+}
+REFERENCE_CALIBRATION = 0.090  # seconds per calibration step on the reference machine
+BUDGET_SECONDS = {"default": 600.0, "quick": 120.0}
+
+
+def calibration_step_seconds(steps: int = 3) -> float:
+    """Seconds per training step of the demo's DiT (batch 128, this run's precision): the yardstick the time
+    estimate scales by. Runs on a private RNG, so the demo's seeded results do not depend on it."""
+    import torch
+
+    from fae.models.dit import DiT
+    from fae.precision import resolve_precision
+    from fae.stages import stage_module
+    from fae.transport import flow_matching_loss
+
+    data = read_yaml(CONFIG_DIR / "dit.yaml")
+    data.pop("stage", None)
+    cfg = from_dict(stage_module("dit").Config, data)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DiT(cfg.model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        latents = torch.randn(128, cfg.model.in_channels, *cfg.model.input_size)
+        labels = torch.randint(0, cfg.model.num_classes, (128,))
+        autocast = resolve_precision(cfg.train.precision, "cpu").autocast
+        times = []
+        for _ in range(steps + 1):  # the first step warms kernels up and is not counted
+            begin = time.perf_counter()
+            with autocast():
+                loss, _ = flow_matching_loss(model, latents, labels, cfg.transport)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - begin)
+    return min(times[1:])
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+class Forecast:
+    """The demo's time estimate: reference seconds per step x how much slower this machine is."""
+
+    def __init__(self, profile: str, calibration: float) -> None:
+        self.reference = REFERENCE_SECONDS[profile]
+        self.budget = BUDGET_SECONDS[profile]
+        self.slowdown = calibration / REFERENCE_CALIBRATION
+        self.ran_reference, self.ran_actual = 0.0, 0.0
+
+    def observe(self, step: str, seconds: float) -> None:
+        self.ran_reference += self.reference.get(step, 0.0)
+        self.ran_actual += seconds
+
+    def factor(self) -> float:
+        """Calibration before any step ran; the observed ratio once enough work has run to trust it."""
+        return self.ran_actual / self.ran_reference if self.ran_reference >= 20 else self.slowdown
+
+    def left(self, steps: list[str]) -> float:
+        return self.factor() * sum(self.reference.get(s, 0.0) for s in steps)
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = False, progress: bool = True,
+             precision: str = "auto", from_scratch: bool = False) -> Path:
+    """Run every demo step that is not done yet; returns the report path. `precision` is what `auto` means for
+    every stage, the encoder and sampling (default: chosen from the hardware, fae.precision)."""
+
+    from fae.precision import PRECISIONS, resolve_precision
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, not {precision!r}")
+    out = Path(out)
+    if quick and out == Path("runs/demo"):
+        out = Path("runs/demo-quick")
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved_env = os.environ.get("FAE_PRECISION")
+    if precision != "auto":
+        os.environ["FAE_PRECISION"] = precision
+    try:
+        return _run_steps(DemoContext(out=out, quick=quick, progress=progress, precision=precision,
+                                      from_scratch=from_scratch), resolve_precision("auto", "cpu"))
+    finally:
+        if saved_env is None:
+            os.environ.pop("FAE_PRECISION", None)
+        else:
+            os.environ["FAE_PRECISION"] = saved_env
+
+
+def _run_steps(ctx: DemoContext, choice: Any) -> Path:
+    out, profile = ctx.out, "quick" if ctx.quick else "default"
+    todo = [s.name for s in STEPS if not (out / s.name / "done.json").is_file()] + ["report"]
+    forecast = Forecast(profile, calibration_step_seconds())
+    estimate = forecast.left(todo)
+    print(f"[demo] precision: {choice.describe()}", flush=True)
+    print(f"[demo] estimate: about {_minutes(estimate)} for {len(todo) - 1} of {len(STEPS)} steps "
+          f"(this machine runs the calibration step {forecast.slowdown:.2f}x as long as the reference machine)",
+          flush=True)
+    if estimate > 1.5 * forecast.budget:
+        hint = "" if ctx.quick else "; `fae demo --quick` is a smoke run of about " \
+            f"{_minutes(forecast.slowdown * sum(REFERENCE_SECONDS['quick'].values()))}"
+        print(f"[demo] this machine looks {forecast.slowdown:.1f}x slower than the one the demo's "
+              f"{_minutes(forecast.budget)} budget assumes{hint}", flush=True)
+    atomic_write_text(out / "machine.json", json.dumps({
+        **choice.as_dict(), "cpu_capability": _cpu_capability(), "calibration_seconds": forecast.slowdown *
+        REFERENCE_CALIBRATION, "slowdown_vs_reference": forecast.slowdown, "estimate_seconds": estimate}, indent=2))
+    begin = time.time()
+    for number, step in enumerate(STEPS, 1):
+        marker = out / step.name / "done.json"
+        head = f"[demo {number}/{len(STEPS)}] {step.title}"
+        if marker.is_file():
+            ctx.results[step.name] = json.loads(marker.read_text())
+            print(f"{head}: done before ({ctx.results[step.name].get('seconds', 0):.1f} s), skipped", flush=True)
+            continue
+        print(f"{head} ...", flush=True)
+        start = time.time()
+        info = step.run(ctx)
+        info["seconds"] = time.time() - start
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps(info, indent=2))
+        ctx.results[step.name] = info
+        forecast.observe(step.name, info["seconds"])
+        todo.remove(step.name)
+        print(f"{head}: {info['seconds']:.1f} s; {_minutes(time.time() - begin)} so far, about "
+              f"{_minutes(forecast.left(todo))} left", flush=True)
+    report = Path(step_report(ctx)["report"])
+    print(f"[demo] finished in {time.time() - begin:.0f} s; report: {report.resolve()}", flush=True)
+    return report
+
+
+def _cpu_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()

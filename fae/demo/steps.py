@@ -1,0 +1,291 @@
+"""`fae demo`: the method end to end on Fashion-MNIST, on a CPU, in minutes, with an HTML report.
+
+The demo is a list of steps. Each step writes its outputs under `<out>/<step>/` and a `done.json` with its results
+and time; re-running `fae demo` skips finished steps (a half-finished training step resumes from its checkpoint),
+and `--fresh` starts over. `--quick` shrinks every step for smoke tests. The stage configs are the ones in
+configs/demo/; PROFILES below holds the only demo-specific settings (data sizes, step counts, sampling).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from fae.config import PACKAGED_CONFIGS, apply_overrides, from_dict, read_yaml
+
+CONFIG_DIR = PACKAGED_CONFIGS / "demo"
+
+# Per-stage overrides of the configs/demo/*.yaml files, and the demo's own knobs. "default" is sized to finish in
+# about ten minutes on two CPU cores (docs/benchmarks.md has the per-step times), "quick" in under two.
+PROFILES: dict[str, dict[str, Any]] = {
+    "default": {
+        "encoder": [],
+        "fae": ["data.limit=10000"],
+        "pixel-decoder": ["data.limit=10000"],
+        "finetune": ["data.limit=10000"],
+        "dit": [],
+        "latent_limit": 10000,
+        "classifier": {"epochs": 2, "train_limit": 30000, "lr": 3e-3},
+        "samples": 1000, "sample_steps": 25, "guidance": "0-0.7:6.0",
+        "probe": {"train_limit": 5000, "test_limit": 2000}, "fd_reference": None,
+    },
+    "quick": {
+        "encoder": ["data.limit=1000", "train.steps=10", "train.batch_size=32", "train.checkpoint_every=10",
+                    "train.log_every=5", "optim.warmup_steps=2", "views.local_crops=0"],
+        "fae": ["data.limit=512", "train.steps=60", "train.checkpoint_every=30", "train.log_every=10",
+                "optim.warmup_steps=10", "eval.limit=200"],
+        "pixel-decoder": ["data.limit=512", "train.steps=30", "train.checkpoint_every=30", "train.log_every=10",
+                          "optim.warmup_steps=5", "eval.limit=64"],
+        "finetune": ["data.limit=512", "train.steps=10", "train.checkpoint_every=10", "train.log_every=5",
+                     "optim.warmup_steps=2", "eval.limit=64"],
+        "dit": ["train.steps=30", "train.batch_size=64", "train.checkpoint_every=30", "train.log_every=10",
+                "optim.warmup_steps=5", "model.hidden_size=64", "model.depth=2"],
+        "latent_limit": 512,
+        "classifier": {"epochs": 2, "train_limit": 2000, "lr": 3e-3},
+        "samples": 20, "sample_steps": 4, "guidance": "0-0.7:6.0",
+        "probe": {"train_limit": 500, "test_limit": 200}, "fd_reference": 1000,
+    },
+}
+
+
+@dataclass
+class DemoContext:
+    out: Path
+    quick: bool
+    progress: bool = True
+    precision: str = "auto"         # what `auto` means in this run (FAE_PRECISION, fae.precision)
+    from_scratch: bool = False      # pretrain the frozen encoder and train the judge now, not the shipped ones
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return PROFILES["quick" if self.quick else "default"]
+
+    @property
+    def encoder_dir(self) -> Path:
+        """The frozen encoder, as the configs in configs/demo/ name it (runs/demo/encoder)."""
+        return self.out / "encoder"
+
+    @property
+    def judge_dir(self) -> Path:
+        return self.out / "classifier"
+
+    def config(self, name: str, stage: str, overrides: list[str]) -> Any:
+        from fae.stages import stage_module
+
+        path = CONFIG_DIR / name
+        if not path.is_file():
+            raise FileNotFoundError(f"demo config {path} is missing from this installation of fae; reinstall it")
+        data = apply_overrides(read_yaml(path), overrides)
+        data.pop("stage", None)
+        return from_dict(stage_module(stage).Config, data)
+
+    def train(self, stage: str, config: str, folder: str, overrides: list[str]) -> Path:
+        from fae.stages import train_stage
+
+        cfg = self.config(config, stage, overrides)
+        return train_stage(stage, cfg, self.out / folder, progress=self.progress)
+
+    def data_config(self) -> Any:
+        from fae.data import DataConfig
+
+        return from_dict(DataConfig, read_yaml(CONFIG_DIR / "fae.yaml")["data"])
+
+    def encoder_config(self) -> Any:
+        from fae.encoders import EncoderConfig
+
+        return EncoderConfig(kind="dinov2", name_or_path=str(self.encoder_dir))
+
+
+@dataclass
+class Step:
+    name: str
+    title: str
+    run: Callable[[DemoContext], dict[str, Any]]
+
+
+# ------------------------------------------------------------------------------------------------------------
+def step_encoder(ctx: DemoContext) -> dict[str, Any]:
+    """The frozen encoder: the self-supervised tiny DINOv2 that ships with fae (SHA-256 checked), or with
+    --from-scratch pretrained now (cached across runs by config and data)."""
+    from fae.assets import asset, manifest
+    from fae.stages.encoder import demo_encoder
+
+    if ctx.from_scratch:
+        cfg = ctx.config("encoder_pretrain.yaml", "encoder", ctx.profile["encoder"])
+        source, from_cache = demo_encoder(cfg, ctx.out / "encoder-pretrain", progress=ctx.progress)
+        origin, steps, sha256 = ("cache" if from_cache else "trained"), cfg.train.steps, None
+    else:
+        source, origin = asset("demo-encoder"), "shipped"
+        steps, sha256 = manifest("demo-encoder")["steps"], manifest("demo-encoder")["files"]["model.safetensors"]
+    if ctx.encoder_dir.exists():
+        shutil.rmtree(ctx.encoder_dir)
+    shutil.copytree(source, ctx.encoder_dir)
+    return {"encoder": str(ctx.encoder_dir), "source": str(source), "origin": origin, "steps": steps,
+            "sha256": sha256}
+
+
+def step_fae(ctx: DemoContext) -> dict[str, Any]:
+    overrides = [f"encoder.name_or_path={ctx.encoder_dir}", f"feature_cache_dir={ctx.out / 'feature_cache'}",
+                 *ctx.profile["fae"]]
+    run = ctx.train("fae", "fae.yaml", "fae", overrides)
+    return json.loads((run / "eval.json").read_text())
+
+
+def step_pixel_decoder(ctx: DemoContext) -> dict[str, Any]:
+    overrides = [f"encoder.name_or_path={ctx.encoder_dir}", f"feature_cache_dir={ctx.out / 'feature_cache'}",
+                 *ctx.profile["pixel-decoder"]]
+    run = ctx.train("pixel-decoder", "pixel_decoder.yaml", "pixel-decoder", overrides)
+    return json.loads((run / "recon.json").read_text())
+
+
+def step_finetune(ctx: DemoContext) -> dict[str, Any]:
+    overrides = [f"encoder.name_or_path={ctx.encoder_dir}", f"feature_cache_dir={ctx.out / 'feature_cache'}",
+                 f"finetune_from={ctx.out / 'pixel-decoder'}", f"fae={ctx.out / 'fae'}", *ctx.profile["finetune"]]
+    run = ctx.train("pixel-decoder", "pixel_decoder_finetune.yaml", "pixel-decoder-ft", overrides)
+    return json.loads((run / "recon.json").read_text())
+
+
+def step_latents(ctx: DemoContext) -> dict[str, Any]:
+    """Two caches of the training images (plain + flipped): FAE latents z and, for the baseline, raw features x."""
+    from fae.data.features import FeatureCache
+    from fae.data.latents import EncodeOptions
+    from fae.encoding import encode_latents
+
+    data = replace(ctx.data_config(), hflip=False, limit=ctx.profile["latent_limit"])
+    features = None  # stage 1's feature cache of these images (with flips), when it covers them: no encoder pass
+    for candidate in sorted((ctx.out / "feature_cache").glob("*.safetensors")):
+        found = FeatureCache(candidate)
+        if found.has_flips and found.length == data.limit and found.encoder["name_or_path"] == str(ctx.encoder_dir):
+            features = candidate
+    info: dict[str, Any] = {"feature_cache": str(features) if features else None}
+    for name, source in (("fae", "fae"), ("raw", "raw_features")):
+        out = ctx.out / "latents" / name
+        encode_latents(data, out, fae=ctx.out / "fae" / "fae", split="train", progress=ctx.progress,
+                       options=EncodeOptions(source=source, shard_size=20000, batch_size=500), device="cpu",
+                       feature_cache=features)
+        info[name] = str(out)
+    return info
+
+
+def _dit(ctx: DemoContext, name: str, cache: str) -> dict[str, Any]:
+    from fae.data.latents import LatentCache
+    from fae.demo.html import read_metrics
+
+    overrides = [f"latents={cache}", f"model.in_channels={LatentCache(cache).channels}", *ctx.profile["dit"]]
+    run = ctx.train("dit", "dit.yaml", name, overrides)
+    rows = read_metrics(run / "metrics.jsonl")
+    return {"run": str(run), "loss_first": rows[0]["loss/main"], "loss_last": rows[-1]["loss/main"]}
+
+
+def step_dit(ctx: DemoContext) -> dict[str, Any]:
+    return _dit(ctx, "dit", ctx.results["latents"]["fae"])
+
+
+def step_dit_raw(ctx: DemoContext) -> dict[str, Any]:
+    """The paper's Table 5 baseline in miniature: the same DiT budget on the raw (uncompressed) encoder features."""
+    return _dit(ctx, "dit-raw", ctx.results["latents"]["raw"])
+
+
+def step_classifier(ctx: DemoContext) -> dict[str, Any]:
+    """The judge of class-agreement: a small CNN trained on real training images (labels used only here), shipped
+    with fae (SHA-256 checked) or with --from-scratch trained now."""
+    from fae.assets import asset, manifest
+    from fae.io import read_bundle_config
+    from fae.metrics.judge import train_classifier
+
+    if ctx.from_scratch:
+        knobs = ctx.profile["classifier"]
+        train_classifier(replace(ctx.data_config(), limit=None), ctx.judge_dir, epochs=knobs["epochs"],
+                         lr=knobs["lr"], progress=ctx.progress, train_limit=knobs["train_limit"])
+        origin = "trained"
+    else:
+        if ctx.judge_dir.exists():
+            shutil.rmtree(ctx.judge_dir)
+        shutil.copytree(asset("demo-judge"), ctx.judge_dir)
+        knobs, origin = manifest("demo-judge"), "shipped"
+    return {"test_accuracy": read_bundle_config(ctx.judge_dir)["test_accuracy"], "origin": origin,
+            "epochs": knobs["epochs"], "train_images": knobs["train_limit"]}
+
+
+def step_samples(ctx: DemoContext) -> dict[str, Any]:
+    """Class-conditional samples from both generators, with and without guidance: class-agreement and FD to the
+    test split in the frozen encoder's feature space."""
+    import torch
+
+    from fae.data import build_dataset
+    from fae.encoders import FrozenEncoder
+    from fae.metrics import EncoderNetwork, TensorSource, fid
+    from fae.metrics.judge import SmallCNN, class_agreement
+    from fae.metrics.reference import load_reference
+    from fae.sampling import generate, load_decoder, load_generator, to_uint8, write_samples
+    from fae.transport import GuidanceSchedule, SamplerConfig
+
+    p = ctx.profile
+    classifier = SmallCNN.from_pretrained(ctx.judge_dir).eval()
+    test = build_dataset(replace(ctx.data_config(), hflip=False, limit=p["fd_reference"]), "test")
+    images = to_uint8(torch.stack([test[i]["image"] for i in range(len(test))]))
+    network = EncoderNetwork(FrozenEncoder.from_config(replace(ctx.encoder_config(), precision="fp32")))  # a metric
+    reference = load_reference(TensorSource(images, name="test split"), network)  # features once, for every FD
+    half = len(images) // 2
+    info: dict[str, Any] = {"fd_test_half_vs_half": fid(images[:half], TensorSource(images[half:]), network),
+                            "fd_reference_images": len(images), "guidance": p["guidance"],
+                            "num_samples": p["samples"], "sample_steps": p["sample_steps"]}
+    generators = {"fae": (ctx.out / "dit", {"fae": ctx.out / "pixel-decoder-ft" / "fae_pipeline"}),
+                  "raw": (ctx.out / "dit-raw", {"pixel_decoder": ctx.out / "pixel-decoder" / "pixel_decoder"})}
+    guidance = {"no_guidance": GuidanceSchedule(), "guidance": GuidanceSchedule.parse(p["guidance"])}
+    for gen_name, (run, decoder_paths) in generators.items():
+        gen = load_generator(run)
+        decode = load_decoder(gen, **decoder_paths)
+        for g_name, schedule in guidance.items():
+            start = time.time()
+            sampler = SamplerConfig(method="euler", steps=p["sample_steps"], guidance=schedule)
+            samples = generate(gen, decode, p["samples"], seed=0, labels="equal", sampler=sampler, batch_size=250,
+                               progress=ctx.progress)
+            folder = ctx.out / "samples" / f"{gen_name}-{g_name.replace('_', '-')}"
+            write_samples(folder, samples, gen.class_names, pngs=False)
+            agree = class_agreement(classifier, samples.images, samples.labels)
+            info[f"{gen_name}/{g_name}"] = {
+                "class_agreement": agree["agreement"], "per_class": agree["per_class"],
+                "fd_encoder": fid(samples.images, reference, network),
+                "grid": str(folder / "grid.png"), "seconds": round(time.time() - start, 1)}
+    return info
+
+
+def step_probe(ctx: DemoContext) -> dict[str, Any]:
+    """Linear probes: raw features x, reconstructions x̂ and latents z, and the same encoder at random init."""
+    from fae.encoders import save_tiny_encoder
+    from fae.metrics.probe import run_probe
+
+    knobs = ctx.profile["probe"]
+    common = {"data_kind": "fashion_mnist", "image_size": ctx.data_config().image_size, "progress": ctx.progress,
+              **knobs}
+    fae_report = run_probe(fae=str(ctx.out / "fae" / "fae"), **common)
+    arch = json.loads((ctx.encoder_dir / "config.json").read_text())
+    random_dir = save_tiny_encoder("dinov2", ctx.out / "probe" / "random-encoder", hidden_size=arch["hidden_size"],
+                                   num_layers=arch["num_hidden_layers"], num_heads=arch["num_attention_heads"],
+                                   patch_size=arch["patch_size"], image_size=arch["image_size"])
+    random_report = run_probe(encoder=str(random_dir), **common)
+    rows = [dict(r) for r in fae_report.table]
+    rows.append({**random_report.table[0], "input": "x at random initialisation (same architecture)"})
+    return {"rows": rows, "train_images": knobs["train_limit"], "test_images": knobs["test_limit"]}
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+STEPS = [
+    Step("encoder", "the frozen encoder (self-supervised tiny DINOv2)", step_encoder),
+    Step("fae", "FAE stage 1 (feature reconstruction)", step_fae),
+    Step("pixel-decoder", "pixel decoder on noisy features", step_pixel_decoder),
+    Step("finetune", "pixel decoder fine-tuned on x̂", step_finetune),
+    Step("latents", "latent caches (FAE z and raw x)", step_latents),
+    Step("dit", "DiT on FAE latents", step_dit),
+    Step("dit-raw", "DiT on raw features (baseline)", step_dit_raw),
+    Step("classifier", "judge classifier on real images", step_classifier),
+    Step("samples", "sampling and generation metrics", step_samples),
+    Step("probe", "linear probes", step_probe),
+]
