@@ -35,6 +35,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def cache_root() -> Path:
+    """Where fae keeps caches (feature caches, evaluation features, the demo encoder): $FAE_CACHE, else
+    $XDG_CACHE_HOME/fae, else ~/.cache/fae."""
+    if os.environ.get("FAE_CACHE"):
+        return Path(os.environ["FAE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fae"
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)` then rename onto `path` (atomic on POSIX)."""
     path = Path(path)

@@ -3,14 +3,16 @@
 `auto` (the default everywhere a precision is chosen) means bf16 autocast where the device runs bf16 natively and
 fp32 elsewhere. On CUDA that is `torch.cuda.is_bf16_supported()`. On a CPU the flags are not enough: oneDNN may
 be capped below the CPU's ISA (`ONEDNN_MAX_CPU_ISA`, `ATEN_CPU_CAPABILITY`), and a CPU without AVX-512 BF16 / AMX
-runs bf16 matmuls 15-60x slower than fp32. So `auto` times one small matmul of each kind, once per process, and
-takes bf16 only when it is actually faster. An explicit `bf16` still runs where it is slow, with one warning.
+runs bf16 matmuls 15-60x slower than fp32. So `auto` times one small matmul of each kind (one thread, CPU time,
+once per process) and takes bf16 only when it is actually faster. An explicit `bf16` still runs where it is slow,
+with one warning.
 The environment variable FAE_PRECISION=fp32|bf16 overrides what `auto` picks (for benchmarks and comparisons).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import time
 import warnings
@@ -21,6 +23,8 @@ import torch
 
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+# storage dtypes by name (weights, caches)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -37,21 +41,25 @@ class CpuMatmulTiming:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_matmul_timing(size: int = 256, repeats: int = 3) -> CpuMatmulTiming:
-    """Best-of-`repeats` time of one size x size matmul in fp32 and in bf16 on this process's CPU settings."""
+def cpu_matmul_timing(size: int = 256, repeats: int = 5) -> CpuMatmulTiming:
+    """Best-of-`repeats` time of one size x size matmul in fp32 and in bf16 on this process's CPU settings. One
+    thread and the thread's CPU time, interleaved: a busy machine that preempts the process cannot tip the choice."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
-
-    def best(x: torch.Tensor, y: torch.Tensor) -> float:
-        x @ y  # warm-up: first calls pick and JIT kernels
-        times = []
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a @ b, a16 @ b16  # warm-up: first calls pick and JIT kernels
+        best = {"fp32": math.inf, "bf16": math.inf}
         for _ in range(repeats):
-            start = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - start)
-        return min(times) * 1e3
-
-    return CpuMatmulTiming(fp32_ms=best(a, b), bf16_ms=best(a.bfloat16(), b.bfloat16()))
+            for name, (x, y) in (("fp32", (a, b)), ("bf16", (a16, b16))):
+                start = time.thread_time()
+                x @ y
+                best[name] = min(best[name], time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return CpuMatmulTiming(fp32_ms=best["fp32"] * 1e3, bf16_ms=best["bf16"] * 1e3)
 
 
 def bf16_native(device: torch.device | str) -> tuple[bool, str]:

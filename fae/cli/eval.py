@@ -43,7 +43,7 @@ def _add_common(p: argparse.ArgumentParser, network: bool = True, out: bool = Tr
     p.add_argument("--batch-size", type=int, default=50, help="images per feature-network batch (default 50)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/fae/eval-features, or under "
-                   "$FAE_CACHE_DIR / $XDG_CACHE_HOME); features are reused per input + network + weights")
+                   "$FAE_CACHE or $XDG_CACHE_HOME); features are reused per input + network + weights")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     if out:
         p.add_argument("--out", help="JSON report path (default: next to the samples, <samples>.<command>.json)")

@@ -4,7 +4,7 @@
 
 The FAE bundle (for x_hat) defaults to the one the fine-tuned decoder was trained with, the frozen encoder to the
 one the bundles record, and the held-out data to the `data` block of the run's config.yaml (split `test`).
-The library call behind it is `fae.metrics.reconstruction.evaluate_reconstruction`.
+The library call behind it is `fae.metrics.reconstruction.evaluate_decoders`.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
     from fae.data import DataConfig, build_dataset
     from fae.encoders import FrozenEncoder, reference_differences
     from fae.io import read_bundle_config
-    from fae.metrics.reconstruction import build_fid_network, evaluate_reconstruction
+    from fae.metrics.reconstruction import build_fid_network, evaluate_decoders
     from fae.models.autoencoder import FeatureAutoEncoder
     from fae.models.pixel_decoder import PixelDecoder
     from fae.stages.pixel_decoder import bundle_dir
@@ -108,7 +108,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
         from fae.metrics.networks import build_network
 
         network = build_network(spec, args.inception_weights, device=device)
-    scores = evaluate_reconstruction(encoder, dataset, decoders, fae=fae, network=network,
+    scores = evaluate_decoders(encoder, dataset, decoders, fae=fae, network=network,
                                      batch_size=args.batch_size, grid_rows=args.grid_rows, out_dir=args.out)
     print(f"{args.split}: {scores['images']} images")
     for name, row in scores["decoders"].items():

@@ -19,13 +19,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from fae.data.keys import check_index, flip_coin, split_key
 from fae.io import atomic_save_safetensors, reference_differences
+from fae.precision import DTYPES
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "fae-feature-cache-v1"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+CACHE_DTYPES = ("float32", "float16")
 
 
 def dataset_signature(dataset: Dataset) -> dict[str, Any]:
+    """What identifies a data set's content (its own `signature()`, else class and length), for cache keys."""
     signature = getattr(dataset, "signature", None)
     if callable(signature):
         return signature()
@@ -104,7 +106,7 @@ def build_feature_cache(encoder: Any, dataset: Dataset, path: str | Path, batch_
     """
     from tqdm.auto import tqdm
 
-    if dtype not in _DTYPES:
+    if dtype not in CACHE_DTYPES:
         raise ValueError(f"cache dtype must be float32 or float16, not {dtype!r}")
     path = Path(path)
     metadata = cache_metadata(encoder, dataset, flips, dtype)
@@ -125,17 +127,17 @@ def build_feature_cache(encoder: Any, dataset: Dataset, path: str | Path, batch_
         raise ValueError("cannot cache features of an empty data set")
     device = encoder.mean.device if hasattr(encoder, "mean") else torch.device("cpu")
     shape = (n, encoder.num_tokens, encoder.dim)
-    tensors = {"features": torch.empty(shape, dtype=_DTYPES[dtype])}
+    tensors = {"features": torch.empty(shape, dtype=DTYPES[dtype])}
     if flips:
-        tensors["features_flip"] = torch.empty(shape, dtype=_DTYPES[dtype])
+        tensors["features_flip"] = torch.empty(shape, dtype=DTYPES[dtype])
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     start = 0
     for batch in tqdm(loader, desc=f"features -> {path.name}", disable=not progress):
         images = batch["image"].to(device)
         stop = start + len(images)
-        tensors["features"][start:stop] = encoder(images).to(_DTYPES[dtype]).cpu()
+        tensors["features"][start:stop] = encoder(images).to(DTYPES[dtype]).cpu()
         if flips:
-            tensors["features_flip"][start:stop] = encoder(images.flip(-1)).to(_DTYPES[dtype]).cpu()
+            tensors["features_flip"][start:stop] = encoder(images.flip(-1)).to(DTYPES[dtype]).cpu()
         start = stop
     atomic_save_safetensors(tensors, path, metadata=metadata)
     return FeatureCache(path)

@@ -31,7 +31,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from fae import distributed as D
 from fae.data import check_index, flip_coin, split_key
+from fae.data.features import dataset_signature
 from fae.io import atomic_save_safetensors, atomic_write_text
+from fae.precision import DTYPES
 
 CACHE_FORMAT = "fae-latent-cache-v1"
 MANIFEST = "cache.json"
@@ -39,7 +41,6 @@ STATS = "stats.safetensors"
 STATS_RECIPE = ("per-channel mean and population std over every stored latent (plain and flipped) and position, "
                 "two passes in float64 (mean, then mean squared deviation), shards in order, NumPy pairwise sums "
                 "over 1024-row chunks")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CHUNK = 1024
 
 Source = Literal["fae", "raw_features"]
@@ -65,14 +66,8 @@ class EncodeOptions:
             raise ValueError("shard_size and batch_size must be positive")
         if self.store_std and self.source != "fae":
             raise ValueError("store_std needs source=fae (raw features have no posterior)")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
-
-
-def dataset_signature(dataset: Dataset) -> dict[str, Any]:
-    """What identifies a data set's content (its own `signature()`, else class and length), for cache keys."""
-    sig = getattr(dataset, "signature", None)
-    return sig() if callable(sig) else {"class": type(dataset).__name__, "length": len(dataset)}  # type: ignore[arg-type]
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
 
 
 LatentFn = Callable[[dict[str, torch.Tensor], bool], tuple[torch.Tensor, "torch.Tensor | None"]]
@@ -155,7 +150,7 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
     signature = json.dumps({"data": dataset_signature(dataset), "record": record or {},
                             "options": {k: v for k, v in opts.__dict__.items() if k != "num_workers"}}, sort_keys=True)
     rank, world = D.rank(), D.world_size()
-    dtype = _DTYPES[opts.dtype]
+    dtype = DTYPES[opts.dtype]
     mine = [s for s in range(num_shards) if s % world == rank]
     bar = tqdm(total=sum(min(opts.shard_size, n - s * opts.shard_size) for s in mine), desc=f"encode -> {out.name}",
                disable=not (progress and rank == 0), dynamic_ncols=True)

@@ -28,13 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fae.io import REFERENCE_KEYS, reference_differences  # noqa: F401  (part of this module's API)
-from fae.precision import PRECISIONS, Precision, PrecisionChoice, resolve_precision
+from fae.precision import DTYPES, PRECISIONS, Precision, PrecisionChoice, resolve_precision
 
 log = logging.getLogger(__name__)
 EncoderKind = Literal["dinov2", "dinov2_reg", "siglip2", "mae"]
 EncoderDType = Literal["float32", "bfloat16", "float16"]
 KINDS: tuple[str, ...] = get_args(EncoderKind)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,8 +82,8 @@ class EncoderConfig:
             raise ValueError("encoder name_or_path is empty: give a hub id or a local model folder")
         if self.input_size is not None and self.input_size <= 0:
             raise ValueError(f"encoder input_size must be positive, not {self.input_size}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"encoder dtype must be one of {list(_DTYPES)}, not {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"encoder dtype must be one of {list(DTYPES)}, not {self.dtype!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"encoder precision must be one of {list(PRECISIONS)}, not {self.precision!r}")
 
@@ -311,7 +310,7 @@ class FrozenEncoder(nn.Module):
             self.num_prefix_tokens = 1 + int(hf.num_register_tokens)
         if config.kind == "mae":
             hf.mask_ratio = 0.0  # keep every token (MAE masks 75% by default)
-        self.model = model.to(_DTYPES[config.dtype])
+        self.model = model.to(DTYPES[config.dtype])
         self.model.eval()
         self.model.requires_grad_(False)
         if len(mean) != 3 or len(std) != 3:

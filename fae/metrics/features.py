@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +21,15 @@ import numpy as np
 import torch
 
 from fae.config import ConfigError
-from fae.io import atomic_write
+from fae.io import atomic_write, cache_root
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 FEATURE_FORMAT = 1  # bump when the extraction protocol changes: old cache entries are then ignored
 
 
 def default_cache_dir() -> Path:
-    """$FAE_CACHE_DIR/eval-features, else $XDG_CACHE_HOME/fae/eval-features, else ~/.cache/fae/eval-features."""
-    if os.environ.get("FAE_CACHE_DIR"):
-        return Path(os.environ["FAE_CACHE_DIR"]) / "eval-features"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fae" / "eval-features"
+    """<fae.io.cache_root()>/eval-features ($FAE_CACHE, else $XDG_CACHE_HOME/fae, else ~/.cache/fae)."""
+    return cache_root() / "eval-features"
 
 
 class ImageSource:

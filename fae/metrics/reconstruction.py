@@ -30,7 +30,7 @@ FeatureInput = Literal["x", "x_hat"]
 
 
 @torch.no_grad()
-def evaluate_reconstruction(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[PixelDecoder, FeatureInput]],
+def evaluate_decoders(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[PixelDecoder, FeatureInput]],
                             fae: FeatureAutoEncoder | None = None, network: Any | None = None, batch_size: int = 250,
                             grid_rows: int = 8, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Score each `name -> (decoder, "x" | "x_hat")` on every image of `dataset` (items {"image": (3,H,W)}).

@@ -5,8 +5,7 @@ cache computed once (small data sets). The exported bundle records which frozen 
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +16,7 @@ from torch.utils.data import Dataset
 from fae.config import ConfigError
 from fae.data import DataConfig, build_dataset
 from fae.encoders import EncoderConfig, FrozenEncoder
+from fae.io import cache_root
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder, vae_loss
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
@@ -45,7 +45,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     features: Literal["on_the_fly", "cache"] = "on_the_fly"
-    feature_cache_dir: str | None = None   # default: $XDG_CACHE_HOME/fae/features (~/.cache/fae/features)
+    feature_cache_dir: str | None = None   # default: <fae.io.cache_root()>/features (~/.cache/fae/features)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="cosine", warmup_steps=1000))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -88,15 +88,17 @@ class FAEStage(TrainStage):
 
             from fae.io import atomic_write_text
 
-            scores = evaluate_reconstruction(model, self.encoder, self.cfg)
+            scores = evaluate_features(model, self.encoder, self.cfg)
             atomic_write_text(out_dir / "eval.json", json.dumps(scores, indent=2))
             print(f"held-out ({scores['split']}, {scores['images']} images): feature cosine {scores['cos']:.4f}, "
                   f"MSE {scores['mse']:.4g}; bundle: {bundle}")
 
 
-def features_dataset(cfg: Config, encoder: FrozenEncoder, split: str, limit: int | None = None) -> Dataset:
-    """Images (+ cached features when `features: cache`)."""
-    data_cfg = cfg.data if limit is None else type(cfg.data)(**{**cfg.data.__dict__, "limit": limit})
+def features_dataset(cfg: Any, encoder: FrozenEncoder, split: str, limit: int | None = None,
+                     hflip: bool | None = None) -> Dataset:
+    """Images, plus cached features when `cfg.features` is `cache` (stage 1 and the pixel-decoder stages share the
+    cache files: one per encoder and data set in the cache folder, so the features are computed once)."""
+    data_cfg = replace(cfg.data, **({} if limit is None else {"limit": limit}), **({} if hflip is None else {"hflip": hflip}))
     dataset = build_dataset(data_cfg, split)
     if cfg.features == "cache":
         dataset = cached_features(encoder, dataset, cfg.feature_cache_dir, flips=data_cfg.hflip)
@@ -104,7 +106,7 @@ def features_dataset(cfg: Config, encoder: FrozenEncoder, split: str, limit: int
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fae" / "features"
+    return cache_root() / "features"
 
 
 def cached_features(encoder: FrozenEncoder, dataset: Dataset, cache_dir: str | None, flips: bool) -> Dataset:
@@ -120,7 +122,7 @@ def cached_features(encoder: FrozenEncoder, dataset: Dataset, cache_dir: str | N
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model: FeatureAutoEncoder, encoder: FrozenEncoder, cfg: Config) -> dict[str, Any]:
+def evaluate_features(model: FeatureAutoEncoder, encoder: FrozenEncoder, cfg: Config) -> dict[str, Any]:
     """Feature cosine similarity and MSE between x_hat (from the posterior mean) and x on held-out images."""
     from torch.utils.data import DataLoader
 

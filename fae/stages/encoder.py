@@ -44,8 +44,9 @@ from torch.utils.data import Dataset
 from fae import distributed as D
 from fae.config import to_dict
 from fae.data import DataConfig, build_dataset
-from fae.data.latents import dataset_signature
+from fae.data.features import dataset_signature
 from fae.encoders import IMAGENET_MEAN, IMAGENET_STD
+from fae.io import cache_root
 from fae.training import OptimConfig, TrainConfig, TrainStage, unwrap
 
 # Bump when a code change alters what a given config trains: it is part of the cache key.
@@ -431,10 +432,6 @@ def components(cfg: Config) -> dict[str, nn.Module]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # cache
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FAE_CACHE", Path.home() / ".cache" / "fae"))
 
 
 def cache_key(cfg: Config) -> str:

@@ -13,7 +13,7 @@ complete `FAE` pipeline bundle (encoder reference + FAE + pixel decoder).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,13 +24,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fae.config import ConfigError, from_dict
-from fae.data import DataConfig, build_dataset
+from fae.data import DataConfig
 from fae.encoders import EncoderConfig, FrozenEncoder, reference_differences
 from fae.io import CONFIG_NAME, atomic_save_safetensors, read_bundle_config
 from fae.losses import PatchDiscriminator, PixelLoss, PixelLossConfig
+from fae.metrics.recon import psnr
 from fae.models.autoencoder import FeatureAutoEncoder
 from fae.models.pixel_decoder import FeatureNoise, PixelDecoder, PixelDecoderConfig, scaled_noise_sigma
 from fae.pipeline import FAE
+from fae.stages.autoencoder import features_dataset
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
 
@@ -295,7 +297,7 @@ class PixelDecoderStage(TrainStage):
 
 def evaluate_stage(stage: Any, decoder: PixelDecoder, out_dir: Path) -> dict[str, Any]:
     """The end-of-run evaluation of a pixel-decoder stage on its held-out split, with fae.metrics.reconstruction."""
-    from fae.metrics.reconstruction import FeatureInput, build_fid_network, evaluate_reconstruction, replace_features
+    from fae.metrics.reconstruction import FeatureInput, build_fid_network, evaluate_decoders, replace_features
 
     cfg = stage.cfg
     dataset = features_dataset(replace_features(cfg), stage.encoder, cfg.eval.split, limit=cfg.eval.limit, hflip=False)
@@ -309,28 +311,9 @@ def evaluate_stage(stage: Any, decoder: PixelDecoder, out_dir: Path) -> dict[str
     else:
         decoders["gaussian(x)"] = (decoder, "x")
     network = build_fid_network(cfg.eval.fid_features, stage.encoder, cfg.eval.inception_weights)
-    scores = evaluate_reconstruction(stage.encoder, dataset, decoders, fae=stage.fae, network=network,
+    scores = evaluate_decoders(stage.encoder, dataset, decoders, fae=stage.fae, network=network,
                                      batch_size=cfg.eval.batch_size, grid_rows=cfg.eval.grid_rows, out_dir=out_dir)
     return {"split": cfg.eval.split, **scores}
-
-
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [0, 1] (training log only; evaluation uses fae.metrics)."""
-    mse = (pred - target).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-def features_dataset(cfg: Config, encoder: FrozenEncoder, split: str, limit: int | None = None,
-                     hflip: bool | None = None) -> Dataset:
-    """Images, plus cached features when `features: cache` — the same cache files as stage 1 (one per encoder and
-    data set in the cache folder), so stages Ia and Ib on one data set compute the features once."""
-    from fae.stages.autoencoder import cached_features
-
-    data_cfg = replace(cfg.data, **({} if limit is None else {"limit": limit}), **({} if hflip is None else {"hflip": hflip}))
-    dataset = build_dataset(data_cfg, split)
-    if cfg.features == "cache":
-        dataset = cached_features(encoder, dataset, cfg.feature_cache_dir, flips=data_cfg.hflip)
-    return dataset
 
 
 def build(cfg: Config) -> PixelDecoderStage:
