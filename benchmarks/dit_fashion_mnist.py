@@ -72,9 +72,10 @@ def main() -> None:
     from fae.data.latents import EncodeOptions
     from fae.encoders import EncoderConfig, FrozenEncoder
     from fae.encoding import encode_latents
+    from fae.generators import load_generator
     from fae.metrics import EncoderNetwork, TensorSource, fid
     from fae.metrics.judge import class_agreement, train_classifier
-    from fae.sampling import generate, load_decoder, load_generator, write_samples
+    from fae.sampling import generate, load_decoder, write_samples
     from fae.stages import load_stage_config, train_stage
     from fae.transport import GuidanceSchedule, SamplerConfig
 

@@ -1,6 +1,6 @@
 """Sampling images from a trained generator: DiT bundle + FAE (+ pixel decoder) -> grid PNG, PNGs, ADM `.npz`.
 
-    gen = load_generator("runs/dit")                        # bundle or finished run folder
+    gen = load_generator("runs/dit")                        # fae.generators: bundle or finished run folder
     decode = load_decoder(gen, fae="runs/pixel-decoder-ft/fae_pipeline")
     result = generate(gen, decode, num_samples=100, seed=0, sampler=SamplerConfig(guidance=GuidanceSchedule.paper()))
     write_samples("samples/", result, gen.class_names)
@@ -25,64 +25,12 @@ import torch
 
 from fae import distributed as D
 from fae.config import ConfigError, to_dict
-from fae.data.latents import denormalize
-from fae.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text, file_sha256, read_bundle_config
-from fae.models.dit import DiT
+from fae.generators import Generator, find_bundle
+from fae.io import WEIGHTS_NAME, atomic_write, atomic_write_text, file_sha256
 from fae.precision import resolve_precision
-from fae.transport import GuidedVelocity, SamplerConfig, initial_noise, sample, sample_generators
+from fae.transport import SamplerConfig, initial_noise, sample_generators
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class Generator:
-    model: DiT
-    mean: torch.Tensor                  # per-channel latent statistics (C,)
-    std: torch.Tensor
-    time_shift: float
-    record: dict[str, Any]
-    source: str = "bundle"
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return self.record.get("class_names")
-
-    @property
-    def num_classes(self) -> int:
-        return self.model.config.num_classes
-
-
-def _find_bundle(path: Path, names: Sequence[str], cls: str | None = None) -> Path | None:
-    """`path` itself when it is a bundle (of class `cls`), else the first `path/<name>` that is one."""
-    for p in [path, *(path / n for n in names)]:
-        if (p / CONFIG_NAME).is_file():
-            if cls is None or read_bundle_config(p).get("class") == cls:
-                return p
-    return None
-
-
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
-    """A DiT bundle (`<run>/dit`) or a finished run folder holding one. (An unfinished `fae train dit` run folder:
-    `fae.stages.dit.load_run_generator`, which knows the stage's checkpoints.)"""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"generator {path}: no such folder")
-    bundle = _find_bundle(path, ["dit"], cls="DiT")
-    if bundle is None:
-        raise FileNotFoundError(f"{path} holds no DiT bundle (an unfinished run? `fae sample` and "
-                                "fae.stages.dit.load_run_generator read its newest checkpoint)")
-    return make_generator(DiT.from_pretrained(bundle, map_location=device), read_bundle_config(bundle), str(bundle),
-                          device)
-
-
-def make_generator(model: DiT, record: dict[str, Any], source: str, device: str | torch.device = "cpu") -> Generator:
-    """A Generator from a DiT and what its bundle records (latent statistics, transport)."""
-    if "latent_stats" not in record:
-        raise ConfigError(f"{source}: the generator records no latent statistics; export it with `fae train dit`")
-    stats = record["latent_stats"]
-    return Generator(model.eval(), torch.tensor(stats["mean"], dtype=torch.float32, device=device),
-                     torch.tensor(stats["std"], dtype=torch.float32, device=device),
-                     float(record.get("transport", {}).get("time_shift", 1.0)), record, source)
 
 
 def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: str | Path | None = None,
@@ -101,7 +49,7 @@ def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: s
         if pixel_decoder is None:
             raise ConfigError("these latents are raw encoder features: pass the pixel decoder bundle "
                               "(--pixel-decoder), e.g. <pixel-decoder run>/pixel_decoder")
-        pd_path = _find_bundle(Path(pixel_decoder), ["pixel_decoder"], cls="PixelDecoder") or Path(pixel_decoder)
+        pd_path = find_bundle(Path(pixel_decoder), ["pixel_decoder"], classes=["PixelDecoder"]) or Path(pixel_decoder)
         pd = PixelDecoder.from_pretrained(pd_path, map_location=device).eval()
         return lambda z: pd.decode(z.flatten(2).transpose(1, 2))
     if fae is None:
@@ -109,18 +57,18 @@ def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: s
         if fae is None:
             raise ConfigError("the generator does not record its FAE bundle; pass --fae")
     fae_path = Path(fae)
-    pipeline_path = _find_bundle(fae_path, ["fae_pipeline"], cls="FAE")
+    pipeline_path = find_bundle(fae_path, ["fae_pipeline"], classes=["FAE"])
     if pipeline_path is not None and pixel_decoder is None:
         pipe = FAE.from_pretrained(pipeline_path, map_location=device)
     else:
-        fae_bundle = _find_bundle(fae_path, ["fae"], cls="FeatureAutoEncoder")
+        fae_bundle = find_bundle(fae_path, ["fae"], classes=["FeatureAutoEncoder"])
         if fae_bundle is None:
             raise FileNotFoundError(f"{fae_path}: no FAE bundle (config.json of a FeatureAutoEncoder or an FAE "
                                     "pipeline) here or in its fae/ sub-folder")
         if pixel_decoder is None:
             raise ConfigError(f"{fae_bundle} is a stage-1 FAE bundle without a pixel decoder: pass --pixel-decoder "
                               "<bundle> (train one with `fae train pixel-decoder`), or --fae an fae_pipeline bundle")
-        pd_path = _find_bundle(Path(pixel_decoder), ["pixel_decoder"], cls="PixelDecoder") or Path(pixel_decoder)
+        pd_path = find_bundle(Path(pixel_decoder), ["pixel_decoder"], classes=["PixelDecoder"]) or Path(pixel_decoder)
         pipe = FAE.from_parts(fae_bundle, pd_path, map_location=device)
     expected = latents.get("fae") or {}
     if expected.get("weights_sha256"):
@@ -183,15 +131,12 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
     sampler.validate()
     if num_samples < 1 or batch_size < 1:
         raise ValueError("num_samples and batch_size must be positive")
-    model = gen.model.eval()
-    cfg = model.config
-    ys = make_labels(labels, num_samples, cfg.num_classes, seed)
+    ys = make_labels(labels, num_samples, gen.num_classes, seed)
     if sampler.guidance.active and ys is None:
         raise ConfigError("guidance needs a class-conditional model")
-    if sampler.guidance.active and cfg.class_dropout == 0:
+    if sampler.guidance.active and not gen.supports_guidance:
         raise ConfigError("this model was trained without label dropout (class_dropout=0): it has no unconditional "
                           "branch for classifier-free guidance; sample with guidance 'none'")
-    velocity = GuidedVelocity(model, sampler.guidance, batch=sampler.cfg_batch)
     rank, world = D.rank(), D.world_size()
     chunks = [range(k * batch_size, min(num_samples, (k + 1) * batch_size))
               for k in range(math.ceil(num_samples / batch_size))]
@@ -199,22 +144,20 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
     images, indices = [], []
     bar = tqdm(total=sum(len(c) for c in mine), desc="sample", disable=not (progress and rank == 0),
                dynamic_ncols=True)
-    c, (h, w) = cfg.in_channels, cfg.input_size
+    shape = gen.latent_shape
     for chunk in mine:
         idx = list(chunk)
         gens = sample_generators(seed, idx)
-        noise = initial_noise((len(idx), c, h, w), gens, device)
+        noise = initial_noise((len(idx), *shape), gens, device)
         y = ys[idx].to(device) if ys is not None else None
         with choice.autocast():
-            x0 = sample(velocity, noise, y, sampler, time_shift=gen.time_shift, generators=gens)
-            images.append(to_uint8(decode(denormalize(x0.float(), gen.mean, gen.std))))
+            images.append(to_uint8(decode(gen.sample(noise, y, sampler, gens))))
         indices.extend(idx)
         bar.update(len(idx))
     bar.close()
     settings = {"num_samples": num_samples, "seed": seed, "labels": labels if isinstance(labels, str) else list(labels),
                 "batch_size": batch_size, "precision": choice.as_dict(), "sampler": to_dict(sampler),
-                "time_shift": sampler.time_shift if sampler.time_shift is not None else gen.time_shift,
-                "generator": gen.source}
+                **gen.settings(sampler)}
     part = Samples(np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8),
                    ys[indices].numpy() if ys is not None else None, np.asarray(indices, dtype=np.int64), settings)
     if world == 1 or not gather:

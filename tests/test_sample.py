@@ -17,12 +17,13 @@ from fae.cli import main
 from fae.config import ConfigError
 from fae.data.latents import LatentCache
 from fae.encoders import EncoderConfig, FrozenEncoder, save_tiny_encoder
+from fae.generators import load_generator
 from fae.io import read_bundle_config
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
 from fae.models.dit import DiT
 from fae.models.pixel_decoder import PixelDecoder, PixelDecoderConfig
 from fae.pipeline import FAE
-from fae.sampling import image_grid, load_decoder, load_generator, make_labels
+from fae.sampling import image_grid, load_decoder, make_labels
 from fae.stages import load_stage_config, train_stage
 from fae.stages.dit import load_run_generator
 
@@ -176,3 +177,35 @@ def test_class_agreement_classifier(tmp_path):
     right = class_agreement(clf, images, labels)
     wrong = class_agreement(clf, (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), (labels + 1) % 10)
     assert right["agreement"] > 0.5 > wrong["agreement"] and set(right["per_class"]) == set(range(10))
+
+
+def test_sampling_speaks_only_to_the_generator_interface(tmp_path):
+    """Any Generator works with generate / sample_to_dir (STARFlow and MMDiT will): a toy one whose latents encode
+    the class id, and a decoder that paints it, come out in order, with its settings and its guidance rule."""
+    from fae.generators import Generator
+    from fae.sampling import generate, sample_to_dir
+    from fae.transport import GuidanceSchedule, SamplerConfig
+
+    class Toy(Generator):
+        record, source = {"class_names": [f"c{i}" for i in range(3)]}, "toy"
+        latent_shape, num_classes, supports_guidance = (2, 4, 4), 3, False
+        calls = 0
+
+        def sample(self, noise, conditions, sampler, generators=None):
+            Toy.calls += 1
+            assert noise.shape[1:] == (2, 4, 4) and len(generators) == len(noise)
+            return conditions.float().view(-1, 1, 1, 1).expand_as(noise) / 2
+
+        def settings(self, sampler):
+            return {"generator": "toy", "steps": sampler.steps}
+
+    paint = lambda z: z[:, :1].mean((1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 3, 8, 8)  # noqa: E731
+    out = generate(Toy(), paint, 7, labels="equal", sampler=SamplerConfig(steps=3), batch_size=3, progress=False)
+    assert Toy.calls == 3 and out.images.shape == (7, 8, 8, 3)
+    assert out.labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert out.images[:, 0, 0, 0].tolist() == [round(255 * y / 2) for y in out.labels.tolist()]
+    assert out.settings["generator"] == "toy" and out.settings["steps"] == 3
+    with pytest.raises(ConfigError, match="label dropout"):
+        generate(Toy(), paint, 3, sampler=SamplerConfig(guidance=GuidanceSchedule.parse("2.0")), progress=False)
+    written = sample_to_dir(Toy(), paint, tmp_path / "toy", 6, sampler=SamplerConfig(steps=2), progress=False)
+    assert Path(written["grid"]).is_file() and np.load(written["npz"])["arr_0"].shape == (6, 8, 8, 3)

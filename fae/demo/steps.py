@@ -218,10 +218,11 @@ def step_samples(ctx: DemoContext) -> dict[str, Any]:
 
     from fae.data import build_dataset
     from fae.encoders import FrozenEncoder
+    from fae.generators import load_generator
     from fae.metrics import EncoderNetwork, TensorSource, fid
     from fae.metrics.judge import SmallCNN, class_agreement
     from fae.metrics.reference import load_reference
-    from fae.sampling import generate, load_decoder, load_generator, to_uint8, write_samples
+    from fae.sampling import generate, load_decoder, to_uint8, write_samples
     from fae.transport import GuidanceSchedule, SamplerConfig
 
     p = ctx.profile

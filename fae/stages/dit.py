@@ -21,9 +21,9 @@ from torch.utils.data import Dataset
 
 from fae.config import ConfigError, to_dict
 from fae.data.latents import LatentCache, LatentDataset
+from fae.generators import DiTGenerator, Generator, load_generator
 from fae.io import CONFIG_NAME
 from fae.models.dit import DiT, DiTConfig
-from fae.sampling import Generator, load_generator, make_generator
 from fae.training import OptimConfig, TrainConfig, TrainStage
 from fae.transport import TransportConfig, flow_matching_loss
 
@@ -114,4 +114,4 @@ def load_run_generator(path: str | Path, device: str | torch.device = "cpu") -> 
     if not weights.is_file():
         weights = ckpts[-1] / "model.safetensors"
     model.load_state_dict(load_file(str(weights), device=str(device)))
-    return make_generator(model.to(device), generator_record(cfg, LatentCache(cfg.latents)), str(weights), device)
+    return DiTGenerator(model, generator_record(cfg, LatentCache(cfg.latents)), str(weights), device)

@@ -1,0 +1,124 @@
+"""The Generator interface: what sampling, evaluation, the CLI and the demo speak to.
+
+A generator turns starting noise and conditions (class labels now, prompts with MMDiT) into latents z (B,C,h,w) in
+the FAE latent space (de-normalised: the space the FAE decoder reads), with a sampler (step budget, guidance
+schedule, ODE or SDE) and per-sample random generators (so any sample can be regenerated alone). Its bundle
+records everything it needs: the latent statistics it was trained with, its transport settings, its class names,
+and where its latents came from. DiT implements it now; STARFlow and MMDiT implement the same class.
+
+    gen = load_generator("runs/dit")                 # a bundle or a finished run folder
+    z = gen.sample(noise, labels, SamplerConfig(steps=50, guidance=GuidanceSchedule.paper()), generators)
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from fae.config import ConfigError
+from fae.data.latents import denormalize
+from fae.io import CONFIG_NAME, read_bundle_config
+from fae.models.dit import DiT
+from fae.transport import GuidedVelocity, SamplerConfig, sample
+
+
+class Generator(ABC):
+    """A trained generative model on FAE latents."""
+
+    record: dict[str, Any]              # what its bundle's config.json records
+    source: str                         # where it was loaded from
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the latents it generates."""
+
+    @property
+    @abstractmethod
+    def num_classes(self) -> int:
+        """Number of class labels it is conditioned on (0: unconditional)."""
+
+    @property
+    @abstractmethod
+    def supports_guidance(self) -> bool:
+        """Whether it has an unconditional branch for classifier-free guidance."""
+
+    @abstractmethod
+    def sample(self, noise: torch.Tensor, conditions: torch.Tensor | None, sampler: SamplerConfig,
+               generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Latents (B,C,h,w), de-normalised, from starting `noise` (B,C,h,w) and `conditions` (class ids (B,) or
+        None). Runs under the caller's autocast; returns float32."""
+
+    def settings(self, sampler: SamplerConfig) -> dict[str, Any]:
+        """What a sampling run records about the generator besides the sampler."""
+        return {"generator": self.source}
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.record.get("class_names")
+
+
+class DiTGenerator(Generator):
+    """A DiT/SiT/LightningDiT velocity model, integrated with fae.transport, with classifier-free guidance."""
+
+    def __init__(self, model: DiT, record: dict[str, Any], source: str, device: str | torch.device = "cpu") -> None:
+        if "latent_stats" not in record:
+            raise ConfigError(f"{source}: the generator records no latent statistics; export it with `fae train dit`")
+        stats = record["latent_stats"]
+        self.model, self.record, self.source = model.to(device).eval(), record, source
+        self.mean = torch.tensor(stats["mean"], dtype=torch.float32, device=device)
+        self.std = torch.tensor(stats["std"], dtype=torch.float32, device=device)
+        self.time_shift = float(record.get("transport", {}).get("time_shift", 1.0))
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.model.config
+        return (cfg.in_channels, *cfg.input_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_classes
+
+    @property
+    def supports_guidance(self) -> bool:
+        return self.num_classes > 0 and self.model.config.class_dropout > 0
+
+    def sample(self, noise: torch.Tensor, conditions: torch.Tensor | None, sampler: SamplerConfig,
+               generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        velocity = GuidedVelocity(self.model, sampler.guidance, batch=sampler.cfg_batch)
+        x0 = sample(velocity, noise, conditions, sampler, time_shift=self.time_shift, generators=generators)
+        return denormalize(x0.float(), self.mean, self.std)
+
+    def settings(self, sampler: SamplerConfig) -> dict[str, Any]:
+        return {"generator": self.source,
+                "time_shift": sampler.time_shift if sampler.time_shift is not None else self.time_shift}
+
+
+# bundle class (config.json "class") -> how to load it; STARFlow and MMDiT add themselves here
+GENERATOR_BUNDLES: dict[str, tuple[type, type[Generator]]] = {"DiT": (DiT, DiTGenerator)}
+
+
+def find_bundle(path: Path, names: Sequence[str], classes: Sequence[str] | None = None) -> Path | None:
+    """`path` itself when it is a bundle (of one of `classes`), else the first `path/<name>` that is one."""
+    for p in [path, *(path / n for n in names)]:
+        if (p / CONFIG_NAME).is_file():
+            if classes is None or read_bundle_config(p).get("class") in classes:
+                return p
+    return None
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
+    """A generator bundle (e.g. `<run>/dit`) or a finished run folder holding one. (An unfinished `fae train dit`
+    run folder: `fae.stages.dit.load_run_generator`, which knows the stage's checkpoints.)"""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"generator {path}: no such folder")
+    bundle = find_bundle(path, ["dit"], classes=list(GENERATOR_BUNDLES))
+    if bundle is None:
+        raise FileNotFoundError(f"{path} holds no generator bundle (an unfinished run? `fae sample` and "
+                                "fae.stages.dit.load_run_generator read its newest checkpoint)")
+    record = read_bundle_config(bundle)
+    model_class, generator_class = GENERATOR_BUNDLES[record["class"]]
+    return generator_class(model_class.from_pretrained(bundle, map_location=device), record, str(bundle), device)
