@@ -13,6 +13,17 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory):
+    """The suite's one tiny frozen encoder: a DINOv2 of width 32, one layer, two heads, patch 4 at 16 px (4x4 tokens),
+    saved as the hub holds one, so tests load it through the same path a hub id takes. (tests/test_encoders.py
+    builds every other kind itself: that is what it tests.)"""
+    from fae.encoders import save_tiny_encoder
+
+    return save_tiny_encoder("dinov2", tmp_path_factory.mktemp("tiny-encoder") / "dinov2", hidden_size=32,
+                             num_layers=1, num_heads=2, patch_size=4, image_size=16)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

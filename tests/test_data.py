@@ -28,7 +28,7 @@ from fae.data import (
     split_key,
 )
 from fae.data.idx import FASHION_MNIST_DIR
-from fae.encoders import EncoderConfig, FrozenEncoder, save_tiny_encoder
+from fae.encoders import EncoderConfig, FrozenEncoder
 
 HAVE_FMNIST = (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()
 
@@ -224,9 +224,8 @@ def test_data_config_and_build(fake_fmnist: Path, folder: Path, tmp_path: Path) 
 # -- feature cache -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory: pytest.TempPathFactory) -> FrozenEncoder:
-    path = save_tiny_encoder("dinov2", tmp_path_factory.mktemp("enc") / "dinov2", patch_size=4, image_size=16)
-    return FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(path)))
+def encoder(tiny_encoder_dir) -> FrozenEncoder:
+    return FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder_dir)))
 
 
 def test_cached_features_equal_on_the_fly(encoder: FrozenEncoder, fake_fmnist: Path, tmp_path: Path) -> None:

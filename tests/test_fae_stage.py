@@ -10,12 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from fae.cli import main
-from fae.encoders import save_tiny_encoder
 from fae.io import read_bundle_config
 from fae.models.autoencoder import FeatureAutoEncoder
 from fae.training import checkpoint_dirs
@@ -23,16 +21,10 @@ from fae.training import checkpoint_dirs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory) -> Path:
-    return save_tiny_encoder("dinov2", tmp_path_factory.mktemp("enc") / "dinov2", hidden_size=32, num_layers=1,
-                             num_heads=2, patch_size=4, image_size=16)
-
-
-def write_config(path: Path, encoder_dir: Path, steps: int = 6, **extra: str) -> Path:
+def write_config(path: Path, tiny_encoder_dir: Path, steps: int = 6, **extra: str) -> Path:
     text = f"""
 stage: fae
-encoder: {{kind: dinov2, name_or_path: {encoder_dir}}}
+encoder: {{kind: dinov2, name_or_path: {tiny_encoder_dir}}}
 model: {{feature_dim: 32, grid: [4, 4], latent_channels: 4, encoder_heads: 2, encoder_head_dim: 16,
         decoder_depth: 1, decoder_heads: 2}}
 data: {{kind: fashion_mnist, image_size: 16, limit: 64, hflip: true}}
@@ -45,13 +37,13 @@ eval: {{limit: 32}}
     return path
 
 
-def test_train_cli_writes_bundle_and_eval(tmp_path, encoder_dir):
-    cfg = write_config(tmp_path / "fae.yaml", encoder_dir)
+def test_train_cli_writes_bundle_and_eval(tmp_path, tiny_encoder_dir):
+    cfg = write_config(tmp_path / "fae.yaml", tiny_encoder_dir)
     assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     bundle = tmp_path / "run" / "fae"
     model = FeatureAutoEncoder.from_pretrained(bundle)
     record = read_bundle_config(bundle)
-    assert record["encoder"]["name_or_path"] == str(encoder_dir) and record["encoder"]["kind"] == "dinov2"
+    assert record["encoder"]["name_or_path"] == str(tiny_encoder_dir) and record["encoder"]["kind"] == "dinov2"
     scores = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert scores["images"] == 32 and -1 <= scores["cos"] <= 1
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -59,10 +51,10 @@ def test_train_cli_writes_bundle_and_eval(tmp_path, encoder_dir):
     assert model.encode(torch.randn(2, 16, 32)).mean.shape == (2, 4, 4, 4)
 
 
-def test_resume_after_kill_matches_uninterrupted(tmp_path, encoder_dir):
+def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_encoder_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "fae.cli", "train", "fae", "--no-progress"]
-    cfg = write_config(tmp_path / "fae.yaml", encoder_dir, steps=40)
+    cfg = write_config(tmp_path / "fae.yaml", tiny_encoder_dir, steps=40)
     subprocess.run(cmd + ["--config", str(cfg), "--out", str(tmp_path / "straight")], check=True, env=env,
                    capture_output=True)
 
@@ -82,8 +74,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, encoder_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_torchrun_two_processes(tmp_path, encoder_dir):
-    cfg = write_config(tmp_path / "fae.yaml", encoder_dir, steps=4)
+def test_torchrun_two_processes(tmp_path, tiny_encoder_dir):
+    cfg = write_config(tmp_path / "fae.yaml", tiny_encoder_dir, steps=4)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -94,8 +86,8 @@ def test_torchrun_two_processes(tmp_path, encoder_dir):
     assert len([l for l in (out / "metrics.jsonl").read_text().splitlines()]) == 4  # rank 0 logs alone
 
 
-def test_config_errors_name_the_key(tmp_path, encoder_dir, capsys):
-    cfg = write_config(tmp_path / "fae.yaml", encoder_dir)
+def test_config_errors_name_the_key(tmp_path, tiny_encoder_dir, capsys):
+    cfg = write_config(tmp_path / "fae.yaml", tiny_encoder_dir)
     assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "r"), "model.latent_chanels=8"]) == 1
     assert "model.latent_chanels: unknown key" in capsys.readouterr().err
     assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "r"), "train.steps=many"]) == 1
@@ -107,8 +99,8 @@ def test_config_errors_name_the_key(tmp_path, encoder_dir, capsys):
     assert "config file not found" in capsys.readouterr().err
 
 
-def test_changed_config_is_refused_without_fresh(tmp_path, encoder_dir, capsys):
-    cfg = write_config(tmp_path / "fae.yaml", encoder_dir, steps=2)
+def test_changed_config_is_refused_without_fresh(tmp_path, tiny_encoder_dir, capsys):
+    cfg = write_config(tmp_path / "fae.yaml", tiny_encoder_dir, steps=2)
     out = str(tmp_path / "run")
     assert main(["train", "fae", "--config", str(cfg), "--out", out, "--no-progress"]) == 0
     assert main(["train", "fae", "--config", str(cfg), "--out", out, "--no-progress", "optim.lr=0.01"]) == 1

@@ -16,15 +16,15 @@ from fae.data.latents import (
     encode_dataset,
     make_latent_fn,
 )
-from fae.encoders import EncoderConfig, FrozenEncoder, save_tiny_encoder
+from fae.encoders import EncoderConfig, FrozenEncoder
 from fae.encoding import encode_latents
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory):
+def parts(tmp_path_factory, tiny_encoder_dir):
     root = tmp_path_factory.mktemp("latents")
-    enc_dir = save_tiny_encoder("dinov2", root / "encoder", hidden_size=32, image_size=16, patch_size=4)
+    enc_dir = tiny_encoder_dir
     encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(enc_dir)))
     torch.manual_seed(0)
     fae = FeatureAutoEncoder(FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2,

@@ -33,14 +33,6 @@ def write_images(root: Path, n: int, seed: int, size: int = 16) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fae.encoders import save_tiny_encoder
-
-    return save_tiny_encoder("dinov2", tmp_path_factory.mktemp("enc") / "tiny", hidden_size=32, num_layers=1,
-                             num_heads=2, patch_size=4, image_size=16)
-
-
 def test_fid_and_gen_with_inception(tmp_path: Path) -> None:
     weights = tmp_path / "random_inception.pth"
     torch.save(random_inception_state(0), weights)
@@ -80,10 +72,10 @@ def test_help_says_where_the_weights_come_from(capsys: pytest.CaptureFixture[str
     assert inc.WEIGHTS_NAME in text and "FAE_INCEPTION_WEIGHTS" in text and "hub" in text
 
 
-def test_stats_then_gen_in_encoder_space(tmp_path: Path, tiny_encoder: Path,
+def test_stats_then_gen_in_encoder_space(tmp_path: Path, tiny_encoder_dir: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     ref_imgs, samples = write_images(tmp_path / "ref", 12, 2), write_images(tmp_path / "smp", 10, 3)
-    network = ["--network", f"encoder:{tiny_encoder}", "--device", "cpu", "--no-cache", "--no-progress"]
+    network = ["--network", f"encoder:{tiny_encoder_dir}", "--device", "cpu", "--no-cache", "--no-progress"]
     assert main(["eval", "stats", "--images", str(ref_imgs), "--out", str(tmp_path / "ref.npz"),
                  "--keep-images", "4", *network]) == 0
     with np.load(tmp_path / "ref.npz") as data:
@@ -107,14 +99,14 @@ def test_rfid_command_psnr_ssim(tmp_path: Path) -> None:
     assert metrics == {"psnr": 100.0, "ssim": pytest.approx(1.0)}
 
 
-def test_probe_raw_recon_latent(tmp_path: Path, tiny_encoder: Path) -> None:
+def test_probe_raw_recon_latent(tmp_path: Path, tiny_encoder_dir: Path) -> None:
     from fae.data.idx import FASHION_MNIST_DIR
     from fae.encoders import EncoderConfig, FrozenEncoder
     from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
 
     if not (Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST (apt-get install dataset-fashion-mnist) is not installed")
-    encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder)))
+    encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder_dir)))
     cfg = FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2, encoder_head_dim=16,
                     decoder_depth=1, decoder_heads=2)
     bundle = FeatureAutoEncoder(cfg).save_pretrained(tmp_path / "fae", extra={"encoder": encoder.reference()})

@@ -131,26 +131,20 @@ from pathlib import Path  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from fae.cli import main  # noqa: E402
-from fae.encoders import EncoderConfig, FrozenEncoder, save_tiny_encoder  # noqa: E402
+from fae.encoders import EncoderConfig, FrozenEncoder  # noqa: E402
 from fae.io import read_bundle_config  # noqa: E402
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder  # noqa: E402
 from fae.pipeline import FAE  # noqa: E402
 from fae.stages import load_stage_config, train_stage  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory) -> Path:
-    return save_tiny_encoder("dinov2", tmp_path_factory.mktemp("enc") / "dinov2", hidden_size=32, num_layers=1,
-                             num_heads=2, patch_size=4, image_size=16)
-
-
-def write_config(path: Path, encoder_dir: Path, steps: int = 4, extra: str = "", decoder: bool = True,
+def write_config(path: Path, tiny_encoder_dir: Path, steps: int = 4, extra: str = "", decoder: bool = True,
                  eval_limit: int = 16) -> Path:
     dec = ("decoder: {in_dim: 32, num_tokens: 16, patch_size: 4, width: 32, depth: 1, num_heads: 2, "
            "refine_channels: 8}\n" if decoder else "")
     path.write_text(f"""
 stage: pixel-decoder
-encoder: {{kind: dinov2, name_or_path: {encoder_dir}}}
+encoder: {{kind: dinov2, name_or_path: {tiny_encoder_dir}}}
 {dec}data: {{kind: fashion_mnist, image_size: 16, limit: 32, hflip: true}}
 features: cache
 feature_cache_dir: {path.parent / 'cache'}
@@ -163,11 +157,11 @@ eval: {{limit: {eval_limit}, batch_size: 8, grid_rows: 2}}
     return path
 
 
-def test_gaussian_stage_cli_writes_bundle_recon_and_grid(tmp_path, encoder_dir):
-    cfg = write_config(tmp_path / "g.yaml", encoder_dir)
+def test_gaussian_stage_cli_writes_bundle_recon_and_grid(tmp_path, tiny_encoder_dir):
+    cfg = write_config(tmp_path / "g.yaml", tiny_encoder_dir)
     assert main(["train", "pixel-decoder", "--config", str(cfg), "--out", str(tmp_path / "g"), "--no-progress"]) == 0
     record = read_bundle_config(tmp_path / "g" / "pixel_decoder")
-    assert record["stage"] == "gaussian" and record["encoder"]["name_or_path"] == str(encoder_dir)
+    assert record["stage"] == "gaussian" and record["encoder"]["name_or_path"] == str(tiny_encoder_dir)
     assert record["noise_sigma"] > 0
     decoder = PixelDecoder.from_pretrained(tmp_path / "g" / "pixel_decoder")
     assert decoder(torch.randn(1, 16, 32)).shape == (1, 3, 16, 16)
@@ -180,10 +174,10 @@ def test_gaussian_stage_cli_writes_bundle_recon_and_grid(tmp_path, encoder_dir):
     assert "gan_weight" not in rows[1] and rows[2]["gan_weight"] > 0  # generator term from gan_start=2
 
 
-def test_noise_sigma_follows_the_feature_rms(tmp_path, encoder_dir):
+def test_noise_sigma_follows_the_feature_rms(tmp_path, tiny_encoder_dir):
     from fae.stages.pixel_decoder import PixelDecoderStage
 
-    _, cfg = load_stage_config(write_config(tmp_path / "g.yaml", encoder_dir))
+    _, cfg = load_stage_config(write_config(tmp_path / "g.yaml", tiny_encoder_dir))
     stage = PixelDecoderStage(cfg)
     stage.train_dataset()
     feats = torch.stack([stage.train_dataset()[i]["features"] for i in range(32)])
@@ -194,8 +188,8 @@ def test_noise_sigma_follows_the_feature_rms(tmp_path, encoder_dir):
     assert stage.noise.sigma == 0.25
 
 
-def test_discriminator_state_resumes_exactly(tmp_path, encoder_dir):
-    cfg_path = write_config(tmp_path / "g.yaml", encoder_dir, steps=4, eval_limit=0)
+def test_discriminator_state_resumes_exactly(tmp_path, tiny_encoder_dir):
+    cfg_path = write_config(tmp_path / "g.yaml", tiny_encoder_dir, steps=4, eval_limit=0)
     name, cfg = load_stage_config(cfg_path)
     train_stage(name, cfg, tmp_path / "straight", progress=False)
     from fae.stages import stage_module
@@ -216,18 +210,18 @@ def test_discriminator_state_resumes_exactly(tmp_path, encoder_dir):
         assert torch.equal(v, sb["optimizers"]["disc"]["state"][0][k])
 
 
-def _fae_bundle(path: Path, encoder_dir: Path) -> Path:
-    enc = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(encoder_dir)))
+def _fae_bundle(path: Path, tiny_encoder_dir: Path) -> Path:
+    enc = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder_dir)))
     model = FeatureAutoEncoder(FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2,
                                          encoder_head_dim=16, decoder_depth=1, decoder_heads=2))
     return model.save_pretrained(path, extra={"encoder": enc.reference()})
 
 
-def test_finetune_stage_and_pipeline(tmp_path, encoder_dir):
-    g_cfg = write_config(tmp_path / "g.yaml", encoder_dir, steps=2)
+def test_finetune_stage_and_pipeline(tmp_path, tiny_encoder_dir):
+    g_cfg = write_config(tmp_path / "g.yaml", tiny_encoder_dir, steps=2)
     assert main(["train", "pixel-decoder", "--config", str(g_cfg), "--out", str(tmp_path / "g"), "--no-progress"]) == 0
-    _fae_bundle(tmp_path / "fae_run" / "fae", encoder_dir)
-    ft_cfg = write_config(tmp_path / "ft.yaml", encoder_dir, steps=2, decoder=False)
+    _fae_bundle(tmp_path / "fae_run" / "fae", tiny_encoder_dir)
+    ft_cfg = write_config(tmp_path / "ft.yaml", tiny_encoder_dir, steps=2, decoder=False)
     assert main(["train", "pixel-decoder", "--config", str(ft_cfg), "--out", str(tmp_path / "ft"), "--no-progress",
                  "--finetune-from", str(tmp_path / "g"), "--fae", str(tmp_path / "fae_run")]) == 0
     record = read_bundle_config(tmp_path / "ft" / "pixel_decoder")
@@ -259,14 +253,14 @@ def test_finetune_stage_and_pipeline(tmp_path, encoder_dir):
     assert (tmp_path / "recon" / "recon_grid.png").is_file()
 
 
-def test_finetune_config_errors(tmp_path, encoder_dir):
+def test_finetune_config_errors(tmp_path, tiny_encoder_dir):
     from fae.config import ConfigError as CE
 
-    cfg = write_config(tmp_path / "g.yaml", encoder_dir)
+    cfg = write_config(tmp_path / "g.yaml", tiny_encoder_dir)
     with pytest.raises(CE, match="fae"):
         load_stage_config(cfg, [f"finetune_from={tmp_path}"])
     with pytest.raises(CE, match="decoder: required"):
-        load_stage_config(write_config(tmp_path / "nodec.yaml", encoder_dir, decoder=False))
+        load_stage_config(write_config(tmp_path / "nodec.yaml", tiny_encoder_dir, decoder=False))
     with pytest.raises(CE, match="patch_size=4"):
         name, c = load_stage_config(cfg, ["decoder.patch_size=2"])
         from fae.stages.pixel_decoder import PixelDecoderStage
@@ -289,13 +283,13 @@ def test_seam_ratio_detects_a_patch_grid():
     assert blocky.ratio() > 2
 
 
-def test_torchrun_two_processes_with_gan(tmp_path, encoder_dir):
+def test_torchrun_two_processes_with_gan(tmp_path, tiny_encoder_dir):
     """Both optimizer groups (decoder and discriminator) under DDP, from the CLI, with the GAN switched on."""
     import os
     import subprocess
     import sys
 
-    cfg = write_config(tmp_path / "g.yaml", encoder_dir, steps=4)
+    cfg = write_config(tmp_path / "g.yaml", tiny_encoder_dir, steps=4)
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"

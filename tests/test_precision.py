@@ -137,12 +137,12 @@ def test_trainer_computes_in_the_chosen_precision_and_records_it(tmp_path, monke
         assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
-def test_frozen_encoder_features_do_not_depend_on_the_callers_autocast(tmp_path):
+def test_frozen_encoder_features_do_not_depend_on_the_callers_autocast(tiny_encoder_dir):
     """Training runs the encoder inside the trainer's autocast, `fae encode` and evaluation outside it: the encoder
     sets its own precision, so one image gives one set of features on every path."""
-    from fae.encoders import EncoderConfig, FrozenEncoder, save_tiny_encoder
+    from fae.encoders import EncoderConfig, FrozenEncoder
 
-    path = save_tiny_encoder("dinov2", tmp_path / "enc")
+    path = tiny_encoder_dir
     images = torch.rand(2, 3, 16, 16)
     fp32 = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(path), precision="fp32"))
     plain = fp32(images)

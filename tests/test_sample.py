@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from fae.cli import main
 from fae.config import ConfigError
 from fae.data.latents import LatentCache
-from fae.encoders import EncoderConfig, FrozenEncoder, save_tiny_encoder
+from fae.encoders import EncoderConfig, FrozenEncoder
 from fae.generators import load_generator
 from fae.io import read_bundle_config
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_encoder_dir):
     root = tmp_path_factory.mktemp("sample")
-    enc_dir = save_tiny_encoder("dinov2", root / "encoder", hidden_size=32, num_layers=1, image_size=16, patch_size=4)
+    enc_dir = tiny_encoder_dir
     encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(enc_dir)))
     torch.manual_seed(0)
     fae = FeatureAutoEncoder(FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2,
