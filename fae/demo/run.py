@@ -88,7 +88,6 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
              precision: str = "auto", from_scratch: bool = False) -> Path:
     """Run every demo step that is not done yet; returns the report path. `precision` is what `auto` means for
     every stage, the encoder and sampling (default: chosen from the hardware, fae.precision)."""
-
     from fae.precision import PRECISIONS, resolve_precision
 
     if precision not in PRECISIONS:
