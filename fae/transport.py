@@ -235,6 +235,12 @@ class SamplerConfig:
         self.guidance.validate()
 
 
+def paper_method(guidance: GuidanceSchedule) -> Literal["euler", "euler_maruyama"]:
+    """The paper's sampler rule (App. D, after SiT): the Euler-Maruyama SDE without guidance, the Euler ODE with it
+    (250 steps either way, SamplerConfig's default)."""
+    return "euler" if guidance.active else "euler_maruyama"
+
+
 def time_grid(steps: int, shift: float = 1.0) -> list[float]:
     """steps + 1 times from 1 (noise) to 0 (data): a uniform grid mapped through the time shift."""
     return [float(shift_time(1.0 - i / steps, shift)) for i in range(steps + 1)]

@@ -205,3 +205,11 @@ def test_sampler_config_validation():
         SamplerConfig(steps=0).validate()
     with pytest.raises(ValueError, match="unknown sampler"):
         sample(_gaussian_velocity, torch.zeros(1, 1, 1, 1), None, SamplerConfig(method="rk4"))  # type: ignore[arg-type]
+
+
+def test_paper_sampler_rule_lives_in_the_library():
+    from fae.transport import GuidanceSchedule, paper_method
+
+    assert paper_method(GuidanceSchedule()) == "euler_maruyama"          # no guidance: SDE
+    assert paper_method(GuidanceSchedule.paper()) == "euler"             # guidance: ODE
+    assert paper_method(GuidanceSchedule.parse("1.0")) == "euler_maruyama"  # scale 1 everywhere is no guidance

@@ -45,7 +45,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from fae.distributed import init_distributed, is_main
     from fae.sampling import load_decoder, sample_to_dir
     from fae.stages.dit import load_run_generator
-    from fae.transport import GuidanceSchedule, SamplerConfig
+    from fae.transport import GuidanceSchedule, SamplerConfig, paper_method
 
     _, _, dist_device = init_distributed()
     device = str(dist_device) if args.device == "auto" else args.device
@@ -54,9 +54,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--guidance: {exc}") from None
     guidance.channels = args.guidance_channels
-    method = args.sampler
-    if method == "auto":  # the paper's protocol: SDE without guidance, Euler ODE with it
-        method = "euler" if guidance.active else "euler_maruyama"
+    method = paper_method(guidance) if args.sampler == "auto" else args.sampler
     sampler = SamplerConfig(method=method, steps=args.steps, time_shift=args.time_shift, guidance=guidance,
                             cfg_batch=args.cfg_batch)
     try:
