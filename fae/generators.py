@@ -55,6 +55,10 @@ class Generator(ABC):
         """What a sampling run records about the generator besides the sampler."""
         return {"generator": self.source}
 
+    @abstractmethod
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the generator bundle (weights + its record); `load_generator` reads it back."""
+
     @property
     def class_names(self) -> list[str] | None:
         return self.record.get("class_names")
@@ -94,6 +98,10 @@ class DiTGenerator(Generator):
     def settings(self, sampler: SamplerConfig) -> dict[str, Any]:
         return {"generator": self.source,
                 "time_shift": sampler.time_shift if sampler.time_shift is not None else self.time_shift}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return self.model.save_pretrained(directory, extra={k: v for k, v in self.record.items()
+                                                            if k not in ("class", "config")})
 
 
 # bundle class (config.json "class") -> how to load it; STARFlow and MMDiT add themselves here

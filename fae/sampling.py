@@ -25,8 +25,8 @@ import torch
 
 from fae import distributed as D
 from fae.config import ConfigError, to_dict
-from fae.generators import Generator, find_bundle
-from fae.io import WEIGHTS_NAME, atomic_write, atomic_write_text, file_sha256
+from fae.generators import Generator, find_bundle, load_generator
+from fae.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text, file_sha256, read_bundle_config
 from fae.precision import resolve_precision
 from fae.transport import SamplerConfig, initial_noise, sample_generators
 
@@ -78,6 +78,62 @@ def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: s
                           f"({expected.get('path')}); samples will decode wrongly if the latent spaces differ",
                           stacklevel=2)
     return pipe.decode_to_pixels
+
+
+class GenerationPipeline:
+    """Conditions -> images from one folder: `fae_pipeline/` (frozen-encoder reference, FAE, pixel decoder) and
+    `generator/` (the generator bundle with its latent statistics and the SHA-256 of the FAE weights it was trained
+    on, checked on load).
+
+        pipe = GenerationPipeline.from_pretrained("runs/demo/pipeline")
+        samples = pipe.generate(20, sampler=SamplerConfig(steps=25, guidance=GuidanceSchedule.parse("0-0.7:6.0")))
+    """
+
+    def __init__(self, fae: Any, generator: Generator) -> None:
+        if fae.pixel_decoder is None:
+            raise ConfigError("a generation pipeline needs an FAE bundle with its pixel decoder (an fae_pipeline)")
+        if tuple(generator.latent_shape) != (fae.autoencoder.config.latent_channels, *fae.autoencoder.config.grid):
+            raise ConfigError(f"the generator makes {tuple(generator.latent_shape)} latents, the FAE decodes "
+                              f"{(fae.autoencoder.config.latent_channels, *fae.autoencoder.config.grid)}")
+        self.fae, self.generator = fae, generator
+
+    @classmethod
+    def from_parts(cls, generator: str | Path, fae_pipeline: str | Path, device: str | torch.device = "cpu"
+                   ) -> GenerationPipeline:
+        """A generator bundle (or finished run) and the FAE pipeline bundle its latents came from."""
+        from fae.pipeline import FAE
+
+        gen = load_generator(generator, device)
+        fae_path = find_bundle(Path(fae_pipeline), ["fae_pipeline"], classes=["FAE"])
+        if fae_path is None:
+            raise FileNotFoundError(f"{fae_pipeline}: no FAE pipeline bundle (fae_pipeline/, written by the "
+                                    "pixel-decoder fine-tune stage) here")
+        expected = (gen.record.get("latents", {}).get("fae") or {}).get("weights_sha256")
+        if gen.record.get("latents", {}).get("source") == "raw_features":
+            raise ConfigError(f"{gen.source} generates raw encoder features, not FAE latents; decode them with "
+                              "load_decoder(gen, pixel_decoder=...)")
+        if expected and file_sha256(fae_path / "fae" / WEIGHTS_NAME) != expected:
+            raise ConfigError(f"{gen.source} was trained on the latents of another FAE than {fae_path / 'fae'} "
+                              "(the SHA-256 of its weights differs from the one the generator records)")
+        return cls(FAE.from_pretrained(fae_path, map_location=device), gen)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        self.fae.save_pretrained(directory / "fae_pipeline")
+        self.generator.save_pretrained(directory / "generator")
+        atomic_write_text(directory / CONFIG_NAME, json.dumps({"class": type(self).__name__}, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> GenerationPipeline:
+        directory = Path(directory)
+        if read_bundle_config(directory).get("class") != cls.__name__:
+            raise ConfigError(f"{directory} is not a {cls.__name__} folder")
+        return cls.from_parts(directory / "generator", directory / "fae_pipeline", device)
+
+    def generate(self, num_samples: int, **kwargs: Any) -> Samples:
+        """`generate(generator, decode, num_samples, **kwargs)` with this pipeline's generator and decoder."""
+        return generate(self.generator, self.fae.decode_to_pixels, num_samples, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------- generation

@@ -109,6 +109,9 @@ def test_quick_demo_end_to_end(finished_demo, capsys, monkeypatch):
     for key in ("fae/no_guidance", "fae/guidance", "raw/no_guidance", "raw/guidance"):
         assert 0 <= samples[key]["class_agreement"] <= 1 and samples[key]["fd_encoder"] > 0
         assert Path(samples[key]["grid"]).is_file()
+    from fae.sampling import GenerationPipeline  # the whole chain in one folder, sampled in one call
+    pipe = GenerationPipeline.from_pretrained(samples["pipeline"])
+    assert pipe.generate(3, progress=False).images.shape == (3, 32, 32, 3)
     inputs = [row["input"] for row in results["probe"]["rows"]]
     assert len(inputs) == 4 and inputs[-1].startswith("x at random")
 

@@ -199,6 +199,9 @@ def test_sampling_speaks_only_to_the_generator_interface(tmp_path):
         def settings(self, sampler):
             return {"generator": "toy", "steps": sampler.steps}
 
+        def save_pretrained(self, directory):
+            return Path(directory)
+
     paint = lambda z: z[:, :1].mean((1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 3, 8, 8)  # noqa: E731
     out = generate(Toy(), paint, 7, labels="equal", sampler=SamplerConfig(steps=3), batch_size=3, progress=False)
     assert Toy.calls == 3 and out.images.shape == (7, 8, 8, 3)
@@ -209,3 +212,27 @@ def test_sampling_speaks_only_to_the_generator_interface(tmp_path):
         generate(Toy(), paint, 3, sampler=SamplerConfig(guidance=GuidanceSchedule.parse("2.0")), progress=False)
     written = sample_to_dir(Toy(), paint, tmp_path / "toy", 6, sampler=SamplerConfig(steps=2), progress=False)
     assert Path(written["grid"]).is_file() and np.load(written["npz"])["arr_0"].shape == (6, 8, 8, 3)
+
+
+def test_generation_pipeline_folder_loads_with_one_call_and_checks_the_fae(world, tmp_path):
+    """One folder (FAE pipeline + generator bundle) loads with one from_pretrained and samples in one call, the
+    same images as the generator and decoder loaded apart; a generator of another FAE's latents is refused."""
+    from fae.sampling import GenerationPipeline, generate
+    from fae.transport import SamplerConfig
+
+    pipe = GenerationPipeline.from_parts(world["run"], world["pipeline"])
+    folder = pipe.save_pretrained(tmp_path / "pipe")
+    again = GenerationPipeline.from_pretrained(folder)
+    sampler = SamplerConfig(steps=3)
+    ours = again.generate(6, seed=3, sampler=sampler, progress=False)
+    apart = generate(load_generator(world["run"]), load_decoder(load_generator(world["run"]), fae=world["pipeline"]),
+                     6, seed=3, sampler=sampler, progress=False)
+    assert np.array_equal(ours.images, apart.images) and ours.images.shape == (6, 16, 16, 3)
+    assert read_bundle_config(folder / "generator")["latent_stats"] == read_bundle_config(world["run"] / "dit")["latent_stats"]
+
+    other = FAE.from_pretrained(world["pipeline"])
+    with torch.no_grad():
+        next(other.autoencoder.parameters()).add_(1.0)     # another FAE: different weights, same shapes
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match="another FAE"):
+        GenerationPipeline.from_parts(world["run"], tmp_path / "other")

@@ -222,7 +222,7 @@ def step_samples(ctx: DemoContext) -> dict[str, Any]:
     from fae.metrics import EncoderNetwork, TensorSource, fid
     from fae.metrics.judge import SmallCNN, class_agreement
     from fae.metrics.reference import load_reference
-    from fae.sampling import generate, load_decoder, to_uint8, write_samples
+    from fae.sampling import GenerationPipeline, generate, load_decoder, to_uint8, write_samples
     from fae.transport import GuidanceSchedule, SamplerConfig
 
     p = ctx.profile
@@ -253,6 +253,10 @@ def step_samples(ctx: DemoContext) -> dict[str, Any]:
                 "class_agreement": agree["agreement"], "per_class": agree["per_class"],
                 "fd_encoder": fid(samples.images, reference, network),
                 "grid": str(folder / "grid.png"), "seconds": round(time.time() - start, 1)}
+    # the whole chain in one folder, for `GenerationPipeline.from_pretrained("runs/demo/pipeline")` (README)
+    GenerationPipeline.from_parts(ctx.out / "dit", ctx.out / "pixel-decoder-ft" / "fae_pipeline").save_pretrained(
+        ctx.out / "pipeline")
+    info["pipeline"] = str(ctx.out / "pipeline")
     return info
 
 
