@@ -1,6 +1,7 @@
 """torch.distributed helpers: the same code runs single-process and under `torchrun` (gloo on CPU, nccl on GPU)."""
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any
 
@@ -16,6 +17,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        atexit.register(_destroy)  # an undestroyed gloo group can abort the process at exit ("terminate called ...")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if torch.cuda.is_available():
@@ -23,6 +25,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     return rank, world, device
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
