@@ -19,7 +19,7 @@ import torch
 
 from fae.config import ConfigError
 from fae.data.latents import denormalize
-from fae.io import CONFIG_NAME, read_bundle_config
+from fae.io import find_bundle, read_bundle_config
 from fae.models.dit import DiT
 from fae.transport import GuidedVelocity, SamplerConfig, sample
 
@@ -106,15 +106,6 @@ class DiTGenerator(Generator):
 
 # bundle class (config.json "class") -> how to load it; STARFlow and MMDiT add themselves here
 GENERATOR_BUNDLES: dict[str, tuple[type, type[Generator]]] = {"DiT": (DiT, DiTGenerator)}
-
-
-def find_bundle(path: Path, names: Sequence[str], classes: Sequence[str] | None = None) -> Path | None:
-    """`path` itself when it is a bundle (of one of `classes`), else the first `path/<name>` that is one."""
-    for p in [path, *(path / n for n in names)]:
-        if (p / CONFIG_NAME).is_file():
-            if classes is None or read_bundle_config(p).get("class") in classes:
-                return p
-    return None
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:

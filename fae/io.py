@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -118,6 +118,16 @@ def resolve_pretrained(name_or_path: str | Path) -> Path:
         except Exception as exc:  # offline, unknown id, ...
             raise FileNotFoundError(f"{text}: not a local folder, and fetching it from the hub failed ({exc})") from None
     raise FileNotFoundError(f"{text}: no such folder")
+
+
+def find_bundle(path: Path, names: Sequence[str], classes: Sequence[str] | None = None) -> Path | None:
+    """`path` itself when it is a bundle (of one of `classes`), else the first `path/<name>` that is one."""
+    for p in [path, *(path / n for n in names)]:
+        if (p / CONFIG_NAME).is_file():
+            if classes is None or read_bundle_config(p).get("class") in classes:
+                return p
+    return None
+
 
 
 class PretrainedMixin:

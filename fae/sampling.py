@@ -25,8 +25,8 @@ import torch
 
 from fae import distributed as D
 from fae.config import ConfigError, to_dict
-from fae.generators import Generator, find_bundle, load_generator
-from fae.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text, file_sha256, read_bundle_config
+from fae.generators import Generator, load_generator
+from fae.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text, file_sha256, find_bundle, read_bundle_config
 from fae.precision import resolve_precision
 from fae.transport import SamplerConfig, initial_noise, sample_generators
 

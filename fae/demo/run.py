@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fae.config import from_dict, read_yaml
 from fae.demo.report import step_report
 from fae.demo.steps import CONFIG_DIR, STEPS, DemoContext
 from fae.io import atomic_write_text
@@ -34,12 +33,10 @@ def calibration_step_seconds(steps: int = 3) -> float:
 
     from fae.models.dit import DiT
     from fae.precision import resolve_precision
-    from fae.stages import stage_module
+    from fae.stages import load_stage_config
     from fae.transport import flow_matching_loss
 
-    data = read_yaml(CONFIG_DIR / "dit.yaml")
-    data.pop("stage", None)
-    cfg = from_dict(stage_module("dit").Config, data)
+    _, cfg = load_stage_config(CONFIG_DIR / "dit.yaml", stage="dit")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = DiT(cfg.model)
@@ -102,8 +99,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     if precision != "auto":
         os.environ["FAE_PRECISION"] = precision
     try:
-        return _run_steps(DemoContext(out=out, quick=quick, progress=progress, precision=precision,
-                                      from_scratch=from_scratch), resolve_precision("auto", "cpu"))
+        return _run_steps(DemoContext(out=out, quick=quick, progress=progress, from_scratch=from_scratch),
+                          resolve_precision("auto", "cpu"))
     finally:
         if saved_env is None:
             os.environ.pop("FAE_PRECISION", None)

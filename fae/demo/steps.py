@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from fae.config import PACKAGED_CONFIGS, apply_overrides, from_dict, read_yaml
+from fae.config import PACKAGED_CONFIGS, from_dict, read_yaml
 
 CONFIG_DIR = PACKAGED_CONFIGS / "demo"
 
@@ -56,7 +56,6 @@ class DemoContext:
     out: Path
     quick: bool
     progress: bool = True
-    precision: str = "auto"         # what `auto` means in this run (FAE_PRECISION, fae.precision)
     from_scratch: bool = False      # pretrain the frozen encoder and train the judge now, not the shipped ones
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -74,14 +73,12 @@ class DemoContext:
         return self.out / "classifier"
 
     def config(self, name: str, stage: str, overrides: list[str]) -> Any:
-        from fae.stages import stage_module
+        from fae.stages import load_stage_config
 
         path = CONFIG_DIR / name
         if not path.is_file():
             raise FileNotFoundError(f"demo config {path} is missing from this installation of fae; reinstall it")
-        data = apply_overrides(read_yaml(path), overrides)
-        data.pop("stage", None)
-        return from_dict(stage_module(stage).Config, data)
+        return load_stage_config(path, overrides, stage=stage)[1]
 
     def train(self, stage: str, config: str, folder: str, overrides: list[str]) -> Path:
         from fae.stages import train_stage

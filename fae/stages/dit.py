@@ -21,8 +21,8 @@ from torch.utils.data import Dataset
 
 from fae.config import ConfigError, to_dict
 from fae.data.latents import LatentCache, LatentDataset
-from fae.generators import DiTGenerator, Generator, load_generator
-from fae.io import CONFIG_NAME
+from fae.generators import GENERATOR_BUNDLES, DiTGenerator, Generator, load_generator
+from fae.io import find_bundle
 from fae.models.dit import DiT, DiTConfig
 from fae.training import OptimConfig, TrainConfig, TrainStage
 from fae.transport import TransportConfig, flow_matching_loss
@@ -104,7 +104,7 @@ def load_run_generator(path: str | Path, device: str | torch.device = "cpu") -> 
 
     run = Path(path)
     ckpts = checkpoint_dirs(run) if run.is_dir() else []
-    if not ckpts or any((run / n / CONFIG_NAME).is_file() for n in (".", "dit")):
+    if not ckpts or find_bundle(run, ["dit"], classes=list(GENERATOR_BUNDLES)) is not None:
         return load_generator(run, device)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is neither a DiT bundle nor a `fae train dit` run folder with checkpoints")
