@@ -121,12 +121,14 @@ class RoPE2D(nn.Module):
         angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)  # (N, head_dim/2)
         return angles.cos(), angles.sin()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate (B, H, N, Dh); channel pairs are (i, i + Dh/2)."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate (B, H, N, Dh); channel pairs are (i, i + Dh/2). `positions` (N,) are the grid indices (row-major)
+        of the N tokens, for a permuted or partial sequence (flows, KV-cached decoding); default 0..N-1."""
         n = x.shape[-2]
-        if self.cos.shape[0] != n:
-            raise ValueError(f"RoPE built for {self.cos.shape[0]} tokens, got {n}")
-        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
+        cos, sin = (self.cos, self.sin) if positions is None else (self.cos[positions], self.sin[positions])
+        if cos.shape[0] != n:
+            raise ValueError(f"RoPE built for {cos.shape[0]} tokens, got {n}")
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -169,6 +171,21 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope: RoPE2D | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row, the null class, used for dropped labels and the unconditional branch."""
+
+    def __init__(self, num_classes: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.table = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.training and self.dropout > 0:
+            drop = torch.rand(y.shape, generator=generator, device=y.device) < self.dropout
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.table(y)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

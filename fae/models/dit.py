@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fae.io import PretrainedMixin
-from fae.nn import Attention, AttentionBackend, RoPE2D, make_mlp, make_norm, modulate, sincos_pos_embed_2d
+from fae.nn import Attention, AttentionBackend, LabelEmbedder, RoPE2D, make_mlp, make_norm, modulate, sincos_pos_embed_2d
 
 
 @dataclass
@@ -120,21 +120,6 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         emb = timestep_embedding(t, self.freq_dim)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
-
-
-class LabelEmbedder(nn.Module):
-    """Class table with one extra row, the null class, used for dropped labels and the unconditional branch."""
-
-    def __init__(self, num_classes: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.num_classes, self.dropout = num_classes, dropout
-        self.table = nn.Embedding(num_classes + 1, hidden)
-
-    def forward(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.training and self.dropout > 0:
-            drop = torch.rand(y.shape, generator=generator, device=y.device) < self.dropout
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        return self.table(y)
 
 
 class DiTBlock(nn.Module):
