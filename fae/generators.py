@@ -4,7 +4,8 @@ A generator turns starting noise and conditions (class labels now, prompts with 
 the FAE latent space (de-normalised: the space the FAE decoder reads), with a sampler (step budget, guidance
 schedule, ODE or SDE) and per-sample random generators (so any sample can be regenerated alone). Its bundle
 records everything it needs: the latent statistics it was trained with, its transport settings, its class names,
-and where its latents came from. DiT implements it now; STARFlow and MMDiT implement the same class.
+and where its latents came from. DiT (`DiTGenerator`) and STARFlow (`FlowGenerator`) implement it; MMDiT implements
+the same class.
 
     gen = load_generator("runs/dit")                 # a bundle or a finished run folder
     z = gen.sample(noise, labels, SamplerConfig(steps=50, guidance=GuidanceSchedule.paper()), generators)
@@ -21,6 +22,7 @@ from fae.config import ConfigError
 from fae.data.latents import denormalize
 from fae.io import find_bundle, read_bundle_config
 from fae.models.dit import DiT
+from fae.models.starflow import StarFlow
 from fae.transport import GuidedVelocity, SamplerConfig, sample
 
 
@@ -106,15 +108,65 @@ class DiTGenerator(Generator):
 
 # bundle class (config.json "class") -> how to load it; STARFlow and MMDiT add themselves here
 GENERATOR_BUNDLES: dict[str, tuple[type, type[Generator]]] = {"DiT": (DiT, DiTGenerator)}
+GENERATOR_FOLDERS = ["dit", "flow"]  # where a finished run keeps its generator bundle
+
+
+class FlowGenerator(Generator):
+    """A STARFlow normalizing flow: the exact inverse token by token with a KV cache, flow guidance on the
+    sampler's guidance schedule (token i of T at t = 1 - (i + 1) / T; fae.models.starflow), then STARFlow's
+    score-based denoising step (`SamplerConfig.flow_denoise`) with the noise level it was trained at. The
+    sampler's step budget and ODE/SDE method do not apply: a flow has one exact pass."""
+
+    def __init__(self, model: StarFlow, record: dict[str, Any], source: str, device: str | torch.device = "cpu") -> None:
+        if "latent_stats" not in record or "flow" not in record:
+            raise ConfigError(f"{source}: the flow bundle records no latent statistics or noise level; export it "
+                              "with `fae train flow`")
+        stats = record["latent_stats"]
+        self.model, self.record, self.source = model.to(device).eval(), record, source
+        self.mean = torch.tensor(stats["mean"], dtype=torch.float32, device=device)
+        self.std = torch.tensor(stats["std"], dtype=torch.float32, device=device)
+        self.noise_std = float(record["flow"]["noise_std"])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.model.config
+        return (cfg.in_channels, *cfg.input_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_classes
+
+    @property
+    def supports_guidance(self) -> bool:
+        return self.num_classes > 0 and self.model.config.class_dropout > 0
+
+    def sample(self, noise: torch.Tensor, conditions: torch.Tensor | None, sampler: SamplerConfig,
+               generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        guided = sampler.guidance.active and conditions is not None
+        x = self.model.inverse(noise.float(), conditions, sampler.guidance.scale_at if guided else None)
+        if sampler.flow_denoise and self.noise_std > 0:
+            x = self.model.denoise(x, conditions, self.noise_std)
+        return denormalize(x.float(), self.mean, self.std)
+
+    def settings(self, sampler: SamplerConfig) -> dict[str, Any]:
+        return {"generator": self.source, "noise_std": self.noise_std,
+                "denoised": bool(sampler.flow_denoise and self.noise_std > 0)}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return self.model.save_pretrained(directory, extra={k: v for k, v in self.record.items()
+                                                            if k not in ("class", "config")})
+
+
+GENERATOR_BUNDLES["StarFlow"] = (StarFlow, FlowGenerator)
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
-    """A generator bundle (e.g. `<run>/dit`) or a finished run folder holding one. (An unfinished `fae train dit`
+    """A generator bundle (e.g. `<run>/dit`, `<run>/flow`) or a finished run folder holding one. (An unfinished `fae train dit`
     run folder: `fae.stages.dit.load_run_generator`, which knows the stage's checkpoints.)"""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"generator {path}: no such folder")
-    bundle = find_bundle(path, ["dit"], classes=list(GENERATOR_BUNDLES))
+    bundle = find_bundle(path, GENERATOR_FOLDERS, classes=list(GENERATOR_BUNDLES))
     if bundle is None:
         raise FileNotFoundError(f"{path} holds no generator bundle (an unfinished run? `fae sample` and "
                                 "fae.stages.dit.load_run_generator read its newest checkpoint)")

@@ -224,6 +224,7 @@ class SamplerConfig:
     diffusion_norm: float = 1.0        # SDE: w_t = diffusion_norm * sigma_t (SiT's "sigma" form)
     guidance: GuidanceSchedule = field(default_factory=GuidanceSchedule)
     cfg_batch: Literal["concat", "separate"] = "concat"
+    flow_denoise: bool = True          # flows only: STARFlow's score-based denoising step after the inverse
 
     def validate(self) -> None:
         if self.steps < 1:

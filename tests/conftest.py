@@ -36,3 +36,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_world(tmp_path_factory, tiny_encoder_dir):
+    """A tiny FAE (4x4x4 latents) on the tiny encoder, its pipeline bundle (with a pixel decoder) and a latent cache
+    of 40 Fashion-MNIST test images: what a generator stage trains on and `fae sample` decodes with."""
+    from fae.cli import main
+    from fae.encoders import EncoderConfig, FrozenEncoder
+    from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
+    from fae.models.pixel_decoder import PixelDecoder, PixelDecoderConfig
+    from fae.pipeline import FAE
+
+    root = tmp_path_factory.mktemp("latent-world")
+    encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder_dir)))
+    torch.manual_seed(0)
+    fae = FeatureAutoEncoder(FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2,
+                                       encoder_head_dim=8, decoder_depth=1, decoder_heads=2))
+    fae_bundle = fae.save_pretrained(root / "fae", extra={"encoder": encoder.reference()})
+    pd = PixelDecoder(PixelDecoderConfig(in_dim=32, num_tokens=16, patch_size=4, width=32, depth=1, num_heads=2,
+                                         refine_channels=0))
+    pipeline = FAE(encoder, fae, pd).save_pretrained(root / "pipeline")
+    (root / "data.yaml").write_text("data: {kind: fashion_mnist, split: test, image_size: 16, limit: 40}\n")
+    assert main(["encode", "--fae", str(fae_bundle), "--data", str(root / "data.yaml"), "--out", str(root / "cache"),
+                 "--shard-size", "16", "--no-progress"]) == 0
+    return {"root": root, "fae": fae_bundle, "pipeline": pipeline, "cache": root / "cache"}

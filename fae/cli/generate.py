@@ -56,7 +56,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     guidance.channels = args.guidance_channels
     method = paper_method(guidance) if args.sampler == "auto" else args.sampler
     sampler = SamplerConfig(method=method, steps=args.steps, time_shift=args.time_shift, guidance=guidance,
-                            cfg_batch=args.cfg_batch)
+                            cfg_batch=args.cfg_batch, flow_denoise=not args.no_denoise)
     try:
         sampler.validate()
     except ValueError as exc:
@@ -99,11 +99,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="data overrides key=value, e.g. limit=1000 image_size=32")
     p.set_defaults(func=_cmd_encode)
 
-    p = sub.add_parser("sample", help="generate images with a trained DiT",
-                       description="Sample latents with a DiT generator, decode them to pixels and write a labelled "
+    p = sub.add_parser("sample", help="generate images with a trained generator (DiT or STARFlow)",
+                       description="Sample latents with a generator (DiT or STARFlow flow), decode them to pixels and "
+                       "write a labelled "
                        "grid.png, images/*.png and samples.npz (arr_0: uint8 NHWC, for the ADM evaluator). Under "
                        "torchrun the work is split across processes with identical results.")
-    p.add_argument("--dit", required=True, help="DiT bundle or `fae train dit` run folder (newest EMA if unfinished)")
+    p.add_argument("--dit", "--generator", dest="dit", required=True,
+                   help="generator bundle (DiT or flow) or finished run folder; an unfinished `fae train dit` run "
+                   "folder samples its newest EMA")
     p.add_argument("--fae", help="FAE pipeline bundle (with pixel decoder) or stage-1 FAE bundle; default: the one "
                    "the latents were encoded with")
     p.add_argument("--pixel-decoder", help="pixel decoder bundle (when --fae has none, or for raw-feature latents)")
@@ -121,6 +124,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-shift", type=float, default=None, help="the paper's s; default: the training value")
     p.add_argument("--cfg-batch", choices=["concat", "separate"], default="concat",
                    help="run conditional/unconditional as one batch or two calls")
+    p.add_argument("--no-denoise", action="store_true",
+                   help="flows: skip STARFlow's score-based denoising step after sampling")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="auto (default): bf16 autocast where the device runs bf16 natively, else fp32")

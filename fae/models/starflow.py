@@ -313,13 +313,11 @@ class StarFlow(nn.Module, PretrainedMixin):
 
     def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x | y) in nats per sample (B,), under the standard normal prior on z."""
-        z, logdet = self(x, y)
-        d = z[0].numel()
-        return -0.5 * z.float().pow(2).flatten(1).sum(1) - 0.5 * d * math.log(2 * math.pi) + logdet
+        return log_likelihood(*self(x, y))
 
     def bits_per_dim(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Negative log-likelihood in bits per dimension (B,)."""
-        return -self.log_prob(x, y) / (x[0].numel() * math.log(2))
+        return bits_per_dim(*self(x, y))
 
     def denoise(self, x: torch.Tensor, y: torch.Tensor | None, noise_std: float) -> torch.Tensor:
         """One score step x + sigma^2 grad log p(x | y): the posterior mean E[clean | x] of latents trained with
@@ -328,3 +326,14 @@ class StarFlow(nn.Module, PretrainedMixin):
             x = x.detach().float().requires_grad_(True)
             grad, = torch.autograd.grad(self.log_prob(x, y).sum(), x)
         return (x + noise_std ** 2 * grad).detach()
+
+
+def log_likelihood(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
+    """log p(x) = log N(z; 0, I) + log|det dz/dx| in nats per sample (B,), from the flow's outputs."""
+    d = z[0].numel()
+    return -0.5 * z.float().pow(2).flatten(1).sum(1) - 0.5 * d * math.log(2 * math.pi) + logdet
+
+
+def bits_per_dim(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
+    """-log p(x) / (D ln 2) per sample (B,)."""
+    return -log_likelihood(z, logdet) / (z[0].numel() * math.log(2))

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from fae.config import ConfigError, to_dict
 from fae.data.latents import LatentCache, LatentDataset
-from fae.generators import GENERATOR_BUNDLES, DiTGenerator, Generator, load_generator
+from fae.generators import GENERATOR_BUNDLES, GENERATOR_FOLDERS, DiTGenerator, Generator, load_generator
 from fae.io import find_bundle
 from fae.models.dit import DiT, DiTConfig
 from fae.training import OptimConfig, TrainConfig, TrainStage
@@ -39,7 +39,8 @@ class Config:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512, ema_decay=0.9999))
 
 
-def check_model_matches_cache(model: DiTConfig, cache: LatentCache) -> None:
+def check_model_matches_cache(model: Any, cache: LatentCache) -> None:
+    """A generator config (DiT, STARFlow: in_channels, input_size, num_classes) fits the latent cache."""
     if model.in_channels != cache.channels:
         raise ConfigError(f"model.in_channels={model.in_channels} but the latents in {cache.path} have "
                           f"{cache.channels} channels; set model.in_channels={cache.channels}")
@@ -75,13 +76,18 @@ class DiTStage(TrainStage):
 
 
 def generator_record(cfg: Config, cache: LatentCache) -> dict[str, Any]:
-    """What a generator bundle records besides its weights (read back by fae.sampling)."""
+    """What a DiT bundle records besides its weights (read back by fae.generators)."""
+    return {**cache_record(cache), "transport": to_dict(cfg.transport)}
+
+
+def cache_record(cache: LatentCache) -> dict[str, Any]:
+    """What every generator bundle records of the latents it was trained on: their statistics, where they came
+    from (FAE weights hash, encoder) and the class names."""
     m = cache.manifest
     return {
         "latent_stats": cache.stats(),
         "latents": {"cache": str(Path(cache.path).resolve()), "source": m["source"], "channels": m["channels"],
                     "grid": m["grid"], "fae": m.get("fae"), "encoder": m.get("encoder")},
-        "transport": to_dict(cfg.transport),
         "class_names": m.get("class_names"),
     }
 
@@ -104,7 +110,7 @@ def load_run_generator(path: str | Path, device: str | torch.device = "cpu") -> 
 
     run = Path(path)
     ckpts = checkpoint_dirs(run) if run.is_dir() else []
-    if not ckpts or find_bundle(run, ["dit"], classes=list(GENERATOR_BUNDLES)) is not None:
+    if not ckpts or find_bundle(run, GENERATOR_FOLDERS, classes=list(GENERATOR_BUNDLES)) is not None:
         return load_generator(run, device)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is neither a DiT bundle nor a `fae train dit` run folder with checkpoints")
