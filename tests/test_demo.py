@@ -151,3 +151,25 @@ def test_forecast_scales_by_calibration_then_by_observation():
     forecast.observe("fae", 3 * REFERENCE_SECONDS["default"]["fae"])  # the real work ran 3x slower
     assert forecast.left(["dit"]) == pytest.approx(3 * REFERENCE_SECONDS["default"]["dit"])
     assert calibration_step_seconds(steps=1) > 0
+
+
+def test_quick_flow_demo_adds_the_flow_comparison(finished_demo, tmp_path, monkeypatch, capsys):
+    """`fae demo --flow` on a finished demo folder: its prerequisites are skipped, the two flows train and are sampled
+    guided and unguided, and one report shows the DiT and the flow sections."""
+    root, _ = finished_demo
+    monkeypatch.setenv("FAE_CACHE", str(root / "cache"))
+    out = tmp_path / "demo"
+    shutil.copytree(root / "runs" / "demo", out)
+    assert main(["demo", "--quick", "--flow", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done before") == 6 and "[demo 9/9] flow sampling" in printed
+    flow = json.loads((out / "flow" / "done.json").read_text())
+    assert flow["rows"] == 64 and flow["bpd_last"] < flow["bpd_first"]
+    samples = json.loads((out / "flow-samples" / "done.json").read_text())
+    for key in ("fae/no_guidance", "fae/guidance", "raw/no_guidance", "raw/guidance"):
+        assert 0 <= samples[key]["class_agreement"] <= 1 and samples[key]["fd_encoder"] > 0
+        assert Path(samples[key]["grid"]).is_file() and samples[key]["sample_seconds_per_image"] > 0
+    html = (out / "index.html").read_text()
+    assert "STARFlow on FAE latents" in html and "DiT on FAE latents" in html
+    for src in referenced_images(html):
+        assert (out / src).is_file(), src

@@ -8,7 +8,7 @@ from fae.demo import run_demo
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, quick=args.quick, fresh=args.fresh, progress=not args.no_progress, precision=args.precision,
-             from_scratch=args.from_scratch)
+             from_scratch=args.from_scratch, flow=args.flow)
     return 0
 
 
@@ -26,5 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from-scratch", action="store_true",
                    help="pretrain the frozen encoder and train the judge classifier now (a few minutes more) instead "
                    "of using the copies fae ships")
+    p.add_argument("--flow", action="store_true",
+                   help="the normalizing-flow comparison instead of the DiT steps: STARFlow on FAE latents vs raw "
+                   "features (its own budget of about five minutes; reuses finished steps of --out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fae.demo.steps import STEPS, DemoContext
+from fae.demo.steps import FLOW_STEPS, STEPS, DemoContext
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -27,6 +27,15 @@ def glance_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             if v:
                 rows.append((f"DiT on {label}, {g.replace('_', ' ')}: class-agreement / FD",
                              f"{_fmt(v['class_agreement'])} / {_fmt(v['fd_encoder'], 4)}"))
+    for key, label in (("fae", "FAE latents"), ("raw", "raw features")):
+        for g in ("guidance", "no_guidance"):
+            v = r.get("flow-samples", {}).get(f"{key}/{g}")
+            if v:
+                rows.append((f"STARFlow on {label}, {g.replace('_', ' ')}: class-agreement / FD",
+                             f"{_fmt(v['class_agreement'])} / {_fmt(v['fd_encoder'], 4)}"))
+    for key, label in (("flow", "FAE latents"), ("flow-raw", "raw features")):
+        if "heldout_bpd" in r.get(key, {}):
+            rows.append((f"STARFlow on {label}: held-out bits/dim", _fmt(r[key]["heldout_bpd"])))
     for row in r.get("probe", {}).get("rows", []):
         rows.append((f"linear probe top-1, {row['input']}", _fmt(row["top1"])))
     return rows
@@ -58,7 +67,7 @@ def step_report(ctx: DemoContext) -> dict[str, Any]:
         text=["Every stage below ran on this machine's CPU, in this order; times are wall-clock seconds "
               "(a stage finished by an earlier run shows that run's time).", _machine_text(out)],
         tables=[Table(["step", "what", "seconds"], [(s.name, s.title, round(r.get(s.name, {}).get("seconds", 0), 1))
-                                                    for s in STEPS if s.name in r])])]
+                                                    for s in STEPS + FLOW_STEPS if s.name in r])])]
 
     enc = r.get("encoder", {})
     enc_curves = [Figure(plot_curves({"pretraining": read_metrics(ctx.encoder_dir / "metrics.jsonl")},
@@ -123,6 +132,9 @@ def step_report(ctx: DemoContext) -> dict[str, Any]:
             tables=[Table(["generator trained on", "sampling", "class-agreement", "FD (encoder)"], rows)],
             figures=[*figures, Figure(curves, "DiT training")]))
 
+    if "flow-samples" in r:
+        sections.append(_flow_section(r, out, figs))
+
     if probe_rows:
         sections.append(Section(
             "5. Linear probes: does the latent keep the encoder's understanding?",
@@ -140,3 +152,37 @@ def step_report(ctx: DemoContext) -> dict[str, Any]:
                            "generate latents. This page shows each stage at laptop scale."],
                     sections=sections)
     return {"report": str(write_report(report, out))}
+
+
+def _flow_section(r: dict[str, Any], out: Path, figs: Path) -> Any:
+    """`fae demo --flow`: the paper's STARFlow comparison (§5.3, Fig. 6) in miniature."""
+    from fae.demo.html import Figure, Section, Table, plot_curves, read_metrics
+
+    s = r["flow-samples"]
+    rows = []
+    for gen, run, label in (("fae", "flow", "FAE latents (8x8x8)"), ("raw", "flow-raw", "raw features (8x8x128)")):
+        for g in ("no_guidance", "guidance"):
+            if f"{gen}/{g}" in s:
+                v = s[f"{gen}/{g}"]
+                rows.append((label, g.replace("_", " "), _fmt(r.get(run, {}).get("heldout_bpd")),
+                             _fmt(v["class_agreement"]), _fmt(v["fd_encoder"], 4),
+                             _fmt(1000 * v["sample_seconds_per_image"], 1)))
+    curves = plot_curves({"FAE latents": read_metrics(out / "flow" / "metrics.jsonl"),
+                          "raw features": read_metrics(out / "flow-raw" / "metrics.jsonl")},
+                         ["bpd"], figs / "flow_curves.png", title="STARFlow negative log-likelihood (bits/dim)",
+                         logy=False)
+    figures = [Figure(Path(s[f"{gen}/{g}"]["grid"]), f"flow on {gen} latents, {g.replace('_', ' ')}")
+               for gen in ("fae", "raw") for g in ("guidance", "no_guidance") if f"{gen}/{g}" in s]
+    noise = r.get("flow", {}).get("noise_std")
+    return Section(
+        "6. Normalizing flow: STARFlow on FAE latents vs on raw features (paper §5.3 in miniature)",
+        text=[f"The same small STARFlow and training budget on the FAE latents and on the raw encoder features, trained "
+              f"by exact maximum likelihood on latents with Gaussian noise of std {noise} added; sampled by the exact "
+              f"inverse, token by token with a KV cache, then one score-based denoising step. {s['num_samples']} "
+              f"samples each, equally many per class; flow guidance {s['guidance']!r} mixes each token's conditional "
+              "and unconditional Gaussians. Held-out bits/dim: negative log-likelihood of latents not trained on "
+              "(normalised, noisy), per dimension; the two spaces differ in size, so compare each with itself. "
+              "Class-agreement and FD as in section 4."],
+        tables=[Table(["flow trained on", "sampling", "held-out bits/dim", "class-agreement", "FD (encoder)",
+                       "ms per image"], rows)],
+        figures=[*figures, Figure(curves, "flow training")])

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fae.demo.report import step_report
-from fae.demo.steps import CONFIG_DIR, STEPS, DemoContext
+from fae.demo.steps import CONFIG_DIR, FLOW_STEPS, PREREQUISITES, STEPS, DemoContext
 from fae.io import atomic_write_text
 
 # What each step took on the reference machine (2 cores, AVX2 emulated with ATEN_CPU_CAPABILITY=avx2
@@ -22,8 +22,12 @@ REFERENCE_SECONDS: dict[str, dict[str, float]] = {
     "quick": {"encoder": 0.1, "fae": 4.7, "pixel-decoder": 1.5, "finetune": 1.5, "latents": 1.3, "dit": 0.5,
               "dit-raw": 0.7, "classifier": 0.1, "samples": 2.0, "probe": 2.4, "report": 1.4},
 }
+FLOW_REFERENCE_SECONDS: dict[str, dict[str, float]] = {  # `fae demo --flow`'s own steps, same reference machine
+    "default": {"flow": 60.0, "flow-raw": 70.0, "flow-samples": 60.0},
+    "quick": {"flow": 0.5, "flow-raw": 0.5, "flow-samples": 2.0},
+}
 REFERENCE_CALIBRATION = 0.090  # seconds per calibration step on the reference machine
-BUDGET_SECONDS = {"default": 600.0, "quick": 120.0}
+BUDGET_SECONDS = {"default": 600.0, "quick": 120.0, "flow": 300.0}
 
 
 def calibration_step_seconds(steps: int = 3) -> float:
@@ -63,9 +67,9 @@ def _minutes(seconds: float) -> str:
 class Forecast:
     """The demo's time estimate: reference seconds per step x how much slower this machine is."""
 
-    def __init__(self, profile: str, calibration: float) -> None:
-        self.reference = REFERENCE_SECONDS[profile]
-        self.budget = BUDGET_SECONDS[profile]
+    def __init__(self, profile: str, calibration: float, flow: bool = False) -> None:
+        self.reference = {**REFERENCE_SECONDS[profile], **(FLOW_REFERENCE_SECONDS[profile] if flow else {})}
+        self.budget = BUDGET_SECONDS["flow" if flow and profile == "default" else profile]
         self.slowdown = calibration / REFERENCE_CALIBRATION
         self.ran_reference, self.ran_actual = 0.0, 0.0
 
@@ -82,9 +86,11 @@ class Forecast:
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = False, progress: bool = True,
-             precision: str = "auto", from_scratch: bool = False) -> Path:
+             precision: str = "auto", from_scratch: bool = False, flow: bool = False) -> Path:
     """Run every demo step that is not done yet; returns the report path. `precision` is what `auto` means for
-    every stage, the encoder and sampling (default: chosen from the hardware, fae.precision)."""
+    every stage, the encoder and sampling (default: chosen from the hardware, fae.precision). `flow`: instead of the
+    DiT steps, the STARFlow comparison (its own budget) after the steps it needs; the report shows every finished
+    step of the folder, so `fae demo` then `fae demo --flow` gives one report with both."""
     from fae.precision import PRECISIONS, resolve_precision
 
     if precision not in PRECISIONS:
@@ -100,7 +106,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
         os.environ["FAE_PRECISION"] = precision
     try:
         return _run_steps(DemoContext(out=out, quick=quick, progress=progress, from_scratch=from_scratch),
-                          resolve_precision("auto", "cpu"))
+                          resolve_precision("auto", "cpu"), flow)
     finally:
         if saved_env is None:
             os.environ.pop("FAE_PRECISION", None)
@@ -108,13 +114,17 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
             os.environ["FAE_PRECISION"] = saved_env
 
 
-def _run_steps(ctx: DemoContext, choice: Any) -> Path:
+def _run_steps(ctx: DemoContext, choice: Any, flow: bool = False) -> Path:
     out, profile = ctx.out, "quick" if ctx.quick else "default"
-    todo = [s.name for s in STEPS if not (out / s.name / "done.json").is_file()] + ["report"]
-    forecast = Forecast(profile, calibration_step_seconds())
+    steps = [s for s in STEPS if s.name in PREREQUISITES] + FLOW_STEPS if flow else STEPS
+    for step in STEPS + FLOW_STEPS:  # earlier runs' results, for the report
+        if (out / step.name / "done.json").is_file():
+            ctx.results[step.name] = json.loads((out / step.name / "done.json").read_text())
+    todo = [s.name for s in steps if not (out / s.name / "done.json").is_file()] + ["report"]
+    forecast = Forecast(profile, calibration_step_seconds(), flow)
     estimate = forecast.left(todo)
     print(f"[demo] precision: {choice.describe()}", flush=True)
-    print(f"[demo] estimate: about {_minutes(estimate)} for {len(todo) - 1} of {len(STEPS)} steps "
+    print(f"[demo] estimate: about {_minutes(estimate)} for {len(todo) - 1} of {len(steps)} steps "
           f"(this machine runs the calibration step {forecast.slowdown:.2f}x as long as the reference machine)",
           flush=True)
     if estimate > 1.5 * forecast.budget:
@@ -126,11 +136,10 @@ def _run_steps(ctx: DemoContext, choice: Any) -> Path:
         **choice.as_dict(), "cpu_capability": _cpu_capability(), "calibration_seconds": forecast.slowdown *
         REFERENCE_CALIBRATION, "slowdown_vs_reference": forecast.slowdown, "estimate_seconds": estimate}, indent=2))
     begin = time.time()
-    for number, step in enumerate(STEPS, 1):
+    for number, step in enumerate(steps, 1):
         marker = out / step.name / "done.json"
-        head = f"[demo {number}/{len(STEPS)}] {step.title}"
+        head = f"[demo {number}/{len(steps)}] {step.title}"
         if marker.is_file():
-            ctx.results[step.name] = json.loads(marker.read_text())
             print(f"{head}: done before ({ctx.results[step.name].get('seconds', 0):.1f} s), skipped", flush=True)
             continue
         print(f"{head} ...", flush=True)

@@ -31,6 +31,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "classifier": {"epochs": 2, "train_limit": 30000, "lr": 3e-3},
         "samples": 1000, "sample_steps": 25, "guidance": "0-0.7:6.0",
         "probe": {"train_limit": 5000, "test_limit": 2000}, "fd_reference": None,
+        "flow": [], "flow_samples": 1000, "flow_guidance": "2.0",
     },
     "quick": {
         "encoder": ["data.limit=1000", "train.steps=10", "train.batch_size=32", "train.checkpoint_every=10",
@@ -47,6 +48,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "classifier": {"epochs": 2, "train_limit": 2000, "lr": 3e-3},
         "samples": 20, "sample_steps": 4, "guidance": "0-0.7:6.0",
         "probe": {"train_limit": 500, "test_limit": 200}, "fd_reference": 1000,
+        "flow": ["train.steps=20", "train.checkpoint_every=20", "train.log_every=10", "optim.warmup_steps=5",
+                 "model.hidden_size=32", "model.layers_per_block=[1,1]", "holdout=64"],
+        "flow_samples": 20, "flow_guidance": "2.0",
     },
 }
 
@@ -208,52 +212,121 @@ def step_classifier(ctx: DemoContext) -> dict[str, Any]:
             "epochs": knobs["epochs"], "train_images": knobs["train_limit"]}
 
 
-def step_samples(ctx: DemoContext) -> dict[str, Any]:
-    """Class-conditional samples from both generators, with and without guidance: class-agreement and FD to the
-    test split in the frozen encoder's feature space."""
+def _scoring(ctx: DemoContext) -> dict[str, Any]:
+    """What every generator is measured with: the judge classifier, the frozen encoder as the FD feature network,
+    and the test split's reference features (computed once)."""
     import torch
 
     from fae.data import build_dataset
     from fae.encoders import FrozenEncoder
-    from fae.generators import load_generator
     from fae.metrics import EncoderNetwork, TensorSource, fid
-    from fae.metrics.judge import SmallCNN, class_agreement
+    from fae.metrics.judge import SmallCNN
     from fae.metrics.reference import load_reference
-    from fae.sampling import GenerationPipeline, generate, load_decoder, to_uint8, write_samples
+    from fae.sampling import to_uint8
+
+    test = build_dataset(replace(ctx.data_config(), hflip=False, limit=ctx.profile["fd_reference"]), "test")
+    images = to_uint8(torch.stack([test[i]["image"] for i in range(len(test))]))
+    network = EncoderNetwork(FrozenEncoder.from_config(replace(ctx.encoder_config(), precision="fp32")))  # a metric
+    half = len(images) // 2
+    return {"classifier": SmallCNN.from_pretrained(ctx.judge_dir).eval(), "network": network,
+            "reference": load_reference(TensorSource(images, name="test split"), network),
+            "info": {"fd_test_half_vs_half": fid(images[:half], TensorSource(images[half:]), network),
+                     "fd_reference_images": len(images)}}
+
+
+def _score(ctx: DemoContext, scoring: dict[str, Any], gen: Any, decode: Any, sampler: Any, folder: Path,
+           num_samples: int) -> dict[str, Any]:
+    """Sample `num_samples` images (equally many per class), write their grid, and measure class-agreement and FD."""
+    from fae.metrics import fid
+    from fae.metrics.judge import class_agreement
+    from fae.sampling import generate, write_samples
+
+    start = time.time()
+    samples = generate(gen, decode, num_samples, seed=0, labels="equal", sampler=sampler, batch_size=250,
+                       progress=ctx.progress)
+    generated = time.time() - start
+    write_samples(folder, samples, gen.class_names, pngs=False)
+    agree = class_agreement(scoring["classifier"], samples.images, samples.labels)
+    return {"class_agreement": agree["agreement"], "per_class": agree["per_class"],
+            "fd_encoder": fid(samples.images, scoring["reference"], scoring["network"]),
+            "grid": str(folder / "grid.png"), "seconds": round(time.time() - start, 1),
+            "sample_seconds_per_image": generated / num_samples}
+
+
+def _decoders(ctx: DemoContext) -> dict[str, dict[str, Path]]:
+    """How each latent space gets back to pixels: FAE latents through the fine-tuned pipeline, raw features through
+    the Gaussian-embedding pixel decoder."""
+    return {"fae": {"fae": ctx.out / "pixel-decoder-ft" / "fae_pipeline"},
+            "raw": {"pixel_decoder": ctx.out / "pixel-decoder" / "pixel_decoder"}}
+
+
+def step_samples(ctx: DemoContext) -> dict[str, Any]:
+    """Class-conditional samples from both generators, with and without guidance: class-agreement and FD to the
+    test split in the frozen encoder's feature space."""
+    from fae.generators import load_generator
+    from fae.sampling import GenerationPipeline, load_decoder
     from fae.transport import GuidanceSchedule, SamplerConfig
 
     p = ctx.profile
-    classifier = SmallCNN.from_pretrained(ctx.judge_dir).eval()
-    test = build_dataset(replace(ctx.data_config(), hflip=False, limit=p["fd_reference"]), "test")
-    images = to_uint8(torch.stack([test[i]["image"] for i in range(len(test))]))
-    network = EncoderNetwork(FrozenEncoder.from_config(replace(ctx.encoder_config(), precision="fp32")))  # a metric
-    reference = load_reference(TensorSource(images, name="test split"), network)  # features once, for every FD
-    half = len(images) // 2
-    info: dict[str, Any] = {"fd_test_half_vs_half": fid(images[:half], TensorSource(images[half:]), network),
-                            "fd_reference_images": len(images), "guidance": p["guidance"],
-                            "num_samples": p["samples"], "sample_steps": p["sample_steps"]}
-    generators = {"fae": (ctx.out / "dit", {"fae": ctx.out / "pixel-decoder-ft" / "fae_pipeline"}),
-                  "raw": (ctx.out / "dit-raw", {"pixel_decoder": ctx.out / "pixel-decoder" / "pixel_decoder"})}
+    scoring = _scoring(ctx)
+    info: dict[str, Any] = {**scoring["info"], "guidance": p["guidance"], "num_samples": p["samples"],
+                            "sample_steps": p["sample_steps"]}
+    runs = {"fae": ctx.out / "dit", "raw": ctx.out / "dit-raw"}
     guidance = {"no_guidance": GuidanceSchedule(), "guidance": GuidanceSchedule.parse(p["guidance"])}
-    for gen_name, (run, decoder_paths) in generators.items():
+    for gen_name, run in runs.items():
         gen = load_generator(run)
-        decode = load_decoder(gen, **decoder_paths)
+        decode = load_decoder(gen, **_decoders(ctx)[gen_name])
         for g_name, schedule in guidance.items():
-            start = time.time()
             sampler = SamplerConfig(method="euler", steps=p["sample_steps"], guidance=schedule)
-            samples = generate(gen, decode, p["samples"], seed=0, labels="equal", sampler=sampler, batch_size=250,
-                               progress=ctx.progress)
             folder = ctx.out / "samples" / f"{gen_name}-{g_name.replace('_', '-')}"
-            write_samples(folder, samples, gen.class_names, pngs=False)
-            agree = class_agreement(classifier, samples.images, samples.labels)
-            info[f"{gen_name}/{g_name}"] = {
-                "class_agreement": agree["agreement"], "per_class": agree["per_class"],
-                "fd_encoder": fid(samples.images, reference, network),
-                "grid": str(folder / "grid.png"), "seconds": round(time.time() - start, 1)}
+            info[f"{gen_name}/{g_name}"] = _score(ctx, scoring, gen, decode, sampler, folder, p["samples"])
     # the whole chain in one folder, for `GenerationPipeline.from_pretrained("runs/demo/pipeline")` (README)
     GenerationPipeline.from_parts(ctx.out / "dit", ctx.out / "pixel-decoder-ft" / "fae_pipeline").save_pretrained(
         ctx.out / "pipeline")
     info["pipeline"] = str(ctx.out / "pipeline")
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------------
+# `fae demo --flow`: the paper's STARFlow comparison (§5.3) in miniature, on the same latents and judge.
+def _flow(ctx: DemoContext, name: str, cache: str) -> dict[str, Any]:
+    from fae.data.latents import LatentCache
+    from fae.demo.html import read_metrics
+
+    overrides = [f"latents={cache}", f"model.in_channels={LatentCache(cache).channels}", *ctx.profile["flow"]]
+    run = ctx.train("flow", "flow.yaml", name, overrides)
+    rows = read_metrics(run / "metrics.jsonl")
+    return {"run": str(run), "bpd_first": rows[0]["bpd"], "bpd_last": rows[-1]["bpd"],
+            **json.loads((run / "eval.json").read_text())}
+
+
+def step_flow(ctx: DemoContext) -> dict[str, Any]:
+    return _flow(ctx, "flow", ctx.results["latents"]["fae"])
+
+
+def step_flow_raw(ctx: DemoContext) -> dict[str, Any]:
+    """The same flow and budget on the raw (uncompressed) encoder features."""
+    return _flow(ctx, "flow-raw", ctx.results["latents"]["raw"])
+
+
+def step_flow_samples(ctx: DemoContext) -> dict[str, Any]:
+    """Both flows sampled (exact inverse, then the denoising step), with and without flow guidance: class-agreement
+    and FD as for the DiT."""
+    from fae.generators import load_generator
+    from fae.sampling import load_decoder
+    from fae.transport import GuidanceSchedule, SamplerConfig
+
+    p = ctx.profile
+    scoring = _scoring(ctx)
+    info: dict[str, Any] = {**scoring["info"], "guidance": p["flow_guidance"], "num_samples": p["flow_samples"]}
+    guidance = {"no_guidance": GuidanceSchedule(), "guidance": GuidanceSchedule.parse(p["flow_guidance"])}
+    for gen_name, run in {"fae": ctx.out / "flow", "raw": ctx.out / "flow-raw"}.items():
+        gen = load_generator(run)
+        decode = load_decoder(gen, **_decoders(ctx)[gen_name])
+        for g_name, schedule in guidance.items():
+            folder = ctx.out / "samples" / f"flow-{gen_name}-{g_name.replace('_', '-')}"
+            info[f"{gen_name}/{g_name}"] = _score(ctx, scoring, gen, decode, SamplerConfig(guidance=schedule), folder,
+                                                  p["flow_samples"])
     return info
 
 
@@ -290,4 +363,10 @@ STEPS = [
     Step("classifier", "judge classifier on real images", step_classifier),
     Step("samples", "sampling and generation metrics", step_samples),
     Step("probe", "linear probes", step_probe),
+]
+PREREQUISITES = ["encoder", "fae", "pixel-decoder", "finetune", "latents", "classifier"]  # what --flow needs
+FLOW_STEPS = [
+    Step("flow", "STARFlow on FAE latents", step_flow),
+    Step("flow-raw", "STARFlow on raw features (baseline)", step_flow_raw),
+    Step("flow-samples", "flow sampling and generation metrics", step_flow_samples),
 ]
