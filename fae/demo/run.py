@@ -22,8 +22,10 @@ REFERENCE_SECONDS: dict[str, dict[str, float]] = {
     "quick": {"encoder": 0.1, "fae": 4.7, "pixel-decoder": 1.5, "finetune": 1.5, "latents": 1.3, "dit": 0.5,
               "dit-raw": 0.7, "classifier": 0.1, "samples": 2.0, "probe": 2.4, "report": 1.4},
 }
-FLOW_REFERENCE_SECONDS: dict[str, dict[str, float]] = {  # `fae demo --flow`'s own steps, same reference machine
-    "default": {"flow": 60.0, "flow-raw": 70.0, "flow-samples": 60.0},
+# `fae demo --flow`'s own steps. Not yet timed on the reference machine: estimated from their step time relative to the
+# DiT's (interleaved timing, docs/flow.md) and the flow sampling time per image measured on a loaded AVX-512 machine.
+FLOW_REFERENCE_SECONDS: dict[str, dict[str, float]] = {
+    "default": {"flow": 50.0, "flow-raw": 70.0, "flow-samples": 45.0},
     "quick": {"flow": 0.5, "flow-raw": 0.5, "flow-samples": 2.0},
 }
 REFERENCE_CALIBRATION = 0.090  # seconds per calibration step on the reference machine
