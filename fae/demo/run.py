@@ -22,10 +22,10 @@ REFERENCE_SECONDS: dict[str, dict[str, float]] = {
     "quick": {"encoder": 0.1, "fae": 4.7, "pixel-decoder": 1.5, "finetune": 1.5, "latents": 1.3, "dit": 0.5,
               "dit-raw": 0.7, "classifier": 0.1, "samples": 2.0, "probe": 2.4, "report": 1.4},
 }
-# `fae demo --flow`'s own steps. Not yet timed on the reference machine: estimated from their step time relative to the
-# DiT's (interleaved timing, docs/flow.md) and the flow sampling time per image measured on a loaded AVX-512 machine.
+# `fae demo --flow`'s own steps on the reference machine (AVX2 emulated, fp32, quiet; docs/flow.md): training from the
+# measured step times (72 and 116 ms, interleaved with the DiT calibration step at 47 ms) x 800 steps; sampling timed.
 FLOW_REFERENCE_SECONDS: dict[str, dict[str, float]] = {
-    "default": {"flow": 50.0, "flow-raw": 70.0, "flow-samples": 45.0},
+    "default": {"flow": 60.0, "flow-raw": 95.0, "flow-samples": 33.5},
     "quick": {"flow": 0.5, "flow-raw": 0.5, "flow-samples": 2.0},
 }
 REFERENCE_CALIBRATION = 0.090  # seconds per calibration step on the reference machine
