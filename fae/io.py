@@ -129,6 +129,17 @@ def find_bundle(path: Path, names: Sequence[str], classes: Sequence[str] | None 
     return None
 
 
+def require_bundle(path: str | Path, name: str, classes: Sequence[str] | None = None) -> Path:
+    """`find_bundle` for an input the user named: a run folder's `<name>/` bundle, or `path` itself when it is a
+    bundle; an error that says what was expected otherwise."""
+    path = Path(path)
+    found = find_bundle(path, [name], classes)
+    if found is None:
+        kind = f" of a {' or '.join(classes)}" if classes else ""
+        raise FileNotFoundError(f"{path}: neither a {name} bundle nor a run folder holding {name}/{CONFIG_NAME}{kind} "
+                                "(did that run finish?)")
+    return found
+
 
 class PretrainedMixin:
     """Adds `save_pretrained`/`from_pretrained` to an nn.Module built as `cls(config)` from a dataclass config.
@@ -191,3 +202,16 @@ def reference_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Keys on which two encoder references (`FrozenEncoder.reference()`) differ; empty = the same frozen encoder."""
     return [k for k in REFERENCE_KEYS
             if not (_same_source(a.get(k), b.get(k)) if k == "name_or_path" else a.get(k) == b.get(k))]
+
+
+def check_same_encoder(expected: dict[str, Any] | None, actual: dict[str, Any] | None, what: str, against: str) -> None:
+    """Refuse `what` (a bundle or cache) when the frozen encoder it records is not the one of `against`: the one
+    rule every bundle, cache and pipeline check goes through."""
+    if expected is None or actual is None:
+        missing = what if expected is None else against
+        raise ConfigError(f"{missing} does not record which frozen encoder it belongs to; re-export it with this "
+                          "version of fae")
+    differs = reference_differences(expected, actual)
+    if differs:
+        raise ConfigError(f"{what} was made with another encoder than {against} (the frozen encoders differ in "
+                          f"{', '.join(differs)}: {[expected.get(k) for k in differs]} vs {[actual.get(k) for k in differs]})")

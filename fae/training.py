@@ -84,6 +84,18 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss stayed non-finite); the last checkpoint is intact."""
 
 
+def summarize_scores(scores: dict[str, Any], prefix: str = "") -> str:
+    """Numbers of a (nested) score dict on one line: `decoders/gaussian(x)/psnr 25.67, ...`."""
+    parts = []
+    for key, value in scores.items():
+        if isinstance(value, dict):
+            inner = summarize_scores(value, f"{prefix}{key}/")
+            parts += [inner] if inner else []
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{prefix}{key} {value:.4g}" if isinstance(value, float) else f"{prefix}{key} {value}")
+    return ", ".join(parts)
+
+
 class TrainingInterrupted(RuntimeError):
     """SIGINT/SIGTERM: the current step was finished and checkpointed before stopping."""
 
@@ -112,7 +124,13 @@ class TrainStage:
         raise NotImplementedError
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
+        """Write the finished modules as bundles under `out_dir` (and nothing else)."""
         raise NotImplementedError
+
+    def evaluate(self, out_dir: Path, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
+        """Score the exported modules on held-out data, writing the scores beside the bundles; None when the stage
+        has nothing to score (or its config says to skip)."""
+        return None
 
     def to(self, device: torch.device) -> None:
         """Move non-trainable helpers (frozen encoders, ...) to the device; trainable modules are moved for you."""
@@ -308,7 +326,11 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
         if self.step >= self.cfg.steps and self.rank == 0:
-            self.stage.export(self.out_dir, self.export_modules())
+            modules = self.export_modules()
+            self.stage.export(self.out_dir, modules)
+            scores = self.stage.evaluate(self.out_dir, modules)
+            if scores:
+                print(f"held-out: {summarize_scores(scores)}", flush=True)
         D.barrier()
         return last
 

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
 from fae.data.keys import check_index, flip_coin, split_key
-from fae.io import atomic_save_safetensors, reference_differences
+from fae.io import atomic_save_safetensors, check_same_encoder
 from fae.precision import DTYPES
 
 log = logging.getLogger(__name__)
@@ -158,9 +158,8 @@ class CachedFeatureDataset(Dataset):
         if self.cache.metadata.get("dataset") != json.dumps(dataset_signature(base), sort_keys=True):
             raise ValueError(f"{self.cache.path} was built for another data set; rebuild it with build_feature_cache")
         if encoder_reference is not None:
-            differs = reference_differences(self.cache.encoder, encoder_reference)
-            if differs:
-                raise ValueError(f"{self.cache.path} was built with another encoder (differs in {differs}); rebuild it")
+            check_same_encoder(self.cache.encoder, encoder_reference, f"feature cache {self.cache.path}",
+                               "the encoder of this run (rebuild the cache)")
         self.hflip = bool(getattr(base, "hflip", False)) if hflip is None else hflip
         if self.hflip and not self.cache.has_flips:
             raise ValueError(f"{self.cache.path} has no flipped features but the data set flips; "

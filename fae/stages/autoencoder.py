@@ -5,6 +5,7 @@ cache computed once (small data sets). The exported bundle records which frozen 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from torch.utils.data import Dataset
 from fae.config import ConfigError
 from fae.data import DataConfig, build_dataset
 from fae.encoders import EncoderConfig, FrozenEncoder
-from fae.io import cache_root
+from fae.io import atomic_write_text, cache_root
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder, vae_loss
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
@@ -82,16 +83,14 @@ class FAEStage(TrainStage):
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         model = modules["model"]
         assert isinstance(model, FeatureAutoEncoder)
-        bundle = model.save_pretrained(out_dir / "fae", extra={"encoder": self.encoder.reference()})
-        if self.cfg.eval.limit != 0:
-            import json
+        model.save_pretrained(out_dir / "fae", extra={"encoder": self.encoder.reference()})
 
-            from fae.io import atomic_write_text
-
-            scores = evaluate_features(model, self.encoder, self.cfg)
-            atomic_write_text(out_dir / "eval.json", json.dumps(scores, indent=2))
-            print(f"held-out ({scores['split']}, {scores['images']} images): feature cosine {scores['cos']:.4f}, "
-                  f"MSE {scores['mse']:.4g}; bundle: {bundle}")
+    def evaluate(self, out_dir: Path, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
+        if self.cfg.eval.limit == 0:
+            return None
+        scores = evaluate_features(modules["model"], self.encoder, self.cfg)  # type: ignore[arg-type]
+        atomic_write_text(out_dir / "eval.json", json.dumps(scores, indent=2))
+        return scores
 
 
 def features_dataset(cfg: Any, encoder: FrozenEncoder, split: str, limit: int | None = None,
