@@ -83,6 +83,33 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         os.replace(tmp_dir, final_dir)
 
 
+MANIFEST_NAME = "manifest.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the SHA-256 of every file in `folder` (a checkpoint), so a damaged one is found before it is used."""
+    folder = Path(folder)
+    hashes = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(hashes, indent=2))
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """What is wrong with `folder` against its manifest (a missing, truncated or altered file), or None."""
+    folder = Path(folder)
+    try:
+        hashes = json.loads((folder / MANIFEST_NAME).read_text())
+    except FileNotFoundError:
+        return f"{folder / MANIFEST_NAME} is missing"
+    except (OSError, ValueError) as exc:
+        return f"{folder / MANIFEST_NAME} is unreadable ({exc})"
+    for name, expected in hashes.items():
+        if not (folder / name).is_file():
+            return f"{folder / name} is missing"
+        if file_sha256(folder / name) != expected:
+            return f"{folder / name} does not match its recorded SHA-256 (truncated or altered)"
+    return None
+
+
 def state_dict_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
     """State dict with tied/shared storage cloned (safetensors refuses shared tensors)."""
     seen: set[int] = set()
@@ -141,6 +168,20 @@ def require_bundle(path: str | Path, name: str, classes: Sequence[str] | None = 
     return found
 
 
+def load_weights(weights: Path, sha256: str | None = None, map_location: str | torch.device = "cpu"
+                 ) -> dict[str, torch.Tensor]:
+    """A safetensors file, checked against the SHA-256 its bundle records; errors name the file and the fix."""
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing")
+    if sha256 is not None and file_sha256(weights) != sha256:
+        raise ValueError(f"{weights} does not match the SHA-256 its {CONFIG_NAME} records: the file is truncated or "
+                         "altered; export or download the bundle again")
+    try:
+        return load_file(str(weights), device=str(map_location))
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        raise ValueError(f"{weights} is not a readable safetensors file ({exc}); export or download it again") from None
+
+
 class PretrainedMixin:
     """Adds `save_pretrained`/`from_pretrained` to an nn.Module built as `cls(config)` from a dataclass config.
 
@@ -156,6 +197,7 @@ class PretrainedMixin:
         directory.mkdir(parents=True, exist_ok=True)
         record = {"class": type(self).__name__, "config": to_dict(self.config), **(extra or {})}
         atomic_save_safetensors(state_dict_for_save(self), directory / WEIGHTS_NAME)  # type: ignore[arg-type]
+        record["weights_sha256"] = file_sha256(directory / WEIGHTS_NAME)   # checked on load: damage is named, not used
         atomic_write_text(directory / CONFIG_NAME, json.dumps(record, indent=2))
         return directory
 
@@ -167,9 +209,7 @@ class PretrainedMixin:
             raise ConfigError(f"{path}: bundle holds a {record.get('class')}, not a {cls.__name__}")
         model = cls(from_dict(cls.config_class, record["config"]))  # type: ignore[call-arg]
         weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"{path}: {WEIGHTS_NAME} is missing")
-        state = load_file(str(weights), device=str(map_location))
+        state = load_weights(weights, record.get("weights_sha256"), map_location)
         model.load_state_dict(state, strict=True)  # type: ignore[attr-defined]
         return model
 

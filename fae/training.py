@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -30,7 +31,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from fae import distributed as D
-from fae.io import atomic_save_safetensors, atomic_write_text, replace_dir, save_config, state_dict_for_save
+from fae.io import (
+    MANIFEST_NAME,
+    atomic_save_safetensors,
+    atomic_write_text,
+    manifest_problem,
+    replace_dir,
+    save_config,
+    state_dict_for_save,
+    write_manifest,
+)
 from fae.precision import PRECISIONS, Precision, resolve_precision
 
 
@@ -82,6 +92,10 @@ class TrainConfig:
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss stayed non-finite); the last checkpoint is intact."""
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint file is missing, truncated or altered (it does not match the checkpoint's manifest)."""
 
 
 def summarize_scores(scores: dict[str, Any], prefix: str = "") -> str:
@@ -409,27 +423,39 @@ class Trainer:
                                     "python": random.getstate()})
         root = self.out_dir / "checkpoints"
         final = root / f"step_{self.step:08d}"
+        failure: OSError | None = None
         if self.rank == 0:
             tmp = root / f".tmp_step_{self.step:08d}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for name, module in self.raw.items():
-                atomic_save_safetensors(state_dict_for_save(module), tmp / f"{name}.safetensors")
-            for name, ema in self.ema.items():
-                atomic_save_safetensors(state_dict_for_save(ema.module), tmp / f"{name}.ema.safetensors")
-            state = {
-                "step": self.step,
-                "bad_steps": self.bad_steps,
-                "data_position": self.step * self.cfg.batch_size,
-                "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
-                "schedulers": {g: s.state_dict() for g, s in self.schedulers.items()},
-                "rng": rng,
-                "stage": self.stage.extra_state(),
-            }
-            torch.save(state, tmp / "training_state.pt")
-            replace_dir(tmp, final)
-            for old in checkpoint_dirs(self.out_dir)[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                for name, module in self.raw.items():
+                    atomic_save_safetensors(state_dict_for_save(module), tmp / f"{name}.safetensors")
+                for name, ema in self.ema.items():
+                    atomic_save_safetensors(state_dict_for_save(ema.module), tmp / f"{name}.ema.safetensors")
+                state = {
+                    "step": self.step,
+                    "bad_steps": self.bad_steps,
+                    "data_position": self.step * self.cfg.batch_size,
+                    "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
+                    "schedulers": {g: s.state_dict() for g, s in self.schedulers.items()},
+                    "rng": rng,
+                    "stage": self.stage.extra_state(),
+                }
+                torch.save(state, tmp / "training_state.pt")
+                write_manifest(tmp)  # SHA-256 per file: a damaged checkpoint is found at resume, not used
+                replace_dir(tmp, final)
+            except OSError as exc:  # disk full, quota, I/O error: the previous checkpoints are untouched
+                shutil.rmtree(tmp, ignore_errors=True)
+                failure = exc
+            else:
+                for old in checkpoint_dirs(self.out_dir)[: -self.cfg.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+        if D.all_reduce_max(float(failure is not None)) > 0:
+            ckpts = checkpoint_dirs(self.out_dir)
+            kept = f"the last good checkpoint, {ckpts[-1]}, is intact" if ckpts else "no earlier checkpoint exists"
+            raise TrainingError(f"could not write the checkpoint of step {self.step} to {final} ({failure}); {kept}. "
+                                "Free disk space (or point --out elsewhere) and run the same command to resume.")
         D.barrier()
         return final
 
@@ -438,7 +464,33 @@ class Trainer:
         ckpts = checkpoint_dirs(self.out_dir)
         if not ckpts:
             return None
-        path = ckpts[-1]
+        problems = []
+        for path in reversed(ckpts):  # the newest good one; a damaged one is reported and passed over
+            try:
+                state = self._load_checkpoint(path)
+                break
+            except (CheckpointDamaged, OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+                problems.append(f"{path}: {exc}")
+                if self.rank == 0:
+                    warnings.warn(f"checkpoint {path} is damaged ({exc}); falling back to the one before it",
+                                  stacklevel=2)
+        else:
+            raise TrainingError("no usable checkpoint to resume from: " + "; ".join(problems)
+                                + f". Move {self.out_dir / 'checkpoints'} away to start afresh.")
+        self.stage.load_extra_state(state.get("stage", {}))
+        self._truncate_metrics()
+        if self.rank == 0 and (self.progress or problems):
+            print(f"resuming from {path} (step {self.step})" + (f", after passing over {len(problems)} damaged "
+                                                                 "checkpoint(s)" if problems else ""))
+        rngs = state["rng"]
+        return rngs[self.rank] if self.rank < len(rngs) else rngs[0]
+
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Weights, EMA, optimizer and scheduler states from `path`, checked against its manifest first."""
+        if (path / MANIFEST_NAME).is_file():
+            problem = manifest_problem(path)
+            if problem:
+                raise CheckpointDamaged(problem)
         for name, module in self.raw.items():
             module.load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(self.device)))
         for name, ema in self.ema.items():
@@ -449,12 +501,7 @@ class Trainer:
         for g, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][g])
         self.step, self.bad_steps = state["step"], state["bad_steps"]
-        self.stage.load_extra_state(state.get("stage", {}))
-        self._truncate_metrics()
-        if self.rank == 0 and self.progress:
-            print(f"resuming from {path} (step {self.step})")
-        rngs = state["rng"]
-        return rngs[self.rank] if self.rank < len(rngs) else rngs[0]
+        return state
 
     @staticmethod
     def _set_rng(state: dict[str, Any]) -> None:

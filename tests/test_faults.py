@@ -1,0 +1,123 @@
+"""Fault injection: damaged and hostile checkpoints, a full disk, damaged bundles. Nothing is lost, nothing is
+executed, and every error names the file (issue 16)."""
+from __future__ import annotations
+
+import errno
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from test_training import ToyStage, _cfg, _weights
+
+from fae.io import MANIFEST_NAME, manifest_problem
+from fae.models.dit import DiT, DiTConfig
+from fae.training import Trainer, TrainingError, checkpoint_dirs
+
+
+def _straight(tmp_path: Path) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    stage = ToyStage()
+    Trainer(stage, _cfg(), tmp_path / "straight", progress=False).fit()
+    return _weights(stage)
+
+
+def _paused(out: Path, stop_at: int) -> None:
+    torch.manual_seed(0)
+    Trainer(ToyStage(), _cfg(), out, progress=False).fit(stop_at=stop_at)
+
+
+def _resume(out: Path) -> list[torch.Tensor]:
+    torch.manual_seed(123)  # a new process: its own RNG, which the checkpoint must override
+    stage = ToyStage()
+    Trainer(stage, _cfg(), out, progress=False).fit()
+    return _weights(stage)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(tmp_path, capsys, damage):
+    expected = _straight(tmp_path)
+    _paused(tmp_path / "run", stop_at=4)                       # checkpoints at steps 2 and 4
+    newest = checkpoint_dirs(tmp_path / "run")[-1]
+    assert newest.name == "step_00000004" and manifest_problem(newest) is None
+    victim = newest / "model.safetensors"
+    data = victim.read_bytes()
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        victim.write_bytes(data[:-5] + bytes([data[-5] ^ 0xFF]) + data[-4:])
+    else:
+        victim.unlink()
+    assert str(victim) in manifest_problem(newest)
+    with pytest.warns(UserWarning, match="step_00000004 is damaged"):
+        resumed = _resume(tmp_path / "run")
+    assert "passing over 1 damaged" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(expected, resumed))   # from step 2, the same run
+
+
+def test_no_usable_checkpoint_is_an_error_that_names_them(tmp_path):
+    _paused(tmp_path / "run", stop_at=4)
+    for ckpt in checkpoint_dirs(tmp_path / "run"):
+        (ckpt / "training_state.pt").write_bytes(b"\0" * 10)
+    with pytest.warns(UserWarning), pytest.raises(TrainingError, match="step_00000002.*Move"):
+        _resume(tmp_path / "run")
+
+
+class _Exploit:
+    """Unpickling this would run a shell command that creates a file."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.target}",)
+
+
+def test_a_pickle_with_executable_content_is_refused_not_run(tmp_path):
+    expected = _straight(tmp_path)
+    _paused(tmp_path / "run", stop_at=4)
+    newest = checkpoint_dirs(tmp_path / "run")[-1]
+    sentinel = tmp_path / "pwned"
+    (newest / "training_state.pt").write_bytes(pickle.dumps({"step": 4, "x": _Exploit(sentinel)}))
+    (newest / MANIFEST_NAME).unlink()                         # even without a manifest to catch the change
+    with pytest.warns(UserWarning, match="damaged"):
+        resumed = _resume(tmp_path / "run")
+    assert not sentinel.exists()
+    assert all(torch.equal(a, b) for a, b in zip(expected, resumed))
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_clearly(tmp_path, monkeypatch):
+    expected = _straight(tmp_path)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "step_00000004" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    torch.manual_seed(0)
+    with pytest.raises(TrainingError, match=r"No space left.*step_00000002, is intact.*resume"):
+        Trainer(ToyStage(), _cfg(), tmp_path / "run", progress=False).fit()
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpts = checkpoint_dirs(tmp_path / "run")
+    assert [c.name for c in ckpts] == ["step_00000002"] and manifest_problem(ckpts[0]) is None
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    resumed = _resume(tmp_path / "run")                      # space freed: the same command finishes the run
+    assert all(torch.equal(a, b) for a, b in zip(expected, resumed))
+
+
+def test_a_damaged_bundle_is_named_on_load(tmp_path):
+    model = DiT(DiTConfig(in_channels=4, input_size=(4, 4), patch_size=1, hidden_size=32, depth=1, num_heads=2,
+                          num_classes=3))
+    bundle = model.save_pretrained(tmp_path / "dit")
+    assert DiT.from_pretrained(bundle) is not None
+    weights = bundle / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=r"model.safetensors does not match the SHA-256.*again"):
+        DiT.from_pretrained(bundle)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        DiT.from_pretrained(bundle)
