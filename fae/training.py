@@ -131,6 +131,10 @@ class TrainStage:
     def group_active(self, group: str, step: int) -> bool:
         return True
 
+    def preflight(self) -> None:
+        """Check what the run needs after its last step (a held-out split, ...) before its first one, so a missing
+        piece costs seconds, not a run."""
+
     def train_dataset(self) -> Dataset:
         raise NotImplementedError
 
@@ -288,6 +292,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train to `cfg.steps` (or pause at `stop_at`, checkpointed), resuming from the newest checkpoint."""
+        self.stage.preflight()  # before anything is written: a refused run leaves no folder to clean up
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             if self.run_config is not None:

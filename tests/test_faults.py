@@ -121,3 +121,35 @@ def test_a_damaged_bundle_is_named_on_load(tmp_path):
     weights.unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         DiT.from_pretrained(bundle)
+
+
+def _image_folder(root: Path, count: int = 6, size: int = 20) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    return root
+
+
+def test_a_missing_held_out_split_is_refused_before_the_first_step(tmp_path, tiny_encoder_dir, capsys):
+    from fae.cli import main
+
+    (tmp_path / "plain").mkdir()
+    folder = _image_folder(tmp_path / "plain")                      # images, but no train/ and test/ folders
+    cfg = tmp_path / "fae.yaml"
+    cfg.write_text(f"""
+stage: fae
+encoder: {{kind: dinov2, name_or_path: {tiny_encoder_dir}}}
+model: {{feature_dim: 32, grid: [4, 4], latent_channels: 4, encoder_heads: 2, encoder_head_dim: 16,
+        decoder_depth: 1, decoder_heads: 2}}
+data: {{kind: image_folder, root: {folder}, image_size: 16}}
+train: {{steps: 2, batch_size: 2, checkpoint_every: 1}}
+""")
+    assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "eval.split='test'" in err and "eval.limit=0" in err
+    assert checkpoint_dirs(tmp_path / "run") == []                   # refused before any training
+    assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress",
+                 "eval.limit=0"]) == 0

@@ -70,6 +70,9 @@ class FAEStage(TrainStage):
     def to(self, device: torch.device) -> None:
         self.encoder.to(device)
 
+    def preflight(self) -> None:
+        check_held_out_split(self.cfg)
+
     def train_dataset(self) -> Dataset:
         if self._dataset is None:
             self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split)
@@ -102,6 +105,17 @@ def features_dataset(cfg: Any, encoder: FrozenEncoder, split: str, limit: int | 
     if cfg.features == "cache":
         dataset = cached_features(encoder, dataset, cfg.feature_cache_dir, flips=data_cfg.hflip)
     return dataset
+
+
+def check_held_out_split(cfg: Any) -> None:
+    """The split a stage scores on after training exists (both the FAE and the pixel-decoder stages)."""
+    if cfg.eval.limit == 0:
+        return
+    try:
+        build_dataset(replace(cfg.data, limit=1), cfg.eval.split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"eval.split={cfg.eval.split!r}: {exc}. The run scores this split after training; add it, "
+                          "name another (eval.split=...), or skip the evaluation (eval.limit=0)") from None
 
 
 def default_cache_dir() -> Path:

@@ -32,7 +32,7 @@ from fae.metrics.recon import psnr
 from fae.models.autoencoder import FeatureAutoEncoder
 from fae.models.pixel_decoder import FeatureNoise, PixelDecoder, PixelDecoderConfig, scaled_noise_sigma
 from fae.pipeline import FAE
-from fae.stages.autoencoder import features_dataset
+from fae.stages.autoencoder import check_held_out_split, features_dataset
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
 
@@ -190,6 +190,9 @@ class PixelDecoderStage(TrainStage):
         self.pixel_loss.to(device)
         if self.fae is not None:
             self.fae.to(device)
+
+    def preflight(self) -> None:
+        check_held_out_split(self.cfg)
 
     def train_dataset(self) -> Dataset:
         if self._dataset is None:
