@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from fae import distributed as D
+from fae.data.readable import collate_present
 from fae.io import (
     MANIFEST_NAME,
     atomic_save_safetensors,
@@ -287,6 +288,7 @@ class Trainer:
             self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, cfg.steps))
         self.ema = {n: EMA(self.raw[n], cfg.ema_decay, cfg.ema_warmup) for n in stage.ema_modules()}
         self.step, self.bad_steps = 0, 0
+        self.dropped_items, self._dropped_since_log = 0, 0   # unreadable items left out of batches
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -306,8 +308,8 @@ class Trainer:
         sampler = ResumableSampler(len(dataset), self.cfg.seed, self.step * self.cfg.batch_size, self.rank, self.world)
         loader = DataLoader(dataset, batch_size=self.micro_batch, sampler=sampler, num_workers=self.cfg.num_workers,
                             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.cfg.seed),
-                            persistent_workers=False)
-        batches = iter(loader)
+                            persistent_workers=False, collate_fn=collate_present)
+        batches = self._readable_batches(iter(loader))
         if rng_state is not None:  # restored last: building the data set above may draw random numbers
             self._set_rng(rng_state)
         autocast = self.precision.autocast()
@@ -344,6 +346,9 @@ class Trainer:
             bar.close()
             for s, h in previous.items():
                 signal.signal(s, h)
+        if self.rank == 0:  # the run's summary says how many unreadable items were left out
+            record = {**self.run_record(), "data": {"items": len(dataset), "dropped_draws": self.dropped_items}}
+            atomic_write_text(self.out_dir / "run.json", json.dumps(record, indent=2))
         if self.step >= self.cfg.steps and self.rank == 0:
             modules = self.export_modules()
             self.stage.export(self.out_dir, modules)
@@ -352,6 +357,23 @@ class Trainer:
                 print(f"held-out: {summarize_scores(scores)}", flush=True)
         D.barrier()
         return last
+
+    def _readable_batches(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """Micro-batches without the items the data set could not read (fae.data.readable); they are counted in
+        `dropped_items` (metrics.jsonl `data/dropped`, run.json), never replaced."""
+        empty = 0
+        for batch in batches:
+            size = 0 if batch is None else len(next(iter(batch.values())))
+            self.dropped_items += self.micro_batch - size
+            self._dropped_since_log += self.micro_batch - size
+            if batch is None:
+                empty += 1
+                if empty >= 100:
+                    raise TrainingError(f"100 batches in a row held no readable item ({self.dropped_items} items "
+                                        "dropped so far); check the data folder")
+                continue
+            empty = 0
+            yield batch
 
     def run_record(self) -> dict[str, Any]:
         """Where and how this run computes: written to run.json next to config.yaml."""
@@ -413,6 +435,9 @@ class Trainer:
         row = {k: sum(v) / len(v) for k, v in logs.items() if v}
         row.update({f"lr/{g}": s.get_last_lr()[0] for g, s in self.schedulers.items()})
         row["sec_per_step"] = (time.time() - t0) / self.cfg.log_every
+        if self._dropped_since_log:
+            row["data/dropped"] = self._dropped_since_log
+            self._dropped_since_log = 0
         if self.rank == 0:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **row}) + "\n")
@@ -506,6 +531,7 @@ class Trainer:
         for g, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][g])
         self.step, self.bad_steps = state["step"], state["bad_steps"]
+        self.dropped_items = state.get("dropped_items", 0)
         return state
 
     @staticmethod

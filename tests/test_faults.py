@@ -153,3 +153,93 @@ train: {{steps: 2, batch_size: 2, checkpoint_every: 1}}
     assert checkpoint_dirs(tmp_path / "run") == []                   # refused before any training
     assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress",
                  "eval.limit=0"]) == 0
+
+
+def _messy_folder(root: Path) -> tuple[list[str], list[str]]:
+    """Readable images in every awkward mode, and files that are not readable images. Returns (good, bad) names."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    rgb = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    good = {
+        "a_rgb.png": Image.fromarray(rgb),
+        "b_rgba.png": Image.fromarray(rng.integers(0, 255, (24, 24, 4), dtype=np.uint8)),
+        "c_palette.png": Image.fromarray(rgb).convert("P"),
+        "d_la.png": Image.fromarray(rgb).convert("LA"),
+        "e_grey16.png": Image.fromarray(rng.integers(0, 65535, (24, 24), dtype=np.uint16)),
+        "f_cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+        "g_grey.jpg": Image.fromarray(rgb).convert("L"),
+        "h_tiny.png": Image.fromarray(rgb[:2, :3]),                  # smaller than a patch: resized up
+    }
+    for name, image in good.items():
+        image.save(root / name)
+    full = (root / "a_rgb.png").read_bytes()
+    (root / "p_truncated.png").write_bytes(full[: len(full) // 2])
+    (root / "q_empty.png").write_bytes(b"")
+    (root / "r_text.png").write_text("not an image")
+    (root / "s_random.jpg").write_bytes(rng.integers(0, 255, 500, dtype=np.uint8).tobytes())
+    Image.new("1", (14_000, 14_000)).save(root / "t_bomb.png")        # 196 Mpx: PIL refuses it unopened
+    return sorted(good), ["p_truncated.png", "q_empty.png", "r_text.png", "s_random.jpg", "t_bomb.png"]
+
+
+def test_bad_files_are_dropped_and_counted_never_replaced(tmp_path, tiny_encoder_dir):
+    """A latent cache of a messy folder holds exactly the readable images (the same rows as a folder of only those),
+    and its manifest names the files it left out."""
+    import json
+    import shutil
+    import warnings
+
+    from fae.data import DataConfig
+    from fae.data.latents import EncodeOptions, LatentCache
+    from fae.encoders import EncoderConfig
+    from fae.encoding import encode_latents
+
+    good, bad = _messy_folder(tmp_path / "messy" / "train" / "things")
+    (tmp_path / "clean" / "train" / "things").mkdir(parents=True)
+    for name in good:
+        shutil.copy(tmp_path / "messy" / "train" / "things" / name, tmp_path / "clean" / "train" / "things" / name)
+    encoder = EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder_dir))
+    opts = EncodeOptions(source="raw_features", flip=False, batch_size=4, shard_size=8)
+    caches = {}
+    for name in ("messy", "clean"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            caches[name] = encode_latents(DataConfig(kind="image_folder", root=str(tmp_path / name), image_size=16),
+                                          tmp_path / f"cache-{name}", encoder=encoder, options=opts, progress=False)
+        if name == "messy":
+            for file in bad:                                           # each bad file named in a warning
+                assert any(file in str(w.message) for w in caught), file
+    manifest = json.loads((caches["messy"] / "cache.json").read_text())
+    assert manifest["num_items"] == len(good) and manifest["skipped"]["count"] == len(bad)
+    assert sorted(Path(p).name for p in manifest["skipped"]["items"]) == bad
+    messy, clean = LatentCache(caches["messy"]), LatentCache(caches["clean"])
+    assert len(messy) == len(clean) == len(good)
+    for i in range(len(good)):                                         # no neighbour stands in for a bad file
+        assert torch.equal(messy.row(i, "latents"), clean.row(i, "latents"))
+    assert len({messy.row(i, "latents").sum().item() for i in range(len(good))}) == len(good)   # all distinct
+
+
+def test_a_training_run_counts_the_unreadable_items_it_drew(tmp_path, tiny_encoder_dir):
+    import json
+
+    from fae.cli import main
+
+    good, bad = _messy_folder(tmp_path / "data" / "train" / "things")
+    cfg = tmp_path / "fae.yaml"
+    cfg.write_text(f"""
+stage: fae
+encoder: {{kind: dinov2, name_or_path: {tiny_encoder_dir}}}
+model: {{feature_dim: 32, grid: [4, 4], latent_channels: 4, encoder_heads: 2, encoder_head_dim: 16,
+        decoder_depth: 1, decoder_heads: 2}}
+data: {{kind: image_folder, root: {tmp_path / 'data'}, image_size: 16}}
+train: {{steps: 1, batch_size: {len(good) + len(bad)}, checkpoint_every: 1}}
+eval: {{limit: 0}}
+""")
+    with pytest.warns(RuntimeWarning, match="skipping unreadable image"):
+        assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["data"] == {"items": len(good) + len(bad), "dropped_draws": len(bad)}   # one epoch: each file once
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["data/dropped"] == len(bad)

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from fae.data.readable import readable_batches
 from fae.grid import draw_grid
 from fae.io import atomic_write, atomic_write_text
 from fae.models.autoencoder import FeatureAutoEncoder
@@ -55,7 +56,7 @@ def evaluate_decoders(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[
     stats: dict[str, Any] = {}
     grid: dict[str, list[torch.Tensor]] = {"original": [], **{name: [] for name in decoders}}
     t0 = time.time()
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for batch in readable_batches(dataset, batch_size):
         images = batch["image"].to(device).float()
         x = encoder(images).float()
         inputs = {"x": x}

@@ -137,13 +137,13 @@ def cached_features(encoder: FrozenEncoder, dataset: Dataset, cache_dir: str | N
 @torch.no_grad()
 def evaluate_features(model: FeatureAutoEncoder, encoder: FrozenEncoder, cfg: Config) -> dict[str, Any]:
     """Feature cosine similarity and MSE between x_hat (from the posterior mean) and x on held-out images."""
-    from torch.utils.data import DataLoader
+    from fae.data.readable import readable_batches
 
     dataset = build_dataset(type(cfg.data)(**{**cfg.data.__dict__, "hflip": False, "limit": cfg.eval.limit}), cfg.eval.split)
     device = next(model.parameters()).device
     model.eval()
     cos_sum, mse_sum, count = 0.0, 0.0, 0
-    for batch in DataLoader(dataset, batch_size=cfg.eval.batch_size):
+    for batch in readable_batches(dataset, cfg.eval.batch_size):
         x = encoder(batch["image"].to(device)).float()
         x_hat = model.decode(model.encode(x).mode())
         cos_sum += torch.nn.functional.cosine_similarity(x_hat, x, dim=-1).mean(1).sum().item()
