@@ -243,3 +243,49 @@ eval: {{limit: 0}}
     assert run["data"] == {"items": len(good) + len(bad), "dropped_draws": len(bad)}   # one epoch: each file once
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["data/dropped"] == len(bad)
+
+
+def _fae_weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "fae" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("stage_name", ["fae", "pixel-decoder"])
+def test_a_run_does_not_depend_on_a_cache_hit_or_on_workers(tmp_path, tiny_encoder_dir, stage_name):
+    """The same seeded run gives the same weights whether it builds its feature cache (cold), reads it (warm), or
+    loads with DataLoader workers."""
+    from safetensors.torch import load_file
+
+    from fae.stages import load_stage_config, train_stage
+
+    cfg_path = tmp_path / "run.yaml"
+    if stage_name == "fae":
+        body = """model: {feature_dim: 32, grid: [4, 4], latent_channels: 4, encoder_heads: 2, encoder_head_dim: 16,
+        decoder_depth: 1, decoder_heads: 2}
+loss: {kl_weight: 1.0e-4}"""
+        bundle = "fae"
+    else:
+        body = """decoder: {in_dim: 32, num_tokens: 16, patch_size: 4, width: 32, depth: 1, num_heads: 2}
+losses: {gan_weight: 0.0, perceptual_weight: 0.0}"""
+        bundle = "pixel_decoder"
+    cfg_path.write_text(f"""
+stage: {stage_name}
+encoder: {{kind: dinov2, name_or_path: {tiny_encoder_dir}}}
+{body}
+data: {{kind: fashion_mnist, image_size: 16, limit: 32, hflip: true}}
+features: cache
+feature_cache_dir: {tmp_path / 'cache'}
+optim: {{lr: 1.0e-3, warmup_steps: 1}}
+train: {{steps: 4, batch_size: 8, checkpoint_every: 4, seed: 5}}
+eval: {{limit: 0}}
+""")
+    runs = {"cold": [], "warm": [], "workers": ["train.num_workers=2"]}
+    weights = {}
+    for name, extra in runs.items():
+        _, cfg = load_stage_config(cfg_path, extra)
+        torch.manual_seed(1000 + len(weights))          # whatever the caller's RNG: the config's seed decides
+        train_stage(stage_name, cfg, tmp_path / name, progress=False)
+        weights[name] = load_file(str(tmp_path / name / bundle / "model.safetensors"))
+    for name in ("warm", "workers"):
+        assert all(torch.equal(weights["cold"][k], weights[name][k]) for k in weights["cold"]), name

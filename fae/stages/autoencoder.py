@@ -64,7 +64,9 @@ class FAEStage(TrainStage):
         self.cfg, self.optim = cfg, cfg.optim
         self.encoder = encoder or FrozenEncoder.from_config(cfg.encoder)
         check_encoder_matches(cfg.model, self.encoder)
-        self.modules = {"model": FeatureAutoEncoder(cfg.model)}
+        with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only, not the caller's RNG
+            torch.manual_seed(cfg.train.seed)
+            self.modules = {"model": FeatureAutoEncoder(cfg.model)}
         self._dataset: Dataset | None = None
 
     def to(self, device: torch.device) -> None:
@@ -75,7 +77,10 @@ class FAEStage(TrainStage):
 
     def train_dataset(self) -> Dataset:
         if self._dataset is None:
-            self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split)
+            # building a feature cache draws random numbers (DataLoader seeds): keep the trainer's stream intact, so a
+            # run that builds the cache and one that reads it train identically
+            with torch.random.fork_rng(devices=[]):
+                self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split)
         return self._dataset
 
     def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
