@@ -43,6 +43,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fae"
 
 
+_WRITES = 0
+
+
+def _kill_point() -> None:
+    """Fault injection for the kill -9 tests: with FAE_KILL_AT_WRITE=N the process kills itself (SIGKILL, no
+    cleanup) at its N-th atomic write, after the data is written and before it is renamed into place."""
+    global _WRITES
+    at = os.environ.get("FAE_KILL_AT_WRITE")
+    if at:
+        _WRITES += 1
+        if _WRITES == int(at):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)` then rename onto `path` (atomic on POSIX)."""
     path = Path(path)
@@ -51,10 +67,19 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        _kill_point()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete what a killed process left of its atomic writes in `folder` (`.<name>.<random>.tmp`): called by the
+    one process that writes there, when it starts again."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

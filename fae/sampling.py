@@ -160,10 +160,13 @@ class Samples:
 @torch.no_grad()
 def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, labels: str | Sequence[int] = "equal",
              sampler: SamplerConfig | None = None, batch_size: int = 64, device: str | torch.device = "cpu",
-             progress: bool = True, gather: bool = True, precision: str = "auto") -> Samples:
+             progress: bool = True, gather: bool = True, precision: str = "auto",
+             resume_dir: str | Path | None = None) -> Samples:
     """Generate `num_samples` images. Under torchrun each process takes chunks k = rank, rank + W, ... and, with
     `gather`, rank 0 returns all of them in index order (other ranks return their own part).
-    `precision` (auto | fp32 | bf16, fae.precision) sets the model's autocast; the integration stays float32."""
+    `precision` (auto | fp32 | bf16, fae.precision) sets the model's autocast; the integration stays float32.
+    With `resume_dir`, each finished chunk is kept there, and a run with the same settings that was interrupted
+    takes its finished chunks from it instead of sampling them again (sample i depends only on (seed, i))."""
     from tqdm.auto import tqdm
 
     try:
@@ -189,19 +192,25 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
     bar = tqdm(total=sum(len(c) for c in mine), desc="sample", disable=not (progress and rank == 0),
                dynamic_ncols=True)
     shape = gen.latent_shape
-    for chunk in mine:
-        idx = list(chunk)
-        gens = sample_generators(seed, idx)
-        noise = initial_noise((len(idx), *shape), gens, device)
-        y = ys[idx].to(device) if ys is not None else None
-        with choice.autocast():
-            images.append(to_uint8(decode(gen.sample(noise, y, sampler, gens))))
-        indices.extend(idx)
-        bar.update(len(idx))
-    bar.close()
     settings = {"num_samples": num_samples, "seed": seed, "labels": labels if isinstance(labels, str) else list(labels),
                 "batch_size": batch_size, "precision": choice.as_dict(), "sampler": to_dict(sampler),
                 **gen.settings(sampler)}
+    done = _ChunkStore(resume_dir, settings) if resume_dir is not None else None
+    for chunk in mine:
+        idx = list(chunk)
+        kept = done.load(idx[0]) if done is not None else None
+        if kept is None:
+            gens = sample_generators(seed, idx)
+            noise = initial_noise((len(idx), *shape), gens, device)
+            y = ys[idx].to(device) if ys is not None else None
+            with choice.autocast():
+                kept = to_uint8(decode(gen.sample(noise, y, sampler, gens)))
+            if done is not None:
+                done.save(idx[0], kept)
+        images.append(kept)
+        indices.extend(idx)
+        bar.update(len(idx))
+    bar.close()
     part = Samples(np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8),
                    ys[indices].numpy() if ys is not None else None, np.asarray(indices, dtype=np.int64), settings)
     if world == 1 or not gather:
@@ -214,6 +223,35 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
     return Samples(np.concatenate([p.images for p in parts])[order],
                    np.concatenate([p.labels for p in parts])[order] if ys is not None else None,
                    np.concatenate([p.indices for p in parts])[order], settings)
+
+
+class _ChunkStore:
+    """Finished chunks of an interrupted `generate`, valid only for the same settings (written beside them)."""
+
+    def __init__(self, folder: str | Path, settings: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = json.dumps(settings, sort_keys=True, default=str)
+        marker = self.folder / "settings.json"
+        if D.is_main() and (not marker.is_file() or marker.read_text() != key):
+            for old in self.folder.glob("chunk-*.npy"):   # another run's chunks: never mixed in
+                old.unlink()
+            atomic_write_text(marker, key)
+        D.barrier()
+
+    def load(self, first: int) -> np.ndarray | None:
+        path = self.folder / f"chunk-{first:08d}.npy"
+        try:
+            return np.load(path) if path.is_file() else None
+        except (OSError, ValueError):  # a damaged file (it is written atomically, so only by outside hands)
+            return None
+
+    def save(self, first: int, images: np.ndarray) -> None:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:   # a file object: np.save would add .npy to the temporary name
+                np.save(f, images)
+
+        atomic_write(self.folder / f"chunk-{first:08d}.npy", write)
 
 
 # --------------------------------------------------------------------------------------------------- outputs
@@ -273,12 +311,17 @@ def sample_to_dir(gen: Generator, decode: Decoder, out_dir: str | Path, num_samp
     """`fae sample`: generate and write the outputs. Under torchrun every process writes its own PNGs and a part
     file; rank 0 merges the parts in index order into `samples.npz` and the grid (through the disk, not memory
     gathers, so 50k samples at 256 px work on any backend)."""
+    import shutil
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    chunks = out / ".chunks"   # finished chunks: a killed run, started again, samples only what is missing
     part = generate(gen, decode, num_samples, seed, labels, sampler, batch_size, device, progress, gather=False,
-                    precision=precision)
+                    precision=precision, resume_dir=chunks)
     if D.world_size() == 1:
-        return write_samples(out, part, gen.class_names, grid, pngs, npz, per_row)
+        written = write_samples(out, part, gen.class_names, grid, pngs, npz, per_row)
+        shutil.rmtree(chunks, ignore_errors=True)
+        return written
     rank = D.rank()
     write_samples(out, part, None, grid=False, pngs=pngs, npz=False, manifest=False)
     part_file = out / f".part-{rank:05d}.npz"
@@ -306,4 +349,6 @@ def sample_to_dir(gen: Generator, decode: Decoder, out_dir: str | Path, num_samp
         for f in files:
             f.unlink()
     D.barrier()
+    if rank == 0:
+        shutil.rmtree(chunks, ignore_errors=True)
     return written

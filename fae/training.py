@@ -37,6 +37,7 @@ from fae.io import (
     atomic_save_safetensors,
     atomic_write_text,
     manifest_problem,
+    remove_stale_temporaries,
     replace_dir,
     save_config,
     state_dict_for_save,
@@ -297,6 +298,7 @@ class Trainer:
         self.stage.preflight()  # before anything is written: a refused run leaves no folder to clean up
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
+            remove_stale_temporaries(self.out_dir)   # what a killed run left half-written (never renamed into place)
             if self.run_config is not None:
                 save_config(self.run_config, self.out_dir / "config.yaml")
             atomic_write_text(self.out_dir / "run.json", json.dumps(self.run_record(), indent=2))

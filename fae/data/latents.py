@@ -33,7 +33,7 @@ from fae import distributed as D
 from fae.data import check_index, flip_coin, split_key
 from fae.data.features import dataset_signature
 from fae.data.readable import WithIndex, collate_present, item_name
-from fae.io import atomic_save_safetensors, atomic_write_text
+from fae.io import atomic_save_safetensors, atomic_write_text, remove_stale_temporaries
 from fae.precision import DTYPES
 
 CACHE_FORMAT = "fae-latent-cache-v1"
@@ -153,6 +153,9 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
     signature = json.dumps({"data": dataset_signature(dataset), "record": record or {},
                             "options": {k: v for k, v in opts.__dict__.items() if k != "num_workers"}}, sort_keys=True)
     rank, world = D.rank(), D.world_size()
+    if rank == 0:
+        remove_stale_temporaries(out)   # a killed run's half-written shard; its shard is encoded again below
+    D.barrier()
     dtype = DTYPES[opts.dtype]
     mine = [s for s in range(num_shards) if s % world == rank]
     bar = tqdm(total=sum(min(opts.shard_size, n - s * opts.shard_size) for s in mine), desc=f"encode -> {out.name}",
@@ -187,9 +190,10 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
         dropped = sorted(set(range(lo, hi)) - set(kept))   # unreadable: left out, never replaced by a neighbour
         bar.update(len(dropped))
         tensors = {k: torch.cat(v) for k, v in parts.items()}
-        atomic_save_safetensors(tensors, path, metadata={"format": CACHE_FORMAT, "signature": signature,
-                                                         "count": str(hi - lo), "start": str(lo),
-                                                         "dropped": json.dumps([item_name(dataset, i) for i in dropped])})
+        # one metadata key: safetensors writes metadata from a hash map, whose order differs between processes
+        shard_meta = {"format": CACHE_FORMAT, "signature": signature, "count": str(hi - lo), "start": str(lo),
+                      "dropped": json.dumps([item_name(dataset, i) for i in dropped])}
+        atomic_save_safetensors(tensors, path, metadata={"shard": json.dumps(shard_meta, sort_keys=True)})
     bar.close()
     D.barrier()
     if rank == 0:
@@ -204,10 +208,15 @@ def _shard_done(path: Path, signature: str, count: int) -> bool:
         return False
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = _shard_meta(f)
     except Exception:
         return False
     return meta.get("signature") == signature and meta.get("count") == str(count)
+
+
+def _shard_meta(f: Any) -> dict[str, str]:
+    meta = f.metadata() or {}
+    return json.loads(meta["shard"]) if "shard" in meta else meta   # flat keys: caches written before 2026-11-29
 
 
 def write_manifest(out: Path, signature: str, num_shards: int, opts: EncodeOptions, record: dict[str, Any],
@@ -215,7 +224,7 @@ def write_manifest(out: Path, signature: str, num_shards: int, opts: EncodeOptio
     shards, shape, labels, dropped = [], None, [], []
     for s in range(num_shards):
         with safe_open(str(out / shard_name(s)), framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = _shard_meta(f)
             if meta.get("signature") != signature:
                 raise RuntimeError(f"{out / shard_name(s)} belongs to another encoding run")
             dropped += json.loads(meta.get("dropped", "[]"))
