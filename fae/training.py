@@ -325,12 +325,19 @@ class Trainer:
         try:
             while self.step < end:
                 micro = [_to_device(next(batches), self.device) for _ in range(self.cfg.grad_accum)]
+                updated: set[str] = set()
+                skipped = []
                 for group, opt in self.optimizers.items():
                     if not self.stage.group_active(group, self.step):
                         continue
-                    self._optimizer_step(group, opt, micro, autocast, logs)
+                    if self._optimizer_step(group, opt, micro, autocast, logs):
+                        updated.update(self.groups[group])
+                    else:
+                        skipped.append(group)
+                self._count_bad_step(skipped)
                 for name, ema in self.ema.items():
-                    ema.update(self.raw[name], updates=self.step)
+                    if name in updated:  # a skipped (non-finite) step moves neither the weights nor their EMA
+                        ema.update(self.raw[name], updates=self.step)
                 self.step += 1
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == end:
@@ -390,7 +397,8 @@ class Trainer:
             print(f"\nsignal {signum}: finishing step {self.step + 1}, then checkpointing (Ctrl-C again to abort)")
 
     def _optimizer_step(self, group: str, opt: torch.optim.Optimizer, micro: list[Any], autocast: Any,
-                        logs: dict[str, list[float]]) -> None:
+                        logs: dict[str, list[float]]) -> bool:
+        """One optimizer step of `group` over the micro-batches; False when it was skipped (non-finite)."""
         names = self.groups[group]
         opt.zero_grad(set_to_none=True)
         finite = True
@@ -419,19 +427,29 @@ class Trainer:
                 finite = bool(torch.isfinite(norm).item())
         if finite:
             opt.step()
-            self.bad_steps = 0
-        else:
-            self.bad_steps += 1
-            warnings.warn(f"step {self.step}: non-finite loss or gradient in group '{group}', update skipped "
-                          f"({self.bad_steps}/{self.cfg.max_bad_steps} in a row)")
-            if self.bad_steps >= self.cfg.max_bad_steps:
-                ckpts = checkpoint_dirs(self.out_dir)
-                where = (f"the last checkpoint is {ckpts[-1]} (skipped updates leave weights finite)" if ckpts
-                         else "no checkpoint was written yet")
-                raise TrainingError(f"loss was not finite for {self.bad_steps} steps in a row (group '{group}', step "
-                                    f"{self.step}); {where}. Lower the learning rate, enable grad clipping or use fp32.")
         opt.zero_grad(set_to_none=True)
         self.schedulers[group].step()
+        return finite
+
+    def _count_bad_step(self, skipped: list[str]) -> None:
+        """A step whose loss or gradient was not finite in some group was skipped there; K such steps in a row
+        stop the run (the checkpoints hold finite weights: skipped updates change nothing)."""
+        if not skipped:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        warnings.warn(f"step {self.step}: non-finite loss or gradient in {', '.join(skipped)}, update skipped "
+                      f"({self.bad_steps}/{self.cfg.max_bad_steps} in a row)", stacklevel=2)
+        logs_note = {"step": self.step, "skipped": skipped}
+        if self.rank == 0:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(logs_note) + "\n")
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            ckpts = checkpoint_dirs(self.out_dir)
+            where = (f"the last checkpoint is {ckpts[-1]} (skipped updates leave weights finite)" if ckpts
+                     else "no checkpoint was written yet")
+            raise TrainingError(f"loss was not finite for {self.bad_steps} steps in a row ({', '.join(skipped)}, step "
+                                f"{self.step}); {where}. Lower the learning rate, enable grad clipping or use fp32.")
 
     def _log(self, logs: dict[str, list[float]], t0: float) -> dict[str, float]:
         row = {k: sum(v) / len(v) for k, v in logs.items() if v}

@@ -289,3 +289,64 @@ eval: {{limit: 0}}
         weights[name] = load_file(str(tmp_path / name / bundle / "model.safetensors"))
     for name in ("warm", "workers"):
         assert all(torch.equal(weights["cold"][k], weights[name][k]) for k in weights["cold"]), name
+
+
+@pytest.mark.parametrize("stage_name", ["fae", "pixel-decoder", "encoder"])
+def test_non_finite_losses_in_every_stage_skip_the_update_then_stop(tmp_path, tiny_encoder_dir, stage_name):
+    """A NaN loss skips the step (no optimizer or EMA update, logged); K in a row stop the run with the last good
+    checkpoint intact."""
+    from test_pretrain import TINY
+
+    from fae.config import apply_overrides, read_yaml
+    from fae.stages import load_stage_config, stage_module
+
+    if stage_name == "encoder":
+        cfg_path = tmp_path / "enc.yaml"
+        import yaml
+
+        cfg_path.write_text(yaml.safe_dump(apply_overrides(read_yaml(Path(__file__).resolve().parents[1] / "configs"
+                                                                     / "demo" / "encoder_pretrain.yaml"), TINY)))
+    elif stage_name == "fae":
+        from test_fae_stage import write_config as fae_config
+
+        cfg_path = fae_config(tmp_path / "fae.yaml", tiny_encoder_dir)
+    else:
+        from test_pixel_decoder import write_config as pd_config
+
+        cfg_path = pd_config(tmp_path / "pd.yaml", tiny_encoder_dir)
+    _, cfg = load_stage_config(cfg_path, ["train.steps=8", "train.checkpoint_every=2", "train.max_bad_steps=3",
+                                          "eval.limit=0"] if stage_name != "encoder" else
+                               ["train.steps=8", "train.checkpoint_every=2", "train.max_bad_steps=3"])
+    stage = stage_module(stage_name).build(cfg)
+    real_loss = stage.loss
+
+    def poisoned(group, batch, step):
+        loss, logs = real_loss(group, batch, step)
+        return (loss * float("nan") if step == 2 or step >= 4 else loss), logs
+
+    stage.loss = poisoned
+    trainer = Trainer(stage, cfg.train, tmp_path / "run", run_config=cfg, progress=False)
+    before: dict[str, torch.Tensor] = {}
+    real_step = trainer._optimizer_step
+
+    def watched(group, opt, micro, autocast, logs):
+        if trainer.step in (2, 4):
+            before.update({f"{trainer.step}/{k}": v.detach().clone() for k, v in trainer.raw[trainer.groups[group][0]]
+                           .state_dict().items()})
+        stepped = real_step(group, opt, micro, autocast, logs)
+        if trainer.step in (2, 4):
+            after = trainer.raw[trainer.groups[group][0]].state_dict()
+            assert all(torch.equal(before[f"{trainer.step}/{k}"], v) for k, v in after.items()), "weights moved"
+        return stepped
+
+    trainer._optimizer_step = watched
+    with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(TrainingError, match="3 steps in a row"):
+        trainer.fit()
+    from safetensors.torch import load_file
+
+    ckpts = checkpoint_dirs(tmp_path / "run")               # steps 4 and 5 were skipped, 6 stopped the run
+    assert [c.name for c in ckpts] == ["step_00000004", "step_00000006"] and manifest_problem(ckpts[-1]) is None
+    for f in ckpts[-1].glob("*.safetensors"):               # the last checkpoint: finite, and no update since step 4
+        weights, earlier = load_file(str(f)), load_file(str(ckpts[0] / f.name))
+        assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()), f
+        assert all(torch.equal(weights[k], earlier[k]) for k in weights), f"{f.name} moved during skipped steps"
