@@ -350,3 +350,43 @@ def test_non_finite_losses_in_every_stage_skip_the_update_then_stop(tmp_path, ti
         weights, earlier = load_file(str(f)), load_file(str(ckpts[0] / f.name))
         assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()), f
         assert all(torch.equal(weights[k], earlier[k]) for k in weights), f"{f.name} moved during skipped steps"
+
+
+def test_a_bundle_config_with_unexpected_fields_is_refused_with_the_field_named(tmp_path):
+    import json
+
+    from fae.config import ConfigError
+
+    model = DiT(DiTConfig(in_channels=4, input_size=(4, 4), patch_size=1, hidden_size=32, depth=1, num_heads=2,
+                          num_classes=3))
+    bundle = model.save_pretrained(tmp_path / "dit")
+    record = json.loads((bundle / "config.json").read_text())
+    record["config"]["hiden_size"] = 64                          # a typo, or a field of some other version
+    (bundle / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="hiden_size: unknown key"):
+        DiT.from_pretrained(bundle)
+    record["config"].pop("hiden_size")
+    record["config"]["depth"] = "deep"
+    (bundle / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="depth: expected an integer"):
+        DiT.from_pretrained(bundle)
+
+
+def test_a_damaged_latent_shard_is_named_and_repaired_by_encoding_again(tmp_path, tiny_encoder_dir):
+    from fae.data import DataConfig
+    from fae.data.latents import EncodeOptions, LatentCache
+    from fae.encoders import EncoderConfig
+    from fae.encoding import encode_latents
+
+    data = DataConfig(kind="fashion_mnist", split="test", image_size=16, limit=12)
+    encoder = EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder_dir))
+    opts = EncodeOptions(source="raw_features", flip=False, shard_size=4)
+    out = encode_latents(data, tmp_path / "cache", encoder=encoder, options=opts, progress=False)
+    good = (out / "shard-00001.safetensors").read_bytes()
+    (out / "shard-00001.safetensors").write_bytes(good[: len(good) // 3])
+    cache = LatentCache(out)
+    assert cache.verify() == ["shard-00001.safetensors"]
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors is unreadable.*fae encode"):
+        cache.row(5, "latents")
+    encode_latents(data, tmp_path / "cache", encoder=encoder, options=opts, progress=False)
+    assert (out / "shard-00001.safetensors").read_bytes() == good and LatentCache(out).verify() == []

@@ -33,7 +33,7 @@ from fae import distributed as D
 from fae.data import check_index, flip_coin, split_key
 from fae.data.features import dataset_signature
 from fae.data.readable import WithIndex, collate_present, item_name
-from fae.io import atomic_save_safetensors, atomic_write_text, remove_stale_temporaries
+from fae.io import atomic_save_safetensors, atomic_write_text, file_sha256, remove_stale_temporaries
 from fae.precision import DTYPES
 
 CACHE_FORMAT = "fae-latent-cache-v1"
@@ -228,12 +228,13 @@ def write_manifest(out: Path, signature: str, num_shards: int, opts: EncodeOptio
             if meta.get("signature") != signature:
                 raise RuntimeError(f"{out / shard_name(s)} belongs to another encoding run")
             dropped += json.loads(meta.get("dropped", "[]"))
+            digest = file_sha256(out / shard_name(s))   # lets a reader tell a damaged shard from a good one
             if "latents" not in f.keys():   # every item of this shard was unreadable
-                shards.append({"file": shard_name(s), "count": 0})
+                shards.append({"file": shard_name(s), "count": 0, "sha256": digest})
                 continue
             shape = list(f.get_slice("latents").get_shape())
             labels.append(f.get_tensor("labels"))
-            shards.append({"file": shard_name(s), "count": shape[0]})
+            shards.append({"file": shard_name(s), "count": shape[0], "sha256": digest})
     if shape is None:
         raise ValueError(f"none of the {len(dropped)} items could be read (e.g. {dropped[0] if dropped else '?'}); "
                          "check the data folder")
@@ -332,8 +333,18 @@ class LatentCache:
 
     def _file(self, shard: int) -> Any:
         if shard not in self._files:
-            self._files[shard] = safe_open(str(self.path / self.manifest["shards"][shard]["file"]), framework="pt")
+            path = self.path / self.manifest["shards"][shard]["file"]
+            try:
+                self._files[shard] = safe_open(str(path), framework="pt")
+            except Exception as exc:  # missing or damaged: name it, and say how to repair
+                raise ValueError(f"latent shard {path} is unreadable ({exc}); run the same `fae encode` again: it "
+                                 "re-encodes damaged shards and keeps the good ones") from None
         return self._files[shard]
+
+    def verify(self) -> list[str]:
+        """The shards whose bytes differ from the SHA-256 `fae encode` recorded (caches before that: none)."""
+        return [s["file"] for s in self.manifest["shards"]
+                if "sha256" in s and file_sha256(self.path / s["file"]) != s["sha256"]]
 
     def locate(self, index: int) -> tuple[int, int]:
         index = check_index(index, len(self), str(self.path))
