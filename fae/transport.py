@@ -20,7 +20,9 @@ E[eps | x_t] = x_t + (1 - t) v, so the score is s(x, t) = -(x + (1 - t) v) / t. 
 
     x <- x - h (v - w_t s) + sqrt(2 w_t h) z = x - h (v + x + (1 - t) v) + sqrt(2 t h) z       (w_t = t)
 
-w_t s has no 1/t, so the step is finite down to t = 0; the last step goes to the mean (no noise), as SiT.
+w_t s has no 1/t, so the step is finite down to t = 0. The last step goes to the mean (no noise) and, by default,
+has SiT's fixed size 0.04: Euler-Maruyama covers [0.04, 1] in steps - 1 steps, then one mean step 0.04 -> 0
+(`SamplerConfig.sde_last_step`; 0 gives a plain grid whose last 1/steps step goes to the mean).
 
 Classifier-free guidance acts on ALL channels (not the 3 of the DiT/SiT/LightningDiT code, a known leftover), with a
 piecewise-constant scale over t; `GuidanceSchedule.paper()` is the main-results schedule.
@@ -222,6 +224,7 @@ class SamplerConfig:
     steps: int = 250
     time_shift: float | None = None    # None: the time_shift the model was trained with (its bundle)
     diffusion_norm: float = 1.0        # SDE: w_t = diffusion_norm * sigma_t (SiT's "sigma" form)
+    sde_last_step: float = 0.04        # SDE: size of the final noise-free mean step (SiT's default); 0 = 1/steps
     guidance: GuidanceSchedule = field(default_factory=GuidanceSchedule)
     cfg_batch: Literal["concat", "separate"] = "concat"
 
@@ -232,6 +235,8 @@ class SamplerConfig:
             raise ValueError("time_shift must be > 0")
         if self.diffusion_norm < 0:
             raise ValueError("diffusion_norm must be >= 0")
+        if not 0 <= self.sde_last_step < 1:
+            raise ValueError(f"sde_last_step must lie in [0, 1), got {self.sde_last_step}")
         self.guidance.validate()
 
 
@@ -241,9 +246,13 @@ def paper_method(guidance: GuidanceSchedule) -> Literal["euler", "euler_maruyama
     return "euler" if guidance.active else "euler_maruyama"
 
 
-def time_grid(steps: int, shift: float = 1.0) -> list[float]:
-    """steps + 1 times from 1 (noise) to 0 (data): a uniform grid mapped through the time shift."""
-    return [float(shift_time(1.0 - i / steps, shift)) for i in range(steps + 1)]
+def time_grid(steps: int, shift: float = 1.0, last_step: float = 0.0) -> list[float]:
+    """steps + 1 times from 1 (noise) to 0 (data): a uniform grid mapped through the time shift. With `last_step`
+    l > 0 (SiT's SDE rule), the first steps - 1 steps span [l, 1] on that grid and the last one is l -> 0."""
+    if last_step <= 0 or steps == 1:
+        return [float(shift_time(1.0 - i / steps, shift)) for i in range(steps + 1)]
+    head = time_grid(steps - 1, shift)
+    return [last_step + (1.0 - last_step) * t for t in head] + [0.0]
 
 
 def _noise(shape: Sequence[int], generators: torch.Generator | Sequence[torch.Generator] | None,
@@ -269,7 +278,7 @@ def sample(velocity: VelocityFn, noise: torch.Tensor, y: torch.Tensor | None, cf
     """
     cfg.validate()
     shift = cfg.time_shift if cfg.time_shift is not None else time_shift
-    ts = time_grid(cfg.steps, shift)
+    ts = time_grid(cfg.steps, shift, cfg.sde_last_step if cfg.method == "euler_maruyama" else 0.0)
     x = noise
     steps = range(cfg.steps)
     if progress:
