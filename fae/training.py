@@ -5,11 +5,16 @@ groups and its loss. The `Trainer` owns everything else: the resumable data orde
 (grads zeroed once per optimizer step, `no_sync` on all but the last micro-batch), bf16 autocast, gradient
 clipping, EMA of trainable parameters only, non-finite-loss handling, atomic checkpoints with the full training
 state, exact resume, `metrics.jsonl` and a progress bar.
+
+Randomness: before every step each process seeds torch (CPU and CUDA) and Python's `random` from
+(train.seed, rank, step) (`step_seed`). So the noise, times and label dropout a stage draws depend on nothing else: a
+resume is exact without storing RNG states, and a resume with more processes gives every new rank its own streams.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -202,6 +207,19 @@ class ResumableSampler(Sampler):
         return 2**62
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The 63-bit seed of process `rank`'s random streams at `step` of a run seeded with `seed`."""
+    digest = hashlib.sha256(f"fae-train:{seed}:{rank}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed torch (CPU and every CUDA device) and Python's `random` for one step of one process."""
+    value = step_seed(seed, rank, step)
+    torch.manual_seed(value)
+    random.seed(value)
+
+
 def lr_lambda(cfg: OptimConfig, total_steps: int):
     def factor(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -304,7 +322,7 @@ class Trainer:
             atomic_write_text(self.out_dir / "run.json", json.dumps(self.run_record(), indent=2))
             if self.progress:
                 print(f"precision: {self.precision.describe()}", flush=True)
-        rng_state = self._resume()
+        self._resume()
         end = min(self.cfg.steps, stop_at) if stop_at is not None else self.cfg.steps
         dataset = self.stage.train_dataset()
         sampler = ResumableSampler(len(dataset), self.cfg.seed, self.step * self.cfg.batch_size, self.rank, self.world)
@@ -312,8 +330,6 @@ class Trainer:
                             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.cfg.seed),
                             persistent_workers=False, collate_fn=collate_present)
         batches = self._readable_batches(iter(loader))
-        if rng_state is not None:  # restored last: building the data set above may draw random numbers
-            self._set_rng(rng_state)
         autocast = self.precision.autocast()
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
         logs: dict[str, list[float]] = {}
@@ -324,6 +340,7 @@ class Trainer:
             signal.signal(s, self._on_signal)
         try:
             while self.step < end:
+                seed_step(self.cfg.seed, self.rank, self.step)
                 micro = [_to_device(next(batches), self.device) for _ in range(self.cfg.grad_accum)]
                 updated: set[str] = set()
                 skipped = []
@@ -468,9 +485,6 @@ class Trainer:
         return {n: (self.ema[n].module if n in self.ema else m) for n, m in self.raw.items()}
 
     def save_checkpoint(self) -> Path:
-        rng = D.all_gather_objects({"torch": torch.get_rng_state(),
-                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                                    "python": random.getstate()})
         root = self.out_dir / "checkpoints"
         final = root / f"step_{self.step:08d}"
         failure: OSError | None = None
@@ -489,7 +503,6 @@ class Trainer:
                     "data_position": self.step * self.cfg.batch_size,
                     "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
                     "schedulers": {g: s.state_dict() for g, s in self.schedulers.items()},
-                    "rng": rng,
                     "stage": self.stage.extra_state(),
                 }
                 torch.save(state, tmp / "training_state.pt")
@@ -509,11 +522,11 @@ class Trainer:
         D.barrier()
         return final
 
-    def _resume(self) -> dict[str, Any] | None:
-        """Load the newest checkpoint; returns this process's RNG state for the caller to apply."""
+    def _resume(self) -> None:
+        """Load the newest good checkpoint, if any (random streams need no state: `seed_step`)."""
         ckpts = checkpoint_dirs(self.out_dir)
         if not ckpts:
-            return None
+            return
         problems = []
         for path in reversed(ckpts):  # the newest good one; a damaged one is reported and passed over
             try:
@@ -532,8 +545,6 @@ class Trainer:
         if self.rank == 0 and (self.progress or problems):
             print(f"resuming from {path} (step {self.step})" + (f", after passing over {len(problems)} damaged "
                                                                  "checkpoint(s)" if problems else ""))
-        rngs = state["rng"]
-        return rngs[self.rank] if self.rank < len(rngs) else rngs[0]
 
     def _load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Weights, EMA, optimizer and scheduler states from `path`, checked against its manifest first."""
@@ -554,13 +565,6 @@ class Trainer:
         self.dropped_items = state.get("dropped_items", 0)
         return state
 
-    @staticmethod
-    def _set_rng(state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["torch"])
-        if torch.cuda.is_available() and state["cuda"]:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        random.setstate(_as_tuple(state["python"]))
-
     def _truncate_metrics(self) -> None:
         """Drop log rows written after the checkpoint we resume from, so metrics.jsonl stays one clean history."""
         path = self.out_dir / "metrics.jsonl"
@@ -570,10 +574,6 @@ class Trainer:
         kept = [r for r in rows if json.loads(r).get("step", 0) <= self.step]
         if len(kept) != len(rows):
             atomic_write_text(path, "".join(r + "\n" for r in kept))
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def load_run_state(out_dir: str | Path) -> dict[str, Any] | None:
