@@ -15,7 +15,7 @@ import torch
 from fae.data.features import CachedFeatureDataset, FeatureCache, build_feature_cache
 from fae.data.idx import FashionMNIST, read_idx
 from fae.data.images import ImageFolderDataset, center_crop_arr
-from fae.data.keys import DataKey, check_index, flip_coin, split_key
+from fae.data.keys import DataKey, check_index, class_strided_indices, flip_coin, item_labels, split_key
 
 
 @dataclass
@@ -63,5 +63,6 @@ def build_dataset(cfg: DataConfig, split: str | None = None) -> torch.utils.data
 
 __all__ = [
     "CachedFeatureDataset", "DataConfig", "DataKey", "FashionMNIST", "FeatureCache", "ImageFolderDataset",
-    "build_dataset", "build_feature_cache", "center_crop_arr", "check_index", "flip_coin", "read_idx", "split_key",
+    "build_dataset", "build_feature_cache", "center_crop_arr", "check_index", "class_strided_indices", "flip_coin",
+    "item_labels", "read_idx", "split_key",
 ]

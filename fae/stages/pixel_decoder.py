@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fae.config import ConfigError, from_dict
-from fae.data import DataConfig
+from fae.data import DataConfig, class_strided_indices
 from fae.encoders import EncoderConfig, FrozenEncoder
 from fae.io import atomic_save_safetensors, check_same_encoder, read_bundle_config, require_bundle
 from fae.losses import PatchDiscriminator, PixelLoss, PixelLossConfig
@@ -39,17 +39,20 @@ from fae.training import OptimConfig, TrainConfig, TrainStage
 @dataclass
 class NoiseConfig:
     """x~ = x + N(0, s^2) in the Gaussian stage, s = sigma * rms(x) / ref_rms ('rms') or sigma ('absolute').
-    With ref_rms = 1, sigma = 0.4 is the paper's value for LayerNorm-normalised (unit-RMS) DINOv2 tokens and scales
-    with the norm of any other encoder's features (docs/pixel-decoder.md)."""
+    The paper's 0.4 is absolute for DINOv2 (configs/paper); for another encoder it scales with the norm of the
+    features: 'rms' with `ref_encoder` = DINOv2-g measures both RMS values on the same images (docs/fidelity.md)."""
 
     sigma: float = 0.4
     mode: Literal["rms", "absolute"] = "rms"
     ref_rms: float = 1.0
-    rms_images: int = 256          # training images whose features give rms(x) (the first ones, unflipped)
+    ref_encoder: EncoderConfig | None = None  # 'rms': measure ref_rms on this encoder's features instead
+    rms_images: int = 256          # unflipped training images that give rms(x): a seeded, class-strided subset
 
     def validate(self) -> None:
         if self.sigma < 0 or self.ref_rms <= 0 or self.rms_images <= 0:
             raise ValueError("noise: sigma must be >= 0, ref_rms and rms_images > 0")
+        if self.ref_encoder is not None and self.mode != "rms":
+            raise ValueError("noise.ref_encoder scales sigma by a measured RMS ratio: it needs noise.mode: rms")
 
 
 @dataclass
@@ -206,23 +209,19 @@ class PixelDecoderStage(TrainStage):
 
     @torch.no_grad()
     def noise_sigma(self) -> float:
-        """The fixed noise level: the rule applied to the RMS of the first `noise.rms_images` training features."""
+        """The fixed noise level: the rule applied to the feature RMS of `noise.rms_images` training images, a
+        seeded class-strided subset (the first items of a class-sorted set such as ImageNet are one class)."""
         n = self.cfg.noise
         if n.mode == "absolute":
             return scaled_noise_sigma(n.sigma, None, mode="absolute")
         dataset = self.train_dataset()
-        count = min(n.rms_images, len(dataset))  # type: ignore[arg-type]
-        device = self.encoder.mean.device
-        total = 0.0
-        for start in range(0, count, 64):
-            items = [dataset[i] for i in range(start, min(count, start + 64))]
-            if "features" in items[0]:
-                x = torch.stack([it["features"] for it in items])
-            else:
-                x = self.encoder(torch.stack([it["image"] for it in items]).to(device))
-            total += x.float().pow(2).mean().item() * len(items)
-        self.feature_rms = (total / count) ** 0.5
-        return scaled_noise_sigma(n.sigma, self.feature_rms, n.ref_rms, "rms")
+        indices = class_strided_indices(dataset, n.rms_images, self.cfg.train.seed)
+        self.feature_rms = subset_feature_rms(dataset, indices, self.encoder)
+        ref_rms = n.ref_rms
+        if n.ref_encoder is not None:
+            ref_rms = subset_feature_rms(dataset, indices, FrozenEncoder.from_config(n.ref_encoder).to(
+                self.encoder.mean.device), cached=False)
+        return scaled_noise_sigma(n.sigma, self.feature_rms, ref_rms, "rms")
 
     def clean_features(self, batch: dict[str, Any]) -> torch.Tensor:
         """x: the frozen encoder's features of the batch's images (cached, or computed once per batch)."""
@@ -288,6 +287,26 @@ class PixelDecoderStage(TrainStage):
         if self.cfg.eval.limit == 0:
             return None
         return evaluate_stage(self, modules["decoder"], out_dir)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def subset_feature_rms(dataset: Dataset, indices: list[int], encoder: FrozenEncoder, cached: bool = True) -> float:
+    """sqrt(mean(x^2)) of `encoder`'s features of the items `indices` (their cached features when `cached`);
+    unreadable items (None) are left out."""
+    total, count = 0.0, 0
+    for start in range(0, len(indices), 64):
+        items = [it for it in (dataset[i] for i in indices[start:start + 64]) if it is not None]
+        if not items:
+            continue
+        if cached and "features" in items[0]:
+            x = torch.stack([it["features"] for it in items])
+        else:
+            x = encoder(torch.stack([it["image"] for it in items]).to(encoder.mean.device))
+        total += x.float().pow(2).mean().item() * len(items)
+        count += len(items)
+    if count == 0:
+        raise ValueError("noise: none of the images picked to measure the feature RMS could be read")
+    return (total / count) ** 0.5
 
 
 def evaluate_stage(stage: Any, decoder: PixelDecoder, out_dir: Path) -> dict[str, Any]:
