@@ -115,3 +115,105 @@ train: {{steps: 1, batch_size: 8}}
     assert stage.noise.sigma == pytest.approx(expected, rel=1e-4)
     with pytest.raises(Exception, match="ref_encoder"):
         load_stage_config(tmp_path / "g.yaml", ["noise.mode=absolute"])
+
+
+# ------------------------------------------------------------------------------------- item 10: SigLIP2 and MAE configs
+OTHER_ENCODERS = {"siglip2_g16": ("siglip2-g", 1536, 38.17e6, 170.43e6, 305.36e6),
+                  "mae_l16": ("mae-l", 1024, 17.06e6, 75.86e6, 304.68e6)}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_ENCODERS))
+def test_other_encoder_configs_build_at_their_sizes(name, capsys):
+    import json
+
+    from fae.cli import main
+    from fae.encoders import KNOWN_ENCODERS, FrozenEncoder
+
+    known, width, enc, dec, pix = OTHER_ENCODERS[name]
+    _, fae_cfg = load_stage_config(PAPER / f"fae_{name}.yaml")
+    _, pix_cfg = load_stage_config(PAPER / f"pixel_decoder_{name}.yaml")
+    assert fae_cfg.encoder.name_or_path == pix_cfg.encoder.name_or_path == KNOWN_ENCODERS[known].hub_id
+    with torch.device("meta"):  # the real encoder's architecture gives the token grid and width the configs assume
+        frozen = FrozenEncoder.skeleton(known, input_size=fae_cfg.encoder.input_size)
+    assert (frozen.dim, frozen.grid) == (width, (16, 16))
+    assert fae_cfg.model.feature_dim == pix_cfg.decoder.in_dim == width and tuple(fae_cfg.model.grid) == (16, 16)
+    assert pix_cfg.noise.mode == "rms" and pix_cfg.noise.ref_encoder.name_or_path == "facebook/dinov2-giant"
+    counts = {}
+    for stage in ("fae", "pixel_decoder"):
+        assert main(["summary", str(PAPER / f"{stage}_{name}.yaml"), "--json"]) == 0
+        counts.update({r["component"]: r["parameters"] for r in json.loads(capsys.readouterr().out)["components"]})
+    assert counts["fae encoder (single attention)"] == pytest.approx(enc, rel=5e-4)
+    assert counts["feature decoder"] == pytest.approx(dec, rel=5e-4)
+    assert counts["pixel decoder"] == pytest.approx(pix, rel=5e-4)
+
+
+TINY = {"siglip2_g16": "siglip2", "mae_l16": "mae"}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_other_encoder_stages_run_on_a_tiny_model_of_the_same_class(name, tmp_path, tiny_encoder_dir):
+    """The paper config itself, shrunk by overrides only, trains both stages on a tiny saved model of the real class
+    (SigLIP2 as the hub's SigLIP image-text checkpoint, MAE as ViTMAEForPreTraining)."""
+    from fae.encoders import save_tiny_encoder
+    from fae.stages import train_stage
+
+    folder = save_tiny_encoder(TINY[name], tmp_path / "enc", hidden_size=32, num_layers=1, num_heads=2, patch_size=4,
+                               image_size=16)
+    common = [f"encoder.name_or_path={folder}", "encoder.input_size=16", "data.kind=fashion_mnist",
+              "data.root=null", "data.image_size=16", "data.limit=8", "train.steps=1", "train.batch_size=4",
+              "train.num_workers=0", "train.precision=fp32", "eval.limit=0"]
+    _, cfg = load_stage_config(PAPER / f"fae_{name}.yaml", common + [
+        "model.feature_dim=32", "model.grid=[4,4]", "model.encoder_heads=2", "model.encoder_head_dim=8",
+        "model.decoder_depth=1", "model.decoder_heads=2"])
+    train_stage("fae", cfg, tmp_path / "fae", progress=False)
+    assert (tmp_path / "fae" / "fae" / "model.safetensors").is_file()
+    _, cfg = load_stage_config(PAPER / f"pixel_decoder_{name}.yaml", common + [
+        "decoder.in_dim=32", "decoder.num_tokens=16", "decoder.patch_size=4", "decoder.width=32", "decoder.depth=1",
+        "decoder.num_heads=2", "decoder.refine_channels=4", "losses.perceptual=none", "losses.gan_weight=0",
+        f"noise.ref_encoder.name_or_path={tiny_encoder_dir}", "noise.ref_encoder.input_size=16",
+        "noise.rms_images=8"])
+    train_stage("pixel-decoder", cfg, tmp_path / "pix", progress=False)
+    assert (tmp_path / "pix" / "pixel_decoder" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------- item 5: the feature decoder's bias
+def test_feature_decoder_output_bias_is_added_and_counted():
+    from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
+
+    cfg = FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2, encoder_head_dim=8,
+                    decoder_depth=1, decoder_heads=2, decoder_out_bias=True)
+    with_bias = FeatureAutoEncoder(cfg)
+    plain = FeatureAutoEncoder(FAEConfig(**{**cfg.__dict__, "decoder_out_bias": False}))
+    plain.load_state_dict({k: v for k, v in with_bias.state_dict().items() if k != "decoder.out_bias"})
+    with torch.no_grad():
+        with_bias.decoder.out_bias.copy_(torch.linspace(-1, 1, 32))
+    z = torch.randn(2, 4, 4, 4)
+    torch.testing.assert_close(with_bias.decode(z), plain.decode(z) + torch.linspace(-1, 1, 32))
+    assert sum(p.numel() for p in with_bias.parameters()) - sum(p.numel() for p in plain.parameters()) == 32
+    _, paper = load_stage_config(PAPER / "fae_dinov2_g14.yaml")
+    assert paper.model.decoder_out_bias
+    with torch.device("meta"):
+        decoder = FeatureAutoEncoder(paper.model).decoder
+    assert sum(p.numel() for p in decoder.parameters()) == 170_428_416 + 1536  # App. D: 170.43M
+
+
+# ------------------------------------------------------------------------------------- item 11: the pixel decoder count
+def test_paper_pixel_decoder_matches_app_d_within_five_hundredths_of_a_percent():
+    from fae.models.pixel_decoder import PixelDecoder, pixel_decoder_config
+
+    _, paper = load_stage_config(PAPER / "pixel_decoder_dinov2_g14.yaml")
+    assert paper.decoder == pixel_decoder_config("paper", refine_channels=64)
+    with torch.device("meta"):
+        model = PixelDecoder(paper.decoder)
+        plain = PixelDecoder(pixel_decoder_config("L"))
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - 305.36e6) / 305.36e6 < 5e-4, n                     # 305,331,395
+    assert n - sum(p.numel() for p in plain.parameters()) == 256 * 1536  # the input table is the difference
+    tiny = PixelDecoder(pixel_decoder_config("tiny", in_dim=8, num_tokens=16, patch_size=2, input_pos_embed=True))
+    base = PixelDecoder(pixel_decoder_config("tiny", in_dim=8, num_tokens=16, patch_size=2))
+    base.load_state_dict({k: v for k, v in tiny.state_dict().items() if k != "input_pos"})
+    x = torch.randn(2, 16, 8)
+    assert torch.equal(tiny(x), base(x))                              # zero-initialised: starts as the plain ViT
+    with torch.no_grad():
+        tiny.input_pos.normal_()
+    torch.testing.assert_close(tiny(x), base(x + tiny.input_pos))     # a table added to the input features
