@@ -57,7 +57,7 @@ def floor(x: torch.Tensor, steps: int) -> float:
     for _ in range(steps):
         u = closest_unit_rms(x, log_w.detach().exp())
         err = (log_w.exp() * u - x).pow(2).mean()
-        best = min(best, float(err))
+        best = min(best, err.item())
         opt.zero_grad()
         err.backward()
         opt.step()

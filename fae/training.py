@@ -138,6 +138,11 @@ class TrainStage:
     def group_active(self, group: str, step: int) -> bool:
         return True
 
+    def schedule_steps(self, group: str, total_steps: int) -> int:
+        """The LR schedule's horizon for `group`. A group's scheduler advances only on steps where the group is
+        active, so a group that starts late (a discriminator) should count from its own start."""
+        return total_steps
+
     def preflight(self) -> None:
         """Check what the run needs after its last step (a held-out split, ...) before its first one, so a missing
         piece costs seconds, not a run."""
@@ -304,7 +309,8 @@ class Trainer:
             opt = torch.optim.AdamW(params, lr=ocfg.lr, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
                                     fused=self.device.type == "cuda")
             self.optimizers[group] = opt
-            self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, cfg.steps))
+            horizon = stage.schedule_steps(group, cfg.steps)
+            self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, horizon))
         self.ema = {n: EMA(self.raw[n], cfg.ema_decay, cfg.ema_warmup) for n in stage.ema_modules()}
         self.step, self.bad_steps = 0, 0
         self.dropped_items, self._dropped_since_log = 0, 0   # unreadable items left out of batches

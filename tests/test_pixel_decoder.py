@@ -245,6 +245,14 @@ def test_finetune_stage_and_pipeline(tmp_path, tiny_encoder_dir):
                  "--finetune-from", str(tmp_path / "g"), "--fae", str(tmp_path / "fae_run")]) == 0
     record = read_bundle_config(tmp_path / "ft" / "pixel_decoder")
     assert record["stage"] == "finetune" and record["fae"] == str(tmp_path / "fae_run")
+    # the LeCam averages travel into stage II with the discriminator they belong to
+    from fae.stages.pixel_decoder import PixelDecoderStage
+
+    lecam = load_file(str(tmp_path / "g" / "lecam.safetensors"))
+    assert lecam["ema_real"] != 0 and lecam["ema_fake"] != 0
+    _, ft = load_stage_config(ft_cfg, [f"finetune_from={tmp_path / 'g'}", f"fae={tmp_path / 'fae_run'}"])
+    carried = PixelDecoderStage(ft).pixel_loss.lecam
+    assert torch.equal(carried.ema_real, lecam["ema_real"]) and torch.equal(carried.ema_fake, lecam["ema_fake"])
     scores = json.loads((tmp_path / "ft" / "recon.json").read_text())
     assert set(scores["decoders"]) == {"gaussian(x)", "gaussian(x_hat)", "finetuned(x_hat)"}
     # the fine-tuned decoder started from the Gaussian one and moved

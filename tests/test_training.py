@@ -122,6 +122,38 @@ def test_random_streams_derive_from_seed_rank_and_step(tmp_path):
     assert len(seeds) == 8 * 200 and step_seed(4, 0, 0) != step_seed(3, 0, 0)
 
 
+class LateGroupStage(ToyStage):
+    """A second optimizer group that starts at step 3 and counts its LR horizon from there (a discriminator)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modules["late"] = nn.Linear(6, 3)
+
+    def optimizer_groups(self):
+        return {"main": ["model"], "late": ["late"]}
+
+    def optim_config(self, group):
+        return OptimConfig(lr=1e-2, schedule="cosine", min_lr=1e-3)
+
+    def group_active(self, group, step):
+        return group == "main" or step >= 3
+
+    def schedule_steps(self, group, total_steps):
+        return total_steps - 3 if group == "late" else total_steps
+
+    def loss(self, group, batch, step):
+        name = "model" if group == "main" else "late"
+        return (self.modules[name](batch["x"]) - batch["y"]).pow(2).mean(), {}
+
+
+def test_a_late_group_schedules_its_lr_over_its_own_steps(tmp_path):
+    trainer = Trainer(LateGroupStage(), _cfg(steps=8), tmp_path / "late", progress=False)
+    trainer.fit()
+    # both cosines end at min_lr: the late group advanced 5 times, over a horizon of 8 - 3 = 5
+    assert trainer.schedulers["main"].get_last_lr()[0] == pytest.approx(1e-3)
+    assert trainer.schedulers["late"].get_last_lr()[0] == pytest.approx(1e-3)
+
+
 def test_grad_accumulation_matches_full_batch(tmp_path):
     results = []
     for accum in (1, 4):

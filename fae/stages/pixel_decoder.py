@@ -147,6 +147,9 @@ class PixelDecoderStage(TrainStage):
                                   f">= {min_size} px, the decoder makes {decoder_cfg.image_size} px; lower n_layers")
             if self.init_from is not None and (self.init_from.parent / "discriminator.safetensors").is_file():
                 disc.load_state_dict(load_file(str(self.init_from.parent / "discriminator.safetensors")))
+                lecam = self.init_from.parent / "lecam.safetensors"
+                if lecam.is_file():  # the LeCam averages belong to that discriminator: carry them over too
+                    self.pixel_loss.lecam.load_state_dict(load_file(str(lecam)))
             self.modules["disc"] = disc
         # the trainer may wrap modules in DDP; keep the plain ones for the last layer and the frozen-D generator pass
         self._decoder_raw, self._disc_raw = decoder, disc
@@ -187,6 +190,10 @@ class PixelDecoderStage(TrainStage):
 
     def group_active(self, group: str, step: int) -> bool:
         return self.pixel_loss.disc_active(step) if group == "disc" else True
+
+    def schedule_steps(self, group: str, total_steps: int) -> int:
+        # the discriminator's cosine runs over its own steps, from disc_start to the end (TiTok's horizon)
+        return max(1, total_steps - self.cfg.losses.disc_start) if group == "disc" else total_steps
 
     def to(self, device: torch.device) -> None:
         self.encoder.to(device)
@@ -280,6 +287,7 @@ class PixelDecoderStage(TrainStage):
         decoder.save_pretrained(out_dir / "pixel_decoder", extra=record)
         if "disc" in modules:
             atomic_save_safetensors(modules["disc"].state_dict(), out_dir / "discriminator.safetensors")
+            atomic_save_safetensors(self.pixel_loss.lecam.state_dict(), out_dir / "lecam.safetensors")
         if self.fae is not None:
             FAE(self.encoder, self.fae, decoder).save_pretrained(out_dir / "fae_pipeline")
 
