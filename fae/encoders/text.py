@@ -59,6 +59,16 @@ class TextEncoderConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"text encoder precision must be one of {list(PRECISIONS)}, not {self.precision!r}")
 
+    @classmethod
+    def from_reference(cls, reference: dict[str, Any]) -> TextEncoderConfig:
+        """The config of a recorded `TextEncoder.reference()`. A recorded shipped-MiniLM folder that is not on this
+        machine (another install) means this install's shipped copy."""
+        name = reference.get("name_or_path")
+        if reference["kind"] == "minilm" and name and not Path(name).exists():
+            name = None
+        return cls(kind=reference["kind"], name_or_path=name, revision=reference.get("revision"),
+                   max_length=int(reference["max_length"]))
+
     def source(self) -> str:
         if self.name_or_path:
             return self.name_or_path

@@ -39,14 +39,15 @@ class Config:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512, ema_decay=0.9999))
 
 
-def check_model_matches_cache(model: DiTConfig, cache: LatentCache) -> None:
+def check_model_matches_cache(model: Any, cache: LatentCache) -> None:
+    """A DiT or MMDiT config against the latents it will train on."""
     if model.in_channels != cache.channels:
         raise ConfigError(f"model.in_channels={model.in_channels} but the latents in {cache.path} have "
                           f"{cache.channels} channels; set model.in_channels={cache.channels}")
     if tuple(model.input_size) != tuple(cache.grid):
         raise ConfigError(f"model.input_size={list(model.input_size)} but the latents in {cache.path} are "
                           f"{list(cache.grid)}; set model.input_size={list(cache.grid)}")
-    if model.num_classes < cache.num_classes:
+    if getattr(model, "num_classes", cache.num_classes) < cache.num_classes:  # (text models have no classes)
         raise ConfigError(f"model.num_classes={model.num_classes} but the latent cache has {cache.num_classes} "
                           f"classes; set model.num_classes={cache.num_classes}")
 
