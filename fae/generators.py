@@ -120,6 +120,7 @@ class MMDiTGenerator(DiTGenerator):
                  text_encoder: TextEncoder | None = None) -> None:
         super().__init__(model, record, source, device)  # type: ignore[arg-type]
         self.device, self._text_encoder = device, text_encoder
+        self._prompts: dict[str, TextCondition] = {}  # sampling asks for the same prompts chunk after chunk
 
     @property
     def num_classes(self) -> int:
@@ -142,9 +143,18 @@ class MMDiTGenerator(DiTGenerator):
             self._text_encoder = TextEncoder.from_config(TextEncoderConfig.from_reference(reference)).to(self.device)
         return self._text_encoder
 
+    @text_encoder.setter
+    def text_encoder(self, encoder: TextEncoder) -> None:
+        self._text_encoder, self._prompts = encoder, {}
+
     def encode_prompts(self, prompts: Sequence[str]) -> TextCondition:
-        out = self.text_encoder.encode(list(prompts))
-        return TextCondition(out["text_tokens"], out["text_mask"], out["text_pooled"]).to(self.device)
+        new = sorted(set(prompts) - set(self._prompts))
+        if new:
+            out = self.text_encoder.encode(new)
+            rows = TextCondition(out["text_tokens"], out["text_mask"], out["text_pooled"]).to(self.device)
+            self._prompts.update({p: rows.select([i]) for i, p in enumerate(new)})
+        parts = [self._prompts[p] for p in prompts]
+        return TextCondition(*(torch.cat([getattr(r, k) for r in parts]) for k in ("tokens", "mask", "pooled")))
 
     def sample(self, noise: torch.Tensor, conditions: torch.Tensor | Sequence[str] | None, sampler: SamplerConfig,
                generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:

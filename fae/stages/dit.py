@@ -105,7 +105,7 @@ def load_run_generator(path: str | Path, device: str | torch.device = "cpu") -> 
 
     run = Path(path)
     ckpts = checkpoint_dirs(run) if run.is_dir() else []
-    if not ckpts or find_bundle(run, ["dit"], classes=list(GENERATOR_BUNDLES)) is not None:
+    if not ckpts or find_bundle(run, ["dit", "mmdit"], classes=list(GENERATOR_BUNDLES)) is not None:
         return load_generator(run, device)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is neither a DiT bundle nor a `fae train dit` run folder with checkpoints")
