@@ -104,3 +104,13 @@ def test_overfits_two_captions(one_thread):
     x = torch.zeros(2, 2, 2, 2)   # at t = 1 from the origin, -v points at the caption's latent
     v = model(x, torch.ones(2), y)
     assert (-v[0]).mean() > 0.5 and (-v[1]).mean() < -0.5
+
+
+def test_paper_config_builds_the_paper_size():
+    from fae.config import PACKAGED_CONFIGS
+    from fae.stages import load_stage_config
+
+    name, cfg = load_stage_config(PACKAGED_CONFIGS / "paper" / "mmdit_cc12m.yaml")
+    assert name == "mmdit" and cfg.model == mmdit_config("paper")
+    assert (cfg.transport.time_shift, cfg.optim.lr, cfg.optim.schedule, cfg.train.batch_size) == (0.4, 1e-4,
+                                                                                                  "constant", 512)
