@@ -122,3 +122,18 @@ def test_stage_refuses_a_cache_without_text_or_of_another_width(world, tmp_path)
     _, cfg = load_stage_config(world["cfg"], [f"latents={plain}"])
     with pytest.raises(ConfigError, match="holds no text embeddings"):
         MMDiTStage(cfg)
+
+
+def test_caption_agreement_of_the_nearest_real_image():
+    from fae.metrics.judge import caption_agreement
+
+    reference = torch.eye(4)                       # four real images, orthogonal features
+    captions = ["cat", "dog", "dog", "moon"]
+    generated = torch.tensor([[0.9, 0.1, 0, 0], [0, 0.2, 1.0, 0], [0.1, 0, 0, 1.0]])
+    out = caption_agreement(generated, ["cat", "dog", "cat"], reference, captions, k=2)
+    assert out["nearest_captions"] == ["cat", "dog", "moon"]
+    assert out["top1"] == pytest.approx(2 / 3) and out["top2"] == 1.0   # the third: cat is second nearest
+    assert out["chance_top1"] == pytest.approx((0.25 + 0.5 + 0.25) / 3)   # share of real images with the prompt
+    assert out["per_prompt_top1"] == {"cat": 0.5, "dog": 1.0}
+    with pytest.raises(ValueError, match="one each"):
+        caption_agreement(generated, ["cat"], reference, captions)
