@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fae.encoders.text import TextEncoder, TextEncoderConfig, save_tiny_text_encoder, shipped_minilm_path
+from fae.encoders.text import TextEncoder, TextEncoderConfig, save_tiny_text_encoder
 
 PROMPTS = ["a photo of a dark ankle boot", "", "CRESCENT MOON"]
 
@@ -14,15 +14,20 @@ def minilm():
     return TextEncoder.from_config(TextEncoderConfig(precision="fp32", max_length=16))
 
 
-def test_shipped_minilm_matches_sentence_transformers(minilm):
-    from sentence_transformers import SentenceTransformer
+# sentence-transformers' own encode() of PROMPTS with the package's model (its pipeline: mean pooling + Normalize),
+# recorded once: columns 0-3 and 100-101 of each embedding
+REFERENCE = torch.tensor([[-0.123066, 0.076433, 0.000203, 0.030632, 0.036456, -0.041831],
+                          [-0.118838, 0.048299, -0.002548, -0.011011, 0.035949, 0.018697],
+                          [0.019710, 0.049644, -0.002087, -0.049540, 0.015383, 0.049162]])
 
+
+def test_shipped_minilm_matches_sentence_transformers(minilm):
     out = minilm(PROMPTS)
     assert out["text_tokens"].shape == (3, 16, 384) and out["text_pooled"].shape == (3, 384)
     assert out["text_mask"].sum(1).tolist()[1] == 2                 # "" is [CLS] [SEP]
     assert torch.count_nonzero(out["text_tokens"][1, 2:]) == 0       # padding holds zeros
-    ref = SentenceTransformer(shipped_minilm_path(), device="cpu").encode(PROMPTS, convert_to_tensor=True)
-    assert torch.allclose(out["text_pooled"], ref, atol=1e-5)        # masked mean + L2 norm, as the package's model
+    pooled = out["text_pooled"][:, [0, 1, 2, 3, 100, 101]]
+    assert torch.allclose(pooled, REFERENCE, atol=2e-6)              # masked mean + L2 norm, as the package's model
     assert minilm.reference()["dim"] == 384 and minilm.reference()["kind"] == "minilm"
 
 
