@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fae.demo.steps import DemoContext, Step, step_encoder
+from fae.demo.steps import CONFIG_DIR, DemoContext, Step, step_encoder
 
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 # code-point blocks that hold the single-code-point colour emoji
@@ -152,7 +152,7 @@ def step_text_latents(ctx: DemoContext) -> dict[str, Any]:
     from fae.encoding import encode_latents
     from fae.stages import load_stage_config
 
-    _, mmdit = load_stage_config(Path(__file__).parents[1] / "configs" / "demo" / "mmdit.yaml", stage="mmdit")
+    _, mmdit = load_stage_config(CONFIG_DIR / "mmdit.yaml", stage="mmdit")
     out = ctx.out / "latents" / "text"
     data = DataConfig(kind="caption_folder", root=str(ctx.out / "text-data"), image_size=ctx.data_config().image_size)
     encode_latents(data, out, fae=ctx.out / "fae" / "fae", progress=ctx.progress, device="cpu",
@@ -173,10 +173,17 @@ def step_mmdit(ctx: DemoContext) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------------------- sampling
 def eval_prompts(captions: list[str], counts: dict[str, int]) -> list[str]:
     """Prompts to judge: evenly spaced emoji names and distinct Fashion-MNIST captions (first-seen order)."""
-    emoji = list(dict.fromkeys(c for c in captions if not c.startswith("a photo of")))
-    fashion = sorted(set(c for c in captions if c.startswith("a photo of")))
-    pick = lambda xs, n: [xs[i * len(xs) // n] for i in range(min(n, len(xs)))]  # noqa: E731
-    return pick(emoji, counts["emoji"]) + pick(fashion, counts["fashion"])
+    emoji = list(dict.fromkeys(c for c in captions if not is_fashion(c)))
+    fashion = sorted(set(c for c in captions if is_fashion(c)))
+    return _spaced(emoji, counts["emoji"]) + _spaced(fashion, counts["fashion"])
+
+
+def is_fashion(caption: str) -> bool:
+    return caption.startswith("a photo of")
+
+
+def _spaced(items: list[str], n: int) -> list[str]:
+    return [items[i * len(items) // n] for i in range(min(n, len(items)))]
 
 
 def step_text_samples(ctx: DemoContext) -> dict[str, Any]:
@@ -222,12 +229,12 @@ def step_text_samples(ctx: DemoContext) -> dict[str, Any]:
         folder = ctx.out / "text-samples" / schedule.replace(":", "_").replace(",", "+")
         write_samples(folder, samples, prompts, pngs=False, per_row=p["per_prompt"])
         said = [prompts[i] for i in samples.labels]
-        agree = caption_agreement(tokens(samples.images), said, real_tokens, pairs.captions)
-        emoji = [i for i, s in enumerate(said) if not s.startswith("a photo of")]
-        fashion = [i for i in range(len(said)) if i not in set(emoji)]
-        parts = {kind: caption_agreement(tokens(samples.images[idx]), [said[i] for i in idx], real_tokens,
-                                         pairs.captions) for kind, idx in (("emoji", emoji), ("fashion", fashion))
-                 if idx}
+        features = tokens(samples.images)
+        agree = caption_agreement(features, said, real_tokens, pairs.captions)
+        kinds = {"fashion": [i for i, c in enumerate(said) if is_fashion(c)],
+                 "emoji": [i for i, c in enumerate(said) if not is_fashion(c)]}
+        parts = {kind: caption_agreement(features[idx], [said[i] for i in idx], real_tokens, pairs.captions)
+                 for kind, idx in kinds.items() if idx}
         info["results"][label] = {
             "schedule": schedule, "top1": agree["top1"], "top5": agree["top5"], "chance_top1": agree["chance_top1"],
             "chance_top5": agree["chance_top5"], "fd_encoder": fid(samples.images, reference, network),
