@@ -27,9 +27,9 @@ EMOJI_BLOCKS = [(0x2600, 0x27C0), (0x1F300, 0x1FB00)]
 
 TEXT_PROFILES: dict[str, dict[str, Any]] = {
     "default": {
-        "emoji": 160, "fashion": 2400,
-        "fae": ["train.steps=500"], "pixel-decoder": ["train.steps=500"], "finetune": ["train.steps=200"],
-        "mmdit": [], "prompts": {"emoji": 10, "fashion": 10}, "per_prompt": 8, "sample_steps": 25,
+        "emoji": 128, "fashion": 1600,
+        "fae": ["train.steps=300"], "pixel-decoder": ["train.steps=300"], "finetune": ["train.steps=100"],
+        "mmdit": ["train.steps=800"], "prompts": {"emoji": 10, "fashion": 10}, "per_prompt": 8, "sample_steps": 25,
         "guidance": {"paper (1.5 on t in [0, 0.9])": "paper-text", "strong (4.0 on t in [0, 0.9])": "0-0.9:4.0"},
     },
     "quick": {
