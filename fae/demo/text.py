@@ -172,9 +172,13 @@ def step_mmdit(ctx: DemoContext) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------------------- sampling
 def eval_prompts(captions: list[str], counts: dict[str, int]) -> list[str]:
-    """Prompts to judge: evenly spaced emoji names and distinct Fashion-MNIST captions (first-seen order)."""
+    """Prompts to judge: evenly spaced emoji names, and one Fashion-MNIST caption per class, dark and light in
+    turn."""
     emoji = list(dict.fromkeys(c for c in captions if not is_fashion(c)))
-    fashion = sorted(set(c for c in captions if is_fashion(c)))
+    by_class: dict[str, list[str]] = {}
+    for caption in sorted(set(c for c in captions if is_fashion(c))):
+        by_class.setdefault(caption.split(" ", 5)[5], []).append(caption)   # "a photo of a dark <class>"
+    fashion = [options[i % len(options)] for i, options in enumerate(by_class.values())]
     return _spaced(emoji, counts["emoji"]) + _spaced(fashion, counts["fashion"])
 
 
