@@ -14,7 +14,7 @@ from fae.data import build_dataset
 from fae.data.features import FeatureCache, dataset_signature
 from fae.data.latents import TEXT_NULL, CachedFeatureRows, EncodeOptions, encode_dataset, make_latent_fn
 from fae.encoders import EncoderConfig, FrozenEncoder, TextEncoder, TextEncoderConfig
-from fae.io import WEIGHTS_NAME, file_sha256, read_bundle_config, reference_differences, resolve_pretrained
+from fae.io import WEIGHTS_NAME, check_same_encoder, file_sha256, read_bundle_config, resolve_pretrained
 from fae.models.autoencoder import FeatureAutoEncoder
 
 
@@ -56,6 +56,8 @@ def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None
     if isinstance(encoder, EncoderConfig):
         encoder = FrozenEncoder.from_config(encoder)
     encoder = encoder.to(dev).eval()
+    if fae is not None and "encoder" in bundle_record:
+        check_same_encoder(bundle_record["encoder"], encoder.reference(), f"FAE bundle {fae}", "the encoder given")
     if fae_model is not None and (tuple(fae_model.config.grid) != tuple(encoder.grid)
                                   or fae_model.config.feature_dim != encoder.dim):
         raise ValueError(f"the FAE bundle expects {list(fae_model.config.grid)} x {fae_model.config.feature_dim} "
@@ -69,9 +71,7 @@ def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None
         cache = FeatureCache(feature_cache)
         if cache.metadata.get("dataset") != json.dumps(dataset_signature(dataset), sort_keys=True):
             raise ValueError(f"feature cache {feature_cache} was built for another data set than the one to encode")
-        differs = reference_differences(cache.encoder, encoder.reference())
-        if differs:
-            raise ValueError(f"feature cache {feature_cache} was built with another encoder (differs in {differs})")
+        check_same_encoder(cache.encoder, encoder.reference(), f"feature cache {feature_cache}", "the encoder to encode with")
         if opts.flip and not cache.has_flips:
             raise ValueError(f"feature cache {feature_cache} holds no flipped features; encode with --no-flip or "
                              "without the cache")

@@ -1,7 +1,7 @@
 """Sampling images from a trained generator: DiT bundle + FAE (+ pixel decoder) -> grid PNG, PNGs, ADM `.npz`.
 
     gen = load_generator("runs/dit")                        # fae.generators: bundle or finished run folder
-    decode = load_decoder(gen, fae="runs/pixel-decoder-ft/fae_pipeline")
+    decode = load_decoder(gen, fae="runs/pixel-decoder-ft/fae_pipeline")   # the FAE it was trained on (hash-checked)
     result = generate(gen, decode, num_samples=100, seed=0, sampler=SamplerConfig(guidance=GuidanceSchedule.paper()))
     write_samples("samples/", result, gen.class_names)
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,7 +26,10 @@ import torch
 from fae import distributed as D
 from fae.config import ConfigError, to_dict
 from fae.generators import Generator, load_generator
-from fae.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text, file_sha256, find_bundle, read_bundle_config
+from fae.grid import draw_grid
+from fae.io import CONFIG_NAME, atomic_write, atomic_write_text, find_bundle, read_bundle_config, require_bundle
+from fae.models.pixel_decoder import PixelDecoder
+from fae.pipeline import FAE
 from fae.precision import resolve_precision
 from fae.transport import SamplerConfig, initial_noise, sample_generators
 
@@ -39,46 +41,44 @@ def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: s
     """Latents (B,C,h,w) in the generator's space (de-normalised) -> images (B,3,H,W) in [0,1].
 
     FAE latents: `fae` is an FAE pipeline bundle (with its pixel decoder), or a stage-1 FAE bundle plus
-    `pixel_decoder`; by default the FAE bundle the latent cache was encoded with. Raw-feature latents: the features
-    go straight into `pixel_decoder`.
+    `pixel_decoder` (`FAE.load`); its weights must be those the generator was trained on. Raw-feature latents: the
+    features go straight into `pixel_decoder`.
     """
-    from fae.models.pixel_decoder import PixelDecoder
-    from fae.pipeline import FAE
-
-    latents = gen.record.get("latents", {})
-    if latents.get("source") == "raw_features":
+    if gen.record.get("latents", {}).get("source") == "raw_features":
         if pixel_decoder is None:
             raise ConfigError("these latents are raw encoder features: pass the pixel decoder bundle "
                               "(--pixel-decoder), e.g. <pixel-decoder run>/pixel_decoder")
-        pd_path = find_bundle(Path(pixel_decoder), ["pixel_decoder"], classes=["PixelDecoder"]) or Path(pixel_decoder)
-        pd = PixelDecoder.from_pretrained(pd_path, map_location=device).eval()
+        pd = PixelDecoder.from_pretrained(require_bundle(pixel_decoder, "pixel_decoder", classes=["PixelDecoder"]),
+                                          map_location=device).eval()
         return lambda z: pd.decode(z.flatten(2).transpose(1, 2))
     if fae is None:
-        fae = (latents.get("fae") or {}).get("path")
-        if fae is None:
-            raise ConfigError("the generator does not record its FAE bundle; pass --fae")
-    fae_path = Path(fae)
-    pipeline_path = find_bundle(fae_path, ["fae_pipeline"], classes=["FAE"])
-    if pipeline_path is not None and pixel_decoder is None:
-        pipe = FAE.from_pretrained(pipeline_path, map_location=device)
-    else:
-        fae_bundle = find_bundle(fae_path, ["fae"], classes=["FeatureAutoEncoder"])
-        if fae_bundle is None:
-            raise FileNotFoundError(f"{fae_path}: no FAE bundle (config.json of a FeatureAutoEncoder or an FAE "
-                                    "pipeline) here or in its fae/ sub-folder")
-        if pixel_decoder is None:
-            raise ConfigError(f"{fae_bundle} is a stage-1 FAE bundle without a pixel decoder: pass --pixel-decoder "
-                              "<bundle> (train one with `fae train pixel-decoder`), or --fae an fae_pipeline bundle")
-        pd_path = find_bundle(Path(pixel_decoder), ["pixel_decoder"], classes=["PixelDecoder"]) or Path(pixel_decoder)
-        pipe = FAE.from_parts(fae_bundle, pd_path, map_location=device)
-    expected = latents.get("fae") or {}
-    if expected.get("weights_sha256"):
-        actual_dir = pipeline_path / "fae" if pipeline_path is not None and pixel_decoder is None else fae_bundle
-        if file_sha256(Path(actual_dir) / WEIGHTS_NAME) != expected["weights_sha256"]:
-            warnings.warn(f"the FAE weights in {actual_dir} differ from those the latents were encoded with "
-                          f"({expected.get('path')}); samples will decode wrongly if the latent spaces differ",
-                          stacklevel=2)
+        expected = trained_fae_sha256(gen)
+        raise ConfigError(f"{gen.source} generates FAE latents: pass the FAE it was trained on (--fae <fae_pipeline "
+                          "bundle>, or --fae <stage-1 bundle> --pixel-decoder <bundle>"
+                          + (f"; its weights' SHA-256 starts {expected[:12]}" if expected else "")
+                          + "), or sample from a pipeline folder (GenerationPipeline, `fae sample --pipeline`)")
+    pipe = FAE.load(fae, pixel_decoder, map_location=device)
+    check_trained_on(gen, pipe)
     return pipe.decode_to_pixels
+
+
+def trained_fae_sha256(gen: Generator) -> str | None:
+    """The SHA-256 of the FAE weights whose latents the generator learned (its bundle's identity of the FAE)."""
+    return (gen.record.get("latents", {}).get("fae") or {}).get("weights_sha256")
+
+
+def check_trained_on(gen: Generator, fae: FAE) -> None:
+    """Refuse an FAE whose weights are not those the generator was trained on: its samples would decode wrongly."""
+    if gen.record.get("latents", {}).get("source") == "raw_features":
+        raise ConfigError(f"{gen.source} generates raw encoder features, not FAE latents; decode them with "
+                          "load_decoder(gen, pixel_decoder=...)")
+    if tuple(gen.latent_shape) != (fae.autoencoder.config.latent_channels, *fae.autoencoder.config.grid):
+        raise ConfigError(f"the generator makes {tuple(gen.latent_shape)} latents, the FAE decodes "
+                          f"{(fae.autoencoder.config.latent_channels, *fae.autoencoder.config.grid)}")
+    expected = trained_fae_sha256(gen)
+    if expected and fae.fae_weights_sha256 and fae.fae_weights_sha256 != expected:
+        raise ConfigError(f"{gen.source} was trained on the latents of another FAE (the SHA-256 of the FAE weights, "
+                          f"{fae.fae_weights_sha256[:12]}..., differs from the {expected[:12]}... the generator records)")
 
 
 class GenerationPipeline:
@@ -90,33 +90,21 @@ class GenerationPipeline:
         samples = pipe.generate(20, sampler=SamplerConfig(steps=25, guidance=GuidanceSchedule.parse("0-0.7:6.0")))
     """
 
-    def __init__(self, fae: Any, generator: Generator) -> None:
+    def __init__(self, fae: FAE, generator: Generator) -> None:
         if fae.pixel_decoder is None:
             raise ConfigError("a generation pipeline needs an FAE bundle with its pixel decoder (an fae_pipeline)")
-        if tuple(generator.latent_shape) != (fae.autoencoder.config.latent_channels, *fae.autoencoder.config.grid):
-            raise ConfigError(f"the generator makes {tuple(generator.latent_shape)} latents, the FAE decodes "
-                              f"{(fae.autoencoder.config.latent_channels, *fae.autoencoder.config.grid)}")
+        check_trained_on(generator, fae)
         self.fae, self.generator = fae, generator
 
     @classmethod
     def from_parts(cls, generator: str | Path, fae_pipeline: str | Path, device: str | torch.device = "cpu"
                    ) -> GenerationPipeline:
-        """A generator bundle (or finished run) and the FAE pipeline bundle its latents came from."""
-        from fae.pipeline import FAE
-
-        gen = load_generator(generator, device)
-        fae_path = find_bundle(Path(fae_pipeline), ["fae_pipeline"], classes=["FAE"])
-        if fae_path is None:
+        """A generator bundle (or finished run) and the FAE pipeline bundle (or the run holding it) of its latents."""
+        pipeline = find_bundle(Path(fae_pipeline), ["fae_pipeline"], classes=["FAE"])
+        if pipeline is None:
             raise FileNotFoundError(f"{fae_pipeline}: no FAE pipeline bundle (fae_pipeline/, written by the "
                                     "pixel-decoder fine-tune stage) here")
-        expected = (gen.record.get("latents", {}).get("fae") or {}).get("weights_sha256")
-        if gen.record.get("latents", {}).get("source") == "raw_features":
-            raise ConfigError(f"{gen.source} generates raw encoder features, not FAE latents; decode them with "
-                              "load_decoder(gen, pixel_decoder=...)")
-        if expected and file_sha256(fae_path / "fae" / WEIGHTS_NAME) != expected:
-            raise ConfigError(f"{gen.source} was trained on the latents of another FAE than {fae_path / 'fae'} "
-                              "(the SHA-256 of its weights differs from the one the generator records)")
-        return cls(FAE.from_pretrained(fae_path, map_location=device), gen)
+        return cls(FAE.from_pretrained(pipeline, map_location=device), load_generator(generator, device))
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -241,28 +229,14 @@ def image_grid(images: np.ndarray, labels: np.ndarray | None, class_names: Seque
                per_row: int = 10, max_rows: int = 20):
     """A PIL grid: one row per class (its name on the left) with up to `per_row` samples; unlabelled samples fill
     rows in order."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    h, w = images.shape[1:3]
     if labels is None:
         rows = [(None, list(range(i, min(len(images), i + per_row)))) for i in range(0, len(images), per_row)]
     else:
         rows = [(int(k), [int(i) for i in np.flatnonzero(labels == k)[:per_row]]) for k in np.unique(labels)]
     rows = rows[:max_rows]
-    font = ImageFont.load_default()
-    names = [("" if k is None else (class_names[k] if class_names and k < len(class_names) else f"class {k}"))
-             for k, _ in rows]
-    label_w = 0 if labels is None else 8 + max(int(font.getlength(n)) for n in names)
-    pad = 2
-    canvas = Image.new("RGB", (label_w + per_row * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, ((k, idx), name) in enumerate(zip(rows, names)):
-        y = pad + r * (h + pad)
-        if name:
-            draw.text((4, y + h // 2), name, fill="black", font=font, anchor="lm")
-        for c, i in enumerate(idx):
-            canvas.paste(Image.fromarray(images[i]), (label_w + pad + c * (w + pad), y))
-    return canvas
+    names = None if labels is None else [class_names[k] if class_names and k < len(class_names) else f"class {k}"
+                                         for k, _ in rows]
+    return draw_grid([[images[i] for i in idx] for _, idx in rows], row_names=names)
 
 
 def write_samples(out_dir: str | Path, samples: Samples, class_names: Sequence[str] | None = None,

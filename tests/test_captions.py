@@ -26,10 +26,13 @@ def test_folder_pairs_skip_and_count_missing_or_empty(tmp_path):
     (tmp_path / "blue.txt").write_text("   \n")               # empty: skipped; grey has no .txt at all
     with pytest.warns(RuntimeWarning, match="skipped 2 images"):
         ds = build_caption_dataset(CaptionDataConfig("folder", str(tmp_path), image_size=8))
-    assert len(ds) == 2 and ds.skipped == 2 and ds.captions == ["a green square", "a red square"]
+    assert len(ds) == 2 and ds.skipped_captions == 2 and ds.captions == ["a green square", "a red square"]
     item = ds[1]
     assert item["image"].shape == (3, 8, 8) and item["caption"] == "a red square"
     assert item["image"][0].min() == 1.0 and item["image"][1].max() == 0.0   # the red image, centre-cropped
+    (tmp_path / "red.png").write_bytes(b"not a png")   # an unreadable image is None, counted, never replaced
+    with pytest.warns(RuntimeWarning, match="unreadable image"):
+        assert ds[1] is None and ds.skipped == 1
     with pytest.raises(ValueError, match="blue.txt: missing or empty caption"):
         build_caption_dataset(CaptionDataConfig("folder", str(tmp_path), missing_captions="error"))
 
@@ -48,7 +51,7 @@ def test_manifest_jsonl_and_csv(tmp_path, kind):
         path.write_text("image,caption\n" + "".join(f"{r['image']},{r['caption']}\n" for r in rows))
     with pytest.warns(RuntimeWarning, match="skipped 1 images"):
         ds = build_caption_dataset(CaptionDataConfig("manifest", str(path), image_size=8))
-    assert ds.captions == ["a red square", "a green square", "a blue square"] and ds.skipped == 1
+    assert ds.captions == ["a red square", "a green square", "a blue square"] and ds.skipped_captions == 1
     assert ds[2]["image"][2].min() == 1.0
     with pytest.raises(ValueError, match=r"row 4 \(img/grey.png\): missing or empty caption"):
         build_caption_dataset(CaptionDataConfig("manifest", str(path), missing_captions="error"))

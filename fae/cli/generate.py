@@ -49,7 +49,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from fae.distributed import init_distributed, is_main
-    from fae.sampling import load_decoder, sample_to_dir
+    from fae.sampling import GenerationPipeline, load_decoder, sample_to_dir
     from fae.stages.dit import load_run_generator
     from fae.transport import GuidanceSchedule, SamplerConfig, paper_method
 
@@ -70,8 +70,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     prompts = list(args.prompt or [])
     if args.prompts:
         prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
-    gen = load_run_generator(args.dit, device=device)
-    decode = load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device)
+    if args.pipeline:
+        if args.dit or args.fae or args.pixel_decoder:
+            raise ConfigError("--pipeline holds the generator and the FAE: drop --dit/--fae/--pixel-decoder")
+        pipe = GenerationPipeline.from_pretrained(args.pipeline, device=device)
+        gen, decode = pipe.generator, pipe.fae.decode_to_pixels
+    elif args.dit:
+        gen = load_run_generator(args.dit, device=device)
+        decode = load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device)
+    else:
+        raise ConfigError("fae sample: give --pipeline <folder>, or --dit <run> with --fae <fae_pipeline>")
     written = sample_to_dir(gen, decode, args.out, args.num_samples, seed=args.seed, labels=args.labels,
                             sampler=sampler, batch_size=args.batch_size, device=device, progress=not args.no_progress,
                             grid=not args.no_grid, pngs=not args.no_pngs, npz=not args.no_npz, per_row=args.per_row,
@@ -119,14 +127,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "them to pixels and write a labelled "
                        "grid.png, images/*.png and samples.npz (arr_0: uint8 NHWC, for the ADM evaluator). Under "
                        "torchrun the work is split across processes with identical results.")
-    p.add_argument("--dit", "--generator", dest="dit", required=True,
+    p.add_argument("--pipeline", help="a generation pipeline folder (generator + FAE pipeline, e.g. runs/demo/pipeline)")
+    p.add_argument("--dit", "--generator", dest="dit",
                    help="generator: DiT bundle or `fae train dit` run folder (newest EMA if unfinished), or an MMDiT "
                    "bundle or finished `fae train mmdit` run")
     p.add_argument("--prompt", action="append", help="text generator: a prompt (repeat for several); sample i gets "
                    "prompt i mod P, one grid row per prompt")
     p.add_argument("--prompts", help="text generator: a file with one prompt per line")
-    p.add_argument("--fae", help="FAE pipeline bundle (with pixel decoder) or stage-1 FAE bundle; default: the one "
-                   "the latents were encoded with")
+    p.add_argument("--fae", help="with --dit: the FAE pipeline bundle (with pixel decoder) or stage-1 FAE bundle the "
+                   "generator was trained on (checked by the SHA-256 of its weights)")
     p.add_argument("--pixel-decoder", help="pixel decoder bundle (when --fae has none, or for raw-feature latents)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("-n", "--num-samples", type=int, default=100)

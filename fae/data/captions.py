@@ -9,9 +9,11 @@
                  with a "caption" field)
 
 A missing or empty caption (no .txt, an empty or blank text, a manifest row without one) is handled by
-`missing_captions`: "skip" (default) leaves the pair out, counts it in `dataset.skipped` and warns once with the
-count and the first few files; "error" refuses the data set with a ValueError naming the file. Images are
-ADM-centre-cropped to `image_size` as the image folders are (fae.data.images).
+`missing_captions`: "skip" (default) leaves the pair out, counts it in `dataset.skipped_captions` (the places in
+`skipped_caption_files`) and warns once with the count and the first few; "error" refuses the data set with a
+ValueError naming the file. Images are ADM-centre-cropped to `image_size` as the image folders are
+(fae.data.images); an unreadable image is None (dropped by fae.data.readable's loaders, never replaced), warned
+about and counted in `dataset.skipped`, as there.
 """
 from __future__ import annotations
 
@@ -67,8 +69,9 @@ class CaptionDataset(Dataset):
                                                                          "empty captions)" if skipped else ""))
         self.pairs, self.image_size, self.name, self.hflip = pairs, image_size, name, hflip
         self.labels = labels or [0] * len(pairs)
-        self.skipped = len(skipped)
-        self.skipped_files = skipped
+        self.skipped_captions, self.skipped_caption_files = len(skipped), skipped
+        self.skipped = 0  # unreadable images met by this process
+        self._bad: set[int] = set()
         self.class_names: list[str] | None = None
         self._shard: tuple[str, dict[str, bytes]] | None = None
         if skipped:
@@ -100,13 +103,21 @@ class CaptionDataset(Dataset):
             return Image.open(io.BytesIO(self._shard[1][key]))
         return Image.open(source)
 
-    def __getitem__(self, key: Any) -> dict[str, Any]:
+    def __getitem__(self, key: Any) -> dict[str, Any] | None:
         index, generator = split_key(key)
         index = check_index(index, len(self), self.name)
         source, caption = self.pairs[index]
-        with self._image(source) as img:
-            img.load()
-            image = to_tensor(center_crop_arr(img.convert("RGB"), self.image_size))
+        try:
+            with self._image(source) as img:
+                img.load()
+                image = to_tensor(center_crop_arr(img.convert("RGB"), self.image_size))
+        except Exception as exc:  # PIL raises many types for bad files; none may stop a run
+            if index not in self._bad:
+                self._bad.add(index)
+                self.skipped += 1
+                warnings.warn(f"skipping unreadable image {source} ({type(exc).__name__}: {exc}); it is dropped "
+                              "from the data set", RuntimeWarning, stacklevel=2)
+            return None
         if self.hflip and flip_coin(generator):
             image = image.flip(-1)
         return {"image": image, "label": torch.tensor(self.labels[index], dtype=torch.int64), "caption": caption}

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from fae import distributed as D
 from fae.data import check_index, flip_coin, split_key
 from fae.data.features import dataset_signature
+from fae.data.readable import WithIndex, collate_present, item_name
 from fae.io import atomic_save_safetensors, atomic_write_text
 from fae.precision import DTYPES
 
@@ -126,7 +127,9 @@ class CachedFeatureRows(Dataset):
             return samples[index][1]
         return self.base[index]["label"]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
+        if not self.cache.present(index):  # unreadable when the cache was built: dropped
+            return None
         label = self._label(index)
         item = {"features": self.cache.get(index), "label": torch.as_tensor(label, dtype=torch.long)}
         if self.flips:
@@ -173,10 +176,14 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
             bar.update(hi - lo)
             continue
         parts: dict[str, list[torch.Tensor]] = {}
-        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=opts.batch_size, shuffle=False,
-                            num_workers=opts.num_workers)
+        loader = DataLoader(Subset(WithIndex(dataset), range(lo, hi)), batch_size=opts.batch_size, shuffle=False,
+                            num_workers=opts.num_workers, collate_fn=collate_present)
+        kept: list[int] = []
         captions: list[str] = []
         for batch in loader:
+            if batch is None:
+                continue
+            kept += batch.pop("index").tolist()
             labels = batch.pop("label")
             if text_fn is not None:
                 if "caption" not in batch:
@@ -198,8 +205,11 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
                 if stdf is not None:
                     parts.setdefault("std_flip", []).append(stdf.to(dtype).cpu())
             bar.update(len(labels))
+        dropped = sorted(set(range(lo, hi)) - set(kept))   # unreadable: left out, never replaced by a neighbour
+        bar.update(len(dropped))
         tensors = {k: torch.cat(v) for k, v in parts.items()}
-        meta = {"format": CACHE_FORMAT, "signature": signature, "count": str(hi - lo), "start": str(lo)}
+        meta = {"format": CACHE_FORMAT, "signature": signature, "count": str(hi - lo), "start": str(lo),
+                "dropped": json.dumps([item_name(dataset, i) for i in dropped])}
         if captions:
             meta["captions"] = json.dumps(captions)
         atomic_save_safetensors(tensors, path, metadata=meta)
@@ -228,18 +238,24 @@ def _shard_done(path: Path, signature: str, count: int) -> bool:
 
 def write_manifest(out: Path, signature: str, num_shards: int, opts: EncodeOptions, record: dict[str, Any],
                    data_signature: dict[str, Any], dataset: Dataset | None = None) -> None:
-    shards, shape, labels = [], None, []
+    shards, shape, labels, dropped = [], None, [], []
     for s in range(num_shards):
         with safe_open(str(out / shard_name(s)), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("signature") != signature:
                 raise RuntimeError(f"{out / shard_name(s)} belongs to another encoding run")
+            dropped += json.loads(meta.get("dropped", "[]"))
+            if "latents" not in f.keys():   # every item of this shard was unreadable
+                shards.append({"file": shard_name(s), "count": 0})
+                continue
             shape = list(f.get_slice("latents").get_shape())
             labels.append(f.get_tensor("labels"))
             shards.append({"file": shard_name(s), "count": shape[0]})
-    assert shape is not None
+    if shape is None:
+        raise ValueError(f"none of the {len(dropped)} items could be read (e.g. {dropped[0] if dropped else '?'}); "
+                         "check the data folder")
     all_labels = torch.cat(labels)
-    mean, std = compute_stats(out, [s["file"] for s in shards], flip=opts.flip)
+    mean, std = compute_stats(out, [s["file"] for s in shards if s["count"]], flip=opts.flip)
     # one metadata key: safetensors writes metadata from a hash map, whose order would differ between runs
     atomic_save_safetensors({"mean": mean, "std": std}, out / STATS, metadata={"recipe": json.dumps(
         {"recipe": STATS_RECIPE, "items": int(all_labels.numel()), "flip": opts.flip}, sort_keys=True)})
@@ -248,6 +264,7 @@ def write_manifest(out: Path, signature: str, num_shards: int, opts: EncodeOptio
         "format": CACHE_FORMAT,
         "source": opts.source,
         "num_items": int(all_labels.numel()),
+        "skipped": {"count": len(dropped), "items": dropped[:1000]},   # unreadable inputs left out
         "channels": shape[1],
         "grid": shape[2:],
         "dtype": opts.dtype,
@@ -345,7 +362,7 @@ class LatentCache:
         return self._file(shard).get_slice(key)[i:i + 1][0]
 
     def labels(self) -> torch.Tensor:
-        return torch.cat([self._file(s).get_tensor("labels") for s in range(len(self.counts))])
+        return torch.cat([self._file(s).get_tensor("labels") for s in range(len(self.counts)) if self.counts[s]])
 
     @property
     def has_text(self) -> bool:

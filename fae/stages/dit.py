@@ -78,10 +78,14 @@ class DiTStage(TrainStage):
 def generator_record(cfg: Config, cache: LatentCache) -> dict[str, Any]:
     """What a generator bundle records besides its weights (read back by fae.sampling)."""
     m = cache.manifest
+    fae = m.get("fae")
     return {
         "latent_stats": cache.stats(),
+        # the FAE by identity (its weights' SHA-256), not by path: the bundle stays valid wherever files move;
+        # the cache path is provenance only, nothing loads through it
         "latents": {"cache": str(Path(cache.path).resolve()), "source": m["source"], "channels": m["channels"],
-                    "grid": m["grid"], "fae": m.get("fae"), "encoder": m.get("encoder")},
+                    "grid": m["grid"], "fae": {"weights_sha256": fae["weights_sha256"]} if fae else None,
+                    "encoder": m.get("encoder")},
         "transport": to_dict(cfg.transport),
         "class_names": m.get("class_names"),
     }

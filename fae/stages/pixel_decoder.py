@@ -25,14 +25,14 @@ from torch.utils.data import Dataset
 
 from fae.config import ConfigError, from_dict
 from fae.data import DataConfig
-from fae.encoders import EncoderConfig, FrozenEncoder, reference_differences
-from fae.io import CONFIG_NAME, atomic_save_safetensors, read_bundle_config
+from fae.encoders import EncoderConfig, FrozenEncoder
+from fae.io import atomic_save_safetensors, check_same_encoder, read_bundle_config, require_bundle
 from fae.losses import PatchDiscriminator, PixelLoss, PixelLossConfig
 from fae.metrics.recon import psnr
 from fae.models.autoencoder import FeatureAutoEncoder
 from fae.models.pixel_decoder import FeatureNoise, PixelDecoder, PixelDecoderConfig, scaled_noise_sigma
 from fae.pipeline import FAE
-from fae.stages.autoencoder import features_dataset
+from fae.stages.autoencoder import check_held_out_split, features_dataset
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
 
@@ -92,17 +92,6 @@ class Config:
         return self.fae is not None
 
 
-def bundle_dir(path: str | Path, name: str) -> Path:
-    """A run folder's `<name>/` bundle, or `path` itself when it is a bundle."""
-    path = Path(path)
-    if (path / name / CONFIG_NAME).is_file():
-        return path / name
-    if (path / CONFIG_NAME).is_file():
-        return path
-    raise FileNotFoundError(f"{path}: neither a {name} bundle nor a run folder holding {name}/{CONFIG_NAME} "
-                            "(did that run finish?)")
-
-
 def encoder_feature_fn(encoder: FrozenEncoder):
     """Images -> encoder tokens WITH gradients to the images (FrozenEncoder.forward has none), for the perceptual
     loss. Same resize and normalisation as the encoder, without its [0, 1] check: decoder outputs may overshoot."""
@@ -125,11 +114,11 @@ class PixelDecoderStage(TrainStage):
         self.init_from: Path | None = None
         decoder_cfg = cfg.decoder
         if cfg.finetuning:
-            fae_dir = bundle_dir(cfg.fae, "fae")  # type: ignore[arg-type]
+            fae_dir = require_bundle(cfg.fae, "fae", classes=["FeatureAutoEncoder"])  # type: ignore[arg-type]
             self._check_reference(fae_dir)
             self.fae = FeatureAutoEncoder.from_pretrained(fae_dir).eval().requires_grad_(False)
         if cfg.finetune_from is not None:
-            self.init_from = bundle_dir(cfg.finetune_from, "pixel_decoder")
+            self.init_from = require_bundle(cfg.finetune_from, "pixel_decoder", classes=["PixelDecoder"])
             self._check_reference(self.init_from)
             gaussian = PixelDecoder.from_pretrained(self.init_from)
             bundled = gaussian.config
@@ -160,17 +149,14 @@ class PixelDecoderStage(TrainStage):
         self._decoder_raw, self._disc_raw = decoder, disc
         self.noise = FeatureNoise(0.0)
         self.feature_rms: float | None = None
+        self._generated: dict[int, torch.Tensor] = {}   # this step's decoder outputs, by id of their target images
+        self._generated_step = -1
         self._dataset: Dataset | None = None
 
     # -- checks -------------------------------------------------------------------------------------------------
     def _check_reference(self, bundle: Path) -> None:
-        ref = read_bundle_config(bundle).get("encoder")
-        if ref is None:
-            raise ConfigError(f"{bundle}: the bundle does not record which frozen encoder it belongs to")
-        differs = reference_differences(ref, self.encoder.reference())
-        if differs:
-            raise ConfigError(f"{bundle} was trained on another frozen encoder than encoder: {self.encoder.reference()} "
-                              f"(differs in {differs})")
+        check_same_encoder(read_bundle_config(bundle).get("encoder"), self.encoder.reference(), str(bundle),
+                           f"encoder: {self.encoder.reference()}")
 
     def _check_shapes(self, dec: PixelDecoderConfig) -> None:
         if dec.in_dim != self.encoder.dim or dec.num_tokens != self.encoder.num_tokens:
@@ -204,6 +190,9 @@ class PixelDecoderStage(TrainStage):
         self.pixel_loss.to(device)
         if self.fae is not None:
             self.fae.to(device)
+
+    def preflight(self) -> None:
+        check_held_out_split(self.cfg)
 
     def train_dataset(self) -> Dataset:
         if self._dataset is None:
@@ -254,13 +243,18 @@ class PixelDecoderStage(TrainStage):
     def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         target = batch["image"]
         if group == "disc":
-            fake = batch.get("_fake")
-            if fake is None:  # the generator pass did not run on this batch
+            fake = self._generated.get(id(target)) if self._generated_step == step else None
+            if fake is None:  # the generator pass did not run on this micro-batch (its group was inactive)
                 with torch.no_grad():
                     fake = self._decoder_raw(self.decoder_input(batch))
             return self.pixel_loss.discriminator_loss(self.modules["disc"], target, fake)
         pred = self.modules["decoder"](self.decoder_input(batch))
-        batch["_fake"] = pred.detach()  # reused by the discriminator pass of the same step
+        if "disc" in self.modules:
+            # the discriminator pass of the same step (the trainer runs the groups in order over the same micro-batch
+            # objects) scores these images instead of decoding again; keyed by the micro-batch's image tensor
+            if self._generated_step != step:
+                self._generated, self._generated_step = {}, step
+            self._generated[id(target)] = pred.detach()
         # x is exactly the encoder's features of the target image (same preprocessing when no resize is needed;
         # with a resize they differ only by the clamp of bicubic overshoot), which saves one encoder forward
         loss, logs = self.pixel_loss.generator_loss(pred, target, step, self._disc_raw, self._decoder_raw.last_layer,
@@ -289,10 +283,11 @@ class PixelDecoderStage(TrainStage):
             atomic_save_safetensors(modules["disc"].state_dict(), out_dir / "discriminator.safetensors")
         if self.fae is not None:
             FAE(self.encoder, self.fae, decoder).save_pretrained(out_dir / "fae_pipeline")
-        if self.cfg.eval.limit != 0:
-            scores = evaluate_stage(self, decoder, out_dir)
-            summary = ", ".join(f"{k}: PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}" for k, v in scores["decoders"].items())
-            print(f"held-out ({scores['split']}, {scores['images']} images): {summary}")
+
+    def evaluate(self, out_dir: Path, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
+        if self.cfg.eval.limit == 0:
+            return None
+        return evaluate_stage(self, modules["decoder"], out_dir)  # type: ignore[arg-type]
 
 
 def evaluate_stage(stage: Any, decoder: PixelDecoder, out_dir: Path) -> dict[str, Any]:
@@ -326,7 +321,7 @@ def components(cfg: Config) -> dict[str, nn.Module]:
     if decoder_cfg is None:  # fine-tuning: the architecture is the Gaussian decoder's
         if cfg.finetune_from is None:
             raise ConfigError("this config takes its decoder from --finetune-from (finetune_from=...); give it")
-        record = read_bundle_config(bundle_dir(cfg.finetune_from, "pixel_decoder"))
+        record = read_bundle_config(require_bundle(cfg.finetune_from, "pixel_decoder", classes=["PixelDecoder"]))
         decoder_cfg = from_dict(PixelDecoderConfig, record["config"], "decoder")
     parts: dict[str, nn.Module] = {"pixel decoder": PixelDecoder(decoder_cfg)}
     if cfg.losses.use_gan:
