@@ -29,7 +29,7 @@ TEXT_PROFILES: dict[str, dict[str, Any]] = {
     "default": {
         "emoji": 128, "fashion": 1600,
         "fae": ["train.steps=300"], "pixel-decoder": ["train.steps=300"], "finetune": ["train.steps=100"],
-        "mmdit": ["train.steps=800"], "prompts": {"emoji": 10, "fashion": 10}, "per_prompt": 8, "sample_steps": 25,
+        "mmdit": [], "prompts": {"emoji": 10, "fashion": 10}, "per_prompt": 8, "sample_steps": 25,
         "guidance": {"paper (1.5 on t in [0, 0.9])": "paper-text", "strong (4.0 on t in [0, 0.9])": "0-0.9:4.0"},
     },
     "quick": {
