@@ -187,8 +187,9 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
     if sampler.guidance.active and ys is None:
         raise ConfigError("guidance needs a conditional model")
     if sampler.guidance.active and not gen.supports_guidance:
-        raise ConfigError("this model was trained without label or caption dropout: it has no unconditional "
-                          "branch for classifier-free guidance; sample with guidance 'none'")
+        raise ConfigError("this model was trained without label dropout (class_dropout=0) or caption dropout "
+                          "(caption_dropout=0): it has no unconditional branch for classifier-free guidance; sample "
+                          "with guidance 'none'")
     rank, world = D.rank(), D.world_size()
     chunks = [range(k * batch_size, min(num_samples, (k + 1) * batch_size))
               for k in range(math.ceil(num_samples / batch_size))]
