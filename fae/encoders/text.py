@@ -13,10 +13,9 @@ latent cache stores: "text_tokens", "text_mask", "text_pooled".
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence, get_args
+from typing import Any, Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +90,7 @@ class TextEncoder(nn.Module):
         path = Path(source).expanduser()
         if path.exists() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a transformers model folder (config.json is missing)")
-        with _quiet_transformers(), _no_progress_bars():
+        with _quiet_transformers():
             hf_config = transformers.AutoConfig.from_pretrained(source, revision=cfg.revision)
             found = _MODEL_TYPES.get(hf_config.model_type)
             if found != cfg.kind:
@@ -143,20 +142,6 @@ class TextEncoder(nn.Module):
         return {"text_tokens": tokens * mask[..., None], "text_mask": mask, "text_pooled": pooled}
 
     encode = forward
-
-
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """transformers draws a weight-loading bar per model; a frozen encoder loads silently."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def save_tiny_text_encoder(kind: str, directory: str | Path, hidden_size: int = 32, num_layers: int = 1,
