@@ -12,15 +12,16 @@ from torch.utils.data import Dataset
 from fae import distributed as D
 from fae.data import build_dataset
 from fae.data.features import FeatureCache, dataset_signature
-from fae.data.latents import CachedFeatureRows, EncodeOptions, encode_dataset, make_latent_fn
-from fae.encoders import EncoderConfig, FrozenEncoder
+from fae.data.latents import TEXT_NULL, CachedFeatureRows, EncodeOptions, encode_dataset, make_latent_fn
+from fae.encoders import EncoderConfig, FrozenEncoder, TextEncoder, TextEncoderConfig
 from fae.io import WEIGHTS_NAME, check_same_encoder, file_sha256, read_bundle_config, resolve_pretrained
 from fae.models.autoencoder import FeatureAutoEncoder
 
 
 def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None, encoder: Any | None = None,
                    split: str | None = None, options: EncodeOptions | None = None, device: str = "auto",
-                   progress: bool = True, feature_cache: str | Path | None = None) -> Path:
+                   progress: bool = True, feature_cache: str | Path | None = None,
+                   text_encoder: Any | None = None) -> Path:
     """`fae encode`: the data set of `data` (a DataConfig or a Dataset) through the frozen encoder and the FAE
     bundle `fae` into a latent cache at `out_dir`.
 
@@ -28,6 +29,8 @@ def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None
     is given. With `options.source="raw_features"` no FAE is used (but its bundle may still name the encoder).
     `feature_cache`: a feature cache of the same encoder and data set (fae.data.features, e.g. the one stage 1
     wrote); its features are used instead of running the encoder again.
+    `text_encoder` (a TextEncoderConfig or a TextEncoder): `data` is a caption data set (fae.data.captions) and the
+    captions' text embeddings are cached with the latents, for `fae train mmdit`.
     """
     opts = options or EncodeOptions()
     opts.validate()
@@ -73,5 +76,12 @@ def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None
             raise ValueError(f"feature cache {feature_cache} holds no flipped features; encode with --no-flip or "
                              "without the cache")
         dataset = CachedFeatureRows(dataset, cache, opts.flip)
+    text_fn = None
+    if text_encoder is not None:
+        if isinstance(text_encoder, TextEncoderConfig):
+            text_encoder = TextEncoder.from_config(text_encoder)
+        text_encoder = text_encoder.to(dev)
+        record["text"] = {"encoder": text_encoder.reference(), "null": TEXT_NULL}
+        text_fn = text_encoder.encode
     latent_fn = make_latent_fn(encoder, fae_model, opts.source, tuple(encoder.grid), opts.store_std)
-    return encode_dataset(latent_fn, dataset, out_dir, opts, dev, record, progress)
+    return encode_dataset(latent_fn, dataset, out_dir, opts, dev, record, progress, text_fn=text_fn)

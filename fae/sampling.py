@@ -9,7 +9,8 @@ Reproducibility: sample i's starting noise (and SDE noise) comes from its own ge
 samples are processed in fixed chunks of `batch_size` consecutive indices, chunk k on process k mod W. So a run
 gives the same images with 1 or N processes (torchrun), and any sample can be regenerated alone.
 Labels: `equal` gives sample i the class i mod K (so N = multiple of K is exactly balanced, RAE's default for FID);
-`random` draws them from the seed.
+`random` draws them from the seed. A text generator takes `prompts` instead: sample i gets prompt i mod P, and the
+grid has one row per prompt.
 """
 from __future__ import annotations
 
@@ -161,9 +162,10 @@ class Samples:
 def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, labels: str | Sequence[int] = "equal",
              sampler: SamplerConfig | None = None, batch_size: int = 64, device: str | torch.device = "cpu",
              progress: bool = True, gather: bool = True, precision: str = "auto",
-             resume_dir: str | Path | None = None) -> Samples:
+             prompts: Sequence[str] | None = None, resume_dir: str | Path | None = None) -> Samples:
     """Generate `num_samples` images. Under torchrun each process takes chunks k = rank, rank + W, ... and, with
     `gather`, rank 0 returns all of them in index order (other ranks return their own part).
+    A text generator (`gen.condition_kind == "text"`) needs `prompts`; `labels` then holds each sample's prompt id.
     `precision` (auto | fp32 | bf16, fae.precision) sets the model's autocast; the integration stays float32.
     With `resume_dir`, each finished chunk is kept there, and a run with the same settings that was interrupted
     takes its finished chunks from it instead of sampling them again (sample i depends only on (seed, i))."""
@@ -178,12 +180,18 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
     sampler.validate()
     if num_samples < 1 or batch_size < 1:
         raise ValueError("num_samples and batch_size must be positive")
-    ys = make_labels(labels, num_samples, gen.num_classes, seed)
+    text = gen.condition_kind == "text"
+    if text and not prompts:
+        raise ConfigError("this generator is text-conditional: give prompts (--prompt / --prompts)")
+    if prompts and not text:
+        raise ConfigError("this generator takes no prompts (it is class-conditional or unconditional)")
+    ys = torch.arange(num_samples) % len(prompts) if text else make_labels(labels, num_samples, gen.num_classes, seed)
     if sampler.guidance.active and ys is None:
-        raise ConfigError("guidance needs a class-conditional model")
+        raise ConfigError("guidance needs a conditional model")
     if sampler.guidance.active and not gen.supports_guidance:
-        raise ConfigError("this model was trained without label dropout (class_dropout=0): it has no unconditional "
-                          "branch for classifier-free guidance; sample with guidance 'none'")
+        raise ConfigError("this model was trained without label dropout (class_dropout=0) or caption dropout "
+                          "(caption_dropout=0): it has no unconditional branch for classifier-free guidance; sample "
+                          "with guidance 'none'")
     rank, world = D.rank(), D.world_size()
     chunks = [range(k * batch_size, min(num_samples, (k + 1) * batch_size))
               for k in range(math.ceil(num_samples / batch_size))]
@@ -194,7 +202,7 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
     shape = gen.latent_shape
     settings = {"num_samples": num_samples, "seed": seed, "labels": labels if isinstance(labels, str) else list(labels),
                 "batch_size": batch_size, "precision": choice.as_dict(), "sampler": to_dict(sampler),
-                **gen.settings(sampler)}
+                **({"prompts": list(prompts)} if text else {}), **gen.settings(sampler)}
     done = _ChunkStore(resume_dir, settings) if resume_dir is not None else None
     for chunk in mine:
         idx = list(chunk)
@@ -202,7 +210,7 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
         if kept is None:
             gens = sample_generators(seed, idx)
             noise = initial_noise((len(idx), *shape), gens, device)
-            y = ys[idx].to(device) if ys is not None else None
+            y = [prompts[i] for i in ys[idx]] if text else (ys[idx].to(device) if ys is not None else None)
             with choice.autocast():
                 kept = to_uint8(decode(gen.sample(noise, y, sampler, gens)))
             if done is not None:
@@ -307,7 +315,8 @@ def write_samples(out_dir: str | Path, samples: Samples, class_names: Sequence[s
 def sample_to_dir(gen: Generator, decode: Decoder, out_dir: str | Path, num_samples: int, seed: int = 0,
                   labels: str | Sequence[int] = "equal", sampler: SamplerConfig | None = None, batch_size: int = 64,
                   device: str | torch.device = "cpu", progress: bool = True, grid: bool = True, pngs: bool = True,
-                  npz: bool = True, per_row: int = 10, precision: str = "auto") -> dict[str, str]:
+                  npz: bool = True, per_row: int = 10, precision: str = "auto",
+                  prompts: Sequence[str] | None = None) -> dict[str, str]:
     """`fae sample`: generate and write the outputs. Under torchrun every process writes its own PNGs and a part
     file; rank 0 merges the parts in index order into `samples.npz` and the grid (through the disk, not memory
     gathers, so 50k samples at 256 px work on any backend)."""
@@ -317,9 +326,10 @@ def sample_to_dir(gen: Generator, decode: Decoder, out_dir: str | Path, num_samp
     out.mkdir(parents=True, exist_ok=True)
     chunks = out / ".chunks"   # finished chunks: a killed run, started again, samples only what is missing
     part = generate(gen, decode, num_samples, seed, labels, sampler, batch_size, device, progress, gather=False,
-                    precision=precision, resume_dir=chunks)
+                    precision=precision, prompts=prompts, resume_dir=chunks)
+    row_names = list(prompts) if prompts else gen.class_names   # a grid row per class, or per prompt
     if D.world_size() == 1:
-        written = write_samples(out, part, gen.class_names, grid, pngs, npz, per_row)
+        written = write_samples(out, part, row_names, grid, pngs, npz, per_row)
         shutil.rmtree(chunks, ignore_errors=True)
         return written
     rank = D.rank()
@@ -343,7 +353,7 @@ def sample_to_dir(gen: Generator, decode: Decoder, out_dir: str | Path, num_samp
         merged = Samples(np.concatenate([p["images"] for p in loaded])[order],
                          np.concatenate([p["labels"] for p in loaded])[order] if "labels" in loaded[0] else None,
                          idx[order], part.settings)
-        written = write_samples(out, merged, gen.class_names, grid, pngs=False, npz=npz, per_row=per_row)
+        written = write_samples(out, merged, row_names, grid, pngs=False, npz=npz, per_row=per_row)
         if pngs:
             written["pngs"] = str(out / "images")
         for f in files:

@@ -149,13 +149,20 @@ class GuidanceSchedule:
         return cls([GuidanceInterval(0.9, 1.0, 0.9), GuidanceInterval(0.0, 0.7, 2.5)])
 
     @classmethod
+    def paper_text(cls) -> GuidanceSchedule:
+        """Text-to-image (App. D, MMDiT columns): 1.5 on t in [0, 0.9], none above."""
+        return cls([GuidanceInterval(0.0, 0.9, 1.5)])
+
+    @classmethod
     def parse(cls, text: str) -> GuidanceSchedule:
-        """'none' | 'paper' | '2.5' (all t) | 't_min-t_max:scale,...' e.g. '0.9-1:0.9,0-0.7:2.5'."""
+        """'none' | 'paper' | 'paper-text' | '2.5' (all t) | 't_min-t_max:scale,...' e.g. '0.9-1:0.9,0-0.7:2.5'."""
         text = text.strip().lower()
         if text in ("none", "", "1", "1.0"):
             return cls()
         if text == "paper":
             return cls.paper()
+        if text == "paper-text":
+            return cls.paper_text()
         try:
             return cls.constant(float(text))
         except ValueError:
@@ -185,7 +192,9 @@ class GuidanceSchedule:
 
 
 class GuidedVelocity:
-    """Wraps a class-conditional velocity model `model(x, t, y)` (y=None: unconditional) with CFG.
+    """Wraps a conditional velocity model `model(x, t, y)` (y=None: unconditional) with CFG. `y` is class ids, or a
+    structured condition (MMDiT's text) that concatenates itself (`y.cat(other)`) with the model's
+    `null_condition(batch)` in concat mode.
 
     `batch="concat"` runs the conditional and unconditional halves as one batch (best on GPU); "separate" runs two
     calls (on small CPUs two calls were faster at large batch; docs/diffusion.md has the measurement).
@@ -197,7 +206,7 @@ class GuidedVelocity:
         if null_class is None:
             null_class = getattr(getattr(model, "config", None), "null_class", None)
         self.null_class = null_class
-        if self.guidance.active and self.batch == "concat" and null_class is None:
+        if self.guidance.active and self.batch == "concat" and null_class is None and not hasattr(model, "null_condition"):
             raise ValueError("concat guidance needs the model's null class id; pass null_class=")
 
     def __call__(self, x: torch.Tensor, t: float, y: torch.Tensor | None) -> torch.Tensor:
@@ -206,8 +215,11 @@ class GuidedVelocity:
         if y is None or scale == 1.0:
             return self.model(x, tt, y)
         if self.batch == "concat":
-            null = torch.full_like(y, self.null_class)
-            v_cond, v_uncond = self.model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).chunk(2)
+            if isinstance(y, torch.Tensor):
+                both = torch.cat([y, torch.full_like(y, self.null_class)])
+            else:
+                both = y.cat(self.model.null_condition(len(y)))
+            v_cond, v_uncond = self.model(torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2)
         else:
             v_cond, v_uncond = self.model(x, tt, y), self.model(x, tt, None)
         guided = v_uncond + scale * (v_cond - v_uncond)

@@ -17,6 +17,7 @@ STAGES: dict[str, str] = {
     "fae": "fae.stages.autoencoder",
     "pixel-decoder": "fae.stages.pixel_decoder",
     "dit": "fae.stages.dit",
+    "mmdit": "fae.stages.mmdit",                # text-to-image on a latent cache with text embeddings
     "encoder": "fae.stages.encoder",  # self-supervised pretraining of the demo encoder
 }
 
