@@ -61,6 +61,8 @@ DOCUMENTED = [
      "--guidance paper", ["-n", "4", "--steps", "2"]),
     ("docs/flow.md", "fae train flow --config configs/demo/flow.yaml --out runs/demo/flow",
      ["train.steps=2", "train.batch_size=16", "holdout=16"]),
+    ("docs/diffusion.md", "fae sample --pipeline runs/demo/pipeline --out samples -n 1000 --guidance paper",
+     ["-n", "4", "--steps", "2"]),
     ("docs/evaluation.md", "fae eval probe --encoder runs/demo/encoder",
      ["--train-limit", "64", "--test-limit", "32", "--epochs", "1", "--out", "{out}/probe.json"]),
     ("docs/evaluation.md", "fae eval probe --fae runs/demo/fae/fae --config configs/demo/fae.yaml --train-limit 20000",

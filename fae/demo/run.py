@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from fae.demo.report import step_report
-from fae.demo.steps import CONFIG_DIR, FLOW_STEPS, PREREQUISITES, STEPS, DemoContext
+from fae.demo.steps import CONFIG_DIR, FLOW_STEPS, PREREQUISITES, STEPS, DemoContext, Step
+from fae.demo.text import TEXT_STEPS, step_text_report
 from fae.io import atomic_write_text
 
 # What each step took on the reference machine (2 cores, AVX2 emulated with ATEN_CPU_CAPABILITY=avx2
@@ -21,6 +22,12 @@ REFERENCE_SECONDS: dict[str, dict[str, float]] = {
                 "dit-raw": 59.7, "classifier": 0.1, "samples": 56.5, "probe": 26.4, "report": 3.0},
     "quick": {"encoder": 0.1, "fae": 4.7, "pixel-decoder": 1.5, "finetune": 1.5, "latents": 1.3, "dit": 0.5,
               "dit-raw": 0.7, "classifier": 0.1, "samples": 2.0, "probe": 2.4, "report": 1.4},
+    # `fae demo --text` (fae.demo.text): measured on an AVX512 machine shared with other jobs (one thread, bf16),
+    # divided by its calibration slowdown (2.5x)
+    "text": {"encoder": 0.1, "text-data": 5.4, "fae": 18.8, "pixel-decoder": 10.4, "finetune": 8.2,
+             "text-latents": 8.6, "mmdit": 97.4, "text-samples": 23.2, "report": 1.0},
+    "text-quick": {"encoder": 0.1, "text-data": 4.0, "fae": 3.0, "pixel-decoder": 1.5, "finetune": 1.5,
+                   "text-latents": 6.0, "mmdit": 1.0, "text-samples": 6.0, "report": 1.0},
 }
 # `fae demo --flow`'s own steps on the reference machine (AVX2 emulated, fp32, quiet; docs/flow.md): training from the
 # measured step times (72 and 116 ms, interleaved with the DiT calibration step at 47 ms) x 800 steps; sampling timed.
@@ -29,7 +36,7 @@ FLOW_REFERENCE_SECONDS: dict[str, dict[str, float]] = {
     "quick": {"flow": 0.5, "flow-raw": 0.5, "flow-samples": 2.0},
 }
 REFERENCE_CALIBRATION = 0.090  # seconds per calibration step on the reference machine
-BUDGET_SECONDS = {"default": 600.0, "quick": 120.0, "flow": 300.0}
+BUDGET_SECONDS = {"default": 600.0, "quick": 120.0, "flow": 300.0, "text": 300.0, "text-quick": 120.0}
 
 
 def calibration_step_seconds(steps: int = 3) -> float:
@@ -87,17 +94,20 @@ class Forecast:
         return self.factor() * sum(self.reference.get(s, 0.0) for s in steps)
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = False, progress: bool = True,
-             precision: str = "auto", from_scratch: bool = False, flow: bool = False) -> Path:
+def run_demo(out: str | Path | None = None, quick: bool = False, fresh: bool = False, progress: bool = True,
+             precision: str = "auto", from_scratch: bool = False, text: bool = False,
+             flow: bool = False) -> Path:
     """Run every demo step that is not done yet; returns the report path. `precision` is what `auto` means for
-    every stage, the encoder and sampling (default: chosen from the hardware, fae.precision). `flow`: instead of the
-    DiT steps, the STARFlow comparison (its own budget) after the steps it needs; the report shows every finished
-    step of the folder, so `fae demo` then `fae demo --flow` gives one report with both."""
+    every stage, the encoder and sampling (default: chosen from the hardware, fae.precision). `text`: the
+    text-to-image demo (fae.demo.text) instead of the class-conditional one. Default folders: runs/demo,
+    runs/demo-quick, runs/demo-text, runs/demo-text-quick. `flow`: instead of the DiT steps, the STARFlow comparison (its
+    own budget) after the steps it needs; the report shows every finished step of the folder, so `fae demo` then
+    `fae demo --flow` gives one report with both."""
     from fae.precision import PRECISIONS, resolve_precision
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, not {precision!r}")
-    out = Path(out)
+    out = Path(out) if out is not None else Path("runs/demo" + ("-text" if text else "") + ("-quick" if quick else ""))
     if quick and out == Path("runs/demo"):
         out = Path("runs/demo-quick")
     if fresh and out.exists():
@@ -107,8 +117,14 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     if precision != "auto":
         os.environ["FAE_PRECISION"] = precision
     try:
-        return _run_steps(DemoContext(out=out, quick=quick, progress=progress, from_scratch=from_scratch),
-                          resolve_precision("auto", "cpu"), flow)
+        ctx = DemoContext(out=out, quick=quick, progress=progress, from_scratch=from_scratch)
+        if text:
+            return _run_steps(ctx, resolve_precision("auto", "cpu"), TEXT_STEPS, step_text_report,
+                              "text-quick" if quick else "text")
+        if flow:
+            return _run_steps(ctx, resolve_precision("auto", "cpu"),
+                              [s for s in STEPS if s.name in PREREQUISITES] + FLOW_STEPS, flow=True)
+        return _run_steps(ctx, resolve_precision("auto", "cpu"))
     finally:
         if saved_env is None:
             os.environ.pop("FAE_PRECISION", None)
@@ -116,12 +132,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
             os.environ["FAE_PRECISION"] = saved_env
 
 
-def _run_steps(ctx: DemoContext, choice: Any, flow: bool = False) -> Path:
-    out, profile = ctx.out, "quick" if ctx.quick else "default"
-    steps = [s for s in STEPS if s.name in PREREQUISITES] + FLOW_STEPS if flow else STEPS
-    for step in STEPS + FLOW_STEPS:  # earlier runs' results, for the report
-        if (out / step.name / "done.json").is_file():
-            ctx.results[step.name] = json.loads((out / step.name / "done.json").read_text())
+def _run_steps(ctx: DemoContext, choice: Any, steps: list[Step] = STEPS, report_fn: Any = step_report,
+               profile: str | None = None, flow: bool = False) -> Path:
+    out, profile = ctx.out, profile or ("quick" if ctx.quick else "default")
+    if report_fn is step_report:  # earlier runs' results (DiT and flow), for the report
+        for step in STEPS + FLOW_STEPS:
+            if (out / step.name / "done.json").is_file():
+                ctx.results[step.name] = json.loads((out / step.name / "done.json").read_text())
     todo = [s.name for s in steps if not (out / s.name / "done.json").is_file()] + ["report"]
     forecast = Forecast(profile, calibration_step_seconds(), flow)
     estimate = forecast.left(todo)
@@ -142,6 +159,7 @@ def _run_steps(ctx: DemoContext, choice: Any, flow: bool = False) -> Path:
         marker = out / step.name / "done.json"
         head = f"[demo {number}/{len(steps)}] {step.title}"
         if marker.is_file():
+            ctx.results[step.name] = json.loads(marker.read_text())
             print(f"{head}: done before ({ctx.results[step.name].get('seconds', 0):.1f} s), skipped", flush=True)
             continue
         print(f"{head} ...", flush=True)
@@ -155,7 +173,7 @@ def _run_steps(ctx: DemoContext, choice: Any, flow: bool = False) -> Path:
         todo.remove(step.name)
         print(f"{head}: {info['seconds']:.1f} s; {_minutes(time.time() - begin)} so far, about "
               f"{_minutes(forecast.left(todo))} left", flush=True)
-    report = Path(step_report(ctx)["report"])
+    report = Path(report_fn(ctx)["report"])
     print(f"[demo] finished in {time.time() - begin:.0f} s; report: {report.resolve()}", flush=True)
     return report
 

@@ -40,14 +40,14 @@ class Config:
 
 
 def check_model_matches_cache(model: Any, cache: LatentCache) -> None:
-    """A generator config (DiT, STARFlow: in_channels, input_size, num_classes) fits the latent cache."""
+    """A DiT, MMDiT or STARFlow config against the latents it will train on."""
     if model.in_channels != cache.channels:
         raise ConfigError(f"model.in_channels={model.in_channels} but the latents in {cache.path} have "
                           f"{cache.channels} channels; set model.in_channels={cache.channels}")
     if tuple(model.input_size) != tuple(cache.grid):
         raise ConfigError(f"model.input_size={list(model.input_size)} but the latents in {cache.path} are "
                           f"{list(cache.grid)}; set model.input_size={list(cache.grid)}")
-    if model.num_classes < cache.num_classes:
+    if getattr(model, "num_classes", cache.num_classes) < cache.num_classes:  # (text models have no classes)
         raise ConfigError(f"model.num_classes={model.num_classes} but the latent cache has {cache.num_classes} "
                           f"classes; set model.num_classes={cache.num_classes}")
 
@@ -84,10 +84,14 @@ def cache_record(cache: LatentCache) -> dict[str, Any]:
     """What every generator bundle records of the latents it was trained on: their statistics, where they came
     from (FAE weights hash, encoder) and the class names."""
     m = cache.manifest
+    fae = m.get("fae")
     return {
         "latent_stats": cache.stats(),
+        # the FAE by identity (its weights' SHA-256), not by path: the bundle stays valid wherever files move;
+        # the cache path is provenance only, nothing loads through it
         "latents": {"cache": str(Path(cache.path).resolve()), "source": m["source"], "channels": m["channels"],
-                    "grid": m["grid"], "fae": m.get("fae"), "encoder": m.get("encoder")},
+                    "grid": m["grid"], "fae": {"weights_sha256": fae["weights_sha256"]} if fae else None,
+                    "encoder": m.get("encoder")},
         "class_names": m.get("class_names"),
     }
 
