@@ -1,16 +1,17 @@
-"""Golden files for the metric networks: reference outputs of pytorch-fid's Inception and of the `lpips` package.
+"""Golden files for the metric networks: reference outputs of pytorch-fid's and torch-fidelity's Inception and of the
+`lpips` package.
 
 Both references need torchvision, which does not install beside the torch pinned for fae (environment.md), so this
 script runs once, from a separate environment, and writes kilobyte fixtures to tests/data/; the suite
 (tests/test_golden_metrics.py) then checks fae's networks against them offline:
 
     python3 -m venv /tmp/refenv
-    /tmp/refenv/bin/pip install torch==2.14.1 torchvision==0.29.1 pytorch-fid lpips safetensors scipy pyyaml
+    /tmp/refenv/bin/pip install torch==2.14.1 torchvision==0.29.1 pytorch-fid torch-fidelity lpips safetensors scipy pyyaml
     PYTHONPATH=. /tmp/refenv/bin/python benchmarks/golden_metrics.py
 
 Weights are random, rebuilt in the test from the seed recorded here (fae's `random_inception_state` and
 `random_lpips_state`), so no 91 MB / 500 MB file is committed. The same state dict is loaded into the reference:
-pytorch-fid's weight download is replaced by it, and lpips gets it as its backbone (`pnet_rand=True`, then loaded by
+pytorch-fid's weight download is replaced by it, torch-fidelity reads it from a file, and lpips gets it as its backbone (`pnet_rand=True`, then loaded by
 key) and its heads (`model_path`). Inputs are uint8 images chosen so that outputs differ between them (asserted here
 and in the test: a parity check on constant features proves nothing).
 """
@@ -55,7 +56,8 @@ def lpips_pairs(size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (base * 255).round().to(torch.uint8), (second * 255).round().to(torch.uint8)
 
 
-def inception_reference(images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+def pytorch_fid_reference(images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """pytorch-fid's pipeline (F.interpolate on [0, 1], 2x - 1) = fae's resize="pytorch"."""
     import pytorch_fid.inception as pfid
 
     state = random_inception_state(seed)
@@ -69,8 +71,28 @@ def inception_reference(images: torch.Tensor, seed: int) -> dict[str, torch.Tens
     with torch.no_grad():
         pool = pool_net(x)[0].flatten(1)
         logits = full(2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1)
-    spatial = captured[0][:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)  # TF's (h, w, c) order
-    return {"pool": pool, "logits": logits - full.fc.bias, "spatial": spatial}
+    return {"pool": pool, "logits": logits - full.fc.bias, "spatial": _spatial(captured[0])}
+
+
+def torch_fidelity_reference(images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """torch-fidelity's `inception-v3-compat` (TF-1 resize from uint8, (x - 128) / 128) = fae's resize="tf1"."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "weights.pth"
+        torch.save(random_inception_state(seed), path)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                          feature_extractor_weights_path=str(path))
+    captured = []
+    net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.append(o))
+    with torch.no_grad():
+        pool, logits = net(images)
+    return {"pool": pool, "logits": logits, "spatial": _spatial(captured[0])}
+
+
+def _spatial(branch1x1: torch.Tensor) -> torch.Tensor:
+    """TF node mixed_6/conv, first 7 channels, flattened in TF's (h, w, c) order: the ADM evaluator's sFID feature."""
+    return branch1x1[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
 
 
 def lpips_reference(net: str, first: torch.Tensor, second: torch.Tensor, seed: int) -> torch.Tensor:
@@ -105,11 +127,13 @@ def main() -> None:
     meta = {"seed": str(SEED), "torch": torch.__version__, "torchvision": version("torchvision")}
 
     images = golden_images(3, 32, SEED)
-    out = inception_reference(images, SEED)
-    for name, value in out.items():
-        assert spread(value) > 0.01, f"inception {name} barely differs between inputs ({spread(value):.2g})"
-    save_file({"images": images, **{k: v.contiguous() for k, v in out.items()}}, str(args.out / "inception_golden.safetensors"),
-              metadata={**meta, "reference": f"pytorch-fid {version('pytorch-fid')}", "resize": "pytorch"})
+    tensors = {"images": images}
+    for resize, reference in (("pytorch", pytorch_fid_reference), ("tf1", torch_fidelity_reference)):
+        for name, value in reference(images, SEED).items():
+            assert spread(value) > 0.01, f"inception {resize} {name} barely differs between inputs"
+            tensors[f"{resize}/{name}"] = value.contiguous()
+    references = f"pytorch: pytorch-fid {version('pytorch-fid')}; tf1: torch-fidelity {version('torch-fidelity')}"
+    save_file(tensors, str(args.out / "inception_golden.safetensors"), metadata={**meta, "reference": references})
 
     first, second = lpips_pairs(48, SEED)
     tensors = {"first": first, "second": second}

@@ -44,7 +44,7 @@ def M(id: str, file: str, old: str, new: str, tests: str, claim: str) -> Mutatio
 
 TR, TS, SC = "fae/training.py", "fae/transport.py", "tests/test_claims_training.py"
 SS = "tests/test_claims_sampling.py"
-INC, GOLD = "fae/metrics/inception.py", "tests/test_golden_metrics.py::test_inception_matches_pytorch_fid"
+INC, GOLD = "fae/metrics/inception.py", "tests/test_golden_metrics.py::test_inception_matches_the_reference"
 MUTATIONS: list[Mutation] = [
     # ---- the rows of issue 17's table
     M("ddp-off", TR, "if self.world > 1:\n            stage.modules", "if False:\n            stage.modules",
@@ -150,8 +150,10 @@ MUTATIONS: list[Mutation] = [
     M("inception-pytorch-resize-corners", INC, 'mode="bilinear", align_corners=False)',
       'mode="bilinear", align_corners=True)', GOLD, "pytorch-fid resize"),
     M("inception-tf1-norm", INC, "(resize_bilinear_tf1(x, INPUT_SIZE) - 128.0) / 128.0",
-      "(resize_bilinear_tf1(x, INPUT_SIZE) - 127.5) / 127.5", "tests/test_metrics_inception.py",
-      "TF-1 input scaling (x - 128) / 128"),
+      "(resize_bilinear_tf1(x, INPUT_SIZE) - 127.5) / 127.5", GOLD, "TF-1 input scaling (x - 128) / 128"),
+    M("inception-tf1-half-pixel", INC, "src = torch.arange(out, device=t.device, dtype=torch.float32) * torch",
+      "src = 0.5 + torch.arange(out, device=t.device, dtype=torch.float32) * torch", GOLD,
+      "TF-1 resize has no half-pixel offset"),
     M("network-pytorch-is-tf1", "fae/metrics/networks.py", 'InceptionNetwork(inception_weights, resize="pytorch"',
       'InceptionNetwork(inception_weights, resize="tf1"', f"{SS}::test_eval_is_command", "--network inception:pytorch"),
     M("is-cli-drops-split-size", "fae/cli/eval.py", "splits=args.splits, split_size=args.split_size)",

@@ -1,4 +1,5 @@
-"""fae's FID Inception and LPIPS against golden outputs of the reference packages (pytorch-fid, lpips).
+"""fae's FID Inception and LPIPS against golden outputs of the reference packages (torch-fidelity, pytorch-fid,
+lpips).
 
 The fixtures in tests/data/ were written by benchmarks/golden_metrics.py in a separate environment with torchvision;
 the weights are random and rebuilt here from the recorded seed, so the same state dict feeds both implementations.
@@ -33,16 +34,17 @@ def _assert_spread(x: torch.Tensor, at_least: float = 0.01) -> None:
             assert (rows[i] - rows[j]).abs().max() > at_least * rows.abs().max(), f"inputs {i} and {j} agree"
 
 
-def test_inception_matches_pytorch_fid(one_thread) -> None:
+@pytest.mark.parametrize("resize", ["tf1", "pytorch"])  # vs torch-fidelity (= the ADM evaluator) and pytorch-fid
+def test_inception_matches_the_reference(resize: str, one_thread) -> None:
     golden, meta = _golden("inception_golden.safetensors")
-    assert meta["resize"] == "pytorch" and meta["reference"].startswith("pytorch-fid")
-    net = FIDInceptionV3(resize="pytorch")
+    net = FIDInceptionV3(resize=resize)
     net.load_state_dict(random_inception_state(int(meta["seed"])))
     out = net(golden["images"])
     for kind in ("pool", "logits", "spatial"):
-        _assert_spread(golden[kind])
-        scale = golden[kind].abs().max()
-        torch.testing.assert_close(out[kind], golden[kind], rtol=0, atol=2e-5 * scale, msg=lambda m: f"{kind}: {m}")
+        expected = golden[f"{resize}/{kind}"]
+        _assert_spread(expected)
+        torch.testing.assert_close(out[kind], expected, rtol=0, atol=2e-5 * expected.abs().max(),
+                                   msg=lambda m: f"{resize} {kind}: {m}")
 
 
 @pytest.mark.parametrize("net", ["vgg", "alex"])
