@@ -10,10 +10,11 @@ script runs once, from a separate environment, and writes kilobyte fixtures to t
     PYTHONPATH=. /tmp/refenv/bin/python benchmarks/golden_metrics.py
 
 Weights are random, rebuilt in the test from the seed recorded here (fae's `random_inception_state` and
-`random_lpips_state`), so no 91 MB / 500 MB file is committed. The same state dict is loaded into the reference:
-pytorch-fid's weight download is replaced by it, torch-fidelity reads it from a file, and lpips gets it as its backbone (`pnet_rand=True`, then loaded by
-key) and its heads (`model_path`). Inputs are uint8 images chosen so that outputs differ between them (asserted here
-and in the test: a parity check on constant features proves nothing).
+`random_lpips_state`), so no 91 MB / 500 MB file is committed. The same state dict is loaded into each reference:
+pytorch-fid's weight download is replaced by it, torch-fidelity reads it from a file, and lpips gets it as its
+backbone (`pnet_rand=True`, then loaded by key) and its heads (`model_path`). Inputs are uint8 images chosen so
+that outputs differ between them (asserted here and in the test: a parity check on constant features proves
+nothing).
 """
 from __future__ import annotations
 

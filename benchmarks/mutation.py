@@ -241,7 +241,9 @@ def run_tests(repo: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
     except subprocess.TimeoutExpired:
         return "timeout", time.time() - t0, f"over {timeout:.0f} s"
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    last = lines[-1] if lines else proc.stderr.strip()[-200:]
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    last = (failed or [line for line in lines if " passed" in line or " failed" in line] or lines or [""])[-1]
+    last = last[:200] if last else proc.stderr.strip()[-200:]
     status = {0: "pass", 1: "fail"}.get(proc.returncode, "error")
     if proc.returncode in (2, 3, 4):  # interrupted / internal / usage: e.g. the mutant does not import
         status = "fail"
