@@ -117,6 +117,9 @@ MUTATIONS: list[Mutation] = [
       "tests/test_training.py::test_resume_is_exact", "resume from the newest checkpoint"),
     M("nan-step-applied", TR, "        if finite:\n            opt.step()", "        if True:\n            opt.step()",
       "tests/test_training.py::test_non_finite_loss_is_skipped_then_stops", "non-finite updates are skipped"),
+    M("images-skip-not-counted", "fae/data/images.py", "                self.skipped += 1\n", "                pass\n",
+      f"{SC}::test_image_folder_in_workers_replaces_corrupt_files_and_counts_per_process",
+      "corrupt images are counted (per process)"),
     # ---- io (checkpoints)
     M("atomic-write-in-place", "fae/io.py", "        write(Path(tmp))\n        os.replace(tmp, path)",
       "        write(path)\n        os.replace(tmp, path)", f"{SC}::test_atomic_write_leaves_no_half_file",

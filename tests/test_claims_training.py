@@ -235,3 +235,26 @@ def test_fae_stage_loss_uses_the_configured_kl_weight():
     assert kl_per_element > 0.01
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
 
+
+
+def test_image_folder_in_workers_replaces_corrupt_files_and_counts_per_process(tmp_path):
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from fae.data.images import ImageFolderDataset
+
+    for i in range(4):
+        Image.fromarray(torch.randint(0, 256, (20, 20, 3), dtype=torch.uint8).numpy()).save(tmp_path / f"{i}.png")
+    (tmp_path / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    batches = {}
+    for workers in (0, 2):
+        ds = ImageFolderDataset(tmp_path, image_size=16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the warning is raised inside each worker
+            batches[workers] = [b["image"] for b in DataLoader(ds, batch_size=2, num_workers=workers)]
+        # each process counts the corrupt files it met: the main process met it only without workers
+        assert ds.skipped == (1 if workers == 0 else 0)
+    assert [b.shape[0] for b in batches[2]] == [2, 2]     # batches stay full: the next readable image stands in
+    for a, b in zip(batches[0], batches[2]):
+        assert torch.equal(a, b)
+    assert torch.equal(batches[2][0][1], batches[2][1][0])  # item 1 (corrupt) = item 2
