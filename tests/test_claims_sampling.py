@@ -190,3 +190,11 @@ def test_eval_is_command(tmp_path, one_thread):
     got = run("gen", "--ref", str(tmp_path / "samples.npz"), "--metrics", "is", "--is-split-size", "3")
     assert got["is"] == pytest.approx(inception_score(logits["tf1"], split_size=3)[0], rel=1e-5)
     assert not math.isnan(got["is"])
+
+
+def test_logit_normal_times_center_on_the_mean():
+    from fae.transport import sample_time
+
+    cfg = TransportConfig(time_dist="logit_normal", logit_normal_mean=1.0, logit_normal_std=0.5, time_shift=1.0)
+    t = sample_time(20000, cfg, torch.Generator().manual_seed(0))
+    assert abs(float(t.median()) - 1 / (1 + math.exp(-1.0))) < 0.01   # sigmoid(mean): the median of the law
