@@ -88,7 +88,8 @@ MUTATIONS: list[Mutation] = [
     M("no-shift-in-training", TS, "return shift_time(t, cfg.time_shift) if cfg.shift_in_training else t",
       "return t", "tests/test_transport.py", "training times are shifted"),
     M("logit-normal-no-mean", TS, "t = torch.sigmoid(cfg.logit_normal_mean + cfg.logit_normal_std * n)",
-      "t = torch.sigmoid(cfg.logit_normal_std * n)", f"tests/test_transport.py {SS}::test_logit_normal_times_center_on_the_mean", "logit-normal time distribution"),
+      "t = torch.sigmoid(cfg.logit_normal_std * n)",
+      f"tests/test_transport.py {SS}::test_logit_normal_times_center_on_the_mean", "logit-normal time distribution"),
     M("guidance-open-interval", TS, "if iv.t_min <= t <= iv.t_max:", "if iv.t_min < t < iv.t_max:",
       "tests/test_transport.py", "guidance intervals are closed"),
     # ---- training
@@ -97,7 +98,8 @@ MUTATIONS: list[Mutation] = [
     M("cosine-ignores-min-lr", TR, "floor = cfg.min_lr / cfg.lr", "floor = 0.0",
       f"{SC}::test_lr_at_chosen_steps_follows_the_formula", "cosine ends at min_lr"),
     M("accum-unscaled", TR, "(loss / len(micro)).backward()", "loss.backward()",
-      f"tests/test_training.py::test_grad_accumulation_matches_full_batch {SC}::test_accumulated_gradient_is_the_full_batch_gradient",
+      f"tests/test_training.py::test_grad_accumulation_matches_full_batch "
+      f"{SC}::test_accumulated_gradient_is_the_full_batch_gradient",
       "grad accumulation = full batch"),
     M("ema-decay-swapped", TR, "e.lerp_(p.detach(), 1.0 - decay)", "e.lerp_(p.detach(), decay)",
       f"tests/test_training.py {SC}::test_ema_update_gives_the_new_weights_one_minus_decay", "EMA of the weights"),
