@@ -194,7 +194,8 @@ MUTATIONS: list[Mutation] = [
       "            factor = lower\n", "tests/test_metrics_frechet.py", "S1 = F^T F with F = L^T"),
     # ---- models
     M("dit-time-scale", "fae/models/dit.py", "args = 1000.0 * t.float()[:, None] * freqs[None]",
-      "args = t.float()[:, None] * freqs[None]", "tests/test_dit.py", "DiT time embedding of t in [0, 1] x 1000"),
+      "args = t.float()[:, None] * freqs[None]", "tests/test_claims_models.py",
+      "DiT time embedding of t in [0, 1] x 1000"),
     M("dit-no-label-dropout", "fae/models/dit.py",
       "drop = torch.rand(y.shape, generator=generator, device=y.device) < self.dropout",
       "drop = torch.zeros_like(y, dtype=torch.bool)", "tests/test_dit.py", "label dropout for CFG"),
