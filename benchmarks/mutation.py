@@ -202,7 +202,7 @@ MUTATIONS: list[Mutation] = [
     M("fae-kl-not-normalised", "fae/models/autoencoder.py", "kl = posterior.kl().mean() / posterior.mean[0].numel()",
       "kl = posterior.kl().mean()", f"{SC}::test_fae_stage_loss_uses_the_configured_kl_weight",
       "beta on per-element KL"),
-    M("rope-theta", "fae/nn.py", "theta: float = 10000.0", "theta: float = 100.0", "tests/test_dit.py tests/test_encoders.py",
+    M("rope-theta", "fae/nn.py", "theta: float = 10000.0", "theta: float = 100.0", "tests/test_claims_models.py",
       "2-D RoPE frequencies"),
     M("adaln-no-one-plus", "fae/nn.py", "return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)",
       "return x * scale.unsqueeze(1) + shift.unsqueeze(1)", "tests/test_dit.py tests/test_pixel_decoder.py",
