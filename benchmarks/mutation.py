@@ -97,7 +97,8 @@ MUTATIONS: list[Mutation] = [
     M("cfg-null-is-cond", TS, "null = torch.full_like(y, self.null_class)", "null = y", "tests/test_transport.py",
       "the unconditional half uses the null class"),
     M("sample-seed-ignores-index", TS, 'f"fae-sample:{seed}:{index}"', 'f"fae-sample:{seed}:0"',
-      "tests/test_transport.py tests/test_sample.py", "each sample has its own noise"),
+      f"tests/test_transport.py {SS}::test_each_sample_gets_its_own_noise_from_seed_and_index",
+      "each sample has its own noise"),
     # ---- training
     M("warmup-off-by-one", TR, "return (step + 1) / cfg.warmup_steps", "return step / cfg.warmup_steps",
       f"{SC}::test_lr_at_chosen_steps_follows_the_formula", "warm-up starts at lr / warmup_steps, not 0"),

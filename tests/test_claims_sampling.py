@@ -186,3 +186,13 @@ def test_logit_normal_times_center_on_the_mean():
     cfg = TransportConfig(time_dist="logit_normal", logit_normal_mean=1.0, logit_normal_std=0.5, time_shift=1.0)
     t = sample_time(20000, cfg, torch.Generator().manual_seed(0))
     assert abs(float(t.median()) - 1 / (1 + math.exp(-1.0))) < 0.01   # sigmoid(mean): the median of the law
+
+
+def test_each_sample_gets_its_own_noise_from_seed_and_index():
+    from fae.transport import initial_noise, sample_generators
+
+    batch = initial_noise((3, 2, 2, 2), sample_generators(7, [4, 5, 6]))
+    alone = initial_noise((1, 2, 2, 2), sample_generators(7, [5]))
+    assert torch.equal(batch[1], alone[0])                       # depends on (seed, index), not on the batch
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(batch[1], batch[2])
+    assert not torch.equal(alone, initial_noise((1, 2, 2, 2), sample_generators(8, [5])))  # nor on the index only
