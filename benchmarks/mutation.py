@@ -280,6 +280,15 @@ def run_tests(repo: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
     return status, time.time() - t0, last
 
 
+def _verdict(result: dict) -> str:
+    if not result["killed"]:
+        return "**survived**"
+    if result["status"] == "timeout":
+        return "killed (timeout)"
+    test = result["last"].removeprefix("FAILED ").removeprefix("ERROR ").split(" - ")[0]
+    return f"killed: `{test.split('::', 1)[-1]}`" if "::" in test else "killed"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", help="mutation ids to run")
@@ -325,9 +334,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"score": score, "killed": killed, "total": len(results), "survivors": survivors, "results": results}
     (args.out / "result.json").write_text(json.dumps(summary, indent=2))
-    rows = ["| mutation | file | claim | result | s |", "|---|---|---|---|---|"]
-    rows += [f"| `{r['id']}` | {r['file']} | {r['claim']} | {'killed' if r['killed'] else '**survived**'} "
-             f"({r['status']}) | {r['seconds']:.0f} |" for r in results]
+    rows = ["| mutation | file | claim | result (first failing test) |", "|---|---|---|---|"]
+    rows += [f"| `{r['id']}` | {r['file']} | {r['claim']} | {_verdict(r)} |" for r in results]
     (args.out / "result.md").write_text(f"Mutation score {killed}/{len(results)} = {score:.1%}\n\n" + "\n".join(rows) + "\n")
     print(f"written: {args.out / 'result.json'}, {args.out / 'result.md'}")
     return 0
