@@ -133,10 +133,10 @@ MUTATIONS: list[Mutation] = [
       "corrupt images are counted (per process)"),
     M("sampler-stride-one", TR, "            position += self.world\n", "            position += 1\n",
       "tests/test_training.py", "process r takes positions r, r+W, ..."),
-    M("ema-buffers-not-copied", TR, "            e.copy_(b)\n", "            pass\n", "tests/test_training.py",
-      "EMA copies buffers"),
+    M("ema-buffers-not-copied", TR, "            e.copy_(b)\n", "            pass\n",
+      f"tests/test_training.py {SC}::test_ema_copies_buffers", "EMA copies buffers"),
     M("resume-rank0-rng-everywhere", TR, "return rngs[self.rank] if self.rank < len(rngs) else rngs[0]",
-      "return rngs[0]", "tests/test_training.py tests/test_fae_stage.py::test_torchrun_two_processes",
+      "return rngs[0]", f"tests/test_training.py {SC}::test_two_process_resume_restores_each_process_rng",
       "each process resumes its own RNG state"),
     # ---- io (checkpoints)
     M("atomic-write-in-place", "fae/io.py", "        write(Path(tmp))\n        os.replace(tmp, path)",

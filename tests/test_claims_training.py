@@ -46,9 +46,10 @@ class Data(Dataset):
 class Stage(TrainStage):
     """A deterministic toy (no dropout); `on_loss(stage, batch, step)` lets a test look inside a step."""
 
-    def __init__(self, optim: OptimConfig | None = None, on_loss=None, loss_scale: float = 1.0) -> None:
+    def __init__(self, optim: OptimConfig | None = None, on_loss=None, loss_scale: float = 1.0,
+                 dropout: float = 0.0) -> None:
         torch.manual_seed(0)
-        self.modules = {"model": nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))}
+        self.modules = {"model": nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 3))}
         self.optim = optim or OptimConfig(lr=1e-2, schedule="constant")
         self.on_loss, self.loss_scale = on_loss, loss_scale
 
@@ -75,41 +76,55 @@ def _weights(stage: Stage) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in stage.modules["model"].state_dict().items()}
 
 
-def _ddp_rank(rank: int, port: int, out: Path) -> None:
-    """One of two forked processes: two optimizer steps of the toy at global batch 8 (4 per process)."""
+def _ddp_rank(rank: int, port: int, out: Path, dropout: float, steps: int, stop_at: int | None) -> None:
+    """One of two forked processes training the toy at global batch 8 (4 per process)."""
     torch.set_num_threads(1)  # as DataLoader workers do: a forked child must not reuse the parent's thread pool
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    trainer = Trainer(Stage(), _cfg(), out, progress=False)
-    trainer.fit()
+    trainer = Trainer(Stage(dropout=dropout), _cfg(steps=steps), out, progress=False)
+    trainer.fit(stop_at=stop_at)
     weights = {k: v.detach().clone() for k, v in trainer.raw["model"].state_dict().items()}  # unwrapped from DDP
     torch.save(weights, out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _two_processes(out: Path, dropout: float = 0.0, steps: int = 2, stop_at: int | None = None
+                   ) -> list[dict[str, torch.Tensor]]:
+    """Forked rather than torchrun: the children start at once with everything imported (DDP's first use imports
+    torch._dynamo, seconds on a busy machine: done here once, before the fork)."""
+    import torch._dynamo  # noqa: F401
 
-
-def test_two_process_step_equals_single_process_step(tmp_path):
-    # forked rather than torchrun: the children start in a fraction of a second with everything imported
-    ctx, port = multiprocessing.get_context("fork"), _free_port()
-    procs = [ctx.Process(target=_ddp_rank, args=(rank, port, tmp_path / "ddp")) for rank in (0, 1)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_ddp_rank, args=(rank, port, out, dropout, steps, stop_at)) for rank in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0, 0]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+def test_two_process_step_equals_single_process_step(tmp_path):
+    ranks = _two_processes(tmp_path / "ddp")
     single = Stage()
     Trainer(single, _cfg(), tmp_path / "single", progress=False).fit()
     expected = _weights(single)
     assert any(not torch.equal(v, Stage().modules["model"].state_dict()[k]) for k, v in expected.items())
-    for rank in (0, 1):
-        got = torch.load(tmp_path / "ddp" / f"rank{rank}.pt", weights_only=True)
+    for rank, got in enumerate(ranks):
         for k in expected:  # gradients averaged over both processes = the gradient of the whole batch
             torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank} {k}: {m}")
+
+
+def test_two_process_resume_restores_each_process_rng(tmp_path):
+    # dropout draws from each process's own RNG (seeded seed + rank): a resume must give each its own state back
+    straight = _two_processes(tmp_path / "straight", dropout=0.5, steps=4)
+    _two_processes(tmp_path / "resumed", dropout=0.5, steps=4, stop_at=2)
+    resumed = _two_processes(tmp_path / "resumed", dropout=0.5, steps=4)
+    for k, v in straight[0].items():
+        assert torch.equal(resumed[0][k], v) and torch.equal(resumed[1][k], v)
 
 
 def test_lr_at_chosen_steps_follows_the_formula(tmp_path):
@@ -295,3 +310,13 @@ def test_resume_starts_from_the_newest_checkpoint(tmp_path):
     stage = Stage(on_loss=lambda s, batch, step: steps.append(step))
     Trainer(stage, _cfg(steps=6, checkpoint_every=1, keep_checkpoints=3), tmp_path, progress=False).fit()
     assert steps == [3, 4, 5]   # no finished step is computed again
+
+
+def test_ema_copies_buffers():
+    from fae.training import EMA
+
+    model = nn.BatchNorm1d(3)
+    ema = EMA(model, decay=0.9)
+    model(torch.randn(8, 3) + 5.0)   # a training forward moves the running statistics
+    ema.update(model)
+    assert torch.equal(ema.module.running_mean, model.running_mean) and float(model.running_mean.mean()) > 0.1
