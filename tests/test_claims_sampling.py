@@ -196,3 +196,12 @@ def test_each_sample_gets_its_own_noise_from_seed_and_index():
     assert torch.equal(batch[1], alone[0])                       # depends on (seed, index), not on the batch
     assert not torch.equal(batch[0], batch[1]) and not torch.equal(batch[1], batch[2])
     assert not torch.equal(alone, initial_noise((1, 2, 2, 2), sample_generators(8, [5])))  # nor on the index only
+
+
+def test_generator_returns_latents_in_the_fae_space(generator):
+    # the untrained DiT predicts v = 0 (adaLN-Zero), so x0 is the noise; the generator de-normalises it with the
+    # latent statistics its bundle records (mean [0, 1], std [1, 2])
+    noise = torch.randn(2, 2, 2, 2)
+    z = generator.sample(noise, torch.tensor([0, 1]), SamplerConfig(method="euler", steps=2))
+    expected = noise * torch.tensor([1.0, 2.0]).view(1, 2, 1, 1) + torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)
+    torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-6)
