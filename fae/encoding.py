@@ -12,15 +12,16 @@ from torch.utils.data import Dataset
 from fae import distributed as D
 from fae.data import build_dataset
 from fae.data.features import FeatureCache, dataset_signature
-from fae.data.latents import CachedFeatureRows, EncodeOptions, encode_dataset, make_latent_fn
-from fae.encoders import EncoderConfig, FrozenEncoder
-from fae.io import WEIGHTS_NAME, file_sha256, read_bundle_config, reference_differences, resolve_pretrained
+from fae.data.latents import TEXT_NULL, CachedFeatureRows, EncodeOptions, encode_dataset, make_latent_fn
+from fae.encoders import EncoderConfig, FrozenEncoder, TextEncoder, TextEncoderConfig
+from fae.io import WEIGHTS_NAME, check_same_encoder, file_sha256, read_bundle_config, resolve_pretrained
 from fae.models.autoencoder import FeatureAutoEncoder
 
 
 def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None, encoder: Any | None = None,
                    split: str | None = None, options: EncodeOptions | None = None, device: str = "auto",
-                   progress: bool = True, feature_cache: str | Path | None = None) -> Path:
+                   progress: bool = True, feature_cache: str | Path | None = None,
+                   text_encoder: Any | None = None) -> Path:
     """`fae encode`: the data set of `data` (a DataConfig or a Dataset) through the frozen encoder and the FAE
     bundle `fae` into a latent cache at `out_dir`.
 
@@ -28,6 +29,8 @@ def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None
     is given. With `options.source="raw_features"` no FAE is used (but its bundle may still name the encoder).
     `feature_cache`: a feature cache of the same encoder and data set (fae.data.features, e.g. the one stage 1
     wrote); its features are used instead of running the encoder again.
+    `text_encoder` (a TextEncoderConfig or a TextEncoder): `data` is a caption data set (fae.data.captions) and the
+    captions' text embeddings are cached with the latents, for `fae train mmdit`.
     """
     opts = options or EncodeOptions()
     opts.validate()
@@ -53,6 +56,8 @@ def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None
     if isinstance(encoder, EncoderConfig):
         encoder = FrozenEncoder.from_config(encoder)
     encoder = encoder.to(dev).eval()
+    if fae is not None and "encoder" in bundle_record:
+        check_same_encoder(bundle_record["encoder"], encoder.reference(), f"FAE bundle {fae}", "the encoder given")
     if fae_model is not None and (tuple(fae_model.config.grid) != tuple(encoder.grid)
                                   or fae_model.config.feature_dim != encoder.dim):
         raise ValueError(f"the FAE bundle expects {list(fae_model.config.grid)} x {fae_model.config.feature_dim} "
@@ -66,12 +71,17 @@ def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None
         cache = FeatureCache(feature_cache)
         if cache.metadata.get("dataset") != json.dumps(dataset_signature(dataset), sort_keys=True):
             raise ValueError(f"feature cache {feature_cache} was built for another data set than the one to encode")
-        differs = reference_differences(cache.encoder, encoder.reference())
-        if differs:
-            raise ValueError(f"feature cache {feature_cache} was built with another encoder (differs in {differs})")
+        check_same_encoder(cache.encoder, encoder.reference(), f"feature cache {feature_cache}", "the encoder to encode with")
         if opts.flip and not cache.has_flips:
             raise ValueError(f"feature cache {feature_cache} holds no flipped features; encode with --no-flip or "
                              "without the cache")
         dataset = CachedFeatureRows(dataset, cache, opts.flip)
+    text_fn = None
+    if text_encoder is not None:
+        if isinstance(text_encoder, TextEncoderConfig):
+            text_encoder = TextEncoder.from_config(text_encoder)
+        text_encoder = text_encoder.to(dev)
+        record["text"] = {"encoder": text_encoder.reference(), "null": TEXT_NULL}
+        text_fn = text_encoder.encode
     latent_fn = make_latent_fn(encoder, fae_model, opts.source, tuple(encoder.grid), opts.store_std)
-    return encode_dataset(latent_fn, dataset, out_dir, opts, dev, record, progress)
+    return encode_dataset(latent_fn, dataset, out_dir, opts, dev, record, progress, text_fn=text_fn)

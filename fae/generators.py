@@ -3,8 +3,9 @@
 A generator turns starting noise and conditions (class labels now, prompts with MMDiT) into latents z (B,C,h,w) in
 the FAE latent space (de-normalised: the space the FAE decoder reads), with a sampler (step budget, guidance
 schedule, ODE or SDE) and per-sample random generators (so any sample can be regenerated alone). Its bundle
-records everything it needs: the latent statistics it was trained with, its transport settings, its class names,
-and where its latents came from. DiT implements it now; STARFlow and MMDiT implement the same class.
+records everything it needs: the latent statistics it was trained with, its transport settings, its class names
+(or text encoder), and where its latents came from. DiT and MMDiT implement it; STARFlow implements the same class.
+`condition_kind` says what `sample` takes: class ids, or a list of prompt strings (MMDiT).
 
     gen = load_generator("runs/dit")                 # a bundle or a finished run folder
     z = gen.sample(noise, labels, SamplerConfig(steps=50, guidance=GuidanceSchedule.paper()), generators)
@@ -13,14 +14,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
 from fae.config import ConfigError
 from fae.data.latents import denormalize
+from fae.encoders.text import TextEncoder, TextEncoderConfig
 from fae.io import find_bundle, read_bundle_config
 from fae.models.dit import DiT
+from fae.models.mmdit import MMDiT, TextCondition
 from fae.transport import GuidedVelocity, SamplerConfig, sample
 
 
@@ -45,11 +48,16 @@ class Generator(ABC):
     def supports_guidance(self) -> bool:
         """Whether it has an unconditional branch for classifier-free guidance."""
 
+    @property
+    def condition_kind(self) -> Literal["class", "text", "none"]:
+        """What `sample` takes as conditions: class ids, a list of prompt strings, or None."""
+        return "class" if self.num_classes > 0 else "none"
+
     @abstractmethod
-    def sample(self, noise: torch.Tensor, conditions: torch.Tensor | None, sampler: SamplerConfig,
+    def sample(self, noise: torch.Tensor, conditions: torch.Tensor | Sequence[str] | None, sampler: SamplerConfig,
                generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
-        """Latents (B,C,h,w), de-normalised, from starting `noise` (B,C,h,w) and `conditions` (class ids (B,) or
-        None). Runs under the caller's autocast; returns float32."""
+        """Latents (B,C,h,w), de-normalised, from starting `noise` (B,C,h,w) and `conditions`: class ids (B,), B
+        prompts for a text generator, or None. Runs under the caller's autocast; returns float32."""
 
     def settings(self, sampler: SamplerConfig) -> dict[str, Any]:
         """What a sampling run records about the generator besides the sampler."""
@@ -104,8 +112,62 @@ class DiTGenerator(Generator):
                                                             if k not in ("class", "config")})
 
 
-# bundle class (config.json "class") -> how to load it; STARFlow and MMDiT add themselves here
-GENERATOR_BUNDLES: dict[str, tuple[type, type[Generator]]] = {"DiT": (DiT, DiTGenerator)}
+class MMDiTGenerator(DiTGenerator):
+    """A text-conditional MMDiT: prompts are encoded by the text encoder its latent cache was built with (loaded on
+    first use, or given), and guidance runs against the empty prompt, the model's null condition."""
+
+    def __init__(self, model: MMDiT, record: dict[str, Any], source: str, device: str | torch.device = "cpu",
+                 text_encoder: TextEncoder | None = None) -> None:
+        super().__init__(model, record, source, device)  # type: ignore[arg-type]
+        self.device, self._text_encoder = device, text_encoder
+        self._prompts: dict[str, TextCondition] = {}  # sampling asks for the same prompts chunk after chunk
+
+    @property
+    def num_classes(self) -> int:
+        return 0
+
+    @property
+    def supports_guidance(self) -> bool:
+        return self.model.config.caption_dropout > 0
+
+    @property
+    def condition_kind(self) -> Literal["class", "text", "none"]:
+        return "text"
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        if self._text_encoder is None:
+            reference = (self.record.get("text") or {}).get("encoder")
+            if reference is None:
+                raise ConfigError(f"{self.source}: the generator records no text encoder")
+            self._text_encoder = TextEncoder.from_config(TextEncoderConfig.from_reference(reference)).to(self.device)
+        return self._text_encoder
+
+    @text_encoder.setter
+    def text_encoder(self, encoder: TextEncoder) -> None:
+        self._text_encoder, self._prompts = encoder, {}
+
+    def encode_prompts(self, prompts: Sequence[str]) -> TextCondition:
+        new = sorted(set(prompts) - set(self._prompts))
+        if new:
+            out = self.text_encoder.encode(new)
+            rows = TextCondition(out["text_tokens"], out["text_mask"], out["text_pooled"]).to(self.device)
+            self._prompts.update({p: rows.select([i]) for i, p in enumerate(new)})
+        parts = [self._prompts[p] for p in prompts]
+        return TextCondition(*(torch.cat([getattr(r, k) for r in parts]) for k in ("tokens", "mask", "pooled")))
+
+    def sample(self, noise: torch.Tensor, conditions: torch.Tensor | Sequence[str] | None, sampler: SamplerConfig,
+               generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        if conditions is not None and not isinstance(conditions, TextCondition):
+            if isinstance(conditions, (str, torch.Tensor)) or len(conditions) != noise.shape[0]:
+                raise ValueError(f"a text generator takes a list of {noise.shape[0]} prompts, one per sample")
+            conditions = self.encode_prompts(conditions)
+        return super().sample(noise, conditions, sampler, generators)  # type: ignore[arg-type]
+
+
+# bundle class (config.json "class") -> how to load it; STARFlow adds itself here
+GENERATOR_BUNDLES: dict[str, tuple[type, type[Generator]]] = {"DiT": (DiT, DiTGenerator),
+                                                              "MMDiT": (MMDiT, MMDiTGenerator)}
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
@@ -114,7 +176,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"generator {path}: no such folder")
-    bundle = find_bundle(path, ["dit"], classes=list(GENERATOR_BUNDLES))
+    bundle = find_bundle(path, ["dit", "mmdit"], classes=list(GENERATOR_BUNDLES))
     if bundle is None:
         raise FileNotFoundError(f"{path} holds no generator bundle (an unfinished run? `fae sample` and "
                                 "fae.stages.dit.load_run_generator read its newest checkpoint)")

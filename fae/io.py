@@ -43,6 +43,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fae"
 
 
+_WRITES = 0
+
+
+def _kill_point() -> None:
+    """Fault injection for the kill -9 tests: with FAE_KILL_AT_WRITE=N the process kills itself (SIGKILL, no
+    cleanup) at its N-th atomic write, after the data is written and before it is renamed into place."""
+    global _WRITES
+    at = os.environ.get("FAE_KILL_AT_WRITE")
+    if at:
+        _WRITES += 1
+        if _WRITES == int(at):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)` then rename onto `path` (atomic on POSIX)."""
     path = Path(path)
@@ -51,10 +67,19 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        _kill_point()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete what a killed process left of its atomic writes in `folder` (`.<name>.<random>.tmp`): called by the
+    one process that writes there, when it starts again."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -81,6 +106,33 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp_dir, final_dir)
+
+
+MANIFEST_NAME = "manifest.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the SHA-256 of every file in `folder` (a checkpoint), so a damaged one is found before it is used."""
+    folder = Path(folder)
+    hashes = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(hashes, indent=2))
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """What is wrong with `folder` against its manifest (a missing, truncated or altered file), or None."""
+    folder = Path(folder)
+    try:
+        hashes = json.loads((folder / MANIFEST_NAME).read_text())
+    except FileNotFoundError:
+        return f"{folder / MANIFEST_NAME} is missing"
+    except (OSError, ValueError) as exc:
+        return f"{folder / MANIFEST_NAME} is unreadable ({exc})"
+    for name, expected in hashes.items():
+        if not (folder / name).is_file():
+            return f"{folder / name} is missing"
+        if file_sha256(folder / name) != expected:
+            return f"{folder / name} does not match its recorded SHA-256 (truncated or altered)"
+    return None
 
 
 def state_dict_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -129,6 +181,31 @@ def find_bundle(path: Path, names: Sequence[str], classes: Sequence[str] | None 
     return None
 
 
+def require_bundle(path: str | Path, name: str, classes: Sequence[str] | None = None) -> Path:
+    """`find_bundle` for an input the user named: a run folder's `<name>/` bundle, or `path` itself when it is a
+    bundle; an error that says what was expected otherwise."""
+    path = Path(path)
+    found = find_bundle(path, [name], classes)
+    if found is None:
+        kind = f" of a {' or '.join(classes)}" if classes else ""
+        raise FileNotFoundError(f"{path}: neither a {name} bundle nor a run folder holding {name}/{CONFIG_NAME}{kind} "
+                                "(did that run finish?)")
+    return found
+
+
+def load_weights(weights: Path, sha256: str | None = None, map_location: str | torch.device = "cpu"
+                 ) -> dict[str, torch.Tensor]:
+    """A safetensors file, checked against the SHA-256 its bundle records; errors name the file and the fix."""
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing")
+    if sha256 is not None and file_sha256(weights) != sha256:
+        raise ValueError(f"{weights} does not match the SHA-256 its {CONFIG_NAME} records: the file is truncated or "
+                         "altered; export or download the bundle again")
+    try:
+        return load_file(str(weights), device=str(map_location))
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        raise ValueError(f"{weights} is not a readable safetensors file ({exc}); export or download it again") from None
+
 
 class PretrainedMixin:
     """Adds `save_pretrained`/`from_pretrained` to an nn.Module built as `cls(config)` from a dataclass config.
@@ -145,6 +222,7 @@ class PretrainedMixin:
         directory.mkdir(parents=True, exist_ok=True)
         record = {"class": type(self).__name__, "config": to_dict(self.config), **(extra or {})}
         atomic_save_safetensors(state_dict_for_save(self), directory / WEIGHTS_NAME)  # type: ignore[arg-type]
+        record["weights_sha256"] = file_sha256(directory / WEIGHTS_NAME)   # checked on load: damage is named, not used
         atomic_write_text(directory / CONFIG_NAME, json.dumps(record, indent=2))
         return directory
 
@@ -156,9 +234,7 @@ class PretrainedMixin:
             raise ConfigError(f"{path}: bundle holds a {record.get('class')}, not a {cls.__name__}")
         model = cls(from_dict(cls.config_class, record["config"]))  # type: ignore[call-arg]
         weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"{path}: {WEIGHTS_NAME} is missing")
-        state = load_file(str(weights), device=str(map_location))
+        state = load_weights(weights, record.get("weights_sha256"), map_location)
         model.load_state_dict(state, strict=True)  # type: ignore[attr-defined]
         return model
 
@@ -191,3 +267,16 @@ def reference_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Keys on which two encoder references (`FrozenEncoder.reference()`) differ; empty = the same frozen encoder."""
     return [k for k in REFERENCE_KEYS
             if not (_same_source(a.get(k), b.get(k)) if k == "name_or_path" else a.get(k) == b.get(k))]
+
+
+def check_same_encoder(expected: dict[str, Any] | None, actual: dict[str, Any] | None, what: str, against: str) -> None:
+    """Refuse `what` (a bundle or cache) when the frozen encoder it records is not the one of `against`: the one
+    rule every bundle, cache and pipeline check goes through."""
+    if expected is None or actual is None:
+        missing = what if expected is None else against
+        raise ConfigError(f"{missing} does not record which frozen encoder it belongs to; re-export it with this "
+                          "version of fae")
+    differs = reference_differences(expected, actual)
+    if differs:
+        raise ConfigError(f"{what} was made with another encoder than {against} (the frozen encoders differ in "
+                          f"{', '.join(differs)}: {[expected.get(k) for k in differs]} vs {[actual.get(k) for k in differs]})")

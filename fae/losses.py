@@ -1,8 +1,10 @@
-"""Pixel-decoder losses (paper eq. 4.2): L = w_rec L_rec + w_perc L_perc + w_gan L_gan, following TiTok's recipe.
+"""Pixel-decoder losses (paper eq. 4.2): L = w_rec L_rec + w_perc L_perc + w_gan L_gan, with two recipes as presets:
+TiTok's (the paper's pointer, "Yu et al. 2024a") and the LDM/taming autoencoders' (`PixelLossConfig.preset`).
 
 - reconstruction: L1 or L2 on [0, 1] pixels;
 - perceptual: `EncoderPerceptualLoss`, a feature-matching loss in the frozen encoder's own token space (offline, no
-  extra weights), or `LPIPS` built from user-supplied local VGG16/AlexNet and LPIPS-head weight files;
+  extra weights), `LPIPS` built from user-supplied local VGG16/AlexNet and LPIPS-head weight files, or
+  `ConvNeXtPerceptual` (TiTok's: MSE of ConvNeXt-S ImageNet logits, torchvision's weights from a local file);
 - GAN: `PatchDiscriminator` (PatchGAN, N strided 4x4 convs), hinge loss, LeCam regularisation, and an adaptive
   generator weight (gradient-norm ratio at the decoder's last layer), with separate start steps for the
   discriminator updates and the generator's adversarial term.
@@ -37,14 +39,29 @@ class DiscriminatorConfig:
                              f"{self.n_layers}")
 
 
+# Recipes (docs/fidelity.md). TiTok: configs/training/TiTok/stage2/titok_l32.yaml and modeling/modules/losses.py of
+# bytedance/1d-tokenizer. LDM: the KL autoencoders of latent-diffusion / taming-transformers (L1 + LPIPS, adaptive
+# GAN weight 0.5 from step 50001, no LeCam).
+LOSS_PRESETS: dict[str, dict[str, object]] = {
+    "titok": dict(rec="l2", rec_weight=1.0, perceptual="convnext", perceptual_weight=0.1, gan_weight=0.01,
+                  adaptive_gan_weight=False, disc_start=20_000, gan_start=20_000, lecam_weight=0.001,
+                  lecam_decay=0.999, lecam_reduction="mean"),
+    "ldm": dict(rec="l1", rec_weight=1.0, perceptual="lpips", perceptual_weight=1.0, gan_weight=0.5,
+                adaptive_gan_weight=True, disc_start=50_001, gan_start=50_001, lecam_weight=0.0),
+}
+
+
 @dataclass
 class PixelLossConfig:
+    # a named recipe (LOSS_PRESETS) fills every key left at its default here; a key you set to another value wins
+    preset: Literal["custom", "titok", "ldm"] = "custom"
     rec: Literal["l1", "l2"] = "l2"                 # TiTok stage 2: L2
     rec_weight: float = 1.0
-    perceptual: Literal["encoder", "lpips", "none"] = "encoder"
+    perceptual: Literal["encoder", "lpips", "convnext", "none"] = "encoder"
     perceptual_weight: float = 1.0
     lpips_net: Literal["vgg", "alex"] = "vgg"
     lpips_weights: list[str] = field(default_factory=list)  # [backbone, heads] or one combined file
+    convnext_weights: str | None = None             # torchvision convnext_small-0c510722.pth (ImageNet-1k V1)
     gan_weight: float = 0.5                         # 0 = no GAN at all (no discriminator is built)
     adaptive_gan_weight: bool = True                # scale by ||grad L_rec+perc|| / ||grad L_gan|| at the last layer
     adaptive_max: float = 1e4                       # clamp of that ratio
@@ -52,7 +69,18 @@ class PixelLossConfig:
     gan_start: int = 20_000                         # first step the generator sees the adversarial term
     lecam_weight: float = 0.001                     # TiTok: 0.001
     lecam_decay: float = 0.999
+    lecam_reduction: Literal["element", "mean"] = "element"  # LeCam's per-logit penalty, or TiTok's on batch means
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+    def __post_init__(self) -> None:
+        if self.preset == "custom":
+            return
+        if self.preset not in LOSS_PRESETS:
+            raise ValueError(f"losses.preset must be one of custom, {', '.join(LOSS_PRESETS)}; not {self.preset!r}")
+        defaults = PixelLossConfig()
+        for key, value in LOSS_PRESETS[self.preset].items():
+            if getattr(self, key) == getattr(defaults, key):
+                setattr(self, key, value)
 
     def validate(self) -> None:
         for name in ("rec_weight", "perceptual_weight", "gan_weight", "lecam_weight"):
@@ -67,6 +95,8 @@ class PixelLossConfig:
             raise ValueError(f"losses.lecam_decay must lie in [0, 1), got {self.lecam_decay}")
         if self.adaptive_max <= 0:
             raise ValueError("losses.adaptive_max must be positive")
+        if self.lecam_reduction not in ("element", "mean"):
+            raise ValueError(f"losses.lecam_reduction must be element or mean, not {self.lecam_reduction!r}")
         if len(self.lpips_weights) > 2:
             raise ValueError("losses.lpips_weights takes one combined file or two files (backbone, heads)")
         self.discriminator.validate()
@@ -271,6 +301,91 @@ def random_lpips_state(net: Literal["vgg", "alex"] = "vgg", seed: int = 0) -> di
     return state
 
 
+# ConvNeXt-S laid out like torchvision's `convnext_small`, so its ImageNet state dict loads by key.
+class _LayerNorm2d(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class _Permute(nn.Module):
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+class _ConvNeXtBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(dim, dim, 7, padding=3, groups=dim), _Permute(0, 2, 3, 1),
+                                   nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                   nn.Linear(4 * dim, dim), _Permute(0, 3, 1, 2))
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer_scale * self.block(x)
+
+
+CONVNEXT_S_FILE = "torchvision ConvNeXt-S ImageNet weights (convnext_small-0c510722.pth, keys features.* / classifier.*)"
+
+
+CONVNEXT_S = ((96, 192, 384, 768), (3, 3, 27, 3))  # widths and depths of ConvNeXt-S (50.2M parameters)
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt (Liu et al. 2022) to ImageNet logits, with torchvision's module names; ConvNeXt-S by default."""
+
+    def __init__(self, dims: Sequence[int] = CONVNEXT_S[0], depths: Sequence[int] = CONVNEXT_S[1]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), _LayerNorm2d(dims[0], eps=1e-6))]
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            layers.append(nn.Sequential(*(_ConvNeXtBlock(dim) for _ in range(depth))))
+            if i < len(dims) - 1:
+                layers.append(nn.Sequential(_LayerNorm2d(dim, eps=1e-6), nn.Conv2d(dim, dims[i + 1], 2, stride=2)))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(_LayerNorm2d(dims[-1], eps=1e-6), nn.Flatten(1), nn.Linear(dims[-1], 1000))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3), keepdim=True))
+
+
+class ConvNeXtPerceptual(nn.Module):
+    """TiTok's perceptual loss: per-sample MSE between the ConvNeXt-S ImageNet logits of two [0, 1] images, each
+    resized to 224 px (bilinear, antialiased) and ImageNet-normalised. Weights from a local file only."""
+
+    def __init__(self, weights: str | Path | None, net: ConvNeXt | None = None) -> None:
+        super().__init__()
+        self.net = net or ConvNeXt()  # `net`: another size (tests)
+        self.register_buffer("mean", torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1), persistent=False)
+        if weights is None:
+            raise FileNotFoundError(f"losses.perceptual=convnext needs {CONVNEXT_S_FILE}: set losses.convnext_weights "
+                                    "to its path (or use losses.perceptual=encoder, which needs no extra weights)")
+        state = _read_state(Path(weights))
+        expected = set(self.net.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{weights} is not {CONVNEXT_S_FILE}: missing keys {missing[:4]}, unexpected keys "
+                             f"{unexpected[:4]}")
+        self.net.load_state_dict(state, strict=True)
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "ConvNeXtPerceptual":
+        return super().train(False)  # always eval: the loss network is fixed
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float(), size=224, mode="bilinear", align_corners=False, antialias=True)
+        return self.net((x - self.mean) / self.std).float()
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            ref = self.logits(target)
+        return (self.logits(pred) - ref).pow(2).mean(1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GAN: PatchGAN discriminator, hinge loss, LeCam, adaptive weight
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,17 +447,21 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 class LeCam(nn.Module):
     """LeCam regulariser (Tseng et al. 2021): keeps D(real) below the EMA of D(fake) and D(fake) above the EMA of
-    D(real). The two EMAs are buffers, so they are saved and resumed with the training state."""
+    D(real). `reduction="element"` penalises every patch logit (LeCam's definition, mean over logits);
+    "mean" penalises the batch means (TiTok's code). The two EMAs are buffers, saved and resumed with the training
+    state and carried into stage II with the discriminator."""
 
-    def __init__(self, decay: float = 0.999) -> None:
+    def __init__(self, decay: float = 0.999, reduction: Literal["element", "mean"] = "element") -> None:
         super().__init__()
-        self.decay = decay
+        self.decay, self.reduction = decay, reduction
         self.register_buffer("ema_real", torch.zeros(()))
         self.register_buffer("ema_fake", torch.zeros(()))
 
     def penalty(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-        return (F.relu(logits_real.float().mean() - self.ema_fake).pow(2)
-                + F.relu(self.ema_real - logits_fake.float().mean()).pow(2))
+        real, fake = logits_real.float(), logits_fake.float()
+        if self.reduction == "mean":
+            real, fake = real.mean(), fake.mean()
+        return F.relu(real - self.ema_fake).pow(2).mean() + F.relu(self.ema_real - fake).pow(2).mean()
 
     @torch.no_grad()
     def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
@@ -394,7 +513,9 @@ class PixelLoss(nn.Module):
             self.perceptual = EncoderPerceptualLoss(feature_fn)
         elif cfg.perceptual == "lpips" and cfg.perceptual_weight > 0:
             self.perceptual = LPIPS(cfg.lpips_net, cfg.lpips_weights)
-        self.lecam = LeCam(cfg.lecam_decay)
+        elif cfg.perceptual == "convnext" and cfg.perceptual_weight > 0:
+            self.perceptual = ConvNeXtPerceptual(cfg.convnext_weights)
+        self.lecam = LeCam(cfg.lecam_decay, cfg.lecam_reduction)
 
     def build_discriminator(self, in_channels: int = 3) -> PatchDiscriminator | None:
         return PatchDiscriminator(self.cfg.discriminator, in_channels) if self.cfg.use_gan else None

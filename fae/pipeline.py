@@ -17,8 +17,18 @@ import torch
 from torch import nn
 
 from fae.config import ConfigError
-from fae.encoders import FrozenEncoder, reference_differences
-from fae.io import CONFIG_NAME, atomic_write_text, read_bundle_config, resolve_pretrained
+from fae.encoders import FrozenEncoder
+from fae.io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write_text,
+    check_same_encoder,
+    file_sha256,
+    find_bundle,
+    read_bundle_config,
+    require_bundle,
+    resolve_pretrained,
+)
 from fae.models.autoencoder import FeatureAutoEncoder
 from fae.models.pixel_decoder import PixelDecoder
 
@@ -37,6 +47,7 @@ class FAE(nn.Module):
             raise ConfigError(f"the pixel decoder expects {pixel_decoder.config.num_tokens} x "
                               f"{pixel_decoder.config.in_dim} features, the encoder gives {encoder.num_tokens} x {encoder.dim}")
         self.encoder, self.autoencoder, self.pixel_decoder = encoder, autoencoder, pixel_decoder
+        self.fae_weights_sha256: str | None = None    # set when loaded from a bundle
         self.eval()
 
     @classmethod
@@ -45,11 +56,8 @@ class FAE(nn.Module):
         record = read_bundle_config(path)
         if record.get("class") != cls.__name__:
             raise ConfigError(f"{path}: bundle holds a {record.get('class')}, not an FAE pipeline")
-        encoder = FrozenEncoder.from_reference(record["encoder"])
-        decoder = PixelDecoder.from_pretrained(path / "pixel_decoder", map_location) \
-            if (path / "pixel_decoder").is_dir() else None
-        model = cls(encoder, FeatureAutoEncoder.from_pretrained(path / "fae", map_location), decoder)
-        return model.to(map_location)
+        decoder = path / "pixel_decoder" if (path / "pixel_decoder").is_dir() else None
+        return cls._assemble(record["encoder"], path / "fae", decoder, map_location)
 
     @classmethod
     def from_parts(cls, fae_bundle: str | Path, pixel_decoder_bundle: str | Path | None = None,
@@ -58,15 +66,34 @@ class FAE(nn.Module):
         record = read_bundle_config(fae_bundle)
         if "encoder" not in record:
             raise ConfigError(f"{fae_bundle}: the FAE bundle does not record its frozen encoder")
-        decoder = None
         if pixel_decoder_bundle is not None:
-            differs = reference_differences(record["encoder"], read_bundle_config(pixel_decoder_bundle).get("encoder", {}))
-            if differs:
-                raise ConfigError(f"{pixel_decoder_bundle} was trained on another encoder than {fae_bundle} "
-                                  f"(differs in {differs})")
-            decoder = PixelDecoder.from_pretrained(pixel_decoder_bundle, map_location)
-        encoder = FrozenEncoder.from_reference(record["encoder"])
-        return cls(encoder, FeatureAutoEncoder.from_pretrained(fae_bundle, map_location), decoder).to(map_location)
+            check_same_encoder(read_bundle_config(pixel_decoder_bundle).get("encoder"), record["encoder"],
+                               str(pixel_decoder_bundle), str(fae_bundle))
+        return cls._assemble(record["encoder"], Path(fae_bundle), pixel_decoder_bundle, map_location)
+
+    @classmethod
+    def load(cls, fae: str | Path, pixel_decoder: str | Path | None = None, map_location: str | torch.device = "cpu"
+             ) -> "FAE":
+        """What a user names on the command line: an FAE pipeline bundle (or a run folder holding fae_pipeline/), or
+        a stage-1 FAE bundle (or its run folder) plus a pixel-decoder bundle (or its run folder)."""
+        pipeline = find_bundle(Path(fae), ["fae_pipeline"], classes=[cls.__name__])
+        if pipeline is not None and pixel_decoder is None:
+            return cls.from_pretrained(pipeline, map_location)
+        stage1 = require_bundle(fae, "fae", classes=[FeatureAutoEncoder.__name__])
+        if pixel_decoder is None:
+            raise ConfigError(f"{stage1} is a stage-1 FAE bundle without a pixel decoder: pass --pixel-decoder "
+                              "<bundle> (train one with `fae train pixel-decoder`), or --fae an fae_pipeline bundle")
+        return cls.from_parts(stage1, require_bundle(pixel_decoder, "pixel_decoder", classes=[PixelDecoder.__name__]),
+                              map_location)
+
+    @classmethod
+    def _assemble(cls, encoder_reference: dict, fae_dir: Path, pixel_decoder: str | Path | None,
+                  map_location: str | torch.device) -> "FAE":
+        decoder = PixelDecoder.from_pretrained(pixel_decoder, map_location) if pixel_decoder is not None else None
+        model = cls(FrozenEncoder.from_reference(encoder_reference),
+                    FeatureAutoEncoder.from_pretrained(fae_dir, map_location), decoder).to(map_location)
+        model.fae_weights_sha256 = file_sha256(Path(fae_dir) / WEIGHTS_NAME)  # its identity, for generator bundles
+        return model
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)

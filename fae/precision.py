@@ -17,7 +17,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Iterator, Literal, get_args
 
 import torch
 
@@ -99,6 +99,39 @@ class PrecisionChoice:
     def as_dict(self) -> dict[str, str]:
         return {"precision": self.name, "requested": self.requested, "device": self.device_type,
                 "reason": self.reason}
+
+
+# fp32 backends that may silently compute in a lower precision (TF32 on Ampere/Hopper, bf16 in oneDNN)
+_FP32_BACKENDS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
+
+
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """fp32 computed as IEEE fp32 inside, whatever the process set (TF32 matmuls/convolutions on Ampere and Hopper
+    GPUs, bf16 in oneDNN); the previous settings come back on exit. Feature extraction for FID runs under it, so
+    statistics match references computed without TF32 (the ADM evaluator's)."""
+    saved: list[tuple[object, str]] = []
+    for path in _FP32_BACKENDS:
+        backend: object = torch.backends
+        for part in path.split("."):
+            backend = getattr(backend, part, None)
+        if backend is not None and hasattr(backend, "fp32_precision"):
+            saved.append((backend, backend.fp32_precision))
+            backend.fp32_precision = "ieee"
+    legacy = None
+    if not saved:  # torch before the fp32_precision API
+        legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                  torch.get_float32_matmul_precision())
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        for backend, value in saved:
+            backend.fp32_precision = value  # type: ignore[attr-defined]
+        if legacy is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy[:2]
+            torch.set_float32_matmul_precision(legacy[2])
 
 
 _warned: set[str] = set()

@@ -1,7 +1,7 @@
 """Sampling images from a trained generator: DiT bundle + FAE (+ pixel decoder) -> grid PNG, PNGs, ADM `.npz`.
 
     gen = load_generator("runs/dit")                        # fae.generators: bundle or finished run folder
-    decode = load_decoder(gen, fae="runs/pixel-decoder-ft/fae_pipeline")
+    decode = load_decoder(gen, fae="runs/pixel-decoder-ft/fae_pipeline")   # the FAE it was trained on (hash-checked)
     result = generate(gen, decode, num_samples=100, seed=0, sampler=SamplerConfig(guidance=GuidanceSchedule.paper()))
     write_samples("samples/", result, gen.class_names)
 
@@ -9,13 +9,13 @@ Reproducibility: sample i's starting noise (and SDE noise) comes from its own ge
 samples are processed in fixed chunks of `batch_size` consecutive indices, chunk k on process k mod W. So a run
 gives the same images with 1 or N processes (torchrun), and any sample can be regenerated alone.
 Labels: `equal` gives sample i the class i mod K (so N = multiple of K is exactly balanced, RAE's default for FID);
-`random` draws them from the seed.
+`random` draws them from the seed. A text generator takes `prompts` instead: sample i gets prompt i mod P, and the
+grid has one row per prompt.
 """
 from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,7 +26,10 @@ import torch
 from fae import distributed as D
 from fae.config import ConfigError, to_dict
 from fae.generators import Generator, load_generator
-from fae.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text, file_sha256, find_bundle, read_bundle_config
+from fae.grid import draw_grid
+from fae.io import CONFIG_NAME, atomic_write, atomic_write_text, find_bundle, read_bundle_config, require_bundle
+from fae.models.pixel_decoder import PixelDecoder
+from fae.pipeline import FAE
 from fae.precision import resolve_precision
 from fae.transport import SamplerConfig, initial_noise, sample_generators
 
@@ -38,46 +41,44 @@ def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: s
     """Latents (B,C,h,w) in the generator's space (de-normalised) -> images (B,3,H,W) in [0,1].
 
     FAE latents: `fae` is an FAE pipeline bundle (with its pixel decoder), or a stage-1 FAE bundle plus
-    `pixel_decoder`; by default the FAE bundle the latent cache was encoded with. Raw-feature latents: the features
-    go straight into `pixel_decoder`.
+    `pixel_decoder` (`FAE.load`); its weights must be those the generator was trained on. Raw-feature latents: the
+    features go straight into `pixel_decoder`.
     """
-    from fae.models.pixel_decoder import PixelDecoder
-    from fae.pipeline import FAE
-
-    latents = gen.record.get("latents", {})
-    if latents.get("source") == "raw_features":
+    if gen.record.get("latents", {}).get("source") == "raw_features":
         if pixel_decoder is None:
             raise ConfigError("these latents are raw encoder features: pass the pixel decoder bundle "
                               "(--pixel-decoder), e.g. <pixel-decoder run>/pixel_decoder")
-        pd_path = find_bundle(Path(pixel_decoder), ["pixel_decoder"], classes=["PixelDecoder"]) or Path(pixel_decoder)
-        pd = PixelDecoder.from_pretrained(pd_path, map_location=device).eval()
+        pd = PixelDecoder.from_pretrained(require_bundle(pixel_decoder, "pixel_decoder", classes=["PixelDecoder"]),
+                                          map_location=device).eval()
         return lambda z: pd.decode(z.flatten(2).transpose(1, 2))
     if fae is None:
-        fae = (latents.get("fae") or {}).get("path")
-        if fae is None:
-            raise ConfigError("the generator does not record its FAE bundle; pass --fae")
-    fae_path = Path(fae)
-    pipeline_path = find_bundle(fae_path, ["fae_pipeline"], classes=["FAE"])
-    if pipeline_path is not None and pixel_decoder is None:
-        pipe = FAE.from_pretrained(pipeline_path, map_location=device)
-    else:
-        fae_bundle = find_bundle(fae_path, ["fae"], classes=["FeatureAutoEncoder"])
-        if fae_bundle is None:
-            raise FileNotFoundError(f"{fae_path}: no FAE bundle (config.json of a FeatureAutoEncoder or an FAE "
-                                    "pipeline) here or in its fae/ sub-folder")
-        if pixel_decoder is None:
-            raise ConfigError(f"{fae_bundle} is a stage-1 FAE bundle without a pixel decoder: pass --pixel-decoder "
-                              "<bundle> (train one with `fae train pixel-decoder`), or --fae an fae_pipeline bundle")
-        pd_path = find_bundle(Path(pixel_decoder), ["pixel_decoder"], classes=["PixelDecoder"]) or Path(pixel_decoder)
-        pipe = FAE.from_parts(fae_bundle, pd_path, map_location=device)
-    expected = latents.get("fae") or {}
-    if expected.get("weights_sha256"):
-        actual_dir = pipeline_path / "fae" if pipeline_path is not None and pixel_decoder is None else fae_bundle
-        if file_sha256(Path(actual_dir) / WEIGHTS_NAME) != expected["weights_sha256"]:
-            warnings.warn(f"the FAE weights in {actual_dir} differ from those the latents were encoded with "
-                          f"({expected.get('path')}); samples will decode wrongly if the latent spaces differ",
-                          stacklevel=2)
+        expected = trained_fae_sha256(gen)
+        raise ConfigError(f"{gen.source} generates FAE latents: pass the FAE it was trained on (--fae <fae_pipeline "
+                          "bundle>, or --fae <stage-1 bundle> --pixel-decoder <bundle>"
+                          + (f"; its weights' SHA-256 starts {expected[:12]}" if expected else "")
+                          + "), or sample from a pipeline folder (GenerationPipeline, `fae sample --pipeline`)")
+    pipe = FAE.load(fae, pixel_decoder, map_location=device)
+    check_trained_on(gen, pipe)
     return pipe.decode_to_pixels
+
+
+def trained_fae_sha256(gen: Generator) -> str | None:
+    """The SHA-256 of the FAE weights whose latents the generator learned (its bundle's identity of the FAE)."""
+    return (gen.record.get("latents", {}).get("fae") or {}).get("weights_sha256")
+
+
+def check_trained_on(gen: Generator, fae: FAE) -> None:
+    """Refuse an FAE whose weights are not those the generator was trained on: its samples would decode wrongly."""
+    if gen.record.get("latents", {}).get("source") == "raw_features":
+        raise ConfigError(f"{gen.source} generates raw encoder features, not FAE latents; decode them with "
+                          "load_decoder(gen, pixel_decoder=...)")
+    if tuple(gen.latent_shape) != (fae.autoencoder.config.latent_channels, *fae.autoencoder.config.grid):
+        raise ConfigError(f"the generator makes {tuple(gen.latent_shape)} latents, the FAE decodes "
+                          f"{(fae.autoencoder.config.latent_channels, *fae.autoencoder.config.grid)}")
+    expected = trained_fae_sha256(gen)
+    if expected and fae.fae_weights_sha256 and fae.fae_weights_sha256 != expected:
+        raise ConfigError(f"{gen.source} was trained on the latents of another FAE (the SHA-256 of the FAE weights, "
+                          f"{fae.fae_weights_sha256[:12]}..., differs from the {expected[:12]}... the generator records)")
 
 
 class GenerationPipeline:
@@ -89,33 +90,21 @@ class GenerationPipeline:
         samples = pipe.generate(20, sampler=SamplerConfig(steps=25, guidance=GuidanceSchedule.parse("0-0.7:6.0")))
     """
 
-    def __init__(self, fae: Any, generator: Generator) -> None:
+    def __init__(self, fae: FAE, generator: Generator) -> None:
         if fae.pixel_decoder is None:
             raise ConfigError("a generation pipeline needs an FAE bundle with its pixel decoder (an fae_pipeline)")
-        if tuple(generator.latent_shape) != (fae.autoencoder.config.latent_channels, *fae.autoencoder.config.grid):
-            raise ConfigError(f"the generator makes {tuple(generator.latent_shape)} latents, the FAE decodes "
-                              f"{(fae.autoencoder.config.latent_channels, *fae.autoencoder.config.grid)}")
+        check_trained_on(generator, fae)
         self.fae, self.generator = fae, generator
 
     @classmethod
     def from_parts(cls, generator: str | Path, fae_pipeline: str | Path, device: str | torch.device = "cpu"
                    ) -> GenerationPipeline:
-        """A generator bundle (or finished run) and the FAE pipeline bundle its latents came from."""
-        from fae.pipeline import FAE
-
-        gen = load_generator(generator, device)
-        fae_path = find_bundle(Path(fae_pipeline), ["fae_pipeline"], classes=["FAE"])
-        if fae_path is None:
+        """A generator bundle (or finished run) and the FAE pipeline bundle (or the run holding it) of its latents."""
+        pipeline = find_bundle(Path(fae_pipeline), ["fae_pipeline"], classes=["FAE"])
+        if pipeline is None:
             raise FileNotFoundError(f"{fae_pipeline}: no FAE pipeline bundle (fae_pipeline/, written by the "
                                     "pixel-decoder fine-tune stage) here")
-        expected = (gen.record.get("latents", {}).get("fae") or {}).get("weights_sha256")
-        if gen.record.get("latents", {}).get("source") == "raw_features":
-            raise ConfigError(f"{gen.source} generates raw encoder features, not FAE latents; decode them with "
-                              "load_decoder(gen, pixel_decoder=...)")
-        if expected and file_sha256(fae_path / "fae" / WEIGHTS_NAME) != expected:
-            raise ConfigError(f"{gen.source} was trained on the latents of another FAE than {fae_path / 'fae'} "
-                              "(the SHA-256 of its weights differs from the one the generator records)")
-        return cls(FAE.from_pretrained(fae_path, map_location=device), gen)
+        return cls(FAE.from_pretrained(pipeline, map_location=device), load_generator(generator, device))
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -172,10 +161,14 @@ class Samples:
 @torch.no_grad()
 def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, labels: str | Sequence[int] = "equal",
              sampler: SamplerConfig | None = None, batch_size: int = 64, device: str | torch.device = "cpu",
-             progress: bool = True, gather: bool = True, precision: str = "auto") -> Samples:
+             progress: bool = True, gather: bool = True, precision: str = "auto",
+             prompts: Sequence[str] | None = None, resume_dir: str | Path | None = None) -> Samples:
     """Generate `num_samples` images. Under torchrun each process takes chunks k = rank, rank + W, ... and, with
     `gather`, rank 0 returns all of them in index order (other ranks return their own part).
-    `precision` (auto | fp32 | bf16, fae.precision) sets the model's autocast; the integration stays float32."""
+    A text generator (`gen.condition_kind == "text"`) needs `prompts`; `labels` then holds each sample's prompt id.
+    `precision` (auto | fp32 | bf16, fae.precision) sets the model's autocast; the integration stays float32.
+    With `resume_dir`, each finished chunk is kept there, and a run with the same settings that was interrupted
+    takes its finished chunks from it instead of sampling them again (sample i depends only on (seed, i))."""
     from tqdm.auto import tqdm
 
     try:
@@ -187,12 +180,18 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
     sampler.validate()
     if num_samples < 1 or batch_size < 1:
         raise ValueError("num_samples and batch_size must be positive")
-    ys = make_labels(labels, num_samples, gen.num_classes, seed)
+    text = gen.condition_kind == "text"
+    if text and not prompts:
+        raise ConfigError("this generator is text-conditional: give prompts (--prompt / --prompts)")
+    if prompts and not text:
+        raise ConfigError("this generator takes no prompts (it is class-conditional or unconditional)")
+    ys = torch.arange(num_samples) % len(prompts) if text else make_labels(labels, num_samples, gen.num_classes, seed)
     if sampler.guidance.active and ys is None:
-        raise ConfigError("guidance needs a class-conditional model")
+        raise ConfigError("guidance needs a conditional model")
     if sampler.guidance.active and not gen.supports_guidance:
-        raise ConfigError("this model was trained without label dropout (class_dropout=0): it has no unconditional "
-                          "branch for classifier-free guidance; sample with guidance 'none'")
+        raise ConfigError("this model was trained without label dropout (class_dropout=0) or caption dropout "
+                          "(caption_dropout=0): it has no unconditional branch for classifier-free guidance; sample "
+                          "with guidance 'none'")
     rank, world = D.rank(), D.world_size()
     chunks = [range(k * batch_size, min(num_samples, (k + 1) * batch_size))
               for k in range(math.ceil(num_samples / batch_size))]
@@ -201,19 +200,25 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
     bar = tqdm(total=sum(len(c) for c in mine), desc="sample", disable=not (progress and rank == 0),
                dynamic_ncols=True)
     shape = gen.latent_shape
+    settings = {"num_samples": num_samples, "seed": seed, "labels": labels if isinstance(labels, str) else list(labels),
+                "batch_size": batch_size, "precision": choice.as_dict(), "sampler": to_dict(sampler),
+                **({"prompts": list(prompts)} if text else {}), **gen.settings(sampler)}
+    done = _ChunkStore(resume_dir, settings) if resume_dir is not None else None
     for chunk in mine:
         idx = list(chunk)
-        gens = sample_generators(seed, idx)
-        noise = initial_noise((len(idx), *shape), gens, device)
-        y = ys[idx].to(device) if ys is not None else None
-        with choice.autocast():
-            images.append(to_uint8(decode(gen.sample(noise, y, sampler, gens))))
+        kept = done.load(idx[0]) if done is not None else None
+        if kept is None:
+            gens = sample_generators(seed, idx)
+            noise = initial_noise((len(idx), *shape), gens, device)
+            y = [prompts[i] for i in ys[idx]] if text else (ys[idx].to(device) if ys is not None else None)
+            with choice.autocast():
+                kept = to_uint8(decode(gen.sample(noise, y, sampler, gens)))
+            if done is not None:
+                done.save(idx[0], kept)
+        images.append(kept)
         indices.extend(idx)
         bar.update(len(idx))
     bar.close()
-    settings = {"num_samples": num_samples, "seed": seed, "labels": labels if isinstance(labels, str) else list(labels),
-                "batch_size": batch_size, "precision": choice.as_dict(), "sampler": to_dict(sampler),
-                **gen.settings(sampler)}
     part = Samples(np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8),
                    ys[indices].numpy() if ys is not None else None, np.asarray(indices, dtype=np.int64), settings)
     if world == 1 or not gather:
@@ -228,33 +233,48 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
                    np.concatenate([p.indices for p in parts])[order], settings)
 
 
+class _ChunkStore:
+    """Finished chunks of an interrupted `generate`, valid only for the same settings (written beside them)."""
+
+    def __init__(self, folder: str | Path, settings: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = json.dumps(settings, sort_keys=True, default=str)
+        marker = self.folder / "settings.json"
+        if D.is_main() and (not marker.is_file() or marker.read_text() != key):
+            for old in self.folder.glob("chunk-*.npy"):   # another run's chunks: never mixed in
+                old.unlink()
+            atomic_write_text(marker, key)
+        D.barrier()
+
+    def load(self, first: int) -> np.ndarray | None:
+        path = self.folder / f"chunk-{first:08d}.npy"
+        try:
+            return np.load(path) if path.is_file() else None
+        except (OSError, ValueError):  # a damaged file (it is written atomically, so only by outside hands)
+            return None
+
+    def save(self, first: int, images: np.ndarray) -> None:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:   # a file object: np.save would add .npy to the temporary name
+                np.save(f, images)
+
+        atomic_write(self.folder / f"chunk-{first:08d}.npy", write)
+
+
 # --------------------------------------------------------------------------------------------------- outputs
 def image_grid(images: np.ndarray, labels: np.ndarray | None, class_names: Sequence[str] | None = None,
                per_row: int = 10, max_rows: int = 20):
     """A PIL grid: one row per class (its name on the left) with up to `per_row` samples; unlabelled samples fill
     rows in order."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    h, w = images.shape[1:3]
     if labels is None:
         rows = [(None, list(range(i, min(len(images), i + per_row)))) for i in range(0, len(images), per_row)]
     else:
         rows = [(int(k), [int(i) for i in np.flatnonzero(labels == k)[:per_row]]) for k in np.unique(labels)]
     rows = rows[:max_rows]
-    font = ImageFont.load_default()
-    names = [("" if k is None else (class_names[k] if class_names and k < len(class_names) else f"class {k}"))
-             for k, _ in rows]
-    label_w = 0 if labels is None else 8 + max(int(font.getlength(n)) for n in names)
-    pad = 2
-    canvas = Image.new("RGB", (label_w + per_row * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, ((k, idx), name) in enumerate(zip(rows, names)):
-        y = pad + r * (h + pad)
-        if name:
-            draw.text((4, y + h // 2), name, fill="black", font=font, anchor="lm")
-        for c, i in enumerate(idx):
-            canvas.paste(Image.fromarray(images[i]), (label_w + pad + c * (w + pad), y))
-    return canvas
+    names = None if labels is None else [class_names[k] if class_names and k < len(class_names) else f"class {k}"
+                                         for k, _ in rows]
+    return draw_grid([[images[i] for i in idx] for _, idx in rows], row_names=names)
 
 
 def write_samples(out_dir: str | Path, samples: Samples, class_names: Sequence[str] | None = None,
@@ -295,16 +315,23 @@ def write_samples(out_dir: str | Path, samples: Samples, class_names: Sequence[s
 def sample_to_dir(gen: Generator, decode: Decoder, out_dir: str | Path, num_samples: int, seed: int = 0,
                   labels: str | Sequence[int] = "equal", sampler: SamplerConfig | None = None, batch_size: int = 64,
                   device: str | torch.device = "cpu", progress: bool = True, grid: bool = True, pngs: bool = True,
-                  npz: bool = True, per_row: int = 10, precision: str = "auto") -> dict[str, str]:
+                  npz: bool = True, per_row: int = 10, precision: str = "auto",
+                  prompts: Sequence[str] | None = None) -> dict[str, str]:
     """`fae sample`: generate and write the outputs. Under torchrun every process writes its own PNGs and a part
     file; rank 0 merges the parts in index order into `samples.npz` and the grid (through the disk, not memory
     gathers, so 50k samples at 256 px work on any backend)."""
+    import shutil
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    chunks = out / ".chunks"   # finished chunks: a killed run, started again, samples only what is missing
     part = generate(gen, decode, num_samples, seed, labels, sampler, batch_size, device, progress, gather=False,
-                    precision=precision)
+                    precision=precision, prompts=prompts, resume_dir=chunks)
+    row_names = list(prompts) if prompts else gen.class_names   # a grid row per class, or per prompt
     if D.world_size() == 1:
-        return write_samples(out, part, gen.class_names, grid, pngs, npz, per_row)
+        written = write_samples(out, part, row_names, grid, pngs, npz, per_row)
+        shutil.rmtree(chunks, ignore_errors=True)
+        return written
     rank = D.rank()
     write_samples(out, part, None, grid=False, pngs=pngs, npz=False, manifest=False)
     part_file = out / f".part-{rank:05d}.npz"
@@ -326,10 +353,12 @@ def sample_to_dir(gen: Generator, decode: Decoder, out_dir: str | Path, num_samp
         merged = Samples(np.concatenate([p["images"] for p in loaded])[order],
                          np.concatenate([p["labels"] for p in loaded])[order] if "labels" in loaded[0] else None,
                          idx[order], part.settings)
-        written = write_samples(out, merged, gen.class_names, grid, pngs=False, npz=npz, per_row=per_row)
+        written = write_samples(out, merged, row_names, grid, pngs=False, npz=npz, per_row=per_row)
         if pngs:
             written["pngs"] = str(out / "images")
         for f in files:
             f.unlink()
     D.barrier()
+    if rank == 0:
+        shutil.rmtree(chunks, ignore_errors=True)
     return written

@@ -5,14 +5,20 @@ groups and its loss. The `Trainer` owns everything else: the resumable data orde
 (grads zeroed once per optimizer step, `no_sync` on all but the last micro-batch), bf16 autocast, gradient
 clipping, EMA of trainable parameters only, non-finite-loss handling, atomic checkpoints with the full training
 state, exact resume, `metrics.jsonl` and a progress bar.
+
+Randomness: before every step each process seeds torch (CPU and CUDA) and Python's `random` from
+(train.seed, rank, step) (`step_seed`). So the noise, times and label dropout a stage draws depend on nothing else: a
+resume is exact without storing RNG states, and a resume with more processes gives every new rank its own streams.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -30,7 +36,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from fae import distributed as D
-from fae.io import atomic_save_safetensors, atomic_write_text, replace_dir, save_config, state_dict_for_save
+from fae.data.readable import collate_present
+from fae.io import (
+    MANIFEST_NAME,
+    atomic_save_safetensors,
+    atomic_write_text,
+    manifest_problem,
+    remove_stale_temporaries,
+    replace_dir,
+    save_config,
+    state_dict_for_save,
+    write_manifest,
+)
 from fae.precision import PRECISIONS, Precision, resolve_precision
 
 
@@ -84,6 +101,22 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss stayed non-finite); the last checkpoint is intact."""
 
 
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint file is missing, truncated or altered (it does not match the checkpoint's manifest)."""
+
+
+def summarize_scores(scores: dict[str, Any], prefix: str = "") -> str:
+    """Numbers of a (nested) score dict on one line: `decoders/gaussian(x)/psnr 25.67, ...`."""
+    parts = []
+    for key, value in scores.items():
+        if isinstance(value, dict):
+            inner = summarize_scores(value, f"{prefix}{key}/")
+            parts += [inner] if inner else []
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{prefix}{key} {value:.4g}" if isinstance(value, float) else f"{prefix}{key} {value}")
+    return ", ".join(parts)
+
+
 class TrainingInterrupted(RuntimeError):
     """SIGINT/SIGTERM: the current step was finished and checkpointed before stopping."""
 
@@ -105,6 +138,15 @@ class TrainStage:
     def group_active(self, group: str, step: int) -> bool:
         return True
 
+    def schedule_steps(self, group: str, total_steps: int) -> int:
+        """The LR schedule's horizon for `group`. A group's scheduler advances only on steps where the group is
+        active, so a group that starts late (a discriminator) should count from its own start."""
+        return total_steps
+
+    def preflight(self) -> None:
+        """Check what the run needs after its last step (a held-out split, ...) before its first one, so a missing
+        piece costs seconds, not a run."""
+
     def train_dataset(self) -> Dataset:
         raise NotImplementedError
 
@@ -112,7 +154,13 @@ class TrainStage:
         raise NotImplementedError
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
+        """Write the finished modules as bundles under `out_dir` (and nothing else)."""
         raise NotImplementedError
+
+    def evaluate(self, out_dir: Path, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
+        """Score the exported modules on held-out data, writing the scores beside the bundles; None when the stage
+        has nothing to score (or its config says to skip)."""
+        return None
 
     def to(self, device: torch.device) -> None:
         """Move non-trainable helpers (frozen encoders, ...) to the device; trainable modules are moved for you."""
@@ -162,6 +210,19 @@ class ResumableSampler(Sampler):
 
     def __len__(self) -> int:  # infinite; DataLoader only needs a number
         return 2**62
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The 63-bit seed of process `rank`'s random streams at `step` of a run seeded with `seed`."""
+    digest = hashlib.sha256(f"fae-train:{seed}:{rank}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed torch (CPU and every CUDA device) and Python's `random` for one step of one process."""
+    value = step_seed(seed, rank, step)
+    torch.manual_seed(value)
+    random.seed(value)
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -248,31 +309,33 @@ class Trainer:
             opt = torch.optim.AdamW(params, lr=ocfg.lr, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
                                     fused=self.device.type == "cuda")
             self.optimizers[group] = opt
-            self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, cfg.steps))
+            horizon = stage.schedule_steps(group, cfg.steps)
+            self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, horizon))
         self.ema = {n: EMA(self.raw[n], cfg.ema_decay, cfg.ema_warmup) for n in stage.ema_modules()}
         self.step, self.bad_steps = 0, 0
+        self.dropped_items, self._dropped_since_log = 0, 0   # unreadable items left out of batches
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train to `cfg.steps` (or pause at `stop_at`, checkpointed), resuming from the newest checkpoint."""
+        self.stage.preflight()  # before anything is written: a refused run leaves no folder to clean up
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
+            remove_stale_temporaries(self.out_dir)   # what a killed run left half-written (never renamed into place)
             if self.run_config is not None:
                 save_config(self.run_config, self.out_dir / "config.yaml")
             atomic_write_text(self.out_dir / "run.json", json.dumps(self.run_record(), indent=2))
             if self.progress:
                 print(f"precision: {self.precision.describe()}", flush=True)
-        rng_state = self._resume()
+        self._resume()
         end = min(self.cfg.steps, stop_at) if stop_at is not None else self.cfg.steps
         dataset = self.stage.train_dataset()
         sampler = ResumableSampler(len(dataset), self.cfg.seed, self.step * self.cfg.batch_size, self.rank, self.world)
         loader = DataLoader(dataset, batch_size=self.micro_batch, sampler=sampler, num_workers=self.cfg.num_workers,
                             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.cfg.seed),
-                            persistent_workers=False)
-        batches = iter(loader)
-        if rng_state is not None:  # restored last: building the data set above may draw random numbers
-            self._set_rng(rng_state)
+                            persistent_workers=False, collate_fn=collate_present)
+        batches = self._readable_batches(iter(loader))
         autocast = self.precision.autocast()
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
         logs: dict[str, list[float]] = {}
@@ -283,13 +346,21 @@ class Trainer:
             signal.signal(s, self._on_signal)
         try:
             while self.step < end:
+                seed_step(self.cfg.seed, self.rank, self.step)
                 micro = [_to_device(next(batches), self.device) for _ in range(self.cfg.grad_accum)]
+                updated: set[str] = set()
+                skipped = []
                 for group, opt in self.optimizers.items():
                     if not self.stage.group_active(group, self.step):
                         continue
-                    self._optimizer_step(group, opt, micro, autocast, logs)
+                    if self._optimizer_step(group, opt, micro, autocast, logs):
+                        updated.update(self.groups[group])
+                    else:
+                        skipped.append(group)
+                self._count_bad_step(skipped)
                 for name, ema in self.ema.items():
-                    ema.update(self.raw[name], updates=self.step)
+                    if name in updated:  # a skipped (non-finite) step moves neither the weights nor their EMA
+                        ema.update(self.raw[name], updates=self.step)
                 self.step += 1
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == end:
@@ -307,10 +378,34 @@ class Trainer:
             bar.close()
             for s, h in previous.items():
                 signal.signal(s, h)
+        if self.rank == 0:  # the run's summary says how many unreadable items were left out
+            record = {**self.run_record(), "data": {"items": len(dataset), "dropped_draws": self.dropped_items}}
+            atomic_write_text(self.out_dir / "run.json", json.dumps(record, indent=2))
         if self.step >= self.cfg.steps and self.rank == 0:
-            self.stage.export(self.out_dir, self.export_modules())
+            modules = self.export_modules()
+            self.stage.export(self.out_dir, modules)
+            scores = self.stage.evaluate(self.out_dir, modules)
+            if scores:
+                print(f"held-out: {summarize_scores(scores)}", flush=True)
         D.barrier()
         return last
+
+    def _readable_batches(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """Micro-batches without the items the data set could not read (fae.data.readable); they are counted in
+        `dropped_items` (metrics.jsonl `data/dropped`, run.json), never replaced."""
+        empty = 0
+        for batch in batches:
+            size = 0 if batch is None else len(next(iter(batch.values())))
+            self.dropped_items += self.micro_batch - size
+            self._dropped_since_log += self.micro_batch - size
+            if batch is None:
+                empty += 1
+                if empty >= 100:
+                    raise TrainingError(f"100 batches in a row held no readable item ({self.dropped_items} items "
+                                        "dropped so far); check the data folder")
+                continue
+            empty = 0
+            yield batch
 
     def run_record(self) -> dict[str, Any]:
         """Where and how this run computes: written to run.json next to config.yaml."""
@@ -325,7 +420,8 @@ class Trainer:
             print(f"\nsignal {signum}: finishing step {self.step + 1}, then checkpointing (Ctrl-C again to abort)")
 
     def _optimizer_step(self, group: str, opt: torch.optim.Optimizer, micro: list[Any], autocast: Any,
-                        logs: dict[str, list[float]]) -> None:
+                        logs: dict[str, list[float]]) -> bool:
+        """One optimizer step of `group` over the micro-batches; False when it was skipped (non-finite)."""
         names = self.groups[group]
         opt.zero_grad(set_to_none=True)
         finite = True
@@ -354,24 +450,37 @@ class Trainer:
                 finite = bool(torch.isfinite(norm).item())
         if finite:
             opt.step()
-            self.bad_steps = 0
-        else:
-            self.bad_steps += 1
-            warnings.warn(f"step {self.step}: non-finite loss or gradient in group '{group}', update skipped "
-                          f"({self.bad_steps}/{self.cfg.max_bad_steps} in a row)")
-            if self.bad_steps >= self.cfg.max_bad_steps:
-                ckpts = checkpoint_dirs(self.out_dir)
-                where = (f"the last checkpoint is {ckpts[-1]} (skipped updates leave weights finite)" if ckpts
-                         else "no checkpoint was written yet")
-                raise TrainingError(f"loss was not finite for {self.bad_steps} steps in a row (group '{group}', step "
-                                    f"{self.step}); {where}. Lower the learning rate, enable grad clipping or use fp32.")
         opt.zero_grad(set_to_none=True)
         self.schedulers[group].step()
+        return finite
+
+    def _count_bad_step(self, skipped: list[str]) -> None:
+        """A step whose loss or gradient was not finite in some group was skipped there; K such steps in a row
+        stop the run (the checkpoints hold finite weights: skipped updates change nothing)."""
+        if not skipped:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        warnings.warn(f"step {self.step}: non-finite loss or gradient in {', '.join(skipped)}, update skipped "
+                      f"({self.bad_steps}/{self.cfg.max_bad_steps} in a row)", stacklevel=2)
+        logs_note = {"step": self.step, "skipped": skipped}
+        if self.rank == 0:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(logs_note) + "\n")
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            ckpts = checkpoint_dirs(self.out_dir)
+            where = (f"the last checkpoint is {ckpts[-1]} (skipped updates leave weights finite)" if ckpts
+                     else "no checkpoint was written yet")
+            raise TrainingError(f"loss was not finite for {self.bad_steps} steps in a row ({', '.join(skipped)}, step "
+                                f"{self.step}); {where}. Lower the learning rate, enable grad clipping or use fp32.")
 
     def _log(self, logs: dict[str, list[float]], t0: float) -> dict[str, float]:
         row = {k: sum(v) / len(v) for k, v in logs.items() if v}
         row.update({f"lr/{g}": s.get_last_lr()[0] for g, s in self.schedulers.items()})
         row["sec_per_step"] = (time.time() - t0) / self.cfg.log_every
+        if self._dropped_since_log:
+            row["data/dropped"] = self._dropped_since_log
+            self._dropped_since_log = 0
         if self.rank == 0:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **row}) + "\n")
@@ -382,41 +491,73 @@ class Trainer:
         return {n: (self.ema[n].module if n in self.ema else m) for n, m in self.raw.items()}
 
     def save_checkpoint(self) -> Path:
-        rng = D.all_gather_objects({"torch": torch.get_rng_state(),
-                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                                    "python": random.getstate()})
         root = self.out_dir / "checkpoints"
         final = root / f"step_{self.step:08d}"
+        failure: OSError | None = None
         if self.rank == 0:
             tmp = root / f".tmp_step_{self.step:08d}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for name, module in self.raw.items():
-                atomic_save_safetensors(state_dict_for_save(module), tmp / f"{name}.safetensors")
-            for name, ema in self.ema.items():
-                atomic_save_safetensors(state_dict_for_save(ema.module), tmp / f"{name}.ema.safetensors")
-            state = {
-                "step": self.step,
-                "bad_steps": self.bad_steps,
-                "data_position": self.step * self.cfg.batch_size,
-                "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
-                "schedulers": {g: s.state_dict() for g, s in self.schedulers.items()},
-                "rng": rng,
-                "stage": self.stage.extra_state(),
-            }
-            torch.save(state, tmp / "training_state.pt")
-            replace_dir(tmp, final)
-            for old in checkpoint_dirs(self.out_dir)[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                for name, module in self.raw.items():
+                    atomic_save_safetensors(state_dict_for_save(module), tmp / f"{name}.safetensors")
+                for name, ema in self.ema.items():
+                    atomic_save_safetensors(state_dict_for_save(ema.module), tmp / f"{name}.ema.safetensors")
+                state = {
+                    "step": self.step,
+                    "bad_steps": self.bad_steps,
+                    "data_position": self.step * self.cfg.batch_size,
+                    "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
+                    "schedulers": {g: s.state_dict() for g, s in self.schedulers.items()},
+                    "stage": self.stage.extra_state(),
+                }
+                torch.save(state, tmp / "training_state.pt")
+                write_manifest(tmp)  # SHA-256 per file: a damaged checkpoint is found at resume, not used
+                replace_dir(tmp, final)
+            except OSError as exc:  # disk full, quota, I/O error: the previous checkpoints are untouched
+                shutil.rmtree(tmp, ignore_errors=True)
+                failure = exc
+            else:
+                for old in checkpoint_dirs(self.out_dir)[: -self.cfg.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+        if D.all_reduce_max(float(failure is not None)) > 0:
+            ckpts = checkpoint_dirs(self.out_dir)
+            kept = f"the last good checkpoint, {ckpts[-1]}, is intact" if ckpts else "no earlier checkpoint exists"
+            raise TrainingError(f"could not write the checkpoint of step {self.step} to {final} ({failure}); {kept}. "
+                                "Free disk space (or point --out elsewhere) and run the same command to resume.")
         D.barrier()
         return final
 
-    def _resume(self) -> dict[str, Any] | None:
-        """Load the newest checkpoint; returns this process's RNG state for the caller to apply."""
+    def _resume(self) -> None:
+        """Load the newest good checkpoint, if any (random streams need no state: `seed_step`)."""
         ckpts = checkpoint_dirs(self.out_dir)
         if not ckpts:
-            return None
-        path = ckpts[-1]
+            return
+        problems = []
+        for path in reversed(ckpts):  # the newest good one; a damaged one is reported and passed over
+            try:
+                state = self._load_checkpoint(path)
+                break
+            except (CheckpointDamaged, OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+                problems.append(f"{path}: {exc}")
+                if self.rank == 0:
+                    warnings.warn(f"checkpoint {path} is damaged ({exc}); falling back to the one before it",
+                                  stacklevel=2)
+        else:
+            raise TrainingError("no usable checkpoint to resume from: " + "; ".join(problems)
+                                + f". Move {self.out_dir / 'checkpoints'} away to start afresh.")
+        self.stage.load_extra_state(state.get("stage", {}))
+        self._truncate_metrics()
+        if self.rank == 0 and (self.progress or problems):
+            print(f"resuming from {path} (step {self.step})" + (f", after passing over {len(problems)} damaged "
+                                                                 "checkpoint(s)" if problems else ""))
+
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Weights, EMA, optimizer and scheduler states from `path`, checked against its manifest first."""
+        if (path / MANIFEST_NAME).is_file():
+            problem = manifest_problem(path)
+            if problem:
+                raise CheckpointDamaged(problem)
         for name, module in self.raw.items():
             module.load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(self.device)))
         for name, ema in self.ema.items():
@@ -427,19 +568,8 @@ class Trainer:
         for g, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][g])
         self.step, self.bad_steps = state["step"], state["bad_steps"]
-        self.stage.load_extra_state(state.get("stage", {}))
-        self._truncate_metrics()
-        if self.rank == 0 and self.progress:
-            print(f"resuming from {path} (step {self.step})")
-        rngs = state["rng"]
-        return rngs[self.rank] if self.rank < len(rngs) else rngs[0]
-
-    @staticmethod
-    def _set_rng(state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["torch"])
-        if torch.cuda.is_available() and state["cuda"]:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        random.setstate(_as_tuple(state["python"]))
+        self.dropped_items = state.get("dropped_items", 0)
+        return state
 
     def _truncate_metrics(self) -> None:
         """Drop log rows written after the checkpoint we resume from, so metrics.jsonl stays one clean history."""
@@ -450,10 +580,6 @@ class Trainer:
         kept = [r for r in rows if json.loads(r).get("step", 0) <= self.step]
         if len(kept) != len(rows):
             atomic_write_text(path, "".join(r + "\n" for r in kept))
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def load_run_state(out_dir: str | Path) -> dict[str, Any] | None:

@@ -20,7 +20,9 @@ E[eps | x_t] = x_t + (1 - t) v, so the score is s(x, t) = -(x + (1 - t) v) / t. 
 
     x <- x - h (v - w_t s) + sqrt(2 w_t h) z = x - h (v + x + (1 - t) v) + sqrt(2 t h) z       (w_t = t)
 
-w_t s has no 1/t, so the step is finite down to t = 0; the last step goes to the mean (no noise), as SiT.
+w_t s has no 1/t, so the step is finite down to t = 0. The last step goes to the mean (no noise) and, by default,
+has SiT's fixed size 0.04: Euler-Maruyama covers [0.04, 1] in steps - 1 steps, then one mean step 0.04 -> 0
+(`SamplerConfig.sde_last_step`; 0 gives a plain grid whose last 1/steps step goes to the mean).
 
 Classifier-free guidance acts on ALL channels (not the 3 of the DiT/SiT/LightningDiT code, a known leftover), with a
 piecewise-constant scale over t; `GuidanceSchedule.paper()` is the main-results schedule.
@@ -147,13 +149,20 @@ class GuidanceSchedule:
         return cls([GuidanceInterval(0.9, 1.0, 0.9), GuidanceInterval(0.0, 0.7, 2.5)])
 
     @classmethod
+    def paper_text(cls) -> GuidanceSchedule:
+        """Text-to-image (App. D, MMDiT columns): 1.5 on t in [0, 0.9], none above."""
+        return cls([GuidanceInterval(0.0, 0.9, 1.5)])
+
+    @classmethod
     def parse(cls, text: str) -> GuidanceSchedule:
-        """'none' | 'paper' | '2.5' (all t) | 't_min-t_max:scale,...' e.g. '0.9-1:0.9,0-0.7:2.5'."""
+        """'none' | 'paper' | 'paper-text' | '2.5' (all t) | 't_min-t_max:scale,...' e.g. '0.9-1:0.9,0-0.7:2.5'."""
         text = text.strip().lower()
         if text in ("none", "", "1", "1.0"):
             return cls()
         if text == "paper":
             return cls.paper()
+        if text == "paper-text":
+            return cls.paper_text()
         try:
             return cls.constant(float(text))
         except ValueError:
@@ -183,7 +192,9 @@ class GuidanceSchedule:
 
 
 class GuidedVelocity:
-    """Wraps a class-conditional velocity model `model(x, t, y)` (y=None: unconditional) with CFG.
+    """Wraps a conditional velocity model `model(x, t, y)` (y=None: unconditional) with CFG. `y` is class ids, or a
+    structured condition (MMDiT's text) that concatenates itself (`y.cat(other)`) with the model's
+    `null_condition(batch)` in concat mode.
 
     `batch="concat"` runs the conditional and unconditional halves as one batch (best on GPU); "separate" runs two
     calls (on small CPUs two calls were faster at large batch; docs/diffusion.md has the measurement).
@@ -195,7 +206,7 @@ class GuidedVelocity:
         if null_class is None:
             null_class = getattr(getattr(model, "config", None), "null_class", None)
         self.null_class = null_class
-        if self.guidance.active and self.batch == "concat" and null_class is None:
+        if self.guidance.active and self.batch == "concat" and null_class is None and not hasattr(model, "null_condition"):
             raise ValueError("concat guidance needs the model's null class id; pass null_class=")
 
     def __call__(self, x: torch.Tensor, t: float, y: torch.Tensor | None) -> torch.Tensor:
@@ -204,8 +215,11 @@ class GuidedVelocity:
         if y is None or scale == 1.0:
             return self.model(x, tt, y)
         if self.batch == "concat":
-            null = torch.full_like(y, self.null_class)
-            v_cond, v_uncond = self.model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).chunk(2)
+            if isinstance(y, torch.Tensor):
+                both = torch.cat([y, torch.full_like(y, self.null_class)])
+            else:
+                both = y.cat(self.model.null_condition(len(y)))
+            v_cond, v_uncond = self.model(torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2)
         else:
             v_cond, v_uncond = self.model(x, tt, y), self.model(x, tt, None)
         guided = v_uncond + scale * (v_cond - v_uncond)
@@ -222,6 +236,7 @@ class SamplerConfig:
     steps: int = 250
     time_shift: float | None = None    # None: the time_shift the model was trained with (its bundle)
     diffusion_norm: float = 1.0        # SDE: w_t = diffusion_norm * sigma_t (SiT's "sigma" form)
+    sde_last_step: float = 0.04        # SDE: size of the final noise-free mean step (SiT's default); 0 = 1/steps
     guidance: GuidanceSchedule = field(default_factory=GuidanceSchedule)
     cfg_batch: Literal["concat", "separate"] = "concat"
 
@@ -232,6 +247,8 @@ class SamplerConfig:
             raise ValueError("time_shift must be > 0")
         if self.diffusion_norm < 0:
             raise ValueError("diffusion_norm must be >= 0")
+        if not 0 <= self.sde_last_step < 1:
+            raise ValueError(f"sde_last_step must lie in [0, 1), got {self.sde_last_step}")
         self.guidance.validate()
 
 
@@ -241,9 +258,13 @@ def paper_method(guidance: GuidanceSchedule) -> Literal["euler", "euler_maruyama
     return "euler" if guidance.active else "euler_maruyama"
 
 
-def time_grid(steps: int, shift: float = 1.0) -> list[float]:
-    """steps + 1 times from 1 (noise) to 0 (data): a uniform grid mapped through the time shift."""
-    return [float(shift_time(1.0 - i / steps, shift)) for i in range(steps + 1)]
+def time_grid(steps: int, shift: float = 1.0, last_step: float = 0.0) -> list[float]:
+    """steps + 1 times from 1 (noise) to 0 (data): a uniform grid mapped through the time shift. With `last_step`
+    l > 0 (SiT's SDE rule), the first steps - 1 steps span [l, 1] on that grid and the last one is l -> 0."""
+    if last_step <= 0 or steps == 1:
+        return [float(shift_time(1.0 - i / steps, shift)) for i in range(steps + 1)]
+    head = time_grid(steps - 1, shift)
+    return [last_step + (1.0 - last_step) * t for t in head] + [0.0]
 
 
 def _noise(shape: Sequence[int], generators: torch.Generator | Sequence[torch.Generator] | None,
@@ -269,7 +290,7 @@ def sample(velocity: VelocityFn, noise: torch.Tensor, y: torch.Tensor | None, cf
     """
     cfg.validate()
     shift = cfg.time_shift if cfg.time_shift is not None else time_shift
-    ts = time_grid(cfg.steps, shift)
+    ts = time_grid(cfg.steps, shift, cfg.sde_last_step if cfg.method == "euler_maruyama" else 0.0)
     x = noise
     steps = range(cfg.steps)
     if progress:

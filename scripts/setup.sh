@@ -9,13 +9,15 @@ cd "$(dirname "$0")/.."
 REQ=requirements/cpu.txt
 [ "${1:-}" = "--test" ] && REQ=requirements/test.txt
 
+# the demos' offline data: Fashion-MNIST (class-conditional) and the colour emoji font (text-to-image)
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-if [ ! -f "$FMNIST" ]; then
+EMOJI=/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+if [ ! -f "$FMNIST" ] || [ ! -f "$EMOJI" ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  echo "setup: installing Debian package dataset-fashion-mnist"
+  echo "setup: installing Debian packages dataset-fashion-mnist fonts-noto-color-emoji"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist fonts-noto-color-emoji >/dev/null
 fi
 
 PY=${PYTHON:-python3}

@@ -100,12 +100,17 @@ def test_corrupt_image_is_skipped_with_warning(folder: Path) -> None:
     bad = [i for i, (p, _) in enumerate(ds.samples) if p.name == "d1.png"][0]
     with pytest.warns(RuntimeWarning, match="d1.png"):
         item = ds[bad]
-    assert ds.skipped == 1
-    torch.testing.assert_close(item["image"], ds[bad + 1]["image"])  # the next readable image stands in
+    assert ds.skipped == 1 and item is None          # dropped: no neighbour stands in (issue 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # known-bad: no second warning, no second count
-        ds[bad]
+        assert ds[bad] is None
     assert ds.skipped == 1
+    from fae.data.readable import collate_present
+
+    batch = collate_present([ds[bad - 1], ds[bad], ds[bad + 1]])   # the loader's collate leaves it out
+    assert batch["image"].shape[0] == 2
+    torch.testing.assert_close(batch["image"][1], ds[bad + 1]["image"])
+    assert collate_present([None, None]) is None
 
 
 def test_image_folder_flip_follows_seed(folder: Path) -> None:

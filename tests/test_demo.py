@@ -59,6 +59,8 @@ DOCUMENTED = [
     ("docs/diffusion.md",
      "fae sample --dit runs/demo/dit --fae runs/demo/pixel-decoder-ft/fae_pipeline --out samples -n 1000 "
      "--guidance paper", ["-n", "4", "--steps", "2"]),
+    ("docs/diffusion.md", "fae sample --pipeline runs/demo/pipeline --out samples -n 1000 --guidance paper",
+     ["-n", "4", "--steps", "2"]),
     ("docs/evaluation.md", "fae eval probe --encoder runs/demo/encoder",
      ["--train-limit", "64", "--test-limit", "32", "--epochs", "1", "--out", "{out}/probe.json"]),
     ("docs/evaluation.md", "fae eval probe --fae runs/demo/fae/fae --config configs/demo/fae.yaml --train-limit 20000",

@@ -18,7 +18,7 @@ from fae.config import ConfigError
 from fae.data.latents import LatentCache
 from fae.encoders import EncoderConfig, FrozenEncoder
 from fae.generators import load_generator
-from fae.io import read_bundle_config
+from fae.io import WEIGHTS_NAME, file_sha256, read_bundle_config
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
 from fae.models.dit import DiT
 from fae.models.pixel_decoder import PixelDecoder, PixelDecoderConfig
@@ -63,7 +63,7 @@ def test_generator_bundle_records_stats_fae_and_transport(world):
     record = read_bundle_config(bundle)
     cache = LatentCache(world["root"] / "cache")
     assert record["latent_stats"] == cache.stats()
-    assert record["latents"]["fae"]["path"] == str(Path(world["fae"]).resolve())
+    assert record["latents"]["fae"] == {"weights_sha256": file_sha256(Path(world["fae"]) / WEIGHTS_NAME)}  # identity, no path
     assert record["latents"]["source"] == "fae" and record["transport"]["time_shift"] == 0.5
     assert record["class_names"][9] == "Ankle boot"
     ema = load_file(str(world["run"] / "checkpoints" / "step_00000006" / "model.ema.safetensors"))
@@ -141,8 +141,8 @@ def test_unfinished_run_and_decoder_errors(world, tmp_path):
     assert gen.time_shift == 0.5 and isinstance(gen.model, DiT)
     with pytest.raises(ConfigError, match="--pixel-decoder"):
         load_decoder(gen, fae=world["fae"])                             # a stage-1 bundle has no pixel decoder
-    with pytest.raises(ConfigError, match="--pixel-decoder"):
-        load_decoder(gen)                                               # default: the recorded stage-1 bundle
+    with pytest.raises(ConfigError, match="pass the FAE it was trained on"):
+        load_decoder(gen)                                               # bundles record the FAE by hash, not by path
     gen.record["latents"]["source"] = "raw_features"
     with pytest.raises(ConfigError, match="raw encoder features"):
         load_decoder(gen)
@@ -236,3 +236,10 @@ def test_generation_pipeline_folder_loads_with_one_call_and_checks_the_fae(world
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ConfigError, match="another FAE"):
         GenerationPipeline.from_parts(world["run"], tmp_path / "other")
+    with pytest.raises(ConfigError, match="another FAE"):
+        load_decoder(load_generator(world["run"]), fae=tmp_path / "other")   # the same check apart
+
+    # `fae sample --pipeline` samples from the folder: the same images as the library call
+    assert main(["sample", "--pipeline", str(folder), "-n", "6", "--seed", "3", "--steps", "3", "--sampler", "euler",
+                 "--out", str(tmp_path / "cli"), "--no-progress", "--no-pngs"]) == 0
+    assert np.array_equal(np.load(tmp_path / "cli" / "samples.npz")["arr_0"], ours.images)

@@ -20,6 +20,8 @@ from fae.training import (
     TrainStage,
     checkpoint_dirs,
     load_run_state,
+    seed_step,
+    step_seed,
 )
 
 
@@ -88,6 +90,68 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(a, b)  # EMA too
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+class DrawingStage(ToyStage):
+    """Records what a stage's noise, times or label dropout would draw from the global RNG at each step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: dict[int, torch.Tensor] = {}
+
+    def loss(self, group, batch, step):
+        self.draws[step] = torch.rand(3)
+        return super().loss(group, batch, step)
+
+
+def test_random_streams_derive_from_seed_rank_and_step(tmp_path):
+    """Each process's streams come from (seed, rank, step): a resume needs no stored RNG state, and a resume with
+    more processes gives the new ranks their own noise instead of a copy of rank 0's (issue 14, item 8)."""
+    stage = DrawingStage()
+    Trainer(stage, _cfg(steps=4), tmp_path / "a", progress=False).fit(stop_at=2)
+    assert "rng" not in load_run_state(tmp_path / "a")
+    torch.manual_seed(99)  # a new process, any RNG state
+    resumed = DrawingStage()
+    Trainer(resumed, _cfg(steps=4), tmp_path / "a", progress=False).fit()
+    draws = {**stage.draws, **resumed.draws}
+    assert sorted(draws) == [0, 1, 2, 3]
+    for step, drawn in draws.items():
+        seed_step(3, 0, step)
+        assert torch.equal(drawn, torch.rand(3)), step
+    seeds = {step_seed(3, rank, step) for rank in range(8) for step in range(200)}
+    assert len(seeds) == 8 * 200 and step_seed(4, 0, 0) != step_seed(3, 0, 0)
+
+
+class LateGroupStage(ToyStage):
+    """A second optimizer group that starts at step 3 and counts its LR horizon from there (a discriminator)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modules["late"] = nn.Linear(6, 3)
+
+    def optimizer_groups(self):
+        return {"main": ["model"], "late": ["late"]}
+
+    def optim_config(self, group):
+        return OptimConfig(lr=1e-2, schedule="cosine", min_lr=1e-3)
+
+    def group_active(self, group, step):
+        return group == "main" or step >= 3
+
+    def schedule_steps(self, group, total_steps):
+        return total_steps - 3 if group == "late" else total_steps
+
+    def loss(self, group, batch, step):
+        name = "model" if group == "main" else "late"
+        return (self.modules[name](batch["x"]) - batch["y"]).pow(2).mean(), {}
+
+
+def test_a_late_group_schedules_its_lr_over_its_own_steps(tmp_path):
+    trainer = Trainer(LateGroupStage(), _cfg(steps=8), tmp_path / "late", progress=False)
+    trainer.fit()
+    # both cosines end at min_lr: the late group advanced 5 times, over a horizon of 8 - 3 = 5
+    assert trainer.schedulers["main"].get_last_lr()[0] == pytest.approx(1e-3)
+    assert trainer.schedulers["late"].get_last_lr()[0] == pytest.approx(1e-3)
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path):

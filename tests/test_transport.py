@@ -187,6 +187,33 @@ def test_sde_reaches_data_distribution_and_last_step_is_mean():
     assert torch.equal(a, b)
 
 
+def test_sde_uses_sits_last_step_rule():
+    """SiT's default: Euler-Maruyama over [0.04, 1] in steps - 1 steps, then one noise-free mean step 0.04 -> 0."""
+    seen: list[float] = []
+
+    def record(x, t, y):
+        seen.append(t)
+        return _gaussian_velocity(x, t, y)
+
+    x = torch.randn(4, 1, 1, 1, dtype=torch.float64)
+    sample(record, x, None, SamplerConfig(method="euler_maruyama", steps=5), generators=torch.Generator())
+    assert seen == pytest.approx([1.0, 0.76, 0.52, 0.28, 0.04])          # 5 evaluations, the last at t = 0.04
+    assert time_grid(5, 0.4, 0.04)[-2:] == pytest.approx([0.04, 0.0])     # the shift moves the grid, not the end
+    seen.clear()
+    sample(record, x, None, SamplerConfig(method="euler_maruyama", steps=5, sde_last_step=0.0), generators=None)
+    assert seen == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])              # the old rule: last step 1/steps
+    seen.clear()
+    sample(record, x, None, SamplerConfig(method="euler", steps=5))       # the ODE keeps its uniform grid
+    assert seen == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    # one step is only the last one, to the mean: deterministic
+    cfg = SamplerConfig(method="euler_maruyama", steps=1)
+    a = sample(_gaussian_velocity, x, None, cfg, generators=torch.Generator().manual_seed(1))
+    b = sample(_gaussian_velocity, x, None, cfg, generators=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="sde_last_step"):
+        SamplerConfig(sde_last_step=1.0).validate()
+
+
 def test_per_sample_generators_make_batches_independent():
     idx = list(range(6))
     full = initial_noise((6, 2, 3, 3), sample_generators(7, idx))

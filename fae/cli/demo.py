@@ -8,7 +8,7 @@ from fae.demo import run_demo
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, quick=args.quick, fresh=args.fresh, progress=not args.no_progress, precision=args.precision,
-             from_scratch=args.from_scratch)
+             from_scratch=args.from_scratch, text=args.text)
     return 0
 
 
@@ -18,7 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run FAE end to end on Fashion-MNIST on CPU and write an HTML report",
                        description="Run the embedded default: FAE on Fashion-MNIST, on CPU, offline. Finished steps "
                        "are skipped on a re-run; --fresh starts over.")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo, runs/demo-quick with --quick)")
+    p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/demo-quick with --quick, "
+                   "runs/demo-text with --text)")
+    p.add_argument("--text", action="store_true", help="the text-to-image demo instead: MMDiT on emoji + "
+                   "Fashion-MNIST captions with the shipped MiniLM text encoder (about five minutes)")
     p.add_argument("--quick", action="store_true", help="a much smaller run for smoke tests (under two minutes)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder first")
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",

@@ -19,7 +19,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from fae.data import DataConfig
     from fae.data.latents import EncodeOptions
     from fae.distributed import init_distributed
-    from fae.encoders import EncoderConfig
+    from fae.encoders import EncoderConfig, TextEncoderConfig
     from fae.encoding import encode_latents
 
     init_distributed()
@@ -28,12 +28,18 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     opts = EncodeOptions(source=args.source, flip=not args.no_flip, store_std=args.store_std,
                          shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
                          num_workers=args.num_workers)
+    text = None
+    if args.text_encoder:
+        text = TextEncoderConfig(kind=args.text_encoder, name_or_path=args.text_model, max_length=args.text_max_length)
     try:
         opts.validate()
+        if text is not None:
+            text.validate()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     out = encode_latents(data, args.out, fae=args.fae, encoder=encoder, split=args.split, options=opts,
-                         device=args.device, progress=not args.no_progress, feature_cache=args.feature_cache)
+                         device=args.device, progress=not args.no_progress, feature_cache=args.feature_cache,
+                         text_encoder=text)
     from fae.distributed import is_main
 
     if is_main():
@@ -43,7 +49,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from fae.distributed import init_distributed, is_main
-    from fae.sampling import load_decoder, sample_to_dir
+    from fae.sampling import GenerationPipeline, load_decoder, sample_to_dir
     from fae.stages.dit import load_run_generator
     from fae.transport import GuidanceSchedule, SamplerConfig, paper_method
 
@@ -61,12 +67,23 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         sampler.validate()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    gen = load_run_generator(args.dit, device=device)
-    decode = load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device)
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
+    if args.pipeline:
+        if args.dit or args.fae or args.pixel_decoder:
+            raise ConfigError("--pipeline holds the generator and the FAE: drop --dit/--fae/--pixel-decoder")
+        pipe = GenerationPipeline.from_pretrained(args.pipeline, device=device)
+        gen, decode = pipe.generator, pipe.fae.decode_to_pixels
+    elif args.dit:
+        gen = load_run_generator(args.dit, device=device)
+        decode = load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device)
+    else:
+        raise ConfigError("fae sample: give --pipeline <folder>, or --dit <run> with --fae <fae_pipeline>")
     written = sample_to_dir(gen, decode, args.out, args.num_samples, seed=args.seed, labels=args.labels,
                             sampler=sampler, batch_size=args.batch_size, device=device, progress=not args.no_progress,
                             grid=not args.no_grid, pngs=not args.no_pngs, npz=not args.no_npz, per_row=args.per_row,
-                            precision=args.precision)
+                            precision=args.precision, prompts=prompts or None)
     if is_main():
         for kind, path in written.items():
             print(f"{kind}: {path}")
@@ -94,18 +111,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--text-encoder", choices=["minilm", "t5", "siglip2"],
+                   help="caption data (kind: caption_folder | caption_manifest | webdataset): also cache the "
+                   "captions' text embeddings, for `fae train mmdit` (minilm ships with fae and works offline)")
+    p.add_argument("--text-model", help="text encoder hub id or local folder (default: the shipped MiniLM; "
+                   "google/flan-t5-xl for t5)")
+    p.add_argument("--text-max-length", type=int, default=32, help="tokens per caption (padded/truncated)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="data overrides key=value, e.g. limit=1000 image_size=32")
     p.set_defaults(func=_cmd_encode)
 
-    p = sub.add_parser("sample", help="generate images with a trained DiT",
-                       description="Sample latents with a DiT generator, decode them to pixels and write a labelled "
+    p = sub.add_parser("sample", help="generate images with a trained DiT or MMDiT",
+                       description="Sample latents with a DiT (class labels) or MMDiT (--prompt) generator, decode "
+                       "them to pixels and write a labelled "
                        "grid.png, images/*.png and samples.npz (arr_0: uint8 NHWC, for the ADM evaluator). Under "
                        "torchrun the work is split across processes with identical results.")
-    p.add_argument("--dit", required=True, help="DiT bundle or `fae train dit` run folder (newest EMA if unfinished)")
-    p.add_argument("--fae", help="FAE pipeline bundle (with pixel decoder) or stage-1 FAE bundle; default: the one "
-                   "the latents were encoded with")
+    p.add_argument("--pipeline", help="a generation pipeline folder (generator + FAE pipeline, e.g. runs/demo/pipeline)")
+    p.add_argument("--dit", "--generator", dest="dit",
+                   help="generator: DiT bundle or `fae train dit` run folder (newest EMA if unfinished), or an MMDiT "
+                   "bundle or finished `fae train mmdit` run")
+    p.add_argument("--prompt", action="append", help="text generator: a prompt (repeat for several); sample i gets "
+                   "prompt i mod P, one grid row per prompt")
+    p.add_argument("--prompts", help="text generator: a file with one prompt per line")
+    p.add_argument("--fae", help="with --dit: the FAE pipeline bundle (with pixel decoder) or stage-1 FAE bundle the "
+                   "generator was trained on (checked by the SHA-256 of its weights)")
     p.add_argument("--pixel-decoder", help="pixel decoder bundle (when --fae has none, or for raw-feature latents)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("-n", "--num-samples", type=int, default=100)
@@ -114,7 +144,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=["auto", "euler", "heun", "euler_maruyama"], default="auto",
                    help="auto: Euler-Maruyama SDE without guidance, Euler ODE with it (the paper's protocol)")
     p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--guidance", default="none", help="none | paper (0.9 on t in [0.9,1], 2.5 on [0,0.7]) | a scale "
+    p.add_argument("--guidance", default="none", help="none | paper (0.9 on t in [0.9,1], 2.5 on [0,0.7]) | "
+                   "paper-text (1.5 on [0,0.9], the MMDiT's) | a scale "
                    "for all t | 't_min-t_max:scale,...'")
     p.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first N channels (3 = the DiT/SiT code's legacy behaviour); default all")

@@ -23,21 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def parameter_table(name: str, cfg: object) -> list[dict[str, object]]:
-    import torch
-
-    from fae.nn import count_parameters
-    from fae.stages import stage_module
-
-    with torch.device("meta"):
-        parts = stage_module(name).components(cfg)
-    rows = [{"component": k, "parameters": count_parameters(m), "millions": round(count_parameters(m) / 1e6, 2)}
-            for k, m in parts.items()]
-    return rows
-
-
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from fae.stages import load_stage_config
+    from fae.stages import load_stage_config, parameter_table
 
     name, cfg = load_stage_config(args.config, args.overrides)
     rows = parameter_table(name, cfg)
@@ -55,10 +42,10 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("train", help="train a stage: fae | pixel-decoder | dit",
+    p = sub.add_parser("train", help="train a stage: fae | pixel-decoder | dit | mmdit",
                        description="Train one stage with the shared trainer. Re-running the same command resumes "
                        "from the newest checkpoint in --out.")
-    p.add_argument("stage", help="fae | pixel-decoder | dit")
+    p.add_argument("stage", help="fae | pixel-decoder | dit | mmdit | encoder")
     p.add_argument("--config", required=True, help="YAML config (see configs/paper and configs/demo)")
     p.add_argument("--out", help="run folder (default runs/<stage>)")
     p.add_argument("--fresh", action="store_true", help="delete the run folder and start over")

@@ -12,27 +12,33 @@ from typing import Literal
 
 import torch
 
+from fae.data.captions import CaptionDataConfig, CaptionDataset, build_caption_dataset
 from fae.data.features import CachedFeatureDataset, FeatureCache, build_feature_cache
 from fae.data.idx import FashionMNIST, read_idx
 from fae.data.images import ImageFolderDataset, center_crop_arr
-from fae.data.keys import DataKey, check_index, flip_coin, split_key
+from fae.data.keys import DataKey, check_index, class_strided_indices, flip_coin, item_labels, split_key
+
+CAPTION_KINDS = {"caption_folder": "folder", "caption_manifest": "manifest", "webdataset": "webdataset"}
 
 
 @dataclass
 class DataConfig:
-    kind: Literal["fashion_mnist", "image_folder"] = "fashion_mnist"
+    # caption_folder / caption_manifest / webdataset: image-caption pairs (fae.data.captions), for `fae train mmdit`
+    kind: Literal["fashion_mnist", "image_folder", "caption_folder", "caption_manifest", "webdataset"] = "fashion_mnist"
     root: str | None = None  # image_folder: the folder, or its parent with split sub-folders; fashion_mnist: IDX dir
     split: str = "train"
     image_size: int = 32
     hflip: bool = False
     limit: int | None = None  # use only this many items (a deterministic, class-balanced subset for folders)
     fit: Literal["resize", "pad"] = "resize"  # fashion_mnist only: 28 px -> image_size by bilinear resize or zero pad
+    missing_captions: Literal["skip", "error"] = "skip"  # caption data: skip-and-count or refuse (fae.data.captions)
 
     def validate(self) -> None:
-        if self.kind not in ("fashion_mnist", "image_folder"):
-            raise ValueError(f"data kind must be fashion_mnist or image_folder, not {self.kind!r}")
-        if self.kind == "image_folder" and not self.root:
-            raise ValueError("data.root is required for an image_folder data set")
+        if self.kind not in ("fashion_mnist", "image_folder", *CAPTION_KINDS):
+            raise ValueError(f"data kind must be fashion_mnist, image_folder or one of {list(CAPTION_KINDS)}, "
+                             f"not {self.kind!r}")
+        if self.kind != "fashion_mnist" and not self.root:
+            raise ValueError(f"data.root is required for a {self.kind} data set")
         if self.image_size < 1:
             raise ValueError(f"data.image_size must be positive, not {self.image_size}")
         if self.limit is not None and self.limit < 1:
@@ -50,6 +56,9 @@ def build_dataset(cfg: DataConfig, split: str | None = None) -> torch.utils.data
     """
     cfg.validate()
     split = split or cfg.split
+    if cfg.kind in CAPTION_KINDS:
+        return build_caption_dataset(CaptionDataConfig(CAPTION_KINDS[cfg.kind], cfg.root, cfg.image_size,  # type: ignore
+                                                       cfg.missing_captions, cfg.limit))
     if cfg.kind == "fashion_mnist":
         return FashionMNIST(cfg.root, split=split, image_size=cfg.image_size, hflip=cfg.hflip, limit=cfg.limit,
                             fit=cfg.fit)
@@ -62,6 +71,8 @@ def build_dataset(cfg: DataConfig, split: str | None = None) -> torch.utils.data
 
 
 __all__ = [
-    "CachedFeatureDataset", "DataConfig", "DataKey", "FashionMNIST", "FeatureCache", "ImageFolderDataset",
-    "build_dataset", "build_feature_cache", "center_crop_arr", "check_index", "flip_coin", "read_idx", "split_key",
+    "CAPTION_KINDS", "CachedFeatureDataset", "CaptionDataConfig", "CaptionDataset", "DataConfig", "DataKey",
+    "FashionMNIST", "FeatureCache", "ImageFolderDataset", "build_caption_dataset", "build_dataset",
+    "build_feature_cache", "center_crop_arr", "check_index", "class_strided_indices", "flip_coin", "item_labels",
+    "read_idx", "split_key",
 ]

@@ -18,7 +18,8 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
 from fae.data.keys import check_index, flip_coin, split_key
-from fae.io import atomic_save_safetensors, reference_differences
+from fae.data.readable import WithIndex, collate_present, item_name
+from fae.io import atomic_save_safetensors, check_same_encoder
 from fae.precision import DTYPES
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,21 @@ class FeatureCache:
             raise ValueError(f"{self.path} is not a fae feature cache (format {self.metadata.get('format')!r})")
         self.length, self.num_tokens, self.dim = shape
         self.has_flips = "features_flip" in keys
+        self.missing: list[str] = json.loads(self.metadata.get("missing", "[]"))  # unreadable items left out
         self.encoder: dict[str, Any] = json.loads(self.metadata["encoder"])
         self._file: Any = None  # opened lazily, once per process (DataLoader workers cannot share the handle)
+        self._present: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.length
+
+    def present(self, index: int) -> bool:
+        """Whether item `index` was readable when the cache was built (caches before this field: always)."""
+        if self._present is None:
+            with safe_open(str(self.path), framework="pt") as f:
+                keys = set(f.keys())
+                self._present = f.get_tensor("present").bool() if "present" in keys else torch.ones(0, dtype=torch.bool)
+        return bool(self._present[index]) if len(self._present) else True
 
     def mismatch(self, metadata: dict[str, str]) -> str | None:
         """The first metadata key whose value differs from `metadata`, or None when the cache matches."""
@@ -130,16 +141,24 @@ def build_feature_cache(encoder: Any, dataset: Dataset, path: str | Path, batch_
     tensors = {"features": torch.empty(shape, dtype=DTYPES[dtype])}
     if flips:
         tensors["features_flip"] = torch.empty(shape, dtype=DTYPES[dtype])
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    start = 0
+    for rows in tensors.values():
+        rows.zero_()
+    present = torch.zeros(n, dtype=torch.uint8)  # 0: the item could not be read (its row stays zero, never used)
+    loader = DataLoader(WithIndex(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_present)
     for batch in tqdm(loader, desc=f"features -> {path.name}", disable=not progress):
-        images = batch["image"].to(device)
-        stop = start + len(images)
-        tensors["features"][start:stop] = encoder(images).to(DTYPES[dtype]).cpu()
+        if batch is None:
+            continue
+        images, index = batch["image"].to(device), batch["index"]
+        tensors["features"][index] = encoder(images).to(DTYPES[dtype]).cpu()
         if flips:
-            tensors["features_flip"][start:stop] = encoder(images.flip(-1)).to(DTYPES[dtype]).cpu()
-        start = stop
-    atomic_save_safetensors(tensors, path, metadata=metadata)
+            tensors["features_flip"][index] = encoder(images.flip(-1)).to(DTYPES[dtype]).cpu()
+        present[index] = 1
+    tensors["present"] = present
+    missing = [item_name(dataset, int(i)) for i in torch.nonzero(present == 0).flatten()]
+    if missing:
+        log.warning("feature cache %s: %d unreadable item(s) left out: %s", path, len(missing), ", ".join(missing[:10]))
+    atomic_save_safetensors(tensors, path, metadata={**metadata, "missing": json.dumps(missing)})
     return FeatureCache(path)
 
 
@@ -158,9 +177,8 @@ class CachedFeatureDataset(Dataset):
         if self.cache.metadata.get("dataset") != json.dumps(dataset_signature(base), sort_keys=True):
             raise ValueError(f"{self.cache.path} was built for another data set; rebuild it with build_feature_cache")
         if encoder_reference is not None:
-            differs = reference_differences(self.cache.encoder, encoder_reference)
-            if differs:
-                raise ValueError(f"{self.cache.path} was built with another encoder (differs in {differs}); rebuild it")
+            check_same_encoder(self.cache.encoder, encoder_reference, f"feature cache {self.cache.path}",
+                               "the encoder of this run (rebuild the cache)")
         self.hflip = bool(getattr(base, "hflip", False)) if hflip is None else hflip
         if self.hflip and not self.cache.has_flips:
             raise ValueError(f"{self.cache.path} has no flipped features but the data set flips; "
@@ -172,7 +190,10 @@ class CachedFeatureDataset(Dataset):
     def __getitem__(self, key: Any) -> dict[str, torch.Tensor]:
         index, generator = split_key(key)
         index = check_index(index, len(self), "CachedFeatureDataset")
-        item = dict(self.base[index])  # a plain index: the base never flips, we decide below
+        base = self.base[index]  # a plain index: the base never flips, we decide below
+        if base is None:         # unreadable: dropped (fae.data.readable)
+            return None
+        item = dict(base)
         flipped = self.hflip and flip_coin(generator)
         if flipped:
             item["image"] = item["image"].flip(-1)

@@ -1,7 +1,7 @@
 """Image folders: ADM centre crop to the training size, optional horizontal flip, labels from sub-folders.
 
-A corrupt or unreadable file never kills a run: it is skipped with a warning that names it, counted in
-`dataset.skipped`, and the next readable image takes its place so batches stay full.
+A corrupt or unreadable file never kills a run: the item is None (fae.data.readable), with a warning that names
+the file, counted in `dataset.skipped`; loaders drop it, so it is never replaced by a copy of a neighbour.
 """
 from __future__ import annotations
 
@@ -102,23 +102,19 @@ class ImageFolderDataset(Dataset):
             img.load()
             return center_crop_arr(img.convert("RGB"), self.image_size)
 
-    def __getitem__(self, key: Any) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: Any) -> dict[str, torch.Tensor] | None:
         index, generator = split_key(key)
         index = check_index(index, len(self), "ImageFolderDataset")
-        for offset in range(len(self)):
-            i = (index + offset) % len(self)
-            if i in self._bad:
-                continue
-            try:
-                arr = self.load(i)
-            except Exception as exc:  # PIL raises many types for bad files; none may stop training
-                self._bad.add(i)
+        try:
+            arr = self.load(index)
+        except Exception as exc:  # PIL raises many types for bad files; none may stop training
+            if index not in self._bad:
+                self._bad.add(index)
                 self.skipped += 1
-                warnings.warn(f"skipping unreadable image {self.samples[i][0]} ({type(exc).__name__}: {exc}); "
-                              "using the next readable one", RuntimeWarning, stacklevel=2)
-                continue
-            image = to_tensor(arr)
-            if self.hflip and flip_coin(generator):
-                image = image.flip(-1)
-            return {"image": image, "label": torch.tensor(self.samples[i][1], dtype=torch.int64)}
-        raise RuntimeError(f"{self.root}: none of the {len(self)} images could be read")
+                warnings.warn(f"skipping unreadable image {self.samples[index][0]} ({type(exc).__name__}: {exc}); "
+                              "it is dropped from the data set", RuntimeWarning, stacklevel=2)
+            return None  # dropped by fae.data.readable.collate_present, never replaced by a neighbour
+        image = to_tensor(arr)
+        if self.hflip and flip_coin(generator):
+            image = image.flip(-1)
+        return {"image": image, "label": torch.tensor(self.samples[index][1], dtype=torch.int64)}

@@ -8,6 +8,11 @@ Layout of a cache folder:
                                and, with `store_std`, "std" / "std_flip" (the posterior std, to sample at train time)
     stats.safetensors          per-channel "mean" / "std" (float64) and the recipe in its metadata
 
+Caption data sets (fae.data.captions) encoded with a text encoder (`text_fn`) also store, per shard, the captions'
+"text_tokens" (n,L,Dt), "text_mask" (n,L), "text_pooled" (n,Dt) and the captions themselves (metadata "captions"),
+and `text_null.safetensors` holds the empty prompt's embedding, MMDiT's null condition. One cache, one manifest: the
+text encoder's reference goes into cache.json under "text".
+
 Latents are the FAE posterior mean by default. `source="raw_features"` stores the frozen encoder's features
 reshaped to (D, h, w) instead (the "diffusion directly on encoder features" baseline of the paper's Table 5).
 
@@ -32,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from fae import distributed as D
 from fae.data import check_index, flip_coin, split_key
 from fae.data.features import dataset_signature
-from fae.io import atomic_save_safetensors, atomic_write_text
+from fae.data.readable import WithIndex, collate_present, item_name
+from fae.io import atomic_save_safetensors, atomic_write_text, file_sha256, remove_stale_temporaries
 from fae.precision import DTYPES
 
 CACHE_FORMAT = "fae-latent-cache-v1"
@@ -42,6 +48,8 @@ STATS_RECIPE = ("per-channel mean and population std over every stored latent (p
                 "two passes in float64 (mean, then mean squared deviation), shards in order, NumPy pairwise sums "
                 "over 1024-row chunks")
 _CHUNK = 1024
+TEXT_NULL = "text_null.safetensors"
+TEXT_KEYS = ("text_tokens", "text_mask", "text_pooled")
 
 Source = Literal["fae", "raw_features"]
 
@@ -59,6 +67,7 @@ class EncodeOptions:
     shard_size: int = 10000
     batch_size: int = 256
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    text_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # text states: L x Dt per item, the bulk
     num_workers: int = 0
 
     def validate(self) -> None:
@@ -66,11 +75,13 @@ class EncodeOptions:
             raise ValueError("shard_size and batch_size must be positive")
         if self.store_std and self.source != "fae":
             raise ValueError("store_std needs source=fae (raw features have no posterior)")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES or self.text_dtype not in DTYPES:
+            raise ValueError(f"dtype and text_dtype must be one of {list(DTYPES)}, got {self.dtype!r}, "
+                             f"{self.text_dtype!r}")
 
 
 LatentFn = Callable[[dict[str, torch.Tensor], bool], tuple[torch.Tensor, "torch.Tensor | None"]]
+TextFn = Callable[[list[str]], dict[str, torch.Tensor]]   # prompts -> {"text_tokens", "text_mask", "text_pooled"}
 
 
 def make_latent_fn(encoder: Callable[[torch.Tensor], torch.Tensor] | None, fae: Any | None, source: Source,
@@ -116,7 +127,9 @@ class CachedFeatureRows(Dataset):
             return samples[index][1]
         return self.base[index]["label"]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
+        if not self.cache.present(index):  # unreadable when the cache was built: dropped
+            return None
         label = self._label(index)
         item = {"features": self.cache.get(index), "label": torch.as_tensor(label, dtype=torch.long)}
         if self.flips:
@@ -130,9 +143,11 @@ class CachedFeatureRows(Dataset):
 @torch.no_grad()
 def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
                    out_dir: str | Path, options: EncodeOptions | None = None, device: torch.device | str = "cpu",
-                   record: dict[str, Any] | None = None, progress: bool = True) -> Path:
+                   record: dict[str, Any] | None = None, progress: bool = True, text_fn: TextFn | None = None
+                   ) -> Path:
     """Encode every item of `dataset` (integer keys: no augmentation) into shards under `out_dir`, then compute the
-    statistics and write the manifest. Shards already written by an interrupted run with the same settings are
+    statistics and write the manifest. With `text_fn`, items carry a "caption", whose text embeddings are stored
+    beside the latents. Shards already written by an interrupted run with the same settings are
     kept. Under torchrun each process encodes shards rank, rank + W, ...; rank 0 writes statistics and manifest.
 
     `record` is stored in the manifest (e.g. the FAE bundle and encoder references).
@@ -150,6 +165,9 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
     signature = json.dumps({"data": dataset_signature(dataset), "record": record or {},
                             "options": {k: v for k, v in opts.__dict__.items() if k != "num_workers"}}, sort_keys=True)
     rank, world = D.rank(), D.world_size()
+    if rank == 0:
+        remove_stale_temporaries(out)   # a killed run's half-written shard; its shard is encoded again below
+    D.barrier()
     dtype = DTYPES[opts.dtype]
     mine = [s for s in range(num_shards) if s % world == rank]
     bar = tqdm(total=sum(min(opts.shard_size, n - s * opts.shard_size) for s in mine), desc=f"encode -> {out.name}",
@@ -161,10 +179,23 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
             bar.update(hi - lo)
             continue
         parts: dict[str, list[torch.Tensor]] = {}
-        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=opts.batch_size, shuffle=False,
-                            num_workers=opts.num_workers)
+        loader = DataLoader(Subset(WithIndex(dataset), range(lo, hi)), batch_size=opts.batch_size, shuffle=False,
+                            num_workers=opts.num_workers, collate_fn=collate_present)
+        kept: list[int] = []
+        captions: list[str] = []
         for batch in loader:
+            if batch is None:
+                continue
+            kept += batch.pop("index").tolist()
             labels = batch.pop("label")
+            if text_fn is not None:
+                if "caption" not in batch:
+                    raise ValueError(f"a text encoder was given but {type(dataset).__name__} has no captions; "
+                                     "use a caption data set (fae.data.captions)")
+                captions += list(batch["caption"])
+                for k, v in text_fn(list(batch.pop("caption"))).items():
+                    parts.setdefault(k, []).append(v.cpu() if k == "text_mask" else v.to(DTYPES[opts.text_dtype]).cpu())
+            batch = {k: v for k, v in batch.items() if k != "caption"}
             batch = {k: v.to(device) for k, v in batch.items()}
             z, std = latent_fn(batch, False)
             parts.setdefault("latents", []).append(z.to(dtype).cpu())
@@ -177,12 +208,21 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
                 if stdf is not None:
                     parts.setdefault("std_flip", []).append(stdf.to(dtype).cpu())
             bar.update(len(labels))
+        dropped = sorted(set(range(lo, hi)) - set(kept))   # unreadable: left out, never replaced by a neighbour
+        bar.update(len(dropped))
         tensors = {k: torch.cat(v) for k, v in parts.items()}
-        atomic_save_safetensors(tensors, path, metadata={"format": CACHE_FORMAT, "signature": signature,
-                                                         "count": str(hi - lo), "start": str(lo)})
+        # one metadata key: safetensors writes metadata from a hash map, whose order differs between processes
+        shard_meta = {"format": CACHE_FORMAT, "signature": signature, "count": str(hi - lo), "start": str(lo),
+                      "dropped": json.dumps([item_name(dataset, i) for i in dropped])}
+        if captions:
+            shard_meta["captions"] = json.dumps(captions)
+        atomic_save_safetensors(tensors, path, metadata={"shard": json.dumps(shard_meta, sort_keys=True)})
     bar.close()
     D.barrier()
     if rank == 0:
+        if text_fn is not None:  # the empty prompt: the null condition of caption dropout and guidance
+            null = {k: v.cpu() if k == "text_mask" else v.float().cpu() for k, v in text_fn([""]).items()}
+            atomic_save_safetensors(null, out / TEXT_NULL)
         write_manifest(out, signature, num_shards, opts, record or {}, dataset_signature(dataset), dataset)
     D.barrier()
     return out
@@ -194,26 +234,38 @@ def _shard_done(path: Path, signature: str, count: int) -> bool:
         return False
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = _shard_meta(f)
     except Exception:
         return False
     return meta.get("signature") == signature and meta.get("count") == str(count)
 
 
+def _shard_meta(f: Any) -> dict[str, str]:
+    meta = f.metadata() or {}
+    return json.loads(meta["shard"]) if "shard" in meta else meta   # flat keys: caches written before 2026-11-29
+
+
 def write_manifest(out: Path, signature: str, num_shards: int, opts: EncodeOptions, record: dict[str, Any],
                    data_signature: dict[str, Any], dataset: Dataset | None = None) -> None:
-    shards, shape, labels = [], None, []
+    shards, shape, labels, dropped = [], None, [], []
     for s in range(num_shards):
         with safe_open(str(out / shard_name(s)), framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = _shard_meta(f)
             if meta.get("signature") != signature:
                 raise RuntimeError(f"{out / shard_name(s)} belongs to another encoding run")
+            dropped += json.loads(meta.get("dropped", "[]"))
+            digest = file_sha256(out / shard_name(s))   # lets a reader tell a damaged shard from a good one
+            if "latents" not in f.keys():   # every item of this shard was unreadable
+                shards.append({"file": shard_name(s), "count": 0, "sha256": digest})
+                continue
             shape = list(f.get_slice("latents").get_shape())
             labels.append(f.get_tensor("labels"))
-            shards.append({"file": shard_name(s), "count": shape[0]})
-    assert shape is not None
+            shards.append({"file": shard_name(s), "count": shape[0], "sha256": digest})
+    if shape is None:
+        raise ValueError(f"none of the {len(dropped)} items could be read (e.g. {dropped[0] if dropped else '?'}); "
+                         "check the data folder")
     all_labels = torch.cat(labels)
-    mean, std = compute_stats(out, [s["file"] for s in shards], flip=opts.flip)
+    mean, std = compute_stats(out, [s["file"] for s in shards if s["count"]], flip=opts.flip)
     # one metadata key: safetensors writes metadata from a hash map, whose order would differ between runs
     atomic_save_safetensors({"mean": mean, "std": std}, out / STATS, metadata={"recipe": json.dumps(
         {"recipe": STATS_RECIPE, "items": int(all_labels.numel()), "flip": opts.flip}, sort_keys=True)})
@@ -222,6 +274,7 @@ def write_manifest(out: Path, signature: str, num_shards: int, opts: EncodeOptio
         "format": CACHE_FORMAT,
         "source": opts.source,
         "num_items": int(all_labels.numel()),
+        "skipped": {"count": len(dropped), "items": dropped[:1000]},   # unreadable inputs left out
         "channels": shape[1],
         "grid": shape[2:],
         "dtype": opts.dtype,
@@ -306,8 +359,18 @@ class LatentCache:
 
     def _file(self, shard: int) -> Any:
         if shard not in self._files:
-            self._files[shard] = safe_open(str(self.path / self.manifest["shards"][shard]["file"]), framework="pt")
+            path = self.path / self.manifest["shards"][shard]["file"]
+            try:
+                self._files[shard] = safe_open(str(path), framework="pt")
+            except Exception as exc:  # missing or damaged: name it, and say how to repair
+                raise ValueError(f"latent shard {path} is unreadable ({exc}); run the same `fae encode` again: it "
+                                 "re-encodes damaged shards and keeps the good ones") from None
         return self._files[shard]
+
+    def verify(self) -> list[str]:
+        """The shards whose bytes differ from the SHA-256 `fae encode` recorded (caches before that: none)."""
+        return [s["file"] for s in self.manifest["shards"]
+                if "sha256" in s and file_sha256(self.path / s["file"]) != s["sha256"]]
 
     def locate(self, index: int) -> tuple[int, int]:
         index = check_index(index, len(self), str(self.path))
@@ -319,7 +382,25 @@ class LatentCache:
         return self._file(shard).get_slice(key)[i:i + 1][0]
 
     def labels(self) -> torch.Tensor:
-        return torch.cat([self._file(s).get_tensor("labels") for s in range(len(self.counts))])
+        return torch.cat([self._file(s).get_tensor("labels") for s in range(len(self.counts)) if self.counts[s]])
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the cache holds text embeddings of captions (encoded with a text encoder)."""
+        return self.manifest.get("text") is not None
+
+    def captions(self) -> list[str]:
+        out: list[str] = []
+        for s in range(len(self.counts)):
+            out += json.loads(_shard_meta(self._file(s)).get("captions", "[]"))
+        return out
+
+    def text_null(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's embedding (rows of one) the cache was encoded with."""
+        if not self.has_text:
+            raise ValueError(f"{self.path} holds no text embeddings; encode a caption data set with a text encoder")
+        with safe_open(str(self.path / TEXT_NULL), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in TEXT_KEYS}
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own handles
         return {**self.__dict__, "_files": {}}
@@ -335,7 +416,8 @@ def denormalize(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: flo
 
 
 class LatentDataset(Dataset):
-    """Items {"latent": (C,h,w) float32 normalised, "label": int64}. With an (index, seed) key the seed's coin picks
+    """Items {"latent": (C,h,w) float32 normalised, "label": int64} (+ "text_tokens", "text_mask", "text_pooled"
+    from a cache with text embeddings). With an (index, seed) key the seed's coin picks
     the flipped latent (`flip_coin`, as every fae data set); with `sample_posterior` the seed also draws
     z = mean + std * n from the stored posterior std."""
 
@@ -363,4 +445,8 @@ class LatentDataset(Dataset):
             z = z + std * torch.randn(z.shape, generator=generator)
         if self.normalize:
             z = normalize(z, self.mean, self.std)
-        return {"latent": z, "label": self.cache.row(index, "labels").long()}
+        item = {"latent": z, "label": self.cache.row(index, "labels").long()}
+        if self.cache.has_text:
+            item.update({k: self.cache.row(index, k) for k in TEXT_KEYS})
+            item["text_tokens"], item["text_pooled"] = item["text_tokens"].float(), item["text_pooled"].float()
+        return item

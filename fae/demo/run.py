@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from fae.demo.report import step_report
-from fae.demo.steps import CONFIG_DIR, STEPS, DemoContext
+from fae.demo.steps import CONFIG_DIR, STEPS, DemoContext, Step
+from fae.demo.text import TEXT_STEPS, step_text_report
 from fae.io import atomic_write_text
 
 # What each step took on the reference machine (2 cores, AVX2 emulated with ATEN_CPU_CAPABILITY=avx2
@@ -21,9 +22,15 @@ REFERENCE_SECONDS: dict[str, dict[str, float]] = {
                 "dit-raw": 59.7, "classifier": 0.1, "samples": 56.5, "probe": 26.4, "report": 3.0},
     "quick": {"encoder": 0.1, "fae": 4.7, "pixel-decoder": 1.5, "finetune": 1.5, "latents": 1.3, "dit": 0.5,
               "dit-raw": 0.7, "classifier": 0.1, "samples": 2.0, "probe": 2.4, "report": 1.4},
+    # `fae demo --text` (fae.demo.text): measured on an AVX512 machine shared with other jobs (one thread, bf16),
+    # divided by its calibration slowdown (2.5x)
+    "text": {"encoder": 0.1, "text-data": 5.4, "fae": 18.8, "pixel-decoder": 10.4, "finetune": 8.2,
+             "text-latents": 8.6, "mmdit": 97.4, "text-samples": 23.2, "report": 1.0},
+    "text-quick": {"encoder": 0.1, "text-data": 4.0, "fae": 3.0, "pixel-decoder": 1.5, "finetune": 1.5,
+                   "text-latents": 6.0, "mmdit": 1.0, "text-samples": 6.0, "report": 1.0},
 }
 REFERENCE_CALIBRATION = 0.090  # seconds per calibration step on the reference machine
-BUDGET_SECONDS = {"default": 600.0, "quick": 120.0}
+BUDGET_SECONDS = {"default": 600.0, "quick": 120.0, "text": 300.0, "text-quick": 120.0}
 
 
 def calibration_step_seconds(steps: int = 3) -> float:
@@ -81,15 +88,17 @@ class Forecast:
         return self.factor() * sum(self.reference.get(s, 0.0) for s in steps)
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = False, progress: bool = True,
-             precision: str = "auto", from_scratch: bool = False) -> Path:
+def run_demo(out: str | Path | None = None, quick: bool = False, fresh: bool = False, progress: bool = True,
+             precision: str = "auto", from_scratch: bool = False, text: bool = False) -> Path:
     """Run every demo step that is not done yet; returns the report path. `precision` is what `auto` means for
-    every stage, the encoder and sampling (default: chosen from the hardware, fae.precision)."""
+    every stage, the encoder and sampling (default: chosen from the hardware, fae.precision). `text`: the
+    text-to-image demo (fae.demo.text) instead of the class-conditional one. Default folders: runs/demo,
+    runs/demo-quick, runs/demo-text, runs/demo-text-quick."""
     from fae.precision import PRECISIONS, resolve_precision
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, not {precision!r}")
-    out = Path(out)
+    out = Path(out) if out is not None else Path("runs/demo" + ("-text" if text else "") + ("-quick" if quick else ""))
     if quick and out == Path("runs/demo"):
         out = Path("runs/demo-quick")
     if fresh and out.exists():
@@ -99,8 +108,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     if precision != "auto":
         os.environ["FAE_PRECISION"] = precision
     try:
-        return _run_steps(DemoContext(out=out, quick=quick, progress=progress, from_scratch=from_scratch),
-                          resolve_precision("auto", "cpu"))
+        ctx = DemoContext(out=out, quick=quick, progress=progress, from_scratch=from_scratch)
+        if text:
+            return _run_steps(ctx, resolve_precision("auto", "cpu"), TEXT_STEPS, step_text_report,
+                              "text-quick" if quick else "text")
+        return _run_steps(ctx, resolve_precision("auto", "cpu"))
     finally:
         if saved_env is None:
             os.environ.pop("FAE_PRECISION", None)
@@ -108,13 +120,14 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
             os.environ["FAE_PRECISION"] = saved_env
 
 
-def _run_steps(ctx: DemoContext, choice: Any) -> Path:
-    out, profile = ctx.out, "quick" if ctx.quick else "default"
-    todo = [s.name for s in STEPS if not (out / s.name / "done.json").is_file()] + ["report"]
+def _run_steps(ctx: DemoContext, choice: Any, steps: list[Step] = STEPS, report_fn: Any = step_report,
+               profile: str | None = None) -> Path:
+    out, profile = ctx.out, profile or ("quick" if ctx.quick else "default")
+    todo = [s.name for s in steps if not (out / s.name / "done.json").is_file()] + ["report"]
     forecast = Forecast(profile, calibration_step_seconds())
     estimate = forecast.left(todo)
     print(f"[demo] precision: {choice.describe()}", flush=True)
-    print(f"[demo] estimate: about {_minutes(estimate)} for {len(todo) - 1} of {len(STEPS)} steps "
+    print(f"[demo] estimate: about {_minutes(estimate)} for {len(todo) - 1} of {len(steps)} steps "
           f"(this machine runs the calibration step {forecast.slowdown:.2f}x as long as the reference machine)",
           flush=True)
     if estimate > 1.5 * forecast.budget:
@@ -126,9 +139,9 @@ def _run_steps(ctx: DemoContext, choice: Any) -> Path:
         **choice.as_dict(), "cpu_capability": _cpu_capability(), "calibration_seconds": forecast.slowdown *
         REFERENCE_CALIBRATION, "slowdown_vs_reference": forecast.slowdown, "estimate_seconds": estimate}, indent=2))
     begin = time.time()
-    for number, step in enumerate(STEPS, 1):
+    for number, step in enumerate(steps, 1):
         marker = out / step.name / "done.json"
-        head = f"[demo {number}/{len(STEPS)}] {step.title}"
+        head = f"[demo {number}/{len(steps)}] {step.title}"
         if marker.is_file():
             ctx.results[step.name] = json.loads(marker.read_text())
             print(f"{head}: done before ({ctx.results[step.name].get('seconds', 0):.1f} s), skipped", flush=True)
@@ -144,7 +157,7 @@ def _run_steps(ctx: DemoContext, choice: Any) -> Path:
         todo.remove(step.name)
         print(f"{head}: {info['seconds']:.1f} s; {_minutes(time.time() - begin)} so far, about "
               f"{_minutes(forecast.left(todo))} left", flush=True)
-    report = Path(step_report(ctx)["report"])
+    report = Path(report_fn(ctx)["report"])
     print(f"[demo] finished in {time.time() - begin:.0f} s; report: {report.resolve()}", flush=True)
     return report
 

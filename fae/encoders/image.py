@@ -168,15 +168,19 @@ def known_encoder_config(name: str, **overrides: Any) -> EncoderConfig:
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report (e.g. the unused SigLIP text tower); we check missing weights ourselves."""
+    """Silence transformers' load report (e.g. the unused SigLIP text tower; we check missing weights ourselves) and
+    its weight-loading progress bar (a frozen encoder loads silently)."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _model_class(class_name: str) -> type[nn.Module]:

@@ -143,5 +143,28 @@ def class_agreement(classifier: SmallCNN, images: torch.Tensor | np.ndarray, lab
     return {"agreement": float(hit.mean()), "per_class": per_class, "num_images": int(len(labels))}
 
 
+def caption_agreement(features: torch.Tensor, prompts: list[str], reference: torch.Tensor, captions: list[str],
+                      k: int = 5) -> dict[str, Any]:
+    """Text-image agreement without a downloaded judge: does the nearest real image (cosine similarity in a frozen
+    encoder's feature space) to each generated image carry that image's prompt as its caption?
+
+    `features` (N, ...) of the generated images, `prompts[i]` the prompt of image i; `reference` (M, ...) features
+    of the real images with `captions[j]`. Returns top-1 and top-k hit rates and their chance levels (a random
+    real image, or k of them, carrying the prompt), overall and per prompt."""
+    if len(prompts) != features.shape[0] or len(captions) != reference.shape[0]:
+        raise ValueError(f"{features.shape[0]} generated images with {len(prompts)} prompts, {reference.shape[0]} "
+                         f"real images with {len(captions)} captions: one each")
+    a = F.normalize(features.flatten(1).float(), dim=1)
+    b = F.normalize(reference.flatten(1).float(), dim=1)
+    nearest = (a @ b.T).topk(min(k, b.shape[0]), dim=1).indices.tolist()
+    hits = np.array([[captions[j] == p for j in row] for row, p in zip(nearest, prompts)])
+    share = {p: sum(c == p for c in captions) / len(captions) for p in set(prompts)}
+    per_prompt = {p: float(hits[[q == p for q in prompts], 0].mean()) for p in dict.fromkeys(prompts)}
+    return {"top1": float(hits[:, 0].mean()), f"top{k}": float(hits.any(1).mean()),
+            "chance_top1": float(np.mean([share[p] for p in prompts])),
+            f"chance_top{k}": float(np.mean([1 - (1 - share[p]) ** k for p in prompts])),
+            "per_prompt_top1": per_prompt, "nearest_captions": [captions[row[0]] for row in nearest]}
+
+
 def write_report(path: str | Path, report: dict[str, Any]) -> None:
     atomic_write_text(Path(path), json.dumps(report, indent=2))

@@ -28,6 +28,7 @@ from fae.metrics.inception import (
     find_inception_weights,
     load_fid_inception,
 )
+from fae.precision import strict_fp32
 
 FEATURE_KINDS = ("pool", "logits", "spatial")
 
@@ -80,7 +81,8 @@ class InceptionNetwork:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model(images.to(self.device))
+        with strict_fp32():  # no TF32 on Ampere/Hopper: FID statistics must match the ADM reference's
+            return self.model(images.to(self.device))
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "weights_hash": self.weights_hash, "weights_file": str(self.weights_path),
@@ -117,7 +119,8 @@ class EncoderNetwork:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = self.encoder(to_unit_float(images).to(self.device))
+        with strict_fp32():
+            tokens = self.encoder(to_unit_float(images).to(self.device))
         return {"pool": tokens.float().mean(dim=1)}
 
     def info(self) -> dict[str, Any]:

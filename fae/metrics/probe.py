@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fae.config import ConfigError
+from fae.data.readable import readable_batches
 
 POOLINGS = ("mean", "mean_max", "flatten")
 
@@ -280,8 +281,7 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
 
     def batches(split: str, limit: int | None) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         ds = build_dataset(from_dict(DataConfig, {**data, "limit": limit}, "data"), split)
-        loader = torch.utils.data.DataLoader(ds, batch_size=probe.batch_size, shuffle=False)
-        return ((b["image"], b["label"]) for b in loader)
+        return ((b["image"], b["label"]) for b in readable_batches(ds, probe.batch_size))
 
     tr, ytr = fae_probe_inputs(batches(train_split, train_limit), enc, autoencoder, probe.poolings,
                                probe.max_flatten_dim, dev, progress)

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from fae.data.readable import readable_batches
+from fae.grid import draw_grid
 from fae.io import atomic_write, atomic_write_text
 from fae.models.autoencoder import FeatureAutoEncoder
 from fae.models.pixel_decoder import PixelDecoder
@@ -55,7 +56,7 @@ def evaluate_decoders(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[
     stats: dict[str, Any] = {}
     grid: dict[str, list[torch.Tensor]] = {"original": [], **{name: [] for name in decoders}}
     t0 = time.time()
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for batch in readable_batches(dataset, batch_size):
         images = batch["image"].to(device).float()
         x = encoder(images).float()
         inputs = {"x": x}
@@ -121,22 +122,11 @@ class SeamAccumulator:
 
 def save_grid(columns: dict[str, list[torch.Tensor]], path: str | Path, min_cell: int = 96) -> Path:
     """One row per image, one labelled column per entry of `columns` (images (3,H,W) in [0,1])."""
-    from PIL import Image, ImageDraw
-
     names = [n for n, imgs in columns.items() if imgs]
-    rows = min(len(columns[n]) for n in names)
-    h, w = columns[names[0]][0].shape[-2:]
-    scale = max(1, -(-min_cell // max(h, w)))  # nearest-neighbour upscaling keeps pixels (and any seams) visible
-    ch, cw, pad, header = h * scale, w * scale, 4, 16
-    canvas = Image.new("RGB", (len(names) * (cw + pad) + pad, header + rows * (ch + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, name in enumerate(names):
-        x0 = pad + c * (cw + pad)
-        draw.text((x0, 2), name[: max(4, cw // 6)], fill="black")
-        for r in range(rows):
-            img = columns[name][r].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-            tile = Image.fromarray(np.ascontiguousarray(img)).resize((cw, ch), Image.NEAREST)
-            canvas.paste(tile, (x0, header + pad + r * (ch + pad)))
+    count = min(len(columns[n]) for n in names)
+    as_uint8 = [[columns[n][r].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy() for n in names]
+                for r in range(count)]
+    canvas = draw_grid(as_uint8, column_names=names, pad=4, min_cell=min_cell)
     path = Path(path)
     atomic_write(path, lambda p: canvas.save(p, format="PNG"))
     return path
@@ -150,15 +140,72 @@ def replace_features(cfg: Any) -> Any:
 
 
 def build_fid_network(kind: str, encoder: Any, inception_weights: str | None = None) -> Any | None:
-    """'encoder': the frozen encoder's mean-pooled tokens (offline); 'inception': FID Inception-v3 from a local
-    weights file; 'none': no rFID."""
+    """'encoder': the frozen encoder's mean-pooled tokens (offline); 'none': no rFID; any other
+    `fae.metrics.networks.build_network` spec ('inception', 'inception:pytorch', 'encoder:<folder>')."""
     if kind == "none":
         return None
-    from fae.metrics.networks import EncoderNetwork, InceptionNetwork
+    from fae.metrics.networks import EncoderNetwork, build_network
 
     device = encoder.mean.device if hasattr(encoder, "mean") else "cpu"
     if kind == "encoder":
         return EncoderNetwork(encoder, device=device)
-    if kind == "inception":
-        return InceptionNetwork(inception_weights, device=device)
-    raise ValueError(f"rFID feature space must be encoder, inception or none, not {kind!r}")
+    return build_network(kind, inception_weights, device=device)
+
+
+def evaluate_bundles(gaussian: str | Path | None = None, finetuned: str | Path | None = None,
+                     fae: str | Path | None = None, data: Any | None = None, split: str = "test", limit: int = 1000,
+                     batch_size: int = 250, grid_rows: int = 8, network: str = "encoder",
+                     inception_weights: str | None = None, device: str | torch.device = "cpu",
+                     out_dir: str | Path | None = None) -> dict[str, Any]:
+    """`fae eval recon` as a library call: score a Gaussian decoder (on x, and on x_hat when an FAE is known) and a
+    fine-tuned decoder (on x_hat) from their bundles or run folders.
+
+    The FAE defaults to the one the fine-tuned decoder was trained with, the frozen encoder to the one the bundles
+    record (all must agree), and `data` (a DataConfig) to the `data` block of the run's config.yaml."""
+    from dataclasses import replace
+
+    import yaml
+
+    from fae.config import ConfigError, from_dict
+    from fae.data import DataConfig, build_dataset
+    from fae.encoders import FrozenEncoder
+    from fae.io import check_same_encoder, read_bundle_config, require_bundle
+
+    if gaussian is None and finetuned is None:
+        raise ConfigError("reconstruction evaluation: give a Gaussian and/or a fine-tuned decoder")
+    bundles = {k: require_bundle(v, "pixel_decoder", classes=["PixelDecoder"])
+               for k, v in (("gaussian", gaussian), ("finetuned", finetuned)) if v is not None}
+    records = {k: read_bundle_config(b) for k, b in bundles.items()}
+    fae_path = fae or records.get("finetuned", {}).get("fae")
+    fae_dir = require_bundle(fae_path, "fae", classes=["FeatureAutoEncoder"]) if fae_path else None
+    if fae_dir is not None:
+        bundles["fae"], records["fae"] = fae_dir, read_bundle_config(fae_dir)
+    first = next(iter(records))
+    for name in records:
+        check_same_encoder(records[name].get("encoder"), records[first].get("encoder"), f"the {name} bundle "
+                           f"{bundles[name]}", f"the {first} bundle {bundles[first]}")
+    encoder = FrozenEncoder.from_reference(records[first]["encoder"]).to(device)
+
+    decoders: dict[str, tuple[PixelDecoder, FeatureInput]] = {}
+    if "gaussian" in bundles:
+        decoder = PixelDecoder.from_pretrained(bundles["gaussian"])
+        decoders["gaussian(x)"] = (decoder, "x")
+        if fae_dir is not None:
+            decoders["gaussian(x_hat)"] = (decoder, "x_hat")
+    if "finetuned" in bundles:
+        if fae_dir is None:
+            raise ConfigError("the fine-tuned decoder reads x_hat: give the FAE bundle (--fae); its record names none")
+        decoders["finetuned(x_hat)"] = (PixelDecoder.from_pretrained(bundles["finetuned"]), "x_hat")
+    if data is None:
+        run_config = bundles.get("finetuned", bundles.get("gaussian")).parent / "config.yaml"  # type: ignore[union-attr]
+        run = yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
+        if not isinstance(run, dict) or "data" not in run:
+            raise ConfigError(f"no data given, and {run_config} (the decoder's run config) has no data block")
+        data = from_dict(DataConfig, run["data"], "data")
+    image_size = next(iter(decoders.values()))[0].config.image_size   # the decoders define the image size
+    dataset = build_dataset(replace(data, hflip=False, limit=limit, image_size=image_size), split)
+    scores = evaluate_decoders(encoder, dataset, decoders,
+                               fae=FeatureAutoEncoder.from_pretrained(fae_dir) if fae_dir is not None else None,
+                               network=build_fid_network(network, encoder, inception_weights),
+                               batch_size=batch_size, grid_rows=grid_rows, out_dir=out_dir)
+    return {"split": split, **scores}

@@ -35,6 +35,7 @@ class FAEConfig:
     decoder_mlp_ratio: float = 4.0
     decoder_pos_embed: Literal["learned", "none"] = "learned"  # absolute table on top of RoPE
     decoder_rope: bool = True
+    decoder_out_bias: bool = False     # a bias after the final RMSNorm: LayerNorm-affine targets carry one (fidelity.md)
     logvar_clamp: tuple[float, float] = (-30.0, 20.0)
 
     def validate(self) -> None:
@@ -109,6 +110,9 @@ class FeatureDecoder(nn.Module):
             for _ in range(cfg.decoder_depth)
         )
         self.norm = make_norm("rmsnorm", d)
+        # a weight-only RMSNorm output has a fixed RMS per token up to the weight, so it cannot add the constant
+        # offset (the LayerNorm bias) that the frozen encoder's features carry; this bias can
+        self.out_bias = nn.Parameter(torch.zeros(d)) if cfg.decoder_out_bias else None
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed, std=0.02)
 
@@ -118,7 +122,8 @@ class FeatureDecoder(nn.Module):
             h = h + self.pos_embed
         for block in self.blocks:
             h = block(h, self.rope)
-        return self.norm(h)
+        h = self.norm(h)
+        return h + self.out_bias if self.out_bias is not None else h
 
 
 class FeatureAutoEncoder(nn.Module, PretrainedMixin):

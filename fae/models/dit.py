@@ -208,19 +208,10 @@ class DiT(nn.Module, PretrainedMixin):
             nn.init.zeros_(layer.bias)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, p*p*C), tokens in row-major order."""
-        b, c, h, w = x.shape
-        p = self.config.patch_size
-        x = x.reshape(b, c, h // p, p, w // p, p)
-        return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+        return patchify(x, self.config.patch_size)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, p*p*C) -> (B, C, H, W); the inverse of `patchify`."""
-        b = x.shape[0]
-        p, c = self.config.patch_size, self.config.in_channels
-        gh, gw = self.config.grid
-        x = x.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(b, c, gh * p, gw * p)
+        return unpatchify(x, self.config.patch_size, self.config.in_channels, self.config.grid)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -243,6 +234,20 @@ class DiT(nn.Module, PretrainedMixin):
         for block in self.blocks:
             h = block(h, c, self.rope)
         return self.unpatchify(self.final_layer(h, c))
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C), tokens in row-major order."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, p: int, channels: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N, p*p*C) -> (B, C, H, W); the inverse of `patchify`."""
+    gh, gw = grid
+    x = x.reshape(x.shape[0], gh, gw, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(x.shape[0], channels, gh * p, gw * p)
 
 
 def _backend(cfg: DiTConfig) -> AttentionBackend | None:

@@ -36,6 +36,7 @@ class PixelDecoderConfig:
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"   # a plain ViT-L by default
     mlp: Literal["gelu", "swiglu"] = "gelu"
     refine_channels: int = 64     # hidden channels of the seam-removing 3x3 conv refinement; 0 = none
+    input_pos_embed: bool = False  # a learned (N, D) table added to the input features: App. D's 305.36M (fidelity.md)
 
     def validate(self) -> None:
         for name in ("in_dim", "num_tokens", "patch_size", "width", "depth", "num_heads", "out_channels"):
@@ -69,7 +70,7 @@ PIXEL_DECODER_SIZES: dict[str, dict[str, Any]] = {
     "S": dict(width=384, depth=12, num_heads=6, mlp_ratio=4.0),
     "tiny": dict(width=64, depth=2, num_heads=2, mlp_ratio=4.0),
 }
-PIXEL_DECODER_SIZES["paper"] = PIXEL_DECODER_SIZES["L"]
+PIXEL_DECODER_SIZES["paper"] = {**PIXEL_DECODER_SIZES["L"], "input_pos_embed": True}  # 305.33M (App. D: 305.36M)
 
 
 def pixel_decoder_config(size: str = "paper", **overrides: Any) -> PixelDecoderConfig:
@@ -106,6 +107,9 @@ class PixelDecoder(nn.Module, PretrainedMixin):
         config.validate()
         self.config = config
         c, w, p = config, config.width, config.patch_size
+        # zero-initialised, so the decoder starts as the plain ViT; it is the (N, D) table that brings the count to
+        # App. D's 305.36M (docs/fidelity.md)
+        self.input_pos = nn.Parameter(torch.zeros(1, c.num_tokens, c.in_dim)) if c.input_pos_embed else None
         self.proj_in = nn.Linear(c.in_dim, w)
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(w, (c.grid, c.grid)).unsqueeze(0))
         self.blocks = nn.ModuleList(
@@ -142,6 +146,8 @@ class PixelDecoder(nn.Module, PretrainedMixin):
         n, d = self.config.num_tokens, self.config.in_dim
         if x.ndim != 3 or x.shape[1:] != (n, d):
             raise ValueError(f"pixel decoder expects feature tokens of shape (B, {n}, {d}), got {tuple(x.shape)}")
+        if self.input_pos is not None:
+            x = x + self.input_pos.to(x.dtype)
         h = self.proj_in(x) + self.pos_embed.to(x.dtype)
         for block in self.blocks:
             h = block(h)

@@ -2,11 +2,12 @@
 `components(cfg) -> dict[str, nn.Module]` (for `fae summary`). `fae train <name>` finds them here."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import shutil
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
@@ -16,8 +17,35 @@ STAGES: dict[str, str] = {
     "fae": "fae.stages.autoencoder",
     "pixel-decoder": "fae.stages.pixel_decoder",
     "dit": "fae.stages.dit",
+    "mmdit": "fae.stages.mmdit",                # text-to-image on a latent cache with text embeddings
     "encoder": "fae.stages.encoder",  # self-supervised pretraining of the demo encoder
 }
+
+
+@contextlib.contextmanager
+def buildable(what: str) -> Iterator[None]:
+    """Errors raised while networks are built from a validated config (a negative or non-divisible size that no
+    `validate` caught) become a ConfigError that says so, instead of a traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, TypeError, ZeroDivisionError, OverflowError, AssertionError) as exc:
+        raise ConfigError(f"{what}: the config does not build ({type(exc).__name__}: {exc}); check the sizes in "
+                          "its model/decoder/objective blocks") from exc
+
+
+def parameter_table(name: str, cfg: Any) -> list[dict[str, Any]]:
+    """Every component of a stage config built on the meta device (no memory, no download), with its parameter
+    count (`fae summary`)."""
+    import torch
+
+    from fae.nn import count_parameters
+
+    with buildable(f"stage {name}"), torch.device("meta"):
+        parts = stage_module(name).components(cfg)
+    return [{"component": k, "parameters": count_parameters(m), "millions": round(count_parameters(m) / 1e6, 2)}
+            for k, m in parts.items()]
 
 
 def stage_module(name: str) -> ModuleType:
@@ -63,6 +91,7 @@ def train_stage(name: str, cfg: Any, out_dir: str | Path, fresh: bool = False, p
         prepare_out_dir(out_dir, cfg, fresh)
     D.barrier()
     torch.manual_seed(cfg.train.seed)  # model initialisation is part of the run's seed
-    stage = stage_module(name).build(cfg)
+    with buildable(f"stage {name}"):
+        stage = stage_module(name).build(cfg)
     Trainer(stage, cfg.train, out_dir, run_config=cfg, progress=progress).fit(stop_at=stop_at)
     return out_dir

@@ -5,6 +5,7 @@ cache computed once (small data sets). The exported bundle records which frozen 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from torch.utils.data import Dataset
 from fae.config import ConfigError
 from fae.data import DataConfig, build_dataset
 from fae.encoders import EncoderConfig, FrozenEncoder
-from fae.io import cache_root
+from fae.io import atomic_write_text, cache_root
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder, vae_loss
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
@@ -63,15 +64,23 @@ class FAEStage(TrainStage):
         self.cfg, self.optim = cfg, cfg.optim
         self.encoder = encoder or FrozenEncoder.from_config(cfg.encoder)
         check_encoder_matches(cfg.model, self.encoder)
-        self.modules = {"model": FeatureAutoEncoder(cfg.model)}
+        with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only, not the caller's RNG
+            torch.manual_seed(cfg.train.seed)
+            self.modules = {"model": FeatureAutoEncoder(cfg.model)}
         self._dataset: Dataset | None = None
 
     def to(self, device: torch.device) -> None:
         self.encoder.to(device)
 
+    def preflight(self) -> None:
+        check_held_out_split(self.cfg)
+
     def train_dataset(self) -> Dataset:
         if self._dataset is None:
-            self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split)
+            # building a feature cache draws random numbers (DataLoader seeds): keep the trainer's stream intact, so a
+            # run that builds the cache and one that reads it train identically
+            with torch.random.fork_rng(devices=[]):
+                self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split)
         return self._dataset
 
     def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -82,16 +91,14 @@ class FAEStage(TrainStage):
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         model = modules["model"]
         assert isinstance(model, FeatureAutoEncoder)
-        bundle = model.save_pretrained(out_dir / "fae", extra={"encoder": self.encoder.reference()})
-        if self.cfg.eval.limit != 0:
-            import json
+        model.save_pretrained(out_dir / "fae", extra={"encoder": self.encoder.reference()})
 
-            from fae.io import atomic_write_text
-
-            scores = evaluate_features(model, self.encoder, self.cfg)
-            atomic_write_text(out_dir / "eval.json", json.dumps(scores, indent=2))
-            print(f"held-out ({scores['split']}, {scores['images']} images): feature cosine {scores['cos']:.4f}, "
-                  f"MSE {scores['mse']:.4g}; bundle: {bundle}")
+    def evaluate(self, out_dir: Path, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
+        if self.cfg.eval.limit == 0:
+            return None
+        scores = evaluate_features(modules["model"], self.encoder, self.cfg)  # type: ignore[arg-type]
+        atomic_write_text(out_dir / "eval.json", json.dumps(scores, indent=2))
+        return scores
 
 
 def features_dataset(cfg: Any, encoder: FrozenEncoder, split: str, limit: int | None = None,
@@ -103,6 +110,17 @@ def features_dataset(cfg: Any, encoder: FrozenEncoder, split: str, limit: int | 
     if cfg.features == "cache":
         dataset = cached_features(encoder, dataset, cfg.feature_cache_dir, flips=data_cfg.hflip)
     return dataset
+
+
+def check_held_out_split(cfg: Any) -> None:
+    """The split a stage scores on after training exists (both the FAE and the pixel-decoder stages)."""
+    if cfg.eval.limit == 0:
+        return
+    try:
+        build_dataset(replace(cfg.data, limit=1), cfg.eval.split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"eval.split={cfg.eval.split!r}: {exc}. The run scores this split after training; add it, "
+                          "name another (eval.split=...), or skip the evaluation (eval.limit=0)") from None
 
 
 def default_cache_dir() -> Path:
@@ -124,13 +142,13 @@ def cached_features(encoder: FrozenEncoder, dataset: Dataset, cache_dir: str | N
 @torch.no_grad()
 def evaluate_features(model: FeatureAutoEncoder, encoder: FrozenEncoder, cfg: Config) -> dict[str, Any]:
     """Feature cosine similarity and MSE between x_hat (from the posterior mean) and x on held-out images."""
-    from torch.utils.data import DataLoader
+    from fae.data.readable import readable_batches
 
     dataset = build_dataset(type(cfg.data)(**{**cfg.data.__dict__, "hflip": False, "limit": cfg.eval.limit}), cfg.eval.split)
     device = next(model.parameters()).device
     model.eval()
     cos_sum, mse_sum, count = 0.0, 0.0, 0
-    for batch in DataLoader(dataset, batch_size=cfg.eval.batch_size):
+    for batch in readable_batches(dataset, cfg.eval.batch_size):
         x = encoder(batch["image"].to(device)).float()
         x_hat = model.decode(model.encode(x).mode())
         cos_sum += torch.nn.functional.cosine_similarity(x_hat, x, dim=-1).mean(1).sum().item()

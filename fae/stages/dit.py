@@ -39,14 +39,15 @@ class Config:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512, ema_decay=0.9999))
 
 
-def check_model_matches_cache(model: DiTConfig, cache: LatentCache) -> None:
+def check_model_matches_cache(model: Any, cache: LatentCache) -> None:
+    """A DiT or MMDiT config against the latents it will train on."""
     if model.in_channels != cache.channels:
         raise ConfigError(f"model.in_channels={model.in_channels} but the latents in {cache.path} have "
                           f"{cache.channels} channels; set model.in_channels={cache.channels}")
     if tuple(model.input_size) != tuple(cache.grid):
         raise ConfigError(f"model.input_size={list(model.input_size)} but the latents in {cache.path} are "
                           f"{list(cache.grid)}; set model.input_size={list(cache.grid)}")
-    if model.num_classes < cache.num_classes:
+    if getattr(model, "num_classes", cache.num_classes) < cache.num_classes:  # (text models have no classes)
         raise ConfigError(f"model.num_classes={model.num_classes} but the latent cache has {cache.num_classes} "
                           f"classes; set model.num_classes={cache.num_classes}")
 
@@ -77,10 +78,14 @@ class DiTStage(TrainStage):
 def generator_record(cfg: Config, cache: LatentCache) -> dict[str, Any]:
     """What a generator bundle records besides its weights (read back by fae.sampling)."""
     m = cache.manifest
+    fae = m.get("fae")
     return {
         "latent_stats": cache.stats(),
+        # the FAE by identity (its weights' SHA-256), not by path: the bundle stays valid wherever files move;
+        # the cache path is provenance only, nothing loads through it
         "latents": {"cache": str(Path(cache.path).resolve()), "source": m["source"], "channels": m["channels"],
-                    "grid": m["grid"], "fae": m.get("fae"), "encoder": m.get("encoder")},
+                    "grid": m["grid"], "fae": {"weights_sha256": fae["weights_sha256"]} if fae else None,
+                    "encoder": m.get("encoder")},
         "transport": to_dict(cfg.transport),
         "class_names": m.get("class_names"),
     }
@@ -104,7 +109,7 @@ def load_run_generator(path: str | Path, device: str | torch.device = "cpu") -> 
 
     run = Path(path)
     ckpts = checkpoint_dirs(run) if run.is_dir() else []
-    if not ckpts or find_bundle(run, ["dit"], classes=list(GENERATOR_BUNDLES)) is not None:
+    if not ckpts or find_bundle(run, ["dit", "mmdit"], classes=list(GENERATOR_BUNDLES)) is not None:
         return load_generator(run, device)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is neither a DiT bundle nor a `fae train dit` run folder with checkpoints")

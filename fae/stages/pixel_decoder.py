@@ -24,32 +24,35 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fae.config import ConfigError, from_dict
-from fae.data import DataConfig
-from fae.encoders import EncoderConfig, FrozenEncoder, reference_differences
-from fae.io import CONFIG_NAME, atomic_save_safetensors, read_bundle_config
+from fae.data import DataConfig, class_strided_indices
+from fae.encoders import EncoderConfig, FrozenEncoder
+from fae.io import atomic_save_safetensors, check_same_encoder, read_bundle_config, require_bundle
 from fae.losses import PatchDiscriminator, PixelLoss, PixelLossConfig
 from fae.metrics.recon import psnr
 from fae.models.autoencoder import FeatureAutoEncoder
 from fae.models.pixel_decoder import FeatureNoise, PixelDecoder, PixelDecoderConfig, scaled_noise_sigma
 from fae.pipeline import FAE
-from fae.stages.autoencoder import features_dataset
+from fae.stages.autoencoder import check_held_out_split, features_dataset
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
 
 @dataclass
 class NoiseConfig:
     """x~ = x + N(0, s^2) in the Gaussian stage, s = sigma * rms(x) / ref_rms ('rms') or sigma ('absolute').
-    With ref_rms = 1, sigma = 0.4 is the paper's value for LayerNorm-normalised (unit-RMS) DINOv2 tokens and scales
-    with the norm of any other encoder's features (docs/pixel-decoder.md)."""
+    The paper's 0.4 is absolute for DINOv2 (configs/paper); for another encoder it scales with the norm of the
+    features: 'rms' with `ref_encoder` = DINOv2-g measures both RMS values on the same images (docs/fidelity.md)."""
 
     sigma: float = 0.4
     mode: Literal["rms", "absolute"] = "rms"
     ref_rms: float = 1.0
-    rms_images: int = 256          # training images whose features give rms(x) (the first ones, unflipped)
+    ref_encoder: EncoderConfig | None = None  # 'rms': measure ref_rms on this encoder's features instead
+    rms_images: int = 256          # unflipped training images that give rms(x): a seeded, class-strided subset
 
     def validate(self) -> None:
         if self.sigma < 0 or self.ref_rms <= 0 or self.rms_images <= 0:
             raise ValueError("noise: sigma must be >= 0, ref_rms and rms_images > 0")
+        if self.ref_encoder is not None and self.mode != "rms":
+            raise ValueError("noise.ref_encoder scales sigma by a measured RMS ratio: it needs noise.mode: rms")
 
 
 @dataclass
@@ -92,17 +95,6 @@ class Config:
         return self.fae is not None
 
 
-def bundle_dir(path: str | Path, name: str) -> Path:
-    """A run folder's `<name>/` bundle, or `path` itself when it is a bundle."""
-    path = Path(path)
-    if (path / name / CONFIG_NAME).is_file():
-        return path / name
-    if (path / CONFIG_NAME).is_file():
-        return path
-    raise FileNotFoundError(f"{path}: neither a {name} bundle nor a run folder holding {name}/{CONFIG_NAME} "
-                            "(did that run finish?)")
-
-
 def encoder_feature_fn(encoder: FrozenEncoder):
     """Images -> encoder tokens WITH gradients to the images (FrozenEncoder.forward has none), for the perceptual
     loss. Same resize and normalisation as the encoder, without its [0, 1] check: decoder outputs may overshoot."""
@@ -125,11 +117,11 @@ class PixelDecoderStage(TrainStage):
         self.init_from: Path | None = None
         decoder_cfg = cfg.decoder
         if cfg.finetuning:
-            fae_dir = bundle_dir(cfg.fae, "fae")  # type: ignore[arg-type]
+            fae_dir = require_bundle(cfg.fae, "fae", classes=["FeatureAutoEncoder"])  # type: ignore[arg-type]
             self._check_reference(fae_dir)
             self.fae = FeatureAutoEncoder.from_pretrained(fae_dir).eval().requires_grad_(False)
         if cfg.finetune_from is not None:
-            self.init_from = bundle_dir(cfg.finetune_from, "pixel_decoder")
+            self.init_from = require_bundle(cfg.finetune_from, "pixel_decoder", classes=["PixelDecoder"])
             self._check_reference(self.init_from)
             gaussian = PixelDecoder.from_pretrained(self.init_from)
             bundled = gaussian.config
@@ -155,22 +147,22 @@ class PixelDecoderStage(TrainStage):
                                   f">= {min_size} px, the decoder makes {decoder_cfg.image_size} px; lower n_layers")
             if self.init_from is not None and (self.init_from.parent / "discriminator.safetensors").is_file():
                 disc.load_state_dict(load_file(str(self.init_from.parent / "discriminator.safetensors")))
+                lecam = self.init_from.parent / "lecam.safetensors"
+                if lecam.is_file():  # the LeCam averages belong to that discriminator: carry them over too
+                    self.pixel_loss.lecam.load_state_dict(load_file(str(lecam)))
             self.modules["disc"] = disc
         # the trainer may wrap modules in DDP; keep the plain ones for the last layer and the frozen-D generator pass
         self._decoder_raw, self._disc_raw = decoder, disc
         self.noise = FeatureNoise(0.0)
         self.feature_rms: float | None = None
+        self._generated: dict[int, torch.Tensor] = {}   # this step's decoder outputs, by id of their target images
+        self._generated_step = -1
         self._dataset: Dataset | None = None
 
     # -- checks -------------------------------------------------------------------------------------------------
     def _check_reference(self, bundle: Path) -> None:
-        ref = read_bundle_config(bundle).get("encoder")
-        if ref is None:
-            raise ConfigError(f"{bundle}: the bundle does not record which frozen encoder it belongs to")
-        differs = reference_differences(ref, self.encoder.reference())
-        if differs:
-            raise ConfigError(f"{bundle} was trained on another frozen encoder than encoder: {self.encoder.reference()} "
-                              f"(differs in {differs})")
+        check_same_encoder(read_bundle_config(bundle).get("encoder"), self.encoder.reference(), str(bundle),
+                           f"encoder: {self.encoder.reference()}")
 
     def _check_shapes(self, dec: PixelDecoderConfig) -> None:
         if dec.in_dim != self.encoder.dim or dec.num_tokens != self.encoder.num_tokens:
@@ -199,11 +191,18 @@ class PixelDecoderStage(TrainStage):
     def group_active(self, group: str, step: int) -> bool:
         return self.pixel_loss.disc_active(step) if group == "disc" else True
 
+    def schedule_steps(self, group: str, total_steps: int) -> int:
+        # the discriminator's cosine runs over its own steps, from disc_start to the end (TiTok's horizon)
+        return max(1, total_steps - self.cfg.losses.disc_start) if group == "disc" else total_steps
+
     def to(self, device: torch.device) -> None:
         self.encoder.to(device)
         self.pixel_loss.to(device)
         if self.fae is not None:
             self.fae.to(device)
+
+    def preflight(self) -> None:
+        check_held_out_split(self.cfg)
 
     def train_dataset(self) -> Dataset:
         if self._dataset is None:
@@ -217,23 +216,19 @@ class PixelDecoderStage(TrainStage):
 
     @torch.no_grad()
     def noise_sigma(self) -> float:
-        """The fixed noise level: the rule applied to the RMS of the first `noise.rms_images` training features."""
+        """The fixed noise level: the rule applied to the feature RMS of `noise.rms_images` training images, a
+        seeded class-strided subset (the first items of a class-sorted set such as ImageNet are one class)."""
         n = self.cfg.noise
         if n.mode == "absolute":
             return scaled_noise_sigma(n.sigma, None, mode="absolute")
         dataset = self.train_dataset()
-        count = min(n.rms_images, len(dataset))  # type: ignore[arg-type]
-        device = self.encoder.mean.device
-        total = 0.0
-        for start in range(0, count, 64):
-            items = [dataset[i] for i in range(start, min(count, start + 64))]
-            if "features" in items[0]:
-                x = torch.stack([it["features"] for it in items])
-            else:
-                x = self.encoder(torch.stack([it["image"] for it in items]).to(device))
-            total += x.float().pow(2).mean().item() * len(items)
-        self.feature_rms = (total / count) ** 0.5
-        return scaled_noise_sigma(n.sigma, self.feature_rms, n.ref_rms, "rms")
+        indices = class_strided_indices(dataset, n.rms_images, self.cfg.train.seed)
+        self.feature_rms = subset_feature_rms(dataset, indices, self.encoder)
+        ref_rms = n.ref_rms
+        if n.ref_encoder is not None:
+            ref_rms = subset_feature_rms(dataset, indices, FrozenEncoder.from_config(n.ref_encoder).to(
+                self.encoder.mean.device), cached=False)
+        return scaled_noise_sigma(n.sigma, self.feature_rms, ref_rms, "rms")
 
     def clean_features(self, batch: dict[str, Any]) -> torch.Tensor:
         """x: the frozen encoder's features of the batch's images (cached, or computed once per batch)."""
@@ -254,13 +249,18 @@ class PixelDecoderStage(TrainStage):
     def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         target = batch["image"]
         if group == "disc":
-            fake = batch.get("_fake")
-            if fake is None:  # the generator pass did not run on this batch
+            fake = self._generated.get(id(target)) if self._generated_step == step else None
+            if fake is None:  # the generator pass did not run on this micro-batch (its group was inactive)
                 with torch.no_grad():
                     fake = self._decoder_raw(self.decoder_input(batch))
             return self.pixel_loss.discriminator_loss(self.modules["disc"], target, fake)
         pred = self.modules["decoder"](self.decoder_input(batch))
-        batch["_fake"] = pred.detach()  # reused by the discriminator pass of the same step
+        if "disc" in self.modules:
+            # the discriminator pass of the same step (the trainer runs the groups in order over the same micro-batch
+            # objects) scores these images instead of decoding again; keyed by the micro-batch's image tensor
+            if self._generated_step != step:
+                self._generated, self._generated_step = {}, step
+            self._generated[id(target)] = pred.detach()
         # x is exactly the encoder's features of the target image (same preprocessing when no resize is needed;
         # with a resize they differ only by the clamp of bicubic overshoot), which saves one encoder forward
         loss, logs = self.pixel_loss.generator_loss(pred, target, step, self._disc_raw, self._decoder_raw.last_layer,
@@ -287,12 +287,34 @@ class PixelDecoderStage(TrainStage):
         decoder.save_pretrained(out_dir / "pixel_decoder", extra=record)
         if "disc" in modules:
             atomic_save_safetensors(modules["disc"].state_dict(), out_dir / "discriminator.safetensors")
+            atomic_save_safetensors(self.pixel_loss.lecam.state_dict(), out_dir / "lecam.safetensors")
         if self.fae is not None:
             FAE(self.encoder, self.fae, decoder).save_pretrained(out_dir / "fae_pipeline")
-        if self.cfg.eval.limit != 0:
-            scores = evaluate_stage(self, decoder, out_dir)
-            summary = ", ".join(f"{k}: PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}" for k, v in scores["decoders"].items())
-            print(f"held-out ({scores['split']}, {scores['images']} images): {summary}")
+
+    def evaluate(self, out_dir: Path, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
+        if self.cfg.eval.limit == 0:
+            return None
+        return evaluate_stage(self, modules["decoder"], out_dir)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def subset_feature_rms(dataset: Dataset, indices: list[int], encoder: FrozenEncoder, cached: bool = True) -> float:
+    """sqrt(mean(x^2)) of `encoder`'s features of the items `indices` (their cached features when `cached`);
+    unreadable items (None) are left out."""
+    total, count = 0.0, 0
+    for start in range(0, len(indices), 64):
+        items = [it for it in (dataset[i] for i in indices[start:start + 64]) if it is not None]
+        if not items:
+            continue
+        if cached and "features" in items[0]:
+            x = torch.stack([it["features"] for it in items])
+        else:
+            x = encoder(torch.stack([it["image"] for it in items]).to(encoder.mean.device))
+        total += x.float().pow(2).mean().item() * len(items)
+        count += len(items)
+    if count == 0:
+        raise ValueError("noise: none of the images picked to measure the feature RMS could be read")
+    return (total / count) ** 0.5
 
 
 def evaluate_stage(stage: Any, decoder: PixelDecoder, out_dir: Path) -> dict[str, Any]:
@@ -326,7 +348,7 @@ def components(cfg: Config) -> dict[str, nn.Module]:
     if decoder_cfg is None:  # fine-tuning: the architecture is the Gaussian decoder's
         if cfg.finetune_from is None:
             raise ConfigError("this config takes its decoder from --finetune-from (finetune_from=...); give it")
-        record = read_bundle_config(bundle_dir(cfg.finetune_from, "pixel_decoder"))
+        record = read_bundle_config(require_bundle(cfg.finetune_from, "pixel_decoder", classes=["PixelDecoder"]))
         decoder_cfg = from_dict(PixelDecoderConfig, record["config"], "decoder")
     parts: dict[str, nn.Module] = {"pixel decoder": PixelDecoder(decoder_cfg)}
     if cfg.losses.use_gan:

@@ -1,0 +1,4 @@
+"""`python -m fae ...` is the `fae` command."""
+from fae.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Stage 3c: text-to-image MMDiT on a latent cache with text embeddings (`fae encode --text-encoder ...` of a caption
+data set), flow matching.
+
+Paper recipe (App. D, MMDiT column; §5.2): MMDiT 603.46M on 16x16x32 latents, T5-XL text, CC12M at 256 px, AdamW
+(0.9, 0.999), lr 1e-4 constant, no warmup, batch 512, 1M iterations; interpolant, objective and samplers as the
+class-conditional LDM (so time shift 0.4); guidance 1.5 on t in [0, 0.9]. Unstated and chosen here
+(docs/text-to-image.md): caption dropout 0.1 to the empty prompt, EMA 0.9999, random flips of the latent with the
+same caption, gradient clipping at 1.0.
+
+The bundle (`<out>/mmdit`) holds the EMA weights with the empty prompt's embedding (the null) as buffers, and in
+config.json the latent statistics, the latent cache's FAE and encoder references, the transport settings and the
+text encoder's reference, so `fae sample --prompt` needs nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fae.config import ConfigError
+from fae.data.latents import LatentCache, LatentDataset
+from fae.models.mmdit import MMDiT, MMDiTConfig, TextCondition
+from fae.stages.dit import check_model_matches_cache, generator_record
+from fae.training import OptimConfig, TrainConfig, TrainStage
+from fae.transport import TransportConfig, flow_matching_loss
+
+
+@dataclass
+class Config:
+    latents: str                                          # latent cache with text embeddings (`fae encode`)
+    model: MMDiTConfig = field(default_factory=MMDiTConfig)
+    transport: TransportConfig = field(default_factory=lambda: TransportConfig(time_shift=0.4))
+    hflip: bool = True                                    # the flipped latent keeps its caption
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="constant", grad_clip=1.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512, ema_decay=0.9999))
+
+
+def check_text_matches_cache(model: MMDiTConfig, cache: LatentCache) -> None:
+    if not cache.has_text:
+        raise ConfigError(f"{cache.path} holds no text embeddings: encode a caption data set with a text encoder "
+                          "(fae encode --text-encoder minilm ...)")
+    tokens = cache.text_null()["text_tokens"]
+    length, dim = tokens.shape[-2:]
+    if (model.text_tokens, model.text_dim) != (length, dim):
+        raise ConfigError(f"model.text_tokens={model.text_tokens}, model.text_dim={model.text_dim} but the text "
+                          f"embeddings in {cache.path} are {length} x {dim}; set model.text_tokens={length} "
+                          f"model.text_dim={dim}")
+
+
+class MMDiTStage(TrainStage):
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.optim = cfg, cfg.optim
+        self.cache = LatentCache(cfg.latents)
+        check_model_matches_cache(cfg.model, self.cache)
+        check_text_matches_cache(cfg.model, self.cache)
+        with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
+            torch.manual_seed(cfg.train.seed)
+            model = MMDiT(cfg.model)
+        null = self.cache.text_null()
+        model.set_null(TextCondition(null["text_tokens"], null["text_mask"], null["text_pooled"]))
+        self.modules = {"model": model}
+
+    def train_dataset(self) -> Dataset:
+        return LatentDataset(self.cache, hflip=self.cfg.hflip and self.cache.manifest["flip"])
+
+    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        # t, noise and caption dropout come from the global RNG, which the trainer seeds and checkpoints
+        y = TextCondition(batch["text_tokens"], batch["text_mask"], batch["text_pooled"])
+        return flow_matching_loss(self.modules["model"], batch["latent"], y, self.cfg.transport)  # type: ignore[arg-type]
+
+    def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
+        model = modules["model"]
+        assert isinstance(model, MMDiT)
+        model.save_pretrained(out_dir / "mmdit", extra=text_generator_record(self.cfg, self.cache))
+
+
+def text_generator_record(cfg: Config, cache: LatentCache) -> dict[str, Any]:
+    """The DiT stage's generator record plus the text encoder the embeddings came from."""
+    return {**generator_record(cfg, cache), "text": cache.manifest["text"]}  # type: ignore[arg-type]
+
+
+def build(cfg: Config) -> MMDiTStage:
+    return MMDiTStage(cfg)
+
+
+def components(cfg: Config) -> dict[str, nn.Module]:
+    return {"text-to-image transformer": MMDiT(cfg.model)}

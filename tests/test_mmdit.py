@@ -1,0 +1,116 @@
+"""MMDiT (fae/models/mmdit.py): shapes, paper parameter counts on meta, masking, null condition, caption dropout."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fae.models.mmdit import MMDiT, TextCondition, mmdit_config
+from fae.nn import count_parameters
+
+
+def tiny_model(**kw) -> MMDiT:
+    base = dict(input_size=(4, 4), in_channels=4, text_dim=16, text_tokens=5)
+    base.update(kw)
+    model = MMDiT(mmdit_config("tiny", **base)).eval()
+    for m in model.modules():  # leave adaLN-Zero so the output depends on its inputs
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.2)
+    return model
+
+
+def text(batch: int, lengths: list[int], dim: int = 16, tokens: int = 5) -> TextCondition:
+    mask = torch.arange(tokens)[None] < torch.tensor(lengths)[:, None]
+    return TextCondition(torch.randn(batch, tokens, dim), mask, torch.randn(batch, dim))
+
+
+def test_paper_counts_on_meta():
+    """App. D: MMDiT 603.46M (1024 wide, 16 layers, 16 heads, MLP 4, 16x16x32, T5-XL) and the 384-px 2017.84M."""
+    with torch.device("meta"):
+        paper = MMDiT(mmdit_config("paper"))
+        big = MMDiT(mmdit_config("paper-384"))
+    n, n384 = count_parameters(paper), count_parameters(big)
+    assert abs(n - 603.46e6) / 603.46e6 < 0.005 and n == 600_607_776
+    assert abs(n384 - 2017.84e6) / 2017.84e6 < 0.005 and n384 == 2_027_549_248
+    assert paper.blocks[0].image.head_dim == 64 and paper.blocks[0].image.mlp.fc1.out_features == 4096
+    # only the last block's text stream is pre-only: its outputs would never be read
+    assert [b.text.pre_only for b in paper.blocks] == [False] * 15 + [True]
+
+
+def test_shapes_zero_init_and_null_default():
+    model = MMDiT(mmdit_config("tiny", input_size=(4, 6), in_channels=3, text_dim=16, text_tokens=5))
+    x = torch.randn(2, 3, 4, 6)
+    out = model(x, torch.rand(2), text(2, [2, 5]))
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0   # adaLN-Zero: starts at zero
+    with pytest.raises(ValueError, match="expected latents"):
+        model(torch.randn(2, 3, 4, 4), 0.5)
+    with pytest.raises(ValueError, match="text_dim"):
+        model(x, 0.5, text(2, [2, 2], dim=8))
+
+
+def test_text_conditions_the_output_and_padding_is_ignored():
+    model = tiny_model()
+    x, t = torch.randn(2, 4, 4, 4), torch.rand(2)
+    y = text(2, [2, 3])
+    out = model(x, t, y)
+    padded = TextCondition(y.tokens.clone(), y.mask, y.pooled)
+    padded.tokens[0, 2:] = 100.0      # states behind the mask may hold anything
+    assert torch.allclose(model(x, t, padded), out, atol=1e-5)
+    changed = TextCondition(y.tokens.clone(), y.mask, y.pooled)
+    changed.tokens[0, 0] += 1.0       # a real token moves that sample only
+    moved = model(x, t, changed)
+    assert not torch.allclose(moved[0], out[0], atol=1e-4) and torch.allclose(moved[1], out[1], atol=1e-5)
+
+
+def test_null_condition_is_the_stored_empty_prompt():
+    model = tiny_model()
+    null = text(1, [1])
+    model.set_null(null)
+    x, t = torch.randn(3, 4, 4, 4), torch.rand(3)
+    explicit = TextCondition(null.tokens.expand(3, -1, -1), null.mask.expand(3, -1), null.pooled.expand(3, -1))
+    assert torch.allclose(model(x, t, None), model(x, t, explicit), atol=1e-6)
+    with pytest.raises(ValueError, match="null text states"):
+        model.set_null(text(1, [1], tokens=4))
+
+
+def test_caption_dropout_rate():
+    model = tiny_model(caption_dropout=0.3)
+    model.set_null(TextCondition(torch.zeros(1, 5, 16), torch.zeros(1, 5, dtype=torch.bool), torch.zeros(1, 16)))
+    y = TextCondition(torch.ones(4000, 5, 16), torch.ones(4000, 5, dtype=torch.bool), torch.ones(4000, 16))
+    dropped = model.drop_captions(y, torch.Generator().manual_seed(0))
+    rows = dropped.pooled[:, 0] == 0
+    assert 0.27 < rows.float().mean() < 0.33
+    # a dropped row is the null in all three parts, a kept one untouched in all three
+    assert torch.equal(rows, ~dropped.mask.any(1)) and torch.equal(rows, dropped.tokens.sum((1, 2)) == 0)
+
+
+def test_overfits_two_captions(one_thread):
+    """Two prompts, two fixed latents: the velocity model learns which latent goes with which caption."""
+    torch.manual_seed(0)
+    model = MMDiT(mmdit_config("tiny", input_size=(2, 2), in_channels=2, text_dim=8, text_tokens=3,
+                               caption_dropout=0.0))
+    x0 = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]] * 2, [[[-1.0, -1.0], [-1.0, -1.0]]] * 2])
+    y = TextCondition(torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool), torch.randn(2, 8))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        t = torch.rand(2)
+        eps = torch.randn_like(x0)
+        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+        loss = (model(xt, t, y) - (eps - x0)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x = torch.zeros(2, 2, 2, 2)   # at t = 1 from the origin, -v points at the caption's latent
+    v = model(x, torch.ones(2), y)
+    assert (-v[0]).mean() > 0.5 and (-v[1]).mean() < -0.5
+
+
+def test_paper_config_builds_the_paper_size():
+    from fae.config import PACKAGED_CONFIGS
+    from fae.stages import load_stage_config
+
+    name, cfg = load_stage_config(PACKAGED_CONFIGS / "paper" / "mmdit_cc12m.yaml")
+    assert name == "mmdit" and cfg.model == mmdit_config("paper")
+    assert (cfg.transport.time_shift, cfg.optim.lr, cfg.optim.schedule, cfg.train.batch_size) == (0.4, 1e-4,
+                                                                                                  "constant", 512)
