@@ -280,6 +280,27 @@ class LPIPS(nn.Module):
         return total
 
 
+def random_lpips_state(net: Literal["vgg", "alex"] = "vgg", seed: int = 0) -> dict[str, torch.Tensor]:
+    """A seeded random LPIPS state dict in the release's key layout (`features.<i>.*`, `lin<k>.model.1.weight`), with
+    O(1) activations and non-negative heads like the published ones: parity tests load it into this LPIPS and into
+    the reference package without downloading the 500 MB backbone."""
+    if net not in LPIPS_FILES:
+        raise ValueError(f"LPIPS net must be 'vgg' or 'alex', got {net!r}")
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        features = _vgg16_features() if net == "vgg" else _alexnet_features()
+    state = {}
+    for name, tensor in features.state_dict().items():
+        fan_in = tensor[0].numel() if name.endswith("weight") else 1
+        scale = (2.0 / fan_in) ** 0.5 if name.endswith("weight") else 0.1
+        state[f"features.{name}"] = torch.randn(tensor.shape, generator=g) * scale
+    taps = _VGG16_TAPS if net == "vgg" else _ALEX_TAPS
+    for k, i in enumerate(taps):
+        channels = features[i - 1].out_channels
+        state[f"lin{k}.model.1.weight"] = torch.rand((1, channels, 1, 1), generator=g)
+    return state
+
+
 # ConvNeXt-S laid out like torchvision's `convnext_small`, so its ImageNet state dict loads by key.
 class _LayerNorm2d(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ def test_train_cli_writes_bundle_and_eval(tmp_path, tiny_encoder_dir):
     record = read_bundle_config(bundle)
     assert record["encoder"]["name_or_path"] == str(tiny_encoder_dir) and record["encoder"]["kind"] == "dinov2"
     scores = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert scores["images"] == 32 and -1 <= scores["cos"] <= 1
+    assert scores["images"] == 32 and 0.05 < scores["cos"] < 1  # six steps already align x_hat with x (0.18 here)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"mse", "kl", "cos", "loss/main"} <= set(rows[0])
     assert model.encode(torch.randn(2, 16, 32)).mean.shape == (2, 4, 4, 4)

@@ -1,0 +1,348 @@
+"""Mutation testing on a fixed list: does the suite fail when one line of the implementation is wrong?
+
+Each mutation names a file, an exact text that must occur there once, its replacement (a one-line change), the
+tests that should catch it and the claim it breaks. The repository is copied once to a temporary folder (the
+working tree is never touched); each mutation is written into the copy, the named tests run with `pytest -x` and a
+time limit, and the file is restored. A mutation is *killed* when the tests fail, *survives* when they pass.
+
+    python benchmarks/mutation.py                   # all, writes runs/mutation/result.{json,md}
+    python benchmarks/mutation.py --only ddp-off lr-flat
+    python benchmarks/mutation.py --check           # only check that every mutation still applies (fast)
+
+The list grows with the code: when a mutated text no longer occurs, `--check` (and tests/test_mutation_list.py)
+names it. Results and the survivors' explanations are in docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    id: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    claim: str
+
+
+def M(id: str, file: str, old: str, new: str, tests: str, claim: str) -> Mutation:  # noqa: N802 (a table row)
+    return Mutation(id, file, old, new, tuple(tests.split()), claim)
+
+
+TR, TS, SC = "fae/training.py", "fae/transport.py", "tests/test_claims_training.py"
+SS = "tests/test_claims_sampling.py"
+INC, GOLD = "fae/metrics/inception.py", "tests/test_golden_metrics.py::test_inception_matches_the_reference"
+MUTATIONS: list[Mutation] = [
+    # ---- the rows of issue 17's table
+    M("ddp-off", TR, "if self.world > 1:\n            stage.modules", "if False:\n            stage.modules",
+      f"{SC}::test_two_process_step_equals_single_process_step", "multi-process training all-reduces gradients"),
+    M("generate-shift-1", "fae/generators.py", "time_shift=self.time_shift, generators=generators)",
+      "time_shift=1.0, generators=generators)", f"{SS}::test_sampling_calls_the_model_at_the_trained_shift",
+      "sampling uses the time shift the model was trained with"),
+    M("dit-default-transport", "fae/stages/dit.py", 'batch["label"], self.cfg.transport)',
+      'batch["label"], TransportConfig())', f"{SS}::test_dit_stage_trains_at_the_configured_shift",
+      "training uses the configured shift"),
+    M("lr-flat", TR, "    return factor\n", "    return lambda step: 1.0\n",
+      f"{SC}::test_lr_at_chosen_steps_follows_the_formula", "warm-up and cosine schedules"),
+    M("no-grad-clip", TR, "clip_grad_norm_(params, clip)", 'clip_grad_norm_(params, float("inf"))',
+      f"{SC}::test_gradients_are_clipped_before_the_update", "optim.grad_clip"),
+    M("inception-7c-avg", INC, 'else F.max_pool2d(x, 3, stride=1, padding=1)', "else _avg_pool_tf(x)", GOLD,
+      "FID parity: Mixed_7c pools with max"),
+    M("inception-count-pad", INC, "count_include_pad=False", "count_include_pad=True", GOLD,
+      "FID parity: TF average pools exclude padding"),
+    M("inception-bn-eps", INC, "nn.BatchNorm2d(cout, eps=1e-3)", "nn.BatchNorm2d(cout, eps=1e-5)", GOLD,
+      "FID parity: TF batch-norm epsilon"),
+    M("fae-no-pos-table", "fae/models/autoencoder.py",
+      'self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, d)) if cfg.decoder_pos_embed == "learned" else None',
+      "self.pos_embed = None", "tests/test_paper_counts.py", "exactly 38,166,592 / 170,428,416 parameters"),
+    # ---- transport
+    M("shift-formula-unflipped", TS, "return t / (shift + (1.0 - shift) * t)",
+      "return shift * t / (1 + (shift - 1.0) * t)", "tests/test_transport.py", "paper shift 0.4 on t=0-is-data axis"),
+    M("path-swapped", TS, "return (1 - t) * x0 + t * eps", "return t * x0 + (1 - t) * eps",
+      "tests/test_transport.py", "x_t = (1 - t) x0 + t eps"),
+    M("velocity-sign", TS, "    return eps - x0", "    return x0 - eps", "tests/test_transport.py", "v = eps - x0"),
+    M("cfg-from-cond", TS, "guided = v_uncond + scale * (v_cond - v_uncond)",
+      "guided = v_cond + scale * (v_cond - v_uncond)", "tests/test_transport.py", "classifier-free guidance"),
+    M("sde-drift-ignores-norm", TS, "x_mean = x - h * (v + cfg.diffusion_norm * (x + (1 - t) * v))",
+      "x_mean = x - h * (v + (x + (1 - t) * v))", f"{SS}::test_sde_with_diffusion_norm_reaches_the_data",
+      "diffusion_norm != 1 keeps the SDE's marginals"),
+    M("sde-noise-ignores-norm", TS, "w = cfg.diffusion_norm * t", "w = t",
+      f"{SS}::test_sde_with_diffusion_norm_reaches_the_data", "diffusion_norm != 1 keeps the SDE's marginals"),
+    M("sde-noisy-last-step", TS, "if i == cfg.steps - 1:", "if False:", "tests/test_transport.py",
+      "the SDE's last step goes to the mean"),
+    M("time-shift-override-ignored", TS, "shift = cfg.time_shift if cfg.time_shift is not None else time_shift",
+      "shift = time_shift", f"{SS}::test_sampling_calls_the_model_at_the_trained_shift", "--time-shift overrides"),
+    M("no-shift-in-training", TS, "return shift_time(t, cfg.time_shift) if cfg.shift_in_training else t",
+      "return t", "tests/test_transport.py", "training times are shifted"),
+    M("logit-normal-no-mean", TS, "t = torch.sigmoid(cfg.logit_normal_mean + cfg.logit_normal_std * n)",
+      "t = torch.sigmoid(cfg.logit_normal_std * n)",
+      f"tests/test_transport.py {SS}::test_logit_normal_times_center_on_the_mean", "logit-normal time distribution"),
+    M("guidance-open-interval", TS, "if iv.t_min <= t <= iv.t_max:", "if iv.t_min < t < iv.t_max:",
+      "tests/test_transport.py", "guidance intervals are closed"),
+    M("heun-full-step", TS, "x = x - h * 0.5 * (v + velocity(x_pred, t_next, y))",
+      "x = x - h * (v + velocity(x_pred, t_next, y))", "tests/test_transport.py", "Heun averages two slopes"),
+    M("cfg-null-is-cond", TS, "both = torch.cat([y, torch.full_like(y, self.null_class)])", "both = torch.cat([y, y])",
+      "tests/test_transport.py",
+      "the unconditional half uses the null class"),
+    M("sample-seed-ignores-index", TS, 'f"fae-sample:{seed}:{index}"', 'f"fae-sample:{seed}:0"',
+      f"tests/test_transport.py {SS}::test_each_sample_gets_its_own_noise_from_seed_and_index",
+      "each sample has its own noise"),
+    # ---- training
+    M("warmup-off-by-one", TR, "return (step + 1) / cfg.warmup_steps", "return step / cfg.warmup_steps",
+      f"{SC}::test_lr_at_chosen_steps_follows_the_formula", "warm-up starts at lr / warmup_steps, not 0"),
+    M("cosine-ignores-min-lr", TR, "floor = cfg.min_lr / cfg.lr", "floor = 0.0",
+      f"{SC}::test_lr_at_chosen_steps_follows_the_formula", "cosine ends at min_lr"),
+    M("accum-unscaled", TR, "(loss / len(micro)).backward()", "loss.backward()",
+      f"tests/test_training.py::test_grad_accumulation_matches_full_batch "
+      f"{SC}::test_accumulated_gradient_is_the_full_batch_gradient",
+      "grad accumulation = full batch"),
+    M("ema-decay-swapped", TR, "e.lerp_(p.detach(), 1.0 - decay)", "e.lerp_(p.detach(), decay)",
+      f"tests/test_training.py {SC}::test_ema_update_gives_the_new_weights_one_minus_decay", "EMA of the weights"),
+    M("signal-no-checkpoint", TR, "if self.step % self.cfg.checkpoint_every and self.step != end:",
+      "if False:", f"{SC}::test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly",
+      "SIGTERM: finish the step, checkpoint, stop"),
+    M("signal-ignored", TR, "        self._stop_signal = signum\n", "        pass\n",
+      f"{SC}::test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly", "SIGTERM stops the run"),
+    M("workers-ignored", TR, "num_workers=self.cfg.num_workers", "num_workers=0",
+      f"{SC}::test_dataloader_workers_give_the_same_run", "train.num_workers > 0"),
+    M("no-autocast-in-training", TR, "autocast = self.precision.autocast()", "autocast = contextlib.nullcontext()",
+      f"{SC}::test_bf16_training_runs_under_autocast", "train.precision: bf16"),
+    M("resume-data-from-zero", TR, "self.cfg.seed, self.step * self.cfg.batch_size, self.rank",
+      "self.cfg.seed, 0, self.rank", "tests/test_training.py::test_resume_is_exact", "exact resume: data order"),
+    M("step-not-seeded", TR, "seed_step(self.cfg.seed, self.rank, self.step)", "None",
+      "tests/test_training.py::test_resume_is_exact", "exact resume: per-step random streams"),
+    M("resume-oldest-checkpoint", TR, "for path in reversed(ckpts):", "for path in ckpts:",
+      f"tests/test_training.py::test_resume_is_exact {SC}::test_resume_starts_from_the_newest_checkpoint",
+      "resume from the newest checkpoint"),
+    M("nan-step-applied", TR, "        if finite:\n            opt.step()", "        if True:\n            opt.step()",
+      "tests/test_training.py::test_non_finite_loss_is_skipped_then_stops", "non-finite updates are skipped"),
+    M("images-skip-not-counted", "fae/data/images.py", "                self.skipped += 1\n", "                pass\n",
+      f"{SC}::test_image_folder_in_workers_drops_corrupt_files_and_counts_per_process",
+      "corrupt images are dropped and counted (per process)"),
+    M("sampler-stride-one", TR, "            position += self.world\n", "            position += 1\n",
+      "tests/test_training.py", "process r takes positions r, r+W, ..."),
+    M("ema-buffers-not-copied", TR, "            e.copy_(b)\n", "            pass\n",
+      f"tests/test_training.py {SC}::test_ema_copies_buffers", "EMA copies buffers"),
+    M("ranks-share-streams", TR, "seed_step(self.cfg.seed, self.rank, self.step)",
+      "seed_step(self.cfg.seed, 0, self.step)",
+      f"tests/test_training.py {SC}::test_two_process_resume_restores_each_process_rng",
+      "each process draws its own random streams"),
+    # ---- io (checkpoints)
+    M("atomic-write-in-place", "fae/io.py", "        write(Path(tmp))\n        _kill_point()",
+      "        write(path)\n        _kill_point()", f"{SC}::test_atomic_write_leaves_no_half_file",
+      "every write is atomic"),
+    M("prune-keeps-one-more", TR, "checkpoint_dirs(self.out_dir)[: -self.cfg.keep_checkpoints]",
+      "checkpoint_dirs(self.out_dir)[: -self.cfg.keep_checkpoints - 1]",
+      "tests/test_training.py::test_loss_goes_down_and_checkpoints_are_pruned", "train.keep_checkpoints"),
+    M("ema-not-saved", TR, 'tmp / f"{name}.ema.safetensors"', 'tmp / f"{name}.safetensors"',
+      "tests/test_training.py::test_resume_is_exact", "checkpoints hold the EMA"),
+    # ---- stages
+    M("dit-record-default-transport", "fae/stages/dit.py", '"transport": to_dict(cfg.transport),',
+      '"transport": to_dict(TransportConfig()),', f"{SS}::test_sampling_calls_the_model_at_the_trained_shift",
+      "the bundle records the trained shift"),
+    M("fae-stage-no-kl", "fae/stages/autoencoder.py", "posterior, self.cfg.loss.kl_weight)", "posterior, 0.0)",
+      f"{SC}::test_fae_stage_loss_uses_the_configured_kl_weight", "loss.kl_weight"),
+    M("cli-sample-drops-time-shift", "fae/cli/generate.py", "time_shift=args.time_shift, guidance=guidance",
+      "time_shift=None, guidance=guidance", f"{SS}::test_sample_cli_flags_reach_the_sampler", "--time-shift"),
+    M("cli-sample-drops-cfg-batch", "fae/cli/generate.py", "cfg_batch=args.cfg_batch)", ")",
+      f"{SS}::test_sample_cli_flags_reach_the_sampler", "--cfg-batch"),
+    M("cli-sample-drops-precision", "fae/cli/generate.py", "precision=args.precision, prompts", 'precision="auto", prompts',
+      f"{SS}::test_sample_cli_flags_reach_the_sampler", "fae sample --precision bf16"),
+    M("cli-encode-drops-workers", "fae/cli/generate.py", "num_workers=args.num_workers)", "num_workers=0)",
+      f"{SS}::test_encode_cli_passes_num_workers", "fae encode --num-workers"),
+    M("sampling-no-autocast", "fae/sampling.py", "with choice.autocast():", "with torch.no_grad():",
+      f"{SS}::test_bf16_sampling_runs_the_model_under_autocast", "fae sample --precision bf16"),
+    # ---- metrics / inception
+    M("inception-logits-biased", INC, '"logits": (pool @ self.fc.weight.T).float()', '"logits": self.fc(pool).float()',
+      GOLD, "IS logits without the bias"),
+    M("inception-spatial-chw", INC, "mixed_6_conv[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)",
+      "mixed_6_conv[:, :SPATIAL_CHANNELS].flatten(1)", GOLD, "sFID features in TF (h, w, c) order"),
+    M("inception-pytorch-resize-corners", INC, 'mode="bilinear", align_corners=False)',
+      'mode="bilinear", align_corners=True)', GOLD, "pytorch-fid resize"),
+    M("inception-tf1-norm", INC, "(resize_bilinear_tf1(x, INPUT_SIZE) - 128.0) / 128.0",
+      "(resize_bilinear_tf1(x, INPUT_SIZE) - 127.5) / 127.5", GOLD, "TF-1 input scaling (x - 128) / 128"),
+    M("inception-tf1-half-pixel", INC, "src = torch.arange(out, device=t.device, dtype=torch.float32) * torch",
+      "src = 0.5 + torch.arange(out, device=t.device, dtype=torch.float32) * torch", GOLD,
+      "TF-1 resize has no half-pixel offset"),
+    M("network-pytorch-is-tf1", "fae/metrics/networks.py", 'InceptionNetwork(inception_weights, resize="pytorch"',
+      'InceptionNetwork(inception_weights, resize="tf1"', f"{SS}::test_eval_is_command", "--network inception:pytorch"),
+    M("is-cli-drops-split-size", "fae/cli/eval.py", "splits=args.splits, split_size=args.split_size)",
+      "splits=args.splits, split_size=None)", f"{SS}::test_eval_is_command",
+      "fae eval is --split-size"),
+    M("gen-cli-drops-is-split-size", "fae/cli/eval.py", "is_split_size=args.is_split_size, pr_k",
+      "is_split_size=None, pr_k", f"{SS}::test_eval_is_command", "--is-split-size"),
+    # ---- metrics / frechet
+    M("fd-trace-sign", "fae/metrics/frechet.py", "- 2.0 * tr_covmean)", "+ 2.0 * tr_covmean)",
+      "tests/test_metrics_frechet.py", "FID formula"),
+    M("fd-biased-cov", "fae/metrics/frechet.py", "self.m2 / (self.n - 1)", "self.m2 / self.n",
+      "tests/test_metrics_frechet.py", "unbiased covariance as np.cov"),
+    M("fd-chan-update", "fae/metrics/frechet.py", "np.outer(delta, delta) * (self.n * nb / n)",
+      "np.outer(delta, delta) * (nb / n)", "tests/test_metrics_frechet.py", "streaming covariance is exact"),
+    M("fd-sqrt-of-sum", "fae/metrics/frechet.py", "return float(w.clamp_min(0.0).sqrt().sum())",
+      "return float(w.clamp_min(0.0).sum() ** 0.5)", "tests/test_metrics_frechet.py", "tr sqrt(S1 S2)"),
+    M("fd-cholesky-untransposed", "fae/metrics/frechet.py", "            factor = lower.T\n",
+      "            factor = lower\n", "tests/test_metrics_frechet.py", "S1 = F^T F with F = L^T"),
+    # ---- models
+    M("dit-time-scale", "fae/models/dit.py", "args = 1000.0 * t.float()[:, None] * freqs[None]",
+      "args = t.float()[:, None] * freqs[None]", "tests/test_claims_models.py",
+      "DiT time embedding of t in [0, 1] x 1000"),
+    M("dit-no-label-dropout", "fae/models/dit.py",
+      "drop = torch.rand(y.shape, generator=generator, device=y.device) < self.dropout",
+      "drop = torch.zeros_like(y, dtype=torch.bool)", "tests/test_dit.py", "label dropout for CFG"),
+    M("fae-kl-not-normalised", "fae/models/autoencoder.py", "kl = posterior.kl().mean() / posterior.mean[0].numel()",
+      "kl = posterior.kl().mean()", f"{SC}::test_fae_stage_loss_uses_the_configured_kl_weight",
+      "beta on per-element KL"),
+    M("rope-theta", "fae/nn.py", "theta: float = 10000.0", "theta: float = 100.0", "tests/test_claims_models.py",
+      "2-D RoPE frequencies"),
+    M("adaln-no-one-plus", "fae/nn.py", "return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)",
+      "return x * scale.unsqueeze(1) + shift.unsqueeze(1)", "tests/test_dit.py tests/test_pixel_decoder.py",
+      "adaLN modulation x (1 + scale) + shift"),
+    M("denormalize-no-mean", "fae/data/latents.py", "return z * (std.to(z).view(-1, 1, 1) + eps) + mean.to(z).view(-1, 1, 1)",
+      "return z * (std.to(z).view(-1, 1, 1) + eps)",
+      f"tests/test_latents.py {SS}::test_generator_returns_latents_in_the_fae_space",
+      "generators return de-normalised latents"),
+    # ---- losses (LPIPS parity)
+    M("lpips-shift", "fae/losses.py", "_LPIPS_SHIFT = (-0.030, -0.088, -0.188)", "_LPIPS_SHIFT = (-0.030, -0.088, -0.118)",
+      "tests/test_golden_metrics.py", "LPIPS input scaling"),
+    M("lpips-vgg-taps", "fae/losses.py", "_VGG16_TAPS = (3, 8, 15, 22, 29)", "_VGG16_TAPS = (3, 8, 15, 22, 28)",
+      "tests/test_golden_metrics.py", "LPIPS VGG layers relu1_2 .. relu5_3"),
+    M("lpips-sum-not-mean", "fae/losses.py", "self.lins[k].weight.float()).mean((1, 2, 3))",
+      "self.lins[k].weight.float()).sum((1, 2, 3))", "tests/test_golden_metrics.py", "LPIPS spatial average"),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def check(mutations: list[Mutation], root: Path = ROOT) -> list[str]:
+    """Problems that make a mutation meaningless: its text not found exactly once, a missing test file, a no-op."""
+    problems = []
+    seen = set()
+    for m in mutations:
+        if m.id in seen:
+            problems.append(f"{m.id}: duplicate id")
+        seen.add(m.id)
+        path = root / m.file
+        if not path.is_file():
+            problems.append(f"{m.id}: {m.file} does not exist")
+            continue
+        count = path.read_text().count(m.old)
+        if count != 1:
+            problems.append(f"{m.id}: the text to mutate occurs {count} times in {m.file} (must be once): {m.old!r}")
+        if m.old == m.new:
+            problems.append(f"{m.id}: old and new text are the same")
+        for t in m.tests:
+            if not (root / t.split("::")[0]).is_file():
+                problems.append(f"{m.id}: test file {t.split('::')[0]} does not exist")
+    return problems
+
+
+def copy_repo(dest: Path) -> Path:
+    """Tracked and untracked-but-not-ignored files (what the suite sees), symlinks kept."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src, dst = ROOT / name, dest / name
+        if not src.exists() and not src.is_symlink():
+            continue  # deleted in the work tree
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            dst.symlink_to(os.readlink(src))
+        else:
+            shutil.copy2(src, dst)
+    return dest
+
+
+def run_tests(repo: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
+    """('pass' | 'fail' | 'timeout' | 'error', seconds, last output line)."""
+    env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.time() - t0, f"over {timeout:.0f} s"
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    last = (failed or [line for line in lines if " passed" in line or " failed" in line] or lines or [""])[-1]
+    last = last[:200] if last else proc.stderr.strip()[-200:]
+    status = {0: "pass", 1: "fail"}.get(proc.returncode, "error")
+    if proc.returncode in (2, 3, 4):  # interrupted / internal / usage: e.g. the mutant does not import
+        status = "fail"
+    return status, time.time() - t0, last
+
+
+def _verdict(result: dict) -> str:
+    if not result["killed"]:
+        return "**survived**"
+    if result["status"] == "timeout":
+        return "killed (timeout)"
+    test = result["last"].removeprefix("FAILED ").removeprefix("ERROR ").split(" - ")[0]
+    return f"killed: `{test.split('::', 1)[-1]}`" if "::" in test else "killed"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", help="mutation ids to run")
+    parser.add_argument("--check", action="store_true", help="only check that every mutation applies")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per mutation (a timeout counts as killed)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the named tests")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "mutation")
+    args = parser.parse_args()
+
+    chosen = [m for m in MUTATIONS if not args.only or m.id in args.only]
+    if args.only and len(chosen) != len(args.only):
+        sys.exit(f"unknown mutation ids: {sorted(set(args.only) - {m.id for m in MUTATIONS})}")
+    problems = check(chosen)
+    if problems or args.check:
+        print("\n".join(problems) or f"all {len(chosen)} mutations apply")
+        return 1 if problems else 0
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fae-mutation-") as tmp:
+        repo = copy_repo(Path(tmp) / "repo")
+        if not args.no_baseline:
+            tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+            status, secs, last = run_tests(repo, tests, args.timeout * 4)
+            print(f"baseline ({len(tests)} targets): {status} in {secs:.0f} s: {last}", flush=True)
+            if status != "pass":
+                sys.exit("the unmutated tests do not pass; fix them before reading a mutation score")
+        for m in chosen:
+            path = repo / m.file
+            original = path.read_text()
+            path.write_text(original.replace(m.old, m.new, 1))
+            try:
+                status, secs, last = run_tests(repo, m.tests, args.timeout)
+            finally:
+                path.write_text(original)
+            killed = status in ("fail", "timeout")
+            results.append({**asdict(m), "status": status, "killed": killed, "seconds": round(secs, 1), "last": last})
+            print(f"{'killed ' if killed else 'SURVIVED'} {m.id:32s} {status:8s} {secs:5.0f} s  {last}", flush=True)
+
+    killed = sum(r["killed"] for r in results)
+    score = killed / len(results)
+    survivors = [r["id"] for r in results if not r["killed"]]
+    print(f"mutation score {killed}/{len(results)} = {score:.1%}; survivors: {', '.join(survivors) or 'none'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {"score": score, "killed": killed, "total": len(results), "survivors": survivors, "results": results}
+    (args.out / "result.json").write_text(json.dumps(summary, indent=2))
+    rows = ["| mutation | file | claim | result (first failing test) |", "|---|---|---|---|"]
+    rows += [f"| `{r['id']}` | {r['file']} | {r['claim']} | {_verdict(r)} |" for r in results]
+    (args.out / "result.md").write_text(f"Mutation score {killed}/{len(results)} = {score:.1%}\n\n" + "\n".join(rows) + "\n")
+    print(f"written: {args.out / 'result.json'}, {args.out / 'result.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
