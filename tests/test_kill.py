@@ -13,15 +13,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from fae.cli import main
-from fae.encoders import EncoderConfig, FrozenEncoder
-from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
-from fae.models.pixel_decoder import PixelDecoder, PixelDecoderConfig
-from fae.pipeline import FAE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,22 +35,8 @@ def same_safetensors(a: Path, b: Path) -> None:
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), (a, b)
 
 
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory, tiny_encoder_dir):
-    """A tiny FAE pipeline bundle and a data config (Fashion-MNIST test split, 40 images)."""
-    root = tmp_path_factory.mktemp("kill")
-    encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder_dir)))
-    torch.manual_seed(0)
-    fae = FeatureAutoEncoder(FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2,
-                                       encoder_head_dim=8, decoder_depth=1, decoder_heads=2))
-    pd = PixelDecoder(PixelDecoderConfig(in_dim=32, num_tokens=16, patch_size=4, width=32, depth=1, num_heads=2,
-                                         refine_channels=0))
-    FAE(encoder, fae, pd).save_pretrained(root / "pipeline")
-    (root / "data.yaml").write_text("data: {kind: fashion_mnist, split: test, image_size: 16, limit: 40}\n")
-    return root
-
-
-def test_encode_resumes_its_shards_exactly(parts, tmp_path, monkeypatch):
+def test_encode_resumes_its_shards_exactly(tiny_latent_world, tmp_path, monkeypatch):
+    parts = tiny_latent_world["root"]
     monkeypatch.setenv("FAE_CACHE", str(tmp_path / "c"))
     args = ["encode", "--fae", str(parts / "pipeline" / "fae"), "--data", str(parts / "data.yaml"), "--shard-size", "8"]
     assert main([*args, "--out", str(tmp_path / "straight"), "--no-progress"]) == 0
@@ -66,14 +47,13 @@ def test_encode_resumes_its_shards_exactly(parts, tmp_path, monkeypatch):
         assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
 
 
-def test_dit_training_and_sampling_resume_exactly(parts, tmp_path, monkeypatch):
+def test_dit_training_and_sampling_resume_exactly(tiny_latent_world, tmp_path, monkeypatch):
+    parts = tiny_latent_world["root"]
     monkeypatch.setenv("FAE_CACHE", str(tmp_path / "c"))
-    assert main(["encode", "--fae", str(parts / "pipeline" / "fae"), "--data", str(parts / "data.yaml"),
-                 "--out", str(tmp_path / "latents"), "--no-progress"]) == 0
     cfg = tmp_path / "dit.yaml"
     cfg.write_text(f"""
 stage: dit
-latents: {tmp_path / 'latents'}
+latents: {tiny_latent_world['cache']}
 model: {{input_size: [4, 4], in_channels: 4, hidden_size: 32, depth: 1, num_heads: 2, num_classes: 10}}
 optim: {{lr: 1.0e-3}}
 train: {{steps: 6, batch_size: 8, checkpoint_every: 2, log_every: 1, ema_decay: 0.9, seed: 1}}

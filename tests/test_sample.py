@@ -16,12 +16,9 @@ from safetensors.torch import load_file
 from fae.cli import main
 from fae.config import ConfigError
 from fae.data.latents import LatentCache
-from fae.encoders import EncoderConfig, FrozenEncoder
 from fae.generators import load_generator
 from fae.io import WEIGHTS_NAME, file_sha256, read_bundle_config
-from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
 from fae.models.dit import DiT
-from fae.models.pixel_decoder import PixelDecoder, PixelDecoderConfig
 from fae.pipeline import FAE
 from fae.sampling import image_grid, load_decoder, make_labels
 from fae.stages import load_stage_config, train_stage
@@ -31,31 +28,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_encoder_dir):
+def world(tmp_path_factory, tiny_latent_world):
+    """The shared tiny FAE, pipeline and latent cache (conftest), and a DiT trained on them."""
+    w = tiny_latent_world
     root = tmp_path_factory.mktemp("sample")
-    enc_dir = tiny_encoder_dir
-    encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(enc_dir)))
-    torch.manual_seed(0)
-    fae = FeatureAutoEncoder(FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2,
-                                       encoder_head_dim=8, decoder_depth=1, decoder_heads=2))
-    fae_bundle = fae.save_pretrained(root / "fae", extra={"encoder": encoder.reference()})
-    pd = PixelDecoder(PixelDecoderConfig(in_dim=32, num_tokens=16, patch_size=4, width=32, depth=1, num_heads=2,
-                                         refine_channels=0))
-    pipeline = FAE(encoder, fae, pd).save_pretrained(root / "pipeline")
-    (root / "data.yaml").write_text("data: {kind: fashion_mnist, split: test, image_size: 16, limit: 40}\n")
-    assert main(["encode", "--fae", str(fae_bundle), "--data", str(root / "data.yaml"), "--out", str(root / "cache"),
-                 "--shard-size", "16", "--no-progress"]) == 0
     cfg = root / "dit.yaml"
     cfg.write_text(f"""
 stage: dit
-latents: {root / 'cache'}
+latents: {w['cache']}
 model: {{input_size: [4, 4], in_channels: 4, hidden_size: 32, depth: 1, num_heads: 2, num_classes: 10}}
 transport: {{time_shift: 0.5}}
 optim: {{lr: 1.0e-3}}
 train: {{steps: 6, batch_size: 8, checkpoint_every: 3, log_every: 1, ema_decay: 0.9, seed: 1}}
 """)
     assert main(["train", "dit", "--config", str(cfg), "--out", str(root / "run"), "--no-progress"]) == 0
-    return dict(root=root, fae=fae_bundle, pipeline=pipeline, cfg=cfg, run=root / "run")
+    return dict(root=w["root"], fae=w["fae"], pipeline=w["pipeline"], cfg=cfg, run=root / "run")
 
 
 def test_generator_bundle_records_stats_fae_and_transport(world):
