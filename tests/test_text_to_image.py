@@ -13,13 +13,10 @@ from fae.cli import main
 from fae.config import ConfigError
 from fae.data import DataConfig
 from fae.data.latents import EncodeOptions, LatentCache, LatentDataset
-from fae.encoders import EncoderConfig, FrozenEncoder, TextEncoder, TextEncoderConfig
+from fae.encoders import TextEncoder, TextEncoderConfig
 from fae.encoding import encode_latents
 from fae.generators import MMDiTGenerator, load_generator
 from fae.io import read_bundle_config
-from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
-from fae.models.pixel_decoder import PixelDecoder, PixelDecoderConfig
-from fae.pipeline import FAE
 from fae.stages import load_stage_config
 from fae.stages.mmdit import MMDiTStage
 from fae.transport import GuidanceSchedule, SamplerConfig
@@ -28,16 +25,9 @@ COLOURS = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230), 
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_encoder_dir):
+def world(tmp_path_factory, tiny_latent_world):
     root = tmp_path_factory.mktemp("t2i")
-    encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder_dir)))
-    torch.manual_seed(0)
-    fae = FeatureAutoEncoder(FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2,
-                                       encoder_head_dim=8, decoder_depth=1, decoder_heads=2))
-    fae_bundle = fae.save_pretrained(root / "fae", extra={"encoder": encoder.reference()})
-    pd = PixelDecoder(PixelDecoderConfig(in_dim=32, num_tokens=16, patch_size=4, width=32, depth=1, num_heads=2,
-                                         refine_channels=0))
-    pipeline = FAE(encoder, fae, pd).save_pretrained(root / "pipeline")
+    fae_bundle, pipeline = tiny_latent_world["fae"], tiny_latent_world["pipeline"]   # the shared tiny FAE (conftest)
     pairs = root / "pairs"
     pairs.mkdir()
     for name, colour in COLOURS.items():
