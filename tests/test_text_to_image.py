@@ -49,7 +49,7 @@ train: {{steps: 4, batch_size: 4, checkpoint_every: 4, log_every: 2, ema_decay: 
     assert main(["train", "mmdit", "--config", str(cfg), "--out", str(root / "run"), "--no-progress"]) == 0
     gen = load_generator(root / "run")
     gen.text_encoder = text
-    return dict(root=root, pipeline=pipeline, cfg=cfg, run=root / "run", gen=gen)
+    return dict(root=root, fae=fae_bundle, pipeline=pipeline, cfg=cfg, run=root / "run", gen=gen)
 
 
 def test_cache_holds_text_embeddings_captions_and_the_empty_prompt(world):
@@ -108,7 +108,7 @@ def test_stage_refuses_a_cache_without_text_or_of_another_width(world, tmp_path)
     with pytest.raises(ConfigError, match="set model.text_tokens=8 model.text_dim=384"):
         MMDiTStage(cfg)
     plain = encode_latents(DataConfig(split="test", image_size=16, limit=4), tmp_path / "plain",
-                           fae=world["root"] / "fae", progress=False)
+                           fae=world["fae"], progress=False)
     _, cfg = load_stage_config(world["cfg"], [f"latents={plain}"])
     with pytest.raises(ConfigError, match="holds no text embeddings"):
         MMDiTStage(cfg)
