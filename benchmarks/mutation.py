@@ -138,7 +138,8 @@ MUTATIONS: list[Mutation] = [
       f"tests/test_training.py {SC}::test_ema_copies_buffers", "EMA copies buffers"),
     M("ranks-share-streams", TR, "seed_step(self.cfg.seed, self.rank, self.step)",
       "seed_step(self.cfg.seed, 0, self.step)",
-      f"tests/test_training.py {SC}::test_two_process_resume_restores_each_process_rng",
+      f"{SC}::test_each_process_draws_its_own_random_numbers_at_every_step "
+      f"{SC}::test_two_process_resume_restores_each_process_rng",
       "each process draws its own random streams"),
     # ---- io (checkpoints)
     M("atomic-write-in-place", "fae/io.py", "        write(Path(tmp))\n        _kill_point()",

@@ -128,6 +128,23 @@ def test_two_process_resume_restores_each_process_rng(tmp_path):
         assert torch.equal(resumed[0][k], v) and torch.equal(resumed[1][k], v)
 
 
+def test_each_process_draws_its_own_random_numbers_at_every_step(tmp_path):
+    """Noise, timesteps and label dropout come from the step's random stream, which differs between processes (a
+    shared stream would give every rank the same noise: the mutation ranks-share-streams)."""
+    draws: dict[int, list[torch.Tensor]] = {}
+
+    def record(rank: int):
+        return lambda stage, batch, step: draws.setdefault(rank, []).append(torch.rand(4))
+
+    for rank in (0, 1):
+        trainer = Trainer(Stage(on_loss=record(rank)), _cfg(steps=3), tmp_path / f"r{rank}", progress=False)
+        trainer.rank = rank            # one process playing rank `rank` of a run (the streams depend only on it)
+        trainer.fit()
+    assert len(draws[0]) == len(draws[1]) == 3
+    assert all(not torch.equal(a, b) for a, b in zip(draws[0], draws[1]))          # rank 1's streams are its own
+    assert all(not torch.equal(a, b) for a, b in zip(draws[0], draws[0][1:]))      # and each step's are new
+
+
 def test_lr_at_chosen_steps_follows_the_formula(tmp_path):
     lr, min_lr, warmup, steps = 1e-2, 1e-3, 3, 10
     stage = Stage(OptimConfig(lr=lr, min_lr=min_lr, warmup_steps=warmup, schedule="cosine"))
