@@ -73,17 +73,19 @@ class Generator(ABC):
         return self.record.get("class_names")
 
 
-class DiTGenerator(Generator):
-    """A DiT/SiT/LightningDiT velocity model, integrated with fae.transport, with classifier-free guidance."""
+class BundledGenerator(Generator):
+    """What every generator loaded from a bundle shares: its model, its record, the latent statistics it
+    de-normalises with, and the shape and classes its model config declares."""
 
-    def __init__(self, model: DiT, record: dict[str, Any], source: str, device: str | torch.device = "cpu") -> None:
+    export_hint = "`fae train dit`"
+
+    def __init__(self, model: Any, record: dict[str, Any], source: str, device: str | torch.device = "cpu") -> None:
         if "latent_stats" not in record:
-            raise ConfigError(f"{source}: the generator records no latent statistics; export it with `fae train dit`")
+            raise ConfigError(f"{source}: the generator records no latent statistics; export it with {self.export_hint}")
         stats = record["latent_stats"]
         self.model, self.record, self.source = model.to(device).eval(), record, source
         self.mean = torch.tensor(stats["mean"], dtype=torch.float32, device=device)
         self.std = torch.tensor(stats["std"], dtype=torch.float32, device=device)
-        self.time_shift = float(record.get("transport", {}).get("time_shift", 1.0))
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -98,6 +100,18 @@ class DiTGenerator(Generator):
     def supports_guidance(self) -> bool:
         return self.num_classes > 0 and self.model.config.class_dropout > 0
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return self.model.save_pretrained(directory, extra={k: v for k, v in self.record.items()
+                                                            if k not in ("class", "config")})
+
+
+class DiTGenerator(BundledGenerator):
+    """A DiT/SiT/LightningDiT velocity model, integrated with fae.transport, with classifier-free guidance."""
+
+    def __init__(self, model: DiT, record: dict[str, Any], source: str, device: str | torch.device = "cpu") -> None:
+        super().__init__(model, record, source, device)
+        self.time_shift = float(record.get("transport", {}).get("time_shift", 1.0))
+
     def sample(self, noise: torch.Tensor, conditions: torch.Tensor | None, sampler: SamplerConfig,
                generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
         velocity = GuidedVelocity(self.model, sampler.guidance, batch=sampler.cfg_batch)
@@ -107,10 +121,6 @@ class DiTGenerator(Generator):
     def settings(self, sampler: SamplerConfig) -> dict[str, Any]:
         return {"generator": self.source,
                 "time_shift": sampler.time_shift if sampler.time_shift is not None else self.time_shift}
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        return self.model.save_pretrained(directory, extra={k: v for k, v in self.record.items()
-                                                            if k not in ("class", "config")})
 
 
 class MMDiTGenerator(DiTGenerator):
@@ -171,34 +181,20 @@ GENERATOR_BUNDLES: dict[str, tuple[type, type[Generator]]] = {"DiT": (DiT, DiTGe
                                                               "MMDiT": (MMDiT, MMDiTGenerator)}
 
 
-class FlowGenerator(Generator):
+class FlowGenerator(BundledGenerator):
     """A STARFlow normalizing flow: the exact inverse token by token with a KV cache, flow guidance on the
     sampler's guidance schedule (token i of T at t = 1 - (i + 1) / T; fae.models.starflow), then STARFlow's
     score-based denoising step (`SamplerConfig.flow_denoise`) with the noise level it was trained at. The
     sampler's step budget and ODE/SDE method do not apply: a flow has one exact pass."""
 
+    export_hint = "`fae train flow`"
+
     def __init__(self, model: StarFlow, record: dict[str, Any], source: str, device: str | torch.device = "cpu") -> None:
-        if "latent_stats" not in record or "flow" not in record:
+        if "flow" not in record:
             raise ConfigError(f"{source}: the flow bundle records no latent statistics or noise level; export it "
                               "with `fae train flow`")
-        stats = record["latent_stats"]
-        self.model, self.record, self.source = model.to(device).eval(), record, source
-        self.mean = torch.tensor(stats["mean"], dtype=torch.float32, device=device)
-        self.std = torch.tensor(stats["std"], dtype=torch.float32, device=device)
+        super().__init__(model, record, source, device)
         self.noise_std = float(record["flow"]["noise_std"])
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        cfg = self.model.config
-        return (cfg.in_channels, *cfg.input_size)
-
-    @property
-    def num_classes(self) -> int:
-        return self.model.config.num_classes
-
-    @property
-    def supports_guidance(self) -> bool:
-        return self.num_classes > 0 and self.model.config.class_dropout > 0
 
     def sample(self, noise: torch.Tensor, conditions: torch.Tensor | Sequence[str] | None, sampler: SamplerConfig,
                generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
@@ -213,10 +209,6 @@ class FlowGenerator(Generator):
     def settings(self, sampler: SamplerConfig) -> dict[str, Any]:
         return {"generator": self.source, "noise_std": self.noise_std,
                 "denoised": bool(sampler.flow_denoise and self.noise_std > 0)}
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        return self.model.save_pretrained(directory, extra={k: v for k, v in self.record.items()
-                                                            if k not in ("class", "config")})
 
 
 GENERATOR_BUNDLES["StarFlow"] = (StarFlow, FlowGenerator)
