@@ -463,10 +463,7 @@ class Trainer:
         self.bad_steps += 1
         warnings.warn(f"step {self.step}: non-finite loss or gradient in {', '.join(skipped)}, update skipped "
                       f"({self.bad_steps}/{self.cfg.max_bad_steps} in a row)", stacklevel=2)
-        logs_note = {"step": self.step, "skipped": skipped}
-        if self.rank == 0:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(logs_note) + "\n")
+        self._append_metrics({"skipped": skipped})
         if self.bad_steps >= self.cfg.max_bad_steps:
             ckpts = checkpoint_dirs(self.out_dir)
             where = (f"the last checkpoint is {ckpts[-1]} (skipped updates leave weights finite)" if ckpts
@@ -481,10 +478,14 @@ class Trainer:
         if self._dropped_since_log:
             row["data/dropped"] = self._dropped_since_log
             self._dropped_since_log = 0
+        self._append_metrics(row)
+        return row
+
+    def _append_metrics(self, row: dict[str, Any]) -> None:
+        """One row of metrics.jsonl (rank 0), stamped with the current step."""
         if self.rank == 0:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **row}) + "\n")
-        return row
 
     # ------------------------------------------------------------------------------------------------------------
     def export_modules(self) -> dict[str, nn.Module]:
