@@ -92,7 +92,10 @@ class FAE(nn.Module):
         decoder = PixelDecoder.from_pretrained(pixel_decoder, map_location) if pixel_decoder is not None else None
         model = cls(FrozenEncoder.from_reference(encoder_reference),
                     FeatureAutoEncoder.from_pretrained(fae_dir, map_location), decoder).to(map_location)
-        model.fae_weights_sha256 = file_sha256(Path(fae_dir) / WEIGHTS_NAME)  # its identity, for generator bundles
+        # its identity, for generator bundles: the hash its config.json records (from_pretrained has just checked it
+        # against the file), or the file's own for bundles written before that field
+        model.fae_weights_sha256 = (read_bundle_config(fae_dir).get("weights_sha256")
+                                    or file_sha256(Path(fae_dir) / WEIGHTS_NAME))
         return model
 
     def save_pretrained(self, directory: str | Path) -> Path:
