@@ -114,7 +114,8 @@ MANIFEST_NAME = "manifest.json"
 def write_manifest(folder: Path) -> None:
     """Record the SHA-256 of every file in `folder` (a checkpoint), so a damaged one is found before it is used."""
     folder = Path(folder)
-    hashes = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    hashes = {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
+              if p.is_file() and p.name != MANIFEST_NAME}   # sub-folders too (a sharded checkpoint's dcp/)
     atomic_write_text(folder / MANIFEST_NAME, json.dumps(hashes, indent=2))
 
 

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from fae import distributed as D
+from fae import sharding
 from fae.data.readable import collate_present
 from fae.io import (
     MANIFEST_NAME,
@@ -83,6 +84,7 @@ class TrainConfig:
     num_workers: int = 0
     max_bad_steps: int = 5          # consecutive non-finite losses before the run stops
     device: str = "auto"            # auto | cpu | cuda
+    fsdp: bool = False              # FSDP2 instead of DDP (generator stages): weights, grads, Adam and EMA sharded
 
     def validate(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
@@ -125,6 +127,7 @@ class TrainStage:
     """What a stage plugs into the Trainer. Subclasses set `self.modules` and implement `loss` and `export`."""
 
     modules: dict[str, nn.Module]
+    supports_fsdp = False   # the stage's loss needs nothing FSDP2 lacks (the generator stages)
 
     def optimizer_groups(self) -> dict[str, list[str]]:
         return {"main": list(self.modules)}
@@ -294,11 +297,22 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.rank)
         random.seed(cfg.seed + self.rank)
 
+        if cfg.fsdp and not stage.supports_fsdp:
+            raise ValueError(f"train.fsdp=true: {type(stage).__name__} trains with DDP only (FSDP2 is for the "
+                             "generator stages: dit, flow, mmdit); set train.fsdp=false")
         self.raw = dict(stage.modules)
         for m in self.raw.values():
             m.to(self.device).train()
         stage.to(self.device)
-        if self.world > 1:
+        # EMA copies are taken from the full modules, then sharded like them (their update is shard by shard)
+        self.ema = {n: EMA(self.raw[n], cfg.ema_decay, cfg.ema_warmup) for n in stage.ema_modules()}
+        self.sharded = cfg.fsdp and self.world > 1
+        self._shells: dict[str, nn.Module] = {}
+        if self.sharded:
+            self._shells = {n: sharding.meta_copy(m) for n, m in self.raw.items()}  # to export full weights into
+            for m in [*self.raw.values(), *(e.module for e in self.ema.values())]:
+                sharding.shard(m)
+        elif self.world > 1:
             stage.modules = {k: DistributedDataParallel(m, **_no_forward_buffer_sync()) for k, m in self.raw.items()}
         self.groups = stage.optimizer_groups()
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -311,7 +325,6 @@ class Trainer:
             self.optimizers[group] = opt
             horizon = stage.schedule_steps(group, cfg.steps)
             self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, horizon))
-        self.ema = {n: EMA(self.raw[n], cfg.ema_decay, cfg.ema_warmup) for n in stage.ema_modules()}
         self.step, self.bad_steps = 0, 0
         self.dropped_items, self._dropped_since_log = 0, 0   # unreadable items left out of batches
         self._stop_signal: int | None = None
@@ -381,11 +394,12 @@ class Trainer:
         if self.rank == 0:  # the run's summary says how many unreadable items were left out
             record = {**self.run_record(), "data": {"items": len(dataset), "dropped_draws": self.dropped_items}}
             atomic_write_text(self.out_dir / "run.json", json.dumps(record, indent=2))
-        if self.step >= self.cfg.steps and self.rank == 0:
-            modules = self.export_modules()
-            self.stage.export(self.out_dir, modules)
+        if self.step >= self.cfg.steps:
+            modules = self.export_modules()   # every process: the evaluation is split over them
+            if self.rank == 0:
+                self.stage.export(self.out_dir, modules)
             scores = self.stage.evaluate(self.out_dir, modules)
-            if scores:
+            if scores and self.rank == 0:
                 print(f"held-out: {summarize_scores(scores)}", flush=True)
         D.barrier()
         return last
@@ -428,11 +442,11 @@ class Trainer:
         for i, batch in enumerate(micro):
             last_micro = i == len(micro) - 1
             with contextlib.ExitStack() as stack:
-                if not last_micro:
-                    for n in names:
-                        m = self.stage.modules[n]
-                        if isinstance(m, DistributedDataParallel):
-                            stack.enter_context(m.no_sync())
+                for n in names:
+                    m = self.stage.modules[n]
+                    sharding.set_gradient_sync(m, last_micro)
+                    if not last_micro and isinstance(m, DistributedDataParallel):
+                        stack.enter_context(m.no_sync())
                 with autocast:
                     loss, info = self.stage.loss(group, batch, self.step)
                 if not torch.isfinite(loss.detach()).item():
@@ -446,6 +460,7 @@ class Trainer:
             clip = self.stage.optim_config(group).grad_clip
             if clip:
                 norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # a DTensor when sharded
                 logs.setdefault(f"grad_norm/{group}", []).append(float(norm))
                 finite = bool(torch.isfinite(norm).item())
         if finite:
@@ -489,38 +504,56 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
     def export_modules(self) -> dict[str, nn.Module]:
-        return {n: (self.ema[n].module if n in self.ema else m) for n, m in self.raw.items()}
+        """The finished modules (EMA where kept), whole on every process (a collective when sharded)."""
+        chosen = {n: (self.ema[n].module if n in self.ema else m) for n, m in self.raw.items()}
+        if not self.sharded:
+            return chosen
+        return {n: sharding.full_copy(m, self._shells[n], self.device).eval() for n, m in chosen.items()}
 
     def save_checkpoint(self) -> Path:
         root = self.out_dir / "checkpoints"
         final = root / f"step_{self.step:08d}"
-        failure: OSError | None = None
-        if self.rank == 0:
-            tmp = root / f".tmp_step_{self.step:08d}"
-            try:
+        tmp = root / f".tmp_step_{self.step:08d}"
+        failure: BaseException | None = None
+        if self.cfg.fsdp:  # every process writes its own shards (DCP) into the folder rank 0 prepared
+            if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-                for name, module in self.raw.items():
-                    atomic_save_safetensors(state_dict_for_save(module), tmp / f"{name}.safetensors")
-                for name, ema in self.ema.items():
-                    atomic_save_safetensors(state_dict_for_save(ema.module), tmp / f"{name}.ema.safetensors")
+            D.barrier()
+            try:
+                sharding.save_state(tmp, self.raw, {n: e.module for n, e in self.ema.items()}, self.optimizers)
+            except (OSError, sharding.CheckpointException) as exc:
+                failure = exc
+            if D.all_reduce_max(float(failure is not None)) > 0 and failure is None:
+                failure = OSError("another process could not write its shards")
+        if self.rank == 0 and failure is None:
+            try:
+                if not self.cfg.fsdp:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                    for name, module in self.raw.items():
+                        atomic_save_safetensors(state_dict_for_save(module), tmp / f"{name}.safetensors")
+                    for name, ema in self.ema.items():
+                        atomic_save_safetensors(state_dict_for_save(ema.module), tmp / f"{name}.ema.safetensors")
                 state = {
                     "step": self.step,
                     "bad_steps": self.bad_steps,
                     "data_position": self.step * self.cfg.batch_size,
-                    "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
                     "schedulers": {g: s.state_dict() for g, s in self.schedulers.items()},
                     "stage": self.stage.extra_state(),
                 }
+                if not self.cfg.fsdp:
+                    state["optimizers"] = {g: o.state_dict() for g, o in self.optimizers.items()}
                 torch.save(state, tmp / "training_state.pt")
                 write_manifest(tmp)  # SHA-256 per file: a damaged checkpoint is found at resume, not used
                 replace_dir(tmp, final)
             except OSError as exc:  # disk full, quota, I/O error: the previous checkpoints are untouched
-                shutil.rmtree(tmp, ignore_errors=True)
                 failure = exc
             else:
                 for old in checkpoint_dirs(self.out_dir)[: -self.cfg.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
+        if failure is not None and self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         if D.all_reduce_max(float(failure is not None)) > 0:
             ckpts = checkpoint_dirs(self.out_dir)
             kept = f"the last good checkpoint, {ckpts[-1]}, is intact" if ckpts else "no earlier checkpoint exists"
@@ -534,12 +567,17 @@ class Trainer:
         ckpts = checkpoint_dirs(self.out_dir)
         if not ckpts:
             return
+        written_sharded = sharding.has_state(ckpts[-1])
+        if written_sharded != self.cfg.fsdp:
+            raise TrainingError(f"{ckpts[-1]} was written {'with' if written_sharded else 'without'} train.fsdp and "
+                                f"the layouts differ: resume with train.fsdp={str(written_sharded).lower()}")
         problems = []
         for path in reversed(ckpts):  # the newest good one; a damaged one is reported and passed over
             try:
                 state = self._load_checkpoint(path)
                 break
-            except (CheckpointDamaged, OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+            except (CheckpointDamaged, OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError,
+                    sharding.CheckpointException) as exc:
                 problems.append(f"{path}: {exc}")
                 if self.rank == 0:
                     warnings.warn(f"checkpoint {path} is damaged ({exc}); falling back to the one before it",
@@ -559,13 +597,16 @@ class Trainer:
             problem = manifest_problem(path)
             if problem:
                 raise CheckpointDamaged(problem)
-        for name, module in self.raw.items():
-            module.load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(self.device)))
-        for name, ema in self.ema.items():
-            ema.module.load_state_dict(load_file(str(path / f"{name}.ema.safetensors"), device=str(self.device)))
         state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-        for g, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][g])
+        if self.cfg.fsdp:  # re-sharded to however many processes run now
+            sharding.load_state(path, self.raw, {n: e.module for n, e in self.ema.items()}, self.optimizers)
+        else:
+            for name, module in self.raw.items():
+                module.load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(self.device)))
+            for name, ema in self.ema.items():
+                ema.module.load_state_dict(load_file(str(path / f"{name}.ema.safetensors"), device=str(self.device)))
+            for g, o in self.optimizers.items():
+                o.load_state_dict(state["optimizers"][g])
         for g, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][g])
         self.step, self.bad_steps = state["step"], state["bad_steps"]

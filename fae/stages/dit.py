@@ -53,6 +53,8 @@ def check_model_matches_cache(model: Any, cache: LatentCache) -> None:
 
 
 class DiTStage(TrainStage):
+    supports_fsdp = True   # train.fsdp: FSDP2 over the transformer blocks
+
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.optim = cfg, cfg.optim
         self.cache = LatentCache(cfg.latents)
@@ -66,7 +68,7 @@ class DiTStage(TrainStage):
                              sample_posterior=self.cfg.sample_posterior)
 
     def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        # t, noise and label dropout come from the global RNG, which the trainer seeds and checkpoints
+        # t, noise and label dropout come from the global RNG, which the trainer seeds at every step
         return flow_matching_loss(self.modules["model"], batch["latent"], batch["label"], self.cfg.transport)
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:

@@ -57,6 +57,8 @@ class FirstRows(Dataset):
 
 
 class FlowStage(TrainStage):
+    supports_fsdp = True   # train.fsdp: FSDP2 over the transformer blocks
+
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.optim = cfg, cfg.optim
         self.cache = LatentCache(cfg.latents)

@@ -52,6 +52,8 @@ def check_text_matches_cache(model: MMDiTConfig, cache: LatentCache) -> None:
 
 
 class MMDiTStage(TrainStage):
+    supports_fsdp = True   # train.fsdp: FSDP2 over the transformer blocks
+
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.optim = cfg, cfg.optim
         self.cache = LatentCache(cfg.latents)

@@ -1,0 +1,158 @@
+"""Scale: DDP and FSDP2 (`train.fsdp`) on two CPU processes (gloo) train a tiny DiT exactly as one process does at the
+same global batch, and a run resumes when the number of processes changes (2 -> 1, 1 -> 2), in both layouts."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from fae.data import split_key
+from fae.models.dit import DiT, DiTConfig
+from fae.training import OptimConfig, TrainConfig, Trainer, TrainingError, TrainStage, checkpoint_dirs
+
+
+class Latents(Dataset):
+    """Fixed (latent, time, label, target velocity) items: the loss is deterministic, so runs can match exactly."""
+
+    def __init__(self, n: int = 32) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.x, self.v = torch.randn(n, 4, 4, 4, generator=g), torch.randn(n, 4, 4, 4, generator=g)
+        self.t, self.y = torch.rand(n, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, key):
+        i, _ = split_key(key)
+        return {"x": self.x[i], "t": self.t[i], "y": self.y[i], "v": self.v[i]}
+
+
+class TinyDiT(TrainStage):
+    supports_fsdp = True
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.modules = {"model": DiT(DiTConfig(input_size=(4, 4), in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                                               num_classes=3, class_dropout=0.0))}
+        self.optim = OptimConfig(lr=1e-2, schedule="cosine", warmup_steps=1)
+
+    def train_dataset(self) -> Dataset:
+        return Latents()
+
+    def loss(self, group, batch, step):
+        pred = self.modules["model"](batch["x"], batch["t"], batch["y"])
+        return (pred - batch["v"]).pow(2).mean(), {}
+
+    def export(self, out_dir: Path, modules) -> None:
+        pass
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(steps=4, batch_size=8, grad_accum=2, checkpoint_every=100, log_every=1, ema_decay=0.5, seed=3,
+                precision="fp32")
+    return TrainConfig(**{**base, **kw})
+
+
+def _train(out: Path, stop_at: int | None, **cfg) -> dict[str, torch.Tensor]:
+    """Train (or resume) in this process; the full weights, EMA weights (gathered when sharded) and the exported
+    modules (whole on every process)."""
+    trainer = Trainer(TinyDiT(), _cfg(**cfg), out, progress=False)
+    trainer.fit(stop_at=stop_at)
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+    weights = {k: full(v).detach().clone() for k, v in trainer.raw["model"].state_dict().items()}
+    ema = {f"ema.{k}": full(v).detach().clone() for k, v in trainer.ema["model"].module.state_dict().items()}
+    exported = {f"export.{k}": v.detach().clone() for k, v in trainer.export_modules()["model"].state_dict().items()}
+    return {**weights, **ema, **exported}
+
+
+def _rank(rank: int, port: int, out: Path, stop_at: int | None, cfg: dict) -> None:
+    torch.set_num_threads(1)   # a forked child must not reuse the parent's thread pool
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        torch.save(_train(out, stop_at, **cfg), out / f"rank{rank}.pt")
+        torch.distributed.barrier()
+    finally:
+        os._exit(0)  # no exit-time teardown in a forked child: a gloo group torn down after its peer left can hang
+
+
+def _two_processes(out: Path, stop_at: int | None = None, **cfg) -> list[dict[str, torch.Tensor]]:
+    import torch._dynamo  # noqa: F401  (imported once before the fork: DDP/FSDP import it on first use)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("rank*.pt"):
+        old.unlink()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank, args=(rank, port, out, stop_at, cfg)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    results = [out / f"rank{rank}.pt" for rank in (0, 1)]
+    assert all(r.is_file() for r in results), "a process failed (see its output above)"
+    return [torch.load(r, weights_only=True) for r in results]
+
+
+def _assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=2e-6, msg=lambda m: f"{what} {k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict[str, torch.Tensor]:
+    return _train(tmp_path_factory.mktemp("single"), None)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_train_as_one(tmp_path, single, fsdp):
+    start = {k: v for k, v in TinyDiT().modules["model"].state_dict().items()}
+    assert any(not torch.equal(single[k], v) for k, v in start.items())   # the run moved the weights
+    for rank, got in enumerate(_two_processes(tmp_path, fsdp=fsdp)):
+        _assert_same(got, single, f"{'fsdp' if fsdp else 'ddp'} rank {rank}")
+
+
+def test_sharded_checkpoint_is_written_by_every_process_and_covered_by_the_manifest(tmp_path):
+    _two_processes(tmp_path, stop_at=2, fsdp=True)
+    ckpt = checkpoint_dirs(tmp_path)[-1]
+    shards = sorted(p.name for p in (ckpt / "dcp").glob("*.distcp"))
+    assert len(shards) == 2 and not list(ckpt.glob("*.safetensors"))
+    import json
+    listed = json.loads((ckpt / "manifest.json").read_text())
+    assert {f"dcp/{s}" for s in shards} <= listed.keys() and "dcp/.metadata" in listed
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("first", [1, 2], ids=["1-then-2", "2-then-1"])
+def test_resume_on_another_number_of_processes(tmp_path, single, fsdp, first):
+    if first == 2:
+        _two_processes(tmp_path, stop_at=2, fsdp=fsdp)
+        resumed = [_train(tmp_path, None, fsdp=fsdp)]
+    else:
+        _train(tmp_path, 2, fsdp=fsdp)
+        resumed = _two_processes(tmp_path, fsdp=fsdp)
+    assert [int(p.name.split("_")[1]) for p in checkpoint_dirs(tmp_path)] == [2, 4]
+    for rank, got in enumerate(resumed):
+        _assert_same(got, single, f"resumed rank {rank}")
+
+
+def test_a_checkpoint_of_the_other_layout_is_refused_by_name(tmp_path):
+    _train(tmp_path, 2, fsdp=True)
+    with pytest.raises(TrainingError, match="written with train.fsdp and the layouts differ: resume with train.fsdp=true"):
+        _train(tmp_path, None, fsdp=False)
+
+
+def test_fsdp_is_refused_for_a_stage_that_does_not_support_it(tmp_path):
+    class Plain(TinyDiT):
+        supports_fsdp = False
+
+    with pytest.raises(ValueError, match="train.fsdp=true: Plain trains with DDP only"):
+        Trainer(Plain(), _cfg(fsdp=True), tmp_path, progress=False)
