@@ -85,3 +85,25 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.clone()
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor / dist.get_world_size()
+
+
+def shard_of(n: int) -> range:
+    """This process's contiguous share of `n` items (rank 0 gets the first ones: a grid of "the first images" stays
+    the same at any process count)."""
+    r, w = rank(), world_size()
+    return range(n * r // w, n * (r + 1) // w)
+
+
+def merged(accumulators: dict[str, Any]) -> dict[str, Any]:
+    """Each named accumulator (it has `merge(other)`) merged with every other process's of the same name, one
+    collective for all; a name some process lacks (it had no data) is taken from those that have it."""
+    if not is_distributed():
+        return accumulators
+    total: dict[str, Any] = {}
+    for part in all_gather_objects(accumulators):
+        for name, acc in part.items():
+            if name in total:
+                total[name].merge(acc)
+            else:
+                total[name] = acc
+    return total

@@ -84,6 +84,17 @@ def test_torchrun_two_processes(tmp_path, tiny_encoder_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "fae" / "model.safetensors").is_file()
     assert len([l for l in (out / "metrics.jsonl").read_text().splitlines()]) == 4  # rank 0 logs alone
+    # the held-out evaluation was split over both processes and gathered: the same scores as one process gives
+    from fae.encoders import FrozenEncoder
+    from fae.stages import load_stage_config
+    from fae.stages.autoencoder import evaluate_features
+
+    _, run_cfg = load_stage_config(out / "config.yaml", stage="fae")
+    alone = evaluate_features(FeatureAutoEncoder.from_pretrained(out / "fae"), FrozenEncoder.from_config(run_cfg.encoder),
+                              run_cfg)
+    shared = json.loads((out / "eval.json").read_text())
+    assert shared["images"] == alone["images"] == 32
+    assert abs(shared["cos"] - alone["cos"]) < 1e-5 and abs(shared["mse"] - alone["mse"]) < 1e-6 * max(1, alone["mse"])
 
 
 def test_config_errors_name_the_key(tmp_path, tiny_encoder_dir, capsys):

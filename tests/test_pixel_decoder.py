@@ -327,3 +327,14 @@ def test_torchrun_two_processes_with_gan(tmp_path, tiny_encoder_dir):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and "loss/disc" in rows[-1]
     assert (out / "pixel_decoder" / "model.safetensors").is_file() and (out / "discriminator.safetensors").is_file()
+    # the held-out evaluation was split over the two processes and merged: every image counted once, one grid
+    from fae.stages import load_stage_config
+    from fae.stages.pixel_decoder import build, evaluate_stage
+
+    _, run_cfg = load_stage_config(out / "config.yaml", stage="pixel-decoder")
+    shared = json.loads((out / "recon.json").read_text())
+    alone = evaluate_stage(build(run_cfg), PixelDecoder.from_pretrained(out / "pixel_decoder"), tmp_path / "alone")
+    assert shared["images"] == alone["images"] == run_cfg.eval.limit
+    for name, row in alone["decoders"].items():
+        for key in ("psnr", "ssim", "rfid"):
+            assert abs(shared["decoders"][name][key] - row[key]) < 1e-4 * max(1.0, abs(row[key])), (name, key)

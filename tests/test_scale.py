@@ -156,3 +156,37 @@ def test_fsdp_is_refused_for_a_stage_that_does_not_support_it(tmp_path):
 
     with pytest.raises(ValueError, match="train.fsdp=true: Plain trains with DDP only"):
         Trainer(Plain(), _cfg(fsdp=True), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_evaluation_shares_partition_the_data_with_rank_0_first(monkeypatch, world):
+    from fae import distributed as D
+
+    monkeypatch.setattr(D, "world_size", lambda: world)
+    shares = []
+    for r in range(world):
+        monkeypatch.setattr(D, "rank", lambda r=r: r)
+        shares.append(list(D.shard_of(11)))
+    assert sum(shares, []) == list(range(11))   # disjoint, complete, in order
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+@pytest.mark.parametrize("sizes", [(3, 4), (40, 25), (0, 7)])
+def test_merged_feature_statistics_equal_one_pass(sizes):
+    import numpy as np
+
+    from fae.metrics.frechet import StatsAccumulator
+
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(size=(n, 8)) + i for i, n in enumerate(sizes)]
+    one, merged = StatsAccumulator(8), StatsAccumulator(8)
+    one.update(np.concatenate(parts))
+    for part in parts:
+        acc = StatsAccumulator(8)
+        acc.update(part)
+        merged.merge(acc)
+    a, b = one.stats(), merged.stats()
+    np.testing.assert_allclose(b.mu, a.mu, atol=1e-12)
+    np.testing.assert_allclose(b.sigma, a.sigma, atol=1e-10)
+    assert one.n == merged.n == sum(sizes)
+    assert (a.factor is None) == (b.factor is None) == (sum(sizes) > 8)   # few samples: the exact factor is kept

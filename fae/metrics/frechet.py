@@ -81,6 +81,18 @@ class StatsAccumulator:
         if self.rows is not None:
             self.rows = self.rows + [x.copy()] if n <= self.mean.shape[0] else None
 
+    def merge(self, other: "StatsAccumulator") -> None:
+        """Fold in another accumulator's features (Chan et al.'s pairwise update; sharded evaluation)."""
+        if other.n == 0:
+            return
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        self.m2 += other.m2 + np.outer(delta, delta) * (self.n * other.n / n)
+        self.mean += delta * (other.n / n)
+        keep = self.rows is not None and other.rows is not None and n <= self.mean.shape[0]
+        self.rows = self.rows + other.rows if keep else None  # type: ignore[operator]
+        self.n = n
+
     def stats(self) -> GaussianStats:
         if self.n < 2:
             raise FrechetError(f"need at least 2 feature vectors for a covariance, got {self.n}")

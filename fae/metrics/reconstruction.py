@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
+from fae import distributed as D
 from fae.data.readable import readable_batches
 from fae.grid import draw_grid
 from fae.io import atomic_write, atomic_write_text
@@ -51,6 +52,7 @@ def evaluate_decoders(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[
         dec.eval().to(device)
     if fae is not None:
         fae.eval().to(device)
+    dataset = Subset(dataset, D.shard_of(len(dataset)))  # under torchrun each process scores its share
     paired = {name: PairedAccumulator() for name in decoders}
     seams = {name: SeamAccumulator(dec.config.patch_size) for name, (dec, _) in decoders.items()}
     stats: dict[str, Any] = {}
@@ -79,6 +81,7 @@ def evaluate_decoders(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[
             grid["original"] += list(images[:take].cpu())
             for name, rec in outputs.items():
                 grid[name] += list(rec[:take].cpu())
+    paired, seams, stats = D.merged(paired), D.merged(seams), D.merged(stats)
     count = next(iter(paired.values())).n
     scores: dict[str, Any] = {"images": count, "decoders": {}, "seconds": round(time.time() - t0, 2)}
     for name, (_, src) in decoders.items():
@@ -88,7 +91,7 @@ def evaluate_decoders(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[
         scores["decoders"][name] = row
     if network is not None:
         scores["rfid_network"] = network.info() if hasattr(network, "info") else str(network)
-    if out_dir is not None:
+    if out_dir is not None and D.is_main():   # the grid shows rank 0's share: the first images
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_grid(grid, out_dir / "recon_grid.png")
@@ -115,6 +118,9 @@ class SeamAccumulator:
             border = (torch.arange(n) + 1) % self.p == 0
             self.border += err[border].mean().item() if border.any() else 0.0
             self.inside += err[~border].mean().item()
+
+    def merge(self, other: "SeamAccumulator") -> None:
+        self.border, self.inside = self.border + other.border, self.inside + other.inside
 
     def ratio(self) -> float:
         return self.border / self.inside if self.inside > 0 else float("nan")

@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
+from fae import distributed as D
 from fae.config import ConfigError
 from fae.data import DataConfig, build_dataset
 from fae.encoders import EncoderConfig, FrozenEncoder
@@ -97,7 +98,8 @@ class FAEStage(TrainStage):
         if self.cfg.eval.limit == 0:
             return None
         scores = evaluate_features(modules["model"], self.encoder, self.cfg)  # type: ignore[arg-type]
-        atomic_write_text(out_dir / "eval.json", json.dumps(scores, indent=2))
+        if D.is_main():
+            atomic_write_text(out_dir / "eval.json", json.dumps(scores, indent=2))
         return scores
 
 
@@ -129,7 +131,6 @@ def default_cache_dir() -> Path:
 
 def cached_features(encoder: FrozenEncoder, dataset: Dataset, cache_dir: str | None, flips: bool) -> Dataset:
     """Wrap `dataset` so items carry the encoder's features from a cache built once (by rank 0 under DDP)."""
-    from fae import distributed as D
     from fae.data.features import CachedFeatureDataset, build_feature_cache
 
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -145,16 +146,17 @@ def evaluate_features(model: FeatureAutoEncoder, encoder: FrozenEncoder, cfg: Co
     from fae.data.readable import readable_batches
 
     dataset = build_dataset(type(cfg.data)(**{**cfg.data.__dict__, "hflip": False, "limit": cfg.eval.limit}), cfg.eval.split)
+    share = Subset(dataset, D.shard_of(len(dataset)))   # under torchrun each process scores its share
     device = next(model.parameters()).device
     model.eval()
-    cos_sum, mse_sum, count = 0.0, 0.0, 0
-    for batch in readable_batches(dataset, cfg.eval.batch_size):
+    sums = torch.zeros(3, dtype=torch.float64)   # cos, mse, count
+    for batch in readable_batches(share, cfg.eval.batch_size):
         x = encoder(batch["image"].to(device)).float()
         x_hat = model.decode(model.encode(x).mode())
-        cos_sum += torch.nn.functional.cosine_similarity(x_hat, x, dim=-1).mean(1).sum().item()
-        mse_sum += (x_hat - x).pow(2).mean((1, 2)).sum().item()
-        count += x.shape[0]
-    return {"split": cfg.eval.split, "images": count, "cos": cos_sum / count, "mse": mse_sum / count}
+        cos = torch.nn.functional.cosine_similarity(x_hat, x, dim=-1).mean(1).sum().item()
+        sums += torch.tensor([cos, (x_hat - x).pow(2).mean((1, 2)).sum().item(), x.shape[0]], dtype=torch.float64)
+    cos_sum, mse_sum, count = sum(D.all_gather_objects(sums)).tolist()
+    return {"split": cfg.eval.split, "images": int(count), "cos": cos_sum / count, "mse": mse_sum / count}
 
 
 def build(cfg: Config) -> FAEStage:
