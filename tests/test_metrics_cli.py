@@ -118,3 +118,25 @@ def test_probe_raw_recon_latent(tmp_path: Path, tiny_encoder_dir: Path) -> None:
     assert report["metrics"]["top1_raw"] > 0.3   # 10 classes: well above chance even for a random tiny encoder
     assert [row["input"].split(":")[0] for row in report["table"]] == ["x", "x̂", "z"]
     assert report["inputs"]["num_train"] == 300 and report["num_samples"] == 100
+
+
+def test_eval_under_torchrun_splits_the_features_and_gives_the_one_process_score(tmp_path: Path,
+                                                                                  tiny_encoder_dir: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    ref_imgs, samples = write_images(tmp_path / "ref", 12, 2), write_images(tmp_path / "smp", 11, 3)
+    args = ["eval", "fid", "--samples", str(samples), "--ref", str(ref_imgs), "--network", f"encoder:{tiny_encoder_dir}",
+            "--device", "cpu", "--no-cache", "--no-progress", "--batch-size", "4"]
+    assert main([*args, "--out", str(tmp_path / "one.json")]) == 0
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "fae.cli", *args, "--out", str(tmp_path / "two.json")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("report:") == 1   # one process writes and prints
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["num_samples"] == one["num_samples"] == 11
+    assert abs(two["metrics"]["fid"] - one["metrics"]["fid"]) < 1e-6 * max(1.0, one["metrics"]["fid"])

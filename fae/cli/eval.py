@@ -158,8 +158,10 @@ def _add_gen_args(p: argparse.ArgumentParser, precision_recall: bool = True) -> 
 
 
 def _network(args: argparse.Namespace) -> Any:
+    from fae.distributed import init_distributed
     from fae.metrics.networks import build_network, resolve_device
 
+    init_distributed()   # under torchrun the feature extraction is split over the processes
     return build_network(args.network, args.inception_weights, resolve_device(args.device))
 
 
@@ -177,6 +179,10 @@ def _default_out(anchor: str, command: str) -> Path:
 
 
 def _finish(args: argparse.Namespace, report: Any, anchor: str) -> int:
+    from fae.distributed import is_main
+
+    if not is_main():   # under torchrun every process holds the report; one writes and prints it
+        return 0
     out = Path(args.out) if args.out else _default_out(anchor, args.command_name)
     report.write(out)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
@@ -238,6 +244,10 @@ def _cmd_stats(args: argparse.Namespace) -> int:
                                             "features_kept": meta["num_features_kept"]},
                         network.info(), meta["num_samples"], {"subset_seed": args.seed}, {"images": meta["source"],
                                                                                           "written": args.out})
+    from fae.distributed import is_main
+
+    if not is_main():
+        return 0
     report_path = report.write(Path(args.out).with_suffix(".json"))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     print(f"reference statistics: {args.out} (report: {report_path})")

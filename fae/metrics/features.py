@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from fae import distributed as D
 from fae.config import ConfigError
 from fae.io import atomic_write, cache_root
 
@@ -39,7 +41,8 @@ class ImageSource:
     fingerprint: str | None = None  # None: never cached
     num_images: int = 0
 
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, share: range | None = None) -> Iterator[torch.Tensor]:
+        """uint8 (B, 3, H, W) batches; with `share`, only the batches whose numbers lie in it (a process's share)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -79,8 +82,8 @@ class TensorSource(ImageSource):
         self.images = _to_uint8_nchw(images, name)
         self.name, self.fingerprint, self.num_images = name, fingerprint, int(self.images.shape[0])
 
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        for i in range(0, self.num_images, batch_size):
+    def batches(self, batch_size: int, share: range | None = None) -> Iterator[torch.Tensor]:
+        for i in _starts(self.num_images, batch_size, share):
             yield self.images[i:i + batch_size]
 
 
@@ -94,13 +97,19 @@ class CallableSource(ImageSource):
                  fingerprint: str | None = None) -> None:
         self.fn, self.num_images, self.name, self.fingerprint = fn, int(num_images), name, fingerprint
 
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        for start in range(0, self.num_images, batch_size):
+    def batches(self, batch_size: int, share: range | None = None) -> Iterator[torch.Tensor]:
+        for start in _starts(self.num_images, batch_size, share):
             count = min(batch_size, self.num_images - start)
             images = _to_uint8_nchw(self.fn(start, count), self.name)
             if images.shape[0] != count:
                 raise ValueError(f"{self.name}: asked for {count} images, got {images.shape[0]}")
             yield images
+
+
+def _starts(num_images: int, batch_size: int, share: range | None) -> list[int]:
+    """First image of each batch, of all batches or of the batch numbers in `share`."""
+    starts = list(range(0, num_images, batch_size))
+    return starts if share is None else [starts[k] for k in share if k < len(starts)]
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -132,9 +141,9 @@ class FolderSource(ImageSource):
         with Image.open(self.files[index]) as im:
             return np.asarray(im.convert("RGB"))
 
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, share: range | None = None) -> Iterator[torch.Tensor]:
         first: tuple[int, ...] | None = None
-        for i in range(0, self.num_images, batch_size):
+        for i in _starts(self.num_images, batch_size, share):
             arrays = [self.load(j) for j in range(i, min(i + batch_size, self.num_images))]
             for j, a in enumerate(arrays):
                 first = first or a.shape
@@ -176,13 +185,16 @@ class NpzSource(ImageSource):
             with zf.open(f"{self.key}.npy") as member:
                 yield member
 
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, share: range | None = None) -> Iterator[torch.Tensor]:
         per_image = int(np.prod(self.shape[1:]))
+        mine = set(_starts(self.num_images, batch_size, share))
         with self._open() as f:
             _read_npy_header(f)
             for i in range(0, self.num_images, batch_size):
                 n = min(batch_size, self.num_images - i)
-                data = _read_exactly(f, n * per_image)
+                data = _read_exactly(f, n * per_image)   # a zip member streams: earlier batches are read past
+                if i not in mine:
+                    continue
                 yield _to_uint8_nchw(np.frombuffer(bytearray(data), dtype=np.uint8).reshape(n, *self.shape[1:]),
                                      self.name)
 
@@ -290,21 +302,25 @@ def extract_features(source: ImageSource | str | Path | np.ndarray | torch.Tenso
         except (OSError, ValueError, zipfile.BadZipFile):
             pass  # a damaged cache entry is recomputed and overwritten
     chunks: dict[str, list[np.ndarray]] = {}
+    # under torchrun each process runs the network on its share of the batches; the features are gathered in order
+    share = D.shard_of(math.ceil(source.num_images / batch_size))
     bar = None
-    if progress:
+    if progress and D.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=source.num_images, desc=f"features {Path(source.name).name}", unit="img")
-    for images in source.batches(batch_size):
+    for images in source.batches(batch_size, share if D.is_distributed() else None):
         out = network.features(images)
         for kind, value in out.items():
             chunks.setdefault(kind, []).append(value.detach().float().cpu().numpy())
         if bar is not None:
-            bar.update(images.shape[0])
+            bar.update(images.shape[0] * D.world_size())
     if bar is not None:
         bar.close()
-    feats = {k: np.concatenate(v) for k, v in chunks.items()}
-    if cache_file is not None:
+    parts = D.all_gather_objects(chunks)   # rank order = batch order: the shares are contiguous
+    feats = {k: np.concatenate([c for part in parts for c in part.get(k, [])])
+             for k in dict.fromkeys(k for part in parts for k in part)}
+    if cache_file is not None and D.is_main():
         meta = {"source": source.describe(), "network": network.info(), "format": FEATURE_FORMAT}
         _save_npz(cache_file, {**feats, "meta": meta_array(meta)})
     return FeatureSet(feats, network.info(), source.describe(), cached=False,

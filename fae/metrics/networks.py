@@ -15,6 +15,7 @@ A `FeatureNetwork` has a `name`, a `weights_hash` (both go into reports and feat
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -154,6 +155,7 @@ def build_network(spec: str = "inception", inception_weights: str | Path | None 
 
 
 def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device in (None, "auto"):   # under torchrun, each process its own GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
+            torch.device("cpu")
     return torch.device(device)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fae import distributed as D
 from fae.config import ConfigError
 from fae.metrics.features import ImageSource, extract_features, meta_array, open_images, read_npz_meta, save_npz
 from fae.metrics.frechet import GaussianStats, compute_stats
@@ -135,7 +136,8 @@ def save_reference(path: str | Path, images: str | Path | ImageSource, network: 
             "subset_seed": seed, "num_images_kept": int(len(img_idx)), "num_features_kept": int(len(feat_idx)),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     arrays["fae_meta"] = meta_array(meta)
-    save_npz(path, arrays)
+    if D.is_main():   # under torchrun every process has the statistics; one writes them
+        save_npz(path, arrays)
     return meta
 
 
