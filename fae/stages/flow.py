@@ -77,7 +77,7 @@ class FlowStage(TrainStage):
         return FirstRows(data, len(self.cache) - self.cfg.holdout)
 
     def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        # noise and label dropout come from the global RNG, which the trainer seeds and checkpoints
+        # noise and label dropout come from the global RNG, which the trainer seeds at every step
         x = batch["latent"]
         noisy = x + self.cfg.noise_std * torch.randn_like(x)
         z, logdet = self.modules["model"](noisy, batch["label"])
