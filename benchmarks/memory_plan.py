@@ -104,7 +104,7 @@ def plan(config: str) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]], gpus: list[int], micro: int | None) -> str:
-    head = "| config | trainable params | frozen encoder | activations / sample (fp32) |"
+    head = "| config | parameters trained | frozen encoder | activations / sample (fp32) |"
     head += "".join(f" {g} GPUs: batch/GPU, DDP, FSDP |" for g in gpus)
     lines = [head, "|" + "---|" * (4 + len(gpus))]
     for r in rows:

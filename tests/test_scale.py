@@ -190,3 +190,27 @@ def test_merged_feature_statistics_equal_one_pass(sizes):
     np.testing.assert_allclose(b.sigma, a.sigma, atol=1e-10)
     assert one.n == merged.n == sum(sizes)
     assert (a.factor is None) == (b.factor is None) == (sum(sizes) > 8)   # few samples: the exact factor is kept
+
+
+def test_memory_plan_counts_the_paper_models_and_their_saved_activations():
+    """benchmarks/memory_plan.py (docs/scaling.md): state from exact parameter counts, activations per sample from the
+    tensors autograd saves; the per-GPU figure falls with FSDP only for the generator stages."""
+    import importlib.util
+
+    from fae.models.dit import DiT, DiTConfig
+
+    spec = importlib.util.spec_from_file_location("memory_plan", Path(__file__).parents[1] / "benchmarks/memory_plan.py")
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    rows = [plan.plan("dit_sit_xl1"), plan.plan("fae_dinov2_g14")]
+    assert rows[0]["trainable"] == 675_148_064 and rows[1]["trainable"] == 38_166_592 + 170_428_416
+    # a 2-block DiT saves, per sample, the same bytes on meta as a real CPU forward does
+    with torch.device("meta"):
+        tiny_meta = DiT(DiTConfig(input_size=(4, 4), in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3))
+    tiny = DiT(DiTConfig(input_size=(4, 4), in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3))
+    meta = plan.saved_bytes_per_sample(lambda b: tiny_meta(torch.randn(b, 4, 4, 4, device="meta"),
+                                                           torch.rand(b, device="meta"), None))
+    real = plan.saved_bytes_per_sample(lambda b: tiny(torch.randn(b, 4, 4, 4), torch.rand(b), None))
+    assert meta == real > 0
+    text = plan.table(rows, [8], None)
+    assert "| dit_sit_xl1 |" in text and "/ - GiB" in text.split("fae_dinov2_g14")[1]  # no FSDP for stage 1
