@@ -222,6 +222,21 @@ MUTATIONS: list[Mutation] = [
       "tests/test_golden_metrics.py", "LPIPS VGG layers relu1_2 .. relu5_3"),
     M("lpips-sum-not-mean", "fae/losses.py", "self.lins[k].weight.float()).mean((1, 2, 3))",
       "self.lins[k].weight.float()).sum((1, 2, 3))", "tests/test_golden_metrics.py", "LPIPS spatial average"),
+    # ---- scale (issue 15): FSDP2, resume across process counts, sharded evaluation
+    M("fsdp-optimizer-not-restored", "fae/sharding.py",
+      '        set_optimizer_state_dict(nn.ModuleDict(modules), opt, state["optim"][group])', "        pass",
+      "tests/test_scale.py::test_resume_on_another_number_of_processes", "a sharded resume restores AdamW's moments"),
+    M("fsdp-export-unloaded", "fae/sharding.py", "    module.load_state_dict(state)\n", "    state.clear()\n",
+      "tests/test_scale.py::test_two_processes_train_as_one", "a sharded run exports its gathered weights"),
+    M("eval-shares-not-merged", "fae/metrics/reconstruction.py",
+      "paired, seams, stats = D.merged(paired), D.merged(seams), D.merged(stats)", "paired, seams, stats = paired, seams, stats",
+      "tests/test_pixel_decoder.py::test_torchrun_two_processes_with_gan", "each process's evaluation share is merged"),
+    M("eval-features-not-split", "fae/metrics/features.py", "share if D.is_distributed() else None", "None",
+      "tests/test_metrics_cli.py::test_eval_under_torchrun_splits_the_features_and_gives_the_one_process_score",
+      "fae eval under torchrun splits the feature extraction"),
+    M("stats-merge-no-mean-shift", "fae/metrics/frechet.py", "np.outer(delta, delta) * (self.n * other.n / n)",
+      "0 * np.outer(delta, delta)", "tests/test_scale.py::test_merged_feature_statistics_equal_one_pass",
+      "merged feature statistics equal one pass (Chan's correction)"),
 ]
 
 
