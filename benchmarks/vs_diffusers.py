@@ -16,7 +16,7 @@ load drifts slows both alike; the tables give medians and the ratio theirs/ours 
 FLOPs are counted once with `torch.utils.flop_counter.FlopCounterMode` on fae's model with attention as explicit
 matmuls (the CPU SDPA kernel is not counted by FlopCounterMode), and the same count serves both models: they
 compute the same network (diffusers adds one tiny t/y embedding MLP per block, on B vectors). The matmul peak is the
-best rate of large square matmuls on the same thread count and precision; "% peak" is achieved / peak.
+best rate of large square matmuls (ATen's and oneDNN's) on the same thread count and precision; "% peak" is achieved / peak.
 """
 from __future__ import annotations
 
@@ -159,15 +159,19 @@ def matmul_peak(precision: str, device: torch.device, sizes: tuple[int, ...], re
     best = 0.0
     for n in sizes:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        a @ b
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+        kernels = [lambda: a @ b]
+        if device.type == "cpu":  # oneDNN too: fae's fp32 linears run on it (fae.nn.Linear), and beat MKL on AMD
+            kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+        for kernel in kernels:
+            kernel()
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                kernel()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
     return best
 
 
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{where}; bf16: {evidence}")
     print(f"shape: {shape.describe()}")
     flops = count_flops(shape)
-    peak_sizes = (256,) if args.tiny else (1024, 2048)
+    peak_sizes = (256,) if args.tiny else (512, 1024, 2048)
     report: dict = {"device": where, "cpu_capability": capability, "bf16_evidence": evidence,
                     "shape": shape.__dict__, "flops": flops, "flop_count": "FlopCounterMode on fae, math attention",
                     "results": []}
