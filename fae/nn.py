@@ -17,8 +17,9 @@ _DEFAULT_BACKEND: AttentionBackend = "auto"
 
 
 def set_attention_backend(backend: AttentionBackend) -> None:
-    """Choose the attention kernel globally. 'auto' = SDPA on GPU, plain matmul-softmax on CPU
-    (on small CPU models SDPA's backward is 2-4x slower than the plain version)."""
+    """Choose the attention kernel globally. 'auto' = SDPA, except matmul-softmax for bf16/fp16 on CPU: with torch
+    2.13 the fused CPU kernel is as fast or faster in fp32 at every size measured, forward and backward, but 2-7x
+    slower in bf16 (docs/benchmarks.md, issue 15). 'math' = always matmul-softmax (FLOP counting, debugging)."""
     global _DEFAULT_BACKEND
     if backend not in ("auto", "sdpa", "math"):
         raise ValueError(f"attention backend must be auto, sdpa or math, not {backend!r}")
@@ -30,13 +31,81 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Attent
     """Scaled dot-product attention over (B, H, N, Dh) tensors. `mask` is boolean (True = attend) or additive."""
     backend = backend or _DEFAULT_BACKEND
     if backend == "auto":
-        backend = "sdpa" if q.is_cuda else "math"
+        backend = "math" if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else "sdpa"
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ weight.T (weight (N, K), may be a transposed view) + bias, by oneDNN; x must be contiguous."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """F.linear on 2-D fp32 CPU tensors with every product (forward, grad input, grad weight) done by oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear(grad, weight.t())  # grad @ W
+        if ctx.needs_input_grad[1]:  # grad.T @ x; transpose whichever of grad and x is smaller
+            if grad.shape[1] >= x.shape[1]:
+                grad_w = _onednn_linear(x.t().contiguous(), grad.t()).t().contiguous()
+            else:
+                grad_w = _onednn_linear(grad.t().contiguous(), x.t())
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN for plain fp32 CPU linears. ATen's fp32 matmul on CPU is MKL's sgemm, which on AMD CPUs runs its AVX2
+    kernels: oneDNN measured 2.2x faster per matmul on this AVX-512 CPU and 1.1x under AVX2 (docs/benchmarks.md,
+    issue 15). bf16 (autocast) already goes to oneDNN; subclasses (DTensor, fake tensors) and torch.compile (which
+    picks its own kernels) keep F.linear."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and type(x) is torch.Tensor
+            and type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and _ONEDNN_AVAILABLE)
+
+
+_ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _fused_gelu_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype in which oneDNN can run linear + tanh-GELU as one primitive for this call, or None. Inference only
+    (the fused op has no backward); fp32, or bf16 under CPU autocast, where a separate bf16 GELU pass costs more
+    than the matmul before it."""
+    if torch.is_grad_enabled() or not _ONEDNN_AVAILABLE or torch.compiler.is_compiling():
+        return None
+    if x.device.type != "cpu" or type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        return dtype if dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16) else None
+    return torch.float32 if x.dtype == torch.float32 == weight.dtype else None
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) whose fp32 CPU products run on oneDNN; see `_use_onednn`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _use_onednn(x, self.weight):
+            return F.linear(x, self.weight, self.bias)
+        out = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 class RMSNorm(nn.Module):
@@ -70,8 +139,8 @@ def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
-        self.w3 = nn.Linear(hidden, dim, bias=bias)
+        self.w12 = Linear(dim, 2 * hidden, bias=bias)
+        self.w3 = Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.w12(x).chunk(2, dim=-1)
@@ -81,11 +150,17 @@ class SwiGLU(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.fc1 = Linear(dim, hidden, bias=bias)
+        self.fc2 = Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        dtype = _fused_gelu_dtype(x, self.fc1.weight)
+        if dtype is None:
+            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        bias = None if self.fc1.bias is None else self.fc1.bias.to(dtype)
+        hidden = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(dtype).contiguous(),
+                                                    self.fc1.weight.to(dtype), bias, "gelu", [], "tanh")
+        return self.fc2(hidden.view(*x.shape[:-1], self.fc1.out_features))
 
 
 def make_mlp(kind: str, dim: int, mlp_ratio: float, bias: bool = True) -> nn.Module:
@@ -142,10 +217,10 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: RoPE2D | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
@@ -189,8 +264,14 @@ class LabelEmbedder(nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation; shift/scale are (B, D) and broadcast over tokens."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN modulation x * (1 + scale) + shift; shift/scale are (B, D) and broadcast over tokens. One fused pass
+    over x (addcmul) instead of a multiply and an add."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """adaLN-Zero residual x + gate * update; gate is (B, D) and broadcasts over tokens. One fused pass (addcmul)."""
+    return torch.addcmul(x, gate.unsqueeze(1), update)
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:

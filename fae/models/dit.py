@@ -23,7 +23,17 @@ import torch
 from torch import nn
 
 from fae.io import PretrainedMixin
-from fae.nn import Attention, AttentionBackend, LabelEmbedder, RoPE2D, make_mlp, make_norm, modulate, sincos_pos_embed_2d
+from fae.nn import (
+    Attention,
+    AttentionBackend,
+    LabelEmbedder,
+    RoPE2D,
+    gated_residual,
+    make_mlp,
+    make_norm,
+    modulate,
+    sincos_pos_embed_2d,
+)
 
 
 @dataclass
@@ -137,8 +147,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: RoPE2D | None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = gated_residual(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope))
+        return gated_residual(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
 class FinalLayer(nn.Module):
