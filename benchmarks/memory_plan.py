@@ -16,11 +16,13 @@ pixel-decoder stage, temporary buffers of the optimizer step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +68,24 @@ def training_forward(name: str, cfg: Any, parts: dict[str, nn.Module]) -> Callab
     raise ValueError(name)
 
 
+@contextlib.contextmanager
+def fused_attention() -> Iterator[None]:
+    """Meta tensors take SDPA's math path, which keeps the N x N attention matrix for backward; GPUs (and CPUs in
+    fp32) run a fused kernel that keeps only the output and the log-sum-exp. Count what the fused kernel keeps."""
+    original = F.scaled_dot_product_attention
+
+    def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
+              is_causal: bool = False, scale: float | None = None, **_: Any) -> torch.Tensor:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 def saved_bytes_per_sample(forward: Callable[[int], Any]) -> float:
     def saved(batch: int) -> int:
         total = 0
@@ -75,7 +95,7 @@ def saved_bytes_per_sample(forward: Callable[[int], Any]) -> float:
             total += t.numel() * t.element_size()
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fused_attention():
             forward(batch)
         return total
 

@@ -192,7 +192,7 @@ def test_merged_feature_statistics_equal_one_pass(sizes):
     assert (a.factor is None) == (b.factor is None) == (sum(sizes) > 8)   # few samples: the exact factor is kept
 
 
-def test_memory_plan_counts_the_paper_models_and_their_saved_activations():
+def test_memory_plan_counts_the_paper_models_and_their_saved_activations(monkeypatch):
     """benchmarks/memory_plan.py (docs/scaling.md): state from exact parameter counts, activations per sample from the
     tensors autograd saves; the per-GPU figure falls with FSDP only for the generator stages."""
     import importlib.util
@@ -204,7 +204,11 @@ def test_memory_plan_counts_the_paper_models_and_their_saved_activations():
     spec.loader.exec_module(plan)
     rows = [plan.plan("dit_sit_xl1"), plan.plan("fae_dinov2_g14")]
     assert rows[0]["trainable"] == 675_148_064 and rows[1]["trainable"] == 38_166_592 + 170_428_416
-    # a 2-block DiT saves, per sample, the same bytes on meta as a real CPU forward does
+    # a 2-block DiT saves, per sample, the same bytes on meta as a real forward does (on the kernels a GPU uses:
+    # F.linear, not the CPU-only oneDNN linear, whose backward keeps its own copies)
+    import fae.nn
+
+    monkeypatch.setattr(fae.nn, "_ONEDNN_AVAILABLE", False)
     with torch.device("meta"):
         tiny_meta = DiT(DiTConfig(input_size=(4, 4), in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3))
     tiny = DiT(DiTConfig(input_size=(4, 4), in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3))
