@@ -1,10 +1,10 @@
 """Speed switches: torch.compile and activation checkpointing (docs/speed.md says what each costs and gains).
 
 - `compile: auto | on | off` (training: `train.compile`; sampling: `generate(compile=...)`). `auto` compiles on
-  CUDA and not elsewhere: on a CPU, inductor's C++ compile costs tens of seconds per graph and the step barely
-  speeds up (docs/benchmarks.md). Modules are compiled in place (`nn.Module.compile`): the same object, the same
-  state_dict keys, so checkpoints, EMA and bundles do not notice (`torch.compile(module)` would return a wrapper
-  whose keys gain an `_orig_mod.` prefix).
+  CUDA and not elsewhere: on a CPU, inductor's C++ compile costs a minute or two per graph and input shape, paid
+  back only over hundreds of steps (docs/benchmarks.md). Modules are compiled in place (`nn.Module.compile`): the
+  same object, the same state_dict keys, so checkpoints, EMA and bundles do not notice (`torch.compile(module)`
+  would return a wrapper whose keys gain an `_orig_mod.` prefix).
 - `activation_checkpointing` (training: `train.activation_checkpointing`): the large models (DiT, MMDiT, STARFlow,
   the FAE feature decoder, the pixel decoder) recompute each transformer block in backward instead of keeping its
   activations (fae.nn.run_block). The switch is a plain attribute, never a weight: state_dict keys do not change.

@@ -85,8 +85,8 @@ class TrainConfig:
     max_bad_steps: int = 5          # consecutive non-finite losses before the run stops
     device: str = "auto"            # auto | cpu | cuda
     # speed switches (fae.speed, docs/speed.md); none changes what a checkpoint holds
-    compile: CompileMode = "auto"   # torch.compile the trained modules: auto = on CUDA, off on CPU (it doesn't pay)
-    activation_checkpointing: bool = False  # recompute each transformer block in backward: less memory, ~1.3x compute
+    compile: CompileMode = "auto"   # torch.compile the trained modules: auto = on CUDA, off on CPU (slow to compile)
+    activation_checkpointing: bool = False  # recompute each transformer block in backward: less memory, +1 forward
     tf32: bool = True               # CUDA: fp32 matmuls/convolutions as TF32 while training (metrics stay IEEE fp32)
 
     def validate(self) -> None:
