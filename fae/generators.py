@@ -19,12 +19,14 @@ from typing import Any, Literal, Sequence
 import torch
 
 from fae.config import ConfigError
+from fae.data.labels import check_class_ids
 from fae.data.latents import denormalize
 from fae.encoders.text import TextEncoder, TextEncoderConfig
 from fae.io import find_bundle, read_bundle_config
 from fae.models.dit import DiT
 from fae.models.mmdit import MMDiT, TextCondition
 from fae.models.starflow import StarFlow
+from fae.speed import compile_in_place
 from fae.transport import GuidedVelocity, SamplerConfig, sample
 
 
@@ -63,6 +65,11 @@ class Generator(ABC):
     def settings(self, sampler: SamplerConfig) -> dict[str, Any]:
         """What a sampling run records about the generator besides the sampler."""
         return {"generator": self.source}
+
+    def compile_model(self) -> bool:
+        """torch.compile, in place, the network `sample` calls at every step (fae.speed); False when compiling
+        would not pay (the default)."""
+        return False
 
     @abstractmethod
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -104,6 +111,10 @@ class BundledGenerator(Generator):
         return self.model.save_pretrained(directory, extra={k: v for k, v in self.record.items()
                                                             if k not in ("class", "config")})
 
+    def compile_model(self) -> bool:
+        compile_in_place(self.model)  # its forward is the velocity of every sampling step
+        return True
+
 
 class DiTGenerator(BundledGenerator):
     """A DiT/SiT/LightningDiT velocity model, integrated with fae.transport, with classifier-free guidance."""
@@ -114,6 +125,8 @@ class DiTGenerator(BundledGenerator):
 
     def sample(self, noise: torch.Tensor, conditions: torch.Tensor | None, sampler: SamplerConfig,
                generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        if isinstance(conditions, torch.Tensor):  # once per call, not once per step inside the model
+            check_class_ids(conditions, self.num_classes, "class ids", null_ok=True)
         velocity = GuidedVelocity(self.model, sampler.guidance, batch=sampler.cfg_batch)
         x0 = sample(velocity, noise, conditions, sampler, time_shift=self.time_shift, generators=generators)
         return denormalize(x0.float(), self.mean, self.std)
@@ -200,11 +213,16 @@ class FlowGenerator(BundledGenerator):
                generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
         if conditions is not None and not isinstance(conditions, torch.Tensor):
             raise ValueError("a class-conditional flow takes class ids (B,), not prompts")
+        if conditions is not None:
+            check_class_ids(conditions, self.num_classes, "class ids", null_ok=True)
         guided = sampler.guidance.active and conditions is not None
         x = self.model.inverse(noise.float(), conditions, sampler.guidance.scale_at if guided else None)
         if sampler.flow_denoise and self.noise_std > 0:
             x = self.model.denoise(x, conditions, self.noise_std)
         return denormalize(x.float(), self.mean, self.std)
+
+    def compile_model(self) -> bool:
+        return False  # sampling runs the inverse, layer by layer over a growing KV cache, not the compiled forward
 
     def settings(self, sampler: SamplerConfig) -> dict[str, Any]:
         return {"generator": self.source, "noise_std": self.noise_std,

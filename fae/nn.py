@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 AttentionBackend = Literal["auto", "sdpa", "math"]
 _DEFAULT_BACKEND: AttentionBackend = "auto"
@@ -261,6 +262,26 @@ class LabelEmbedder(nn.Module):
             drop = torch.rand(y.shape, generator=generator, device=y.device) < self.dropout
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         return self.table(y)
+
+
+def run_block(block: nn.Module, *args: object, checkpointed: bool = False) -> torch.Tensor:
+    """`block(*args)`; with `checkpointed` (and gradients on), its activations are not kept for backward but
+    recomputed there: memory for compute, the same gradients. Models read the switch from their
+    `activation_checkpointing` attribute, a plain attribute (not a buffer): state_dict keys do not change."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+def set_activation_checkpointing(module: nn.Module, enabled: bool) -> list[str]:
+    """Switch activation checkpointing on every submodule that supports it (has an `activation_checkpointing`
+    attribute); returns their names ("" = `module` itself), so a caller can tell when nothing supports it."""
+    names = []
+    for name, sub in module.named_modules():
+        if hasattr(sub, "activation_checkpointing"):
+            sub.activation_checkpointing = enabled
+            names.append(name)
+    return names
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from fae.io import (
 )
 from fae.models.autoencoder import FeatureAutoEncoder
 from fae.models.pixel_decoder import PixelDecoder
+from fae.speed import compile_in_place, compile_wanted
 
 
 class FAE(nn.Module):
@@ -106,6 +107,18 @@ class FAE(nn.Module):
             self.pixel_decoder.save_pretrained(directory / "pixel_decoder", extra={"encoder": ref})
         atomic_write_text(directory / CONFIG_NAME, json.dumps({"class": type(self).__name__, "encoder": ref}, indent=2))
         return directory
+
+    def compile_networks(self, mode: str = "on", device: torch.device | str | None = None) -> bool:
+        """torch.compile, in place, the FAE encoder, feature decoder and pixel decoder when `mode` (auto | on | off,
+        fae.speed) says so on `device` (default: where the FAE is); the frozen encoder stays as loaded. Returns
+        whether it compiled."""
+        device = device if device is not None else next(self.autoencoder.parameters()).device
+        if not compile_wanted(mode, device):
+            return False
+        for module in (self.autoencoder.encoder, self.autoencoder.decoder, self.pixel_decoder):
+            if module is not None:
+                compile_in_place(module)
+        return True
 
     def train(self, mode: bool = True) -> "FAE":
         return super().train(False)  # inference object: never training mode

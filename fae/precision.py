@@ -103,35 +103,62 @@ class PrecisionChoice:
 
 # fp32 backends that may silently compute in a lower precision (TF32 on Ampere/Hopper, bf16 in oneDNN)
 _FP32_BACKENDS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
+# the CUDA ones, which TF32 speeds up (matmuls and cuDNN convolutions / RNNs)
+_CUDA_BACKENDS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn")
 
 
-@contextlib.contextmanager
-def strict_fp32() -> Iterator[None]:
-    """fp32 computed as IEEE fp32 inside, whatever the process set (TF32 matmuls/convolutions on Ampere and Hopper
-    GPUs, bf16 in oneDNN); the previous settings come back on exit. Feature extraction for FID runs under it, so
-    statistics match references computed without TF32 (the ADM evaluator's)."""
-    saved: list[tuple[object, str]] = []
-    for path in _FP32_BACKENDS:
+def _fp32_backends(paths: tuple[str, ...]) -> list[object]:
+    """The torch.backends objects with an `fp32_precision` setting (torch >= 2.9's API) among `paths`."""
+    found = []
+    for path in paths:
         backend: object = torch.backends
         for part in path.split("."):
             backend = getattr(backend, part, None)
         if backend is not None and hasattr(backend, "fp32_precision"):
-            saved.append((backend, backend.fp32_precision))
-            backend.fp32_precision = "ieee"
+            found.append(backend)
+    return found
+
+
+@contextlib.contextmanager
+def _fp32_precision(paths: tuple[str, ...], value: str, legacy_tf32: bool) -> Iterator[None]:
+    """Set `fp32_precision = value` on the backends in `paths` inside, restoring each on exit. Torch before that
+    API: the legacy TF32 flags (and the global matmul precision) instead. The two APIs are never mixed: torch
+    refuses to read the legacy one after the new one was set."""
+    backends = _fp32_backends(paths)
+    saved = [(b, b.fp32_precision) for b in backends]  # type: ignore[attr-defined]
     legacy = None
-    if not saved:  # torch before the fp32_precision API
+    if not backends:
         legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
                   torch.get_float32_matmul_precision())
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = legacy_tf32
+        torch.set_float32_matmul_precision("high" if legacy_tf32 else "highest")
+    for backend in backends:
+        backend.fp32_precision = value  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        for backend, value in saved:
-            backend.fp32_precision = value  # type: ignore[attr-defined]
+        for backend, old in saved:
+            backend.fp32_precision = old  # type: ignore[attr-defined]
         if legacy is not None:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy[:2]
             torch.set_float32_matmul_precision(legacy[2])
+
+
+def strict_fp32() -> contextlib.AbstractContextManager:
+    """fp32 computed as IEEE fp32 inside, whatever the process set (TF32 matmuls/convolutions on Ampere and Hopper
+    GPUs, bf16 in oneDNN); the previous settings come back on exit. Feature extraction for FID runs under it, so
+    statistics match references computed without TF32 (the ADM evaluator's)."""
+    return _fp32_precision(_FP32_BACKENDS, "ieee", legacy_tf32=False)
+
+
+def training_tf32(enabled: bool, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The training policy (`train.tf32`), restored on exit: on a CUDA device, fp32 matmuls and cuDNN convolutions
+    run as TF32 (`enabled`: ~8x the fp32 matmul rate on Ampere/Hopper tensor cores, 10-bit mantissa inputs with
+    fp32 accumulation, which training tolerates) or as IEEE fp32. Elsewhere nothing changes: TF32 is a CUDA
+    format. Metric feature extraction is never under it: it runs under `strict_fp32`, which wins inside."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    return _fp32_precision(_CUDA_BACKENDS, "tf32" if enabled else "ieee", legacy_tf32=enabled)
 
 
 _warned: set[str] = set()

@@ -25,31 +25,36 @@ import torch
 
 from fae import distributed as D
 from fae.config import ConfigError, to_dict
+from fae.data.labels import check_class_ids
 from fae.generators import Generator, load_generator
 from fae.grid import draw_grid
 from fae.io import CONFIG_NAME, atomic_write, atomic_write_text, find_bundle, read_bundle_config, require_bundle
 from fae.models.pixel_decoder import PixelDecoder
 from fae.pipeline import FAE
 from fae.precision import resolve_precision
+from fae.speed import CompileMode, compile_in_place, compile_wanted
 from fae.transport import SamplerConfig, initial_noise, sample_generators
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: str | Path | None = None,
-                 device: str | torch.device = "cpu") -> Decoder:
+                 device: str | torch.device = "cpu", compile: CompileMode = "auto") -> Decoder:
     """Latents (B,C,h,w) in the generator's space (de-normalised) -> images (B,3,H,W) in [0,1].
 
     FAE latents: `fae` is an FAE pipeline bundle (with its pixel decoder), or a stage-1 FAE bundle plus
     `pixel_decoder` (`FAE.load`); its weights must be those the generator was trained on. Raw-feature latents: the
-    features go straight into `pixel_decoder`.
+    features go straight into `pixel_decoder`. `compile` (auto | on | off, fae.speed) compiles the decoders.
     """
+    compile_wanted(compile, device)  # a bad mode is refused before anything loads
     if gen.record.get("latents", {}).get("source") == "raw_features":
         if pixel_decoder is None:
             raise ConfigError("these latents are raw encoder features: pass the pixel decoder bundle "
                               "(--pixel-decoder), e.g. <pixel-decoder run>/pixel_decoder")
         pd = PixelDecoder.from_pretrained(require_bundle(pixel_decoder, "pixel_decoder", classes=["PixelDecoder"]),
                                           map_location=device).eval()
+        if compile_wanted(compile, device):
+            compile_in_place(pd)
         return lambda z: pd.decode(z.flatten(2).transpose(1, 2))
     if fae is None:
         expected = trained_fae_sha256(gen)
@@ -59,6 +64,7 @@ def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: s
                           + "), or sample from a pipeline folder (GenerationPipeline, `fae sample --pipeline`)")
     pipe = FAE.load(fae, pixel_decoder, map_location=device)
     check_trained_on(gen, pipe)
+    pipe.compile_networks(compile, device)
     return pipe.decode_to_pixels
 
 
@@ -121,7 +127,9 @@ class GenerationPipeline:
         return cls.from_parts(directory / "generator", directory / "fae_pipeline", device)
 
     def generate(self, num_samples: int, **kwargs: Any) -> Samples:
-        """`generate(generator, decode, num_samples, **kwargs)` with this pipeline's generator and decoder."""
+        """`generate(generator, decode, num_samples, **kwargs)` with this pipeline's generator and decoder
+        (`compile=` compiles both)."""
+        self.fae.compile_networks(kwargs.get("compile", "auto"), kwargs.get("device", "cpu"))
         return generate(self.generator, self.fae.decode_to_pixels, num_samples, **kwargs)
 
 
@@ -140,8 +148,9 @@ def make_labels(spec: str | Sequence[int], num_samples: int, num_classes: int, s
         except ValueError:
             raise ConfigError(f"labels must be 'equal', 'random' or comma-separated class ids, got {spec!r}") from None
     ids = torch.tensor(list(spec), dtype=torch.long)
-    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= num_classes:
-        raise ConfigError(f"class ids must lie in [0, {num_classes - 1}], got {list(spec)}")
+    if ids.numel() == 0:
+        raise ConfigError("labels: give at least one class id")
+    check_class_ids(ids, num_classes, "class ids", error=ConfigError)
     return ids.repeat(math.ceil(num_samples / ids.numel()))[:num_samples]
 
 
@@ -162,17 +171,20 @@ class Samples:
 def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, labels: str | Sequence[int] = "equal",
              sampler: SamplerConfig | None = None, batch_size: int = 64, device: str | torch.device = "cpu",
              progress: bool = True, gather: bool = True, precision: str = "auto",
-             prompts: Sequence[str] | None = None, resume_dir: str | Path | None = None) -> Samples:
+             prompts: Sequence[str] | None = None, resume_dir: str | Path | None = None,
+             compile: CompileMode = "auto") -> Samples:
     """Generate `num_samples` images. Under torchrun each process takes chunks k = rank, rank + W, ... and, with
     `gather`, rank 0 returns all of them in index order (other ranks return their own part).
     A text generator (`gen.condition_kind == "text"`) needs `prompts`; `labels` then holds each sample's prompt id.
     `precision` (auto | fp32 | bf16, fae.precision) sets the model's autocast; the integration stays float32.
     With `resume_dir`, each finished chunk is kept there, and a run with the same settings that was interrupted
-    takes its finished chunks from it instead of sampling them again (sample i depends only on (seed, i))."""
+    takes its finished chunks from it instead of sampling them again (sample i depends only on (seed, i)).
+    `compile` (auto | on | off, fae.speed) compiles the generator's network in place (the decoder: `load_decoder`)."""
     from tqdm.auto import tqdm
 
     try:
         choice = resolve_precision(precision, device)
+        compiled = compile_wanted(compile, device) and gen.compile_model()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -201,7 +213,7 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
                dynamic_ncols=True)
     shape = gen.latent_shape
     settings = {"num_samples": num_samples, "seed": seed, "labels": labels if isinstance(labels, str) else list(labels),
-                "batch_size": batch_size, "precision": choice.as_dict(), "sampler": to_dict(sampler),
+                "batch_size": batch_size, "precision": choice.as_dict(), "compiled": compiled, "sampler": to_dict(sampler),
                 **({"prompts": list(prompts)} if text else {}), **gen.settings(sampler)}
     done = _ChunkStore(resume_dir, settings) if resume_dir is not None else None
     for chunk in mine:
@@ -316,7 +328,7 @@ def sample_to_dir(gen: Generator, decode: Decoder, out_dir: str | Path, num_samp
                   labels: str | Sequence[int] = "equal", sampler: SamplerConfig | None = None, batch_size: int = 64,
                   device: str | torch.device = "cpu", progress: bool = True, grid: bool = True, pngs: bool = True,
                   npz: bool = True, per_row: int = 10, precision: str = "auto",
-                  prompts: Sequence[str] | None = None) -> dict[str, str]:
+                  prompts: Sequence[str] | None = None, compile: CompileMode = "auto") -> dict[str, str]:
     """`fae sample`: generate and write the outputs. Under torchrun every process writes its own PNGs and a part
     file; rank 0 merges the parts in index order into `samples.npz` and the grid (through the disk, not memory
     gathers, so 50k samples at 256 px work on any backend)."""
@@ -326,7 +338,7 @@ def sample_to_dir(gen: Generator, decode: Decoder, out_dir: str | Path, num_samp
     out.mkdir(parents=True, exist_ok=True)
     chunks = out / ".chunks"   # finished chunks: a killed run, started again, samples only what is missing
     part = generate(gen, decode, num_samples, seed, labels, sampler, batch_size, device, progress, gather=False,
-                    precision=precision, prompts=prompts, resume_dir=chunks)
+                    precision=precision, prompts=prompts, resume_dir=chunks, compile=compile)
     row_names = list(prompts) if prompts else gen.class_names   # a grid row per class, or per prompt
     if D.world_size() == 1:
         written = write_samples(out, part, row_names, grid, pngs, npz, per_row)

@@ -49,7 +49,8 @@ from fae.io import (
     state_dict_for_save,
     write_manifest,
 )
-from fae.precision import PRECISIONS, Precision, resolve_precision
+from fae.precision import PRECISIONS, Precision, resolve_precision, training_tf32
+from fae.speed import COMPILE_MODES, CompileMode, prepare_training
 
 
 @dataclass
@@ -85,6 +86,10 @@ class TrainConfig:
     max_bad_steps: int = 5          # consecutive non-finite losses before the run stops
     device: str = "auto"            # auto | cpu | cuda
     fsdp: bool = False              # FSDP2 instead of DDP (generator stages): weights, grads, Adam and EMA sharded
+    # speed switches (fae.speed, docs/speed.md); none changes what a checkpoint holds
+    compile: CompileMode = "auto"   # torch.compile the trained modules: auto = on CUDA, off on CPU (slow to compile)
+    activation_checkpointing: bool = False  # recompute each transformer block in backward: less memory, +1 forward
+    tf32: bool = True               # CUDA: fp32 matmuls/convolutions as TF32 while training (metrics stay IEEE fp32)
 
     def validate(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
@@ -97,6 +102,8 @@ class TrainConfig:
             raise ValueError("train: checkpoint_every, keep_checkpoints and log_every must be positive")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {list(PRECISIONS)}, not {self.precision!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"train.compile must be one of {list(COMPILE_MODES)}, not {self.compile!r}")
 
 
 class TrainingError(RuntimeError):
@@ -153,7 +160,8 @@ class TrainStage:
     def train_dataset(self) -> Dataset:
         raise NotImplementedError
 
-    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """The loss and its logs: floats, or detached 0-d tensors the trainer reads when it logs (no sync)."""
         raise NotImplementedError
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
@@ -325,6 +333,7 @@ class Trainer:
             self.optimizers[group] = opt
             horizon = stage.schedule_steps(group, cfg.steps)
             self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, horizon))
+        self.speed = prepare_training(self.raw, stage.modules, cfg, self.device)  # compile, activation checkpointing
         self.step, self.bad_steps = 0, 0
         self.dropped_items, self._dropped_since_log = 0, 0   # unreadable items left out of batches
         self._stop_signal: int | None = None
@@ -332,6 +341,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train to `cfg.steps` (or pause at `stop_at`, checkpointed), resuming from the newest checkpoint."""
+        with training_tf32(self.cfg.tf32, self.device):  # the TF32 policy holds for the run, then is restored
+            return self._fit(stop_at)
+
+    def _fit(self, stop_at: int | None) -> dict[str, float]:
         self.stage.preflight()  # before anything is written: a refused run leaves no folder to clean up
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
@@ -424,7 +437,8 @@ class Trainer:
     def run_record(self) -> dict[str, Any]:
         """Where and how this run computes: written to run.json next to config.yaml."""
         return {"device": str(self.device), "processes": self.world, "precision": self.precision.as_dict(),
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                "speed": {**self.speed, "tf32": self.cfg.tf32 and self.device.type == "cuda"}}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._stop_signal is not None:  # second Ctrl-C: stop now

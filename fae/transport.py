@@ -98,19 +98,21 @@ def sample_time(batch: int, cfg: TransportConfig, generator: torch.Generator | N
 
 def flow_matching_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, y: torch.Tensor | None,
                        cfg: TransportConfig, generator: torch.Generator | None = None,
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
-    """MSE between the predicted and true velocity (mean over elements), plus the optional cosine term."""
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """MSE between the predicted and true velocity (mean over elements), plus the optional cosine term. The logs
+    are detached 0-d tensors, not floats: the caller reads them when it logs, so the step itself never waits for
+    the device and traces into one graph under torch.compile."""
     t = sample_time(x0.shape[0], cfg, generator, x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     target = velocity_target(x0, eps)
     pred = model(interpolate(x0, eps, t), t, y)
     mse = (pred.float() - target.float()).pow(2).mean()
     loss = mse
-    logs = {"mse": mse.item()}
+    logs = {"mse": mse.detach()}
     if cfg.cosine_loss_weight > 0:
         cos = 1 - F.cosine_similarity(pred.float(), target.float(), dim=1).mean()
         loss = loss + cfg.cosine_loss_weight * cos
-        logs["cos_loss"] = cos.item()
+        logs["cos_loss"] = cos.detach()
     return loss, logs
 
 

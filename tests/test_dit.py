@@ -4,8 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fae.config import ConfigError
+from fae.generators import DiTGenerator
 from fae.models.dit import DiT, DiTConfig, dit_config
 from fae.nn import count_parameters
+from fae.stages.dit import check_model_matches_cache
 from fae.transport import GuidedVelocity, SamplerConfig, TransportConfig, flow_matching_loss, sample
 
 
@@ -61,8 +64,25 @@ def test_dit_config_names_and_validation():
     model = DiT(tiny())
     with pytest.raises(ValueError, match="expected latents"):
         model(torch.randn(1, 3, 4, 4), 0.5)
-    with pytest.raises(ValueError, match="labels must lie"):
-        model(torch.randn(1, 4, 4, 4), 0.5, torch.tensor([6]))
+    # labels are checked where they enter (fae.data.labels), not in the forward (a host sync per call)
+    gen = DiTGenerator(model, {"latent_stats": {"mean": [0.0] * 4, "std": [1.0] * 4}}, "test")
+    with pytest.raises(ValueError, match=r"class ids must lie in \[0, 5\] \(5 = the null class\); got \[-1, 6\]"):
+        gen.sample(torch.randn(3, 4, 4, 4), torch.tensor([6, -1, 2]), SamplerConfig(steps=1))
+    assert gen.sample(torch.randn(2, 4, 4, 4), torch.tensor([5, 0]), SamplerConfig(steps=1)).shape == (2, 4, 4, 4)
+
+
+def test_training_labels_are_checked_against_the_model_once():
+    """The generator stages check the cache's labels when they start, naming the bad ones."""
+
+    class Cache:
+        channels, grid, num_classes, path = 4, (4, 4), 5, "cache"
+
+        def labels(self) -> torch.Tensor:
+            return torch.tensor([0, 4, 7, 2, 7])   # a cache whose manifest under-counts its classes
+
+    check_model_matches_cache(tiny(num_classes=8), Cache())
+    with pytest.raises(ConfigError, match=r"labels in the latent cache cache must lie in \[0, 5\]; got \[7\]"):
+        check_model_matches_cache(tiny(num_classes=6), Cache())
 
 
 def _perturbed(cfg: DiTConfig) -> DiT:

@@ -7,6 +7,7 @@ from typing import Any
 
 from fae.config import ConfigError, apply_overrides, from_dict, read_yaml
 from fae.precision import PRECISIONS
+from fae.speed import COMPILE_MODES
 
 
 def _section(path: str, key: str) -> dict[str, Any]:
@@ -74,16 +75,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         if args.dit or args.fae or args.pixel_decoder:
             raise ConfigError("--pipeline holds the generator and the FAE: drop --dit/--fae/--pixel-decoder")
         pipe = GenerationPipeline.from_pretrained(args.pipeline, device=device)
+        pipe.fae.compile_networks(args.compile, device)
         gen, decode = pipe.generator, pipe.fae.decode_to_pixels
     elif args.dit:
         gen = load_run_generator(args.dit, device=device)
-        decode = load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device)
+        decode = load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device, compile=args.compile)
     else:
         raise ConfigError("fae sample: give --pipeline <folder>, or --dit <run> with --fae <fae_pipeline>")
     written = sample_to_dir(gen, decode, args.out, args.num_samples, seed=args.seed, labels=args.labels,
                             sampler=sampler, batch_size=args.batch_size, device=device, progress=not args.no_progress,
                             grid=not args.no_grid, pngs=not args.no_pngs, npz=not args.no_npz, per_row=args.per_row,
-                            precision=args.precision, prompts=prompts or None)
+                            precision=args.precision, prompts=prompts or None, compile=args.compile)
     if is_main():
         for kind, path in written.items():
             print(f"{kind}: {path}")
@@ -157,6 +159,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="auto (default): bf16 autocast where the device runs bf16 natively, else fp32")
+    p.add_argument("--compile", choices=list(COMPILE_MODES), default="auto",
+                   help="torch.compile the generator and decoders: auto (default) = on CUDA, off on CPU (docs/speed.md)")
     p.add_argument("--per-row", type=int, default=10, help="samples per class row in grid.png")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-grid", action="store_true")

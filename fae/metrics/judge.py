@@ -21,6 +21,7 @@ from torch import nn
 
 from fae.config import to_dict
 from fae.io import PretrainedMixin, atomic_write_text, read_bundle_config
+from fae.precision import strict_fp32
 
 
 @dataclass
@@ -66,7 +67,9 @@ class SmallCNN(nn.Module, PretrainedMixin):
         self.eval()
         x = _as_float_images(images)
         device = next(self.parameters()).device
-        return torch.cat([self(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+        with strict_fp32():  # a metric network: no TF32, whatever a training run in this process set
+            return torch.cat([self(x[i:i + batch_size].to(device)).argmax(1).cpu()
+                              for i in range(0, len(x), batch_size)])
 
 
 def _as_float_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:

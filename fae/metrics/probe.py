@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from fae.config import ConfigError
 from fae.data.readable import readable_batches
+from fae.precision import strict_fp32
 
 POOLINGS = ("mean", "mean_max", "flatten")
 
@@ -214,11 +215,12 @@ def fae_probe_inputs(images: Iterable[tuple[torch.Tensor, torch.Tensor]], encode
 
         iterator = tqdm(images, desc="probe features", unit="batch")
     for x_img, y in iterator:
-        x = encoder(x_img.to(device))
-        sides = {"raw": x}
-        if autoencoder is not None:
-            z = autoencoder.encode(x).mean
-            sides["latent"], sides["recon"] = z, autoencoder.decode(z)
+        with strict_fp32():  # metric features: no TF32, whatever a training run in this process set
+            x = encoder(x_img.to(device))
+            sides = {"raw": x}
+            if autoencoder is not None:
+                z = autoencoder.encode(x).mean
+                sides["latent"], sides["recon"] = z, autoencoder.decode(z)
         for side, value in sides.items():
             for p, v in pooled_inputs(value, poolings, max_flatten_dim).items():
                 out.setdefault(side, {}).setdefault(p, []).append(v)

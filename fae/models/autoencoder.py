@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fae.io import PretrainedMixin
-from fae.nn import RoPE2D, TransformerBlock, attention, make_norm
+from fae.nn import RoPE2D, TransformerBlock, attention, make_norm, run_block
 
 
 @dataclass
@@ -99,6 +99,8 @@ class SingleAttentionEncoder(nn.Module):
 class FeatureDecoder(nn.Module):
     """Latent tokens (B, N, C) -> reconstructed features (B, N, D)."""
 
+    activation_checkpointing = False  # recompute each block in backward (fae.nn.run_block); not in state_dict
+
     def __init__(self, cfg: FAEConfig) -> None:
         super().__init__()
         d = cfg.feature_dim
@@ -121,7 +123,7 @@ class FeatureDecoder(nn.Module):
         if self.pos_embed is not None:
             h = h + self.pos_embed
         for block in self.blocks:
-            h = block(h, self.rope)
+            h = run_block(block, h, self.rope, checkpointed=self.activation_checkpointing)
         h = self.norm(h)
         return h + self.out_bias if self.out_bias is not None else h
 
@@ -171,11 +173,13 @@ def _init_linear(m: nn.Module) -> None:
 
 
 def vae_loss(x: torch.Tensor, x_hat: torch.Tensor, posterior: DiagonalGaussian, kl_weight: float,
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Paper eq. 4.1: ||x_hat - x||^2 + beta * KL. Both terms are means per element (features / latent elements),
-    so beta does not depend on the token count or width; docs/autoencoder.md gives the default and why."""
+    so beta does not depend on the token count or width; docs/autoencoder.md gives the default and why. Logs are
+    detached 0-d tensors (no host sync in the step; the trainer reads them when it logs)."""
     mse = F.mse_loss(x_hat.float(), x.float())
     kl = posterior.kl().mean() / posterior.mean[0].numel()
     cos = F.cosine_similarity(x_hat.float(), x.float(), dim=-1).mean()
     loss = mse + kl_weight * kl
-    return loss, {"mse": mse.item(), "kl": kl.item(), "cos": cos.item(), "latent_std": posterior.std.mean().item()}
+    logs = {"mse": mse, "kl": kl, "cos": cos, "latent_std": posterior.std.mean()}
+    return loss, {k: v.detach() for k, v in logs.items()}

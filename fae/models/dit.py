@@ -32,6 +32,7 @@ from fae.nn import (
     make_mlp,
     make_norm,
     modulate,
+    run_block,
     sincos_pos_embed_2d,
 )
 
@@ -168,6 +169,7 @@ class DiT(nn.Module, PretrainedMixin):
     """forward(x (B,C,h,w), t (B,) in [0,1], y (B,) int64 or None = unconditional) -> velocity (B,C,h,w)."""
 
     config_class = DiTConfig
+    activation_checkpointing = False  # recompute each block in backward (fae.nn.run_block); not in state_dict
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
@@ -217,17 +219,14 @@ class DiT(nn.Module, PretrainedMixin):
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
         t = t.expand(b) if t.ndim == 0 else t
-        if y is None:
+        if y is None:  # (labels are range-checked where they enter, fae.data.labels: no host sync here)
             y = torch.full((b,), cfg.null_class, dtype=torch.long, device=x.device)
-        elif int(y.min()) < 0 or int(y.max()) > cfg.num_classes:
-            raise ValueError(f"labels must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = null class), "
-                             f"got range [{int(y.min())}, {int(y.max())}]")
         h = self.x_embedder(self.patchify(x))
         if self.pos_embed is not None:
             h = h + self.pos_embed.to(h.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, generator)
         for block in self.blocks:
-            h = block(h, c, self.rope)
+            h = run_block(block, h, c, self.rope, checkpointed=self.activation_checkpointing)
         return self.unpatchify(self.final_layer(h, c))
 
 

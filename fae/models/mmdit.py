@@ -27,7 +27,7 @@ from torch import nn
 
 from fae.io import PretrainedMixin
 from fae.models.dit import FinalLayer, TimestepEmbedder, patchify, unpatchify
-from fae.nn import AttentionBackend, Mlp, RMSNorm, RoPE2D, attention, make_norm, modulate, sincos_pos_embed_2d
+from fae.nn import AttentionBackend, Mlp, RMSNorm, RoPE2D, attention, make_norm, modulate, run_block, sincos_pos_embed_2d
 
 
 @dataclass
@@ -171,6 +171,7 @@ class MMDiT(nn.Module, PretrainedMixin):
     """forward(x (B,C,h,w), t (B,) in [0,1], y: TextCondition or None = the null (empty prompt)) -> velocity."""
 
     config_class = MMDiTConfig
+    activation_checkpointing = False  # recompute each joint block in backward (fae.nn.run_block); not in state_dict
 
     def __init__(self, config: MMDiTConfig) -> None:
         super().__init__()
@@ -260,7 +261,7 @@ class MMDiT(nn.Module, PretrainedMixin):
         keys = torch.cat([y.mask.bool(), torch.ones(b, img.shape[1], dtype=torch.bool, device=x.device)], dim=1)
         mask = keys[:, None, None, :]
         for block in self.blocks:
-            txt, img = block(txt, img, c, mask, self.rope)
+            txt, img = run_block(block, txt, img, c, mask, self.rope, checkpointed=self.activation_checkpointing)
         return unpatchify(self.final_layer(img, c), cfg.patch_size, cfg.in_channels, cfg.grid)
 
 

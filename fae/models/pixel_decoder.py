@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fae.io import PretrainedMixin
-from fae.nn import TransformerBlock, grid_side, make_norm, sincos_pos_embed_2d
+from fae.nn import TransformerBlock, grid_side, make_norm, run_block, sincos_pos_embed_2d
 
 
 @dataclass
@@ -101,6 +101,7 @@ class PixelDecoder(nn.Module, PretrainedMixin):
     """Feature tokens (B, N, D) -> image (B, C, H, W) in [0, 1] (unclamped while training; see `decode`)."""
 
     config_class = PixelDecoderConfig
+    activation_checkpointing = False  # recompute each block in backward (fae.nn.run_block); not in state_dict
 
     def __init__(self, config: PixelDecoderConfig) -> None:
         super().__init__()
@@ -150,7 +151,7 @@ class PixelDecoder(nn.Module, PretrainedMixin):
             x = x + self.input_pos.to(x.dtype)
         h = self.proj_in(x) + self.pos_embed.to(x.dtype)
         for block in self.blocks:
-            h = block(h)
+            h = run_block(block, h, checkpointed=self.activation_checkpointing)
         y = self.unpatchify(self.head(self.norm(h)))
         if self.refine is not None:
             y = self.refine(y)
@@ -158,8 +159,8 @@ class PixelDecoder(nn.Module, PretrainedMixin):
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference: eval-mode forward clamped to [0, 1]."""
-        return self.forward(x).clamp(0, 1)
+        """Inference: eval-mode forward clamped to [0, 1] (through __call__, so an in-place compile applies)."""
+        return self(x).clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fae.io import PretrainedMixin
-from fae.nn import AttentionBackend, LabelEmbedder, RoPE2D, attention, make_mlp, make_norm
+from fae.nn import AttentionBackend, LabelEmbedder, RoPE2D, attention, make_mlp, make_norm, run_block
 
 INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(raw + this) = 1 at raw = 0: a zero output is the identity map
 ScaleAt = Callable[[float], float]     # guidance scale at time t of the token being sampled
@@ -157,6 +157,8 @@ class CausalLayer(nn.Module):
 class FlowBlock(nn.Module):
     """One affine autoregressive flow over the token sequence, in grid order or reversed."""
 
+    activation_checkpointing = False  # recompute each layer in backward (fae.nn.run_block); not in state_dict
+
     def __init__(self, cfg: StarFlowConfig, num_layers: int, reverse: bool, conditioned: bool) -> None:
         super().__init__()
         d, c, n = cfg.hidden_size, cfg.token_dim, cfg.num_tokens
@@ -186,7 +188,10 @@ class FlowBlock(nn.Module):
         if cond is not None and self.conditioned:
             h = h + cond[:, None].to(h.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, self.rope, self.order[positions], caches[i] if caches is not None else None)
+            if caches is None:
+                h = run_block(layer, h, self.rope, self.order[positions], checkpointed=self.activation_checkpointing)
+            else:  # KV-cached sampling (no gradients)
+                h = layer(h, self.rope, self.order[positions], caches[i])
         raw = self.proj_out(self.norm(h)).float()
         if self.cfg.soft_clip > 0:
             raw = self.cfg.soft_clip * torch.tanh(raw / self.cfg.soft_clip)
@@ -282,11 +287,8 @@ class StarFlow(nn.Module, PretrainedMixin):
         if self.y_embedder is None:
             return None
         cfg = self.config
-        if y is None:
+        if y is None:  # (labels are range-checked where they enter, fae.data.labels: no host sync here)
             y = torch.full((batch,), cfg.null_class, dtype=torch.long, device=device)
-        elif int(y.min()) < 0 or int(y.max()) > cfg.num_classes:
-            raise ValueError(f"labels must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = null class), "
-                             f"got range [{int(y.min())}, {int(y.max())}]")
         return self.y_embedder(y, generator)  # drops labels to the null class in training mode, once per sample
 
     # ----------------------------------------------------------------------------------------------- the flow

@@ -84,7 +84,7 @@ class FAEStage(TrainStage):
                 self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split)
         return self._dataset
 
-    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["features"] if "features" in batch else self.encoder(batch["image"])
         x_hat, posterior = self.modules["model"](x.float(), sample=self.cfg.loss.sample_posterior)
         return vae_loss(x, x_hat, posterior, self.cfg.loss.kl_weight)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fae.config import ConfigError, to_dict
+from fae.data.labels import check_class_ids
 from fae.data.latents import LatentCache, LatentDataset
 from fae.generators import GENERATOR_BUNDLES, GENERATOR_FOLDERS, DiTGenerator, Generator, load_generator
 from fae.io import find_bundle
@@ -50,6 +51,9 @@ def check_model_matches_cache(model: Any, cache: LatentCache) -> None:
     if getattr(model, "num_classes", cache.num_classes) < cache.num_classes:  # (text models have no classes)
         raise ConfigError(f"model.num_classes={model.num_classes} but the latent cache has {cache.num_classes} "
                           f"classes; set model.num_classes={cache.num_classes}")
+    if getattr(model, "num_classes", 0) > 0:  # the labels the model will read, checked once (not per forward)
+        check_class_ids(cache.labels(), model.num_classes, f"labels in the latent cache {cache.path}",
+                        error=ConfigError)
 
 
 class DiTStage(TrainStage):
@@ -67,7 +71,7 @@ class DiTStage(TrainStage):
         return LatentDataset(self.cache, hflip=self.cfg.hflip and self.cache.manifest["flip"],
                              sample_posterior=self.cfg.sample_posterior)
 
-    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # t, noise and label dropout come from the global RNG, which the trainer seeds at every step
         return flow_matching_loss(self.modules["model"], batch["latent"], batch["label"], self.cfg.transport)
 

@@ -76,14 +76,15 @@ class FlowStage(TrainStage):
         data = LatentDataset(self.cache, hflip=self.cfg.hflip and self.cache.manifest["flip"])
         return FirstRows(data, len(self.cache) - self.cfg.holdout)
 
-    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # noise and label dropout come from the global RNG, which the trainer seeds at every step
         x = batch["latent"]
         noisy = x + self.cfg.noise_std * torch.randn_like(x)
         z, logdet = self.modules["model"](noisy, batch["label"])
         bpd = bits_per_dim(z, logdet).mean()
-        return bpd, {"bpd": bpd.item(), "logdet_per_dim": (logdet.mean() / x[0].numel()).item(),
-                     "z_rms": z.detach().float().pow(2).mean().sqrt().item()}
+        # detached tensors, read when the trainer logs: no host sync inside the step
+        return bpd, {"bpd": bpd.detach(), "logdet_per_dim": (logdet.mean() / x[0].numel()).detach(),
+                     "z_rms": z.detach().float().pow(2).mean().sqrt()}
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         model = modules["model"]

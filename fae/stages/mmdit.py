@@ -69,7 +69,7 @@ class MMDiTStage(TrainStage):
     def train_dataset(self) -> Dataset:
         return LatentDataset(self.cache, hflip=self.cfg.hflip and self.cache.manifest["flip"])
 
-    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # t, noise and caption dropout come from the global RNG, which the trainer seeds at every step
         y = TextCondition(batch["text_tokens"], batch["text_mask"], batch["text_pooled"])
         return flow_matching_loss(self.modules["model"], batch["latent"], y, self.cfg.transport)  # type: ignore[arg-type]
