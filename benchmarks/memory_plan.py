@@ -28,7 +28,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fae.nn import count_parameters  # noqa: E402
+from fae.nn import count_parameters, set_activation_checkpointing  # noqa: E402
 from fae.stages import load_stage_config, stage_module  # noqa: E402
 
 GiB = 2**30
@@ -118,25 +118,39 @@ def plan(config: str) -> dict[str, Any]:
             parts = {"dit": parts[next(iter(parts))]}
         elif name in ("flow", "mmdit"):
             parts = {name: parts[next(iter(parts))]}
-        activation = saved_bytes_per_sample(training_forward(name, cfg, parts))
+        forward = training_forward(name, cfg, parts)
+        activation = saved_bytes_per_sample(forward)
+        for module in _modules_of(forward):
+            set_activation_checkpointing(module, True)
+        checkpointed = saved_bytes_per_sample(forward)
     return {"config": config, "stage": name, "trainable": trainable, "frozen": frozen,
-            "batch": cfg.train.batch_size, "activation_per_sample": activation}
+            "batch": cfg.train.batch_size, "activation_per_sample": activation,
+            "checkpointed_per_sample": checkpointed}
+
+
+def _modules_of(forward: Callable[[int], Any]) -> list[nn.Module]:
+    """The networks a `training_forward` closure runs (its closure cells that are modules)."""
+    cells = [c.cell_contents for c in (forward.__closure__ or ())]
+    return [c for c in cells if isinstance(c, nn.Module)]
 
 
 def table(rows: list[dict[str, Any]], gpus: list[int], micro: int | None) -> str:
-    head = "| config | parameters trained | frozen encoder | activations / sample (fp32) |"
-    head += "".join(f" {g} GPUs: batch/GPU, DDP, FSDP |" for g in gpus)
+    """Per GPU count: the per-process batch, then GiB per process with DDP, DDP + activation checkpointing, and
+    FSDP + checkpointing (generator stages only; the block being recomputed adds about one block's activations)."""
+    head = "| config | parameters trained | frozen encoder | activations / sample: kept, checkpointed |"
+    head += "".join(f" {g} GPUs: batch/GPU: DDP, +ckpt, FSDP+ckpt |" for g in gpus)
     lines = [head, "|" + "---|" * (4 + len(gpus))]
     for r in rows:
         cells = [r["config"], f"{r['trainable'] / 1e6:,.1f} M", f"{r['frozen'] / 1e6:,.0f} M" if r["frozen"] else "-",
-                 f"{r['activation_per_sample'] / 2**20:,.0f} MiB"]
+                 f"{r['activation_per_sample'] / 2**20:,.0f} MiB, {r['checkpointed_per_sample'] / 2**20:,.0f} MiB"]
         for g in gpus:
             per_gpu = micro or max(1, r["batch"] // g)
-            act, frozen = per_gpu * r["activation_per_sample"], 4 * r["frozen"]
-            ddp = 20 * r["trainable"] + frozen + act
-            fsdp = 20 * r["trainable"] / g + frozen + act
+            frozen, state = 4 * r["frozen"], 20 * r["trainable"]
+            ddp = state + frozen + per_gpu * r["activation_per_sample"]
+            ckpt = state + frozen + per_gpu * r["checkpointed_per_sample"]
+            fsdp = state / g + frozen + per_gpu * r["checkpointed_per_sample"]
             sharded = f"{fsdp / GiB:,.1f}" if r["stage"] in ("dit", "flow", "mmdit") else "-"   # train.fsdp stages
-            cells.append(f"{per_gpu}: {ddp / GiB:,.1f} / {sharded} GiB")
+            cells.append(f"{per_gpu}: {ddp / GiB:,.1f}, {ckpt / GiB:,.1f}, {sharded} GiB")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
