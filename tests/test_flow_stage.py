@@ -82,7 +82,7 @@ def test_nll_falls_on_a_tiny_overfit(one_thread):
                                      layers_per_block=(1, 1, 1, 1)))
     opt = torch.optim.AdamW(model.parameters(), lr=6e-3)
     losses = []
-    for _ in range(200):
+    for _ in range(300):   # 200 sufficed with matmul-softmax attention; the trajectory is sensitive to 1e-7 changes
         y = torch.arange(k).repeat(8)
         x = data[y] + noise * torch.randn(len(y), 2, 2, 2)
         loss = bits_per_dim(*model(x, y)).mean()
