@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from fae import distributed as D
+from fae.data.loading import loader_options
 from fae.data.readable import collate_present
 from fae.io import (
     MANIFEST_NAME,
@@ -332,9 +333,9 @@ class Trainer:
         end = min(self.cfg.steps, stop_at) if stop_at is not None else self.cfg.steps
         dataset = self.stage.train_dataset()
         sampler = ResumableSampler(len(dataset), self.cfg.seed, self.step * self.cfg.batch_size, self.rank, self.world)
-        loader = DataLoader(dataset, batch_size=self.micro_batch, sampler=sampler, num_workers=self.cfg.num_workers,
-                            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.cfg.seed),
-                            persistent_workers=False, collate_fn=collate_present)
+        loader = DataLoader(dataset, batch_size=self.micro_batch, sampler=sampler, collate_fn=collate_present,
+                            generator=torch.Generator().manual_seed(self.cfg.seed),
+                            **loader_options(self.cfg.num_workers, self.device))
         batches = self._readable_batches(iter(loader))
         autocast = self.precision.autocast()
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
