@@ -413,6 +413,8 @@ class LatentCache:
         return shard, index - int(self.offsets[shard])
 
     def row(self, index: int, key: str) -> torch.Tensor:
+        """Item `index` of tensor `key`: a view into the shard's memory map (only its pages are read; do not edit
+        it in place, later reads in this process would see the edit)."""
         shard, i = self.locate(index)
         return self._file(shard).get_slice(key)[i:i + 1][0]
 
