@@ -116,7 +116,7 @@ MUTATIONS: list[Mutation] = [
       "SIGTERM: finish the step, checkpoint, stop"),
     M("signal-ignored", TR, "        self._stop_signal = signum\n", "        pass\n",
       f"{SC}::test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly", "SIGTERM stops the run"),
-    M("workers-ignored", TR, "num_workers=self.cfg.num_workers", "num_workers=0",
+    M("workers-ignored", TR, "loader_options(self.cfg.num_workers, self.device)", "loader_options(0, self.device)",
       f"{SC}::test_dataloader_workers_give_the_same_run", "train.num_workers > 0"),
     M("no-autocast-in-training", TR, "autocast = self.precision.autocast()", "autocast = contextlib.nullcontext()",
       f"{SC}::test_bf16_training_runs_under_autocast", "train.precision: bf16"),
@@ -162,10 +162,13 @@ MUTATIONS: list[Mutation] = [
       f"{SS}::test_sample_cli_flags_reach_the_sampler", "--cfg-batch"),
     M("cli-sample-drops-precision", "fae/cli/generate.py", "precision=args.precision, prompts", 'precision="auto", prompts',
       f"{SS}::test_sample_cli_flags_reach_the_sampler", "fae sample --precision bf16"),
-    M("cli-encode-drops-workers", "fae/cli/generate.py", "num_workers=args.num_workers)", "num_workers=0)",
+    M("cli-encode-drops-workers", "fae/cli/generate.py", "num_workers=args.num_workers,", "num_workers=0,",
       f"{SS}::test_encode_cli_passes_num_workers", "fae encode --num-workers"),
     M("sampling-no-autocast", "fae/sampling.py", "with choice.autocast():", "with torch.no_grad():",
       f"{SS}::test_bf16_sampling_runs_the_model_under_autocast", "fae sample --precision bf16"),
+    # ---- watching a run, fast data paths (issue 15)
+    M("tensorboard-no-purge", "fae/monitoring.py", "purge_step=resumed_step + 1", "purge_step=None",
+      "tests/test_monitoring.py::test_a_resume_does_not_duplicate_steps", "a resume does not duplicate steps"),
     # ---- metrics / inception
     M("inception-logits-biased", INC, '"logits": (pool @ self.fc.weight.T).float()', '"logits": self.fc(pool).float()',
       GOLD, "IS logits without the bias"),

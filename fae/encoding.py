@@ -16,6 +16,7 @@ from fae.data.latents import TEXT_NULL, CachedFeatureRows, EncodeOptions, encode
 from fae.encoders import EncoderConfig, FrozenEncoder, TextEncoder, TextEncoderConfig
 from fae.io import WEIGHTS_NAME, check_same_encoder, file_sha256, read_bundle_config, resolve_pretrained
 from fae.models.autoencoder import FeatureAutoEncoder
+from fae.precision import resolve_precision
 
 
 def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None, encoder: Any | None = None,
@@ -83,5 +84,9 @@ def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None
         text_encoder = text_encoder.to(dev)
         record["text"] = {"encoder": text_encoder.reference(), "null": TEXT_NULL}
         text_fn = text_encoder.encode
-    latent_fn = make_latent_fn(encoder, fae_model, opts.source, tuple(encoder.grid), opts.store_std)
+    precision = resolve_precision(opts.precision, dev)
+    if fae_model is not None:  # the resolved name only: the evidence (timings) would change the cache's signature
+        record["fae_precision"] = precision.name
+    latent_fn = make_latent_fn(encoder, fae_model, opts.source, tuple(encoder.grid), opts.store_std,
+                               autocast=precision.autocast)
     return encode_dataset(latent_fn, dataset, out_dir, opts, dev, record, progress, text_fn=text_fn)

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from fae import distributed as D
 from fae import sharding
+from fae.data.loading import loader_options
 from fae.data.readable import collate_present
 from fae.io import (
     MANIFEST_NAME,
@@ -49,6 +50,7 @@ from fae.io import (
     state_dict_for_save,
     write_manifest,
 )
+from fae.monitoring import TENSORBOARD_MODES, RunMonitor, TensorBoardMode, memory_row
 from fae.precision import PRECISIONS, Precision, resolve_precision, training_tf32
 from fae.speed import COMPILE_MODES, CompileMode, prepare_training
 
@@ -90,6 +92,8 @@ class TrainConfig:
     compile: CompileMode = "auto"   # torch.compile the trained modules: auto = on CUDA, off on CPU (slow to compile)
     activation_checkpointing: bool = False  # recompute each transformer block in backward: less memory, +1 forward
     tf32: bool = True               # CUDA: fp32 matmuls/convolutions as TF32 while training (metrics stay IEEE fp32)
+    tensorboard: TensorBoardMode = "auto"   # events under <run>/tensorboard: auto = when the package is installed
+    preview_every: int = 0          # the stage's preview sheet (samples / reconstructions) every N steps; 0 = off
 
     def validate(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
@@ -104,6 +108,9 @@ class TrainConfig:
             raise ValueError(f"train.precision must be one of {list(PRECISIONS)}, not {self.precision!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"train.compile must be one of {list(COMPILE_MODES)}, not {self.compile!r}")
+        if self.tensorboard not in TENSORBOARD_MODES or self.preview_every < 0:
+            raise ValueError(f"train.tensorboard must be one of {list(TENSORBOARD_MODES)} (got {self.tensorboard!r}) "
+                             f"and train.preview_every >= 0 (got {self.preview_every})")
 
 
 class TrainingError(RuntimeError):
@@ -171,6 +178,12 @@ class TrainStage:
     def evaluate(self, out_dir: Path, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
         """Score the exported modules on held-out data, writing the scores beside the bundles; None when the stage
         has nothing to score (or its config says to skip)."""
+        return None
+
+    def preview(self, modules: dict[str, nn.Module], step: int) -> dict[str, torch.Tensor] | None:
+        """Small sheets to watch the run by (name -> (3,H,W) image in [0,1]: samples of a generator, reconstructions
+        of a decoder), drawn on rank 0 every `train.preview_every` steps from `modules` (the EMA weights where
+        there are some: what the run would export). The Trainer saves and restores the random state around it."""
         return None
 
     def to(self, device: torch.device) -> None:
@@ -337,6 +350,7 @@ class Trainer:
         self.step, self.bad_steps = 0, 0
         self.dropped_items, self._dropped_since_log = 0, 0   # unreadable items left out of batches
         self._stop_signal: int | None = None
+        self.monitor: RunMonitor | None = None   # rank 0, during fit
 
     # ------------------------------------------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
@@ -355,12 +369,14 @@ class Trainer:
             if self.progress:
                 print(f"precision: {self.precision.describe()}", flush=True)
         self._resume()
+        self.monitor = RunMonitor(self.out_dir, self.cfg.tensorboard, self.step) if self.rank == 0 else None
+        self._logged_step = self.step
         end = min(self.cfg.steps, stop_at) if stop_at is not None else self.cfg.steps
         dataset = self.stage.train_dataset()
         sampler = ResumableSampler(len(dataset), self.cfg.seed, self.step * self.cfg.batch_size, self.rank, self.world)
-        loader = DataLoader(dataset, batch_size=self.micro_batch, sampler=sampler, num_workers=self.cfg.num_workers,
-                            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.cfg.seed),
-                            persistent_workers=False, collate_fn=collate_present)
+        loader = DataLoader(dataset, batch_size=self.micro_batch, sampler=sampler, collate_fn=collate_present,
+                            generator=torch.Generator().manual_seed(self.cfg.seed),
+                            **loader_options(self.cfg.num_workers, self.device))
         batches = self._readable_batches(iter(loader))
         autocast = self.precision.autocast()
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
@@ -393,6 +409,8 @@ class Trainer:
                     last = self._log(logs, t0)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k.startswith("loss")})
                     logs, t0 = {}, time.time()
+                if self.cfg.preview_every and self.step % self.cfg.preview_every == 0:
+                    self._preview()
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
                     self.save_checkpoint()
                 if D.all_reduce_max(float(self._stop_signal is not None)) > 0:
@@ -402,6 +420,8 @@ class Trainer:
                                               f"command again (checkpoint in {self.out_dir / 'checkpoints'})")
         finally:
             bar.close()
+            if self.monitor is not None:
+                self.monitor.close()
             for s, h in previous.items():
                 signal.signal(s, h)
         if self.rank == 0:  # the run's summary says how many unreadable items were left out
@@ -503,12 +523,36 @@ class Trainer:
     def _log(self, logs: dict[str, list[float]], t0: float) -> dict[str, float]:
         row = {k: sum(v) / len(v) for k, v in logs.items() if v}
         row.update({f"lr/{g}": s.get_last_lr()[0] for g, s in self.schedulers.items()})
-        row["sec_per_step"] = (time.time() - t0) / self.cfg.log_every
+        steps, self._logged_step = self.step - self._logged_step, self.step   # the last row may cover fewer
+        row["sec_per_step"] = (time.time() - t0) / max(1, steps)
+        row["images_per_s"] = self.cfg.batch_size / max(row["sec_per_step"], 1e-9)   # all processes together
+        row.update(memory_row(self.device))
         if self._dropped_since_log:
             row["data/dropped"] = self._dropped_since_log
             self._dropped_since_log = 0
         self._append_metrics(row)
+        if self.monitor is not None:  # every scalar TensorBoard gets is in this metrics.jsonl row
+            self.monitor.scalars(row, self.step)
         return row
+
+    def _preview(self) -> None:
+        """The stage's preview sheets of this step (rank 0), drawn without touching the training's random state."""
+        modules = self.export_modules()   # every process: gathering sharded weights is a collective
+        if self.monitor is None:
+            return
+        was_training = {n: m.training for n, m in modules.items()}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.precision.autocast():
+            torch.manual_seed(self.cfg.seed)  # the same noise at every preview: sheets compare across steps
+            for m in modules.values():
+                m.eval()
+            try:
+                sheets = self.stage.preview(modules, self.step)
+            finally:
+                for n, m in modules.items():
+                    m.train(was_training[n])
+        if sheets:
+            self.monitor.images(sheets, self.step)  # type: ignore[union-attr]
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         """One row of metrics.jsonl (rank 0), stamped with the current step."""

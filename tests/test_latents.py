@@ -31,8 +31,10 @@ def parts(tmp_path_factory, tiny_encoder_dir):
                                        encoder_head_dim=8, decoder_depth=1, decoder_heads=2)).eval()
     bundle = fae.save_pretrained(root / "fae", extra={"encoder": encoder.reference()})
     data = FashionMNIST(split="test", image_size=16, limit=45)
+    # fp32: the rows are compared with a direct fp32 encoding below (auto: tests/test_encode_fast.py)
     cache = encode_latents(data, root / "cache", fae=bundle, options=EncodeOptions(shard_size=20, batch_size=16,
-                                                                                   store_std=True), progress=False)
+                                                                                   store_std=True, precision="fp32"),
+                           progress=False)
     return dict(root=root, encoder=encoder, fae=fae, bundle=bundle, data=data, cache=cache)
 
 
@@ -43,6 +45,7 @@ def test_cache_layout_and_latents_match_direct_encoding(parts):
     assert m["channels"] == 4 and m["grid"] == [4, 4] and m["source"] == "fae" and m["flip"] and m["has_std"]
     assert m["num_classes"] == 10 and m["class_names"][0] == "T-shirt/top"
     assert m["encoder"] == parts["encoder"].reference() and len(m["fae"]["weights_sha256"]) == 64
+    assert m["fae_precision"] == "fp32"
     assert torch.equal(cache.labels(), parts["data"].labels)
     for i in (0, 19, 20, 44):
         image = parts["data"][i]["image"][None]
@@ -60,7 +63,8 @@ def test_statistics_exact_and_byte_identical_on_rerun(parts, tmp_path):
     torch.testing.assert_close(cache.mean64, rows.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(cache.std64, rows.std(dim=(0, 2, 3), unbiased=False), rtol=1e-12, atol=1e-12)
     again = encode_latents(parts["data"], tmp_path / "again", fae=parts["bundle"],
-                           options=EncodeOptions(shard_size=20, batch_size=16, store_std=True), progress=False)
+                           options=EncodeOptions(shard_size=20, batch_size=16, store_std=True, precision="fp32"),
+                           progress=False)
     assert (again / STATS).read_bytes() == (parts["cache"] / STATS).read_bytes()
     assert json.loads((again / STATS).with_name("cache.json").read_text())["stats"]["recipe"].startswith("per-channel")
 
@@ -116,9 +120,9 @@ def test_interrupted_encoding_keeps_finished_shards(parts, tmp_path):
     calls = []
     fn = make_latent_fn(parts["encoder"], parts["fae"], "fae", (4, 4))
 
-    def counting(batch, flipped):
+    def counting(batch, with_flip):
         calls.append(len(batch["image"]))
-        return fn(batch, flipped)
+        return fn(batch, with_flip)
 
     opts = EncodeOptions(shard_size=20, batch_size=20, flip=False)
     out = encode_dataset(counting, parts["data"], tmp_path / "c", opts, progress=False)
@@ -137,7 +141,8 @@ def test_feature_cache_skips_the_encoder_and_gives_the_same_latents(parts, tmp_p
     feats = build_feature_cache(parts["encoder"], parts["data"], tmp_path / "features.safetensors", flips=True,
                                 progress=False)
     out = encode_latents(parts["data"], tmp_path / "via_cache", fae=parts["bundle"], feature_cache=feats.path,
-                         options=EncodeOptions(shard_size=20, batch_size=16, store_std=True), progress=False)
+                         options=EncodeOptions(shard_size=20, batch_size=16, store_std=True, precision="fp32"),
+                         progress=False)
     a, b = LatentCache(out), LatentCache(parts["cache"])
     for key in ("latents", "latents_flip", "std", "labels"):
         for i in (0, 21, 44):

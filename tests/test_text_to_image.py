@@ -127,3 +127,14 @@ def test_caption_agreement_of_the_nearest_real_image():
     assert out["per_prompt_top1"] == {"cat": 0.5, "dog": 1.0}
     with pytest.raises(ValueError, match="one each"):
         caption_agreement(generated, ["cat"], reference, captions)
+
+
+def test_preview_samples_the_cached_captions(world):
+    """train.preview_every: MMDiT's sheet has one row per cached caption (4 here), one column per latent channel."""
+    _, cfg = load_stage_config(world["cfg"])
+    stage = MMDiTStage(cfg)
+    sheets = stage.preview({"model": world["gen"].model}, step=0)
+    assert set(sheets) == {"samples"}
+    sheet = sheets["samples"]
+    assert sheet.shape[0] == 3 and 0 <= sheet.min() and sheet.max() <= 1
+    assert sheet.shape[1] == 16 + 4 * (48 + 2) + 2                  # header + 4 rows of 48-px tiles + padding

@@ -28,7 +28,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     encoder = from_dict(EncoderConfig, _section(args.encoder, "encoder"), "encoder") if args.encoder else None
     opts = EncodeOptions(source=args.source, flip=not args.no_flip, store_std=args.store_std,
                          shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
-                         num_workers=args.num_workers)
+                         num_workers=args.num_workers, precision=args.precision)
     text = None
     if args.text_encoder:
         text = TextEncoderConfig(kind=args.text_encoder, name_or_path=args.text_model, max_length=args.text_max_length)
@@ -112,7 +112,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0, help="data loading processes (kept alive for the run)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto", help="the FAE encoder's compute: auto = "
+                   "bf16 where the device runs it natively, else fp32 (the frozen encoder follows its own config)")
     p.add_argument("--text-encoder", choices=["minilm", "t5", "siglip2"],
                    help="caption data (kind: caption_folder | caption_manifest | webdataset): also cache the "
                    "captions' text embeddings, for `fae train mmdit` (minilm ships with fae and works offline)")

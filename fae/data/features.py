@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
 from fae.data.keys import check_index, flip_coin, split_key
+from fae.data.loading import loader_options
 from fae.data.readable import WithIndex, collate_present, item_name
 from fae.io import atomic_save_safetensors, check_same_encoder
 from fae.precision import DTYPES
@@ -144,15 +145,17 @@ def build_feature_cache(encoder: Any, dataset: Dataset, path: str | Path, batch_
     for rows in tensors.values():
         rows.zero_()
     present = torch.zeros(n, dtype=torch.uint8)  # 0: the item could not be read (its row stays zero, never used)
-    loader = DataLoader(WithIndex(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_present)
+    loader = DataLoader(WithIndex(dataset), batch_size=batch_size, shuffle=False, collate_fn=collate_present,
+                        **loader_options(num_workers, device))
     for batch in tqdm(loader, desc=f"features -> {path.name}", disable=not progress):
         if batch is None:
             continue
-        images, index = batch["image"].to(device), batch["index"]
-        tensors["features"][index] = encoder(images).to(DTYPES[dtype]).cpu()
+        images, index = batch["image"].to(device, non_blocking=True), batch["index"]
+        # plain and flipped images as one batch, as `fae encode` runs them: one encoder call
+        features = encoder(torch.cat([images, images.flip(-1)]) if flips else images).to(DTYPES[dtype]).cpu()
+        tensors["features"][index] = features[:len(index)]
         if flips:
-            tensors["features_flip"][index] = encoder(images.flip(-1)).to(DTYPES[dtype]).cpu()
+            tensors["features_flip"][index] = features[len(index):]
         present[index] = 1
     tensors["present"] = present
     missing = [item_name(dataset, int(i)) for i in torch.nonzero(present == 0).flatten()]

@@ -23,6 +23,7 @@ the flip from the trainer's (index, seed) key and normalises with the stored sta
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -32,14 +33,15 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 from safetensors import safe_open
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from fae import distributed as D
 from fae.data import check_index, flip_coin, split_key
 from fae.data.features import dataset_signature
+from fae.data.loading import loader_options
 from fae.data.readable import WithIndex, collate_present, item_name
 from fae.io import atomic_save_safetensors, atomic_write_text, file_sha256, remove_stale_temporaries
-from fae.precision import DTYPES
+from fae.precision import DTYPES, PRECISIONS, Precision
 
 CACHE_FORMAT = "fae-latent-cache-v1"
 MANIFEST = "cache.json"
@@ -69,10 +71,13 @@ class EncodeOptions:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     text_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # text states: L x Dt per item, the bulk
     num_workers: int = 0
+    precision: Precision = "auto"     # the FAE encoder's compute (fae.precision); the frozen encoder has its own
 
     def validate(self) -> None:
-        if self.shard_size < 1 or self.batch_size < 1:
-            raise ValueError("shard_size and batch_size must be positive")
+        if self.shard_size < 1 or self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("shard_size and batch_size must be positive, num_workers >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, not {self.precision!r}")
         if self.store_std and self.source != "fae":
             raise ValueError("store_std needs source=fae (raw features have no posterior)")
         if self.dtype not in DTYPES or self.text_dtype not in DTYPES:
@@ -80,30 +85,42 @@ class EncodeOptions:
                              f"{self.text_dtype!r}")
 
 
-LatentFn = Callable[[dict[str, torch.Tensor], bool], tuple[torch.Tensor, "torch.Tensor | None"]]
+# (batch, with_flip) -> {"latents", "std"?, "latents_flip"?, "std_flip"?}, each (B,C,h,w)
+LatentFn = Callable[[dict[str, torch.Tensor], bool], dict[str, torch.Tensor]]
 TextFn = Callable[[list[str]], dict[str, torch.Tensor]]   # prompts -> {"text_tokens", "text_mask", "text_pooled"}
 
 
 def make_latent_fn(encoder: Callable[[torch.Tensor], torch.Tensor] | None, fae: Any | None, source: Source,
-                   grid: tuple[int, int], store_std: bool = False) -> LatentFn:
-    """(batch, flipped) -> (latents (B,C,h,w), posterior std or None). The batch holds "image" (B,3,H,W) in [0,1],
-    or cached encoder features "features" / "features_flip" (B,N,D), which then skip the encoder."""
+                   grid: tuple[int, int], store_std: bool = False,
+                   autocast: Callable[[], Any] = contextlib.nullcontext) -> LatentFn:
+    """The latents of a batch holding "image" (B,3,H,W) in [0,1], or cached encoder features "features" /
+    "features_flip" (B,N,D), which then skip the encoder. With `with_flip`, the plain and the h-flipped images go
+    through the encoder and the FAE as one batch of 2B (one call each: the frozen encoder's full throughput).
+    `autocast()` is the precision the FAE encoder runs in (the frozen encoder keeps its own); outputs are float32."""
 
     @torch.no_grad()
-    def fn(batch: dict[str, torch.Tensor], flipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = "features_flip" if flipped else "features"
-        if key in batch:
-            features = batch[key].float()
+    def fn(batch: dict[str, torch.Tensor], with_flip: bool) -> dict[str, torch.Tensor]:
+        if "features" in batch:
+            features = torch.cat([batch["features"], batch["features_flip"]]) if with_flip else batch["features"]
         else:
             if encoder is None:
                 raise ValueError("no encoder and no cached features in the batch")
             images = batch["image"]
-            features = encoder(images.flip(-1) if flipped else images).float()
+            features = encoder(torch.cat([images, images.flip(-1)]) if with_flip else images)
+        features = features.float()
         if source == "raw_features":
             b, n, d = features.shape
-            return features.transpose(1, 2).reshape(b, d, *grid), None
-        posterior = fae.encode(features)
-        return posterior.mean.float(), (posterior.std.float() if store_std else None)
+            out = {"latents": features.transpose(1, 2).reshape(b, d, *grid)}
+        else:
+            with autocast():
+                posterior = fae.encode(features)
+            out = {"latents": posterior.mean.float()}
+            if store_std:
+                out["std"] = posterior.std.float()
+        if not with_flip:
+            return out
+        halves = {k: v.chunk(2) for k, v in out.items()}
+        return {**{k: h[0] for k, h in halves.items()}, **{f"{k}_flip": h[1] for k, h in halves.items()}}
 
     return fn
 
@@ -168,55 +185,33 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
     if rank == 0:
         remove_stale_temporaries(out)   # a killed run's half-written shard; its shard is encoded again below
     D.barrier()
-    dtype = DTYPES[opts.dtype]
     mine = [s for s in range(num_shards) if s % world == rank]
-    bar = tqdm(total=sum(min(opts.shard_size, n - s * opts.shard_size) for s in mine), desc=f"encode -> {out.name}",
+    ranges = {s: range(s * opts.shard_size, min(n, (s + 1) * opts.shard_size)) for s in mine}
+    bar = tqdm(total=sum(len(r) for r in ranges.values()), desc=f"encode -> {out.name}",
                disable=not (progress and rank == 0), dynamic_ncols=True)
-    for s in mine:
-        lo, hi = s * opts.shard_size, min(n, (s + 1) * opts.shard_size)
-        path = out / shard_name(s)
-        if _shard_done(path, signature, hi - lo):
-            bar.update(hi - lo)
+    todo = []
+    for s, items in ranges.items():
+        if _shard_done(out / shard_name(s), signature, len(items)):
+            bar.update(len(items))
+        else:
+            todo.append(s)
+    # one loader over every shard this process still has to write (its workers start once); batches never cross
+    # a shard boundary, so a shard's batches are the same whichever process encodes it, and so are its bytes
+    plan = [(s, list(ranges[s][i:i + opts.batch_size])) for s in todo for i in range(0, len(ranges[s]), opts.batch_size)]
+    loader = DataLoader(WithIndex(dataset), batch_sampler=[items for _, items in plan], collate_fn=collate_present,
+                        **loader_options(opts.num_workers if plan else 0, device))
+    shard: _ShardWriter | None = None
+    for (s, items), batch in zip(plan, loader):
+        if shard is None or shard.index != s:
+            if shard is not None:
+                shard.save(dataset, signature)
+            shard = _ShardWriter(out, s, ranges[s], opts)
+        bar.update(len(items))
+        if batch is None:
             continue
-        parts: dict[str, list[torch.Tensor]] = {}
-        loader = DataLoader(Subset(WithIndex(dataset), range(lo, hi)), batch_size=opts.batch_size, shuffle=False,
-                            num_workers=opts.num_workers, collate_fn=collate_present)
-        kept: list[int] = []
-        captions: list[str] = []
-        for batch in loader:
-            if batch is None:
-                continue
-            kept += batch.pop("index").tolist()
-            labels = batch.pop("label")
-            if text_fn is not None:
-                if "caption" not in batch:
-                    raise ValueError(f"a text encoder was given but {type(dataset).__name__} has no captions; "
-                                     "use a caption data set (fae.data.captions)")
-                captions += list(batch["caption"])
-                for k, v in text_fn(list(batch.pop("caption"))).items():
-                    parts.setdefault(k, []).append(v.cpu() if k == "text_mask" else v.to(DTYPES[opts.text_dtype]).cpu())
-            batch = {k: v for k, v in batch.items() if k != "caption"}
-            batch = {k: v.to(device) for k, v in batch.items()}
-            z, std = latent_fn(batch, False)
-            parts.setdefault("latents", []).append(z.to(dtype).cpu())
-            parts.setdefault("labels", []).append(labels.long().cpu())
-            if std is not None:
-                parts.setdefault("std", []).append(std.to(dtype).cpu())
-            if opts.flip:
-                zf, stdf = latent_fn(batch, True)
-                parts.setdefault("latents_flip", []).append(zf.to(dtype).cpu())
-                if stdf is not None:
-                    parts.setdefault("std_flip", []).append(stdf.to(dtype).cpu())
-            bar.update(len(labels))
-        dropped = sorted(set(range(lo, hi)) - set(kept))   # unreadable: left out, never replaced by a neighbour
-        bar.update(len(dropped))
-        tensors = {k: torch.cat(v) for k, v in parts.items()}
-        # one metadata key: safetensors writes metadata from a hash map, whose order differs between processes
-        shard_meta = {"format": CACHE_FORMAT, "signature": signature, "count": str(hi - lo), "start": str(lo),
-                      "dropped": json.dumps([item_name(dataset, i) for i in dropped])}
-        if captions:
-            shard_meta["captions"] = json.dumps(captions)
-        atomic_save_safetensors(tensors, path, metadata={"shard": json.dumps(shard_meta, sort_keys=True)})
+        shard.add(batch, latent_fn, device, dataset, text_fn)
+    if shard is not None:
+        shard.save(dataset, signature)
     bar.close()
     D.barrier()
     if rank == 0:
@@ -227,6 +222,46 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
     D.barrier()
     return out
 
+
+
+class _ShardWriter:
+    """The rows of one shard as they are encoded, and its atomic write."""
+
+    def __init__(self, out: Path, index: int, items: range, opts: EncodeOptions) -> None:
+        self.path, self.index, self.items, self.opts = out / shard_name(index), index, items, opts
+        self.parts: dict[str, list[torch.Tensor]] = {}
+        self.kept: list[int] = []
+        self.captions: list[str] = []
+
+    def _append(self, key: str, value: torch.Tensor) -> None:
+        self.parts.setdefault(key, []).append(value.cpu())
+
+    def add(self, batch: dict[str, Any], latent_fn: LatentFn, device: torch.device | str, dataset: Dataset,
+            text_fn: TextFn | None) -> None:
+        self.kept += batch.pop("index").tolist()
+        self._append("labels", batch.pop("label").long())
+        captions = batch.pop("caption", None)
+        if text_fn is not None:
+            if captions is None:
+                raise ValueError(f"a text encoder was given but {type(dataset).__name__} has no captions; "
+                                 "use a caption data set (fae.data.captions)")
+            self.captions += list(captions)
+            for k, v in text_fn(list(captions)).items():
+                self._append(k, v if k == "text_mask" else v.to(DTYPES[self.opts.text_dtype]))
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        for k, v in latent_fn(batch, self.opts.flip).items():
+            self._append(k, v.to(DTYPES[self.opts.dtype]))
+
+    def save(self, dataset: Dataset, signature: str) -> None:
+        lo, hi = self.items.start, self.items.stop
+        dropped = sorted(set(self.items) - set(self.kept))   # unreadable: left out, never replaced by a neighbour
+        tensors = {k: torch.cat(v) for k, v in self.parts.items()}
+        # one metadata key: safetensors writes metadata from a hash map, whose order differs between processes
+        meta = {"format": CACHE_FORMAT, "signature": signature, "count": str(hi - lo), "start": str(lo),
+                "dropped": json.dumps([item_name(dataset, i) for i in dropped])}
+        if self.captions:
+            meta["captions"] = json.dumps(self.captions)
+        atomic_save_safetensors(tensors, self.path, metadata={"shard": json.dumps(meta, sort_keys=True)})
 
 
 def _shard_done(path: Path, signature: str, count: int) -> bool:
@@ -378,6 +413,8 @@ class LatentCache:
         return shard, index - int(self.offsets[shard])
 
     def row(self, index: int, key: str) -> torch.Tensor:
+        """Item `index` of tensor `key`: a view into the shard's memory map (only its pages are read; do not edit
+        it in place, later reads in this process would see the edit)."""
         shard, i = self.locate(index)
         return self._file(shard).get_slice(key)[i:i + 1][0]
 

@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from fae.data.loading import loader_options
+
 
 def collate_present(items: list[Any]) -> Any | None:
     """Collate the items that could be read; None when none could."""
@@ -39,7 +41,9 @@ def item_name(dataset: Any, index: int) -> str:
     return str(samples[index][0]) if isinstance(samples, list) else f"item {index}"
 
 
-def readable_batches(dataset: Dataset, batch_size: int, **loader_kwargs: Any) -> Iterator[Any]:
-    """The data set in order, in batches of the items that could be read (for evaluation passes)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_present, **loader_kwargs)
+def readable_batches(dataset: Dataset, batch_size: int, num_workers: int = 0, device: Any = None) -> Iterator[Any]:
+    """The data set in order, in batches of the items that could be read (for evaluation passes); `device` is where
+    the batches go (pinned memory on CUDA, fae.data.loading)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_present,
+                        **loader_options(num_workers, device))
     return (batch for batch in loader if batch is not None)

@@ -392,7 +392,7 @@ class FrozenEncoder(nn.Module):
         if x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", antialias=True,
                               align_corners=False).clamp_(0.0, 1.0)  # bicubic overshoots; the processor's can't
-        return (x - self.mean) / self.std
+        return (x - self.mean).div_(self.std)  # one new tensor: the caller's images (or the resize) stay as they are
 
     @property
     def precision(self) -> PrecisionChoice:

@@ -25,6 +25,7 @@ from fae.data.latents import LatentCache, LatentDataset
 from fae.generators import GENERATOR_BUNDLES, GENERATOR_FOLDERS, DiTGenerator, Generator, load_generator
 from fae.io import find_bundle
 from fae.models.dit import DiT, DiTConfig
+from fae.stages.preview import class_conditions, generator_sheets
 from fae.training import OptimConfig, TrainConfig, TrainStage
 from fae.transport import TransportConfig, flow_matching_loss
 
@@ -74,6 +75,13 @@ class DiTStage(TrainStage):
     def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # t, noise and label dropout come from the global RNG, which the trainer seeds at every step
         return flow_matching_loss(self.modules["model"], batch["latent"], batch["label"], self.cfg.transport)
+
+    def preview(self, modules: dict[str, nn.Module], step: int) -> dict[str, torch.Tensor] | None:
+        model = modules["model"]
+        device = next(model.parameters()).device
+        labels, names = class_conditions(model.config.num_classes, self.cache.manifest.get("class_names"), device)
+        generator = DiTGenerator(model, generator_record(self.cfg, self.cache), "preview", device)  # type: ignore[arg-type]
+        return generator_sheets(generator, labels, names)
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         model = modules["model"]

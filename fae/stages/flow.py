@@ -25,9 +25,11 @@ from torch.utils.data import Dataset
 
 from fae.config import ConfigError
 from fae.data.latents import LatentCache, LatentDataset, normalize
+from fae.generators import FlowGenerator
 from fae.io import atomic_write_text
 from fae.models.starflow import StarFlow, StarFlowConfig, bits_per_dim
 from fae.stages.dit import cache_record, check_model_matches_cache
+from fae.stages.preview import class_conditions, generator_sheets
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
 
@@ -85,6 +87,13 @@ class FlowStage(TrainStage):
         # detached tensors, read when the trainer logs: no host sync inside the step
         return bpd, {"bpd": bpd.detach(), "logdet_per_dim": (logdet.mean() / x[0].numel()).detach(),
                      "z_rms": z.detach().float().pow(2).mean().sqrt()}
+
+    def preview(self, modules: dict[str, nn.Module], step: int) -> dict[str, torch.Tensor] | None:
+        model = modules["model"]
+        device = next(model.parameters()).device
+        labels, names = class_conditions(model.config.num_classes, self.cache.manifest.get("class_names"), device)
+        record = {**cache_record(self.cache), "flow": {"noise_std": self.cfg.noise_std}}
+        return generator_sheets(FlowGenerator(model, record, "preview", device), labels, names)  # type: ignore[arg-type]
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         model = modules["model"]

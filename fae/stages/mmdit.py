@@ -22,9 +22,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fae.config import ConfigError
-from fae.data.latents import LatentCache, LatentDataset
+from fae.data.latents import TEXT_KEYS, LatentCache, LatentDataset
+from fae.generators import MMDiTGenerator
 from fae.models.mmdit import MMDiT, MMDiTConfig, TextCondition
 from fae.stages.dit import check_model_matches_cache, generator_record
+from fae.stages.preview import PREVIEW_SAMPLES, generator_sheets
 from fae.training import OptimConfig, TrainConfig, TrainStage
 from fae.transport import TransportConfig, flow_matching_loss
 
@@ -73,6 +75,17 @@ class MMDiTStage(TrainStage):
         # t, noise and caption dropout come from the global RNG, which the trainer seeds at every step
         y = TextCondition(batch["text_tokens"], batch["text_mask"], batch["text_pooled"])
         return flow_matching_loss(self.modules["model"], batch["latent"], y, self.cfg.transport)  # type: ignore[arg-type]
+
+    def preview(self, modules: dict[str, nn.Module], step: int) -> dict[str, torch.Tensor] | None:
+        """Samples for the captions of the cache's first rows (their cached text embeddings: no text encoder)."""
+        model = modules["model"]
+        device = next(model.parameters()).device
+        rows = range(min(PREVIEW_SAMPLES, len(self.cache)))
+        text = {k: torch.stack([self.cache.row(i, k) for i in rows]).to(device) for k in TEXT_KEYS}
+        condition = TextCondition(text["text_tokens"].float(), text["text_mask"], text["text_pooled"].float())
+        names = [c[:24] for c in self.cache.captions()[: len(rows)]]
+        generator = MMDiTGenerator(model, text_generator_record(self.cfg, self.cache), "preview", device)  # type: ignore[arg-type]
+        return generator_sheets(generator, condition, names)
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         model = modules["model"]

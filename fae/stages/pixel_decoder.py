@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from fae.config import ConfigError, from_dict
 from fae.data import DataConfig, class_strided_indices
+from fae.data.readable import collate_present
 from fae.encoders import EncoderConfig, FrozenEncoder
 from fae.io import atomic_save_safetensors, check_same_encoder, read_bundle_config, require_bundle
 from fae.losses import PatchDiscriminator, PixelLoss, PixelLossConfig
@@ -33,6 +34,7 @@ from fae.models.autoencoder import FeatureAutoEncoder
 from fae.models.pixel_decoder import FeatureNoise, PixelDecoder, PixelDecoderConfig, scaled_noise_sigma
 from fae.pipeline import FAE
 from fae.stages.autoencoder import check_held_out_split, features_dataset
+from fae.stages.preview import PREVIEW_SAMPLES, reconstruction_sheet
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
 
@@ -276,6 +278,20 @@ class PixelDecoderStage(TrainStage):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if "lecam" in state:
             self.pixel_loss.lecam.load_state_dict(state["lecam"])
+
+    def preview(self, modules: dict[str, nn.Module], step: int) -> dict[str, torch.Tensor] | None:
+        """The first training images (never flipped) and their decoding from clean features x (Gaussian stage; the
+        noise is a training device only) or from the FAE's x_hat (fine-tuning)."""
+        dataset = self.train_dataset()
+        items = [item for item in (dataset[i] for i in range(min(PREVIEW_SAMPLES, len(dataset)))) if item is not None]
+        if not items:
+            return None
+        device = self.encoder.mean.device
+        batch = {k: v.to(device) for k, v in collate_present(items).items() if isinstance(v, torch.Tensor)}
+        x = self.clean_features(batch)
+        if self.fae is not None:
+            x = self.fae.decode(self.fae.encode(x).mode()).float()
+        return reconstruction_sheet(batch["image"], modules["decoder"](x))
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         decoder = modules["decoder"]
