@@ -272,15 +272,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 spec = dict(kind="train", model=model_name, size=size, precision=precision, threads=args.threads,
                             steps=args.steps)
                 train.append(in_child(spec))
-                print(f"  train {model_name} {size} {precision}: {train[-1]['images_per_s']:.1f} img/s", flush=True)
+                print(f"  train {model_name} {size} {precision}: {train[-1]['images_per_s']:.1f} img/s, peak "
+                      f"{train[-1]['peak_mib'] - train[-1]['baseline_mib']:.0f} MiB", flush=True)
+                _write_partial(args.json, capability, args.threads, evidence, train, sampling)
     for size in args.sample_sizes:
         for steps in args.sample_steps:
             for precision in precisions:
                 spec = dict(kind="sample", size=size, precision=precision, threads=args.threads,
                             sample_steps=steps, repeats=1)
                 sampling.append(in_child(spec))
-                print(f"  sample dit {size} {steps} steps {precision}: {sampling[-1]['images_per_s']:.2f} img/s",
-                      flush=True)
+                print(f"  sample dit {size} {steps} steps {precision}: {sampling[-1]['images_per_s']:.2f} img/s, peak "
+                      f"{sampling[-1]['peak_mib'] - sampling[-1]['baseline_mib']:.0f} MiB", flush=True)
+                _write_partial(args.json, capability, args.threads, evidence, train, sampling)
     report = {"cpu_capability": capability, "threads": args.threads, "bf16_evidence": evidence,
               "memory": "child ru_maxrss peak minus its resident set after imports", "train": train,
               "sample": sampling}
@@ -288,6 +291,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _write_partial(path: str | None, capability: str, threads: int, evidence: str, train: list, sampling: list) -> None:
+    """The results so far, after every case: a long run stopped early keeps what it measured."""
+    if path:
+        Path(path).write_text(json.dumps({"cpu_capability": capability, "threads": threads, "bf16_evidence": evidence,
+                                          "partial": True, "train": train, "sample": sampling}, indent=2))
 
 
 def markdown(report: dict[str, Any]) -> str:

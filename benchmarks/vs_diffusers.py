@@ -139,8 +139,12 @@ def run_op(work: Workload, op: str) -> float:
 
 
 def count_flops(shape: Shape) -> dict[str, float]:
-    """FLOPs of each operation, counted on fae's model with attention as explicit matmuls (fp32, on CPU)."""
+    """FLOPs of each operation, counted on fae's model with attention as explicit matmuls (fp32, on CPU) and its
+    linears as F.linear: FlopCounterMode counts neither the CPU SDPA kernel nor oneDNN's linear op."""
+    import fae.nn
+
     set_attention_backend("math")
+    onednn, fae.nn._ONEDNN_AVAILABLE = fae.nn._ONEDNN_AVAILABLE, False
     try:
         work = Workload(build_fae(shape), fae_call, shape, "fp32", torch.device("cpu"))
         flops = {}
@@ -150,6 +154,7 @@ def count_flops(shape: Shape) -> dict[str, float]:
             flops[op] = float(counter.get_total_flops())
     finally:
         set_attention_backend("auto")
+        fae.nn._ONEDNN_AVAILABLE = onednn
     return flops
 
 

@@ -63,6 +63,10 @@ def test_vs_diffusers_reports_ratio_and_flops(tmp_path: Path, capsys: pytest.Cap
     flops = report["flops"]
     assert flops["nfe-cfg"] == pytest.approx(2 * flops["nfe"], rel=0.01)
     assert 2.5 * flops["nfe"] < flops["train"] < 3.5 * flops["nfe"]
+    # and it counts every linear: at least the 12 d^2 multiply-adds per token and block of qkv, proj and the MLP
+    shape = vs_diffusers.Shape(**report["shape"])
+    tokens = shape.batch * (shape.height // shape.patch) * (shape.width_px // shape.patch)
+    assert flops["nfe"] >= 2 * tokens * 12 * shape.width ** 2 * shape.depth
 
 
 def test_throughput_quick_run_writes_every_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
