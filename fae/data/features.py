@@ -151,8 +151,12 @@ def build_feature_cache(encoder: Any, dataset: Dataset, path: str | Path, batch_
         if batch is None:
             continue
         images, index = batch["image"].to(device, non_blocking=True), batch["index"]
-        # plain and flipped images as one batch, as `fae encode` runs them: one encoder call
-        features = encoder(torch.cat([images, images.flip(-1)]) if flips else images).to(DTYPES[dtype]).cpu()
+        # as `fae encode` runs them: plain and flipped images as one 2B batch on a GPU, two batches on a CPU
+        if flips and images.is_cuda:
+            features = encoder(torch.cat([images, images.flip(-1)])).to(DTYPES[dtype]).cpu()
+        else:
+            features = torch.cat([encoder(x) for x in (images, *([images.flip(-1)] if flips else []))])
+            features = features.to(DTYPES[dtype]).cpu()
         tensors["features"][index] = features[:len(index)]
         if flips:
             tensors["features_flip"][index] = features[len(index):]

@@ -95,31 +95,39 @@ def make_latent_fn(encoder: Callable[[torch.Tensor], torch.Tensor] | None, fae: 
                    autocast: Callable[[], Any] = contextlib.nullcontext) -> LatentFn:
     """The latents of a batch holding "image" (B,3,H,W) in [0,1], or cached encoder features "features" /
     "features_flip" (B,N,D), which then skip the encoder. With `with_flip`, the plain and the h-flipped images go
-    through the encoder and the FAE as one batch of 2B (one call each: the frozen encoder's full throughput).
+    through the encoder and the FAE as one batch of 2B on a GPU (one call each: the frozen encoder's full
+    throughput) and as two batches of B on a CPU, where one 2B call measured 0.8x the speed (docs/benchmarks.md).
     `autocast()` is the precision the FAE encoder runs in (the frozen encoder keeps its own); outputs are float32."""
 
-    @torch.no_grad()
-    def fn(batch: dict[str, torch.Tensor], with_flip: bool) -> dict[str, torch.Tensor]:
-        if "features" in batch:
-            features = torch.cat([batch["features"], batch["features_flip"]]) if with_flip else batch["features"]
-        else:
-            if encoder is None:
-                raise ValueError("no encoder and no cached features in the batch")
-            images = batch["image"]
-            features = encoder(torch.cat([images, images.flip(-1)]) if with_flip else images)
+    def latents(features: torch.Tensor) -> dict[str, torch.Tensor]:
         features = features.float()
         if source == "raw_features":
             b, n, d = features.shape
-            out = {"latents": features.transpose(1, 2).reshape(b, d, *grid)}
+            return {"latents": features.transpose(1, 2).reshape(b, d, *grid)}
+        with autocast():
+            posterior = fae.encode(features)
+        out = {"latents": posterior.mean.float()}
+        if store_std:
+            out["std"] = posterior.std.float()
+        return out
+
+    @torch.no_grad()
+    def fn(batch: dict[str, torch.Tensor], with_flip: bool) -> dict[str, torch.Tensor]:
+        cached = "features" in batch
+        if cached:
+            inputs = [batch["features"], *([batch["features_flip"]] if with_flip else [])]
         else:
-            with autocast():
-                posterior = fae.encode(features)
-            out = {"latents": posterior.mean.float()}
-            if store_std:
-                out["std"] = posterior.std.float()
+            if encoder is None:
+                raise ValueError("no encoder and no cached features in the batch")
+            inputs = [batch["image"], *([batch["image"].flip(-1)] if with_flip else [])]
+        together = with_flip and inputs[0].is_cuda
+        if together:
+            inputs = [torch.cat(inputs)]
+        outs = [latents(x if cached else encoder(x)) for x in inputs]  # type: ignore[misc]
         if not with_flip:
-            return out
-        halves = {k: v.chunk(2) for k, v in out.items()}
+            return outs[0]
+        halves = {k: v.chunk(2) for k, v in outs[0].items()} if together else {k: (outs[0][k], outs[1][k])
+                                                                               for k in outs[0]}
         return {**{k: h[0] for k, h in halves.items()}, **{f"{k}_flip": h[1] for k, h in halves.items()}}
 
     return fn
