@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fae.precision import bf16_native
+
 AttentionBackend = Literal["auto", "sdpa", "math"]
 _DEFAULT_BACKEND: AttentionBackend = "auto"
 
@@ -95,7 +97,9 @@ def _fused_gelu_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | No
         return None
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
-        return dtype if dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16) else None
+        # oneDNN has no bf16 inner product without AVX-512 BF16 / AMX ("could not create a primitive descriptor")
+        native = dtype == torch.bfloat16 and bf16_native("cpu")[0]
+        return dtype if native and x.dtype in (torch.float32, torch.bfloat16) else None
     return torch.float32 if x.dtype == torch.float32 == weight.dtype else None
 
 

@@ -49,6 +49,13 @@ def cpu_matmul_timing(size: int = 256, repeats: int = 5) -> CpuMatmulTiming:
     a16, b16 = a.bfloat16(), b.bfloat16()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # outside any autocast a caller may be in: under bf16 autocast the "fp32" product would run in bf16 too
+    with torch.autocast("cpu", enabled=False):
+        return _timed_matmuls(a, b, a16, b16, repeats, threads)
+
+
+def _timed_matmuls(a: torch.Tensor, b: torch.Tensor, a16: torch.Tensor, b16: torch.Tensor, repeats: int,
+                   threads: int) -> CpuMatmulTiming:
     try:
         a @ b, a16 @ b16  # warm-up: first calls pick and JIT kernels
         best = {"fp32": math.inf, "bf16": math.inf}

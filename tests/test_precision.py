@@ -155,3 +155,20 @@ def test_frozen_encoder_features_do_not_depend_on_the_callers_autocast(tiny_enco
         low = bf16(images)
     assert low.dtype == torch.float32 and not torch.equal(low, plain)
     assert torch.allclose(low, plain, atol=0.1, rtol=0.1)
+
+
+def test_the_bf16_verdict_does_not_depend_on_an_enclosing_autocast(monkeypatch):
+    """The first caller of `bf16_native` may sit inside bf16 autocast (the fused MLP path asks there): the products
+    must be timed with autocast off, or the "fp32" one runs in bf16 too and the verdict is a coin toss."""
+    import fae.precision as P
+
+    seen = []
+    timed = P._timed_matmuls
+    monkeypatch.setattr(P, "_timed_matmuls", lambda *a: (seen.append(torch.is_autocast_enabled("cpu")), timed(*a))[1])
+    P.cpu_matmul_timing.cache_clear()
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            P.cpu_matmul_timing()
+    finally:
+        P.cpu_matmul_timing.cache_clear()
+    assert seen == [False]
