@@ -227,7 +227,7 @@ MUTATIONS: list[Mutation] = [
       "self.lins[k].weight.float()).sum((1, 2, 3))", "tests/test_golden_metrics.py", "LPIPS spatial average"),
     # ---- scale (issue 15): FSDP2, resume across process counts, sharded evaluation
     M("fsdp-optimizer-not-restored", "fae/sharding.py",
-      '        set_optimizer_state_dict(nn.ModuleDict(modules), opt, state["optim"][group])', "        pass",
+      '        set_optimizer_state_dict(container, opt, state["optim"][group])', "        pass",
       "tests/test_scale.py::test_resume_on_another_number_of_processes", "a sharded resume restores AdamW's moments"),
     M("fsdp-export-unloaded", "fae/sharding.py", "    module.load_state_dict(state)\n", "    state.clear()\n",
       "tests/test_scale.py::test_two_processes_train_as_one", "a sharded run exports its gathered weights"),

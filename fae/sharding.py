@@ -66,10 +66,9 @@ def set_gradient_sync(module: nn.Module, sync: bool) -> None:
         module.set_requires_gradient_sync(sync)  # type: ignore[operator]
 
 
-def training_state(modules: dict[str, nn.Module], ema: dict[str, nn.Module],
-                   optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
+def _state(container: nn.ModuleDict, ema_container: nn.ModuleDict,
+           optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
     """The sharded (or, unsharded, plain) state of weights, EMA and optimizers, keyed `<module>.<parameter>`."""
-    container, ema_container = nn.ModuleDict(modules), nn.ModuleDict(ema)
     return {"model": get_model_state_dict(container), "ema": get_model_state_dict(ema_container),
             "optim": {g: get_optimizer_state_dict(container, opt) for g, opt in optimizers.items()}}
 
@@ -79,20 +78,21 @@ def save_state(folder: Path, modules: dict[str, nn.Module], ema: dict[str, nn.Mo
     """Every process writes its shards under `folder/dcp` (all processes call; the folder must be shared)."""
     with warnings.catch_warnings():   # one process without a process group is intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(training_state(modules, ema, optimizers), checkpoint_id=str(Path(folder) / DCP_FOLDER))
+        dcp.save(_state(nn.ModuleDict(modules), nn.ModuleDict(ema), optimizers), checkpoint_id=str(Path(folder) / DCP_FOLDER))
 
 
 def load_state(folder: Path, modules: dict[str, nn.Module], ema: dict[str, nn.Module],
                optimizers: dict[str, torch.optim.Optimizer]) -> None:
     """Load what `save_state` wrote, re-sharded to the current processes (all processes call)."""
-    state = training_state(modules, ema, optimizers)
+    container, ema_container = nn.ModuleDict(modules), nn.ModuleDict(ema)
+    state = _state(container, ema_container, optimizers)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(Path(folder) / DCP_FOLDER))
-    set_model_state_dict(nn.ModuleDict(modules), state["model"])
-    set_model_state_dict(nn.ModuleDict(ema), state["ema"])
+    set_model_state_dict(container, state["model"])
+    set_model_state_dict(ema_container, state["ema"])
     for group, opt in optimizers.items():
-        set_optimizer_state_dict(nn.ModuleDict(modules), opt, state["optim"][group])
+        set_optimizer_state_dict(container, opt, state["optim"][group])
 
 
 def has_state(folder: Path) -> bool:

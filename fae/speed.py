@@ -35,7 +35,7 @@ def compile_wanted(mode: str, device: torch.device | str) -> bool:
 def compile_in_place(module: nn.Module) -> nn.Module:
     """`module.compile()` once (a second call would wrap the compiled call again); returns `module`. Compilation
     itself happens at the first call, per input shape and grad/autocast mode."""
-    if getattr(module, "_compiled_call_impl", None) is None:
+    if not is_compiled(module):
         module.compile()
     return module
 

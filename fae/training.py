@@ -573,12 +573,14 @@ class Trainer:
         final = root / f"step_{self.step:08d}"
         tmp = root / f".tmp_step_{self.step:08d}"
         failure: BaseException | None = None
-        if self.cfg.fsdp:  # every process writes its own shards (DCP) into the folder rank 0 prepared
-            if self.rank == 0:
+        if self.rank == 0:
+            try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-            D.barrier()
-            try:
+            except OSError as exc:
+                failure = exc
+        if self.cfg.fsdp and D.all_reduce_max(float(failure is not None)) == 0:  # (also: the folder exists now)
+            try:  # every process writes its own shards (DCP) into the folder rank 0 prepared
                 sharding.save_state(tmp, self.raw, {n: e.module for n, e in self.ema.items()}, self.optimizers)
             except (OSError, sharding.CheckpointException) as exc:
                 failure = exc
@@ -587,8 +589,6 @@ class Trainer:
         if self.rank == 0 and failure is None:
             try:
                 if not self.cfg.fsdp:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    tmp.mkdir(parents=True)
                     for name, module in self.raw.items():
                         atomic_save_safetensors(state_dict_for_save(module), tmp / f"{name}.safetensors")
                     for name, ema in self.ema.items():
