@@ -5,9 +5,10 @@ decoder) are both arrangements of this.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 
 
 def draw_grid(rows: Sequence[Sequence[np.ndarray]], row_names: Sequence[str] | None = None,
@@ -38,3 +39,17 @@ def draw_grid(rows: Sequence[Sequence[np.ndarray]], row_names: Sequence[str] | N
             image = Image.fromarray(np.ascontiguousarray(tile))
             canvas.paste(image.resize((cw, ch), Image.NEAREST) if scale > 1 else image, (label_w + pad + c * (cw + pad), y))
     return canvas
+
+
+def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
+    """(3,H,W) float in [0,1] -> uint8 (H,W,3), a tile for `draw_grid`."""
+    return image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def draw_columns(columns: Mapping[str, Sequence[torch.Tensor]], pad: int = 2, min_cell: int = 0):
+    """Image sets side by side: one labelled column per non-empty entry (images (3,H,W) in [0,1], e.g. original |
+    reconstruction), one row per item, as many rows as the shortest column."""
+    names = [n for n, images in columns.items() if len(images)]
+    count = min(len(columns[n]) for n in names)
+    rows = [[to_uint8_hwc(columns[n][r]) for n in names] for r in range(count)]
+    return draw_grid(rows, column_names=names, pad=pad, min_cell=min_cell)

@@ -22,7 +22,7 @@ from typing import Any, Literal, Sequence, get_args
 import numpy as np
 import torch
 
-from fae.grid import draw_grid
+from fae.grid import draw_columns, draw_grid, to_uint8_hwc
 
 TensorBoardMode = Literal["auto", "on", "off"]
 TENSORBOARD_MODES: tuple[str, ...] = get_args(TensorBoardMode)
@@ -111,25 +111,15 @@ def process_rss_mib() -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- sheets
-def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
-    """(3,H,W) float in [0,1] -> uint8 (H,W,3)."""
-    return (image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
-
-
-def sheet_tensor(rows: Sequence[Sequence[np.ndarray]], row_names: Sequence[str] | None = None,
-                 column_names: Sequence[str] | None = None, min_cell: int = 48) -> torch.Tensor:
-    """fae.grid.draw_grid's picture of uint8 (H,W,3) tiles as a (3,H,W) tensor in [0,1]."""
-    picture = draw_grid(rows, row_names=row_names, column_names=column_names, min_cell=min_cell)
+def picture_tensor(picture: Any) -> torch.Tensor:
+    """A PIL picture (fae.grid) as a (3,H,W) tensor in [0,1]."""
     return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).float() / 255
 
 
 def image_sheet(columns: dict[str, torch.Tensor], min_cell: int = 48) -> torch.Tensor:
     """Image batches (B,3,H,W) in [0,1] side by side, one column each (e.g. input | reconstruction), one row per
     item."""
-    names = list(columns)
-    count = min(len(v) for v in columns.values())
-    rows = [[to_uint8_hwc(columns[n][i]) for n in names] for i in range(count)]
-    return sheet_tensor(rows, column_names=names, min_cell=min_cell)
+    return picture_tensor(draw_columns(columns, min_cell=min_cell))
 
 
 def latent_sheet(latents: torch.Tensor, max_channels: int = 8, row_names: Sequence[str] | None = None,
@@ -141,5 +131,5 @@ def latent_sheet(latents: torch.Tensor, max_channels: int = 8, row_names: Sequen
     hi = z.amax(dim=(-2, -1), keepdim=True)
     grey = ((z - lo) / (hi - lo).clamp_min(1e-8)).unsqueeze(2).expand(-1, -1, 3, -1, -1)
     rows = [[to_uint8_hwc(tile) for tile in sample] for sample in grey]
-    return sheet_tensor(rows, row_names=row_names, column_names=[f"c{c}" for c in range(z.shape[1])],
-                        min_cell=min_cell)
+    return picture_tensor(draw_grid(rows, row_names=row_names, column_names=[f"c{c}" for c in range(z.shape[1])],
+                                    min_cell=min_cell))

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 
 from fae import distributed as D
 from fae.data.readable import readable_batches
-from fae.grid import draw_grid
+from fae.grid import draw_columns
 from fae.io import atomic_write, atomic_write_text
 from fae.models.autoencoder import FeatureAutoEncoder
 from fae.models.pixel_decoder import PixelDecoder
@@ -128,11 +128,7 @@ class SeamAccumulator:
 
 def save_grid(columns: dict[str, list[torch.Tensor]], path: str | Path, min_cell: int = 96) -> Path:
     """One row per image, one labelled column per entry of `columns` (images (3,H,W) in [0,1])."""
-    names = [n for n, imgs in columns.items() if imgs]
-    count = min(len(columns[n]) for n in names)
-    as_uint8 = [[columns[n][r].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy() for n in names]
-                for r in range(count)]
-    canvas = draw_grid(as_uint8, column_names=names, pad=4, min_cell=min_cell)
+    canvas = draw_columns(columns, pad=4, min_cell=min_cell)
     path = Path(path)
     atomic_write(path, lambda p: canvas.save(p, format="PNG"))
     return path
