@@ -125,3 +125,29 @@ def test_two_processes_write_the_same_cache_byte_for_byte(tiny_latent_world, tmp
     assert one == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(one) == 7   # 5 shards, stats, manifest
     for name in one:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_plain_and_flipped_halves_give_the_same_results_together_or_apart(as_dict):
+    """`batched_halves`: the GPU's one call on the concatenation and the CPU's call per half agree, for tensor and
+    dict outputs, and the halves come back in order."""
+    from fae.data.features import batched_halves
+
+    calls = []
+
+    def fn(x):
+        calls.append(len(x))
+        y = x.pow(2).sum(-1)   # row by row, like an encoder
+        return {"a": y, "b": -y} if as_dict else y
+
+    plain = torch.randn(3, 4, 5)
+    halves = [plain, plain.flip(-1) + 1]
+    apart = batched_halves(fn, halves, together=False)
+    assert calls == [3, 3]
+    together = batched_halves(fn, halves, together=True)
+    assert calls == [3, 3, 6]
+    assert batched_halves(fn, halves) is not None and calls[-2:] == [3, 3]   # on a CPU: apart
+    for one, two in zip(apart, together):
+        for key in (("a", "b") if as_dict else (None,)):
+            torch.testing.assert_close(two[key] if key else two, one[key] if key else one)
+    assert not torch.allclose(apart[0]["a"] if as_dict else apart[0], apart[1]["a"] if as_dict else apart[1])

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fae import distributed as D
 from fae.data import check_index, flip_coin, split_key
-from fae.data.features import dataset_signature
+from fae.data.features import batched_halves, dataset_signature
 from fae.data.loading import loader_options
 from fae.data.readable import WithIndex, collate_present, item_name
 from fae.io import atomic_save_safetensors, atomic_write_text, file_sha256, remove_stale_temporaries
@@ -95,8 +95,7 @@ def make_latent_fn(encoder: Callable[[torch.Tensor], torch.Tensor] | None, fae: 
                    autocast: Callable[[], Any] = contextlib.nullcontext) -> LatentFn:
     """The latents of a batch holding "image" (B,3,H,W) in [0,1], or cached encoder features "features" /
     "features_flip" (B,N,D), which then skip the encoder. With `with_flip`, the plain and the h-flipped images go
-    through the encoder and the FAE as one batch of 2B on a GPU (one call each: the frozen encoder's full
-    throughput) and as two batches of B on a CPU, where one 2B call measured 0.8x the speed (docs/benchmarks.md).
+    through the encoder and the FAE together on a GPU, one after the other on a CPU (`batched_halves`).
     `autocast()` is the precision the FAE encoder runs in (the frozen encoder keeps its own); outputs are float32."""
 
     def latents(features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -120,15 +119,8 @@ def make_latent_fn(encoder: Callable[[torch.Tensor], torch.Tensor] | None, fae: 
             if encoder is None:
                 raise ValueError("no encoder and no cached features in the batch")
             inputs = [batch["image"], *([batch["image"].flip(-1)] if with_flip else [])]
-        together = with_flip and inputs[0].is_cuda
-        if together:
-            inputs = [torch.cat(inputs)]
-        outs = [latents(x if cached else encoder(x)) for x in inputs]  # type: ignore[misc]
-        if not with_flip:
-            return outs[0]
-        halves = {k: v.chunk(2) for k, v in outs[0].items()} if together else {k: (outs[0][k], outs[1][k])
-                                                                               for k in outs[0]}
-        return {**{k: h[0] for k, h in halves.items()}, **{f"{k}_flip": h[1] for k, h in halves.items()}}
+        outs = batched_halves(lambda x: latents(x if cached else encoder(x)), inputs)  # type: ignore[misc]
+        return {**outs[0], **({f"{k}_flip": v for k, v in outs[1].items()} if with_flip else {})}
 
     return fn
 
