@@ -1,6 +1,6 @@
 """`fae demo` (and the test suite) on both kinds of CPU: native bf16 and AVX2-only, emulated on one machine with
-ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2. Prints a markdown table: each demo step's seconds for each CPU
-capability x precision, and the demo's metrics.
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 (MKL ignores the first two). Prints a
+markdown table: each demo step's seconds for each CPU capability x precision, and the demo's metrics.
 
     .venv/bin/python benchmarks/demo_cpu_kinds.py --out /tmp/kinds                  # every kind, full demo
     .venv/bin/python benchmarks/demo_cpu_kinds.py --out /tmp/kinds --quick --tests  # quick demo + pytest timing
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # name -> (extra environment, fae demo --precision)
 KINDS = {
     "native-auto": ({}, "auto"),

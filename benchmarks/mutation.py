@@ -45,6 +45,9 @@ def M(id: str, file: str, old: str, new: str, tests: str, claim: str) -> Mutatio
 TR, TS, SC = "fae/training.py", "fae/transport.py", "tests/test_claims_training.py"
 SS = "tests/test_claims_sampling.py"
 INC, GOLD = "fae/metrics/inception.py", "tests/test_golden_metrics.py::test_inception_matches_the_reference"
+SF, STT, MM, MMT = "fae/models/starflow.py", "tests/test_starflow.py", "fae/models/mmdit.py", "tests/test_mmdit.py"
+PR, PRT, LT = "fae/precision.py", "tests/test_precision.py", "fae/data/latents.py"
+CM, CS, IO = "tests/test_claims_models.py", "tests/test_claims_state.py", "fae/io.py"
 MUTATIONS: list[Mutation] = [
     # ---- the rows of issue 17's table
     M("ddp-off", TR, "if self.world > 1:\n            stage.modules", "if False:\n            stage.modules",
@@ -240,6 +243,60 @@ MUTATIONS: list[Mutation] = [
     M("stats-merge-no-mean-shift", "fae/metrics/frechet.py", "np.outer(delta, delta) * (self.n * other.n / n)",
       "0 * np.outer(delta, delta)", "tests/test_scale.py::test_merged_feature_statistics_equal_one_pass",
       "merged feature statistics equal one pass (Chan's correction)"),
+    # ---- issue 22: STARFlow, MMDiT, the precision verdict, checkpoint manifests, FSDP gradient sync, latent stats
+    M("starflow-no-reverse", SF, "return x.flip(1) if self.reverse else x", "return x",
+      f"{CM}::test_flow_blocks_alternate_the_token_order_and_the_stack_sees_every_token",
+      "the token order is reversed between flow blocks"),
+    M("starflow-positions-not-reversed", SF, "order = torch.arange(n).flip(0) if reverse else torch.arange(n)",
+      "order = torch.arange(n)", f"{CM}::test_each_flow_block_places_every_token_at_its_own_grid_position",
+      "a reversed block puts each token at its own grid position"),
+    M("starflow-cond-top-is-first", SF, "(i == last or not", "(i == 0 or not",
+      f"{CM}::test_cond_top_only_conditions_the_deep_block_alone",
+      "cond_top_only conditions only the deep block (the last, sampled first)"),
+    M("starflow-guidance-time-off-by-one", SF, "times = [1.0 - (i + 1) / n for i in range(n)]",
+      "times = [1.0 - i / n for i in range(n)]",
+      f"{CM}::test_flow_guidance_time_of_token_i_is_one_minus_i_plus_one_over_t",
+      "token i of T is guided at t = 1 - (i + 1) / T"),
+    M("starflow-sample-shallow-first", SF, "for block in reversed(self.blocks):", "for block in self.blocks:",
+      f"{STT}::test_forward_then_inverse_returns_the_input", "the inverse runs the deep block first"),
+    M("mmdit-no-image-rope", MM, "qi, ki = rope(qi), rope(ki)", "qi, ki = qi, ki",
+      f"{CM}::test_mmdit_image_tokens_carry_their_grid_positions {MMT}::test_overfits_two_captions",
+      "image tokens get 2-D RoPE"),
+    M("mmdit-pooled-ignored", MM, "c = self.t_embedder(t) + self.pooled_embedder(y.pooled.to(dtype))",
+      "c = self.t_embedder(t)", f"{CM}::test_mmdit_pooled_text_conditions_the_output",
+      "adaLN is conditioned on embed(t) + embed(pooled text)"),
+    M("mmdit-text-stream-frozen", MM, "txt = self.text.output(txt, out[:, :lt], *mod_t)", "txt = txt",
+      f"{CM}::test_mmdit_text_stream_is_updated_by_every_block_but_the_last",
+      "the text stream is updated by every block but the last"),
+    M("precision-verdict-inverted", PR, "return self.bf16_ms < self.fp32_ms", "return self.bf16_ms > self.fp32_ms",
+      f"{PRT}::test_auto_follows_the_timed_matmul", "auto takes bf16 only where the timed bf16 matmul is faster"),
+    M("precision-env-overrides-explicit", PR, 'if requested == "auto" and forced:', "if forced:",
+      f"{PRT}::test_environment_overrides_auto_only", "FAE_PRECISION overrides auto only"),
+    M("precision-timing-multithreaded", PR, "    torch.set_num_threads(1)\n", "    pass\n",
+      f"{CS}::test_the_bf16_verdict_times_its_matmuls_on_one_thread_and_restores_the_threads",
+      "the bf16 verdict times its matmuls on one thread"),
+    M("manifest-top-level-only", IO, 'for p in sorted(folder.rglob("*"))', 'for p in sorted(folder.glob("*"))',
+      f"{CS}::test_a_checkpoint_manifest_covers_files_in_sub_folders",
+      "a checkpoint manifest covers sub-folders (a sharded checkpoint's dcp/)"),
+    M("manifest-hash-not-compared", IO, "if file_sha256(folder / name) != expected:", "if False:",
+      f"{CS}::test_a_checkpoint_manifest_covers_files_in_sub_folders "
+      "tests/test_faults.py::test_a_damaged_checkpoint_is_passed_over_for_the_previous_one",
+      "an altered checkpoint file is found at resume"),
+    M("fsdp-sync-every-micro", TR, "sharding.set_gradient_sync(m, last_micro)", "sharding.set_gradient_sync(m, True)",
+      f"{CS}::test_gradient_sync_is_off_on_every_micro_batch_but_the_last",
+      "grad accumulation turns FSDP's gradient sync off on all but the last micro-batch"),
+    M("fsdp-sync-flag-ignored", "fae/sharding.py", "module.set_requires_gradient_sync(sync)",
+      "module.set_requires_gradient_sync(True)",
+      f"{CS}::test_set_gradient_sync_switches_a_sharded_module_and_leaves_others_alone",
+      "set_gradient_sync turns a sharded module's gradient sync off and on"),
+    M("latent-stats-no-flip", LT, 'keys = ["latents", "latents_flip"] if flip else ["latents"]', 'keys = ["latents"]',
+      "tests/test_latents.py::test_statistics_exact_and_byte_identical_on_rerun",
+      "latent statistics cover the plain and the flipped latents"),
+    M("latent-std-unbiased", LT, "std = np.sqrt(ss / count)", "std = np.sqrt(ss / (count - 1))",
+      "tests/test_latents.py::test_statistics_exact_and_byte_identical_on_rerun", "latent std is the population std"),
+    M("resume-dropped-not-saved", TR, '"dropped_items": self.dropped_items,', '"dropped_items_": self.dropped_items,',
+      "tests/test_faults.py::test_a_resumed_run_counts_the_unreadable_items_of_the_whole_run",
+      "run.json counts the unreadable draws of the whole run, resumed or not"),
 ]
 
 

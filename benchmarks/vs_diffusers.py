@@ -224,7 +224,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    """Run the comparison; the caller's torch thread count is restored on return (tests call this in-process)."""
+    threads = torch.get_num_threads()
+    try:
+        return _compare_and_report(parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_and_report(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)

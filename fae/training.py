@@ -596,6 +596,7 @@ class Trainer:
                 state = {
                     "step": self.step,
                     "bad_steps": self.bad_steps,
+                    "dropped_items": self.dropped_items,   # run.json counts the whole run, resumed or not
                     "data_position": self.step * self.cfg.batch_size,
                     "schedulers": {g: s.state_dict() for g, s in self.schedulers.items()},
                     "stage": self.stage.extra_state(),

@@ -7,10 +7,109 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # tiny BLAS calls in tests are much slower multi-threaded when the cores are shared
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import random
+
+import numpy as np
 import pytest
+import seeding
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+seeding.install()   # FAE_TEST_SEED_OFFSET=k shifts every seed (tests/seeding.py); 0 in CI
+if seeding.requested:  # subprocesses that inherit os.environ (spawned workers) shift theirs too
+    os.environ["PYTHONPATH"] = seeding.subprocess_env()["PYTHONPATH"]
+
+ORDER_ENV = "FAE_TEST_ORDER_SEED"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    order = os.environ.get(ORDER_ENV, "")
+    return [f"fae: seed offset {seeding.requested}, order {'shuffled with seed ' + order if order else 'as written'}, "
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}"]
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """FAE_TEST_ORDER_SEED=n runs the suite in a shuffled order: the files in a random order and the tests of each
+    file in a random order (a file's tests stay together, so its module fixtures are built once)."""
+    order = os.environ.get(ORDER_ENV, "")
+    if not order:
+        return
+    rng = random.Random(int(order))
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    groups = list(files.values())
+    rng.shuffle(groups)
+    for group in groups:
+        rng.shuffle(group)
+    items[:] = [item for group in groups for item in group]
+
+
+def _process_state() -> dict[str, object]:
+    """The process-wide settings a test (or the code it calls) may change and must put back."""
+    from fae import nn as fae_nn
+    from fae.precision import cpu_matmul_timing
+
+    state: dict[str, object] = {
+        "torch threads": torch.get_num_threads(),
+        "grad enabled": torch.is_grad_enabled(),
+        "default dtype": torch.get_default_dtype(),
+        "cpu autocast": (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")),
+        "float32 matmul precision": torch.get_float32_matmul_precision(),
+        "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+        "attention backend": fae_nn._DEFAULT_BACKEND,
+        "mkldnn enabled": torch.backends.mkldnn.enabled,
+        # torch's compiler notes its own cache folder and bookkeeping in the environment on first use
+        "environment": {k: v for k, v in os.environ.items()
+                        if k != "PYTEST_CURRENT_TEST" and not k.lstrip("_").startswith("TORCHINDUCTOR_")},
+    }
+    for path in ("cuda.matmul", "cudnn.conv", "mkldnn.matmul", "mkldnn.conv"):
+        backend: object = torch.backends
+        for part in path.split("."):
+            backend = getattr(backend, part, None)
+        state[f"{path}.fp32_precision"] = getattr(backend, "fp32_precision", None)
+    # the precision verdict: a cached one must stay (clearing or replacing it changes later tests' precision)
+    state["precision verdict"] = cpu_matmul_timing() if cpu_matmul_timing.cache_info().currsize else None
+    return state
+
+
+@pytest.fixture(autouse=True)
+def _restored_process_state(request: pytest.FixtureRequest):
+    """After every test, the process-wide settings are as before it: threads, autocast, TF32/oneDNN precision flags,
+    fae's attention backend, the precision verdict and the environment. A test that leaks one fails by name."""
+    before = _process_state()
+    yield
+    after = _process_state()
+    if before["precision verdict"] is None:   # computed for the first time during the test: that is allowed
+        after["precision verdict"] = None
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    if "environment" in changed:
+        old, new = changed["environment"]
+        changed["environment"] = {k: (old.get(k), new.get(k)) for k in old.keys() | new.keys()  # type: ignore[union-attr]
+                                  if old.get(k) != new.get(k)}  # type: ignore[union-attr]
+    if changed:
+        pytest.fail(f"{request.node.nodeid} left process-wide settings changed (before, after): {changed}",
+                    pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request: pytest.FixtureRequest):
+    pinned = request.node.get_closest_marker("pinned_seeds") is not None
+    seeding.active = 0 if pinned else seeding.requested
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    yield
+    seeding.active = seeding.requested
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensor ops: a second thread only adds synchronisation (80x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -22,20 +121,6 @@ def tiny_encoder_dir(tmp_path_factory):
 
     return save_tiny_encoder("dinov2", tmp_path_factory.mktemp("tiny-encoder") / "dinov2", hidden_size=32,
                              num_layers=1, num_heads=2, patch_size=4, image_size=16)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny tensor ops: a second thread only adds synchronisation (80x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

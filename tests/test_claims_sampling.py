@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from margins import within
 from torch import nn
 
 import fae.encoding
@@ -73,6 +74,7 @@ def _times(gen: DiTGenerator) -> list[float]:
     return [float(c["t"][0]) for c in calls]
 
 
+@pytest.mark.margin
 def test_dit_stage_trains_at_the_configured_shift():
     stage = DiTStage.__new__(DiTStage)   # the loss needs the config and the model, not the latent cache
     stage.cfg = Config(latents="unused", transport=TransportConfig(time_shift=TRAINED_SHIFT))
@@ -81,7 +83,7 @@ def test_dit_stage_trains_at_the_configured_shift():
     stage.loss("main", {"latent": torch.randn(4000, 2, 2, 2), "label": torch.zeros(4000, dtype=torch.long)}, 0)
     t = stage.modules["model"].calls[0]["t"]
     for u in (0.1, 0.5, 0.9):  # P(t <= shift(u)) = u for t = shift(uniform)
-        assert abs(float((t <= shift_time(u, TRAINED_SHIFT)).float().mean()) - u) < 0.03, u
+        within(f"|P(t <= shift({u})) - {u}|", abs(float((t <= shift_time(u, TRAINED_SHIFT)).float().mean()) - u), hi=0.03)
 
 
 def test_sampling_calls_the_model_at_the_trained_shift(generator):
@@ -118,13 +120,15 @@ def _gaussian_velocity(m: float, s: float):
 
 
 @pytest.mark.parametrize("norm", [0.5, 2.0])
+@pytest.mark.margin
 def test_sde_with_diffusion_norm_reaches_the_data(norm):
     m, s = 1.5, 0.5
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(4000, 1, 1, 1, generator=g)
     cfg = SamplerConfig(method="euler_maruyama", steps=100, diffusion_norm=norm)
     x = sample(_gaussian_velocity(m, s), noise, None, cfg, generators=g).flatten()
-    assert abs(float(x.mean()) - m) < 0.04 and abs(float(x.std()) - s) < 0.04, (float(x.mean()), float(x.std()))
+    within("|sample mean - data mean|", abs(float(x.mean()) - m), hi=0.04)
+    within("|sample std - data std|", abs(float(x.std()) - s), hi=0.04)
 
 
 def test_sample_cli_flags_reach_the_sampler(tmp_path, monkeypatch):
@@ -150,11 +154,18 @@ def test_encode_cli_passes_num_workers(tmp_path, monkeypatch):
 
 def test_eval_is_command(tmp_path, one_thread):
     weights = tmp_path / "inception.pth"
-    state = random_inception_state(0)
-    state["fc.weight"] *= 100  # sharper predictions: an IS above 1 that depends on the split and the resize
-    torch.save(state, weights)
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     np.savez(tmp_path / "samples.npz", images.permute(0, 2, 3, 1).numpy())
+    # a random Inception often predicts one class for all four noise images (IS 1.0000x for some seeds): take the
+    # first draw whose IS is clearly above 1, so that the split and the resize change the score
+    net = FIDInceptionV3(resize="tf1")
+    for draw in range(20):
+        state = random_inception_state(draw)
+        state["fc.weight"] *= 100  # sharper predictions
+        net.load_state_dict(state)
+        if inception_score(net(images)["logits"], splits=1)[0] > 1.01:
+            break
+    torch.save(state, weights)
     logits = {}
     for resize in ("tf1", "pytorch"):
         net = FIDInceptionV3(resize=resize)
@@ -180,12 +191,13 @@ def test_eval_is_command(tmp_path, one_thread):
     assert not math.isnan(got["is"])
 
 
+@pytest.mark.margin
 def test_logit_normal_times_center_on_the_mean():
     from fae.transport import sample_time
 
     cfg = TransportConfig(time_dist="logit_normal", logit_normal_mean=1.0, logit_normal_std=0.5, time_shift=1.0)
     t = sample_time(20000, cfg, torch.Generator().manual_seed(0))
-    assert abs(float(t.median()) - 1 / (1 + math.exp(-1.0))) < 0.01   # sigmoid(mean): the median of the law
+    within("|median t - sigmoid(mean)|", abs(float(t.median()) - 1 / (1 + math.exp(-1.0))), hi=0.01)  # the law's median
 
 
 def test_each_sample_gets_its_own_noise_from_seed_and_index():

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from margins import within
 
 from fae.cli import main
 from fae.demo import (
@@ -88,6 +89,7 @@ def test_documented_commands_work_after_the_demo(finished_demo, tmp_path, monkey
     assert main([*args, *[t.format(out=tmp_path) for t in tiny], "--no-progress"]) == 0
 
 
+@pytest.mark.margin
 def test_quick_demo_end_to_end(finished_demo, capsys, monkeypatch):
     root, printed = finished_demo
     monkeypatch.setenv("FAE_CACHE", str(root / "cache"))
@@ -103,7 +105,8 @@ def test_quick_demo_end_to_end(finished_demo, capsys, monkeypatch):
     # the frozen encoder is the shipped one, where the configs in configs/demo/ look for it
     assert results["encoder"]["origin"] == "shipped" and results["encoder"]["steps"] == 200
     assert (out / "encoder" / "config.json").is_file()
-    assert results["fae"]["images"] == 200 and results["fae"]["cos"] > 0.5
+    assert results["fae"]["images"] == 200
+    within("quick demo FAE feature cosine", results["fae"]["cos"], lo=0.5)
     decoders = results["finetune"]["decoders"]
     assert set(decoders) == {"gaussian(x)", "gaussian(x_hat)", "finetuned(x_hat)"}
     assert results["latents"]["feature_cache"] is not None  # stage 1's features were reused, not recomputed
@@ -138,6 +141,7 @@ def test_quick_demo_end_to_end(finished_demo, capsys, monkeypatch):
     assert json.loads((out / "encoder" / "done.json").read_text())["origin"] == "shipped"
 
 
+@pytest.mark.margin
 def test_from_scratch_trains_the_encoder_once_and_the_judge(tmp_path, monkeypatch):
     monkeypatch.setenv("FAE_CACHE", str(tmp_path / "cache"))
     first = DemoContext(out=tmp_path / "a", quick=True, progress=False, from_scratch=True)
@@ -147,7 +151,8 @@ def test_from_scratch_trains_the_encoder_once_and_the_judge(tmp_path, monkeypatc
     again = step_encoder(DemoContext(out=tmp_path / "b", quick=True, progress=False, from_scratch=True))
     assert again["origin"] == "cache" and again["source"] == info["source"]
     judge = step_classifier(first)
-    assert judge["origin"] == "trained" and judge["train_images"] == 2000 and judge["test_accuracy"] > 0.5
+    assert judge["origin"] == "trained" and judge["train_images"] == 2000
+    within("judge trained from scratch, test accuracy", judge["test_accuracy"], lo=0.5)
 
 
 def test_forecast_scales_by_calibration_then_by_observation():

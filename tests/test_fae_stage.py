@@ -3,15 +3,17 @@ kill -9, two-process torchrun, config errors."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+from margins import within
 from safetensors.torch import load_file
+from seeding import subprocess_env
 
 from fae.cli import main
 from fae.io import read_bundle_config
@@ -21,7 +23,7 @@ from fae.training import checkpoint_dirs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_config(path: Path, tiny_encoder_dir: Path, steps: int = 6, **extra: str) -> Path:
+def write_config(path: Path, tiny_encoder_dir: Path, steps: int = 6, lr: float = 1e-3, **extra: str) -> Path:
     text = f"""
 stage: fae
 encoder: {{kind: dinov2, name_or_path: {tiny_encoder_dir}}}
@@ -29,7 +31,7 @@ model: {{feature_dim: 32, grid: [4, 4], latent_channels: 4, encoder_heads: 2, en
         decoder_depth: 1, decoder_heads: 2}}
 data: {{kind: fashion_mnist, image_size: 16, limit: 64, hflip: true}}
 loss: {{kl_weight: 1.0e-4}}
-optim: {{lr: 1.0e-3, warmup_steps: 2}}
+optim: {{lr: {lr}, warmup_steps: 2}}
 train: {{steps: {steps}, batch_size: 8, checkpoint_every: 2, log_every: 1, ema_decay: 0.9, seed: 1}}
 eval: {{limit: 32}}
 """
@@ -37,22 +39,25 @@ eval: {{limit: 32}}
     return path
 
 
+@pytest.mark.margin
 def test_train_cli_writes_bundle_and_eval(tmp_path, tiny_encoder_dir):
-    cfg = write_config(tmp_path / "fae.yaml", tiny_encoder_dir)
+    # 24 steps at 3e-3: held-out cosine 0.64-0.74 over five seeds (six steps at 1e-3 gave -0.08 to 0.18)
+    cfg = write_config(tmp_path / "fae.yaml", tiny_encoder_dir, steps=24, lr=3e-3)
     assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     bundle = tmp_path / "run" / "fae"
     model = FeatureAutoEncoder.from_pretrained(bundle)
     record = read_bundle_config(bundle)
     assert record["encoder"]["name_or_path"] == str(tiny_encoder_dir) and record["encoder"]["kind"] == "dinov2"
     scores = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert scores["images"] == 32 and 0.05 < scores["cos"] < 1  # six steps already align x_hat with x (0.18 here)
+    assert scores["images"] == 32
+    within("held-out cosine after 24 steps", scores["cos"], lo=0.2, hi=1)  # a few steps already align x_hat with x
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"mse", "kl", "cos", "loss/main"} <= set(rows[0])
     assert model.encode(torch.randn(2, 16, 32)).mean.shape == (2, 4, 4, 4)
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_encoder_dir):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "fae.cli", "train", "fae", "--no-progress"]
     cfg = write_config(tmp_path / "fae.yaml", tiny_encoder_dir, steps=40)
     subprocess.run(cmd + ["--config", str(cfg), "--out", str(tmp_path / "straight")], check=True, env=env,
@@ -76,7 +81,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_encoder_dir):
 
 def test_torchrun_two_processes(tmp_path, tiny_encoder_dir):
     cfg = write_config(tmp_path / "fae.yaml", tiny_encoder_dir, steps=4)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     out = tmp_path / "ddp"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "fae.cli", "train", "fae", "--config", str(cfg), "--out", str(out), "--no-progress"],

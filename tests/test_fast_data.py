@@ -2,7 +2,6 @@
 its split across torchrun processes."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load as load_bytes
+from seeding import subprocess_env
 from torch.utils.data import DataLoader, Dataset
 
 from fae.cli import main
@@ -115,7 +115,7 @@ def test_two_processes_write_the_same_cache_byte_for_byte(tiny_latent_world, tmp
     w = tiny_latent_world
     args = ["encode", "--fae", str(w["fae"]), "--data", str(w["root"] / "data.yaml"), "--shard-size", "8",
             "--batch-size", "3", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fae.cli"]
     done = subprocess.run(cmd + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -245,6 +245,35 @@ eval: {{limit: 0}}
     assert rows[-1]["data/dropped"] == len(bad)
 
 
+def test_a_resumed_run_counts_the_unreadable_items_of_the_whole_run(tmp_path, tiny_encoder_dir):
+    """Killed mid-run and resumed, run.json's data.dropped_draws is the uninterrupted run's count, not the count
+    since the resume (the checkpoint carries it)."""
+    import json
+
+    from test_kill import killed_then_resumed
+
+    from fae.cli import main
+
+    good, bad = _messy_folder(tmp_path / "data" / "train" / "things")
+    cfg = tmp_path / "fae.yaml"
+    cfg.write_text(f"""
+stage: fae
+encoder: {{kind: dinov2, name_or_path: {tiny_encoder_dir}}}
+model: {{feature_dim: 32, grid: [4, 4], latent_channels: 4, encoder_heads: 2, encoder_head_dim: 16,
+        decoder_depth: 1, decoder_heads: 2}}
+data: {{kind: image_folder, root: {tmp_path / 'data'}, image_size: 16}}
+train: {{steps: 8, batch_size: 4, checkpoint_every: 2, log_every: 100}}
+eval: {{limit: 0}}
+""")
+    args = ["train", "fae", "--config", str(cfg)]
+    with pytest.warns(RuntimeWarning, match="skipping unreadable image"):
+        assert main([*args, "--out", str(tmp_path / "straight"), "--no-progress"]) == 0
+        reached = killed_then_resumed([*args, "--out", str(tmp_path / "killed")], kill_at=12, tmp_path=tmp_path)
+    assert 2 <= reached < 8, reached    # killed after a checkpoint, before the end
+    straight, killed = (json.loads((tmp_path / run / "run.json").read_text())["data"] for run in ("straight", "killed"))
+    assert straight["dropped_draws"] > len(bad) and killed == straight   # 32 draws over 13 items: bad ones recur
+
+
 def _fae_weights(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -12,8 +11,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+from margins import within
 from safetensors.torch import load_file
+from seeding import subprocess_env
 
 from fae.cli import main
 from fae.data.latents import LatentCache
@@ -72,17 +74,19 @@ def test_train_flow_bundle_heldout_bpd_and_sample(tiny_latent_world, tmp_path, o
     assert not np.array_equal(undenoised, npz["arr_0"])
 
 
+@pytest.mark.margin
 def test_nll_falls_on_a_tiny_overfit(one_thread):
     """Four latents, one per class, little noise: the conditional flow learns them (bits/dim fall far) and its
-    samples, denoised, land on them."""
-    torch.manual_seed(0)
+    samples, denoised, land on them. A small learning rate keeps the descent smooth: at 6e-3 the last losses
+    spiked by up to 1 bit/dim depending on the seed and on the CPU's rounding (issue 22); at 1e-3 the tail over 5
+    seeds and both kernels spans under 0.1 bit (docs/testing.md)."""
     k, noise = 4, 0.05
     data = torch.randn(k, 2, 2, 2)
     model = StarFlow(starflow_config("tiny", input_size=(2, 2), in_channels=2, num_classes=k, class_dropout=0.0,
                                      layers_per_block=(1, 1, 1, 1)))
-    opt = torch.optim.AdamW(model.parameters(), lr=6e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(300):   # 200 sufficed with matmul-softmax attention; the trajectory is sensitive to 1e-7 changes
+    for _ in range(400):
         y = torch.arange(k).repeat(8)
         x = data[y] + noise * torch.randn(len(y), 2, 2, 2)
         loss = bits_per_dim(*model(x, y)).mean()
@@ -90,22 +94,23 @@ def test_nll_falls_on_a_tiny_overfit(one_thread):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    first, last = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
-    assert first > 1.5 and last < -1.5, (first, last)   # the noise alone bounds it at log2(0.05 sqrt(2 pi e)) = -2.3
+    # the noise alone bounds the NLL at log2(0.05 sqrt(2 pi e)) = -2.3 bits/dim
+    within("bits/dim, mean of the first 10 steps", sum(losses[:10]) / 10, lo=1.0)
+    within("bits/dim, mean of the last 20 steps", sum(losses[-20:]) / 20, hi=-1.5)
     model.eval()
     y = torch.arange(k).repeat(4)
     with torch.no_grad():
         x = model.inverse(torch.randn(len(y), 2, 2, 2), y)
     x = model.denoise(x, y, noise)
-    rel = (x - data[y]).pow(2).mean() / data.pow(2).mean()
-    assert rel < 0.05, f"samples are {rel:.3f} (relative MSE) away from the training latents"
+    within("relative MSE of denoised samples to the training latents",
+           (x - data[y]).pow(2).mean() / data.pow(2).mean(), hi=0.02)
 
 
 def test_resume_after_kill_matches_uninterrupted(tiny_latent_world, tmp_path, one_thread):
     """A `fae train flow` process killed with SIGKILL mid-run, run again, ends with the uninterrupted run's weights
     and held-out score (both other runs here in-process: same code, one thread, less start-up)."""
     cfg = write_config(tmp_path / "flow.yaml", tiny_latent_world["cache"], steps=40, checkpoint_every=2)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "fae.cli", "train", "flow", "--no-progress", "--config", str(cfg),
                              "--out", str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

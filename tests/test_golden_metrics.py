@@ -34,6 +34,7 @@ def _assert_spread(x: torch.Tensor, at_least: float = 0.01) -> None:
             assert (rows[i] - rows[j]).abs().max() > at_least * rows.abs().max(), f"inputs {i} and {j} agree"
 
 
+@pytest.mark.pinned_seeds("the golden outputs were computed by the reference packages from weights at the recorded seed")
 @pytest.mark.parametrize("resize", ["tf1", "pytorch"])  # vs torch-fidelity (= the ADM evaluator) and pytorch-fid
 def test_inception_matches_the_reference(resize: str, one_thread) -> None:
     golden, meta = _golden("inception_golden.safetensors")
@@ -47,6 +48,7 @@ def test_inception_matches_the_reference(resize: str, one_thread) -> None:
                                    msg=lambda m: f"{resize} {kind}: {m}")
 
 
+@pytest.mark.pinned_seeds("the golden outputs were computed by the lpips package from weights at the recorded seed")
 @pytest.mark.parametrize("net", ["vgg", "alex"])
 def test_lpips_matches_the_lpips_package(net: str, tmp_path: Path) -> None:
     golden, meta = _golden("lpips_golden.safetensors")

@@ -6,7 +6,6 @@ written and before it is renamed into place, i.e. in the middle of a checkpoint,
 bundle. The uninterrupted run happens in this process; the killed one in a subprocess; the resume here again."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,19 +14,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from seeding import subprocess_env
 
 from fae.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def killed_then_resumed(args: list[str], kill_at: int, tmp_path: Path) -> None:
-    """Run `fae <args>` in a subprocess that SIGKILLs itself at its `kill_at`-th atomic write; then run it here."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FAE_KILL_AT_WRITE": str(kill_at), "FAE_CACHE": str(tmp_path / "c")}
+def checkpoint_steps(run: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+
+
+def killed_then_resumed(args: list[str], kill_at: int, tmp_path: Path) -> int:
+    """Run `fae <args>` in a subprocess that SIGKILLs itself at its `kill_at`-th atomic write; then run it here.
+    Returns the newest checkpoint step the killed run left (0 if none or not a training run)."""
+    env = subprocess_env(FAE_KILL_AT_WRITE=str(kill_at), FAE_CACHE=str(tmp_path / "c"))
     done = subprocess.run([sys.executable, "-m", "fae.cli", *args, "--no-progress"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, f"not killed (rc {done.returncode}): {done.stderr[-2000:]}"
+    out = Path(args[args.index("--out") + 1])
+    reached = (checkpoint_steps(out) or [0])[-1] if (out / "checkpoints").is_dir() else 0
     assert main([*args, "--no-progress"]) == 0
+    return reached
 
 
 def same_safetensors(a: Path, b: Path) -> None:

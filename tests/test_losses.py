@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from margins import within
 from torch import nn
 
 from fae.config import ConfigError, from_dict
@@ -161,6 +162,7 @@ def test_gan_term_zero_before_start_then_adaptive_and_finite():
             assert all(p.requires_grad for p in disc.parameters())  # ... and unfrozen afterwards
 
 
+@pytest.mark.margin
 def test_discriminator_loss_one_forward_and_learns():
     torch.manual_seed(0)
     cfg = PixelLossConfig(perceptual="none", gan_weight=1.0, disc_start=0, gan_start=0,
@@ -180,7 +182,7 @@ def test_discriminator_loss_one_forward_and_learns():
         loss.backward()
         opt.step()
     assert calls == [8] * 20  # one forward on cat(real, fake) per call
-    assert loss.item() < 0.5 * first
+    within("discriminator loss, last / first", loss.item() / first, hi=0.5)
     assert loss_fn.lecam.ema_real.item() > loss_fn.lecam.ema_fake.item()
 
 

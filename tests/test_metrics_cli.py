@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from margins import within
 from PIL import Image
+from seeding import subprocess_env
 
 from fae.cli import main
 from fae.io import file_sha256
@@ -99,6 +101,7 @@ def test_rfid_command_psnr_ssim(tmp_path: Path) -> None:
     assert metrics == {"psnr": 100.0, "ssim": pytest.approx(1.0)}
 
 
+@pytest.mark.margin
 def test_probe_raw_recon_latent(tmp_path: Path, tiny_encoder_dir: Path) -> None:
     from fae.data.idx import FASHION_MNIST_DIR
     from fae.encoders import EncoderConfig, FrozenEncoder
@@ -115,14 +118,13 @@ def test_probe_raw_recon_latent(tmp_path: Path, tiny_encoder_dir: Path) -> None:
     report = json.loads((tmp_path / "fae.probe.json").read_text())   # default: beside the bundle
     assert set(report["metrics"]) == {"top1_raw", "top1_recon", "top1_latent"}
     assert all(0.0 <= v <= 1.0 for v in report["metrics"].values())
-    assert report["metrics"]["top1_raw"] > 0.3   # 10 classes: well above chance even for a random tiny encoder
+    within("probe top-1 on raw features", report["metrics"]["top1_raw"], lo=0.3)  # 10 classes: chance is 0.1
     assert [row["input"].split(":")[0] for row in report["table"]] == ["x", "x̂", "z"]
     assert report["inputs"]["num_train"] == 300 and report["num_samples"] == 100
 
 
 def test_eval_under_torchrun_splits_the_features_and_gives_the_one_process_score(tmp_path: Path,
                                                                                   tiny_encoder_dir: Path) -> None:
-    import os
     import subprocess
     import sys
 
@@ -130,8 +132,7 @@ def test_eval_under_torchrun_splits_the_features_and_gives_the_one_process_score
     args = ["eval", "fid", "--samples", str(samples), "--ref", str(ref_imgs), "--network", f"encoder:{tiny_encoder_dir}",
             "--device", "cpu", "--no-cache", "--no-progress", "--batch-size", "4"]
     assert main([*args, "--out", str(tmp_path / "one.json")]) == 0
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "fae.cli", *args, "--out", str(tmp_path / "two.json")],
                             env=env, capture_output=True, text=True, timeout=300)

@@ -23,11 +23,17 @@ def test_every_mutation_applies_once_and_names_existing_tests():
     ids = {m.id for m in mutation.MUTATIONS}
     table = {"ddp-off", "generate-shift-1", "dit-default-transport", "lr-flat", "no-grad-clip", "inception-7c-avg",
              "inception-count-pad", "inception-bn-eps", "fae-no-pos-table"}
-    assert table <= ids and len(ids) >= len(table) + 20
+    assert table <= ids and len(ids) >= len(table) + 80
     files = {m.file for m in mutation.MUTATIONS}
     for core in ("fae/transport.py", "fae/training.py", "fae/io.py", "fae/stages/dit.py", "fae/metrics/inception.py",
-                 "fae/metrics/frechet.py", "fae/models/dit.py", "fae/models/autoencoder.py"):
+                 "fae/metrics/frechet.py", "fae/models/dit.py", "fae/models/autoencoder.py",
+                 # issue 22: the flow, the text-to-image model, the precision verdict, FSDP and the latent cache
+                 "fae/models/starflow.py", "fae/models/mmdit.py", "fae/precision.py", "fae/sharding.py",
+                 "fae/data/latents.py"):
         assert core in files, core
+    per_file = {f: sum(m.file == f for m in mutation.MUTATIONS) for f in files}
+    for module in ("fae/models/starflow.py", "fae/models/mmdit.py", "fae/precision.py", "fae/data/latents.py"):
+        assert per_file[module] >= 2, module
 
 
 def test_check_names_a_stale_mutation(tmp_path):

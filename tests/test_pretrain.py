@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from seeding import subprocess_env
 
 from fae.config import ConfigError, apply_overrides, from_dict, read_yaml
 from fae.stages import train_stage
@@ -111,13 +112,12 @@ def test_demo_encoder_cache(tmp_path, monkeypatch, one_thread):
 
 def test_torchrun_two_processes(tmp_path):
     """DDP with two student forwards per step (global and local crops) and all-reduced centres."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     out = tmp_path / "ddp"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "fae.cli", "train", "encoder", "--config", str(root / "configs/demo/encoder_pretrain.yaml"),

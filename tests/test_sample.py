@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from margins import within
 from safetensors.torch import load_file
+from seeding import subprocess_env
 
 from fae.cli import main
 from fae.config import ConfigError
@@ -101,7 +102,7 @@ def test_sample_outputs_and_determinism(world, tmp_path):
 
 
 def test_torchrun_two_processes_give_the_same_images(world, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
 
     args = ["sample", "--dit", str(world["run"] / "dit"), "--fae", str(world["pipeline"]), "-n", "11", "--steps", "3",
             "--batch-size", "3", "--guidance", "2.0", "--sampler", "euler_maruyama", "--no-progress"]
@@ -147,6 +148,7 @@ def test_labels_and_grid():
     assert grid.height == 2 * 10 + 2 and grid.width > 3 * 10
 
 
+@pytest.mark.margin
 def test_class_agreement_classifier(tmp_path):
     from fae.data import DataConfig, build_dataset
     from fae.io import read_bundle_config
@@ -155,7 +157,7 @@ def test_class_agreement_classifier(tmp_path):
     data = DataConfig(kind="fashion_mnist", image_size=16)
     clf = train_classifier(data, tmp_path / "clf", epochs=3, width=16, train_limit=3000, progress=False)
     record = read_bundle_config(tmp_path / "clf")
-    assert record["test_accuracy"] > 0.5                                 # far above chance (0.1) on real test images
+    within("judge test accuracy", record["test_accuracy"], lo=0.5)   # far above chance (0.1) on real test images
     again = train_classifier(data, tmp_path / "clf", epochs=3, width=16, train_limit=3000, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(clf.state_dict().values(), again.state_dict().values()))
     test = build_dataset(DataConfig(kind="fashion_mnist", image_size=16, limit=200), "test")
@@ -163,7 +165,9 @@ def test_class_agreement_classifier(tmp_path):
     labels = torch.stack([test[i]["label"] for i in range(200)])
     right = class_agreement(clf, images, labels)
     wrong = class_agreement(clf, (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), (labels + 1) % 10)
-    assert right["agreement"] > 0.5 > wrong["agreement"] and set(right["per_class"]) == set(range(10))
+    within("class agreement, right labels", right["agreement"], lo=0.5)
+    within("class agreement, wrong labels", wrong["agreement"], hi=0.5)
+    assert set(right["per_class"]) == set(range(10))
 
 
 def test_sampling_speaks_only_to_the_generator_interface(tmp_path):

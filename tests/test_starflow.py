@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from margins import within
 
 from fae.generators import FlowGenerator
 from fae.models.starflow import StarFlow, StarFlowConfig, guided_affine, starflow_config
@@ -83,6 +84,7 @@ def test_identity_flow_likelihood_and_denoising_step():
     torch.testing.assert_close(model.denoise(x, None, 0.3), x * (1 - 0.09))
 
 
+@pytest.mark.margin
 def test_label_dropout_and_null_class():
     model = perturbed(class_dropout=0.5)
     x = torch.randn(2, 3, 4, 4)
@@ -92,7 +94,7 @@ def test_label_dropout_and_null_class():
     model.train()
     emb = model.y_embedder(torch.zeros(4000, dtype=torch.long), torch.Generator().manual_seed(0))
     dropped = (emb == model.y_embedder.table.weight[5]).all(1).float().mean().item()
-    assert abs(dropped - 0.5) < 0.03
+    within("|label drop rate - 0.5|", abs(dropped - 0.5), hi=0.03)
     # labels are checked where they enter (fae.data.labels), not in the forward (a host sync per call)
     gen = FlowGenerator(model, {"latent_stats": {"mean": [0.0] * 3, "std": [1.0] * 3}, "flow": {"noise_std": 0.0}},
                         "test")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from margins import within
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -168,11 +169,12 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.margin
 def test_loss_goes_down_and_checkpoints_are_pruned(tmp_path):
     stage = ToyStage(lr=5e-2)
     Trainer(stage, _cfg(steps=30, checkpoint_every=5, keep_checkpoints=2), tmp_path, progress=False).fit()
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["mse"] < 0.5 * rows[0]["mse"]
+    within("toy loss, last / first", rows[-1]["mse"] / rows[0]["mse"], hi=0.5)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000025", "step_00000030"]
     state = load_run_state(tmp_path)  # loadable with weights_only=True
     assert state["step"] == 30 and state["data_position"] == 30 * 8

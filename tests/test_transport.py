@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from margins import within
 
 from fae.transport import (
     GuidanceInterval,
@@ -68,16 +69,19 @@ def test_paper_shift_04_is_lightningdit_formula_on_flipped_axis():
     assert dimension_shift(256, 32) == pytest.approx(1 / math.sqrt(2))
 
 
+@pytest.mark.margin
 def test_training_time_distributions():
     g = torch.Generator().manual_seed(0)
     plain = sample_time(20000, TransportConfig(), g)
-    assert 0 <= plain.min() and plain.max() <= 1 and abs(plain.mean().item() - 0.5) < 0.01
+    assert 0 <= plain.min() and plain.max() <= 1
+    within("|mean of uniform t - 0.5|", abs(plain.mean().item() - 0.5), hi=0.01)
     shifted = sample_time(20000, TransportConfig(time_shift=0.4), torch.Generator().manual_seed(0))
     torch.testing.assert_close(shifted, shift_time(plain, 0.4))          # same draws, shifted
     off = sample_time(20000, TransportConfig(time_shift=0.4, shift_in_training=False), torch.Generator().manual_seed(0))
     assert torch.equal(off, plain)
     ln = sample_time(20000, TransportConfig(time_dist="logit_normal"), g)
-    assert abs(ln.median().item() - 0.5) < 0.02 and ln.std() < plain.std()   # logit-normal concentrates mid-way
+    within("|median of logit-normal t - 0.5|", abs(ln.median().item() - 0.5), hi=0.02)
+    within("std of logit-normal t / std of uniform t", ln.std() / plain.std(), hi=1)  # concentrates mid-way
 
 
 def test_loss_matches_manual_and_cosine_term():
@@ -159,27 +163,38 @@ def _gaussian_velocity(x, t, y=None):
     return e_eps - e_x0
 
 
-@pytest.mark.parametrize("method,steps,tol", [("euler", 2000, 2e-3), ("heun", 100, 1e-4)])
-def test_ode_integrates_known_linear_flow(method, steps, tol):
-    """For Gaussian data the exact flow is linear: x_1 = eps maps to x_0 = MU + SD * eps."""
+@pytest.mark.margin
+@pytest.mark.parametrize("method,steps,order,tol", [("euler", 200, 1, 1e-2), ("heun", 25, 2, 5e-4)])
+def test_ode_integrates_known_linear_flow(method, steps, order, tol):
+    """For Gaussian data the exact flow is linear: x_1 = eps maps to x_0 = MU + SD * eps. The error (relative to the
+    data's scale) is small and falls with the solver's order when the steps double: 2x for Euler, 4x for Heun.
+    (A fixed absolute bound failed for one seed in five: the error grows with the largest |eps| drawn.)"""
     eps = torch.randn(64, 2, 3, 3, dtype=torch.float64)
+    target = MU + SD * eps
+
+    def error(n: int, shift: float) -> float:
+        out = sample(_gaussian_velocity, eps, None, SamplerConfig(method=method, steps=n), time_shift=shift)
+        return float((out - target).abs().max() / target.abs().max())
+
     for shift in (1.0, 0.4):
-        out = sample(_gaussian_velocity, eps, None, SamplerConfig(method=method, steps=steps), time_shift=shift)
-        assert (out - (MU + SD * eps)).abs().max() < tol, (method, shift)
-    coarse = sample(_gaussian_velocity, eps, None, SamplerConfig(method=method, steps=5))
-    assert (coarse - (MU + SD * eps)).abs().max() > tol  # the test can fail: few steps are not enough
+        coarse, fine = error(steps, shift), error(2 * steps, shift)
+        within(f"{method} relative error at {2 * steps} steps, shift {shift}", fine, hi=tol)
+        within(f"{method} error ratio {steps} -> {2 * steps} steps, shift {shift}", coarse / fine, lo=0.9 * 2 ** order)
+    assert error(5, 1.0) > tol  # the test can fail: few steps are not enough
 
 
+@pytest.mark.margin
 def test_sde_reaches_data_distribution_and_last_step_is_mean():
     n = 20000
     gens = torch.Generator().manual_seed(1)
     eps = torch.randn(n, 1, 1, 1, generator=gens, dtype=torch.float64)
     cfg = SamplerConfig(method="euler_maruyama", steps=400)
     out = sample(_gaussian_velocity, eps, None, cfg, time_shift=0.7, generators=gens)
-    assert abs(out.mean().item() - MU) < 0.02 and abs(out.std().item() - SD) < 0.02
+    within("|SDE sample mean - mu|", abs(out.mean().item() - MU), hi=0.02)
+    within("|SDE sample std - sd|", abs(out.std().item() - SD), hi=0.02)
     # the SDE really is stochastic, unlike the ODE, and it is not just the ODE result
     ode = sample(_gaussian_velocity, eps, None, SamplerConfig(steps=400), time_shift=0.7)
-    assert (out - ode).abs().mean() > 0.05
+    within("mean |SDE - ODE|", (out - ode).abs().mean(), lo=0.05)
     # with one step the only step is the last one, which goes to the mean: deterministic
     one = SamplerConfig(method="euler_maruyama", steps=1)
     a = sample(_gaussian_velocity, eps[:8], None, one, generators=torch.Generator().manual_seed(5))
