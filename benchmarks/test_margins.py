@@ -62,7 +62,7 @@ def run(kernel: str, offset: int, out: Path, tests: list[str], suite: bool) -> d
 def margin(values: list[float], lo: float | None, hi: float | None) -> float:
     """Distance of the worst value from the nearer bound, over the spread (inf when every value is equal)."""
     spread = max(values) - min(values)
-    room = min([min(values) - lo] * (lo is not None) + [hi - max(values)] * (hi is not None))
+    room = min(([min(values) - lo] if lo is not None else []) + ([hi - max(values)] if hi is not None else []))
     return room / spread if spread > 0 else (float("inf") if room > 0 else 0.0)
 
 
@@ -76,7 +76,7 @@ def table(runs: list[dict[str, object]]) -> tuple[str, list[dict[str, object]]]:
     result = []
     for (test, quantity), e in sorted(found.items()):
         v, lo, hi = e["values"], e["lo"], e["hi"]
-        bound = " and ".join([f"> {lo:g}"] * (lo is not None) + [f"< {hi:g}"] * (hi is not None))
+        bound = " and ".join(([f"> {lo:g}"] if lo is not None else []) + ([f"< {hi:g}"] if hi is not None else []))
         m = margin(v, lo, hi)  # type: ignore[arg-type]
         flag = "" if m >= REQUIRED else " **(< 3)**"
         lines.append(f"| {test.split('tests/')[-1]} | {quantity} | {bound} | {len(v)} | {min(v):.4g} | "  # type: ignore

@@ -59,6 +59,7 @@ from fae.speed import COMPILE_MODES, CompileMode, prepare_training
 class OptimConfig:
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8            # AdamW's denominator term (torch's default)
     weight_decay: float = 0.0
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = 0
@@ -68,6 +69,8 @@ class OptimConfig:
     def validate(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.warmup_steps < 0:
             raise ValueError("optim: lr must be > 0, min_lr and warmup_steps >= 0")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must lie in [0, 1), got {self.betas}")
 
@@ -341,7 +344,7 @@ class Trainer:
         for group, names in self.groups.items():
             ocfg = stage.optim_config(group)
             params = [p for n in names for p in self.raw[n].parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=ocfg.lr, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
+            opt = torch.optim.AdamW(params, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps, weight_decay=ocfg.weight_decay,
                                     fused=self.device.type == "cuda")
             self.optimizers[group] = opt
             horizon = stage.schedule_steps(group, cfg.steps)

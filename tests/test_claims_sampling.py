@@ -80,7 +80,8 @@ def test_dit_stage_trains_at_the_configured_shift():
     stage.cfg = Config(latents="unused", transport=TransportConfig(time_shift=TRAINED_SHIFT))
     stage.modules = {"model": Recorder(_dit())}
     torch.manual_seed(0)
-    stage.loss("main", {"latent": torch.randn(4000, 2, 2, 2), "label": torch.zeros(4000, dtype=torch.long)}, 0)
+    n = 16000   # the empirical CDF's standard error is at most 0.004: the bound 0.03 is 7.5 of them
+    stage.loss("main", {"latent": torch.randn(n, 2, 2, 2), "label": torch.zeros(n, dtype=torch.long)}, 0)
     t = stage.modules["model"].calls[0]["t"]
     for u in (0.1, 0.5, 0.9):  # P(t <= shift(u)) = u for t = shift(uniform)
         within(f"|P(t <= shift({u})) - {u}|", abs(float((t <= shift_time(u, TRAINED_SHIFT)).float().mean()) - u), hi=0.03)
@@ -124,7 +125,7 @@ def _gaussian_velocity(m: float, s: float):
 def test_sde_with_diffusion_norm_reaches_the_data(norm):
     m, s = 1.5, 0.5
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn(4000, 1, 1, 1, generator=g)
+    noise = torch.randn(20000, 1, 1, 1, generator=g)   # the mean's standard error 0.0035
     cfg = SamplerConfig(method="euler_maruyama", steps=100, diffusion_norm=norm)
     x = sample(_gaussian_velocity(m, s), noise, None, cfg, generators=g).flatten()
     within("|sample mean - data mean|", abs(float(x.mean()) - m), hi=0.04)

@@ -105,7 +105,7 @@ def test_conditioning_label_dropout_and_null_class():
     torch.testing.assert_close(model(x, t, None), model(x, t, torch.full((3,), 5)))    # None = null class
     model.train()
     g = torch.Generator().manual_seed(0)
-    ys = torch.zeros(4000, dtype=torch.long)
+    ys = torch.zeros(40000, dtype=torch.long)   # 0.0025 standard error: 0.03 is 12 of them
     emb = model.y_embedder(ys, g)
     dropped = (emb == model.y_embedder.table.weight[5]).all(1).float().mean()
     within("|label drop rate - 0.5|", abs(dropped.item() - 0.5), hi=0.03)
@@ -140,7 +140,7 @@ def test_tiny_dit_overfits_and_sampling_reproduces_latents():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    within("first loss", losses[0], lo=1.5)
+    within("first loss", losses[0], lo=1.0)
     within("loss, mean of the last 20 steps", sum(losses[-20:]) / 20, hi=0.25)
     model.eval()
     y = torch.arange(k).repeat(2)

@@ -27,8 +27,9 @@ def make_tokens(n: int, classes: int = 5, seed: int = 0, signal: float = 0.6) ->
 
 @pytest.mark.margin
 def test_learns_separable_classes_and_is_at_chance_on_random_labels() -> None:
-    xtr, ytr = make_tokens(600)
-    xte, yte = make_tokens(300, seed=1)
+    # well-separated classes (signal 1.0: top-1 0.99+; at 0.6 it ranged 0.92-0.96 over seeds, too near 0.9)
+    xtr, ytr = make_tokens(600, signal=1.0)
+    xte, yte = make_tokens(300, seed=1, signal=1.0)
     result = linear_probe(xtr, ytr, xte, yte, **FAST)
     within("probe top-1, separable classes", result.top1, lo=0.9)
     within("probe validation top-1, separable classes", result.val_top1, lo=0.85)
@@ -37,7 +38,8 @@ def test_learns_separable_classes_and_is_at_chance_on_random_labels() -> None:
     best = max(result.grid, key=lambda r: r["val_top1"])
     assert (best["pooling"], best["lr"]) == (result.best_pooling, result.best_lr)
     g = torch.Generator().manual_seed(5)
-    chance = linear_probe(xtr, torch.randint(0, 5, (600,), generator=g), xte, torch.randint(0, 5, (300,), generator=g),
+    xte, _ = make_tokens(3000, seed=1, signal=1.0)   # 3000 test rows: chance's standard error 0.007, not 0.023
+    chance = linear_probe(xtr, torch.randint(0, 5, (600,), generator=g), xte, torch.randint(0, 5, (3000,), generator=g),
                           **FAST)
     within("probe top-1, random labels (5 classes)", chance.top1, hi=0.35)
 

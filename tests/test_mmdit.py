@@ -78,7 +78,8 @@ def test_null_condition_is_the_stored_empty_prompt():
 def test_caption_dropout_rate():
     model = tiny_model(caption_dropout=0.3)
     model.set_null(TextCondition(torch.zeros(1, 5, 16), torch.zeros(1, 5, dtype=torch.bool), torch.zeros(1, 16)))
-    y = TextCondition(torch.ones(4000, 5, 16), torch.ones(4000, 5, dtype=torch.bool), torch.ones(4000, 16))
+    n = 40000   # standard error 0.0023: the bounds are 13 of them away
+    y = TextCondition(torch.ones(n, 5, 16), torch.ones(n, 5, dtype=torch.bool), torch.ones(n, 16))
     dropped = model.drop_captions(y, torch.Generator().manual_seed(0))
     rows = dropped.pooled[:, 0] == 0
     within("caption drop rate (0.3)", rows.float().mean(), lo=0.27, hi=0.33)
@@ -88,26 +89,31 @@ def test_caption_dropout_rate():
 
 @pytest.mark.margin
 def test_overfits_two_captions(one_thread):
-    """Two prompts, two fixed latents: the velocity model learns which latent goes with which caption."""
+    """Two prompts, two fixed latents (+1 and -1 everywhere): the velocity model learns which latent goes with which
+    caption. At t = 1 from the origin -v points at the caption's latent; half the difference of the two captions'
+    -v is 1 when learnt exactly (measured 1.15-1.38 over five seeds; the common part overshoots by up to 0.45, so
+    the caption's effect is what is bounded; docs/testing.md)."""
     torch.manual_seed(0)
     model = MMDiT(mmdit_config("tiny", input_size=(2, 2), in_channels=2, text_dim=8, text_tokens=3,
                                caption_dropout=0.0))
     x0 = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]] * 2, [[[-1.0, -1.0], [-1.0, -1.0]]] * 2])
     y = TextCondition(torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool), torch.randn(2, 8))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        t = torch.rand(2)
-        eps = torch.randn_like(x0)
-        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
-        loss = (model(xt, t, y) - (eps - x0)).pow(2).mean()
+    pick = torch.arange(2).repeat(16)           # 16 draws of each caption per step: a smooth descent
+    batch = TextCondition(y.tokens[pick], y.mask[pick], y.pooled[pick])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        t = torch.rand(len(pick))
+        eps = torch.randn_like(x0[pick])
+        xt = (1 - t.view(-1, 1, 1, 1)) * x0[pick] + t.view(-1, 1, 1, 1) * eps
+        loss = (model(xt, t, batch) - (eps - x0[pick])).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
-    x = torch.zeros(2, 2, 2, 2)   # at t = 1 from the origin, -v points at the caption's latent
-    v = model(x, torch.ones(2), y)
-    within("-v toward caption 0's latent (+1)", (-v[0]).mean(), lo=0.5)
-    within("-v toward caption 1's latent (-1)", (-v[1]).mean(), hi=-0.5)
+    with torch.no_grad():
+        v = model(torch.zeros(2, 2, 2, 2), torch.ones(2), y)
+    assert (-v[0]).mean() > 0 > (-v[1]).mean()
+    within("half the difference of the two captions' -v (1 if exact)", ((-v[0]).mean() - (-v[1]).mean()) / 2, lo=0.4)
 
 
 def test_paper_config_builds_the_paper_size():

@@ -39,7 +39,10 @@ class TinyDiT(TrainStage):
         torch.manual_seed(0)
         self.modules = {"model": DiT(DiTConfig(input_size=(4, 4), in_channels=4, hidden_size=32, depth=2, num_heads=2,
                                                num_classes=3, class_dropout=0.0))}
-        self.optim = OptimConfig(lr=1e-2, schedule="cosine", warmup_steps=1)
+        # eps 1e-4, not 1e-8: with a tiny eps Adam's step is lr * sign(g) where g is at rounding level, so the
+        # summation order of an all-reduce moved such weights by up to 4e-6 (seed offset 3, issue 22); the step is
+        # smooth in g now, and the comparison tests the all-reduce, not Adam's conditioning
+        self.optim = OptimConfig(lr=1e-2, eps=1e-4, schedule="cosine", warmup_steps=1)
 
     def train_dataset(self) -> Dataset:
         return Latents()

@@ -92,7 +92,7 @@ def test_label_dropout_and_null_class():
         torch.testing.assert_close(model(x, None)[0], model(x, torch.full((2,), 5))[0])   # None = null class
         assert not torch.allclose(model(x, torch.tensor([0, 1]))[0], model(x, torch.tensor([2, 1]))[0])
     model.train()
-    emb = model.y_embedder(torch.zeros(4000, dtype=torch.long), torch.Generator().manual_seed(0))
+    emb = model.y_embedder(torch.zeros(40000, dtype=torch.long), torch.Generator().manual_seed(0))  # s.e. 0.0025
     dropped = (emb == model.y_embedder.table.weight[5]).all(1).float().mean().item()
     within("|label drop rate - 0.5|", abs(dropped - 0.5), hi=0.03)
     # labels are checked where they enter (fae.data.labels), not in the forward (a host sync per call)
