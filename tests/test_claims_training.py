@@ -267,7 +267,8 @@ def test_fae_stage_loss_uses_the_configured_kl_weight():
     m, lv = posterior.mean, posterior.logvar
     kl_per_element = (0.5 * (m.pow(2) + lv.exp() - 1 - lv)).mean()   # paper eq. 4.1, per latent element
     expected = (net.decode(m) - x).pow(2).mean() + beta * kl_per_element
-    within("KL per latent element", kl_per_element, lo=0.01)
+    # the KL term is not negligible (an order-of-magnitude guard, so on a log scale: 0.24-0.38 over seeds)
+    within("log10 KL per latent element", math.log10(kl_per_element), lo=-2)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
 
 

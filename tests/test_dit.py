@@ -141,7 +141,7 @@ def test_tiny_dit_overfits_and_sampling_reproduces_latents():
         opt.step()
         losses.append(loss.item())
     within("first loss", losses[0], lo=1.0)
-    within("loss, mean of the last 20 steps", sum(losses[-20:]) / 20, hi=0.25)
+    within("loss, mean of the last 20 steps", sum(losses[-20:]) / 20, hi=0.35)   # 0.10-0.16 over seeds and kernels
     model.eval()
     y = torch.arange(k).repeat(2)
     out = sample(GuidedVelocity(model), torch.randn(8, 4, 4, 4, generator=g), y, SamplerConfig(steps=50))

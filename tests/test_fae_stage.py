@@ -41,7 +41,7 @@ eval: {{limit: 32}}
 
 @pytest.mark.margin
 def test_train_cli_writes_bundle_and_eval(tmp_path, tiny_encoder_dir):
-    # 24 steps at 3e-3: held-out cosine 0.64-0.74 over five seeds (six steps at 1e-3 gave -0.08 to 0.18)
+    # 24 steps at 3e-3: held-out cosine 0.59-0.76 over seeds and kernels (six steps at 1e-3 gave -0.08 to 0.18)
     cfg = write_config(tmp_path / "fae.yaml", tiny_encoder_dir, steps=24, lr=3e-3)
     assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     bundle = tmp_path / "run" / "fae"
@@ -50,7 +50,8 @@ def test_train_cli_writes_bundle_and_eval(tmp_path, tiny_encoder_dir):
     assert record["encoder"]["name_or_path"] == str(tiny_encoder_dir) and record["encoder"]["kind"] == "dinov2"
     scores = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert scores["images"] == 32
-    within("held-out cosine after 24 steps", scores["cos"], lo=0.2, hi=1)  # a few steps already align x_hat with x
+    within("held-out cosine after 24 steps", scores["cos"], lo=0.1)
+    assert scores["cos"] < 1 - 1e-3   # a few steps already align x_hat with x, but x is not compared with itself
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"mse", "kl", "cos", "loss/main"} <= set(rows[0])
     assert model.encode(torch.randn(2, 16, 32)).mean.shape == (2, 4, 4, 4)

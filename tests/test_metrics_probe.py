@@ -47,9 +47,11 @@ def test_learns_separable_classes_and_is_at_chance_on_random_labels() -> None:
 @pytest.mark.margin
 def test_weak_signal_ranks_inputs_like_their_information() -> None:
     # the probe must tell a more informative input from a less informative one (what Table 1 compares)
-    strong = linear_probe(*make_tokens(600, signal=0.6), *make_tokens(300, seed=1, signal=0.6), **FAST)
-    weak = linear_probe(*make_tokens(600, signal=0.15), *make_tokens(300, seed=1, signal=0.15), **FAST)
-    within("probe top-1, strong minus weak signal", strong.top1 - weak.top1, lo=0.1)
+    # signals 1.0 and 0.1 with 3000 test rows: 0.6 vs 0.15 on 300 rows differed by 0.38-0.51 over seeds and
+    # kernels, too wide a spread for a bound that clears it 3x (docs/testing.md)
+    strong = linear_probe(*make_tokens(600, signal=1.0), *make_tokens(3000, seed=1, signal=1.0), **FAST)
+    weak = linear_probe(*make_tokens(600, signal=0.1), *make_tokens(3000, seed=1, signal=0.1), **FAST)
+    within("probe top-1, strong minus weak signal", strong.top1 - weak.top1, lo=0.3)
 
 
 def test_latents_and_pooled_inputs() -> None:
