@@ -221,12 +221,8 @@ def test_bad_files_are_dropped_and_counted_never_replaced(tmp_path, tiny_encoder
     assert len({messy.row(i, "latents").sum().item() for i in range(len(good))}) == len(good)   # all distinct
 
 
-def test_a_training_run_counts_the_unreadable_items_it_drew(tmp_path, tiny_encoder_dir):
-    import json
-
-    from fae.cli import main
-
-    good, bad = _messy_folder(tmp_path / "data" / "train" / "things")
+def _messy_fae_config(tmp_path: Path, tiny_encoder_dir: Path, train: str) -> Path:
+    """A tiny `fae` stage config on the messy folder under tmp_path/data, with the given `train:` settings."""
     cfg = tmp_path / "fae.yaml"
     cfg.write_text(f"""
 stage: fae
@@ -234,9 +230,19 @@ encoder: {{kind: dinov2, name_or_path: {tiny_encoder_dir}}}
 model: {{feature_dim: 32, grid: [4, 4], latent_channels: 4, encoder_heads: 2, encoder_head_dim: 16,
         decoder_depth: 1, decoder_heads: 2}}
 data: {{kind: image_folder, root: {tmp_path / 'data'}, image_size: 16}}
-train: {{steps: 1, batch_size: {len(good) + len(bad)}, checkpoint_every: 1}}
+train: {{{train}}}
 eval: {{limit: 0}}
 """)
+    return cfg
+
+
+def test_a_training_run_counts_the_unreadable_items_it_drew(tmp_path, tiny_encoder_dir):
+    import json
+
+    from fae.cli import main
+
+    good, bad = _messy_folder(tmp_path / "data" / "train" / "things")
+    cfg = _messy_fae_config(tmp_path, tiny_encoder_dir, f"steps: 1, batch_size: {len(good) + len(bad)}, checkpoint_every: 1")
     with pytest.warns(RuntimeWarning, match="skipping unreadable image"):
         assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     run = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -255,16 +261,7 @@ def test_a_resumed_run_counts_the_unreadable_items_of_the_whole_run(tmp_path, ti
     from fae.cli import main
 
     good, bad = _messy_folder(tmp_path / "data" / "train" / "things")
-    cfg = tmp_path / "fae.yaml"
-    cfg.write_text(f"""
-stage: fae
-encoder: {{kind: dinov2, name_or_path: {tiny_encoder_dir}}}
-model: {{feature_dim: 32, grid: [4, 4], latent_channels: 4, encoder_heads: 2, encoder_head_dim: 16,
-        decoder_depth: 1, decoder_heads: 2}}
-data: {{kind: image_folder, root: {tmp_path / 'data'}, image_size: 16}}
-train: {{steps: 8, batch_size: 4, checkpoint_every: 2, log_every: 100}}
-eval: {{limit: 0}}
-""")
+    cfg = _messy_fae_config(tmp_path, tiny_encoder_dir, "steps: 8, batch_size: 4, checkpoint_every: 2, log_every: 100")
     args = ["train", "fae", "--config", str(cfg)]
     with pytest.warns(RuntimeWarning, match="skipping unreadable image"):
         assert main([*args, "--out", str(tmp_path / "straight"), "--no-progress"]) == 0
