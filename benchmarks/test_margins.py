@@ -79,7 +79,8 @@ def table(runs: list[dict[str, object]]) -> tuple[str, list[dict[str, object]]]:
         bound = " and ".join(([f"> {lo:g}"] if lo is not None else []) + ([f"< {hi:g}"] if hi is not None else []))
         m = margin(v, lo, hi)  # type: ignore[arg-type]
         flag = "" if m >= REQUIRED else " **(< 3)**"
-        lines.append(f"| {test.split('tests/')[-1]} | {quantity} | {bound} | {len(v)} | {min(v):.4g} | "  # type: ignore
+        cell = quantity.replace("|", "\\|")   # markdown: a bar inside a cell is escaped
+        lines.append(f"| {test.split('tests/')[-1]} | {cell} | {bound} | {len(v)} | {min(v):.4g} | "  # type: ignore
                      f"{statistics.median(v):.4g} | {max(v):.4g} | {m:.1f}{flag} |")  # type: ignore[arg-type]
         result.append({"test": test, "quantity": quantity, "lo": lo, "hi": hi, "values": v, "margin": m})
     return "\n".join(lines), result
