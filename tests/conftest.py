@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 def _process_state() -> dict[str, object]:
     """The process-wide settings a test (or the code it calls) may change and must put back."""
     from fae import nn as fae_nn
-    from fae.precision import cpu_matmul_timing
+    from fae.precision import _FP32_BACKENDS, _fp32_backends, cpu_matmul_timing
 
     state: dict[str, object] = {
         "torch threads": torch.get_num_threads(),
@@ -63,11 +63,8 @@ def _process_state() -> dict[str, object]:
         "environment": {k: v for k, v in os.environ.items()
                         if k != "PYTEST_CURRENT_TEST" and not k.lstrip("_").startswith("TORCHINDUCTOR_")},
     }
-    for path in ("cuda.matmul", "cudnn.conv", "mkldnn.matmul", "mkldnn.conv"):
-        backend: object = torch.backends
-        for part in path.split("."):
-            backend = getattr(backend, part, None)
-        state[f"{path}.fp32_precision"] = getattr(backend, "fp32_precision", None)
+    # the fp32 precision flags fae's own switches set (TF32 on CUDA, bf16 in oneDNN), found as fae.precision finds them
+    state[f"fp32_precision of {', '.join(_FP32_BACKENDS)}"] = [b.fp32_precision for b in _fp32_backends(_FP32_BACKENDS)]
     # the precision verdict: a cached one must stay (clearing or replacing it changes later tests' precision)
     state["precision verdict"] = cpu_matmul_timing() if cpu_matmul_timing.cache_info().currsize else None
     return state
