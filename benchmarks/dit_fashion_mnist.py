@@ -69,9 +69,8 @@ def main() -> None:
     from fae.config import from_dict, read_yaml, to_dict
     from fae.data import DataConfig, build_dataset
     from fae.data.features import FeatureCache
-    from fae.data.latents import EncodeOptions
     from fae.encoders import EncoderConfig, FrozenEncoder
-    from fae.encoding import encode_latents
+    from fae.encoding import EncodeOptions, encode_latents
     from fae.generators import load_generator
     from fae.metrics import EncoderNetwork, TensorSource, fid
     from fae.metrics.judge import class_agreement, train_classifier

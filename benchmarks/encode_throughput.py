@@ -24,9 +24,8 @@ import torch
 
 from fae.assets import asset
 from fae.data.idx import FashionMNIST
-from fae.data.latents import EncodeOptions, make_latent_fn
 from fae.encoders import EncoderConfig, FrozenEncoder
-from fae.encoding import encode_latents
+from fae.encoding import EncodeOptions, encode_latents, make_latent_fn
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
 from fae.precision import resolve_precision
 

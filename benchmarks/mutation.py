@@ -52,7 +52,7 @@ MUTATIONS: list[Mutation] = [
     # ---- the rows of issue 17's table
     M("ddp-off", TR, "if self.world > 1:\n            stage.modules", "if False:\n            stage.modules",
       f"{SC}::test_two_process_step_equals_single_process_step", "multi-process training all-reduces gradients"),
-    M("generate-shift-1", "fae/generators.py", "time_shift=self.time_shift, generators=generators)",
+    M("generate-shift-1", "fae/generators/dit.py", "time_shift=self.time_shift, generators=generators)",
       "time_shift=1.0, generators=generators)", f"{SS}::test_sampling_calls_the_model_at_the_trained_shift",
       "sampling uses the time shift the model was trained with"),
     M("dit-default-transport", "fae/stages/dit.py", 'batch["label"], self.cfg.transport)',
@@ -154,8 +154,8 @@ MUTATIONS: list[Mutation] = [
     M("ema-not-saved", TR, 'tmp / f"{name}.ema.safetensors"', 'tmp / f"{name}.safetensors"',
       "tests/test_training.py::test_resume_is_exact", "checkpoints hold the EMA"),
     # ---- stages
-    M("dit-record-default-transport", "fae/stages/dit.py", '"transport": to_dict(cfg.transport)}',
-      '"transport": to_dict(TransportConfig())}', f"{SS}::test_sampling_calls_the_model_at_the_trained_shift",
+    M("dit-record-default-transport", "fae/stages/dit.py", '{"transport": to_dict(self.cfg.transport)}',
+      '{"transport": to_dict(TransportConfig())}', f"{SS}::test_sampling_calls_the_model_at_the_trained_shift",
       "the bundle records the trained shift"),
     M("fae-stage-no-kl", "fae/stages/autoencoder.py", "posterior, self.cfg.loss.kl_weight)", "posterior, 0.0)",
       f"{SC}::test_fae_stage_loss_uses_the_configured_kl_weight", "loss.kl_weight"),

@@ -6,6 +6,8 @@ folder and is renamed into place, so a kill never leaves a half-written checkpoi
 """
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import shutil
@@ -148,11 +150,21 @@ def state_dict_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def read_bundle_config(path: str | Path) -> dict[str, Any]:
+    """A bundle's config.json. Loading one folder asks for the same files several times (finding the bundle, its
+    class, its weights' hash, its record): each file is parsed once per version (path, inode, size, mtime and ctime:
+    an atomic rewrite is a new inode); callers get a copy they may change."""
     path = resolve_pretrained(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not a fae bundle: {CONFIG_NAME} is missing")
-    return json.loads(cfg_file.read_text())
+    stat = cfg_file.stat()
+    version = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return copy.deepcopy(_parsed_config(str(cfg_file.resolve()), version))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_config(path: str, version: tuple[int, ...]) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
 
 
 def resolve_pretrained(name_or_path: str | Path) -> Path:
@@ -235,7 +247,9 @@ class PretrainedMixin:
             raise ConfigError(f"{path}: bundle holds a {record.get('class')}, not a {cls.__name__}")
         model = cls(from_dict(cls.config_class, record["config"]))  # type: ignore[call-arg]
         weights = path / WEIGHTS_NAME
-        state = load_weights(weights, record.get("weights_sha256"), map_location)
+        # safetensors cannot read onto the meta device; the caller's .to(device) moves the model there
+        load_to = "cpu" if torch.device(map_location).type == "meta" else map_location
+        state = load_weights(weights, record.get("weights_sha256"), load_to)
         model.load_state_dict(state, strict=True)  # type: ignore[attr-defined]
         return model
 

@@ -1,148 +1,84 @@
-"""`FAE`: the whole image <-> latent path in one object — frozen encoder, FeatureAutoEncoder, pixel decoder.
+"""`GenerationPipeline`: conditions -> images from one folder. In fae "pipeline" means this and only this.
 
-    fae = FAE.from_pretrained("runs/pixel-decoder-ft/fae_pipeline")
-    z = fae.encode(images)             # (B,3,H,W) in [0,1] -> latents (B,C,h,w)
-    images = fae.decode_to_pixels(z)   # -> (B,3,H,W) in [0,1]
+    pipe = GenerationPipeline.from_pretrained("runs/demo/pipeline", device="cuda")
+    out = pipe.generate(20, labels=[3, 7], sampler=SamplerConfig(steps=25, guidance=GuidanceSchedule.paper()))
+    out.images        # (20, H, W, 3) uint8 numpy; out.pil() -> PIL images; out.labels -> class ids
 
-A bundle folder holds `config.json` (class "FAE" and the frozen encoder's reference: kind, hub id or folder,
-revision, input size, norm), `fae/` (the FeatureAutoEncoder bundle) and `pixel_decoder/` (the PixelDecoder bundle).
-The encoder's weights are not copied: they are loaded from the reference, exactly as the stages did.
+The folder holds `tokenizer/` (the FAE bundle: frozen-encoder reference, FAE, pixel decoder; folders written before
+0.2 call it `fae_pipeline/`) and `generator/` (the generator bundle of any registered family, with its latent
+statistics and the SHA-256 of the FAE weights it was trained on, checked on load).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
-from torch import nn
 
 from fae.config import ConfigError
-from fae.encoders import FrozenEncoder
-from fae.io import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    atomic_write_text,
-    check_same_encoder,
-    file_sha256,
-    find_bundle,
-    read_bundle_config,
-    require_bundle,
-    resolve_pretrained,
-)
-from fae.models.autoencoder import FeatureAutoEncoder
-from fae.models.pixel_decoder import PixelDecoder
-from fae.speed import compile_in_place, compile_wanted
+from fae.generators import Generator, load_generator
+from fae.io import CONFIG_NAME, atomic_write_text, find_bundle, read_bundle_config
+from fae.sampling import Samples, check_trained_on, generate
+from fae.speed import CompileMode
+from fae.tokenizers import FAE, TOKENIZER_FOLDERS
+from fae.transport import SamplerConfig
 
 
-class FAE(nn.Module):
-    """Frozen encoder + FeatureAutoEncoder (+ pixel decoder). Everything runs in eval mode without gradients."""
+class GenerationPipeline:
+    """A generator and the FAE (with pixel decoder) whose latents it learned, on one device."""
 
-    def __init__(self, encoder: FrozenEncoder, autoencoder: FeatureAutoEncoder,
-                 pixel_decoder: PixelDecoder | None = None) -> None:
-        super().__init__()
-        if tuple(autoencoder.config.grid) != tuple(encoder.grid) or autoencoder.config.feature_dim != encoder.dim:
-            raise ConfigError(f"the FAE expects {autoencoder.config.grid} x {autoencoder.config.feature_dim} features, "
-                              f"the encoder gives {encoder.grid} x {encoder.dim}")
-        if pixel_decoder is not None and (pixel_decoder.config.in_dim != encoder.dim
-                                          or pixel_decoder.config.num_tokens != encoder.num_tokens):
-            raise ConfigError(f"the pixel decoder expects {pixel_decoder.config.num_tokens} x "
-                              f"{pixel_decoder.config.in_dim} features, the encoder gives {encoder.num_tokens} x {encoder.dim}")
-        self.encoder, self.autoencoder, self.pixel_decoder = encoder, autoencoder, pixel_decoder
-        self.fae_weights_sha256: str | None = None    # set when loaded from a bundle
-        self.eval()
+    def __init__(self, fae: FAE, generator: Generator, device: str | torch.device | None = None) -> None:
+        if fae.pixel_decoder is None:
+            raise ConfigError("a generation pipeline needs an FAE bundle with its pixel decoder (the pixel-decoder "
+                              "fine-tune run's tokenizer/)")
+        check_trained_on(generator, fae)
+        self.fae, self.generator = fae, generator
+        self.device = torch.device(device) if device is not None else generator.device
+        if device is not None:
+            self.to(device)
+
+    def to(self, device: str | torch.device) -> GenerationPipeline:
+        """Move both networks; later `generate` calls draw their noise and run there."""
+        self.device = torch.device(device)
+        self.fae.to(self.device)
+        self.generator.to(self.device)
+        return self
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "FAE":
-        path = resolve_pretrained(path)
-        record = read_bundle_config(path)
-        if record.get("class") != cls.__name__:
-            raise ConfigError(f"{path}: bundle holds a {record.get('class')}, not an FAE pipeline")
-        decoder = path / "pixel_decoder" if (path / "pixel_decoder").is_dir() else None
-        return cls._assemble(record["encoder"], path / "fae", decoder, map_location)
-
-    @classmethod
-    def from_parts(cls, fae_bundle: str | Path, pixel_decoder_bundle: str | Path | None = None,
-                   map_location: str | torch.device = "cpu") -> "FAE":
-        """Assemble from a stage-1 FAE bundle and a pixel-decoder bundle; both must name the same encoder."""
-        record = read_bundle_config(fae_bundle)
-        if "encoder" not in record:
-            raise ConfigError(f"{fae_bundle}: the FAE bundle does not record its frozen encoder")
-        if pixel_decoder_bundle is not None:
-            check_same_encoder(read_bundle_config(pixel_decoder_bundle).get("encoder"), record["encoder"],
-                               str(pixel_decoder_bundle), str(fae_bundle))
-        return cls._assemble(record["encoder"], Path(fae_bundle), pixel_decoder_bundle, map_location)
-
-    @classmethod
-    def load(cls, fae: str | Path, pixel_decoder: str | Path | None = None, map_location: str | torch.device = "cpu"
-             ) -> "FAE":
-        """What a user names on the command line: an FAE pipeline bundle (or a run folder holding fae_pipeline/), or
-        a stage-1 FAE bundle (or its run folder) plus a pixel-decoder bundle (or its run folder)."""
-        pipeline = find_bundle(Path(fae), ["fae_pipeline"], classes=[cls.__name__])
-        if pipeline is not None and pixel_decoder is None:
-            return cls.from_pretrained(pipeline, map_location)
-        stage1 = require_bundle(fae, "fae", classes=[FeatureAutoEncoder.__name__])
-        if pixel_decoder is None:
-            raise ConfigError(f"{stage1} is a stage-1 FAE bundle without a pixel decoder: pass --pixel-decoder "
-                              "<bundle> (train one with `fae train pixel-decoder`), or --fae an fae_pipeline bundle")
-        return cls.from_parts(stage1, require_bundle(pixel_decoder, "pixel_decoder", classes=[PixelDecoder.__name__]),
-                              map_location)
-
-    @classmethod
-    def _assemble(cls, encoder_reference: dict, fae_dir: Path, pixel_decoder: str | Path | None,
-                  map_location: str | torch.device) -> "FAE":
-        decoder = PixelDecoder.from_pretrained(pixel_decoder, map_location) if pixel_decoder is not None else None
-        model = cls(FrozenEncoder.from_reference(encoder_reference),
-                    FeatureAutoEncoder.from_pretrained(fae_dir, map_location), decoder).to(map_location)
-        # its identity, for generator bundles: the hash its config.json records (from_pretrained has just checked it
-        # against the file), or the file's own for bundles written before that field
-        model.fae_weights_sha256 = (read_bundle_config(fae_dir).get("weights_sha256")
-                                    or file_sha256(Path(fae_dir) / WEIGHTS_NAME))
-        return model
+    def from_parts(cls, generator: str | Path, fae: str | Path, device: str | torch.device = "cpu"
+                   ) -> GenerationPipeline:
+        """A generator bundle or run folder (any family) and the FAE bundle with pixel decoder (or the run holding
+        it) of its latents."""
+        bundle = find_bundle(Path(fae), TOKENIZER_FOLDERS, classes=["FAE"])
+        if bundle is None:
+            raise FileNotFoundError(f"{fae}: no FAE bundle with a pixel decoder (tokenizer/, written by the "
+                                    "pixel-decoder fine-tune stage) here")
+        return cls(FAE.from_pretrained(bundle, map_location=device), load_generator(generator, device), device)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
-        ref = self.encoder.reference()
-        self.autoencoder.save_pretrained(directory / "fae", extra={"encoder": ref})
-        if self.pixel_decoder is not None:
-            self.pixel_decoder.save_pretrained(directory / "pixel_decoder", extra={"encoder": ref})
-        atomic_write_text(directory / CONFIG_NAME, json.dumps({"class": type(self).__name__, "encoder": ref}, indent=2))
+        self.fae.save_pretrained(directory / TOKENIZER_FOLDERS[0])
+        self.generator.save_pretrained(directory / "generator")
+        atomic_write_text(directory / CONFIG_NAME, json.dumps({"class": type(self).__name__}, indent=2))
         return directory
 
-    def compile_networks(self, mode: str = "on", device: torch.device | str | None = None) -> bool:
-        """torch.compile, in place, the FAE encoder, feature decoder and pixel decoder when `mode` (auto | on | off,
-        fae.speed) says so on `device` (default: where the FAE is); the frozen encoder stays as loaded. Returns
-        whether it compiled."""
-        device = device if device is not None else next(self.autoencoder.parameters()).device
-        if not compile_wanted(mode, device):
-            return False
-        for module in (self.autoencoder.encoder, self.autoencoder.decoder, self.pixel_decoder):
-            if module is not None:
-                compile_in_place(module)
-        return True
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> GenerationPipeline:
+        directory = Path(directory)
+        if read_bundle_config(directory).get("class") != cls.__name__:
+            raise ConfigError(f"{directory} is not a {cls.__name__} folder")
+        return cls.from_parts(directory / "generator", directory, device)
 
-    def train(self, mode: bool = True) -> "FAE":
-        return super().train(False)  # inference object: never training mode
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
-               ) -> torch.Tensor:
-        """Images (B,3,H,W) in [0,1] -> latents (B,C,h,w): the posterior mean, or a sample with `sample=True`."""
-        posterior = self.autoencoder.encode(self.encoder(images))
-        return posterior.sample(generator) if sample else posterior.mode()
-
-    @torch.no_grad()
-    def decode_features(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B,C,h,w) -> reconstructed encoder features x_hat (B,N,D)."""
-        return self.autoencoder.decode(z)
-
-    @torch.no_grad()
-    def decode_to_pixels(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B,C,h,w) -> images (B,3,H,W) in [0,1], through the feature decoder and the pixel decoder."""
-        if self.pixel_decoder is None:
-            raise ConfigError("this FAE bundle has no pixel decoder; train one with `fae train pixel-decoder` and "
-                              "assemble with FAE.from_parts(fae_bundle, pixel_decoder_bundle)")
-        return self.pixel_decoder.decode(self.decode_features(z))
-
-    @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        return self.decode_to_pixels(self.encode(images))
+    def generate(self, num_samples: int, *, seed: int = 0, labels: str | Sequence[int] = "equal",
+                 prompts: Sequence[str] | None = None, sampler: SamplerConfig | None = None, batch_size: int = 64,
+                 precision: str = "auto", compile: CompileMode = "auto", progress: bool = True,
+                 resume_dir: str | Path | None = None) -> Samples:
+        """`num_samples` images on the pipeline's device (fae.sampling.generate): sample i's noise from (seed, i);
+        `labels` equal | random | class ids, or `prompts` for a text generator; `sampler` (steps, guidance, method;
+        default: SamplerConfig()); `precision` auto | fp32 | bf16; `compile` auto | on | off (generator and
+        decoders); `resume_dir` keeps finished chunks so an interrupted call resumes."""
+        self.fae.compile_networks(compile, self.device)
+        return generate(self.generator, self.fae.decode_to_pixels, num_samples, seed=seed, labels=labels,
+                        sampler=sampler, batch_size=batch_size, device=self.device, progress=progress,
+                        precision=precision, prompts=prompts, resume_dir=resume_dir, compile=compile)

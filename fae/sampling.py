@@ -1,7 +1,7 @@
 """Sampling images from a trained generator: DiT bundle + FAE (+ pixel decoder) -> grid PNG, PNGs, ADM `.npz`.
 
     gen = load_generator("runs/dit")                        # fae.generators: bundle or finished run folder
-    decode = load_decoder(gen, fae="runs/pixel-decoder-ft/fae_pipeline")   # the FAE it was trained on (hash-checked)
+    decode = load_decoder(gen, fae="runs/pixel-decoder-ft/tokenizer")   # the FAE it was trained on (hash-checked)
     result = generate(gen, decode, num_samples=100, seed=0, sampler=SamplerConfig(guidance=GuidanceSchedule.paper()))
     write_samples("samples/", result, gen.class_names)
 
@@ -26,13 +26,13 @@ import torch
 from fae import distributed as D
 from fae.config import ConfigError, to_dict
 from fae.data.labels import check_class_ids
-from fae.generators import Generator, load_generator
+from fae.generators import Generator
 from fae.grid import draw_grid
-from fae.io import CONFIG_NAME, atomic_write, atomic_write_text, find_bundle, read_bundle_config, require_bundle
+from fae.io import atomic_write, atomic_write_text, require_bundle
 from fae.models.pixel_decoder import PixelDecoder
-from fae.pipeline import FAE
 from fae.precision import resolve_precision
 from fae.speed import CompileMode, compile_in_place, compile_wanted
+from fae.tokenizers import FAE
 from fae.transport import SamplerConfig, initial_noise, sample_generators
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
@@ -42,12 +42,12 @@ def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: s
                  device: str | torch.device = "cpu", compile: CompileMode = "auto") -> Decoder:
     """Latents (B,C,h,w) in the generator's space (de-normalised) -> images (B,3,H,W) in [0,1].
 
-    FAE latents: `fae` is an FAE pipeline bundle (with its pixel decoder), or a stage-1 FAE bundle plus
+    FAE latents: `fae` is an FAE bundle with its pixel decoder (`tokenizer/`, or the run holding it), or a stage-1 FAE bundle plus
     `pixel_decoder` (`FAE.load`); its weights must be those the generator was trained on. Raw-feature latents: the
     features go straight into `pixel_decoder`. `compile` (auto | on | off, fae.speed) compiles the decoders.
     """
     compile_wanted(compile, device)  # a bad mode is refused before anything loads
-    if gen.record.get("latents", {}).get("source") == "raw_features":
+    if gen.record.raw_features:
         if pixel_decoder is None:
             raise ConfigError("these latents are raw encoder features: pass the pixel decoder bundle "
                               "(--pixel-decoder), e.g. <pixel-decoder run>/pixel_decoder")
@@ -58,8 +58,8 @@ def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: s
         return lambda z: pd.decode(z.flatten(2).transpose(1, 2))
     if fae is None:
         expected = trained_fae_sha256(gen)
-        raise ConfigError(f"{gen.source} generates FAE latents: pass the FAE it was trained on (--fae <fae_pipeline "
-                          "bundle>, or --fae <stage-1 bundle> --pixel-decoder <bundle>"
+        raise ConfigError(f"{gen.source} generates FAE latents: pass the FAE it was trained on (--fae <pixel-decoder "
+                          "fine-tune run or its tokenizer/ bundle>, or --fae <stage-1 run> --pixel-decoder <run>"
                           + (f"; its weights' SHA-256 starts {expected[:12]}" if expected else "")
                           + "), or sample from a pipeline folder (GenerationPipeline, `fae sample --pipeline`)")
     pipe = FAE.load(fae, pixel_decoder, map_location=device)
@@ -70,12 +70,12 @@ def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: s
 
 def trained_fae_sha256(gen: Generator) -> str | None:
     """The SHA-256 of the FAE weights whose latents the generator learned (its bundle's identity of the FAE)."""
-    return (gen.record.get("latents", {}).get("fae") or {}).get("weights_sha256")
+    return gen.record.latents.fae_sha256 if gen.record.latents else None
 
 
 def check_trained_on(gen: Generator, fae: FAE) -> None:
     """Refuse an FAE whose weights are not those the generator was trained on: its samples would decode wrongly."""
-    if gen.record.get("latents", {}).get("source") == "raw_features":
+    if gen.record.raw_features:
         raise ConfigError(f"{gen.source} generates raw encoder features, not FAE latents; decode them with "
                           "load_decoder(gen, pixel_decoder=...)")
     if tuple(gen.latent_shape) != (fae.autoencoder.config.latent_channels, *fae.autoencoder.config.grid):
@@ -85,52 +85,6 @@ def check_trained_on(gen: Generator, fae: FAE) -> None:
     if expected and fae.fae_weights_sha256 and fae.fae_weights_sha256 != expected:
         raise ConfigError(f"{gen.source} was trained on the latents of another FAE (the SHA-256 of the FAE weights, "
                           f"{fae.fae_weights_sha256[:12]}..., differs from the {expected[:12]}... the generator records)")
-
-
-class GenerationPipeline:
-    """Conditions -> images from one folder: `fae_pipeline/` (frozen-encoder reference, FAE, pixel decoder) and
-    `generator/` (the generator bundle with its latent statistics and the SHA-256 of the FAE weights it was trained
-    on, checked on load).
-
-        pipe = GenerationPipeline.from_pretrained("runs/demo/pipeline")
-        samples = pipe.generate(20, sampler=SamplerConfig(steps=25, guidance=GuidanceSchedule.parse("0-0.7:6.0")))
-    """
-
-    def __init__(self, fae: FAE, generator: Generator) -> None:
-        if fae.pixel_decoder is None:
-            raise ConfigError("a generation pipeline needs an FAE bundle with its pixel decoder (an fae_pipeline)")
-        check_trained_on(generator, fae)
-        self.fae, self.generator = fae, generator
-
-    @classmethod
-    def from_parts(cls, generator: str | Path, fae_pipeline: str | Path, device: str | torch.device = "cpu"
-                   ) -> GenerationPipeline:
-        """A generator bundle (or finished run) and the FAE pipeline bundle (or the run holding it) of its latents."""
-        pipeline = find_bundle(Path(fae_pipeline), ["fae_pipeline"], classes=["FAE"])
-        if pipeline is None:
-            raise FileNotFoundError(f"{fae_pipeline}: no FAE pipeline bundle (fae_pipeline/, written by the "
-                                    "pixel-decoder fine-tune stage) here")
-        return cls(FAE.from_pretrained(pipeline, map_location=device), load_generator(generator, device))
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        self.fae.save_pretrained(directory / "fae_pipeline")
-        self.generator.save_pretrained(directory / "generator")
-        atomic_write_text(directory / CONFIG_NAME, json.dumps({"class": type(self).__name__}, indent=2))
-        return directory
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> GenerationPipeline:
-        directory = Path(directory)
-        if read_bundle_config(directory).get("class") != cls.__name__:
-            raise ConfigError(f"{directory} is not a {cls.__name__} folder")
-        return cls.from_parts(directory / "generator", directory / "fae_pipeline", device)
-
-    def generate(self, num_samples: int, **kwargs: Any) -> Samples:
-        """`generate(generator, decode, num_samples, **kwargs)` with this pipeline's generator and decoder
-        (`compile=` compiles both)."""
-        self.fae.compile_networks(kwargs.get("compile", "auto"), kwargs.get("device", "cpu"))
-        return generate(self.generator, self.fae.decode_to_pixels, num_samples, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------- generation
@@ -161,10 +115,25 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class Samples:
-    images: np.ndarray                  # (N,H,W,3) uint8, in sample-index order
-    labels: np.ndarray | None           # (N,) int64
-    indices: np.ndarray                 # (N,) the global sample indices these rows hold
+    """Generated images: `images` (N,H,W,3) uint8 in sample-index order, `labels` (N,) int64 class or prompt ids,
+    `indices` (N,) the global sample indices these rows hold, `settings` what produced them. `pil()` gives PIL
+    images, `tensor()` (N,3,H,W) floats in [0,1]."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    indices: np.ndarray
     settings: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pil(self) -> list[Any]:
+        from PIL import Image
+
+        return [Image.fromarray(img) for img in self.images]
+
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.images).permute(0, 3, 1, 2).float() / 255
 
 
 @torch.no_grad()

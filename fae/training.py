@@ -323,7 +323,7 @@ class Trainer:
 
         if cfg.fsdp and not stage.supports_fsdp:
             raise ValueError(f"train.fsdp=true: {type(stage).__name__} trains with DDP only (FSDP2 is for the "
-                             "generator stages: dit, flow, mmdit); set train.fsdp=false")
+                             "stages that declare supports_fsdp: the generator stages); set train.fsdp=false")
         self.raw = dict(stage.modules)
         for m in self.raw.values():
             m.to(self.device).train()

@@ -128,7 +128,7 @@ def tiny_latent_world(tmp_path_factory, tiny_encoder_dir):
     from fae.encoders import EncoderConfig, FrozenEncoder
     from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
     from fae.models.pixel_decoder import PixelDecoder, PixelDecoderConfig
-    from fae.pipeline import FAE
+    from fae.tokenizers import FAE
 
     root = tmp_path_factory.mktemp("latent-world")
     encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder_dir)))

@@ -18,14 +18,14 @@ from torch import nn
 
 import fae.encoding
 import fae.sampling
-import fae.stages.dit
+import fae.stages
 from fae.cli import main
 from fae.generators import DiTGenerator, load_generator
 from fae.metrics.inception import FIDInceptionV3, random_inception_state
 from fae.metrics.scores import inception_score
 from fae.models.dit import DiT, DiTConfig
 from fae.sampling import generate
-from fae.stages.dit import Config, DiTStage, generator_record
+from fae.stages.dit import Config, DiTStage
 from fae.transport import SamplerConfig, TransportConfig, sample, shift_time, time_grid
 
 TRAINED_SHIFT = 0.3   # neither 1 (no shift) nor the paper's 0.4 (a default): only the configured value gives it
@@ -58,7 +58,9 @@ def _fake_cache() -> SimpleNamespace:
 def generator(tmp_path) -> DiTGenerator:
     """A DiT bundle exported as `fae train dit` records it (transport included), loaded back from disk."""
     cfg = Config(latents="latents", transport=TransportConfig(time_shift=TRAINED_SHIFT))
-    DiTGenerator(_dit(), generator_record(cfg, _fake_cache()), "made here").save_pretrained(tmp_path / "dit")
+    stage = DiTStage.__new__(DiTStage)   # the record needs the config and the cache, not a model
+    stage.cfg, stage.cache = cfg, _fake_cache()
+    DiTGenerator(_dit(), stage.record(), "made here").save_pretrained(tmp_path / "dit")
     gen = load_generator(tmp_path / "dit")
     gen.model = Recorder(gen.model)
     return gen
@@ -134,7 +136,7 @@ def test_sde_with_diffusion_norm_reaches_the_data(norm):
 
 def test_sample_cli_flags_reach_the_sampler(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(fae.stages.dit, "load_run_generator", lambda path, device: "generator")
+    monkeypatch.setattr(fae.stages, "load_run_generator", lambda path, device: "generator")
     monkeypatch.setattr(fae.sampling, "load_decoder", lambda gen, **kw: "decoder")
     monkeypatch.setattr(fae.sampling, "sample_to_dir", lambda gen, decode, out, n, **kw: seen.update(kw) or {})
     assert main(["sample", "--dit", "d", "--out", str(tmp_path), "--time-shift", "0.25", "--cfg-batch", "separate",

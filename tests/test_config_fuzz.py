@@ -77,3 +77,68 @@ def test_random_command_lines_never_raise(argv):
     if "train" in argv or "encode" in argv:   # could start real work on a valid guess; not this test's job
         argv = [a for a in argv if a not in ("train", "encode")]
     _run(argv)
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_latent_world, tmp_path_factory):
+    """Real inputs for `fae encode` and `fae sample` (a tiny FAE, its pipeline bundle, a latent cache and an untrained
+    DiT bundle exported on it), and wrong ones: a missing path, a file, a bundle of the wrong kind, bad YAML."""
+    from fae.data.latents import LatentCache
+    from fae.generators import DiTGenerator, GeneratorRecord
+    from fae.models.dit import DiT, DiTConfig
+
+    w, root = tiny_latent_world, tmp_path_factory.mktemp("fuzz")
+    dit = DiT(DiTConfig(input_size=(4, 4), in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10))
+    DiTGenerator(dit, GeneratorRecord.from_cache(LatentCache(w["cache"]), transport={"time_shift": 1.0}), "fuzz"
+                 ).save_pretrained(root / "dit")
+    (root / "bad.yaml").write_text("data: [\n")
+    (root / "plain.txt").write_text("not a bundle\n")
+    return {"fae": str(w["fae"]), "run": str(Path(w["fae"]).parent), "pipeline": str(w["pipeline"]),
+            "cache": str(w["cache"]), "data": str(w["root"] / "data.yaml"), "dit": str(root / "dit"),
+            "bad": str(root / "bad.yaml"), "file": str(root / "plain.txt"), "missing": str(root / "nope"),
+            "root": root}
+
+
+def _flags(options: dict[str, list[str]]) -> st.SearchStrategy[list[str]]:
+    """Random subsets of `--flag value` pairs (a value None: a switch)."""
+    pairs = [[flag] if value is None else [flag, value] for flag, values in options.items() for value in values]
+    return st.lists(st.sampled_from(pairs), max_size=4).map(lambda chosen: [a for pair in chosen for a in pair])
+
+
+def test_random_encode_arguments_give_a_cache_or_a_clean_error(bundles):
+    b = bundles
+    paths = [b["fae"], b["run"], b["pipeline"], b["cache"], b["missing"], b["file"], b["dit"]]
+    options = {"--fae": paths, "--data": [b["data"], b["bad"], b["missing"], b["file"], b["fae"] + "/config.json"],
+               "--encoder": [b["bad"], b["missing"], b["data"]], "--source": ["fae", "raw_features"],
+               "--shard-size": ["0", "-1", "7"], "--batch-size": ["0", "5"], "--dtype": ["bfloat16"],
+               "--precision": ["bf16", "fp32"], "--feature-cache": [b["missing"], b["file"], b["cache"]],
+               "--split": ["test", "bogus"], "--store-std": [None], "--no-flip": [None],
+               "--text-encoder": ["minilm"], "--text-max-length": ["0", "-5"], "--num-workers": ["-1"]}
+
+    @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(_flags(options), st.lists(st.sampled_from(["limit=-1", "image_size=0", "bogus=1", "kind=nope"]), max_size=1))
+    def check(flags, overrides):
+        out = b["root"] / "encoded"
+        _run(["encode", "--out", str(out), "--no-progress", *flags, "limit=6", *overrides])
+
+    check()
+
+
+def test_random_sample_arguments_give_images_or_a_clean_error(bundles):
+    b = bundles
+    options = {"--generator": [b["dit"], b["missing"], b["fae"], b["file"]],
+               "--fae": [b["pipeline"], b["fae"], b["run"], b["missing"], b["dit"]],
+               "--pipeline": [b["pipeline"], b["missing"], b["dit"]], "--pixel-decoder": [b["missing"], b["fae"]],
+               "--steps": ["0", "-2", "2"], "--guidance": ["paper", "x", "2.5", "0.5-0.2:3"], "--labels": ["9,9", "x",
+               "99", "random", ""], "--prompt": ["a cat"], "--batch-size": ["0", "2"], "--time-shift": ["-1", "0"],
+               "--sampler": ["heun", "euler_maruyama"], "--guidance-channels": ["-3", "99"], "--seed": ["-1"],
+               "--cfg-batch": ["separate"], "--device": ["bogus", "cuda:7"], "--precision": ["bf16"],
+               "--prompts": [b["missing"], b["file"]], "--per-row": ["0"]}
+
+    @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(_flags(options))
+    def check(flags):
+        _run(["sample", "--out", str(b["root"] / "samples"), "-n", "2", "--steps", "1", "--no-progress",
+              "--no-pngs", *flags])
+
+    check()

@@ -43,22 +43,23 @@ def finished_demo(tmp_path_factory):
 
 # Commands the docs and config headers show for use after `fae demo`, with the file that shows each. The test runs
 # each one from the checkout against the finished demo, writing to a scratch folder (`out`) and at a tiny size.
+QUICK_LATENT_STAGE = ["train.steps=2", "data.limit=512", "train.batch_size=16"]  # the quick demo's data limit
 DOCUMENTED = [
     ("configs/demo/fae.yaml", "fae train fae --config configs/demo/fae.yaml --out runs/demo-fae",
-     ["train.steps=2", "data.limit=64", "eval.limit=16", "train.batch_size=16"]),
+     [*QUICK_LATENT_STAGE, "eval.limit=200"]),
     ("configs/demo/pixel_decoder.yaml",
      "fae train pixel-decoder --config configs/demo/pixel_decoder.yaml --out runs/demo/pixel-decoder",
-     ["train.steps=2", "data.limit=64", "eval.limit=16", "train.batch_size=16"]),
+     [*QUICK_LATENT_STAGE, "eval.limit=64"]),
     ("configs/demo/pixel_decoder_finetune.yaml",
      "fae train pixel-decoder --config configs/demo/pixel_decoder_finetune.yaml --out runs/demo/pixel-decoder-ft "
      "--finetune-from runs/demo/pixel-decoder --fae runs/demo/fae",
-     ["train.steps=2", "data.limit=64", "eval.limit=16", "train.batch_size=16"]),
+     [*QUICK_LATENT_STAGE, "eval.limit=64"]),
     ("configs/demo/dit.yaml",
-     "fae encode --fae runs/demo/fae/fae --data configs/demo/fae.yaml --out runs/demo/latents/fae", ["limit=32"]),
+     "fae encode --fae runs/demo/fae --data configs/demo/fae.yaml --out runs/demo/latents/fae", ["limit=32"]),
     ("docs/diffusion.md", "fae train dit --config configs/demo/dit.yaml --out runs/demo/dit",
      ["train.steps=2", "train.batch_size=16"]),
     ("docs/diffusion.md",
-     "fae sample --dit runs/demo/dit --fae runs/demo/pixel-decoder-ft/fae_pipeline --out samples -n 1000 "
+     "fae sample --generator runs/demo/dit --fae runs/demo/pixel-decoder-ft --out samples -n 1000 "
      "--guidance paper", ["-n", "4", "--steps", "2"]),
     ("docs/flow.md", "fae train flow --config configs/demo/flow.yaml --out runs/demo/flow",
      ["train.steps=2", "train.batch_size=16", "holdout=16"]),
@@ -85,8 +86,12 @@ def test_documented_commands_work_after_the_demo(finished_demo, tmp_path, monkey
         args[args.index("--out") + 1] = str(tmp_path / "out")
     monkeypatch.chdir(root)
     monkeypatch.setenv("FAE_CACHE", str(root / "cache"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(root / "xdg"))  # stage 1's feature cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root / "xdg"))  # the default feature cache folder
+    demo_caches = sorted((root / "runs" / "demo" / "feature_cache").iterdir())
     assert main([*args, *[t.format(out=tmp_path) for t in tiny], "--no-progress"]) == 0
+    # the demo's configs, run by hand at the demo's data limit, reuse its feature cache: nothing new is encoded
+    assert sorted((root / "runs" / "demo" / "feature_cache").iterdir()) == demo_caches
+    assert not list((root / "xdg").rglob("*.safetensors")), "a hand-run built a second feature cache"
 
 
 @pytest.mark.margin
@@ -118,7 +123,7 @@ def test_quick_demo_end_to_end(finished_demo, capsys, monkeypatch):
         assert Path(samples[key]["grid"]).is_file()
     for space in ("fae", "raw"):  # the quick run's numbers mean nothing, but guidance must change the samples
         assert samples[f"{space}/guidance"]["fd_encoder"] != samples[f"{space}/no_guidance"]["fd_encoder"]
-    from fae.sampling import GenerationPipeline  # the whole chain in one folder, sampled in one call
+    from fae.pipeline import GenerationPipeline  # the whole chain in one folder, sampled in one call
     pipe = GenerationPipeline.from_pretrained(samples["pipeline"])
     assert pipe.generate(3, progress=False).images.shape == (3, 32, 32, 3)
     inputs = [row["input"] for row in results["probe"]["rows"]]
@@ -184,3 +189,44 @@ def test_quick_flow_demo_adds_the_flow_comparison(finished_demo, tmp_path, monke
     assert "STARFlow on FAE latents" in html and "DiT on FAE latents" in html
     for src in referenced_images(html):
         assert (out / src).is_file(), src
+
+
+def python_examples() -> list[tuple[str, int, str]]:
+    """Every ```python block of the README and docs/*.md as (file, line, code), except those announced by a
+    `<!-- example: not run (reason) -->` line (they need the hub, weights or data this machine lacks)."""
+    found = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        lines = doc.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.strip() != "```python":
+                continue
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+            before = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            if not before.startswith("<!-- example: not run ("):
+                found.append((str(doc.relative_to(REPO)), i + 1, "\n".join(lines[i + 1:end])))
+    return found
+
+
+def test_the_documented_python_examples_run_after_the_demo(finished_demo, monkeypatch):
+    root, _ = finished_demo
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("FAE_CACHE", str(root / "cache"))
+    examples = python_examples()
+    assert len(examples) >= 6 and any(doc == "README.md" for doc, _, _ in examples)
+    for doc, line, code in examples:
+        try:
+            exec(compile(code, f"{doc}:{line}", "exec"), {"__name__": "example"})
+        except Exception as exc:  # name the example, not only the line inside it
+            raise AssertionError(f"the Python example at {doc}:{line} fails: {type(exc).__name__}: {exc}") from exc
+
+
+def test_import_fae_offers_the_public_surface():
+    import subprocess
+    import sys
+
+    code = "import sys, fae; assert 'torch' not in sys.modules; help(fae); print(fae.GenerationPipeline.__module__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for name in ("GenerationPipeline", "FAE", "load_generator", "SamplerConfig", "register_family", "encode_latents"):
+        assert name in done.stdout
+    assert done.stdout.strip().endswith("fae.pipeline")

@@ -9,7 +9,7 @@ from fae.config import ConfigError
 from fae.generators import DiTGenerator
 from fae.models.dit import DiT, DiTConfig, dit_config
 from fae.nn import count_parameters
-from fae.stages.dit import check_model_matches_cache
+from fae.stages.generator import check_model_matches_cache
 from fae.transport import GuidedVelocity, SamplerConfig, TransportConfig, flow_matching_loss, sample
 
 

@@ -13,9 +13,10 @@ from seeding import subprocess_env
 from torch.utils.data import DataLoader, Dataset
 
 from fae.cli import main
-from fae.data.latents import EncodeOptions, LatentCache, LatentDataset, encode_dataset, shard_name
+from fae.data.latents import LatentCache, LatentDataset, shard_name
 from fae.data.loading import loader_options
 from fae.data.readable import collate_present
+from fae.encoding import EncodeOptions, encode_dataset
 from fae.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -192,9 +192,9 @@ def test_bad_files_are_dropped_and_counted_never_replaced(tmp_path, tiny_encoder
     import warnings
 
     from fae.data import DataConfig
-    from fae.data.latents import EncodeOptions, LatentCache
+    from fae.data.latents import LatentCache
     from fae.encoders import EncoderConfig
-    from fae.encoding import encode_latents
+    from fae.encoding import EncodeOptions, encode_latents
 
     good, bad = _messy_folder(tmp_path / "messy" / "train" / "things")
     (tmp_path / "clean" / "train" / "things").mkdir(parents=True)
@@ -400,9 +400,9 @@ def test_a_bundle_config_with_unexpected_fields_is_refused_with_the_field_named(
 
 def test_a_damaged_latent_shard_is_named_and_repaired_by_encoding_again(tmp_path, tiny_encoder_dir):
     from fae.data import DataConfig
-    from fae.data.latents import EncodeOptions, LatentCache
+    from fae.data.latents import LatentCache
     from fae.encoders import EncoderConfig
-    from fae.encoding import encode_latents
+    from fae.encoding import EncodeOptions, encode_latents
 
     data = DataConfig(kind="fashion_mnist", split="test", image_size=16, limit=12)
     encoder = EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder_dir))

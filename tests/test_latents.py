@@ -1,4 +1,4 @@
-"""Latent cache (fae/data/latents.py): encoding, shards, exact statistics, the memory-mapped data set."""
+"""Latent cache: encoding (fae.encoding), shards, exact statistics, the memory-mapped data set (fae.data.latents)."""
 from __future__ import annotations
 
 import json
@@ -9,16 +9,9 @@ from margins import within
 
 from fae.data import flip_coin, split_key
 from fae.data.idx import FashionMNIST
-from fae.data.latents import (
-    STATS,
-    EncodeOptions,
-    LatentCache,
-    LatentDataset,
-    encode_dataset,
-    make_latent_fn,
-)
+from fae.data.latents import STATS, LatentCache, LatentDataset
 from fae.encoders import EncoderConfig, FrozenEncoder
-from fae.encoding import encode_latents
+from fae.encoding import EncodeOptions, encode_dataset, encode_latents, make_latent_fn
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
 
 

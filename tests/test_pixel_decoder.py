@@ -136,8 +136,8 @@ from fae.cli import main  # noqa: E402
 from fae.encoders import EncoderConfig, FrozenEncoder  # noqa: E402
 from fae.io import read_bundle_config  # noqa: E402
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder  # noqa: E402
-from fae.pipeline import FAE  # noqa: E402
 from fae.stages import load_stage_config, train_stage  # noqa: E402
+from fae.tokenizers import FAE  # noqa: E402
 
 
 def write_config(path: Path, tiny_encoder_dir: Path, steps: int = 4, extra: str = "", decoder: bool = True,
@@ -263,7 +263,7 @@ def test_finetune_stage_and_pipeline(tmp_path, tiny_encoder_dir):
     assert g.keys() == f.keys() and any(not torch.equal(g[k], f[k]) for k in g)
 
     # image -> z -> image in two calls
-    fae = FAE.from_pretrained(tmp_path / "ft" / "fae_pipeline")
+    fae = FAE.from_pretrained(tmp_path / "ft" / "tokenizer")
     images = torch.rand(2, 3, 16, 16)
     z = fae.encode(images)
     assert z.shape == (2, 4, 4, 4)

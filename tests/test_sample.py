@@ -2,6 +2,7 @@
 (outputs, determinism, torchrun split)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,10 +21,9 @@ from fae.data.latents import LatentCache
 from fae.generators import load_generator
 from fae.io import WEIGHTS_NAME, file_sha256, read_bundle_config
 from fae.models.dit import DiT
-from fae.pipeline import FAE
 from fae.sampling import image_grid, load_decoder, make_labels
-from fae.stages import load_stage_config, train_stage
-from fae.stages.dit import load_run_generator
+from fae.stages import load_run_generator, load_stage_config, train_stage
+from fae.tokenizers import FAE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def test_unfinished_run_and_decoder_errors(world, tmp_path):
         load_decoder(gen, fae=world["fae"])                             # a stage-1 bundle has no pixel decoder
     with pytest.raises(ConfigError, match="pass the FAE it was trained on"):
         load_decoder(gen)                                               # bundles record the FAE by hash, not by path
-    gen.record["latents"]["source"] = "raw_features"
+    gen.record.latents = dataclasses.replace(gen.record.latents, source="raw_features")
     with pytest.raises(ConfigError, match="raw encoder features"):
         load_decoder(gen)
 
@@ -173,12 +173,12 @@ def test_class_agreement_classifier(tmp_path):
 def test_sampling_speaks_only_to_the_generator_interface(tmp_path):
     """Any Generator works with generate / sample_to_dir (STARFlow and MMDiT will): a toy one whose latents encode
     the class id, and a decoder that paints it, come out in order, with its settings and its guidance rule."""
-    from fae.generators import Generator
+    from fae.generators import Generator, GeneratorRecord
     from fae.sampling import generate, sample_to_dir
     from fae.transport import GuidanceSchedule, SamplerConfig
 
     class Toy(Generator):
-        record, source = {"class_names": [f"c{i}" for i in range(3)]}, "toy"
+        record, source = GeneratorRecord([0.0, 0.0], [1.0, 1.0], class_names=[f"c{i}" for i in range(3)]), "toy"
         latent_shape, num_classes, supports_guidance = (2, 4, 4), 3, False
         calls = 0
 
@@ -192,6 +192,9 @@ def test_sampling_speaks_only_to_the_generator_interface(tmp_path):
 
         def save_pretrained(self, directory):
             return Path(directory)
+
+        def to(self, device):
+            return self
 
     paint = lambda z: z[:, :1].mean((1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 3, 8, 8)  # noqa: E731
     out = generate(Toy(), paint, 7, labels="equal", sampler=SamplerConfig(steps=3), batch_size=3, progress=False)
@@ -208,7 +211,8 @@ def test_sampling_speaks_only_to_the_generator_interface(tmp_path):
 def test_generation_pipeline_folder_loads_with_one_call_and_checks_the_fae(world, tmp_path):
     """One folder (FAE pipeline + generator bundle) loads with one from_pretrained and samples in one call, the
     same images as the generator and decoder loaded apart; a generator of another FAE's latents is refused."""
-    from fae.sampling import GenerationPipeline, generate
+    from fae.pipeline import GenerationPipeline
+    from fae.sampling import generate
     from fae.transport import SamplerConfig
 
     pipe = GenerationPipeline.from_parts(world["run"], world["pipeline"])
@@ -234,3 +238,25 @@ def test_generation_pipeline_folder_loads_with_one_call_and_checks_the_fae(world
     assert main(["sample", "--pipeline", str(folder), "-n", "6", "--seed", "3", "--steps", "3", "--sampler", "euler",
                  "--out", str(tmp_path / "cli"), "--no-progress", "--no-pngs"]) == 0
     assert np.array_equal(np.load(tmp_path / "cli" / "samples.npz")["arr_0"], ours.images)
+
+
+def test_a_generation_pipeline_samples_on_the_device_it_was_loaded_on(world, tmp_path, monkeypatch):
+    """from_pretrained(folder, device=...) puts both networks there, and generate() draws its noise and runs every
+    network there (on the meta device: shapes only; the images' conversion is where the run is observed)."""
+    import fae.sampling
+    from fae.io import _parsed_config
+    from fae.pipeline import GenerationPipeline
+    from fae.transport import SamplerConfig
+
+    folder = GenerationPipeline.from_parts(world["run"], world["pipeline"]).save_pretrained(tmp_path / "pipe")
+    _parsed_config.cache_clear()
+    pipe = GenerationPipeline.from_pretrained(folder, device="meta")
+    configs = {p for p in folder.rglob("config.json")}
+    assert _parsed_config.cache_info().misses == len(configs)       # each config.json parsed once
+    assert pipe.device == torch.device("meta") and pipe.generator.device == torch.device("meta")
+    assert {p.device.type for p in [*pipe.fae.parameters(), *pipe.generator.model.parameters()]} == {"meta"}
+    seen = []
+    monkeypatch.setattr(fae.sampling, "to_uint8", lambda x: seen.append(x.device) or np.zeros((len(x), 16, 16, 3),
+                                                                                              np.uint8))
+    out = pipe.generate(3, sampler=SamplerConfig(steps=2), progress=False)
+    assert seen == [torch.device("meta")] and out.images.shape == (3, 16, 16, 3)

@@ -12,9 +12,9 @@ from PIL import Image
 from fae.cli import main
 from fae.config import ConfigError
 from fae.data import DataConfig
-from fae.data.latents import EncodeOptions, LatentCache, LatentDataset
+from fae.data.latents import LatentCache, LatentDataset
 from fae.encoders import TextEncoder, TextEncoderConfig
-from fae.encoding import encode_latents
+from fae.encoding import EncodeOptions, encode_latents
 from fae.generators import MMDiTGenerator, load_generator
 from fae.io import read_bundle_config
 from fae.stages import load_stage_config

@@ -18,10 +18,9 @@ def _section(path: str, key: str) -> dict[str, Any]:
 
 def _cmd_encode(args: argparse.Namespace) -> int:
     from fae.data import DataConfig
-    from fae.data.latents import EncodeOptions
     from fae.distributed import init_distributed
     from fae.encoders import EncoderConfig, TextEncoderConfig
-    from fae.encoding import encode_latents
+    from fae.encoding import EncodeOptions, encode_latents
 
     init_distributed()
     data = from_dict(DataConfig, apply_overrides(_section(args.data, "data"), args.overrides), "data")
@@ -32,12 +31,6 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     text = None
     if args.text_encoder:
         text = TextEncoderConfig(kind=args.text_encoder, name_or_path=args.text_model, max_length=args.text_max_length)
-    try:
-        opts.validate()
-        if text is not None:
-            text.validate()
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     out = encode_latents(data, args.out, fae=args.fae, encoder=encoder, split=args.split, options=opts,
                          device=args.device, progress=not args.no_progress, feature_cache=args.feature_cache,
                          text_encoder=text)
@@ -50,8 +43,9 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from fae.distributed import init_distributed, is_main
-    from fae.sampling import GenerationPipeline, load_decoder, sample_to_dir
-    from fae.stages.dit import load_run_generator
+    from fae.pipeline import GenerationPipeline
+    from fae.sampling import load_decoder, sample_to_dir
+    from fae.stages import load_run_generator
     from fae.transport import GuidanceSchedule, SamplerConfig, paper_method
 
     _, _, dist_device = init_distributed()
@@ -72,16 +66,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.prompts:
         prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
     if args.pipeline:
-        if args.dit or args.fae or args.pixel_decoder:
-            raise ConfigError("--pipeline holds the generator and the FAE: drop --dit/--fae/--pixel-decoder")
+        if args.generator or args.fae or args.pixel_decoder:
+            raise ConfigError("--pipeline holds the generator and the FAE: drop --generator/--fae/--pixel-decoder")
         pipe = GenerationPipeline.from_pretrained(args.pipeline, device=device)
         pipe.fae.compile_networks(args.compile, device)
         gen, decode = pipe.generator, pipe.fae.decode_to_pixels
-    elif args.dit:
-        gen = load_run_generator(args.dit, device=device)
+    elif args.generator:
+        gen = load_run_generator(args.generator, device=device)
         decode = load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device, compile=args.compile)
     else:
-        raise ConfigError("fae sample: give --pipeline <folder>, or --dit <run> with --fae <fae_pipeline>")
+        raise ConfigError("fae sample: give --pipeline <folder>, or --generator <run> with --fae <pixel-decoder "
+                          "fine-tune run>")
     written = sample_to_dir(gen, decode, args.out, args.num_samples, seed=args.seed, labels=args.labels,
                             sampler=sampler, batch_size=args.batch_size, device=device, progress=not args.no_progress,
                             grid=not args.no_grid, pngs=not args.no_pngs, npz=not args.no_npz, per_row=args.per_row,
@@ -97,7 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Run the frozen encoder and the FAE encoder once over a data set (plain and "
                        "h-flipped images) and write safetensors shards with labels and exact per-channel "
                        "statistics. Re-running resumes: finished shards are kept. Works under torchrun.")
-    p.add_argument("--fae", help="FAE bundle (e.g. runs/fae/fae); its recorded frozen encoder is used")
+    p.add_argument("--fae", help="the stage-1 FAE run folder or bundle (e.g. runs/fae); its recorded frozen encoder "
+                   "is used")
     p.add_argument("--data", required=True, help="YAML with a data: section (e.g. the FAE training config) or "
                    "DataConfig fields")
     p.add_argument("--encoder", help="YAML with an encoder: section; default: the encoder the FAE bundle records")
@@ -126,20 +122,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="data overrides key=value, e.g. limit=1000 image_size=32")
     p.set_defaults(func=_cmd_encode)
 
-    p = sub.add_parser("sample", help="generate images with a trained DiT, MMDiT or STARFlow flow",
-                       description="Sample latents with a DiT or STARFlow flow (class labels) or MMDiT (--prompt) "
-                       "generator, decode them to pixels and write a labelled "
+    from fae.generators import families
+
+    names = ", ".join(families())
+    p = sub.add_parser("sample", help=f"generate images with a trained generator ({names})",
+                       description=f"Sample latents with a trained generator (families: {names}; class labels, or "
+                       "--prompt for a text generator), decode them to pixels and write a labelled "
                        "grid.png, images/*.png and samples.npz (arr_0: uint8 NHWC, for the ADM evaluator). Under "
                        "torchrun the work is split across processes with identical results.")
     p.add_argument("--pipeline", help="a generation pipeline folder (generator + FAE pipeline, e.g. runs/demo/pipeline)")
-    p.add_argument("--dit", "--generator", dest="dit",
-                   help="generator: DiT bundle or `fae train dit` run folder (newest EMA if unfinished), or an MMDiT "
-                   "bundle or finished `fae train mmdit` run, or a flow bundle or finished `fae train flow` run")
+    p.add_argument("--generator", "--dit", dest="generator",
+                   help=f"a generator bundle or `fae train <family>` run folder ({names}; an unfinished run: its "
+                   "newest EMA weights). --dit is the same flag's older name")
     p.add_argument("--prompt", action="append", help="text generator: a prompt (repeat for several); sample i gets "
                    "prompt i mod P, one grid row per prompt")
     p.add_argument("--prompts", help="text generator: a file with one prompt per line")
-    p.add_argument("--fae", help="with --dit: the FAE pipeline bundle (with pixel decoder) or stage-1 FAE bundle the "
-                   "generator was trained on (checked by the SHA-256 of its weights)")
+    p.add_argument("--fae", help="with --generator: the pixel-decoder fine-tune run (or its tokenizer/ bundle), or the "
+                   "stage-1 FAE run, the generator was trained on (checked by the SHA-256 of its weights)")
     p.add_argument("--pixel-decoder", help="pixel decoder bundle (when --fae has none, or for raw-feature latents)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("-n", "--num-samples", type=int, default=100)

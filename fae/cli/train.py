@@ -42,10 +42,13 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("train", help="train a stage: fae | pixel-decoder | dit | mmdit | flow",
+    from fae.stages import stage_names
+
+    names = " | ".join(stage_names())
+    p = sub.add_parser("train", help=f"train a stage: {names}",
                        description="Train one stage with the shared trainer. Re-running the same command resumes "
                        "from the newest checkpoint in --out.")
-    p.add_argument("stage", help="fae | pixel-decoder | dit | mmdit | flow | encoder")
+    p.add_argument("stage", help=names)
     p.add_argument("--config", required=True, help="YAML config (see configs/paper and configs/demo)")
     p.add_argument("--out", help="run folder (default runs/<stage>)")
     p.add_argument("--fresh", action="store_true", help="delete the run folder and start over")

@@ -40,7 +40,13 @@ def cache_metadata(encoder: Any, dataset: Dataset, flips: bool, dtype: str) -> d
     """The metadata a cache of `encoder` over `dataset` carries (all values are strings, as safetensors wants).
     The encoder's resolved compute precision is part of it: bf16 and fp32 features of one image differ."""
     precision = getattr(encoder, "precision", None)
-    return {"format": CACHE_FORMAT, "encoder": json.dumps(encoder.reference(), sort_keys=True),
+    reference = dict(encoder.reference())
+    source = reference.get("name_or_path")
+    if isinstance(source, str) and Path(source).expanduser().is_dir():
+        # one name for one local folder, however it was written (relative or absolute): the demo and a hand-run of
+        # its configs then find the same cache file
+        reference["name_or_path"] = str(Path(source).expanduser().resolve())
+    return {"format": CACHE_FORMAT, "encoder": json.dumps(reference, sort_keys=True),
             "dataset": json.dumps(dataset_signature(dataset), sort_keys=True),
             "length": str(len(dataset)), "flips": str(bool(flips)).lower(), "dtype": dtype,  # type: ignore[arg-type]
             "precision": precision.name if precision is not None else "fp32"}

@@ -23,9 +23,7 @@ the flip from the trainer's (index, seed) key and normalises with the stored sta
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -33,15 +31,14 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 from safetensors import safe_open
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from fae import distributed as D
+from fae.config import ConfigError
 from fae.data import check_index, flip_coin, split_key
-from fae.data.features import batched_halves, dataset_signature
-from fae.data.loading import loader_options
-from fae.data.readable import WithIndex, collate_present, item_name
-from fae.io import atomic_save_safetensors, atomic_write_text, file_sha256, remove_stale_temporaries
-from fae.precision import DTYPES, PRECISIONS, Precision
+from fae.data.features import dataset_signature
+from fae.data.readable import item_name
+from fae.io import atomic_save_safetensors, atomic_write_text, file_sha256
+from fae.precision import DTYPES
 
 CACHE_FORMAT = "fae-latent-cache-v1"
 MANIFEST = "cache.json"
@@ -60,69 +57,16 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
-# ---------------------------------------------------------------------------------------------------- encoding
-@dataclass
-class EncodeOptions:
+# ---------------------------------------------------------------------------------------------------- writing
+@dataclass(frozen=True)
+class CacheLayout:
+    """How a cache stores its rows: what the latents are, whether flips and posterior stds are kept, and the dtypes."""
+
     source: Source = "fae"
-    flip: bool = True                 # also store the latents of the horizontally flipped images
-    store_std: bool = False           # also store the posterior std (source=fae only)
-    shard_size: int = 10000
-    batch_size: int = 256
+    flip: bool = True
+    store_std: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    text_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # text states: L x Dt per item, the bulk
-    num_workers: int = 0
-    precision: Precision = "auto"     # the FAE encoder's compute (fae.precision); the frozen encoder has its own
-
-    def validate(self) -> None:
-        if self.shard_size < 1 or self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError("shard_size and batch_size must be positive, num_workers >= 0")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, not {self.precision!r}")
-        if self.store_std and self.source != "fae":
-            raise ValueError("store_std needs source=fae (raw features have no posterior)")
-        if self.dtype not in DTYPES or self.text_dtype not in DTYPES:
-            raise ValueError(f"dtype and text_dtype must be one of {list(DTYPES)}, got {self.dtype!r}, "
-                             f"{self.text_dtype!r}")
-
-
-# (batch, with_flip) -> {"latents", "std"?, "latents_flip"?, "std_flip"?}, each (B,C,h,w)
-LatentFn = Callable[[dict[str, torch.Tensor], bool], dict[str, torch.Tensor]]
-TextFn = Callable[[list[str]], dict[str, torch.Tensor]]   # prompts -> {"text_tokens", "text_mask", "text_pooled"}
-
-
-def make_latent_fn(encoder: Callable[[torch.Tensor], torch.Tensor] | None, fae: Any | None, source: Source,
-                   grid: tuple[int, int], store_std: bool = False,
-                   autocast: Callable[[], Any] = contextlib.nullcontext) -> LatentFn:
-    """The latents of a batch holding "image" (B,3,H,W) in [0,1], or cached encoder features "features" /
-    "features_flip" (B,N,D), which then skip the encoder. With `with_flip`, the plain and the h-flipped images go
-    through the encoder and the FAE together on a GPU, one after the other on a CPU (`batched_halves`).
-    `autocast()` is the precision the FAE encoder runs in (the frozen encoder keeps its own); outputs are float32."""
-
-    def latents(features: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = features.float()
-        if source == "raw_features":
-            b, n, d = features.shape
-            return {"latents": features.transpose(1, 2).reshape(b, d, *grid)}
-        with autocast():
-            posterior = fae.encode(features)
-        out = {"latents": posterior.mean.float()}
-        if store_std:
-            out["std"] = posterior.std.float()
-        return out
-
-    @torch.no_grad()
-    def fn(batch: dict[str, torch.Tensor], with_flip: bool) -> dict[str, torch.Tensor]:
-        cached = "features" in batch
-        if cached:
-            inputs = [batch["features"], *([batch["features_flip"]] if with_flip else [])]
-        else:
-            if encoder is None:
-                raise ValueError("no encoder and no cached features in the batch")
-            inputs = [batch["image"], *([batch["image"].flip(-1)] if with_flip else [])]
-        outs = batched_halves(lambda x: latents(x if cached else encoder(x)), inputs)  # type: ignore[misc]
-        return {**outs[0], **({f"{k}_flip": v for k, v in outs[1].items()} if with_flip else {})}
-
-    return fn
+    text_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
 
 class CachedFeatureRows(Dataset):
@@ -157,77 +101,10 @@ class CachedFeatureRows(Dataset):
         return dataset_signature(self.base)
 
 
-@torch.no_grad()
-def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
-                   out_dir: str | Path, options: EncodeOptions | None = None, device: torch.device | str = "cpu",
-                   record: dict[str, Any] | None = None, progress: bool = True, text_fn: TextFn | None = None
-                   ) -> Path:
-    """Encode every item of `dataset` (integer keys: no augmentation) into shards under `out_dir`, then compute the
-    statistics and write the manifest. With `text_fn`, items carry a "caption", whose text embeddings are stored
-    beside the latents. Shards already written by an interrupted run with the same settings are
-    kept. Under torchrun each process encodes shards rank, rank + W, ...; rank 0 writes statistics and manifest.
-
-    `record` is stored in the manifest (e.g. the FAE bundle and encoder references).
-    """
-    from tqdm.auto import tqdm
-
-    opts = options or EncodeOptions()
-    opts.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n = len(dataset)  # type: ignore[arg-type]
-    if n == 0:
-        raise ValueError("cannot encode an empty data set")
-    num_shards = math.ceil(n / opts.shard_size)
-    signature = json.dumps({"data": dataset_signature(dataset), "record": record or {},
-                            "options": {k: v for k, v in opts.__dict__.items() if k != "num_workers"}}, sort_keys=True)
-    rank, world = D.rank(), D.world_size()
-    if rank == 0:
-        remove_stale_temporaries(out)   # a killed run's half-written shard; its shard is encoded again below
-    D.barrier()
-    mine = [s for s in range(num_shards) if s % world == rank]
-    ranges = {s: range(s * opts.shard_size, min(n, (s + 1) * opts.shard_size)) for s in mine}
-    bar = tqdm(total=sum(len(r) for r in ranges.values()), desc=f"encode -> {out.name}",
-               disable=not (progress and rank == 0), dynamic_ncols=True)
-    todo = []
-    for s, items in ranges.items():
-        if _shard_done(out / shard_name(s), signature, len(items)):
-            bar.update(len(items))
-        else:
-            todo.append(s)
-    # one loader over every shard this process still has to write (its workers start once); batches never cross
-    # a shard boundary, so a shard's batches are the same whichever process encodes it, and so are its bytes
-    plan = [(s, list(ranges[s][i:i + opts.batch_size])) for s in todo for i in range(0, len(ranges[s]), opts.batch_size)]
-    loader = DataLoader(WithIndex(dataset), batch_sampler=[items for _, items in plan], collate_fn=collate_present,
-                        **loader_options(opts.num_workers if plan else 0, device))
-    shard: _ShardWriter | None = None
-    for (s, items), batch in zip(plan, loader):
-        if shard is None or shard.index != s:
-            if shard is not None:
-                shard.save(dataset, signature)
-            shard = _ShardWriter(out, s, ranges[s], opts)
-        bar.update(len(items))
-        if batch is None:
-            continue
-        shard.add(batch, latent_fn, device, dataset, text_fn)
-    if shard is not None:
-        shard.save(dataset, signature)
-    bar.close()
-    D.barrier()
-    if rank == 0:
-        if text_fn is not None:  # the empty prompt: the null condition of caption dropout and guidance
-            null = {k: v.cpu() if k == "text_mask" else v.float().cpu() for k, v in text_fn([""]).items()}
-            atomic_save_safetensors(null, out / TEXT_NULL)
-        write_manifest(out, signature, num_shards, opts, record or {}, dataset_signature(dataset), dataset)
-    D.barrier()
-    return out
-
-
-
-class _ShardWriter:
+class ShardWriter:
     """The rows of one shard as they are encoded, and its atomic write."""
 
-    def __init__(self, out: Path, index: int, items: range, opts: EncodeOptions) -> None:
+    def __init__(self, out: Path, index: int, items: range, opts: CacheLayout) -> None:
         self.path, self.index, self.items, self.opts = out / shard_name(index), index, items, opts
         self.parts: dict[str, list[torch.Tensor]] = {}
         self.kept: list[int] = []
@@ -236,14 +113,15 @@ class _ShardWriter:
     def _append(self, key: str, value: torch.Tensor) -> None:
         self.parts.setdefault(key, []).append(value.cpu())
 
-    def add(self, batch: dict[str, Any], latent_fn: LatentFn, device: torch.device | str, dataset: Dataset,
-            text_fn: TextFn | None) -> None:
+    def add(self, batch: dict[str, Any], latent_fn: Callable[[dict[str, torch.Tensor], bool], dict[str, torch.Tensor]],
+            device: torch.device | str, dataset: Dataset,
+            text_fn: Callable[[list[str]], dict[str, torch.Tensor]] | None) -> None:
         self.kept += batch.pop("index").tolist()
         self._append("labels", batch.pop("label").long())
         captions = batch.pop("caption", None)
         if text_fn is not None:
             if captions is None:
-                raise ValueError(f"a text encoder was given but {type(dataset).__name__} has no captions; "
+                raise ConfigError(f"a text encoder was given but {type(dataset).__name__} has no captions; "
                                  "use a caption data set (fae.data.captions)")
             self.captions += list(captions)
             for k, v in text_fn(list(captions)).items():
@@ -264,7 +142,8 @@ class _ShardWriter:
         atomic_save_safetensors(tensors, self.path, metadata={"shard": json.dumps(meta, sort_keys=True)})
 
 
-def _shard_done(path: Path, signature: str, count: int) -> bool:
+def shard_done(path: Path, signature: str, count: int) -> bool:
+    """Whether `path` is a finished shard of the encoding run with `signature` (so a resumed run keeps it)."""
     if not path.is_file():
         return False
     try:
@@ -280,8 +159,9 @@ def _shard_meta(f: Any) -> dict[str, str]:
     return json.loads(meta["shard"]) if "shard" in meta else meta   # flat keys: caches written before 2026-11-29
 
 
-def write_manifest(out: Path, signature: str, num_shards: int, opts: EncodeOptions, record: dict[str, Any],
-                   data_signature: dict[str, Any], dataset: Dataset | None = None) -> None:
+def write_cache_manifest(out: Path, signature: str, num_shards: int, opts: CacheLayout, record: dict[str, Any],
+                         data_signature: dict[str, Any], dataset: Dataset | None = None) -> None:
+    """The cache's statistics (stats.safetensors) and manifest (cache.json), from its finished shards."""
     shards, shape, labels, dropped = [], None, [], []
     for s in range(num_shards):
         with safe_open(str(out / shard_name(s)), framework="pt") as f:
@@ -297,7 +177,7 @@ def write_manifest(out: Path, signature: str, num_shards: int, opts: EncodeOptio
             labels.append(f.get_tensor("labels"))
             shards.append({"file": shard_name(s), "count": shape[0], "sha256": digest})
     if shape is None:
-        raise ValueError(f"none of the {len(dropped)} items could be read (e.g. {dropped[0] if dropped else '?'}); "
+        raise ConfigError(f"none of the {len(dropped)} items could be read (e.g. {dropped[0] if dropped else '?'}); "
                          "check the data folder")
     all_labels = torch.cat(labels)
     mean, std = compute_stats(out, [s["file"] for s in shards if s["count"]], flip=opts.flip)

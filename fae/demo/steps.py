@@ -23,9 +23,9 @@ CONFIG_DIR = PACKAGED_CONFIGS / "demo"
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {
         "encoder": [],
-        "fae": ["data.limit=10000"],
-        "pixel-decoder": ["data.limit=10000"],
-        "finetune": ["data.limit=10000"],
+        "fae": [],              # the configs hold the default demo's data limit (10000) and feature cache folder
+        "pixel-decoder": [],
+        "finetune": [],
         "dit": [],
         "latent_limit": 10000,
         "classifier": {"epochs": 2, "train_limit": 30000, "lr": 3e-3},
@@ -153,14 +153,14 @@ def step_finetune(ctx: DemoContext) -> dict[str, Any]:
 def step_latents(ctx: DemoContext) -> dict[str, Any]:
     """Two caches of the training images (plain + flipped): FAE latents z and, for the baseline, raw features x."""
     from fae.data.features import FeatureCache
-    from fae.data.latents import EncodeOptions
-    from fae.encoding import encode_latents
+    from fae.encoding import EncodeOptions, encode_latents
 
     data = replace(ctx.data_config(), hflip=False, limit=ctx.profile["latent_limit"])
     features = None  # stage 1's feature cache of these images (with flips), when it covers them: no encoder pass
     for candidate in sorted((ctx.out / "feature_cache").glob("*.safetensors")):
         found = FeatureCache(candidate)
-        if found.has_flips and found.length == data.limit and found.encoder["name_or_path"] == str(ctx.encoder_dir):
+        same_encoder = Path(found.encoder["name_or_path"]).resolve() == ctx.encoder_dir.resolve()
+        if found.has_flips and found.length == data.limit and same_encoder:
             features = candidate
     info: dict[str, Any] = {"feature_cache": str(features) if features else None}
     for name, source in (("fae", "fae"), ("raw", "raw_features")):
@@ -256,7 +256,7 @@ def _score(ctx: DemoContext, scoring: dict[str, Any], gen: Any, decode: Any, sam
 def _decoders(ctx: DemoContext) -> dict[str, dict[str, Path]]:
     """How each latent space gets back to pixels: FAE latents through the fine-tuned pipeline, raw features through
     the Gaussian-embedding pixel decoder."""
-    return {"fae": {"fae": ctx.out / "pixel-decoder-ft" / "fae_pipeline"},
+    return {"fae": {"fae": ctx.out / "pixel-decoder-ft" / "tokenizer"},
             "raw": {"pixel_decoder": ctx.out / "pixel-decoder" / "pixel_decoder"}}
 
 
@@ -264,7 +264,8 @@ def step_samples(ctx: DemoContext) -> dict[str, Any]:
     """Class-conditional samples from both generators, with and without guidance: class-agreement and FD to the
     test split in the frozen encoder's feature space."""
     from fae.generators import load_generator
-    from fae.sampling import GenerationPipeline, load_decoder
+    from fae.pipeline import GenerationPipeline
+    from fae.sampling import load_decoder
     from fae.transport import GuidanceSchedule, SamplerConfig
 
     p = ctx.profile
@@ -281,7 +282,7 @@ def step_samples(ctx: DemoContext) -> dict[str, Any]:
             folder = ctx.out / "samples" / f"{gen_name}-{g_name.replace('_', '-')}"
             info[f"{gen_name}/{g_name}"] = _score(ctx, scoring, gen, decode, sampler, folder, p["samples"])
     # the whole chain in one folder, for `GenerationPipeline.from_pretrained("runs/demo/pipeline")` (README)
-    GenerationPipeline.from_parts(ctx.out / "dit", ctx.out / "pixel-decoder-ft" / "fae_pipeline").save_pretrained(
+    GenerationPipeline.from_parts(ctx.out / "dit", ctx.out / "pixel-decoder-ft" / "tokenizer").save_pretrained(
         ctx.out / "pipeline")
     info["pipeline"] = str(ctx.out / "pipeline")
     return info

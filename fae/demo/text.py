@@ -147,9 +147,8 @@ def step_text_finetune(ctx: DemoContext) -> dict[str, Any]:
 def step_text_latents(ctx: DemoContext) -> dict[str, Any]:
     """FAE latents of the pairs (plain + flipped) with the captions' MiniLM embeddings, in one latent cache."""
     from fae.data import DataConfig
-    from fae.data.latents import EncodeOptions
     from fae.encoders import TextEncoderConfig
-    from fae.encoding import encode_latents
+    from fae.encoding import EncodeOptions, encode_latents
     from fae.stages import load_stage_config
 
     _, mmdit = load_stage_config(CONFIG_DIR / "mmdit.yaml", stage="mmdit")
@@ -220,7 +219,7 @@ def step_text_samples(ctx: DemoContext) -> dict[str, Any]:
     real_tokens = tokens(real)
     prompts = eval_prompts(pairs.captions, p["prompts"])
     gen = load_generator(ctx.out / "mmdit")
-    decode = load_decoder(gen, fae=ctx.out / "pixel-decoder-ft" / "fae_pipeline")
+    decode = load_decoder(gen, fae=ctx.out / "pixel-decoder-ft" / "tokenizer")
     n = p["per_prompt"] * len(prompts)
     settings = {"no guidance": "none", **p["guidance"]}
     info: dict[str, Any] = {"prompts": prompts, "per_prompt": p["per_prompt"], "sample_steps": p["sample_steps"],

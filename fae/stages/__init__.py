@@ -1,5 +1,7 @@
 """Training stages. Each stage module defines a config dataclass `Config`, `build(cfg) -> TrainStage` and
-`components(cfg) -> dict[str, nn.Module]` (for `fae summary`). `fae train <name>` finds them here."""
+`components(cfg) -> dict[str, nn.Module]` (for `fae summary`). `fae train <name>` finds them here: the stages that
+make the latent space (below) and one stage per registered generator family (fae.generators; their base is
+fae.stages.generator)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,14 +15,18 @@ import yaml
 
 from fae.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 
-STAGES: dict[str, str] = {
+LATENT_SPACE_STAGES: dict[str, str] = {
     "fae": "fae.stages.autoencoder",
     "pixel-decoder": "fae.stages.pixel_decoder",
-    "dit": "fae.stages.dit",
-    "flow": "fae.stages.flow",
-    "mmdit": "fae.stages.mmdit",                # text-to-image on a latent cache with text embeddings
     "encoder": "fae.stages.encoder",  # self-supervised pretraining of the demo encoder
 }
+
+
+def stage_names() -> list[str]:
+    """Every stage `fae train` knows: the latent-space stages, then the generator families in registry order."""
+    from fae.generators import families
+
+    return [*LATENT_SPACE_STAGES, *families()]
 
 
 @contextlib.contextmanager
@@ -50,9 +56,13 @@ def parameter_table(name: str, cfg: Any) -> list[dict[str, Any]]:
 
 
 def stage_module(name: str) -> ModuleType:
-    if name not in STAGES:
-        raise ConfigError(f"unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
-    return importlib.import_module(STAGES[name])
+    if name in LATENT_SPACE_STAGES:
+        return importlib.import_module(LATENT_SPACE_STAGES[name])
+    from fae.generators import families
+
+    if name not in families():
+        raise ConfigError(f"unknown stage {name!r}; choose one of: {', '.join(stage_names())}")
+    return families()[name].stage_module()
 
 
 def load_stage_config(path: str | Path | None, overrides: Sequence[str] = (), stage: str | None = None) -> tuple[str, Any]:
@@ -64,16 +74,26 @@ def load_stage_config(path: str | Path | None, overrides: Sequence[str] = (), st
         raise ConfigError(f"{path}: this is a '{named}' config, not '{stage}'")
     name = stage or named
     if not name:
-        raise ConfigError(f"{path}: add 'stage: <{'|'.join(STAGES)}>' to the config")
+        raise ConfigError(f"{path}: add 'stage: <{'|'.join(stage_names())}>' to the config")
     return name, from_dict(stage_module(name).Config, data)
 
 
-def prepare_out_dir(out_dir: Path, cfg: Any, fresh: bool) -> None:
+def run_config(name: str, cfg: Any) -> dict[str, Any]:
+    """What a run folder's config.yaml holds: the stage's name and its resolved config (so `fae train --config
+    <run>/config.yaml` repeats the run, and the run's stage is known without guessing)."""
+    return {"stage": name, **to_dict(cfg)}
+
+
+def prepare_out_dir(out_dir: Path, cfg: Any, fresh: bool, name: str | None = None) -> None:
     """A run folder holds one config. Re-running with the same config resumes; a different one is refused."""
     saved = out_dir / "config.yaml"
     if fresh and out_dir.exists():
         shutil.rmtree(out_dir)
-    if saved.is_file() and yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)):
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    old_stage = old.pop("stage", None)
+    if old != yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)) or (name and old_stage not in (None, name)):
         raise ConfigError(f"{out_dir} holds a run with a different config ({saved}); "
                           f"pass --fresh to start over or choose another --out")
 
@@ -89,10 +109,17 @@ def train_stage(name: str, cfg: Any, out_dir: str | Path, fresh: bool = False, p
     out_dir = Path(out_dir)
     rank, _, _ = D.init_distributed()
     if rank == 0:
-        prepare_out_dir(out_dir, cfg, fresh)
+        prepare_out_dir(out_dir, cfg, fresh, name)
     D.barrier()
     torch.manual_seed(cfg.train.seed)  # model initialisation is part of the run's seed
     with buildable(f"stage {name}"):
         stage = stage_module(name).build(cfg)
-    Trainer(stage, cfg.train, out_dir, run_config=cfg, progress=progress).fit(stop_at=stop_at)
+    Trainer(stage, cfg.train, out_dir, run_config=run_config(name, cfg), progress=progress).fit(stop_at=stop_at)
     return out_dir
+
+
+def load_run_generator(path: str | Path, device: str | Any = "cpu") -> Any:
+    """Any generator family's bundle or run folder, finished or not (fae.stages.generator.load_run_generator)."""
+    from fae.stages.generator import load_run_generator as load
+
+    return load(path, device)

@@ -24,13 +24,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fae.config import ConfigError
-from fae.data.latents import LatentCache, LatentDataset, normalize
-from fae.generators import FlowGenerator
+from fae.data.latents import LatentCache, normalize
 from fae.io import atomic_write_text
 from fae.models.starflow import StarFlow, StarFlowConfig, bits_per_dim
-from fae.stages.dit import cache_record, check_model_matches_cache
-from fae.stages.preview import class_conditions, generator_sheets
-from fae.training import OptimConfig, TrainConfig, TrainStage
+from fae.stages.generator import GeneratorStage
+from fae.training import OptimConfig, TrainConfig
 
 
 @dataclass
@@ -58,25 +56,18 @@ class FirstRows(Dataset):
         return self.base[key]
 
 
-class FlowStage(TrainStage):
-    supports_fsdp = True   # train.fsdp: FSDP2 over the transformer blocks
+class FlowStage(GeneratorStage):
+    family = "flow"
 
-    def __init__(self, cfg: Config) -> None:
-        self.cfg, self.optim = cfg, cfg.optim
-        self.cache = LatentCache(cfg.latents)
-        check_model_matches_cache(cfg.model, self.cache)
-        if cfg.noise_std < 0:
-            raise ConfigError(f"noise_std={cfg.noise_std}: the latent noise level must be >= 0 (STARFlow: 0.3)")
-        if not 0 <= cfg.holdout < len(self.cache):
-            raise ConfigError(f"holdout={cfg.holdout} must lie in [0, {len(self.cache)}) (the cache has "
+    def check(self) -> None:
+        if self.cfg.noise_std < 0:
+            raise ConfigError(f"noise_std={self.cfg.noise_std}: the latent noise level must be >= 0 (STARFlow: 0.3)")
+        if not 0 <= self.cfg.holdout < len(self.cache):
+            raise ConfigError(f"holdout={self.cfg.holdout} must lie in [0, {len(self.cache)}) (the cache has "
                               f"{len(self.cache)} latents)")
-        with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
-            torch.manual_seed(cfg.train.seed)
-            self.modules = {"model": StarFlow(cfg.model)}
 
     def train_dataset(self) -> Dataset:
-        data = LatentDataset(self.cache, hflip=self.cfg.hflip and self.cache.manifest["flip"])
-        return FirstRows(data, len(self.cache) - self.cfg.holdout)
+        return FirstRows(super().train_dataset(), len(self.cache) - self.cfg.holdout)
 
     def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # noise and label dropout come from the global RNG, which the trainer seeds at every step
@@ -88,18 +79,13 @@ class FlowStage(TrainStage):
         return bpd, {"bpd": bpd.detach(), "logdet_per_dim": (logdet.mean() / x[0].numel()).detach(),
                      "z_rms": z.detach().float().pow(2).mean().sqrt()}
 
-    def preview(self, modules: dict[str, nn.Module], step: int) -> dict[str, torch.Tensor] | None:
-        model = modules["model"]
-        device = next(model.parameters()).device
-        labels, names = class_conditions(model.config.num_classes, self.cache.manifest.get("class_names"), device)
-        record = {**cache_record(self.cache), "flow": {"noise_std": self.cfg.noise_std}}
-        return generator_sheets(FlowGenerator(model, record, "preview", device), labels, names)  # type: ignore[arg-type]
+    def record_settings(self) -> dict[str, Any]:
+        return {"flow": {"noise_std": self.cfg.noise_std}}
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
+        super().export(out_dir, modules)
         model = modules["model"]
         assert isinstance(model, StarFlow)
-        model.save_pretrained(out_dir / "flow", extra={**cache_record(self.cache),
-                                                       "flow": {"noise_std": self.cfg.noise_std}})
         if self.cfg.holdout:
             n, total = self.cfg.holdout, len(self.cache)
             scores = {"heldout_bpd": heldout_bits_per_dim(model, self.cache, range(total - n, total),

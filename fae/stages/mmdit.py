@@ -14,20 +14,17 @@ text encoder's reference, so `fae sample --prompt` needs nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from fae.config import ConfigError
-from fae.data.latents import TEXT_KEYS, LatentCache, LatentDataset
-from fae.generators import MMDiTGenerator
+from fae.config import ConfigError, to_dict
+from fae.data.latents import TEXT_KEYS, LatentCache
 from fae.models.mmdit import MMDiT, MMDiTConfig, TextCondition
-from fae.stages.dit import check_model_matches_cache, generator_record
-from fae.stages.preview import PREVIEW_SAMPLES, generator_sheets
-from fae.training import OptimConfig, TrainConfig, TrainStage
+from fae.stages.generator import GeneratorStage
+from fae.stages.preview import PREVIEW_SAMPLES
+from fae.training import OptimConfig, TrainConfig
 from fae.transport import TransportConfig, flow_matching_loss
 
 
@@ -53,49 +50,32 @@ def check_text_matches_cache(model: MMDiTConfig, cache: LatentCache) -> None:
                           f"model.text_dim={dim}")
 
 
-class MMDiTStage(TrainStage):
-    supports_fsdp = True   # train.fsdp: FSDP2 over the transformer blocks
+class MMDiTStage(GeneratorStage):
+    family = "mmdit"
 
-    def __init__(self, cfg: Config) -> None:
-        self.cfg, self.optim = cfg, cfg.optim
-        self.cache = LatentCache(cfg.latents)
-        check_model_matches_cache(cfg.model, self.cache)
-        check_text_matches_cache(cfg.model, self.cache)
-        with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
-            torch.manual_seed(cfg.train.seed)
-            model = MMDiT(cfg.model)
+    def check(self) -> None:
+        check_text_matches_cache(self.cfg.model, self.cache)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
         null = self.cache.text_null()
-        model.set_null(TextCondition(null["text_tokens"], null["text_mask"], null["text_pooled"]))
-        self.modules = {"model": model}
-
-    def train_dataset(self) -> Dataset:
-        return LatentDataset(self.cache, hflip=self.cfg.hflip and self.cache.manifest["flip"])
+        model.set_null(TextCondition(null["text_tokens"], null["text_mask"], null["text_pooled"]))  # type: ignore[operator]
+        return model
 
     def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # t, noise and caption dropout come from the global RNG, which the trainer seeds at every step
         y = TextCondition(batch["text_tokens"], batch["text_mask"], batch["text_pooled"])
         return flow_matching_loss(self.modules["model"], batch["latent"], y, self.cfg.transport)  # type: ignore[arg-type]
 
-    def preview(self, modules: dict[str, nn.Module], step: int) -> dict[str, torch.Tensor] | None:
-        """Samples for the captions of the cache's first rows (their cached text embeddings: no text encoder)."""
-        model = modules["model"]
-        device = next(model.parameters()).device
+    def record_settings(self) -> dict[str, Any]:
+        """The transport settings and the text encoder the embeddings came from."""
+        return {"transport": to_dict(self.cfg.transport), "text": self.cache.manifest["text"]}
+
+    def preview_conditions(self, model: nn.Module, device: torch.device) -> tuple[Any, Sequence[str]]:
+        """The captions of the cache's first rows (their cached text embeddings: no text encoder)."""
         rows = range(min(PREVIEW_SAMPLES, len(self.cache)))
         text = {k: torch.stack([self.cache.row(i, k) for i in rows]).to(device) for k in TEXT_KEYS}
         condition = TextCondition(text["text_tokens"].float(), text["text_mask"], text["text_pooled"].float())
-        names = [c[:24] for c in self.cache.captions()[: len(rows)]]
-        generator = MMDiTGenerator(model, text_generator_record(self.cfg, self.cache), "preview", device)  # type: ignore[arg-type]
-        return generator_sheets(generator, condition, names)
-
-    def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
-        model = modules["model"]
-        assert isinstance(model, MMDiT)
-        model.save_pretrained(out_dir / "mmdit", extra=text_generator_record(self.cfg, self.cache))
-
-
-def text_generator_record(cfg: Config, cache: LatentCache) -> dict[str, Any]:
-    """The DiT stage's generator record plus the text encoder the embeddings came from."""
-    return {**generator_record(cfg, cache), "text": cache.manifest["text"]}  # type: ignore[arg-type]
+        return condition, [c[:24] for c in self.cache.captions()[: len(rows)]]
 
 
 def build(cfg: Config) -> MMDiTStage:

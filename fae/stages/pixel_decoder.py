@@ -32,9 +32,9 @@ from fae.losses import PatchDiscriminator, PixelLoss, PixelLossConfig
 from fae.metrics.recon import psnr
 from fae.models.autoencoder import FeatureAutoEncoder
 from fae.models.pixel_decoder import FeatureNoise, PixelDecoder, PixelDecoderConfig, scaled_noise_sigma
-from fae.pipeline import FAE
 from fae.stages.autoencoder import check_held_out_split, features_dataset
 from fae.stages.preview import PREVIEW_SAMPLES, reconstruction_sheet
+from fae.tokenizers import FAE
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
 
@@ -305,7 +305,7 @@ class PixelDecoderStage(TrainStage):
             atomic_save_safetensors(modules["disc"].state_dict(), out_dir / "discriminator.safetensors")
             atomic_save_safetensors(self.pixel_loss.lecam.state_dict(), out_dir / "lecam.safetensors")
         if self.fae is not None:
-            FAE(self.encoder, self.fae, decoder).save_pretrained(out_dir / "fae_pipeline")
+            FAE(self.encoder, self.fae, decoder).save_pretrained(out_dir / "tokenizer")
 
     def evaluate(self, out_dir: Path, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
         if self.cfg.eval.limit == 0:

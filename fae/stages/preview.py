@@ -21,9 +21,8 @@ PREVIEW_STEPS = 10   # Euler steps: enough to see structure emerge, cheap next t
 
 def generator_sheets(generator: Generator, conditions: Any, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """{"samples": latent channel sheet} of len(names) samples, noise seeded 0..n-1 (the same at every preview)."""
-    device = next(generator.model.parameters()).device  # type: ignore[attr-defined]
     count = len(names)
-    noise = initial_noise((count, *generator.latent_shape), sample_generators(0, range(count)), device)
+    noise = initial_noise((count, *generator.latent_shape), sample_generators(0, range(count)), generator.device)
     z = generator.sample(noise, conditions, SamplerConfig(method="euler", steps=PREVIEW_STEPS))
     return {"samples": latent_sheet(z, row_names=names)}
 

@@ -1,0 +1,5 @@
+"""Latent spaces: images <-> latents. `FAE` (fae.tokenizers.fae) is the paper's: a frozen encoder, the one-attention-layer
+FeatureAutoEncoder and the pixel decoder, saved as one bundle folder (`tokenizer/`; older runs wrote `tokenizer/`)."""
+from fae.tokenizers.fae import FAE, TOKENIZER_FOLDERS, find_autoencoder_bundle
+
+__all__ = ["FAE", "TOKENIZER_FOLDERS", "find_autoencoder_bundle"]

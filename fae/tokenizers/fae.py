@@ -1,0 +1,168 @@
+"""`FAE`: the whole image <-> latent path in one object — frozen encoder, FeatureAutoEncoder, pixel decoder.
+
+    fae = FAE.load("runs/pixel-decoder-ft")   # the fine-tune run, or its tokenizer/ bundle
+    z = fae.encode(images)             # (B,3,H,W) in [0,1] -> latents (B,C,h,w)
+    images = fae.decode_to_pixels(z)   # -> (B,3,H,W) in [0,1]
+
+A bundle folder (a run's `tokenizer/`; runs before 0.2 wrote `fae_pipeline/`, which loads the same) holds
+`config.json` (class "FAE" and the frozen encoder's reference: kind, hub id or folder,
+revision, input size, norm), `fae/` (the FeatureAutoEncoder bundle) and `pixel_decoder/` (the PixelDecoder bundle).
+The encoder's weights are not copied: they are loaded from the reference, exactly as the stages did.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fae.config import ConfigError
+from fae.encoders import FrozenEncoder
+from fae.io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write_text,
+    check_same_encoder,
+    file_sha256,
+    find_bundle,
+    read_bundle_config,
+    require_bundle,
+    resolve_pretrained,
+)
+from fae.models.autoencoder import FeatureAutoEncoder
+from fae.models.pixel_decoder import PixelDecoder
+from fae.speed import compile_in_place, compile_wanted
+
+TOKENIZER_FOLDERS = ("tokenizer", "fae_pipeline")  # where a run keeps its FAE bundle; the second: written before 0.2
+
+
+class FAE(nn.Module):
+    """Frozen encoder + FeatureAutoEncoder (+ pixel decoder). Everything runs in eval mode without gradients."""
+
+    def __init__(self, encoder: FrozenEncoder, autoencoder: FeatureAutoEncoder,
+                 pixel_decoder: PixelDecoder | None = None) -> None:
+        super().__init__()
+        if tuple(autoencoder.config.grid) != tuple(encoder.grid) or autoencoder.config.feature_dim != encoder.dim:
+            raise ConfigError(f"the FAE expects {autoencoder.config.grid} x {autoencoder.config.feature_dim} features, "
+                              f"the encoder gives {encoder.grid} x {encoder.dim}")
+        if pixel_decoder is not None and (pixel_decoder.config.in_dim != encoder.dim
+                                          or pixel_decoder.config.num_tokens != encoder.num_tokens):
+            raise ConfigError(f"the pixel decoder expects {pixel_decoder.config.num_tokens} x "
+                              f"{pixel_decoder.config.in_dim} features, the encoder gives {encoder.num_tokens} x {encoder.dim}")
+        self.encoder, self.autoencoder, self.pixel_decoder = encoder, autoencoder, pixel_decoder
+        self.fae_weights_sha256: str | None = None    # set when loaded from a bundle
+        self.eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "FAE":
+        path = resolve_pretrained(path)
+        record = read_bundle_config(path)
+        if record.get("class") != cls.__name__:
+            raise ConfigError(f"{path}: bundle holds a {record.get('class')}, not an FAE (frozen encoder + FAE + "
+                              "pixel decoder)")
+        decoder = path / "pixel_decoder" if (path / "pixel_decoder").is_dir() else None
+        return cls._assemble(record["encoder"], path / "fae", decoder, map_location)
+
+    @classmethod
+    def from_parts(cls, fae_bundle: str | Path, pixel_decoder_bundle: str | Path | None = None,
+                   map_location: str | torch.device = "cpu") -> "FAE":
+        """Assemble from a stage-1 FAE bundle and a pixel-decoder bundle; both must name the same encoder."""
+        record = read_bundle_config(fae_bundle)
+        if "encoder" not in record:
+            raise ConfigError(f"{fae_bundle}: the FAE bundle does not record its frozen encoder")
+        if pixel_decoder_bundle is not None:
+            check_same_encoder(read_bundle_config(pixel_decoder_bundle).get("encoder"), record["encoder"],
+                               str(pixel_decoder_bundle), str(fae_bundle))
+        return cls._assemble(record["encoder"], Path(fae_bundle), pixel_decoder_bundle, map_location)
+
+    @classmethod
+    def load(cls, fae: str | Path, pixel_decoder: str | Path | None = None, map_location: str | torch.device = "cpu"
+             ) -> "FAE":
+        """What a user names on the command line: an FAE bundle with its pixel decoder (or a run folder holding
+        tokenizer/), or a stage-1 FAE bundle (or its run folder) plus a pixel-decoder bundle (or its run folder)."""
+        pipeline = find_bundle(Path(fae), TOKENIZER_FOLDERS, classes=[cls.__name__])
+        if pipeline is not None and pixel_decoder is None:
+            return cls.from_pretrained(pipeline, map_location)
+        stage1 = require_bundle(fae, "fae", classes=[FeatureAutoEncoder.__name__])
+        if pixel_decoder is None:
+            raise ConfigError(f"{stage1} is a stage-1 FAE bundle without a pixel decoder: pass --pixel-decoder "
+                              "<bundle> (train one with `fae train pixel-decoder`), or --fae the pixel-decoder fine-tune run "
+                              "(its tokenizer/ bundle)")
+        return cls.from_parts(stage1, require_bundle(pixel_decoder, "pixel_decoder", classes=[PixelDecoder.__name__]),
+                              map_location)
+
+    @classmethod
+    def _assemble(cls, encoder_reference: dict, fae_dir: Path, pixel_decoder: str | Path | None,
+                  map_location: str | torch.device) -> "FAE":
+        decoder = PixelDecoder.from_pretrained(pixel_decoder, map_location) if pixel_decoder is not None else None
+        model = cls(FrozenEncoder.from_reference(encoder_reference),
+                    FeatureAutoEncoder.from_pretrained(fae_dir, map_location), decoder).to(map_location)
+        # its identity, for generator bundles: the hash its config.json records (from_pretrained has just checked it
+        # against the file), or the file's own for bundles written before that field
+        model.fae_weights_sha256 = (read_bundle_config(fae_dir).get("weights_sha256")
+                                    or file_sha256(Path(fae_dir) / WEIGHTS_NAME))
+        return model
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        ref = self.encoder.reference()
+        self.autoencoder.save_pretrained(directory / "fae", extra={"encoder": ref})
+        if self.pixel_decoder is not None:
+            self.pixel_decoder.save_pretrained(directory / "pixel_decoder", extra={"encoder": ref})
+        atomic_write_text(directory / CONFIG_NAME, json.dumps({"class": type(self).__name__, "encoder": ref}, indent=2))
+        return directory
+
+    def compile_networks(self, mode: str = "on", device: torch.device | str | None = None) -> bool:
+        """torch.compile, in place, the FAE encoder, feature decoder and pixel decoder when `mode` (auto | on | off,
+        fae.speed) says so on `device` (default: where the FAE is); the frozen encoder stays as loaded. Returns
+        whether it compiled."""
+        device = device if device is not None else next(self.autoencoder.parameters()).device
+        if not compile_wanted(mode, device):
+            return False
+        for module in (self.autoencoder.encoder, self.autoencoder.decoder, self.pixel_decoder):
+            if module is not None:
+                compile_in_place(module)
+        return True
+
+    def train(self, mode: bool = True) -> "FAE":
+        return super().train(False)  # inference object: never training mode
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        """Images (B,3,H,W) in [0,1] -> latents (B,C,h,w): the posterior mean, or a sample with `sample=True`."""
+        posterior = self.autoencoder.encode(self.encoder(images))
+        return posterior.sample(generator) if sample else posterior.mode()
+
+    @torch.no_grad()
+    def decode_features(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B,C,h,w) -> reconstructed encoder features x_hat (B,N,D)."""
+        return self.autoencoder.decode(z)
+
+    @torch.no_grad()
+    def decode_to_pixels(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B,C,h,w) -> images (B,3,H,W) in [0,1], through the feature decoder and the pixel decoder."""
+        if self.pixel_decoder is None:
+            raise ConfigError("this FAE bundle has no pixel decoder; train one with `fae train pixel-decoder` and "
+                              "assemble with FAE.from_parts(fae_bundle, pixel_decoder_bundle)")
+        return self.pixel_decoder.decode(self.decode_features(z))
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decode_to_pixels(self.encode(images))
+
+
+def find_autoencoder_bundle(path: str | Path) -> Path:
+    """The stage-1 FeatureAutoEncoder bundle of whatever a user names: that bundle, the stage-1 run folder holding
+    `fae/`, an FAE bundle with a pixel decoder (its `fae/`), or the fine-tune run holding one."""
+    path = Path(path)
+    found = find_bundle(path, ["fae"], classes=[FeatureAutoEncoder.__name__])
+    if found is None:
+        tokenizer = find_bundle(path, TOKENIZER_FOLDERS, classes=[FAE.__name__])
+        if tokenizer is not None:
+            found = find_bundle(tokenizer, ["fae"], classes=[FeatureAutoEncoder.__name__])
+    if found is None:
+        raise FileNotFoundError(f"{path}: no FAE here (a stage-1 bundle, a `fae train fae` run folder, or a "
+                                "pixel-decoder fine-tune run); did that run finish?")
+    return found
