@@ -219,13 +219,13 @@ def _scoring(ctx: DemoContext) -> dict[str, Any]:
 
     from fae.data import build_dataset
     from fae.encoders import FrozenEncoder
+    from fae.grid import to_uint8_hwc
     from fae.metrics import EncoderNetwork, TensorSource, fid
     from fae.metrics.judge import SmallCNN
     from fae.metrics.reference import load_reference
-    from fae.sampling import to_uint8
 
     test = build_dataset(replace(ctx.data_config(), hflip=False, limit=ctx.profile["fd_reference"]), "test")
-    images = to_uint8(torch.stack([test[i]["image"] for i in range(len(test))]))
+    images = to_uint8_hwc(torch.stack([test[i]["image"] for i in range(len(test))]))
     network = EncoderNetwork(FrozenEncoder.from_config(replace(ctx.encoder_config(), precision="fp32")))  # a metric
     half = len(images) // 2
     return {"classifier": SmallCNN.from_pretrained(ctx.judge_dir).eval(), "network": network,

@@ -23,6 +23,7 @@ import torch
 
 from fae import distributed as D
 from fae.config import ConfigError
+from fae.grid import float_to_uint8
 from fae.io import atomic_write, cache_root
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -71,7 +72,7 @@ def _to_uint8_nchw(images: np.ndarray | torch.Tensor, what: str) -> torch.Tensor
         if t.numel() and (t.min() < -1e-3 or t.max() > 1 + 1e-3):
             raise ValueError(f"{what}: float images must be in [0, 1], got "
                              f"[{float(t.min()):.3g}, {float(t.max()):.3g}]")
-        return (t.float() * 255.0).round().clamp(0, 255).to(torch.uint8).contiguous()
+        return float_to_uint8(t).contiguous()
     raise ValueError(f"{what}: images must be uint8 or float in [0, 1], got {t.dtype}")
 
 
