@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fae.io import REFERENCE_KEYS, reference_differences  # noqa: F401  (part of this module's API)
+from fae.nn import patchify
 from fae.precision import DTYPES, PRECISIONS, Precision, PrecisionChoice, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -415,7 +416,7 @@ class FrozenEncoder(nn.Module):
             # NaFlex takes pre-patchified pixels, a token mask and each image's grid; a square image is one full grid
             p = self.patch_size
             gh, gw = h // p, w // p
-            patches = pixel_values.reshape(b, 3, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * 3)
+            patches = patchify(pixel_values, p)
             shapes = torch.tensor([[gh, gw]], device=pixel_values.device).expand(b, 2)
             mask = torch.ones(b, gh * gw, dtype=torch.int32, device=pixel_values.device)
             out = self.model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes)
