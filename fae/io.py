@@ -86,6 +86,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
+def atomic_save_npz(path: str | Path, /, **arrays: Any) -> None:
+    """Atomically write `arrays` as an uncompressed .npz at `path`, under their keyword names."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare path
+            np.savez(f, **arrays)
+
+    atomic_write(Path(path), write)
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda p: torch.save(obj, p))
 
