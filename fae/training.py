@@ -310,8 +310,8 @@ class Trainer:
     def __init__(self, stage: TrainStage, cfg: TrainConfig, out_dir: str | Path, run_config: Any = None,
                  progress: bool = True) -> None:
         self.stage, self.cfg, self.out_dir, self.run_config = stage, cfg, Path(out_dir), run_config
-        self.rank, self.world, device = D.init_distributed()
-        self.device = device if cfg.device == "auto" else torch.device(cfg.device)
+        self.rank, self.world, _ = D.init_distributed()
+        self.device = D.resolve_device(cfg.device)
         self.progress = progress and self.rank == 0
         if cfg.batch_size % (self.world * cfg.grad_accum):
             raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by processes x grad_accum "

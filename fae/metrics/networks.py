@@ -15,7 +15,6 @@ A `FeatureNetwork` has a `name`, a `weights_hash` (both go into reports and feat
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -153,9 +152,3 @@ def build_network(spec: str = "inception", inception_weights: str | Path | None 
         return EncoderNetwork.from_spec(spec[len("encoder:"):], device=device)
     raise ConfigError(f"--network {spec!r}: expected inception, inception:pytorch or encoder:<model folder>")
 
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):   # under torchrun, each process its own GPU
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
-            torch.device("cpu")
-    return torch.device(device)

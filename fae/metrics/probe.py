@@ -243,9 +243,10 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
     """
     from fae.config import from_dict, read_yaml
     from fae.data import DataConfig, build_dataset
+    from fae.distributed import resolve_device
     from fae.encoders import EncoderConfig, FrozenEncoder
     from fae.io import read_bundle_config
-    from fae.metrics.networks import _detect_kind, resolve_device, state_dict_sha256
+    from fae.metrics.networks import _detect_kind, state_dict_sha256
     from fae.metrics.report import EvalReport
 
     probe = probe or ProbeConfig()
