@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from fae.config import PACKAGED_CONFIGS, from_dict, read_yaml
+from fae.config import PACKAGED_CONFIGS, from_dict, yaml_section
 
 CONFIG_DIR = PACKAGED_CONFIGS / "demo"
 
@@ -93,7 +93,7 @@ class DemoContext:
     def data_config(self) -> Any:
         from fae.data import DataConfig
 
-        return from_dict(DataConfig, read_yaml(CONFIG_DIR / "fae.yaml")["data"])
+        return from_dict(DataConfig, yaml_section(CONFIG_DIR / "fae.yaml", "data"))
 
     def encoder_config(self) -> Any:
         from fae.encoders import EncoderConfig

@@ -241,7 +241,7 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
 
     Returns an EvalReport whose table has one row per input (top-1, best pooling and learning rate).
     """
-    from fae.config import from_dict, read_yaml
+    from fae.config import from_dict, yaml_section
     from fae.data import DataConfig, build_dataset
     from fae.distributed import resolve_device
     from fae.encoders import EncoderConfig, FrozenEncoder
@@ -274,7 +274,7 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
                               f"{enc.grid} x {enc.dim}; pass the encoder it was trained on")
     data: dict[str, Any] = {}
     if config_path is not None:
-        data = dict(read_yaml(config_path).get("data") or {})
+        data = yaml_section(config_path, "data", missing="empty")
     data.update({k: v for k, v in {"kind": data_kind, "root": data_root, "image_size": image_size}.items()
                  if v is not None})
     data.setdefault("image_size", enc.input_size)
