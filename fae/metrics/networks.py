@@ -107,15 +107,9 @@ class EncoderNetwork:
     def from_spec(cls, spec: str, device: str | torch.device = "cpu") -> EncoderNetwork:
         """`<folder or hub id>` (kind read from its config.json) or `<kind>:<folder or hub id>`. Runs in fp32, like
         every metric network: a distance must not depend on whether the device has native bf16."""
-        from fae.encoders import KINDS, EncoderConfig, FrozenEncoder
+        from fae.encoders import FrozenEncoder, encoder_config_from_spec
 
-        kind, _, rest = spec.partition(":")
-        if rest and kind in KINDS:
-            name_or_path = rest
-        else:
-            kind, name_or_path = _detect_kind(spec), spec
-        config = EncoderConfig(kind=kind, name_or_path=name_or_path, precision="fp32")  # type: ignore[arg-type]
-        return cls(FrozenEncoder.from_config(config), device)
+        return cls(FrozenEncoder.from_config(encoder_config_from_spec(spec, precision="fp32")), device)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -126,19 +120,6 @@ class EncoderNetwork:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "weights_hash": self.weights_hash, "encoder": self.reference,
                 "pooling": "mean of patch tokens (CLS/registers dropped)", "outputs": list(self.outputs)}
-
-
-def _detect_kind(name_or_path: str) -> str:
-    """The FrozenEncoder kind of a local transformers folder, from its config.json `model_type`."""
-    from fae import encoders
-
-    if not (Path(name_or_path).expanduser() / "config.json").is_file():
-        raise ConfigError(f"encoder:{name_or_path}: not a local model folder with config.json; "
-                          f"write the kind explicitly as encoder:<kind>:<hub id> (kinds: {', '.join(encoders.KINDS)})")
-    try:
-        return encoders.detect_kind(str(Path(name_or_path).expanduser()))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def build_network(spec: str = "inception", inception_weights: str | Path | None = None,

@@ -244,9 +244,9 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
     from fae.config import from_dict, yaml_section
     from fae.data import DataConfig, build_dataset
     from fae.distributed import resolve_device
-    from fae.encoders import EncoderConfig, FrozenEncoder
+    from fae.encoders import FrozenEncoder, encoder_config_from_spec
     from fae.io import read_bundle_config
-    from fae.metrics.networks import _detect_kind, state_dict_sha256
+    from fae.metrics.networks import state_dict_sha256
     from fae.metrics.report import EvalReport
 
     probe = probe or ProbeConfig()
@@ -258,10 +258,7 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
         enc_ref = read_bundle_config(fae).get("encoder")
         autoencoder = FeatureAutoEncoder.from_pretrained(fae).to(dev).eval()
     if encoder is not None:
-        kind, _, rest = encoder.partition(":")
-        if not (rest and kind in ("dinov2", "dinov2_reg", "siglip2", "mae")):
-            kind, rest = _detect_kind(encoder), encoder
-        enc = FrozenEncoder.from_config(EncoderConfig(kind=kind, name_or_path=rest))  # type: ignore[arg-type]
+        enc = FrozenEncoder.from_config(encoder_config_from_spec(encoder))
     elif enc_ref is not None:
         enc = FrozenEncoder.from_reference(enc_ref)
     else:
