@@ -122,7 +122,7 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
 MANIFEST_NAME = "manifest.json"
 
 
-def write_manifest(folder: Path) -> None:
+def write_checkpoint_manifest(folder: Path) -> None:
     """Record the SHA-256 of every file in `folder` (a checkpoint), so a damaged one is found before it is used."""
     folder = Path(folder)
     hashes = {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))

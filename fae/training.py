@@ -48,7 +48,7 @@ from fae.io import (
     replace_dir,
     save_config,
     state_dict_for_save,
-    write_manifest,
+    write_checkpoint_manifest,
 )
 from fae.monitoring import TENSORBOARD_MODES, RunMonitor, TensorBoardMode, memory_row
 from fae.precision import PRECISIONS, Precision, resolve_precision, training_tf32
@@ -607,7 +607,7 @@ class Trainer:
                 if not self.cfg.fsdp:
                     state["optimizers"] = {g: o.state_dict() for g, o in self.optimizers.items()}
                 torch.save(state, tmp / "training_state.pt")
-                write_manifest(tmp)  # SHA-256 per file: a damaged checkpoint is found at resume, not used
+                write_checkpoint_manifest(tmp)  # SHA-256 per file: a damaged checkpoint is found at resume, not used
                 replace_dir(tmp, final)
             except OSError as exc:  # disk full, quota, I/O error: the previous checkpoints are untouched
                 failure = exc
