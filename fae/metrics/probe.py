@@ -265,10 +265,9 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
         raise ConfigError("fae eval probe needs --fae (a bundle that records its encoder) or --encoder")
     enc = enc.to(dev)
     if autoencoder is not None:
-        c = autoencoder.config
-        if c.feature_dim != enc.dim or tuple(c.grid) != tuple(enc.grid):
-            raise ConfigError(f"the FAE bundle expects {c.grid} x {c.feature_dim} features but the encoder gives "
-                              f"{enc.grid} x {enc.dim}; pass the encoder it was trained on")
+        from fae.models.autoencoder import check_encoder_shape
+
+        check_encoder_shape(autoencoder.config, enc, "the FAE bundle", "; pass the encoder it was trained on")
     data: dict[str, Any] = {}
     if config_path is not None:
         data = yaml_section(config_path, "data", missing="empty")
