@@ -21,7 +21,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,16 +68,18 @@ def main() -> None:
     from fae.config import from_dict, read_yaml, to_dict
     from fae.data import DataConfig, build_dataset
     from fae.data.features import FeatureCache
+    from fae.distributed import resolve_device
     from fae.encoders import EncoderConfig, FrozenEncoder
     from fae.encoding import EncodeOptions, encode_latents
     from fae.generators import load_generator
+    from fae.grid import to_uint8_hwc
     from fae.metrics import EncoderNetwork, TensorSource, fid
     from fae.metrics.judge import class_agreement, train_classifier
     from fae.sampling import generate, load_decoder, write_samples
     from fae.stages import load_stage_config, train_stage
     from fae.transport import GuidanceSchedule, SamplerConfig
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = str(resolve_device(args.device))
     common = [f"train.device={device}"] + ([f"data.limit={args.limit}"] if args.limit else [])
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -173,8 +174,7 @@ def main() -> None:
     gen = load_generator(dit_run, device=device)
     decode = load_decoder(gen, fae=fae_run / "fae", pixel_decoder=pd_run / "pixel_decoder", device=device)
     test = build_dataset(replace(data_cfg, hflip=False, limit=None), "test")
-    reference = np.stack([(test[i]["image"].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-                          for i in range(len(test))])
+    reference = to_uint8_hwc(torch.stack([test[i]["image"] for i in range(len(test))]))
     network = EncoderNetwork(FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(enc))), device)
     recon_fd = fid(reference[:5000], TensorSource(reference[5000:]), network)
     report["fd_test_half_vs_half"] = recon_fd

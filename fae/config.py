@@ -190,6 +190,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def yaml_section(path: str | Path, key: str = "data",
+                 missing: Literal["error", "empty", "top_level"] = "error") -> dict[str, Any]:
+    """A copy of the `key:` mapping of a YAML file (e.g. a stage config's `data:` block), read by `read_yaml`.
+
+    Where the file has no such mapping (or `key:` is empty): a ConfigError naming the file (missing="error"), {}
+    ("empty": the section's defaults), or the file's own top-level fields less `stage` ("top_level": a file that
+    is the section itself)."""
+    data = read_yaml(path)
+    section = data.get(key)
+    if isinstance(section, dict):
+        return dict(section)
+    if section is not None:
+        raise ConfigError(f"{path}: `{key}:` must be a mapping, got {type(section).__name__}")
+    if missing == "empty":
+        return {}
+    if missing == "top_level":
+        return {k: v for k, v in data.items() if k != "stage"}
+    raise ConfigError(f"{path} has no `{key}:` section")
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
     data = read_yaml(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, list(overrides)))

@@ -20,11 +20,16 @@ def init_distributed() -> tuple[int, int, torch.device]:
         atexit.register(_destroy)  # an undestroyed gloo group can abort the process at exit ("terminate called ...")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
+    return rank, world, resolve_device("auto")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The device a `--device` / `device:` setting names; "auto" (or None) is this process's GPU (cuda:LOCAL_RANK,
+    so under torchrun each process its own) where CUDA is available, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
+            torch.device("cpu")
+    return torch.device(device)
 
 
 def _destroy() -> None:

@@ -41,7 +41,7 @@ from fae.io import (
     read_bundle_config,
     remove_stale_temporaries,
 )
-from fae.models.autoencoder import FeatureAutoEncoder
+from fae.models.autoencoder import FeatureAutoEncoder, check_encoder_shape
 from fae.precision import DTYPES, PRECISIONS, Precision, resolve_precision
 from fae.tokenizers import find_autoencoder_bundle
 
@@ -202,7 +202,7 @@ def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None
     """
     opts = options or EncodeOptions()
     opts.validate()
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = D.resolve_device(device)
     if D.is_distributed() and dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
     record, fae_model, frozen = _networks(fae, encoder, opts, dev)
@@ -243,7 +243,7 @@ def _networks(fae: str | Path | None, encoder: Any | None, opts: EncodeOptions, 
         if encoder is None:
             if "encoder" not in bundle_record:
                 raise ConfigError(f"{bundle}: the FAE bundle records no frozen encoder; pass one with --encoder")
-            encoder = EncoderConfig(**bundle_record["encoder"])
+            encoder = FrozenEncoder.from_reference(bundle_record["encoder"])
     elif opts.source == "fae":
         raise ConfigError("source=fae needs the FAE bundle (--fae); for raw encoder features use source=raw_features")
     if encoder is None:
@@ -253,10 +253,8 @@ def _networks(fae: str | Path | None, encoder: Any | None, opts: EncodeOptions, 
     encoder = encoder.to(dev).eval()
     if "encoder" in bundle_record:
         check_same_encoder(bundle_record["encoder"], encoder.reference(), f"FAE bundle {fae}", "the encoder given")
-    if fae_model is not None and (tuple(fae_model.config.grid) != tuple(encoder.grid)
-                                  or fae_model.config.feature_dim != encoder.dim):
-        raise ConfigError(f"the FAE bundle expects {list(fae_model.config.grid)} x {fae_model.config.feature_dim} "
-                          f"features, the encoder gives {list(encoder.grid)} x {encoder.dim}")
+    if fae_model is not None:
+        check_encoder_shape(fae_model.config, encoder, "the FAE bundle")
     record["encoder"] = encoder.reference()
     return record, fae_model, encoder
 

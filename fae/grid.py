@@ -41,9 +41,19 @@ def draw_grid(rows: Sequence[Sequence[np.ndarray]], row_names: Sequence[str] | N
     return canvas
 
 
-def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
-    """(3,H,W) float in [0,1] -> uint8 (H,W,3), a tile for `draw_grid`."""
-    return image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+def float_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0,1] -> uint8 of the same shape: clamp to [0,1], times 255, plus 0.5, truncate.
+
+    Round half up, torchvision's `save_image` convention, so a tensor's uint8 values are those of the PNG a
+    torchvision user would save from it (round() would round halves to even, which no image writer does).
+    """
+    return images.detach().float().clamp(0, 1).mul(255).add(0.5).to(torch.uint8)
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) float in [0,1] -> uint8 NumPy (..., H, W, 3), rounded by `float_to_uint8`: a tile for
+    `draw_grid` from (3,H,W), or a batch (N,H,W,3) as saved image files hold it from (N,3,H,W)."""
+    return float_to_uint8(images).movedim(-3, -1).cpu().numpy()
 
 
 def draw_columns(columns: Mapping[str, Sequence[torch.Tensor]], pad: int = 2, min_cell: int = 0):

@@ -88,6 +88,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
+def atomic_save_npz(path: str | Path, /, **arrays: Any) -> None:
+    """Atomically write `arrays` as an uncompressed .npz at `path`, under their keyword names."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare path
+            np.savez(f, **arrays)
+
+    atomic_write(Path(path), write)
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda p: torch.save(obj, p))
 
@@ -113,7 +124,7 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
 MANIFEST_NAME = "manifest.json"
 
 
-def write_manifest(folder: Path) -> None:
+def write_checkpoint_manifest(folder: Path) -> None:
     """Record the SHA-256 of every file in `folder` (a checkpoint), so a damaged one is found before it is used."""
     folder = Path(folder)
     hashes = {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))

@@ -311,6 +311,21 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1).float()
 
 
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C): p x p patches as tokens in row-major grid order, each a (p, p, C) block
+    flattened row-major (the layout of DiT, STARFlow, the pixel decoder's head and SigLIP2's NaFlex input)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, p: int, channels: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N, p*p*C) -> (B, C, gh*p, gw*p) for a token grid (gh, gw); the inverse of `patchify`."""
+    gh, gw = grid
+    x = x.reshape(x.shape[0], gh, gw, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(x.shape[0], channels, gh * p, gw * p)
+
+
 def grid_side(num_tokens: int) -> int:
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:

@@ -27,8 +27,8 @@ from fae import distributed as D
 from fae.config import ConfigError, to_dict
 from fae.data.labels import check_class_ids
 from fae.generators import Generator
-from fae.grid import draw_grid
-from fae.io import atomic_write, atomic_write_text, require_bundle
+from fae.grid import draw_grid, to_uint8_hwc
+from fae.io import atomic_save_npz, atomic_write, atomic_write_text, require_bundle
 from fae.models.pixel_decoder import PixelDecoder
 from fae.precision import resolve_precision
 from fae.speed import CompileMode, compile_in_place, compile_wanted
@@ -106,11 +106,6 @@ def make_labels(spec: str | Sequence[int], num_samples: int, num_classes: int, s
         raise ConfigError("labels: give at least one class id")
     check_class_ids(ids, num_classes, "class ids", error=ConfigError)
     return ids.repeat(math.ceil(num_samples / ids.numel()))[:num_samples]
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B,3,H,W) float in [0,1] -> (B,H,W,3) uint8, rounded."""
-    return (images.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @dataclass
@@ -193,7 +188,7 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
             noise = initial_noise((len(idx), *shape), gens, device)
             y = [prompts[i] for i in ys[idx]] if text else (ys[idx].to(device) if ys is not None else None)
             with choice.autocast():
-                kept = to_uint8(decode(gen.sample(noise, y, sampler, gens)))
+                kept = to_uint8_hwc(decode(gen.sample(noise, y, sampler, gens)))
             if done is not None:
                 done.save(idx[0], kept)
         images.append(kept)
@@ -272,12 +267,7 @@ def write_samples(out_dir: str | Path, samples: Samples, class_names: Sequence[s
         arrays = {"arr_0": samples.images}
         if samples.labels is not None:
             arrays["labels"] = samples.labels
-
-        def save(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-
-        atomic_write(out / "samples.npz", save)
+        atomic_save_npz(out / "samples.npz", **arrays)
         written["npz"] = str(out / "samples.npz")
     if pngs:
         (out / "images").mkdir(exist_ok=True)
@@ -316,13 +306,8 @@ def sample_to_dir(gen: Generator, decode: Decoder, out_dir: str | Path, num_samp
     rank = D.rank()
     write_samples(out, part, None, grid=False, pngs=pngs, npz=False, manifest=False)
     part_file = out / f".part-{rank:05d}.npz"
-
-    def save(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, images=part.images, indices=part.indices,
-                     **({"labels": part.labels} if part.labels is not None else {}))
-
-    atomic_write(part_file, save)
+    atomic_save_npz(part_file, images=part.images, indices=part.indices,
+                    **({"labels": part.labels} if part.labels is not None else {}))
     D.barrier()
     written: dict[str, str] = {}
     if rank == 0:

@@ -48,7 +48,7 @@ from fae.io import (
     replace_dir,
     save_config,
     state_dict_for_save,
-    write_manifest,
+    write_checkpoint_manifest,
 )
 from fae.monitoring import TENSORBOARD_MODES, RunMonitor, TensorBoardMode, memory_row
 from fae.precision import PRECISIONS, Precision, resolve_precision, training_tf32
@@ -310,8 +310,8 @@ class Trainer:
     def __init__(self, stage: TrainStage, cfg: TrainConfig, out_dir: str | Path, run_config: Any = None,
                  progress: bool = True) -> None:
         self.stage, self.cfg, self.out_dir, self.run_config = stage, cfg, Path(out_dir), run_config
-        self.rank, self.world, device = D.init_distributed()
-        self.device = device if cfg.device == "auto" else torch.device(cfg.device)
+        self.rank, self.world, _ = D.init_distributed()
+        self.device = D.resolve_device(cfg.device)
         self.progress = progress and self.rank == 0
         if cfg.batch_size % (self.world * cfg.grad_accum):
             raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by processes x grad_accum "
@@ -607,7 +607,7 @@ class Trainer:
                 if not self.cfg.fsdp:
                     state["optimizers"] = {g: o.state_dict() for g, o in self.optimizers.items()}
                 torch.save(state, tmp / "training_state.pt")
-                write_manifest(tmp)  # SHA-256 per file: a damaged checkpoint is found at resume, not used
+                write_checkpoint_manifest(tmp)  # SHA-256 per file: a damaged checkpoint is found at resume, not used
                 replace_dir(tmp, final)
             except OSError as exc:  # disk full, quota, I/O error: the previous checkpoints are untouched
                 failure = exc

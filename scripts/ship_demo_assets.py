@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fae.assets import ROOT, write_manifest
+from fae.assets import ROOT, write_asset_manifest
 from fae.io import replace_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def main() -> None:
             staged = Path(work) / name
             record = MAKERS[name](Path(work), staged)
             record.update({"made_with": machine(), "seconds": round(time.time() - begin, 1)})
-            files = write_manifest(staged, record)["files"]
+            files = write_asset_manifest(staged, record)["files"]
             replace_dir(staged, ROOT / name)
         print(f"wrote {ROOT / name}: {', '.join(f'{f} {h[:12]}' for f, h in files.items())} "
               f"({record['seconds']:.0f} s)", file=sys.stderr)

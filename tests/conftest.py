@@ -124,17 +124,18 @@ def tiny_encoder_dir(tmp_path_factory):
 def tiny_latent_world(tmp_path_factory, tiny_encoder_dir):
     """A tiny FAE (4x4x4 latents) on the tiny encoder, its pipeline bundle (with a pixel decoder) and a latent cache
     of 40 Fashion-MNIST test images: what a generator stage trains on and `fae sample` decodes with."""
+    from tiny import tiny_fae_config
+
     from fae.cli import main
     from fae.encoders import EncoderConfig, FrozenEncoder
-    from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
+    from fae.models.autoencoder import FeatureAutoEncoder
     from fae.models.pixel_decoder import PixelDecoder, PixelDecoderConfig
     from fae.tokenizers import FAE
 
     root = tmp_path_factory.mktemp("latent-world")
     encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder_dir)))
     torch.manual_seed(0)
-    fae = FeatureAutoEncoder(FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2,
-                                       encoder_head_dim=8, decoder_depth=1, decoder_heads=2))
+    fae = FeatureAutoEncoder(tiny_fae_config())
     fae_bundle = fae.save_pretrained(root / "fae", extra={"encoder": encoder.reference()})
     pd = PixelDecoder(PixelDecoderConfig(in_dim=32, num_tokens=16, patch_size=4, width=32, depth=1, num_heads=2,
                                          refine_channels=0))

@@ -88,3 +88,18 @@ def test_configs_resolve_to_the_packaged_copy_outside_a_checkout(tmp_path, monke
         read_yaml("configs/demo/nope.yaml")
     with pytest.raises(ConfigError, match="config file not found: other/x.yaml"):
         read_yaml("other/x.yaml")
+
+
+def test_a_yaml_section_is_read_or_its_absence_handled_as_asked(tmp_path):
+    from fae.config import ConfigError, yaml_section
+
+    assert yaml_section("configs/demo/fae.yaml")["kind"] == "fashion_mnist"      # a stage config's data: block
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("stage: fae\nkind: image_folder\nroot: /x\n")
+    assert yaml_section(flat, "data", missing="top_level") == {"kind": "image_folder", "root": "/x"}
+    assert yaml_section(flat, "data", missing="empty") == {}
+    with pytest.raises(ConfigError, match=r"flat.yaml has no `data:` section"):
+        yaml_section(flat, "data")
+    flat.write_text("data: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"`data:` must be a mapping"):
+        yaml_section(flat, "data", missing="top_level")

@@ -7,7 +7,7 @@ from torch.utils.data import Dataset
 
 import fae.precision as P
 from fae import sharding
-from fae.io import manifest_problem, write_manifest
+from fae.io import manifest_problem, write_checkpoint_manifest
 
 
 # ---------------------------------------------------------------------------------------------------- precision
@@ -34,7 +34,7 @@ def test_a_checkpoint_manifest_covers_files_in_sub_folders(tmp_path):
     (ckpt / "dcp").mkdir(parents=True)
     (ckpt / "training_state.pt").write_bytes(b"state" * 10)
     (ckpt / "dcp" / "__0_0.distcp").write_bytes(b"shard" * 10)
-    write_manifest(ckpt)
+    write_checkpoint_manifest(ckpt)
     assert manifest_problem(ckpt) is None
     (ckpt / "dcp" / "__0_0.distcp").write_bytes(b"shard" * 9 + b"sharD")   # same size, one byte altered
     assert "__0_0.distcp" in manifest_problem(ckpt)

@@ -244,8 +244,9 @@ def test_atomic_write_leaves_no_half_file(tmp_path):
 
 @pytest.mark.margin
 def test_fae_stage_loss_uses_the_configured_kl_weight():
+    from tiny import tiny_fae_config
+
     from fae.encoders import EncoderConfig
-    from fae.models.autoencoder import FAEConfig
     from fae.stages.autoencoder import Config, FAEStage, VAELossConfig
 
     class Features:  # what the stage asks of its frozen encoder; the batch brings cached features
@@ -254,8 +255,7 @@ def test_fae_stage_loss_uses_the_configured_kl_weight():
         def to(self, device):
             return self
 
-    model = FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2, encoder_head_dim=8,
-                      decoder_depth=1, decoder_heads=2)
+    model = tiny_fae_config()
     beta = 0.5
     cfg = Config(encoder=EncoderConfig(kind="dinov2", name_or_path="unused"), model=model,
                  loss=VAELossConfig(kl_weight=beta, sample_posterior=False))

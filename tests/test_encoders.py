@@ -16,6 +16,7 @@ from fae.encoders import (
     EncoderConfig,
     FrozenEncoder,
     detect_kind,
+    encoder_config_from_spec,
     known_encoder_config,
     save_tiny_encoder,
 )
@@ -254,3 +255,16 @@ def test_reference_differences_treat_one_folder_written_two_ways_as_one_encoder(
     assert reference_differences(ref, {**ref, "name_or_path": "runs/other"}) == ["name_or_path"]
     assert reference_differences(ref, {**ref, "input_size": 64, "kind": "mae"}) == ["kind", "input_size"]
     assert reference_differences({**ref, "name_or_path": "org/a"}, {**ref, "name_or_path": "org/a"}) == []
+
+
+def test_an_encoder_spec_names_a_folder_or_a_kind_and_a_hub_id(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    folder = str(tiny_dirs["mae"])
+    assert encoder_config_from_spec(folder) == EncoderConfig(kind="mae", name_or_path=folder)   # kind from config.json
+    assert encoder_config_from_spec("siglip2:google/x", precision="fp32") == EncoderConfig(
+        kind="siglip2", name_or_path="google/x", precision="fp32")
+    assert encoder_config_from_spec(f"dinov2:{folder}").kind == "dinov2"          # an explicit kind wins
+    with pytest.raises(ConfigError, match=r"not a local model folder.*<kind>:<hub id>.*dinov2_reg"):
+        encoder_config_from_spec("vit:google/x")                                 # no such kind, no such folder
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ConfigError, match="model_type 'bert' is not a supported encoder"):
+        encoder_config_from_spec(str(tmp_path))

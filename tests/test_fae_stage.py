@@ -111,7 +111,8 @@ def test_config_errors_name_the_key(tmp_path, tiny_encoder_dir, capsys):
     assert "train.steps: expected an integer" in capsys.readouterr().err
     assert main(["train", "fae", "--config", str(cfg), "--out", str(tmp_path / "r"), "model.feature_dim=48",
                  "model.encoder_heads=2"]) == 1
-    assert "model.feature_dim=48 but the encoder gives 32-d features" in capsys.readouterr().err
+    assert ("model.grid x model.feature_dim: [4, 4] x 48 features expected (token grid x width), the encoder gives "
+            "[4, 4] x 32") in capsys.readouterr().err
     assert main(["train", "fae", "--config", str(tmp_path / "missing.yaml")]) == 1
     assert "config file not found" in capsys.readouterr().err
 

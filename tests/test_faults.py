@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_training import ToyStage, _cfg, _weights
 
-from fae.io import MANIFEST_NAME, manifest_problem
+from fae.io import MANIFEST_NAME, atomic_save_npz, manifest_problem
 from fae.models.dit import DiT, DiTConfig
 from fae.training import Trainer, TrainingError, checkpoint_dirs
 
@@ -107,6 +107,25 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_clearly(tmp_path, m
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     resumed = _resume(tmp_path / "run")                      # space freed: the same command finishes the run
     assert all(torch.equal(a, b) for a, b in zip(expected, resumed))
+
+
+def test_a_failed_npz_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import numpy as np
+
+    path = tmp_path / "stats.npz"
+    atomic_save_npz(path, path=np.arange(3), arr_0=np.ones((2, 2), np.uint8))  # any key, "path" too
+    with np.load(path) as data:
+        assert sorted(data.files) == ["arr_0", "path"] and data["path"].tolist() == [0, 1, 2]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_save_npz(path, arr_0=np.zeros(1))
+    with np.load(path) as data:
+        assert data["path"].tolist() == [0, 1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.npz"]
 
 
 def test_a_damaged_bundle_is_named_on_load(tmp_path):

@@ -178,12 +178,13 @@ def test_other_encoder_stages_run_on_a_tiny_model_of_the_same_class(name, tmp_pa
 
 # ------------------------------------------------------------------------------------- item 5: the feature decoder's bias
 def test_feature_decoder_output_bias_is_added_and_counted():
+    from tiny import tiny_fae_config
+
     from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
 
-    cfg = FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2, encoder_head_dim=8,
-                    decoder_depth=1, decoder_heads=2, decoder_out_bias=True)
+    cfg = tiny_fae_config(decoder_out_bias=True)
     with_bias = FeatureAutoEncoder(cfg)
-    plain = FeatureAutoEncoder(FAEConfig(**{**cfg.__dict__, "decoder_out_bias": False}))
+    plain = FeatureAutoEncoder(tiny_fae_config(decoder_out_bias=False))
     plain.load_state_dict({k: v for k, v in with_bias.state_dict().items() if k != "decoder.out_bias"})
     with torch.no_grad():
         with_bias.decoder.out_bias.copy_(torch.linspace(-1, 1, 32))

@@ -6,13 +6,14 @@ import json
 import pytest
 import torch
 from margins import within
+from tiny import tiny_fae_config
 
 from fae.data import flip_coin, split_key
 from fae.data.idx import FashionMNIST
 from fae.data.latents import STATS, LatentCache, LatentDataset
 from fae.encoders import EncoderConfig, FrozenEncoder
 from fae.encoding import EncodeOptions, encode_dataset, encode_latents, make_latent_fn
-from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
+from fae.models.autoencoder import FeatureAutoEncoder
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,7 @@ def parts(tmp_path_factory, tiny_encoder_dir):
     enc_dir = tiny_encoder_dir
     encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(enc_dir)))
     torch.manual_seed(0)
-    fae = FeatureAutoEncoder(FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2,
-                                       encoder_head_dim=8, decoder_depth=1, decoder_heads=2)).eval()
+    fae = FeatureAutoEncoder(tiny_fae_config()).eval()
     bundle = fae.save_pretrained(root / "fae", extra={"encoder": encoder.reference()})
     data = FashionMNIST(split="test", image_size=16, limit=45)
     # fp32: the rows are compared with a direct fp32 encoding below (auto: tests/test_encode_fast.py)

@@ -103,15 +103,16 @@ def test_rfid_command_psnr_ssim(tmp_path: Path) -> None:
 
 @pytest.mark.margin
 def test_probe_raw_recon_latent(tmp_path: Path, tiny_encoder_dir: Path) -> None:
+    from tiny import tiny_fae_config
+
     from fae.data.idx import FASHION_MNIST_DIR
     from fae.encoders import EncoderConfig, FrozenEncoder
-    from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
+    from fae.models.autoencoder import FeatureAutoEncoder
 
     if not (Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST (apt-get install dataset-fashion-mnist) is not installed")
     encoder = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder_dir)))
-    cfg = FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2, encoder_head_dim=16,
-                    decoder_depth=1, decoder_heads=2)
+    cfg = tiny_fae_config(encoder_head_dim=16)
     bundle = FeatureAutoEncoder(cfg).save_pretrained(tmp_path / "fae", extra={"encoder": encoder.reference()})
     assert main(["eval", "probe", "--fae", str(bundle), "--train-limit", "300", "--test-limit", "100",
                  "--epochs", "2", "--lrs", "0.1", "1.0", "--device", "cpu", "--no-progress"]) == 0

@@ -131,11 +131,12 @@ from pathlib import Path  # noqa: E402
 
 from safetensors.torch import load_file  # noqa: E402
 from seeding import subprocess_env  # noqa: E402
+from tiny import tiny_fae_config  # noqa: E402
 
 from fae.cli import main  # noqa: E402
 from fae.encoders import EncoderConfig, FrozenEncoder  # noqa: E402
 from fae.io import read_bundle_config  # noqa: E402
-from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder  # noqa: E402
+from fae.models.autoencoder import FeatureAutoEncoder  # noqa: E402
 from fae.stages import load_stage_config, train_stage  # noqa: E402
 from fae.tokenizers import FAE  # noqa: E402
 
@@ -233,8 +234,7 @@ def test_discriminator_scores_the_generator_pass_images(tmp_path, tiny_encoder_d
 
 def _fae_bundle(path: Path, tiny_encoder_dir: Path) -> Path:
     enc = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(tiny_encoder_dir)))
-    model = FeatureAutoEncoder(FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2,
-                                         encoder_head_dim=16, decoder_depth=1, decoder_heads=2))
+    model = FeatureAutoEncoder(tiny_fae_config(encoder_head_dim=16))
     return model.save_pretrained(path, extra={"encoder": enc.reference()})
 
 

@@ -256,7 +256,7 @@ def test_a_generation_pipeline_samples_on_the_device_it_was_loaded_on(world, tmp
     assert pipe.device == torch.device("meta") and pipe.generator.device == torch.device("meta")
     assert {p.device.type for p in [*pipe.fae.parameters(), *pipe.generator.model.parameters()]} == {"meta"}
     seen = []
-    monkeypatch.setattr(fae.sampling, "to_uint8", lambda x: seen.append(x.device) or np.zeros((len(x), 16, 16, 3),
+    monkeypatch.setattr(fae.sampling, "to_uint8_hwc", lambda x: seen.append(x.device) or np.zeros((len(x), 16, 16, 3),
                                                                                               np.uint8))
     out = pipe.generate(3, sampler=SamplerConfig(steps=2), progress=False)
     assert seen == [torch.device("meta")] and out.images.shape == (3, 16, 16, 3)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_fae_config
 from torch.utils.data import Dataset
 
 import fae.training
-from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder, vae_loss
+from fae.models.autoencoder import FeatureAutoEncoder, vae_loss
 from fae.models.dit import DiT, dit_config
 from fae.models.mmdit import MMDiT, TextCondition, mmdit_config
 from fae.models.pixel_decoder import PixelDecoder, PixelDecoderConfig
@@ -52,8 +53,7 @@ def _starflow() -> StarFlow:
 
 
 def _fae() -> FeatureAutoEncoder:
-    return FeatureAutoEncoder(FAEConfig(feature_dim=32, grid=(4, 4), latent_channels=4, encoder_heads=2,
-                                        encoder_head_dim=8, decoder_depth=2, decoder_heads=2))
+    return FeatureAutoEncoder(tiny_fae_config(decoder_depth=2))
 
 
 def _pixel_decoder() -> PixelDecoder:

@@ -42,7 +42,7 @@ def asset(name: str) -> Path:
     return folder
 
 
-def write_manifest(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
+def write_asset_manifest(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Hash every file of `folder` (except the manifest) into its manifest, with `record` (how it was made)."""
     files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     full = {**record, "files": files}

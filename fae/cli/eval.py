@@ -158,8 +158,8 @@ def _add_gen_args(p: argparse.ArgumentParser, precision_recall: bool = True) -> 
 
 
 def _network(args: argparse.Namespace) -> Any:
-    from fae.distributed import init_distributed
-    from fae.metrics.networks import build_network, resolve_device
+    from fae.distributed import init_distributed, resolve_device
+    from fae.metrics.networks import build_network
 
     init_distributed()   # under torchrun the feature extraction is split over the processes
     return build_network(args.network, args.inception_weights, resolve_device(args.device))
@@ -198,8 +198,8 @@ def _check_positive(**values: int | None) -> None:
 
 
 def _cmd_gen(args: argparse.Namespace) -> int:
+    from fae.distributed import resolve_device
     from fae.metrics.evaluate import evaluate_generation
-    from fae.metrics.networks import resolve_device
 
     _check_positive(num_samples=args.num_samples, batch_size=args.batch_size, k=args.k, is_splits=args.is_splits,
                     is_split_size=args.is_split_size)

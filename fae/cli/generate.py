@@ -3,17 +3,10 @@ fae.data.latents and fae.sampling."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from fae.config import ConfigError, apply_overrides, from_dict, read_yaml
+from fae.config import ConfigError, apply_overrides, from_dict, yaml_section
 from fae.precision import PRECISIONS
 from fae.speed import COMPILE_MODES
-
-
-def _section(path: str, key: str) -> dict[str, Any]:
-    """A YAML file holding a `key:` section (e.g. a stage config) or the section's fields at the top level."""
-    data = read_yaml(path)
-    return data[key] if isinstance(data.get(key), dict) else {k: v for k, v in data.items() if k != "stage"}
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
@@ -23,8 +16,10 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from fae.encoding import EncodeOptions, encode_latents
 
     init_distributed()
-    data = from_dict(DataConfig, apply_overrides(_section(args.data, "data"), args.overrides), "data")
-    encoder = from_dict(EncoderConfig, _section(args.encoder, "encoder"), "encoder") if args.encoder else None
+    data = from_dict(DataConfig, apply_overrides(yaml_section(args.data, "data", missing="top_level"), args.overrides), "data")
+    encoder = None
+    if args.encoder:
+        encoder = from_dict(EncoderConfig, yaml_section(args.encoder, "encoder", missing="top_level"), "encoder")
     opts = EncodeOptions(source=args.source, flip=not args.no_flip, store_std=args.store_std,
                          shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
                          num_workers=args.num_workers, precision=args.precision)
@@ -42,14 +37,14 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from fae.distributed import init_distributed, is_main
+    from fae.distributed import init_distributed, is_main, resolve_device
     from fae.pipeline import GenerationPipeline
     from fae.sampling import load_decoder, sample_to_dir
     from fae.stages import load_run_generator
     from fae.transport import GuidanceSchedule, SamplerConfig, paper_method
 
-    _, _, dist_device = init_distributed()
-    device = str(dist_device) if args.device == "auto" else args.device
+    init_distributed()
+    device = str(resolve_device(args.device))
     try:
         guidance = GuidanceSchedule.parse(args.guidance)
     except ValueError as exc:

@@ -38,7 +38,7 @@ def register_recon(eval_subparsers: Any) -> None:
 
 def cmd_recon(args: argparse.Namespace) -> int:
     from fae.data import DataConfig
-    from fae.metrics.networks import resolve_device
+    from fae.distributed import resolve_device
     from fae.metrics.reconstruction import evaluate_bundles
 
     data = None

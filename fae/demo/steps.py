@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from fae.config import PACKAGED_CONFIGS, from_dict, read_yaml
+from fae.config import PACKAGED_CONFIGS, from_dict, yaml_section
 
 CONFIG_DIR = PACKAGED_CONFIGS / "demo"
 
@@ -93,7 +93,7 @@ class DemoContext:
     def data_config(self) -> Any:
         from fae.data import DataConfig
 
-        return from_dict(DataConfig, read_yaml(CONFIG_DIR / "fae.yaml")["data"])
+        return from_dict(DataConfig, yaml_section(CONFIG_DIR / "fae.yaml", "data"))
 
     def encoder_config(self) -> Any:
         from fae.encoders import EncoderConfig
@@ -219,13 +219,13 @@ def _scoring(ctx: DemoContext) -> dict[str, Any]:
 
     from fae.data import build_dataset
     from fae.encoders import FrozenEncoder
+    from fae.grid import to_uint8_hwc
     from fae.metrics import EncoderNetwork, TensorSource, fid
     from fae.metrics.judge import SmallCNN
     from fae.metrics.reference import load_reference
-    from fae.sampling import to_uint8
 
     test = build_dataset(replace(ctx.data_config(), hflip=False, limit=ctx.profile["fd_reference"]), "test")
-    images = to_uint8(torch.stack([test[i]["image"] for i in range(len(test))]))
+    images = to_uint8_hwc(torch.stack([test[i]["image"] for i in range(len(test))]))
     network = EncoderNetwork(FrozenEncoder.from_config(replace(ctx.encoder_config(), precision="fp32")))  # a metric
     half = len(images) // 2
     return {"classifier": SmallCNN.from_pretrained(ctx.judge_dir).eval(), "network": network,

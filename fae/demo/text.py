@@ -99,13 +99,13 @@ def step_text_data(ctx: DemoContext) -> dict[str, Any]:
     from PIL import Image
 
     from fae.data import build_dataset
-    from fae.sampling import to_uint8
+    from fae.grid import to_uint8_hwc
 
     p, data = text_profile(ctx), ctx.data_config()
     root = ctx.out / "text-data"
     emoji = render_emoji(data.image_size, p["emoji"])
     fashion = build_dataset(replace(data, hflip=False, limit=p["fashion"]), "train")
-    images = to_uint8(torch.stack([fashion[i]["image"] for i in range(len(fashion))]))
+    images = to_uint8_hwc(torch.stack([fashion[i]["image"] for i in range(len(fashion))]))
     labels = np.array([int(fashion[i]["label"]) for i in range(len(fashion))])
     pairs = [(f"emoji/{i:04d}", img, cap) for i, (img, cap) in enumerate(emoji)]
     pairs += [(f"fashion/{i:05d}", img, cap) for i, (img, cap) in
@@ -198,16 +198,17 @@ def step_text_samples(ctx: DemoContext) -> dict[str, Any]:
     from fae.data.captions import CaptionDataConfig, build_caption_dataset
     from fae.encoders import FrozenEncoder
     from fae.generators import load_generator
+    from fae.grid import to_uint8_hwc
     from fae.metrics import EncoderNetwork, TensorSource, fid
     from fae.metrics.judge import caption_agreement
     from fae.metrics.reference import load_reference
-    from fae.sampling import generate, load_decoder, to_uint8, write_samples
+    from fae.sampling import generate, load_decoder, write_samples
     from fae.transport import GuidanceSchedule, SamplerConfig
 
     p = text_profile(ctx)
     pairs = build_caption_dataset(CaptionDataConfig("folder", str(ctx.out / "text-data"),
                                                     image_size=ctx.data_config().image_size))
-    real = to_uint8(torch.stack([pairs[i]["image"] for i in range(len(pairs))]))
+    real = to_uint8_hwc(torch.stack([pairs[i]["image"] for i in range(len(pairs))]))
     encoder = FrozenEncoder.from_config(replace(ctx.encoder_config(), precision="fp32")).eval()  # a metric: fp32
     network = EncoderNetwork(encoder)
     reference = load_reference(TensorSource(real, name="training pairs"), network)

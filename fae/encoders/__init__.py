@@ -12,6 +12,7 @@ from fae.encoders.image import (
     FrozenEncoder,
     KnownEncoder,
     detect_kind,
+    encoder_config_from_spec,
     known_encoder_config,
     reference_differences,
     save_tiny_encoder,
@@ -20,6 +21,7 @@ from fae.encoders.text import TEXT_KINDS, TextEncoder, TextEncoderConfig, save_t
 
 __all__ = [
     "DEFAULT_MEAN_STD", "IMAGENET_MEAN", "IMAGENET_STD", "KINDS", "KNOWN_ENCODERS", "REFERENCE_KEYS", "EncoderConfig",
-    "FrozenEncoder", "KnownEncoder", "detect_kind", "known_encoder_config", "reference_differences", "save_tiny_encoder",
+    "FrozenEncoder", "KnownEncoder", "detect_kind", "encoder_config_from_spec",
+    "known_encoder_config", "reference_differences", "save_tiny_encoder",
     "TEXT_KINDS", "TextEncoder", "TextEncoderConfig", "save_tiny_text_encoder",
 ]

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fae.config import ConfigError
 from fae.io import REFERENCE_KEYS, reference_differences  # noqa: F401  (part of this module's API)
+from fae.nn import patchify
 from fae.precision import DTYPES, PRECISIONS, Precision, PrecisionChoice, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,24 @@ def detect_kind(name_or_path: str, revision: str | None = None) -> str:
         raise ValueError(f"{name_or_path}: model_type {model_type!r} is not a supported encoder "
                          f"(supported: {', '.join(sorted(_ARCHITECTURES))})")
     return _ARCHITECTURES[model_type][0]
+
+
+def encoder_config_from_spec(spec: str, **overrides: Any) -> EncoderConfig:
+    """The EncoderConfig a command line names: `<kind>:<folder or hub id>`, or a local model folder alone (its kind
+    read from its config.json `model_type`); `overrides` set further fields (e.g. precision="fp32")."""
+    kind, _, rest = spec.partition(":")
+    if rest and kind in KINDS:
+        name_or_path = rest
+    else:
+        name_or_path = spec
+        if not (Path(spec).expanduser() / "config.json").is_file():
+            raise ConfigError(f"encoder {spec!r}: not a local model folder with config.json; write the kind "
+                              f"explicitly as <kind>:<hub id> (kinds: {', '.join(KINDS)})")
+        try:
+            kind = detect_kind(str(Path(spec).expanduser()))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return EncoderConfig(kind=kind, name_or_path=name_or_path, **overrides)  # type: ignore[arg-type]
 
 
 def known_encoder_config(name: str, **overrides: Any) -> EncoderConfig:
@@ -415,7 +435,7 @@ class FrozenEncoder(nn.Module):
             # NaFlex takes pre-patchified pixels, a token mask and each image's grid; a square image is one full grid
             p = self.patch_size
             gh, gw = h // p, w // p
-            patches = pixel_values.reshape(b, 3, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * 3)
+            patches = patchify(pixel_values, p)
             shapes = torch.tensor([[gh, gw]], device=pixel_values.device).expand(b, 2)
             mask = torch.ones(b, gh * gw, dtype=torch.int32, device=pixel_values.device)
             out = self.model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes)

@@ -23,7 +23,8 @@ import torch
 
 from fae import distributed as D
 from fae.config import ConfigError
-from fae.io import atomic_write, cache_root
+from fae.grid import float_to_uint8
+from fae.io import atomic_save_npz, cache_root
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 FEATURE_FORMAT = 1  # bump when the extraction protocol changes: old cache entries are then ignored
@@ -71,7 +72,7 @@ def _to_uint8_nchw(images: np.ndarray | torch.Tensor, what: str) -> torch.Tensor
         if t.numel() and (t.min() < -1e-3 or t.max() > 1 + 1e-3):
             raise ValueError(f"{what}: float images must be in [0, 1], got "
                              f"[{float(t.min()):.3g}, {float(t.max()):.3g}]")
-        return (t.float() * 255.0).round().clamp(0, 255).to(torch.uint8).contiguous()
+        return float_to_uint8(t).contiguous()
     raise ValueError(f"{what}: images must be uint8 or float in [0, 1], got {t.dtype}")
 
 
@@ -271,14 +272,6 @@ def cache_key(source: ImageSource, network: Any) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare path
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
-
-
 def meta_array(meta: dict[str, Any]) -> np.ndarray:
     """JSON metadata as a 0-d unicode array: readable with np.load(allow_pickle=False)."""
     return np.array(json.dumps(meta, sort_keys=True))
@@ -322,7 +315,7 @@ def extract_features(source: ImageSource | str | Path | np.ndarray | torch.Tenso
              for k in dict.fromkeys(k for part in parts for k in part)}
     if cache_file is not None and D.is_main():
         meta = {"source": source.describe(), "network": network.info(), "format": FEATURE_FORMAT}
-        _save_npz(cache_file, {**feats, "meta": meta_array(meta)})
+        atomic_save_npz(cache_file, **{**feats, "meta": meta_array(meta)})
     return FeatureSet(feats, network.info(), source.describe(), cached=False,
                       cache_file=str(cache_file) if cache_file else None)
 
@@ -333,11 +326,6 @@ def read_npz_meta(data: Any, key: str = "fae_meta") -> dict[str, Any] | None:
     return json.loads(str(data[key][()]))
 
 
-def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    """Atomically write an uncompressed .npz (public wrapper used by reference statistics)."""
-    _save_npz(Path(path), arrays)
-
-
 __all__ = ["ImageSource", "TensorSource", "CallableSource", "FolderSource", "NpzSource", "open_images",
-           "FeatureSet", "extract_features", "default_cache_dir", "save_npz", "meta_array", "read_npz_meta",
+           "FeatureSet", "extract_features", "default_cache_dir", "meta_array", "read_npz_meta",
            "IMAGE_EXTENSIONS"]

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fae.grid import float_to_uint8
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
 # torch-fidelity ships the same conversion under another name; either file is accepted
@@ -208,7 +210,7 @@ class FIDInceptionV3(nn.Module):
         if images.dtype == torch.uint8:
             x = images.to(dtype)
         elif images.is_floating_point():
-            x = (images.to(dtype) * 255.0).round().clamp(0, 255)  # the uint8 a saved PNG would hold
+            x = float_to_uint8(images).to(dtype)  # the uint8 a saved PNG would hold
         else:
             raise ValueError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
         if self.resize == "tf1":

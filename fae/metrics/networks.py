@@ -15,7 +15,6 @@ A `FeatureNetwork` has a `name`, a `weights_hash` (both go into reports and feat
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -108,15 +107,9 @@ class EncoderNetwork:
     def from_spec(cls, spec: str, device: str | torch.device = "cpu") -> EncoderNetwork:
         """`<folder or hub id>` (kind read from its config.json) or `<kind>:<folder or hub id>`. Runs in fp32, like
         every metric network: a distance must not depend on whether the device has native bf16."""
-        from fae.encoders import KINDS, EncoderConfig, FrozenEncoder
+        from fae.encoders import FrozenEncoder, encoder_config_from_spec
 
-        kind, _, rest = spec.partition(":")
-        if rest and kind in KINDS:
-            name_or_path = rest
-        else:
-            kind, name_or_path = _detect_kind(spec), spec
-        config = EncoderConfig(kind=kind, name_or_path=name_or_path, precision="fp32")  # type: ignore[arg-type]
-        return cls(FrozenEncoder.from_config(config), device)
+        return cls(FrozenEncoder.from_config(encoder_config_from_spec(spec, precision="fp32")), device)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -127,19 +120,6 @@ class EncoderNetwork:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "weights_hash": self.weights_hash, "encoder": self.reference,
                 "pooling": "mean of patch tokens (CLS/registers dropped)", "outputs": list(self.outputs)}
-
-
-def _detect_kind(name_or_path: str) -> str:
-    """The FrozenEncoder kind of a local transformers folder, from its config.json `model_type`."""
-    from fae import encoders
-
-    if not (Path(name_or_path).expanduser() / "config.json").is_file():
-        raise ConfigError(f"encoder:{name_or_path}: not a local model folder with config.json; "
-                          f"write the kind explicitly as encoder:<kind>:<hub id> (kinds: {', '.join(encoders.KINDS)})")
-    try:
-        return encoders.detect_kind(str(Path(name_or_path).expanduser()))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def build_network(spec: str = "inception", inception_weights: str | Path | None = None,
@@ -153,9 +133,3 @@ def build_network(spec: str = "inception", inception_weights: str | Path | None 
         return EncoderNetwork.from_spec(spec[len("encoder:"):], device=device)
     raise ConfigError(f"--network {spec!r}: expected inception, inception:pytorch or encoder:<model folder>")
 
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):   # under torchrun, each process its own GPU
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
-            torch.device("cpu")
-    return torch.device(device)

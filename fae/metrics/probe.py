@@ -241,11 +241,12 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
 
     Returns an EvalReport whose table has one row per input (top-1, best pooling and learning rate).
     """
-    from fae.config import from_dict, read_yaml
+    from fae.config import from_dict, yaml_section
     from fae.data import DataConfig, build_dataset
-    from fae.encoders import EncoderConfig, FrozenEncoder
+    from fae.distributed import resolve_device
+    from fae.encoders import FrozenEncoder, encoder_config_from_spec
     from fae.io import read_bundle_config
-    from fae.metrics.networks import _detect_kind, resolve_device, state_dict_sha256
+    from fae.metrics.networks import state_dict_sha256
     from fae.metrics.report import EvalReport
 
     probe = probe or ProbeConfig()
@@ -257,23 +258,19 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
         enc_ref = read_bundle_config(fae).get("encoder")
         autoencoder = FeatureAutoEncoder.from_pretrained(fae).to(dev).eval()
     if encoder is not None:
-        kind, _, rest = encoder.partition(":")
-        if not (rest and kind in ("dinov2", "dinov2_reg", "siglip2", "mae")):
-            kind, rest = _detect_kind(encoder), encoder
-        enc = FrozenEncoder.from_config(EncoderConfig(kind=kind, name_or_path=rest))  # type: ignore[arg-type]
+        enc = FrozenEncoder.from_config(encoder_config_from_spec(encoder))
     elif enc_ref is not None:
         enc = FrozenEncoder.from_reference(enc_ref)
     else:
         raise ConfigError("fae eval probe needs --fae (a bundle that records its encoder) or --encoder")
     enc = enc.to(dev)
     if autoencoder is not None:
-        c = autoencoder.config
-        if c.feature_dim != enc.dim or tuple(c.grid) != tuple(enc.grid):
-            raise ConfigError(f"the FAE bundle expects {c.grid} x {c.feature_dim} features but the encoder gives "
-                              f"{enc.grid} x {enc.dim}; pass the encoder it was trained on")
+        from fae.models.autoencoder import check_encoder_shape
+
+        check_encoder_shape(autoencoder.config, enc, "the FAE bundle", "; pass the encoder it was trained on")
     data: dict[str, Any] = {}
     if config_path is not None:
-        data = dict(read_yaml(config_path).get("data") or {})
+        data = yaml_section(config_path, "data", missing="empty")
     data.update({k: v for k, v in {"kind": data_kind, "root": data_root, "image_size": image_size}.items()
                  if v is not None})
     data.setdefault("image_size", enc.input_size)

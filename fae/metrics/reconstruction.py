@@ -166,9 +166,7 @@ def evaluate_bundles(gaussian: str | Path | None = None, finetuned: str | Path |
     record (all must agree), and `data` (a DataConfig) to the `data` block of the run's config.yaml."""
     from dataclasses import replace
 
-    import yaml
-
-    from fae.config import ConfigError, from_dict
+    from fae.config import ConfigError, from_dict, yaml_section
     from fae.data import DataConfig, build_dataset
     from fae.encoders import FrozenEncoder
     from fae.io import check_same_encoder, read_bundle_config, require_bundle
@@ -200,10 +198,9 @@ def evaluate_bundles(gaussian: str | Path | None = None, finetuned: str | Path |
         decoders["finetuned(x_hat)"] = (PixelDecoder.from_pretrained(bundles["finetuned"]), "x_hat")
     if data is None:
         run_config = bundles.get("finetuned", bundles.get("gaussian")).parent / "config.yaml"  # type: ignore[union-attr]
-        run = yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
-        if not isinstance(run, dict) or "data" not in run:
-            raise ConfigError(f"no data given, and {run_config} (the decoder's run config) has no data block")
-        data = from_dict(DataConfig, run["data"], "data")
+        if not run_config.is_file():
+            raise ConfigError(f"no data given, and the decoder's run config {run_config} is missing")
+        data = from_dict(DataConfig, yaml_section(run_config, "data"), "data")
     image_size = next(iter(decoders.values()))[0].config.image_size   # the decoders define the image size
     dataset = build_dataset(replace(data, hflip=False, limit=limit, image_size=image_size), split)
     scores = evaluate_decoders(encoder, dataset, decoders,

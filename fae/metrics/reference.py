@@ -21,7 +21,8 @@ import torch
 
 from fae import distributed as D
 from fae.config import ConfigError
-from fae.metrics.features import ImageSource, extract_features, meta_array, open_images, read_npz_meta, save_npz
+from fae.io import atomic_save_npz
+from fae.metrics.features import ImageSource, extract_features, meta_array, open_images, read_npz_meta
 from fae.metrics.frechet import GaussianStats, compute_stats
 
 ADM_STATS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}
@@ -137,7 +138,7 @@ def save_reference(path: str | Path, images: str | Path | ImageSource, network: 
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     arrays["fae_meta"] = meta_array(meta)
     if D.is_main():   # under torchrun every process has the statistics; one writes them
-        save_npz(path, arrays)
+        atomic_save_npz(path, **arrays)
     return meta
 
 

@@ -9,12 +9,13 @@ transformer at the encoder's width with RMSNorm, SwiGLU, 2-D RoPE and a learned 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fae.config import ConfigError
 from fae.io import PretrainedMixin
 from fae.nn import RoPE2D, TransformerBlock, attention, make_norm, run_block
 
@@ -51,6 +52,14 @@ class FAEConfig:
     @property
     def num_tokens(self) -> int:
         return self.grid[0] * self.grid[1]
+
+
+def check_encoder_shape(config: FAEConfig, encoder: Any, what: str = "the FAE", hint: str = "") -> None:
+    """ConfigError, naming both shapes, unless `encoder` (anything with `.grid` and `.dim`, e.g. a FrozenEncoder)
+    gives the token grid x width that `config` expects; `what` names the FAE side, `hint` ends the message."""
+    if tuple(config.grid) != tuple(encoder.grid) or config.feature_dim != encoder.dim:
+        raise ConfigError(f"{what}: {list(config.grid)} x {config.feature_dim} features expected (token grid x width), "
+                          f"the encoder gives {list(encoder.grid)} x {encoder.dim}{hint}")
 
 
 class DiagonalGaussian:

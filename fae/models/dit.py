@@ -32,8 +32,10 @@ from fae.nn import (
     make_mlp,
     make_norm,
     modulate,
+    patchify,
     run_block,
     sincos_pos_embed_2d,
+    unpatchify,
 )
 
 
@@ -228,20 +230,6 @@ class DiT(nn.Module, PretrainedMixin):
         for block in self.blocks:
             h = run_block(block, h, c, self.rope, checkpointed=self.activation_checkpointing)
         return self.unpatchify(self.final_layer(h, c))
-
-
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, p*p*C), tokens in row-major order."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // p, p, w // p, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(x: torch.Tensor, p: int, channels: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, N, p*p*C) -> (B, C, H, W); the inverse of `patchify`."""
-    gh, gw = grid
-    x = x.reshape(x.shape[0], gh, gw, p, p, channels).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(x.shape[0], channels, gh * p, gw * p)
 
 
 def _backend(cfg: DiTConfig) -> AttentionBackend | None:

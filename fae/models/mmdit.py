@@ -26,8 +26,20 @@ import torch
 from torch import nn
 
 from fae.io import PretrainedMixin
-from fae.models.dit import FinalLayer, TimestepEmbedder, patchify, unpatchify
-from fae.nn import AttentionBackend, Mlp, RMSNorm, RoPE2D, attention, make_norm, modulate, run_block, sincos_pos_embed_2d
+from fae.models.dit import FinalLayer, TimestepEmbedder
+from fae.nn import (
+    AttentionBackend,
+    Mlp,
+    RMSNorm,
+    RoPE2D,
+    attention,
+    make_norm,
+    modulate,
+    patchify,
+    run_block,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 
 
 @dataclass

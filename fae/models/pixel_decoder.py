@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fae.io import PretrainedMixin
-from fae.nn import TransformerBlock, grid_side, make_norm, run_block, sincos_pos_embed_2d
+from fae.nn import TransformerBlock, grid_side, make_norm, run_block, sincos_pos_embed_2d, unpatchify
 
 
 @dataclass
@@ -139,9 +139,8 @@ class PixelDecoder(nn.Module, PretrainedMixin):
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) -> (B, C, g*p, g*p); each token's vector is a (p, p, C) block in row-major grid order."""
-        b, g, p, c = patches.shape[0], self.config.grid, self.config.patch_size, self.config.out_channels
-        x = patches.view(b, g, g, p, p, c)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
+        g = self.config.grid
+        return unpatchify(patches, self.config.patch_size, self.config.out_channels, (g, g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, d = self.config.num_tokens, self.config.in_dim

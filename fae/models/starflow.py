@@ -37,7 +37,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from fae.io import PretrainedMixin
-from fae.nn import AttentionBackend, LabelEmbedder, RoPE2D, attention, make_mlp, make_norm, run_block
+from fae.nn import (
+    AttentionBackend,
+    LabelEmbedder,
+    RoPE2D,
+    attention,
+    make_mlp,
+    make_norm,
+    patchify,
+    run_block,
+    unpatchify,
+)
 
 INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(raw + this) = 1 at raw = 0: a zero output is the identity map
 ScaleAt = Callable[[float], float]     # guidance scale at time t of the token being sampled
@@ -265,16 +275,10 @@ class StarFlow(nn.Module, PretrainedMixin):
     # ----------------------------------------------------------------------------------------------- tokens
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, p*p*C), tokens in row-major order."""
-        b, c, h, w = x.shape
-        p = self.config.patch_size
-        x = x.reshape(b, c, h // p, p, w // p, p)
-        return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+        return patchify(x, self.config.patch_size)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        p, c = self.config.patch_size, self.config.in_channels
-        gh, gw = self.config.grid
-        return x.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, gh * p, gw * p)
+        return unpatchify(x, self.config.patch_size, self.config.in_channels, self.config.grid)
 
     def _check(self, x: torch.Tensor) -> None:
         cfg = self.config

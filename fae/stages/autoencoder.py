@@ -19,7 +19,7 @@ from fae.config import ConfigError
 from fae.data import DataConfig, build_dataset
 from fae.encoders import EncoderConfig, FrozenEncoder
 from fae.io import atomic_write_text, cache_root
-from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder, vae_loss
+from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder, check_encoder_shape, vae_loss
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
 
@@ -53,18 +53,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def check_encoder_matches(model: FAEConfig, encoder: FrozenEncoder) -> None:
-    if model.feature_dim != encoder.dim:
-        raise ConfigError(f"model.feature_dim={model.feature_dim} but the encoder gives {encoder.dim}-d features")
-    if tuple(model.grid) != tuple(encoder.grid):
-        raise ConfigError(f"model.grid={list(model.grid)} but the encoder gives a {list(encoder.grid)} token grid")
-
-
 class FAEStage(TrainStage):
     def __init__(self, cfg: Config, encoder: FrozenEncoder | None = None) -> None:
         self.cfg, self.optim = cfg, cfg.optim
         self.encoder = encoder or FrozenEncoder.from_config(cfg.encoder)
-        check_encoder_matches(cfg.model, self.encoder)
+        check_encoder_shape(cfg.model, self.encoder, "model.grid x model.feature_dim")
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only, not the caller's RNG
             torch.manual_seed(cfg.train.seed)
             self.modules = {"model": FeatureAutoEncoder(cfg.model)}

@@ -155,6 +155,9 @@ def load_images(data: DataConfig) -> tuple[Tensor, dict[str, Any]]:
 
 
 def _to_uint8(image: Tensor) -> Tensor:
+    # Not fae.grid.float_to_uint8 (round half up) on purpose: resized Fashion-MNIST holds exact halves (75,768 pixels
+    # of the 32-px training split round differently), so switching would change what this stage trains and the shipped
+    # demo-encoder's bytes; switch only together with a PRETRAIN_VERSION bump and a re-shipped asset.
     return image.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 

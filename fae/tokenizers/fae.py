@@ -30,7 +30,7 @@ from fae.io import (
     require_bundle,
     resolve_pretrained,
 )
-from fae.models.autoencoder import FeatureAutoEncoder
+from fae.models.autoencoder import FeatureAutoEncoder, check_encoder_shape
 from fae.models.pixel_decoder import PixelDecoder
 from fae.speed import compile_in_place, compile_wanted
 
@@ -43,9 +43,7 @@ class FAE(nn.Module):
     def __init__(self, encoder: FrozenEncoder, autoencoder: FeatureAutoEncoder,
                  pixel_decoder: PixelDecoder | None = None) -> None:
         super().__init__()
-        if tuple(autoencoder.config.grid) != tuple(encoder.grid) or autoencoder.config.feature_dim != encoder.dim:
-            raise ConfigError(f"the FAE expects {autoencoder.config.grid} x {autoencoder.config.feature_dim} features, "
-                              f"the encoder gives {encoder.grid} x {encoder.dim}")
+        check_encoder_shape(autoencoder.config, encoder)
         if pixel_decoder is not None and (pixel_decoder.config.in_dim != encoder.dim
                                           or pixel_decoder.config.num_tokens != encoder.num_tokens):
             raise ConfigError(f"the pixel decoder expects {pixel_decoder.config.num_tokens} x "
