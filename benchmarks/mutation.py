@@ -44,6 +44,7 @@ def M(id: str, file: str, old: str, new: str, tests: str, claim: str) -> Mutatio
 
 TR, TS, SC = "fae/training.py", "fae/transport.py", "tests/test_claims_training.py"
 SS = "tests/test_claims_sampling.py"
+GF = "tests/test_generator_families.py"
 INC, GOLD = "fae/metrics/inception.py", "tests/test_golden_metrics.py::test_inception_matches_the_reference"
 SF, STT, MM, MMT = "fae/models/starflow.py", "tests/test_starflow.py", "fae/models/mmdit.py", "tests/test_mmdit.py"
 PR, PRT, LT = "fae/precision.py", "tests/test_precision.py", "fae/data/latents.py"
@@ -297,6 +298,25 @@ MUTATIONS: list[Mutation] = [
     M("resume-dropped-not-saved", TR, '"dropped_items": self.dropped_items,', '"dropped_items_": self.dropped_items,',
       "tests/test_faults.py::test_a_resumed_run_counts_the_unreadable_items_of_the_whole_run",
       "run.json counts the unreadable draws of the whole run, resumed or not"),
+    # ---- generator families, the pipeline's device, the demo configs' caches
+    M("family-bundle-class-twice", "fae/generators/base.py",
+      "if other.name != family.name and other.bundle_class == family.bundle_class:", "if False:",
+      f"{GF}::test_a_family_name_or_bundle_class_is_taken_once",
+      "a bundle class belongs to one family only"),
+    M("run-stage-not-read", "fae/stages/generator.py", 'named = data.pop("stage", None)',
+      'named = data.pop("stage", None) and None', f"{GF}::test_an_interrupted_toy_run_resumes_to_the_same_weights",
+      "an unfinished run loads as the family its config.yaml names"),
+    M("stage-exports-to-dit", "fae/stages/generator.py", "out_dir / self.spec.folder", 'out_dir / "dit"',
+      f"{GF}::test_fae_train_trains_the_toy_family_and_exports_its_bundle",
+      "a family's run keeps its bundle in the family's folder"),
+    M("pipeline-forgets-device", "fae/pipeline.py", "batch_size=batch_size, device=self.device,",
+      'batch_size=batch_size, device="cpu",',
+      "tests/test_sample.py::test_a_generation_pipeline_samples_on_the_device_it_was_loaded_on",
+      "a generation pipeline samples on the device it was loaded on"),
+    M("feature-cache-path-as-written", "fae/data/features.py",
+      'reference["name_or_path"] = str(Path(source).expanduser().resolve())', "pass",
+      "tests/test_demo.py::test_documented_commands_work_after_the_demo",
+      "the demo's configs, run by hand, reuse the demo's feature cache"),
 ]
 
 

@@ -95,6 +95,8 @@ class PrecisionChoice:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast, or autocast explicitly off (so an outer autocast cannot change fp32 code)."""
+        if self.device_type == "meta":  # shapes only: there is no autocast to set
+            return contextlib.nullcontext()
         if self.name == "bf16":
             return torch.autocast(self.device_type, dtype=torch.bfloat16)
         return torch.autocast(self.device_type, enabled=False)
