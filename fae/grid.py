@@ -5,7 +5,7 @@ decoder) are both arrangements of this.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch

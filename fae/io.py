@@ -10,8 +10,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -53,7 +54,7 @@ def _kill_point() -> None:
     at = os.environ.get("FAE_KILL_AT_WRITE")
     if at:
         _WRITES += 1
-        if _WRITES == int(at):
+        if int(at) == _WRITES:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)

@@ -14,9 +14,10 @@ docs/pixel-decoder.md lists the defaults and why.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -259,7 +260,7 @@ class LPIPS(nn.Module):
                              f"Expected {LPIPS_FILES[self.net][0]} and {LPIPS_FILES[self.net][1]}")
         self.load_state_dict(state, strict=True)
 
-    def train(self, mode: bool = True) -> "LPIPS":
+    def train(self, mode: bool = True) -> LPIPS:
         return super().train(False)  # always eval: the metric is fixed
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -373,7 +374,7 @@ class ConvNeXtPerceptual(nn.Module):
         self.net.load_state_dict(state, strict=True)
         self.requires_grad_(False).eval()
 
-    def train(self, mode: bool = True) -> "ConvNeXtPerceptual":
+    def train(self, mode: bool = True) -> ConvNeXtPerceptual:
         return super().train(False)  # always eval: the loss network is fixed
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:

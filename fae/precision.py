@@ -16,8 +16,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 
@@ -40,7 +41,7 @@ class CpuMatmulTiming:
         return f"256x256 matmul: bf16 {self.bf16_ms:.2f} ms, fp32 {self.fp32_ms:.2f} ms"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_matmul_timing(size: int = 256, repeats: int = 5) -> CpuMatmulTiming:
     """Best-of-`repeats` time of one size x size matmul in fp32 and in bf16 on this process's CPU settings. One
     thread and the thread's CPU time, interleaved: a busy machine that preempts the process cannot tip the choice."""

@@ -7,7 +7,8 @@ logs say how many were dropped.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, default_collate
 

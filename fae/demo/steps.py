@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fae.config import PACKAGED_CONFIGS, from_dict, read_yaml
 

@@ -19,9 +19,10 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F

@@ -13,9 +13,10 @@ latent cache stores: "text_tokens", "text_mask", "text_pooled".
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F

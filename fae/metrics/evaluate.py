@@ -4,8 +4,9 @@ metrics (and cached on disk when `cache_dir` is given).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

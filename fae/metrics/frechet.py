@@ -81,7 +81,7 @@ class StatsAccumulator:
         if self.rows is not None:
             self.rows = self.rows + [x.copy()] if n <= self.mean.shape[0] else None
 
-    def merge(self, other: "StatsAccumulator") -> None:
+    def merge(self, other: StatsAccumulator) -> None:
         """Fold in another accumulator's features (Chan et al.'s pairwise update; sharded evaluation)."""
         if other.n == 0:
             return

@@ -16,8 +16,9 @@ all three inputs instead of reusing DINOv2's head, which keeps the comparison li
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

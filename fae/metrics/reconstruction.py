@@ -119,7 +119,7 @@ class SeamAccumulator:
             self.border += err[border].mean().item() if border.any() else 0.0
             self.inside += err[~border].mean().item()
 
-    def merge(self, other: "SeamAccumulator") -> None:
+    def merge(self, other: SeamAccumulator) -> None:
         self.border, self.inside = self.border + other.border, self.inside + other.inside
 
     def ratio(self) -> float:

@@ -29,8 +29,9 @@ Parameter count: the paper's default STARFlow (ml-starflow's 1.4B layout: 6 bloc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
