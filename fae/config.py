@@ -54,7 +54,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-            return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
         item = args[0] if args else Any
         out = [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out

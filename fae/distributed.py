@@ -20,10 +20,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         atexit.register(_destroy)  # an undestroyed gloo group can abort the process at exit ("terminate called ...")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+        else torch.device("cpu")
     return rank, world, device
 
 

@@ -177,9 +177,8 @@ def resolve_pretrained(name_or_path: str | Path) -> Path:
 def find_bundle(path: Path, names: Sequence[str], classes: Sequence[str] | None = None) -> Path | None:
     """`path` itself when it is a bundle (of one of `classes`), else the first `path/<name>` that is one."""
     for p in [path, *(path / n for n in names)]:
-        if (p / CONFIG_NAME).is_file():
-            if classes is None or read_bundle_config(p).get("class") in classes:
-                return p
+        if (p / CONFIG_NAME).is_file() and (classes is None or read_bundle_config(p).get("class") in classes):
+            return p
     return None
 
 

@@ -150,7 +150,7 @@ class EncoderPerceptualLoss(nn.Module):
         else:
             ref = [target_features] if isinstance(target_features, torch.Tensor) else list(target_features)
         got = self._features(pred)
-        per_layer = [(_unit(a, -1) - _unit(b, -1)).pow(2).sum(-1).mean(-1) for a, b in zip(got, ref)]
+        per_layer = [(_unit(a, -1) - _unit(b, -1)).pow(2).sum(-1).mean(-1) for a, b in zip(got, ref, strict=True)]
         return torch.stack(per_layer).mean(0)
 
 
@@ -342,7 +342,7 @@ class ConvNeXt(nn.Module):
     def __init__(self, dims: Sequence[int] = CONVNEXT_S[0], depths: Sequence[int] = CONVNEXT_S[1]) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), _LayerNorm2d(dims[0], eps=1e-6))]
-        for i, (dim, depth) in enumerate(zip(dims, depths)):
+        for i, (dim, depth) in enumerate(zip(dims, depths, strict=True)):
             layers.append(nn.Sequential(*(_ConvNeXtBlock(dim) for _ in range(depth))))
             if i < len(dims) - 1:
                 layers.append(nn.Sequential(_LayerNorm2d(dim, eps=1e-6), nn.Conv2d(dim, dims[i + 1], 2, stride=2)))
@@ -492,7 +492,7 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     try:
         yield module
     finally:
-        for p, f in zip(module.parameters(), flags):
+        for p, f in zip(module.parameters(), flags, strict=True):
             p.requires_grad_(f)
 
 

@@ -279,9 +279,9 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module, updates: int = 0) -> None:
         decay = self.decay_at(updates)
-        for e, p in zip(self.module.parameters(), module.parameters()):
+        for e, p in zip(self.module.parameters(), module.parameters(), strict=True):
             e.lerp_(p.detach(), 1.0 - decay)
-        for e, b in zip(self.module.buffers(), module.buffers()):
+        for e, b in zip(self.module.buffers(), module.buffers(), strict=True):
             e.copy_(b)
 
 

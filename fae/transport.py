@@ -314,10 +314,8 @@ def sample(velocity: VelocityFn, noise: torch.Tensor, y: torch.Tensor | None, cf
             w = cfg.diffusion_norm * t
             # drift of the reverse SDE: v - w * score, with w * score = -(diffusion_norm) * (x + (1 - t) v)
             x_mean = x - h * (v + cfg.diffusion_norm * (x + (1 - t) * v))
-            if i == cfg.steps - 1:
-                x = x_mean  # last step to the mean
-            else:
-                x = x_mean + math.sqrt(2 * w * h) * _noise(x.shape, generators, x.device, x.dtype)
+            last = i == cfg.steps - 1  # the last step goes to the mean
+            x = x_mean if last else x_mean + math.sqrt(2 * w * h) * _noise(x.shape, generators, x.device, x.dtype)
         else:
             raise ValueError(f"unknown sampler {cfg.method!r} (euler, heun, euler_maruyama)")
     return x

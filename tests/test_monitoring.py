@@ -80,7 +80,7 @@ def _scalars_match_metrics(out: Path) -> None:
         got = [(e.step, e.value) for e in acc.Scalars(tag)]
         want = [(row["step"], row[tag]) for row in rows if tag in row]
         assert [s for s, _ in got] == [s for s, _ in want], tag         # each logged step once, in order
-        for (_, a), (_, b) in zip(got, want):
+        for (_, a), (_, b) in zip(got, want, strict=True):
             assert a == pytest.approx(b, rel=1e-6), tag                  # float32 events of the float64 row
 
 

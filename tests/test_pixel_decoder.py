@@ -228,7 +228,7 @@ def test_discriminator_scores_the_generator_pass_images(tmp_path, tiny_encoder_d
     Trainer(stage, cfg.train, tmp_path / "run", run_config=cfg, progress=False).fit()
     # 2 steps x 2 micro-batches decoded once each; the discriminator trains from disc_start=1 (the second step)
     assert len(decoded) == 4 and len(scored) == 2
-    assert all(torch.equal(f, d) for f, d in zip(scored[-2:], decoded[-2:]))
+    assert all(torch.equal(f, d) for f, d in zip(scored[-2:], decoded[-2:], strict=True))
 
 
 def _fae_bundle(path: Path, tiny_encoder_dir: Path) -> Path:

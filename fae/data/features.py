@@ -169,7 +169,8 @@ def build_feature_cache(encoder: Any, dataset: Dataset, path: str | Path, batch_
             continue
         images, index = batch["image"].to(device, non_blocking=True), batch["index"]
         halves = batched_halves(encoder, [images, *([images.flip(-1)] if flips else [])])
-        for key, features in zip(("features", "features_flip"), halves):
+        # one half without flips, two with: the keys outnumber the halves then, and only "features" is written
+        for key, features in zip(("features", "features_flip"), halves, strict=False):
             tensors[key][index] = features.to(DTYPES[dtype]).cpu()
         present[index] = 1
     tensors["present"] = present

@@ -86,7 +86,7 @@ def fashion_captions(images: np.ndarray, labels: np.ndarray, class_names: list[s
     """'a photo of a dark ankle boot': the class, and whether the item is darker or lighter than its class median."""
     brightness = images.reshape(len(images), -1).mean(1)
     captions = []
-    for b, y in zip(brightness, labels):
+    for b, y in zip(brightness, labels, strict=True):
         median = np.median(brightness[labels == y])
         name = class_names[int(y)].lower().replace("t-shirt/top", "t-shirt")
         captions.append(f"a photo of a {'dark' if b <= median else 'light'} {name}")
@@ -109,7 +109,7 @@ def step_text_data(ctx: DemoContext) -> dict[str, Any]:
     labels = np.array([int(fashion[i]["label"]) for i in range(len(fashion))])
     pairs = [(f"emoji/{i:04d}", img, cap) for i, (img, cap) in enumerate(emoji)]
     pairs += [(f"fashion/{i:05d}", img, cap) for i, (img, cap) in
-              enumerate(zip(images, fashion_captions(images, labels, fashion.class_names)))]
+              enumerate(zip(images, fashion_captions(images, labels, fashion.class_names), strict=True))]
     for stem, img, caption in pairs:
         (root / stem).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(root / f"{stem}.png")

@@ -103,7 +103,7 @@ def _check_pairing(a: ImageSource, b: ImageSource) -> None:
     if isinstance(a, FolderSource) and isinstance(b, FolderSource):
         names_a = [p.relative_to(a.root).with_suffix("") for p in a.files]
         names_b = [p.relative_to(b.root).with_suffix("") for p in b.files]
-        for x, y in zip(names_a, names_b):
+        for x, y in zip(names_a, names_b, strict=True):
             if x != y:
                 raise ConfigError(f"image names do not pair up: {a.root / x} vs {b.root / y}; give the "
                                   "reconstruction of each original the original's file name")
@@ -117,7 +117,7 @@ def evaluate_reconstruction(originals: str | Path | ImageSource | np.ndarray | t
     src_a, src_b = open_images(originals, limit=num_samples), open_images(reconstructions, limit=num_samples)
     _check_pairing(src_a, src_b)
     acc = PairedAccumulator()
-    for x, y in zip(src_a.batches(batch_size), src_b.batches(batch_size)):
+    for x, y in zip(src_a.batches(batch_size), src_b.batches(batch_size), strict=True):
         if x.shape != y.shape:
             raise ConfigError(f"image sizes differ: {tuple(x.shape[1:])} in {src_a.name} vs {tuple(y.shape[1:])} "
                               f"in {src_b.name}")

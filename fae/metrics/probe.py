@@ -151,10 +151,10 @@ def linear_probe(train_inputs: torch.Tensor | dict[str, torch.Tensor], train_lab
     cfg = ProbeConfig(**{**(asdict(config) if config else {}), **overrides})
     cfg.validate()
     shape = tuple(train_inputs.shape[1:]) if isinstance(train_inputs, torch.Tensor) else ()
-    if isinstance(train_inputs, torch.Tensor) and isinstance(test_inputs, torch.Tensor):
-        if as_tokens(train_inputs).shape[1:] != as_tokens(test_inputs).shape[1:]:
-            raise ValueError(f"train and test inputs differ in shape: {tuple(train_inputs.shape[1:])} vs "
-                             f"{tuple(test_inputs.shape[1:])}")
+    if isinstance(train_inputs, torch.Tensor) and isinstance(test_inputs, torch.Tensor) \
+            and as_tokens(train_inputs).shape[1:] != as_tokens(test_inputs).shape[1:]:
+        raise ValueError(f"train and test inputs differ in shape: {tuple(train_inputs.shape[1:])} vs "
+                         f"{tuple(test_inputs.shape[1:])}")
     tr = train_inputs if isinstance(train_inputs, dict) else \
         pooled_inputs(train_inputs, cfg.poolings, cfg.max_flatten_dim)
     te = test_inputs if isinstance(test_inputs, dict) else pooled_inputs(test_inputs, cfg.poolings, cfg.max_flatten_dim)

@@ -14,6 +14,7 @@ float32 (or float64), so a handful of borderline points can flip relative to ADM
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -33,7 +34,7 @@ def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10,
         if not 1 <= splits <= n:
             raise ValueError(f"cannot split {n} samples into {splits} parts")
         edges = [round(i * n / splits) for i in range(splits + 1)]
-        bounds = list(zip(edges[:-1], edges[1:]))
+        bounds = list(itertools.pairwise(edges))
     log_p = torch.log_softmax(x, dim=1)
     scores = []
     for lo, hi in bounds:
