@@ -60,8 +60,8 @@ def _kill_point() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` then rename onto `path` (atomic on POSIX)."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp_path)` then rename onto `path` (atomic on POSIX); what `write` returns is ignored."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -85,10 +85,6 @@ def remove_stale_temporaries(folder: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda p: torch.save(obj, p))
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -222,7 +218,7 @@ class PretrainedMixin:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         record = {"class": type(self).__name__, "config": to_dict(self.config), **(extra or {})}
-        atomic_save_safetensors(state_dict_for_save(self), directory / WEIGHTS_NAME)  # type: ignore[arg-type]
+        atomic_save_safetensors(state_dict_for_save(self), directory / WEIGHTS_NAME)  # type: ignore[arg-type]  # an nn.Module mixin
         record["weights_sha256"] = file_sha256(directory / WEIGHTS_NAME)   # checked on load: damage is named, not used
         atomic_write_text(directory / CONFIG_NAME, json.dumps(record, indent=2))
         return directory
@@ -233,10 +229,10 @@ class PretrainedMixin:
         record = read_bundle_config(path)
         if record.get("class") != cls.__name__:
             raise ConfigError(f"{path}: bundle holds a {record.get('class')}, not a {cls.__name__}")
-        model = cls(from_dict(cls.config_class, record["config"]))  # type: ignore[call-arg]
+        model = cls(from_dict(cls.config_class, record["config"]))  # type: ignore[call-arg]  # Module(config)
         weights = path / WEIGHTS_NAME
         state = load_weights(weights, record.get("weights_sha256"), map_location)
-        model.load_state_dict(state, strict=True)  # type: ignore[attr-defined]
+        model.load_state_dict(state, strict=True)  # type: ignore[attr-defined]  # an nn.Module mixin
         return model
 
 
