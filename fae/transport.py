@@ -33,12 +33,12 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
 
-VelocityFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+VelocityFn = Callable[[torch.Tensor, float, "torch.Tensor | None"], torch.Tensor]  # (x_t, t, condition) -> v
 
 
 # ---------------------------------------------------------------------------------------------------------- path
@@ -52,6 +52,10 @@ def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps - x0
 
 
+@overload
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor: ...
+@overload
+def shift_time(t: float, shift: float) -> float: ...
 def shift_time(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
     """The paper's time shift s (module docstring): t' = t / (s + (1 - s) t). s = 1 is the identity."""
     if shift <= 0:
@@ -219,7 +223,7 @@ class GuidedVelocity:
             return self.model(x, tt, y)
         if self.batch == "concat":
             if isinstance(y, torch.Tensor):
-                both = torch.cat([y, torch.full_like(y, self.null_class)])
+                both = torch.cat([y, torch.full_like(y, self.null_class)])  # type: ignore[arg-type]  # __init__ made sure it is set
             else:
                 both = y.cat(self.model.null_condition(len(y)))
             v_cond, v_uncond = self.model(torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2)

@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"fae: {exc}", file=sys.stderr)
         return 130
-    except (*USER_ERRORS, TrainingError) as exc:
+    except (*USER_ERRORS, TrainingError) as exc:  # type: ignore[misc]  # mypy cannot read a starred tuple of exception types
         if args.debug:
             raise
         print(f"fae: error: {exc}", file=sys.stderr)

@@ -29,7 +29,7 @@ class WithIndex(Dataset):
         self.base = base
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return len(self.base)  # type: ignore[arg-type]  # map-style: has __len__
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.base[index]

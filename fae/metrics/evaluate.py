@@ -93,7 +93,7 @@ def evaluate_generation(samples: str | Path | ImageSource | np.ndarray | torch.T
 
 def fid(samples: Any, reference: Any, network: Any, **kwargs: Any) -> float:
     """FID (or FD in another network's space) of `samples` against `reference`; see `evaluate_generation`."""
-    return float(evaluate_generation(samples, reference, network, metrics=["fid"], **kwargs).metrics["fid"])
+    return float(evaluate_generation(samples, reference, network, metrics=["fid"], **kwargs).metrics["fid"])  # type: ignore[arg-type]  # asked for: never None
 
 
 def _check_pairing(a: ImageSource, b: ImageSource) -> None:
@@ -136,5 +136,5 @@ def evaluate_reconstruction(originals: str | Path | ImageSource | np.ndarray | t
     protocol = {"psnr": "per image, data range 1.0, mean over images",
                 "ssim": "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, valid region, mean over channels/images",
                 "rfid": "Frechet distance of pool features: originals vs reconstructions" if network else None}
-    return EvalReport("reconstruction", values, info, summary["num_pairs"], protocol,
+    return EvalReport("reconstruction", values, info, int(summary["num_pairs"]), protocol,
                       {"originals": src_a.describe(), "reconstructions": src_b.describe()}, notes)

@@ -275,7 +275,7 @@ def cache_key(source: ImageSource, network: Any) -> str | None:
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare path
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its keyword options
 
     atomic_write(path, write)
 
