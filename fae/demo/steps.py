@@ -227,7 +227,7 @@ def _scoring(ctx: DemoContext) -> dict[str, Any]:
     from fae.sampling import to_uint8
 
     test = build_dataset(replace(ctx.data_config(), hflip=False, limit=ctx.profile["fd_reference"]), "test")
-    images = to_uint8(torch.stack([test[i]["image"] for i in range(len(test))]))  # type: ignore[arg-type]  # map-style data sets define __len__
+    images = to_uint8(torch.stack([test[i]["image"] for i in range(len(test))]))  # type: ignore[arg-type]  # map-style: has __len__
     network = EncoderNetwork(FrozenEncoder.from_config(replace(ctx.encoder_config(), precision="fp32")))  # a metric
     half = len(images) // 2
     return {"classifier": SmallCNN.from_pretrained(ctx.judge_dir).eval(), "network": network,

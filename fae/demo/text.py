@@ -105,8 +105,8 @@ def step_text_data(ctx: DemoContext) -> dict[str, Any]:
     root = ctx.out / "text-data"
     emoji = render_emoji(data.image_size, p["emoji"])
     fashion = build_dataset(replace(data, hflip=False, limit=p["fashion"]), "train")
-    images = to_uint8(torch.stack([fashion[i]["image"] for i in range(len(fashion))]))  # type: ignore[arg-type]  # map-style data sets define __len__
-    labels = np.array([int(fashion[i]["label"]) for i in range(len(fashion))])  # type: ignore[arg-type]  # map-style data sets define __len__
+    images = to_uint8(torch.stack([fashion[i]["image"] for i in range(len(fashion))]))  # type: ignore[arg-type]  # map-style: has __len__
+    labels = np.array([int(fashion[i]["label"]) for i in range(len(fashion))])  # type: ignore[arg-type]  # map-style: has __len__
     pairs = [(f"emoji/{i:04d}", img, cap) for i, (img, cap) in enumerate(emoji)]
     pairs += [(f"fashion/{i:05d}", img, cap) for i, (img, cap) in
               enumerate(zip(images, fashion_captions(images, labels, fashion.class_names), strict=True))]  # type: ignore[attr-defined]  # a FashionMNIST

@@ -44,7 +44,8 @@ def evaluate_decoders(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[
     from fae.metrics.recon import PairedAccumulator
 
     device = _prepare_models(encoder, decoders, fae)
-    dataset = Subset(dataset, D.shard_of(len(dataset)))  # type: ignore[arg-type]  # map-style: has __len__; torchrun: each process scores its share
+    # under torchrun each process scores its share
+    dataset = Subset(dataset, D.shard_of(len(dataset)))  # type: ignore[arg-type]  # map-style: has __len__
     paired = {name: PairedAccumulator() for name in decoders}
     seams = {name: SeamAccumulator(dec.config.patch_size) for name, (dec, _) in decoders.items()}
     stats: dict[str, Any] = {}

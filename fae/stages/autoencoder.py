@@ -146,7 +146,8 @@ def evaluate_features(model: FeatureAutoEncoder, encoder: FrozenEncoder, cfg: Co
     from fae.data.readable import readable_batches
 
     dataset = build_dataset(type(cfg.data)(**{**cfg.data.__dict__, "hflip": False, "limit": cfg.eval.limit}), cfg.eval.split)
-    share = Subset(dataset, D.shard_of(len(dataset)))  # type: ignore[arg-type]  # map-style: has __len__; torchrun: each process scores its share
+    # under torchrun each process scores its share
+    share = Subset(dataset, D.shard_of(len(dataset)))  # type: ignore[arg-type]  # map-style: has __len__
     device = next(model.parameters()).device
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)   # cos, mse, count

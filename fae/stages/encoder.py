@@ -148,7 +148,7 @@ def load_images(data: DataConfig) -> tuple[Tensor, dict[str, Any]]:
     signature = dataset_signature(dataset)
     images = _batched_fashion_mnist(dataset)
     if images is None:
-        images = torch.stack([_to_uint8(dataset[i]["image"]) for i in range(len(dataset))])  # type: ignore[arg-type]  # map-style data sets define __len__
+        images = torch.stack([_to_uint8(dataset[i]["image"]) for i in range(len(dataset))])  # type: ignore[arg-type]  # map-style: has __len__
     if len(images) == 0:
         raise ValueError(f"the pretraining data set ({data.kind}, split {data.split!r}) is empty")
     return images, signature

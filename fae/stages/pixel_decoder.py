@@ -283,7 +283,7 @@ class PixelDecoderStage(TrainStage):
         """The first training images (never flipped) and their decoding from clean features x (Gaussian stage; the
         noise is a training device only) or from the FAE's x_hat (fine-tuning)."""
         dataset = self.train_dataset()
-        items = [item for item in (dataset[i] for i in range(min(PREVIEW_SAMPLES, len(dataset)))) if item is not None]  # type: ignore[arg-type]  # map-style data sets define __len__
+        items = [item for item in (dataset[i] for i in range(min(PREVIEW_SAMPLES, len(dataset)))) if item is not None]  # type: ignore[arg-type]  # map-style: has __len__
         if not items:
             return None
         device = self.encoder.mean.device
