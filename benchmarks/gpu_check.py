@@ -109,6 +109,35 @@ def dit_size(args: argparse.Namespace) -> str:
     return "tiny" if args.tiny else "paper"
 
 
+def _backward(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One forward and backward pass of `loss_fn`."""
+    return lambda: loss_fn().backward()
+
+
+def _with_encoder(loss_fn: Callable[[], torch.Tensor], encoder: torch.nn.Module,
+                  images: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """`loss_fn` preceded by a no-grad forward of the frozen `encoder` on `images` (what the FAE stage runs)."""
+
+    def loss() -> torch.Tensor:
+        with torch.no_grad():
+            encoder(pixel_values=images)
+        return loss_fn()
+
+    return loss
+
+
+def _forwards(loss_fn: Callable[[], torch.Tensor], device: torch.device, precision: str,
+              times: int) -> Callable[[], None]:
+    """`times` no-grad forwards of `loss_fn`, each in its own autocast context."""
+
+    def forwards() -> None:
+        for _ in range(times):
+            with torch.no_grad(), amp(device, precision):
+                loss_fn()
+
+    return forwards
+
+
 def section_dit_train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for compiled in (False, True):
@@ -119,7 +148,7 @@ def section_dit_train(args: argparse.Namespace, device: torch.device) -> dict[st
         torch.manual_seed(0)
         model, loss_fn, batch = throughput.build_case("dit", dit_size(args), device, args.batch)
         model.train()
-        flops = count_flops(lambda: loss_fn().backward())  # forward + backward, fp32 count = bf16 count
+        flops = count_flops(_backward(loss_fn))  # forward + backward, fp32 count = bf16 count
         model.zero_grad(set_to_none=True)
         if compiled:
             model.forward = torch.compile(model.forward)
@@ -190,21 +219,12 @@ def section_paper_models(args: argparse.Namespace, device: torch.device) -> dict
                 encoder = dinov2_giant(args.tiny, device)
                 side = encoder.config.image_size
                 images = torch.rand(batch, 3, side, side, device=device)
-                inner = loss_fn
-
-                def loss_fn() -> torch.Tensor:
-                    with torch.no_grad():
-                        encoder(pixel_values=images)
-                    return inner()
+                loss_fn = _with_encoder(loss_fn, encoder, images)
                 row["encoder_params"] = sum(p.numel() for p in encoder.parameters())
             step = train_step_fn(model, loss_fn, device, args.precision)
             row["train_step_s"] = timed(step, device, repeats=1)
             model.eval()
-
-            def forward_only() -> None:
-                with torch.no_grad(), amp(device, args.precision):
-                    loss_fn()
-            row["forward_x8_s"] = timed(lambda: [forward_only() for _ in range(8)], device, repeats=1)
+            row["forward_x8_s"] = timed(_forwards(loss_fn, device, args.precision, 8), device, repeats=1)
             row["peak_memory_gib"] = peak_memory_gib(device)
             out[name] = row
             del model, step

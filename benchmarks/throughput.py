@@ -71,89 +71,113 @@ def build_case(model_name: str, size: str, device: str | torch.device = "cpu", b
     return model, step, size_batch
 
 
+class _Synthetic:
+    """Seeded synthetic inputs on `device`: every case draws its batch from one generator seeded 0."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.g, self.device = torch.Generator().manual_seed(0), device
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.g).to(self.device)
+
+    def labels(self, n: int, classes: int) -> torch.Tensor:
+        return torch.randint(0, classes, (n,), generator=self.g).to(self.device)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.g).to(self.device)
+
+
 def _build_case(model_name: str, size: str, device: torch.device, batch_override: int | None,
                 ) -> tuple[nn.Module, Step, int]:
-    g = torch.Generator().manual_seed(0)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(device)
-
-    def labels(n: int, classes: int) -> torch.Tensor:
-        return torch.randint(0, classes, (n,), generator=g).to(device)
-
+    data = _Synthetic(device)
     if model_name in ("dit", "mmdit", "flow"):
-        if size == "paper":
-            cfg, batch = paper_model(model_name), 8
-        elif size == "tiny":
-            cfg = demo_model(model_name).model
-            batch = demo_model(model_name).train.batch_size
-        elif model_name == "dit":
-            from fae.models.dit import dit_config
-
-            cfg, batch = dit_config(f"LightningDiT-{size}/1", num_classes=1000, **LATENT), 8
-        elif model_name == "mmdit":
-            from fae.models.mmdit import mmdit_config
-
-            cfg, batch = mmdit_config(size, **LATENT), 8
-        else:
-            from fae.models.starflow import starflow_config
-
-            width, heads = WIDTHS[size]
-            cfg, batch = starflow_config("small", hidden_size=width, **LATENT), 8
-        batch = batch_override or batch
-        x = randn(batch, cfg.in_channels, *cfg.input_size)
-        if model_name == "dit":
-            from fae.models.dit import DiT
-            from fae.transport import TransportConfig, flow_matching_loss
-
-            model: nn.Module = DiT(cfg).to(device)
-            y = labels(batch, cfg.num_classes)
-            return model, lambda: flow_matching_loss(model, x, y, TransportConfig())[0], batch
-        if model_name == "mmdit":
-            from fae.models.mmdit import MMDiT, TextCondition
-            from fae.transport import TransportConfig, flow_matching_loss
-
-            model = MMDiT(cfg).to(device)
-            text = TextCondition(randn(batch, cfg.text_tokens, cfg.text_dim),
-                                 torch.ones(batch, cfg.text_tokens, dtype=torch.bool, device=device),
-                                 randn(batch, cfg.text_dim))
-            return model, lambda: flow_matching_loss(model, x, text, TransportConfig())[0], batch
-        from fae.models.starflow import StarFlow, bits_per_dim
-
-        model = StarFlow(cfg).to(device)
-        y = labels(batch, cfg.num_classes)
-        return model, lambda: bits_per_dim(*model(x + 0.3 * torch.randn_like(x), y)).mean(), batch
+        cfg, batch = _generator_config(model_name, size)
+        return _generator_case(model_name, cfg, batch_override or batch, data)
     if model_name == "fae":
-        from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
-
-        if size == "paper":
-            cfg, batch = paper_model("fae"), 8
-        elif size == "tiny":
-            cfg, batch = demo_model("fae").model, demo_model("fae").train.batch_size
-        else:
-            width, heads = WIDTHS[size]
-            cfg = FAEConfig(feature_dim=width, grid=(16, 16), latent_channels=32, encoder_heads=heads,
-                            encoder_head_dim=64, decoder_heads=heads)
-            batch = 8
-        batch = batch_override or batch
-        model = FeatureAutoEncoder(cfg).to(device)
-        feats = randn(batch, cfg.grid[0] * cfg.grid[1], cfg.feature_dim)
-        return model, lambda: F.mse_loss(model(feats)[0], feats), batch
+        return _fae_case(size, batch_override, data)
     if model_name == "pixel-decoder":
-        from fae.models.pixel_decoder import PixelDecoder, pixel_decoder_config
-
-        if size == "paper":
-            cfg, batch = paper_model("pixel-decoder"), 8
-        elif size == "tiny":
-            cfg, batch = demo_model("pixel-decoder").decoder, demo_model("pixel-decoder").train.batch_size
-        else:
-            cfg, batch = pixel_decoder_config(size, in_dim=WIDTHS[size][0], num_tokens=256, patch_size=16), 4
-        batch = batch_override or batch
-        model = PixelDecoder(cfg).to(device)
-        feats = randn(batch, cfg.num_tokens, cfg.in_dim)
-        images = torch.rand(batch, cfg.out_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
-        return model, lambda: F.mse_loss(model(feats), images), batch
+        return _pixel_decoder_case(size, batch_override, data)
     raise ValueError(f"unknown model {model_name!r}; choose from {MODELS}")
+
+
+def _generator_config(model_name: str, size: str) -> tuple[Any, int]:
+    """The model config of a generator (dit, mmdit, flow) at `size`, and its default batch."""
+    if size == "paper":
+        return paper_model(model_name), 8
+    if size == "tiny":
+        return demo_model(model_name).model, demo_model(model_name).train.batch_size
+    if model_name == "dit":
+        from fae.models.dit import dit_config
+
+        return dit_config(f"LightningDiT-{size}/1", num_classes=1000, **LATENT), 8
+    if model_name == "mmdit":
+        from fae.models.mmdit import mmdit_config
+
+        return mmdit_config(size, **LATENT), 8
+    from fae.models.starflow import starflow_config
+
+    width, heads = WIDTHS[size]
+    return starflow_config("small", hidden_size=width, **LATENT), 8
+
+
+def _generator_case(model_name: str, cfg: Any, batch: int, data: _Synthetic) -> tuple[nn.Module, Step, int]:
+    device = data.device
+    x = data.randn(batch, cfg.in_channels, *cfg.input_size)
+    if model_name == "dit":
+        from fae.models.dit import DiT
+        from fae.transport import TransportConfig, flow_matching_loss
+
+        model: nn.Module = DiT(cfg).to(device)
+        y = data.labels(batch, cfg.num_classes)
+        return model, lambda: flow_matching_loss(model, x, y, TransportConfig())[0], batch
+    if model_name == "mmdit":
+        from fae.models.mmdit import MMDiT, TextCondition
+        from fae.transport import TransportConfig, flow_matching_loss
+
+        model = MMDiT(cfg).to(device)
+        text = TextCondition(data.randn(batch, cfg.text_tokens, cfg.text_dim),
+                             torch.ones(batch, cfg.text_tokens, dtype=torch.bool, device=device),
+                             data.randn(batch, cfg.text_dim))
+        return model, lambda: flow_matching_loss(model, x, text, TransportConfig())[0], batch
+    from fae.models.starflow import StarFlow, bits_per_dim
+
+    model = StarFlow(cfg).to(device)
+    y = data.labels(batch, cfg.num_classes)
+    return model, lambda: bits_per_dim(*model(x + 0.3 * torch.randn_like(x), y)).mean(), batch
+
+
+def _fae_case(size: str, batch_override: int | None, data: _Synthetic) -> tuple[nn.Module, Step, int]:
+    from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder
+
+    if size == "paper":
+        cfg, batch = paper_model("fae"), 8
+    elif size == "tiny":
+        cfg, batch = demo_model("fae").model, demo_model("fae").train.batch_size
+    else:
+        width, heads = WIDTHS[size]
+        cfg = FAEConfig(feature_dim=width, grid=(16, 16), latent_channels=32, encoder_heads=heads,
+                        encoder_head_dim=64, decoder_heads=heads)
+        batch = 8
+    batch = batch_override or batch
+    model = FeatureAutoEncoder(cfg).to(data.device)
+    feats = data.randn(batch, cfg.grid[0] * cfg.grid[1], cfg.feature_dim)
+    return model, lambda: F.mse_loss(model(feats)[0], feats), batch
+
+
+def _pixel_decoder_case(size: str, batch_override: int | None, data: _Synthetic) -> tuple[nn.Module, Step, int]:
+    from fae.models.pixel_decoder import PixelDecoder, pixel_decoder_config
+
+    if size == "paper":
+        cfg, batch = paper_model("pixel-decoder"), 8
+    elif size == "tiny":
+        cfg, batch = demo_model("pixel-decoder").decoder, demo_model("pixel-decoder").train.batch_size
+    else:
+        cfg, batch = pixel_decoder_config(size, in_dim=WIDTHS[size][0], num_tokens=256, patch_size=16), 4
+    batch = batch_override or batch
+    model = PixelDecoder(cfg).to(data.device)
+    feats = data.randn(batch, cfg.num_tokens, cfg.in_dim)
+    images = data.rand(batch, cfg.out_channels, cfg.image_size, cfg.image_size)
+    return model, lambda: F.mse_loss(model(feats), images), batch
 
 
 def autocast(precision: str) -> Any:

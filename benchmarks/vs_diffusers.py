@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import time
@@ -164,9 +165,9 @@ def matmul_peak(precision: str, device: torch.device, sizes: tuple[int, ...], re
     best = 0.0
     for n in sizes:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        kernels = [lambda: a @ b]
+        kernels: list[Callable[[], torch.Tensor]] = [functools.partial(torch.matmul, a, b)]
         if device.type == "cpu":  # oneDNN too: fae's fp32 linears run on it (fae.nn.Linear), and beat MKL on AMD
-            kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+            kernels.append(functools.partial(torch.ops.mkldnn._linear_pointwise, a, b, None, "none", [], ""))
         for kernel in kernels:
             kernel()
             for _ in range(repeats):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -80,7 +81,7 @@ TextFn = Callable[[list[str]], dict[str, torch.Tensor]]   # prompts -> {"text_to
 
 
 def make_latent_fn(encoder: Callable[[torch.Tensor], torch.Tensor] | None, fae: Any | None, source: Source,
-                   grid: tuple[int, int], store_std: bool = False,
+                   grid: tuple[int, ...], store_std: bool = False,
                    autocast: Callable[[], Any] = contextlib.nullcontext) -> LatentFn:
     """The latents of a batch holding "image" (B,3,H,W) in [0,1], or cached encoder features "features" /
     "features_flip" (B,N,D), which then skip the encoder. With `with_flip`, the plain and the h-flipped images go
@@ -92,6 +93,8 @@ def make_latent_fn(encoder: Callable[[torch.Tensor], torch.Tensor] | None, fae: 
         if source == "raw_features":
             b, n, d = features.shape
             return {"latents": features.transpose(1, 2).reshape(b, d, *grid)}
+        if fae is None:
+            raise ConfigError("source=fae needs the FAE")
         with autocast():
             posterior = fae.encode(features)
         out = {"latents": posterior.mean.float()}
@@ -149,9 +152,9 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
     bar = tqdm(total=sum(len(r) for r in ranges.values()), desc=f"encode -> {out.name}",
                disable=not (progress and rank == 0), dynamic_ncols=True)
     todo = []
-    for s, items in ranges.items():
-        if shard_done(out / shard_name(s), signature, len(items)):
-            bar.update(len(items))
+    for s, rows in ranges.items():
+        if shard_done(out / shard_name(s), signature, len(rows)):
+            bar.update(len(rows))
         else:
             todo.append(s)
     # one loader over every shard this process still has to write (its workers start once); batches never cross
@@ -160,7 +163,7 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
     loader = DataLoader(WithIndex(dataset), batch_sampler=[items for _, items in plan], collate_fn=collate_present,
                         **loader_options(opts.num_workers if plan else 0, device))
     shard: ShardWriter | None = None
-    for (s, items), batch in zip(plan, loader):
+    for (s, items), batch in zip(plan, loader, strict=True):  # the loader yields one batch per plan entry
         if shard is None or shard.index != s:
             if shard is not None:
                 shard.save(dataset, signature)

@@ -5,7 +5,7 @@ decoder) are both arrangements of this.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ def draw_grid(rows: Sequence[Sequence[np.ndarray]], row_names: Sequence[str] | N
             draw.text((4, y + ch // 2), row_names[r], fill="black", font=font, anchor="lm")
         for c, tile in enumerate(row):
             image = Image.fromarray(np.ascontiguousarray(tile))
-            canvas.paste(image.resize((cw, ch), Image.NEAREST) if scale > 1 else image, (label_w + pad + c * (cw + pad), y))
+            canvas.paste(image.resize((cw, ch), Image.Resampling.NEAREST) if scale > 1 else image,
+                         (label_w + pad + c * (cw + pad), y))
     return canvas
 
 
@@ -56,7 +57,7 @@ def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     return float_to_uint8(images).movedim(-3, -1).cpu().numpy()
 
 
-def draw_columns(columns: Mapping[str, Sequence[torch.Tensor]], pad: int = 2, min_cell: int = 0):
+def draw_columns(columns: Mapping[str, Sequence[torch.Tensor] | torch.Tensor], pad: int = 2, min_cell: int = 0):
     """Image sets side by side: one labelled column per non-empty entry (images (3,H,W) in [0,1], e.g. original |
     reconstruction), one row per item, as many rows as the shortest column."""
     names = [n for n, images in columns.items() if len(images)]

@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -55,14 +56,14 @@ def _kill_point() -> None:
     at = os.environ.get("FAE_KILL_AT_WRITE")
     if at:
         _WRITES += 1
-        if _WRITES == int(at):
+        if int(at) == _WRITES:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` then rename onto `path` (atomic on POSIX)."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp_path)` then rename onto `path` (atomic on POSIX); what `write` returns is ignored."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -97,10 +98,6 @@ def atomic_save_npz(path: str | Path, /, **arrays: Any) -> None:
             np.savez(f, **arrays)
 
     atomic_write(Path(path), write)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda p: torch.save(obj, p))
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -199,9 +196,8 @@ def resolve_pretrained(name_or_path: str | Path) -> Path:
 def find_bundle(path: Path, names: Sequence[str], classes: Sequence[str] | None = None) -> Path | None:
     """`path` itself when it is a bundle (of one of `classes`), else the first `path/<name>` that is one."""
     for p in [path, *(path / n for n in names)]:
-        if (p / CONFIG_NAME).is_file():
-            if classes is None or read_bundle_config(p).get("class") in classes:
-                return p
+        if (p / CONFIG_NAME).is_file() and (classes is None or read_bundle_config(p).get("class") in classes):
+            return p
     return None
 
 
@@ -245,7 +241,7 @@ class PretrainedMixin:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         record = {"class": type(self).__name__, "config": to_dict(self.config), **(extra or {})}
-        atomic_save_safetensors(state_dict_for_save(self), directory / WEIGHTS_NAME)  # type: ignore[arg-type]
+        atomic_save_safetensors(state_dict_for_save(self), directory / WEIGHTS_NAME)  # type: ignore[arg-type]  # an nn.Module mixin
         record["weights_sha256"] = file_sha256(directory / WEIGHTS_NAME)   # checked on load: damage is named, not used
         atomic_write_text(directory / CONFIG_NAME, json.dumps(record, indent=2))
         return directory
@@ -256,12 +252,12 @@ class PretrainedMixin:
         record = read_bundle_config(path)
         if record.get("class") != cls.__name__:
             raise ConfigError(f"{path}: bundle holds a {record.get('class')}, not a {cls.__name__}")
-        model = cls(from_dict(cls.config_class, record["config"]))  # type: ignore[call-arg]
+        model = cls(from_dict(cls.config_class, record["config"]))  # type: ignore[call-arg]  # Module(config)
         weights = path / WEIGHTS_NAME
         # safetensors cannot read onto the meta device; the caller's .to(device) moves the model there
         load_to = "cpu" if torch.device(map_location).type == "meta" else map_location
         state = load_weights(weights, record.get("weights_sha256"), load_to)
-        model.load_state_dict(state, strict=True)  # type: ignore[attr-defined]
+        model.load_state_dict(state, strict=True)  # type: ignore[attr-defined]  # an nn.Module mixin
         return model
 
 

@@ -14,9 +14,10 @@ docs/pixel-decoder.md lists the defaults and why.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -149,12 +150,12 @@ class EncoderPerceptualLoss(nn.Module):
         else:
             ref = [target_features] if isinstance(target_features, torch.Tensor) else list(target_features)
         got = self._features(pred)
-        per_layer = [(_unit(a, -1) - _unit(b, -1)).pow(2).sum(-1).mean(-1) for a, b in zip(got, ref)]
+        per_layer = [(_unit(a, -1) - _unit(b, -1)).pow(2).sum(-1).mean(-1) for a, b in zip(got, ref, strict=True)]
         return torch.stack(per_layer).mean(0)
 
 
 # LPIPS: our own VGG16 / AlexNet trunks laid out like torchvision's `features` so that its state dicts load by key.
-_VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+_VGG16_LAYOUT: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 _VGG16_TAPS = (3, 8, 15, 22, 29)        # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 _ALEX_TAPS = (1, 4, 7, 9, 11)           # relu1 .. relu5
 _LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # LPIPS's input scaling layer (constants of the published metric)
@@ -211,6 +212,9 @@ class LPIPS(nn.Module):
     a missing or unexpected key is an error that names it.
     """
 
+    shift: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    scale: torch.Tensor
+
     def __init__(self, net: Literal["vgg", "alex"] = "vgg", weights: Sequence[str | Path] | str | Path | None = None) -> None:
         super().__init__()
         if net not in LPIPS_FILES:
@@ -218,7 +222,7 @@ class LPIPS(nn.Module):
         self.net = net
         self.features = _vgg16_features() if net == "vgg" else _alexnet_features()
         self.taps = _VGG16_TAPS if net == "vgg" else _ALEX_TAPS
-        channels = [self.features[i - 1].out_channels for i in self.taps]
+        channels: list[int] = [self.features[i - 1].out_channels for i in self.taps]  # type: ignore[misc]  # the tapped layers are Conv2d
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in channels)
         self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
@@ -259,7 +263,7 @@ class LPIPS(nn.Module):
                              f"Expected {LPIPS_FILES[self.net][0]} and {LPIPS_FILES[self.net][1]}")
         self.load_state_dict(state, strict=True)
 
-    def train(self, mode: bool = True) -> "LPIPS":
+    def train(self, mode: bool = True) -> LPIPS:
         return super().train(False)  # always eval: the metric is fixed
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -273,7 +277,7 @@ class LPIPS(nn.Module):
             if i in self.taps:
                 a, b = _unit(h, 1).chunk(2)
                 diff = (a - b).pow(2)
-                total = total + F.conv2d(diff, self.lins[k].weight.float()).mean((1, 2, 3))
+                total = total + F.conv2d(diff, self.lins[k].weight.float()).mean((1, 2, 3))  # type: ignore[arg-type]  # lins holds Conv2d
                 k += 1
                 if k == len(self.taps):
                     break
@@ -296,7 +300,7 @@ def random_lpips_state(net: Literal["vgg", "alex"] = "vgg", seed: int = 0) -> di
         state[f"features.{name}"] = torch.randn(tensor.shape, generator=g) * scale
     taps = _VGG16_TAPS if net == "vgg" else _ALEX_TAPS
     for k, i in enumerate(taps):
-        channels = features[i - 1].out_channels
+        channels: int = features[i - 1].out_channels  # type: ignore[assignment]  # the tapped layers are Conv2d
         state[f"lin{k}.model.1.weight"] = torch.rand((1, channels, 1, 1), generator=g)
     return state
 
@@ -341,7 +345,7 @@ class ConvNeXt(nn.Module):
     def __init__(self, dims: Sequence[int] = CONVNEXT_S[0], depths: Sequence[int] = CONVNEXT_S[1]) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), _LayerNorm2d(dims[0], eps=1e-6))]
-        for i, (dim, depth) in enumerate(zip(dims, depths)):
+        for i, (dim, depth) in enumerate(zip(dims, depths, strict=True)):
             layers.append(nn.Sequential(*(_ConvNeXtBlock(dim) for _ in range(depth))))
             if i < len(dims) - 1:
                 layers.append(nn.Sequential(_LayerNorm2d(dim, eps=1e-6), nn.Conv2d(dim, dims[i + 1], 2, stride=2)))
@@ -355,6 +359,9 @@ class ConvNeXt(nn.Module):
 class ConvNeXtPerceptual(nn.Module):
     """TiTok's perceptual loss: per-sample MSE between the ConvNeXt-S ImageNet logits of two [0, 1] images, each
     resized to 224 px (bilinear, antialiased) and ImageNet-normalised. Weights from a local file only."""
+
+    mean: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    std: torch.Tensor
 
     def __init__(self, weights: str | Path | None, net: ConvNeXt | None = None) -> None:
         super().__init__()
@@ -373,7 +380,7 @@ class ConvNeXtPerceptual(nn.Module):
         self.net.load_state_dict(state, strict=True)
         self.requires_grad_(False).eval()
 
-    def train(self, mode: bool = True) -> "ConvNeXtPerceptual":
+    def train(self, mode: bool = True) -> ConvNeXtPerceptual:
         return super().train(False)  # always eval: the loss network is fixed
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -451,6 +458,9 @@ class LeCam(nn.Module):
     "mean" penalises the batch means (TiTok's code). The two EMAs are buffers, saved and resumed with the training
     state and carried into stage II with the discriminator."""
 
+    ema_real: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    ema_fake: torch.Tensor
+
     def __init__(self, decay: float = 0.999, reduction: Literal["element", "mean"] = "element") -> None:
         super().__init__()
         self.decay, self.reduction = decay, reduction
@@ -491,7 +501,7 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     try:
         yield module
     finally:
-        for p, f in zip(module.parameters(), flags):
+        for p, f in zip(module.parameters(), flags, strict=True):
             p.requires_grad_(f)
 
 

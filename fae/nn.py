@@ -183,6 +183,9 @@ class RoPE2D(nn.Module):
     (the axial layout used by LightningDiT/RAE). Tables are buffers, rebuilt for any grid.
     """
 
+    cos: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, grid: tuple[int, int], theta: float = 10000.0) -> None:
         super().__init__()
         if head_dim % 4:

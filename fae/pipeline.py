@@ -11,8 +11,8 @@ statistics and the SHA-256 of the FAE weights it was trained on, checked on load
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -16,8 +16,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 
@@ -40,7 +41,7 @@ class CpuMatmulTiming:
         return f"256x256 matmul: bf16 {self.bf16_ms:.2f} ms, fp32 {self.fp32_ms:.2f} ms"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_matmul_timing(size: int = 256, repeats: int = 5) -> CpuMatmulTiming:
     """Best-of-`repeats` time of one size x size matmul in fp32 and in bf16 on this process's CPU settings. One
     thread and the thread's CPU time, interleaved: a busy machine that preempts the process cannot tip the choice."""
@@ -134,7 +135,7 @@ def _fp32_precision(paths: tuple[str, ...], value: str, legacy_tf32: bool) -> It
     API: the legacy TF32 flags (and the global matmul precision) instead. The two APIs are never mixed: torch
     refuses to read the legacy one after the new one was set."""
     backends = _fp32_backends(paths)
-    saved = [(b, b.fp32_precision) for b in backends]  # type: ignore[attr-defined]
+    saved = [(b, b.fp32_precision) for b in backends]  # type: ignore[attr-defined]  # torch >= 2.9 only
     legacy = None
     if not backends:
         legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
@@ -142,12 +143,12 @@ def _fp32_precision(paths: tuple[str, ...], value: str, legacy_tf32: bool) -> It
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = legacy_tf32
         torch.set_float32_matmul_precision("high" if legacy_tf32 else "highest")
     for backend in backends:
-        backend.fp32_precision = value  # type: ignore[attr-defined]
+        backend.fp32_precision = value  # type: ignore[attr-defined]  # torch >= 2.9 only
     try:
         yield
     finally:
         for backend, old in saved:
-            backend.fp32_precision = old  # type: ignore[attr-defined]
+            backend.fp32_precision = old  # type: ignore[attr-defined]  # torch >= 2.9 only
         if legacy is not None:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy[:2]
             torch.set_float32_matmul_precision(legacy[2])

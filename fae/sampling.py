@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -155,19 +156,9 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
     sampler = sampler or SamplerConfig()
     sampler.validate()
     if num_samples < 1 or batch_size < 1:
-        raise ValueError("num_samples and batch_size must be positive")
+        raise ConfigError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}")
+    ys, prompt_list = sample_conditions(gen, num_samples, labels, prompts, seed, sampler)
     text = gen.condition_kind == "text"
-    if text and not prompts:
-        raise ConfigError("this generator is text-conditional: give prompts (--prompt / --prompts)")
-    if prompts and not text:
-        raise ConfigError("this generator takes no prompts (it is class-conditional or unconditional)")
-    ys = torch.arange(num_samples) % len(prompts) if text else make_labels(labels, num_samples, gen.num_classes, seed)
-    if sampler.guidance.active and ys is None:
-        raise ConfigError("guidance needs a conditional model")
-    if sampler.guidance.active and not gen.supports_guidance:
-        raise ConfigError("this model was trained without label dropout (class_dropout=0) or caption dropout "
-                          "(caption_dropout=0): it has no unconditional branch for classifier-free guidance; sample "
-                          "with guidance 'none'")
     rank, world = D.rank(), D.world_size()
     chunks = [range(k * batch_size, min(num_samples, (k + 1) * batch_size))
               for k in range(math.ceil(num_samples / batch_size))]
@@ -178,7 +169,7 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
     shape = gen.latent_shape
     settings = {"num_samples": num_samples, "seed": seed, "labels": labels if isinstance(labels, str) else list(labels),
                 "batch_size": batch_size, "precision": choice.as_dict(), "compiled": compiled, "sampler": to_dict(sampler),
-                **({"prompts": list(prompts)} if text else {}), **gen.settings(sampler)}
+                **({"prompts": prompt_list} if text else {}), **gen.settings(sampler)}
     done = _ChunkStore(resume_dir, settings) if resume_dir is not None else None
     for chunk in mine:
         idx = list(chunk)
@@ -186,7 +177,9 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
         if kept is None:
             gens = sample_generators(seed, idx)
             noise = initial_noise((len(idx), *shape), gens, device)
-            y = [prompts[i] for i in ys[idx]] if text else (ys[idx].to(device) if ys is not None else None)
+            y: Any = None
+            if ys is not None:
+                y = [prompt_list[int(i)] for i in ys[idx]] if text else ys[idx].to(device)
             with choice.autocast():
                 kept = to_uint8_hwc(decode(gen.sample(noise, y, sampler, gens)))
             if done is not None:
@@ -199,14 +192,40 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
                    ys[indices].numpy() if ys is not None else None, np.asarray(indices, dtype=np.int64), settings)
     if world == 1 or not gather:
         return part
+    return _gathered(part)
+
+
+def sample_conditions(gen: Generator, num_samples: int, labels: str | Sequence[int], prompts: Sequence[str] | None,
+                      seed: int, sampler: SamplerConfig) -> tuple[torch.Tensor | None, list[str]]:
+    """Each sample's class id (or prompt id, for a text generator) and the prompts; ConfigError where the conditions
+    do not fit the generator or the guidance."""
+    text = gen.condition_kind == "text"
+    prompt_list = list(prompts or [])
+    if text and not prompt_list:
+        raise ConfigError("this generator is text-conditional: give prompts (--prompt / --prompts)")
+    if prompt_list and not text:
+        raise ConfigError("this generator takes no prompts (it is class-conditional or unconditional)")
+    ys = torch.arange(num_samples) % len(prompt_list) if text else make_labels(labels, num_samples, gen.num_classes, seed)
+    if sampler.guidance.active and ys is None:
+        raise ConfigError("guidance needs a conditional model")
+    if sampler.guidance.active and not gen.supports_guidance:
+        raise ConfigError("this model was trained without label dropout (class_dropout=0) or caption dropout "
+                          "(caption_dropout=0): it has no unconditional branch for classifier-free guidance; sample "
+                          "with guidance 'none'")
+    return ys, prompt_list
+
+
+def _gathered(part: Samples) -> Samples:
+    """Every process's part, on rank 0 in sample-index order (other ranks keep their own)."""
     parts = D.all_gather_objects(part)
-    if rank != 0:
+    if D.rank() != 0:
         return part
     parts = [p for p in parts if len(p.indices)]
     order = np.argsort(np.concatenate([p.indices for p in parts]), kind="stable")
+    labelled = part.labels is not None
     return Samples(np.concatenate([p.images for p in parts])[order],
-                   np.concatenate([p.labels for p in parts])[order] if ys is not None else None,
-                   np.concatenate([p.indices for p in parts])[order], settings)
+                   np.concatenate([p.labels for p in parts])[order] if labelled else None,
+                   np.concatenate([p.indices for p in parts])[order], part.settings)
 
 
 class _ChunkStore:
@@ -243,13 +262,14 @@ def image_grid(images: np.ndarray, labels: np.ndarray | None, class_names: Seque
                per_row: int = 10, max_rows: int = 20):
     """A PIL grid: one row per class (its name on the left) with up to `per_row` samples; unlabelled samples fill
     rows in order."""
+    rows: list[tuple[int | None, list[int]]]
     if labels is None:
         rows = [(None, list(range(i, min(len(images), i + per_row)))) for i in range(0, len(images), per_row)]
     else:
         rows = [(int(k), [int(i) for i in np.flatnonzero(labels == k)[:per_row]]) for k in np.unique(labels)]
     rows = rows[:max_rows]
-    names = None if labels is None else [class_names[k] if class_names and k < len(class_names) else f"class {k}"
-                                         for k, _ in rows]
+    names = None if labels is None else [class_names[k] if class_names and k is not None and k < len(class_names)
+                                         else f"class {k}" for k, _ in rows]
     return draw_grid([[images[i] for i in idx] for _, idx in rows], row_names=names)
 
 
@@ -271,7 +291,7 @@ def write_samples(out_dir: str | Path, samples: Samples, class_names: Sequence[s
         written["npz"] = str(out / "samples.npz")
     if pngs:
         (out / "images").mkdir(exist_ok=True)
-        for i, img in zip(samples.indices, samples.images):
+        for i, img in zip(samples.indices, samples.images, strict=True):
             Image.fromarray(img).save(out / "images" / f"{int(i):06d}.png")
         written["pngs"] = str(out / "images")
     if grid and len(samples.images):
@@ -309,7 +329,7 @@ def sample_to_dir(gen: Generator, decode: Decoder, out_dir: str | Path, num_samp
     atomic_save_npz(part_file, images=part.images, indices=part.indices,
                     **({"labels": part.labels} if part.labels is not None else {}))
     D.barrier()
-    written: dict[str, str] = {}
+    written = {}
     if rank == 0:
         files = sorted(out.glob(".part-*.npz"))
         loaded = [dict(np.load(f)) for f in files]

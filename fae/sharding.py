@@ -63,7 +63,7 @@ def full_copy(sharded: nn.Module, shell: nn.Module, device: torch.device) -> nn.
 def set_gradient_sync(module: nn.Module, sync: bool) -> None:
     """FSDP2's `no_sync`: skip the reduce-scatter on accumulation micro-batches that are not the last."""
     if is_sharded(module):
-        module.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        module.set_requires_gradient_sync(sync)  # type: ignore[operator]  # FSDP2 adds it at runtime
 
 
 def _state(container: nn.ModuleDict, ema_container: nn.ModuleDict,

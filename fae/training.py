@@ -17,16 +17,16 @@ import copy
 import hashlib
 import json
 import math
-import os
 import pickle
 import random
 import shutil
 import signal
 import time
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file
@@ -150,7 +150,7 @@ class TrainStage:
         return {"main": list(self.modules)}
 
     def optim_config(self, group: str) -> OptimConfig:
-        return self.optim  # type: ignore[attr-defined]
+        return self.optim  # type: ignore[attr-defined]  # one-group stages define optim
 
     def ema_modules(self) -> list[str]:
         return list(self.modules)
@@ -170,7 +170,7 @@ class TrainStage:
     def train_dataset(self) -> Dataset:
         raise NotImplementedError
 
-    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+    def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]:
         """The loss and its logs: floats, or detached 0-d tensors the trainer reads when it logs (no sync)."""
         raise NotImplementedError
 
@@ -199,7 +199,7 @@ class TrainStage:
         pass
 
 
-def _no_forward_buffer_sync() -> dict[str, bool]:
+def _no_forward_buffer_sync() -> dict[str, Any]:
     """DDP keyword that stops rank 0's buffers being broadcast at every forward (our buffers are constants or
     per-rank statistics): `forward_sync_buffers` from torch 2.13, the deprecated `broadcast_buffers` before."""
     import inspect
@@ -278,10 +278,10 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module, updates: int = 0) -> None:
         decay = self.decay_at(updates)
-        for e, p in zip(self.module.parameters(), module.parameters()):
+        for e, p in zip(self.module.parameters(), module.parameters(), strict=True):
             e.lerp_(p.detach(), 1.0 - decay)
-        for e, b in zip(self.module.buffers(), module.buffers()):
-            e.copy_(b)
+        for e_buf, b in zip(self.module.buffers(), module.buffers(), strict=True):
+            e_buf.copy_(b)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -344,8 +344,8 @@ class Trainer:
         for group, names in self.groups.items():
             ocfg = stage.optim_config(group)
             params = [p for n in names for p in self.raw[n].parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps, weight_decay=ocfg.weight_decay,
-                                    fused=self.device.type == "cuda")
+            opt = torch.optim.AdamW(params, lr=ocfg.lr, betas=tuple(ocfg.betas),  # type: ignore[arg-type]  # two betas
+                                    eps=ocfg.eps, weight_decay=ocfg.weight_decay, fused=self.device.type == "cuda")
             self.optimizers[group] = opt
             horizon = stage.schedule_steps(group, cfg.steps)
             self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, horizon))
@@ -362,6 +362,40 @@ class Trainer:
             return self._fit(stop_at)
 
     def _fit(self, stop_at: int | None) -> dict[str, float]:
+        self._start_run()
+        end = min(self.cfg.steps, stop_at) if stop_at is not None else self.cfg.steps
+        dataset = self.stage.train_dataset()
+        batches = self._readable_batches(iter(self._train_loader(dataset)))
+        autocast = self.precision.autocast()
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
+        logs: dict[str, list[float]] = {}
+        last: dict[str, float] = {}
+        t0 = time.time()
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._on_signal)
+        try:
+            while self.step < end:
+                self._train_step(batches, autocast, logs)
+                self.step += 1
+                bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == end:
+                    last = self._log(logs, t0)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k.startswith("loss")})
+                    logs, t0 = {}, time.time()
+                self._preview_checkpoint_or_stop(end)
+        finally:
+            bar.close()
+            if self.monitor is not None:
+                self.monitor.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        self._finish_run(dataset)
+        D.barrier()
+        return last
+
+    def _start_run(self) -> None:
+        """Check the stage, write the run's folder, config and run.json (rank 0), resume, open the monitor."""
         self.stage.preflight()  # before anything is written: a refused run leaves no folder to clean up
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
@@ -374,59 +408,46 @@ class Trainer:
         self._resume()
         self.monitor = RunMonitor(self.out_dir, self.cfg.tensorboard, self.step) if self.rank == 0 else None
         self._logged_step = self.step
-        end = min(self.cfg.steps, stop_at) if stop_at is not None else self.cfg.steps
-        dataset = self.stage.train_dataset()
+
+    def _train_loader(self, dataset: Any) -> DataLoader:
+        """Micro-batches of `dataset`, continuing from the resumed step's place in the seeded order."""
         sampler = ResumableSampler(len(dataset), self.cfg.seed, self.step * self.cfg.batch_size, self.rank, self.world)
-        loader = DataLoader(dataset, batch_size=self.micro_batch, sampler=sampler, collate_fn=collate_present,
-                            generator=torch.Generator().manual_seed(self.cfg.seed),
-                            **loader_options(self.cfg.num_workers, self.device))
-        batches = self._readable_batches(iter(loader))
-        autocast = self.precision.autocast()
-        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
-        logs: dict[str, list[float]] = {}
-        last: dict[str, float] = {}
-        t0 = time.time()
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in previous:
-            signal.signal(s, self._on_signal)
-        try:
-            while self.step < end:
-                seed_step(self.cfg.seed, self.rank, self.step)
-                micro = [_to_device(next(batches), self.device) for _ in range(self.cfg.grad_accum)]
-                updated: set[str] = set()
-                skipped = []
-                for group, opt in self.optimizers.items():
-                    if not self.stage.group_active(group, self.step):
-                        continue
-                    if self._optimizer_step(group, opt, micro, autocast, logs):
-                        updated.update(self.groups[group])
-                    else:
-                        skipped.append(group)
-                self._count_bad_step(skipped)
-                for name, ema in self.ema.items():
-                    if name in updated:  # a skipped (non-finite) step moves neither the weights nor their EMA
-                        ema.update(self.raw[name], updates=self.step)
-                self.step += 1
-                bar.update(1)
-                if self.step % self.cfg.log_every == 0 or self.step == end:
-                    last = self._log(logs, t0)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k.startswith("loss")})
-                    logs, t0 = {}, time.time()
-                if self.cfg.preview_every and self.step % self.cfg.preview_every == 0:
-                    self._preview()
-                if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
-                    self.save_checkpoint()
-                if D.all_reduce_max(float(self._stop_signal is not None)) > 0:
-                    if self.step % self.cfg.checkpoint_every and self.step != end:
-                        self.save_checkpoint()
-                    raise TrainingInterrupted(f"stopped by signal at step {self.step}; resume by running the same "
-                                              f"command again (checkpoint in {self.out_dir / 'checkpoints'})")
-        finally:
-            bar.close()
-            if self.monitor is not None:
-                self.monitor.close()
-            for s, h in previous.items():
-                signal.signal(s, h)
+        return DataLoader(dataset, batch_size=self.micro_batch, sampler=sampler, collate_fn=collate_present,
+                          generator=torch.Generator().manual_seed(self.cfg.seed),
+                          **loader_options(self.cfg.num_workers, self.device))
+
+    def _train_step(self, batches: Iterator[Any], autocast: Any, logs: dict[str, list[float]]) -> None:
+        """One step: each active group's optimizer step over `grad_accum` micro-batches, then the EMAs of what moved."""
+        seed_step(self.cfg.seed, self.rank, self.step)
+        micro = [_to_device(next(batches), self.device) for _ in range(self.cfg.grad_accum)]
+        updated: set[str] = set()
+        skipped = []
+        for group, opt in self.optimizers.items():
+            if not self.stage.group_active(group, self.step):
+                continue
+            if self._optimizer_step(group, opt, micro, autocast, logs):
+                updated.update(self.groups[group])
+            else:
+                skipped.append(group)
+        self._count_bad_step(skipped)
+        for name, ema in self.ema.items():
+            if name in updated:  # a skipped (non-finite) step moves neither the weights nor their EMA
+                ema.update(self.raw[name], updates=self.step)
+
+    def _preview_checkpoint_or_stop(self, end: int) -> None:
+        """After a step: the preview and the checkpoint when due; on a signal (any process's), checkpoint and stop."""
+        if self.cfg.preview_every and self.step % self.cfg.preview_every == 0:
+            self._preview()
+        if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+            self.save_checkpoint()
+        if D.all_reduce_max(float(self._stop_signal is not None)) > 0:
+            if self.step % self.cfg.checkpoint_every and self.step != end:
+                self.save_checkpoint()
+            raise TrainingInterrupted(f"stopped by signal at step {self.step}; resume by running the same "
+                                      f"command again (checkpoint in {self.out_dir / 'checkpoints'})")
+
+    def _finish_run(self, dataset: Any) -> None:
+        """The run's summary in run.json (rank 0); at the last step, export and evaluate the finished modules."""
         if self.rank == 0:  # the run's summary says how many unreadable items were left out
             record = {**self.run_record(), "data": {"items": len(dataset), "dropped_draws": self.dropped_items}}
             atomic_write_text(self.out_dir / "run.json", json.dumps(record, indent=2))
@@ -437,8 +458,6 @@ class Trainer:
             scores = self.stage.evaluate(self.out_dir, modules)
             if scores and self.rank == 0:
                 print(f"held-out: {summarize_scores(scores)}", flush=True)
-        D.barrier()
-        return last
 
     def _readable_batches(self, batches: Iterator[Any]) -> Iterator[Any]:
         """Micro-batches without the items the data set could not read (fae.data.readable); they are counted in
@@ -525,7 +544,7 @@ class Trainer:
 
     def _log(self, logs: dict[str, list[float]], t0: float) -> dict[str, float]:
         row = {k: sum(v) / len(v) for k, v in logs.items() if v}
-        row.update({f"lr/{g}": s.get_last_lr()[0] for g, s in self.schedulers.items()})
+        row.update({f"lr/{g}": s.get_last_lr()[0] for g, s in self.schedulers.items()})  # type: ignore[misc]  # float lrs
         steps, self._logged_step = self.step - self._logged_step, self.step   # the last row may cover fewer
         row["sec_per_step"] = (time.time() - t0) / max(1, steps)
         row["images_per_s"] = self.cfg.batch_size / max(row["sec_per_step"], 1e-9)   # all processes together
@@ -555,7 +574,7 @@ class Trainer:
                 for n, m in modules.items():
                     m.train(was_training[n])
         if sheets:
-            self.monitor.images(sheets, self.step)  # type: ignore[union-attr]
+            self.monitor.images(sheets, self.step)
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         """One row of metrics.jsonl (rank 0), stamped with the current step."""
@@ -575,45 +594,11 @@ class Trainer:
         root = self.out_dir / "checkpoints"
         final = root / f"step_{self.step:08d}"
         tmp = root / f".tmp_step_{self.step:08d}"
-        failure: BaseException | None = None
-        if self.rank == 0:
-            try:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-            except OSError as exc:
-                failure = exc
+        failure: BaseException | None = self._prepare_checkpoint_dir(tmp) if self.rank == 0 else None
         if self.cfg.fsdp and D.all_reduce_max(float(failure is not None)) == 0:  # (also: the folder exists now)
-            try:  # every process writes its own shards (DCP) into the folder rank 0 prepared
-                sharding.save_state(tmp, self.raw, {n: e.module for n, e in self.ema.items()}, self.optimizers)
-            except (OSError, sharding.CheckpointException) as exc:
-                failure = exc
-            if D.all_reduce_max(float(failure is not None)) > 0 and failure is None:
-                failure = OSError("another process could not write its shards")
+            failure = self._save_shards(tmp)
         if self.rank == 0 and failure is None:
-            try:
-                if not self.cfg.fsdp:
-                    for name, module in self.raw.items():
-                        atomic_save_safetensors(state_dict_for_save(module), tmp / f"{name}.safetensors")
-                    for name, ema in self.ema.items():
-                        atomic_save_safetensors(state_dict_for_save(ema.module), tmp / f"{name}.ema.safetensors")
-                state = {
-                    "step": self.step,
-                    "bad_steps": self.bad_steps,
-                    "dropped_items": self.dropped_items,   # run.json counts the whole run, resumed or not
-                    "data_position": self.step * self.cfg.batch_size,
-                    "schedulers": {g: s.state_dict() for g, s in self.schedulers.items()},
-                    "stage": self.stage.extra_state(),
-                }
-                if not self.cfg.fsdp:
-                    state["optimizers"] = {g: o.state_dict() for g, o in self.optimizers.items()}
-                torch.save(state, tmp / "training_state.pt")
-                write_checkpoint_manifest(tmp)  # SHA-256 per file: a damaged checkpoint is found at resume, not used
-                replace_dir(tmp, final)
-            except OSError as exc:  # disk full, quota, I/O error: the previous checkpoints are untouched
-                failure = exc
-            else:
-                for old in checkpoint_dirs(self.out_dir)[: -self.cfg.keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
+            failure = self._write_checkpoint(tmp, final)
         if failure is not None and self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if D.all_reduce_max(float(failure is not None)) > 0:
@@ -623,6 +608,60 @@ class Trainer:
                                 "Free disk space (or point --out elsewhere) and run the same command to resume.")
         D.barrier()
         return final
+
+    @staticmethod
+    def _prepare_checkpoint_dir(tmp: Path) -> OSError | None:
+        """A fresh, empty `tmp` (rank 0); the error when it cannot be made."""
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            return exc
+        return None
+
+    def _save_shards(self, tmp: Path) -> BaseException | None:
+        """Every process writes its own shards (DCP) into the folder rank 0 prepared; a failure on any fails all."""
+        failure: BaseException | None = None
+        try:
+            sharding.save_state(tmp, self.raw, {n: e.module for n, e in self.ema.items()}, self.optimizers)
+        except (OSError, sharding.CheckpointException) as exc:
+            failure = exc
+        if D.all_reduce_max(float(failure is not None)) > 0 and failure is None:
+            failure = OSError("another process could not write its shards")
+        return failure
+
+    def _write_checkpoint(self, tmp: Path, final: Path) -> OSError | None:
+        """Rank 0: weights (unless sharded), training state and manifest into `tmp`, moved into place as `final`,
+        then the checkpoints beyond `keep_checkpoints` removed; the error when a write failed."""
+        try:
+            if not self.cfg.fsdp:
+                for name, module in self.raw.items():
+                    atomic_save_safetensors(state_dict_for_save(module), tmp / f"{name}.safetensors")
+                for name, ema in self.ema.items():
+                    atomic_save_safetensors(state_dict_for_save(ema.module), tmp / f"{name}.ema.safetensors")
+            torch.save(self._training_state(), tmp / "training_state.pt")
+            write_checkpoint_manifest(tmp)  # SHA-256 per file: a damaged checkpoint is found at resume, not used
+            replace_dir(tmp, final)
+        except OSError as exc:  # disk full, quota, I/O error: the previous checkpoints are untouched
+            return exc
+        for old in checkpoint_dirs(self.out_dir)[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return None
+
+    def _training_state(self) -> dict[str, Any]:
+        """training_state.pt: the step, counters, data position, schedulers, the stage's extra state (and the
+        optimizers unless sharded: DCP writes those)."""
+        state = {
+            "step": self.step,
+            "bad_steps": self.bad_steps,
+            "dropped_items": self.dropped_items,   # run.json counts the whole run, resumed or not
+            "data_position": self.step * self.cfg.batch_size,
+            "schedulers": {g: s.state_dict() for g, s in self.schedulers.items()},
+            "stage": self.stage.extra_state(),
+        }
+        if not self.cfg.fsdp:
+            state["optimizers"] = {g: o.state_dict() for g, o in self.optimizers.items()}
+        return state
 
     def _resume(self) -> None:
         """Load the newest good checkpoint, if any (random streams need no state: `seed_step`)."""
@@ -690,9 +729,3 @@ def load_run_state(out_dir: str | Path) -> dict[str, Any] | None:
     """The newest checkpoint's training state (weights_only), or None."""
     ckpts = checkpoint_dirs(Path(out_dir))
     return torch.load(ckpts[-1] / "training_state.pt", weights_only=True) if ckpts else None
-
-
-def num_threads_hint() -> None:
-    """Use the cores we have on CPU (torch defaults can oversubscribe under torchrun)."""
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, D.world_size())))

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
 
-VelocityFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+VelocityFn = Callable[[torch.Tensor, float, "torch.Tensor | None"], torch.Tensor]  # (x_t, t, condition) -> v
 
 
 # ---------------------------------------------------------------------------------------------------------- path
@@ -51,6 +52,10 @@ def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps - x0
 
 
+@overload
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor: ...
+@overload
+def shift_time(t: float, shift: float) -> float: ...
 def shift_time(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
     """The paper's time shift s (module docstring): t' = t / (s + (1 - s) t). s = 1 is the identity."""
     if shift <= 0:
@@ -218,7 +223,7 @@ class GuidedVelocity:
             return self.model(x, tt, y)
         if self.batch == "concat":
             if isinstance(y, torch.Tensor):
-                both = torch.cat([y, torch.full_like(y, self.null_class)])
+                both = torch.cat([y, torch.full_like(y, self.null_class)])  # type: ignore[arg-type]  # __init__ made sure it is set
             else:
                 both = y.cat(self.model.null_condition(len(y)))
             v_cond, v_uncond = self.model(torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2)
@@ -313,10 +318,8 @@ def sample(velocity: VelocityFn, noise: torch.Tensor, y: torch.Tensor | None, cf
             w = cfg.diffusion_norm * t
             # drift of the reverse SDE: v - w * score, with w * score = -(diffusion_norm) * (x + (1 - t) v)
             x_mean = x - h * (v + cfg.diffusion_norm * (x + (1 - t) * v))
-            if i == cfg.steps - 1:
-                x = x_mean  # last step to the mean
-            else:
-                x = x_mean + math.sqrt(2 * w * h) * _noise(x.shape, generators, x.device, x.dtype)
+            last = i == cfg.steps - 1  # the last step goes to the mean
+            x = x_mean if last else x_mean + math.sqrt(2 * w * h) * _noise(x.shape, generators, x.device, x.dtype)
         else:
             raise ValueError(f"unknown sampler {cfg.method!r} (euler, heun, euler_maruyama)")
     return x

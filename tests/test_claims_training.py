@@ -5,6 +5,7 @@ atomic, and the FAE stage's loss uses its KL weight. (benchmarks/mutation.py lis
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import multiprocessing
@@ -12,6 +13,7 @@ import os
 import signal
 import socket
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,11 @@ def _two_processes(out: Path, dropout: float = 0.0, steps: int = 2, stop_at: int
     return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
 
 
+def _prefixed(what: str) -> Callable[[str], str]:
+    """An assert_close `msg` that keeps torch's message behind `what`."""
+    return lambda m: f"{what}: {m}"
+
+
 def test_two_process_step_equals_single_process_step(tmp_path):
     ranks = _two_processes(tmp_path / "ddp")
     single = Stage()
@@ -117,7 +124,7 @@ def test_two_process_step_equals_single_process_step(tmp_path):
     assert any(not torch.equal(v, Stage().modules["model"].state_dict()[k]) for k, v in expected.items())
     for rank, got in enumerate(ranks):
         for k in expected:  # gradients averaged over both processes = the gradient of the whole batch
-            torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank} {k}: {m}")
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=_prefixed(f"rank {rank} {k}"))
 
 
 def test_two_process_resume_restores_each_process_rng(tmp_path):
@@ -142,8 +149,8 @@ def test_each_process_draws_its_own_random_numbers_at_every_step(tmp_path):
         trainer.rank = rank            # one process playing rank `rank` of a run (the streams depend only on it)
         trainer.fit()
     assert len(draws[0]) == len(draws[1]) == 3
-    assert all(not torch.equal(a, b) for a, b in zip(draws[0], draws[1]))          # rank 1's streams are its own
-    assert all(not torch.equal(a, b) for a, b in zip(draws[0], draws[0][1:]))      # and each step's are new
+    assert all(not torch.equal(a, b) for a, b in zip(draws[0], draws[1], strict=True))          # rank 1's streams are its own
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(draws[0]))      # and each step's are new
 
 
 def test_lr_at_chosen_steps_follows_the_formula(tmp_path):
@@ -293,7 +300,7 @@ def test_image_folder_in_workers_drops_corrupt_files_and_counts_per_process(tmp_
         # each process counts the corrupt files it met: the main process met it only without workers
         assert ds.skipped == (1 if workers == 0 else 0)
     assert [b.shape[0] for b in batches[2]] == [1, 2]     # the corrupt item is dropped, not replaced by a neighbour
-    for a, b in zip(batches[0], batches[2]):
+    for a, b in zip(batches[0], batches[2], strict=True):
         assert torch.equal(a, b)
 
 

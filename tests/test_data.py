@@ -84,7 +84,7 @@ def test_image_folder_classes_and_items(folder: Path) -> None:
     assert len(ds) == 6 and ds.class_names == ["cat", "dog"] and ds.num_classes == 2
     item = ds[0]
     assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
-    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert item["image"].min() >= 0.0 and item["image"].max() <= 1.0
     assert item["label"].dtype == torch.int64 and item["label"].ndim == 0
     assert [int(ds[i]["label"]) for i in (0, 1, 2, 3, 5)] == [0, 0, 0, 1, 1]  # index 4 is the corrupt d1.png
     expected = center_crop_arr(Image.open(folder / "cat" / "c1.png").convert("RGB"), 16)
@@ -169,7 +169,7 @@ def test_fashion_mnist_reader(fake_fmnist: Path) -> None:
     assert torch.equal(padded[:, 2:30, 2:30], item["image"]) and padded[:, :2].abs().sum() == 0
     small = FashionMNIST(fake_fmnist, split="train", image_size=16, limit=7)
     assert len(small) == 7 and small[6]["image"].shape == (3, 16, 16)
-    assert 0 <= small[6]["image"].min() and small[6]["image"].max() <= 1
+    assert small[6]["image"].min() >= 0 and small[6]["image"].max() <= 1
 
 
 def test_fashion_mnist_errors(fake_fmnist: Path, tmp_path: Path) -> None:

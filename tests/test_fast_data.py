@@ -78,7 +78,7 @@ def test_workers_read_the_same_items_as_the_main_process(big_cache):
 
     direct, workers = batches(0), batches(2)
     assert len(direct) == len(workers) == 4
-    for a, b in zip(direct, workers):
+    for a, b in zip(direct, workers, strict=True):
         assert torch.equal(a["latent"], b["latent"]) and torch.equal(a["label"], b["label"])
     expected = torch.stack([_latents({"image": torch.tensor([float(i)])}, False)["latents"][0] for i, _ in keys[:4]])
     assert torch.equal(direct[0]["latent"], expected)
@@ -148,7 +148,7 @@ def test_plain_and_flipped_halves_give_the_same_results_together_or_apart(as_dic
     together = batched_halves(fn, halves, together=True)
     assert calls == [3, 3, 6]
     assert batched_halves(fn, halves) is not None and calls[-2:] == [3, 3]   # on a CPU: apart
-    for one, two in zip(apart, together):
+    for one, two in zip(apart, together, strict=True):
         for key in (("a", "b") if as_dict else (None,)):
             torch.testing.assert_close(two[key] if key else two, one[key] if key else one)
     assert not torch.allclose(apart[0]["a"] if as_dict else apart[0], apart[1]["a"] if as_dict else apart[1])

@@ -52,7 +52,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(tmp_path, caps
     with pytest.warns(UserWarning, match="step_00000004 is damaged"):
         resumed = _resume(tmp_path / "run")
     assert "passing over 1 damaged" in capsys.readouterr().out
-    assert all(torch.equal(a, b) for a, b in zip(expected, resumed))   # from step 2, the same run
+    assert all(torch.equal(a, b) for a, b in zip(expected, resumed, strict=True))   # from step 2, the same run
 
 
 def test_no_usable_checkpoint_is_an_error_that_names_them(tmp_path):
@@ -85,7 +85,7 @@ def test_a_pickle_with_executable_content_is_refused_not_run(tmp_path):
     with pytest.warns(UserWarning, match="damaged"):
         resumed = _resume(tmp_path / "run")
     assert not sentinel.exists()
-    assert all(torch.equal(a, b) for a, b in zip(expected, resumed))
+    assert all(torch.equal(a, b) for a, b in zip(expected, resumed, strict=True))
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_clearly(tmp_path, monkeypatch):
@@ -106,7 +106,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_clearly(tmp_path, m
     assert [c.name for c in ckpts] == ["step_00000002"] and manifest_problem(ckpts[0]) is None
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     resumed = _resume(tmp_path / "run")                      # space freed: the same command finishes the run
-    assert all(torch.equal(a, b) for a, b in zip(expected, resumed))
+    assert all(torch.equal(a, b) for a, b in zip(expected, resumed, strict=True))
 
 
 def test_a_failed_npz_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ the weights are random and rebuilt here from the recorded seed, so the same stat
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,11 @@ def _assert_spread(x: torch.Tensor, at_least: float = 0.01) -> None:
             assert (rows[i] - rows[j]).abs().max() > at_least * rows.abs().max(), f"inputs {i} and {j} agree"
 
 
+def _prefixed(what: str) -> Callable[[str], str]:
+    """An assert_close `msg` that keeps torch's message behind `what`."""
+    return lambda m: f"{what}: {m}"
+
+
 @pytest.mark.pinned_seeds("the golden outputs were computed by the reference packages from weights at the recorded seed")
 @pytest.mark.parametrize("resize", ["tf1", "pytorch"])  # vs torch-fidelity (= the ADM evaluator) and pytorch-fid
 def test_inception_matches_the_reference(resize: str, one_thread) -> None:
@@ -45,7 +51,7 @@ def test_inception_matches_the_reference(resize: str, one_thread) -> None:
         expected = golden[f"{resize}/{kind}"]
         _assert_spread(expected)
         torch.testing.assert_close(out[kind], expected, rtol=0, atol=2e-5 * expected.abs().max(),
-                                   msg=lambda m: f"{resize} {kind}: {m}")
+                                   msg=_prefixed(f"{resize} {kind}"))
 
 
 @pytest.mark.pinned_seeds("the golden outputs were computed by the lpips package from weights at the recorded seed")

@@ -80,7 +80,7 @@ def _scalars_match_metrics(out: Path) -> None:
         got = [(e.step, e.value) for e in acc.Scalars(tag)]
         want = [(row["step"], row[tag]) for row in rows if tag in row]
         assert [s for s, _ in got] == [s for s, _ in want], tag         # each logged step once, in order
-        for (_, a), (_, b) in zip(got, want):
+        for (_, a), (_, b) in zip(got, want, strict=True):
             assert a == pytest.approx(b, rel=1e-6), tag                  # float32 events of the float64 row
 
 
@@ -131,7 +131,7 @@ def test_latent_sheet_layout():
     z = torch.zeros(2, 3, 4, 4)
     z[1, 2, 0, 0] = 5.0                                                 # one bright pixel in sample 1, channel 2
     sheet = latent_sheet(z, min_cell=4)
-    assert sheet.shape[0] == 3 and 0 <= sheet.min() and sheet.max() <= 1
+    assert sheet.shape[0] == 3 and sheet.min() >= 0 and sheet.max() <= 1
     assert latent_sheet(torch.randn(2, 12, 4, 4), min_cell=4).shape[2] > sheet.shape[2]  # capped at 8 columns
 
 

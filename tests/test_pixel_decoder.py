@@ -229,7 +229,7 @@ def test_discriminator_scores_the_generator_pass_images(tmp_path, tiny_encoder_d
     Trainer(stage, cfg.train, tmp_path / "run", run_config=cfg, progress=False).fit()
     # 2 steps x 2 micro-batches decoded once each; the discriminator trains from disc_start=1 (the second step)
     assert len(decoded) == 4 and len(scored) == 2
-    assert all(torch.equal(f, d) for f, d in zip(scored[-2:], decoded[-2:]))
+    assert all(torch.equal(f, d) for f, d in zip(scored[-2:], decoded[-2:], strict=True))
 
 
 def _fae_bundle(path: Path, tiny_encoder_dir: Path) -> Path:
@@ -268,7 +268,7 @@ def test_finetune_stage_and_pipeline(tmp_path, tiny_encoder_dir):
     z = fae.encode(images)
     assert z.shape == (2, 4, 4, 4)
     out = fae.decode_to_pixels(z)
-    assert out.shape == (2, 3, 16, 16) and 0 <= out.min() and out.max() <= 1
+    assert out.shape == (2, 3, 16, 16) and out.min() >= 0 and out.max() <= 1
     assert torch.equal(fae.reconstruct(images), out)
     parts = FAE.from_parts(tmp_path / "fae_run" / "fae", tmp_path / "ft" / "pixel_decoder")
     assert torch.allclose(parts.decode_to_pixels(z), out)

@@ -2,6 +2,7 @@
 that exports a folder FrozenEncoder loads, exact resume, and the cache that lets a second demo skip training."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -38,7 +39,7 @@ def test_teacher_momentum_schedule_and_masks():
     assert teacher_momentum(0.99, 0, 100) == pytest.approx(0.99)
     assert teacher_momentum(0.99, 100, 100) == pytest.approx(1.0)
     values = [teacher_momentum(0.99, s, 100) for s in range(101)]
-    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(values))
     masks = random_masks(500, 64, (0.1, 0.5), torch.Generator().manual_seed(0))
     counts = masks.sum(1)
     assert counts.min() >= round(0.1 * 64) and counts.max() <= round(0.5 * 64)

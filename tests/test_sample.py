@@ -159,7 +159,7 @@ def test_class_agreement_classifier(tmp_path):
     record = read_bundle_config(tmp_path / "clf")
     within("judge test accuracy", record["test_accuracy"], lo=0.5)   # far above chance (0.1) on real test images
     again = train_classifier(data, tmp_path / "clf", epochs=3, width=16, train_limit=3000, progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(clf.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(clf.state_dict().values(), again.state_dict().values(), strict=True))
     test = build_dataset(DataConfig(kind="fashion_mnist", image_size=16, limit=200), "test")
     images = torch.stack([test[i]["image"] for i in range(200)])
     labels = torch.stack([test[i]["label"] for i in range(200)])

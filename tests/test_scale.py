@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -104,10 +105,15 @@ def _two_processes(out: Path, stop_at: int | None = None, **cfg) -> list[dict[st
     return [torch.load(r, weights_only=True) for r in results]
 
 
+def _prefixed(what: str) -> Callable[[str], str]:
+    """An assert_close `msg` that keeps torch's message behind `what`."""
+    return lambda m: f"{what}: {m}"
+
+
 def _assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
     assert got.keys() == expected.keys()
     for k in expected:
-        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=2e-6, msg=lambda m: f"{what} {k}: {m}")
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=2e-6, msg=_prefixed(f"{what} {k}"))
 
 
 @pytest.fixture(scope="module")

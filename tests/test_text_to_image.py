@@ -136,5 +136,5 @@ def test_preview_samples_the_cached_captions(world):
     sheets = stage.preview({"model": world["gen"].model}, step=0)
     assert set(sheets) == {"samples"}
     sheet = sheets["samples"]
-    assert sheet.shape[0] == 3 and 0 <= sheet.min() and sheet.max() <= 1
+    assert sheet.shape[0] == 3 and sheet.min() >= 0 and sheet.max() <= 1
     assert sheet.shape[1] == 16 + 4 * (48 + 2) + 2                  # header + 4 rows of 48-px tiles + padding

@@ -85,9 +85,9 @@ def test_resume_is_exact(tmp_path):
     torch.manual_seed(123)  # a new process starts from a different RNG state
     resumed = ToyStage()
     Trainer(resumed, _cfg(), tmp_path / "b", progress=False).fit()
-    for a, b in zip(_weights(straight), _weights(resumed)):
+    for a, b in zip(_weights(straight), _weights(resumed), strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(straight.exported["model"].parameters(), resumed.exported["model"].parameters()):
+    for a, b in zip(straight.exported["model"].parameters(), resumed.exported["model"].parameters(), strict=True):
         assert torch.equal(a, b)  # EMA too
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -165,7 +165,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
         Trainer(stage, _cfg(grad_accum=accum, steps=3, precision="fp32"), tmp_path / f"acc{accum}",
                 progress=False).fit()
         results.append(_weights(stage))
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

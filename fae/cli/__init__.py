@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from fae.cli import demo, generate, train
 from fae.cli import eval as evaluation
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"fae: {exc}", file=sys.stderr)
         return 130
-    except (*USER_ERRORS, TrainingError) as exc:
+    except (*USER_ERRORS, TrainingError) as exc:  # type: ignore[misc]  # mypy cannot read a starred tuple of exception types
         if args.debug:
             raise
         print(f"fae: error: {exc}", file=sys.stderr)

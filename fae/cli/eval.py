@@ -270,9 +270,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
     _check_positive(train_limit=args.train_limit, test_limit=args.test_limit, epochs=args.epochs,
                     batch_size=args.batch_size)
+    lrs: dict[str, Any] = {"learning_rates": tuple(args.lrs)} if args.lrs else {}
     cfg = ProbeConfig(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
                       poolings=tuple(args.poolings or POOLINGS),
-                      **({"learning_rates": tuple(args.lrs)} if args.lrs else {}))
+                      **lrs)
     try:
         cfg.validate()
     except ValueError as exc:

@@ -3,6 +3,7 @@ fae.data.latents and fae.sampling."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from fae.config import ConfigError, apply_overrides, from_dict, yaml_section
 from fae.precision import PRECISIONS
@@ -39,7 +40,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from fae.distributed import init_distributed, is_main, resolve_device
     from fae.pipeline import GenerationPipeline
-    from fae.sampling import load_decoder, sample_to_dir
+    from fae.sampling import Decoder, load_decoder, sample_to_dir
     from fae.stages import load_run_generator
     from fae.transport import GuidanceSchedule, SamplerConfig, paper_method
 
@@ -59,13 +60,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     prompts = list(args.prompt or [])
     if args.prompts:
-        prompts += [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
+        prompts += [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
     if args.pipeline:
         if args.generator or args.fae or args.pixel_decoder:
             raise ConfigError("--pipeline holds the generator and the FAE: drop --generator/--fae/--pixel-decoder")
         pipe = GenerationPipeline.from_pretrained(args.pipeline, device=device)
         pipe.fae.compile_networks(args.compile, device)
-        gen, decode = pipe.generator, pipe.fae.decode_to_pixels
+        gen = pipe.generator
+        decode: Decoder = pipe.fae.decode_to_pixels
     elif args.generator:
         gen = load_run_generator(args.generator, device=device)
         decode = load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device, compile=args.compile)

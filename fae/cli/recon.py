@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 def register_recon(eval_subparsers: Any) -> None:
@@ -43,7 +43,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
     data = None
     if args.data:
-        kind = "fashion_mnist" if args.data == "fashion_mnist" else "image_folder"
+        kind: Literal["fashion_mnist", "image_folder"] = "fashion_mnist" if args.data == "fashion_mnist" else "image_folder"
         data = DataConfig(kind=kind, root=None if kind == "fashion_mnist" else args.data)
     scores = evaluate_bundles(args.gaussian, args.finetuned, fae=args.fae, data=data, split=args.split,
                               limit=args.limit, batch_size=args.batch_size, grid_rows=args.grid_rows,
@@ -55,19 +55,6 @@ def cmd_recon(args: argparse.Namespace) -> int:
         print(f"  {name:<18} PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}{rfid}")
     print(f"wrote {Path(args.out) / 'recon.json'} and {scores['grid']}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m fae.cli.recon ...`) for when `fae eval` is not wired up."""
-    parser = argparse.ArgumentParser(prog="fae eval")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_recon(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 __all__ = ["cmd_recon", "register_recon"]

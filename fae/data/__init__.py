@@ -12,13 +12,13 @@ from typing import Literal
 
 import torch
 
-from fae.data.captions import CaptionDataConfig, CaptionDataset, build_caption_dataset
+from fae.data.captions import CaptionDataConfig, CaptionDataset, CaptionFormat, build_caption_dataset
 from fae.data.features import CachedFeatureDataset, FeatureCache, build_feature_cache
 from fae.data.idx import FashionMNIST, read_idx
 from fae.data.images import ImageFolderDataset, center_crop_arr
 from fae.data.keys import DataKey, check_index, class_strided_indices, flip_coin, item_labels, split_key
 
-CAPTION_KINDS = {"caption_folder": "folder", "caption_manifest": "manifest", "webdataset": "webdataset"}
+CAPTION_KINDS: dict[str, CaptionFormat] = {"caption_folder": "folder", "caption_manifest": "manifest", "webdataset": "webdataset"}
 
 
 @dataclass
@@ -57,12 +57,12 @@ def build_dataset(cfg: DataConfig, split: str | None = None) -> torch.utils.data
     cfg.validate()
     split = split or cfg.split
     if cfg.kind in CAPTION_KINDS:
-        return build_caption_dataset(CaptionDataConfig(CAPTION_KINDS[cfg.kind], cfg.root, cfg.image_size,  # type: ignore
+        return build_caption_dataset(CaptionDataConfig(CAPTION_KINDS[cfg.kind], cfg.root, cfg.image_size,  # type: ignore[arg-type]  # root: validate()
                                                        cfg.missing_captions, cfg.limit))
     if cfg.kind == "fashion_mnist":
         return FashionMNIST(cfg.root, split=split, image_size=cfg.image_size, hflip=cfg.hflip, limit=cfg.limit,
                             fit=cfg.fit)
-    root = Path(cfg.root)  # type: ignore[arg-type]
+    root = Path(cfg.root)  # type: ignore[arg-type]  # validate() requires root here
     if (root / split).is_dir():
         root = root / split
     elif split != cfg.split:

@@ -194,10 +194,7 @@ def _shard_urls(root: str) -> list[str]:
     import braceexpand
 
     path = Path(root)
-    if path.is_dir():
-        urls = [str(p) for p in sorted(path.glob("*.tar"))]
-    else:
-        urls = list(braceexpand.braceexpand(root))
+    urls = [str(p) for p in sorted(path.glob("*.tar"))] if path.is_dir() else list(braceexpand.braceexpand(root))
     missing = [u for u in urls if not Path(u).is_file()]
     if not urls or missing:
         raise FileNotFoundError(f"webdataset shards {root}: " + (f"{missing[0]} does not exist" if missing

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -33,7 +34,7 @@ def dataset_signature(dataset: Dataset) -> dict[str, Any]:
     signature = getattr(dataset, "signature", None)
     if callable(signature):
         return signature()
-    return {"class": type(dataset).__name__, "length": len(dataset)}  # type: ignore[arg-type]
+    return {"class": type(dataset).__name__, "length": len(dataset)}  # type: ignore[arg-type]  # map-style: has __len__
 
 
 def cache_metadata(encoder: Any, dataset: Dataset, flips: bool, dtype: str) -> dict[str, str]:
@@ -48,7 +49,7 @@ def cache_metadata(encoder: Any, dataset: Dataset, flips: bool, dtype: str) -> d
         reference["name_or_path"] = str(Path(source).expanduser().resolve())
     return {"format": CACHE_FORMAT, "encoder": json.dumps(reference, sort_keys=True),
             "dataset": json.dumps(dataset_signature(dataset), sort_keys=True),
-            "length": str(len(dataset)), "flips": str(bool(flips)).lower(), "dtype": dtype,  # type: ignore[arg-type]
+            "length": str(len(dataset)), "flips": str(bool(flips)).lower(), "dtype": dtype,  # type: ignore[arg-type]  # has __len__
             "precision": precision.name if precision is not None else "fp32"}
 
 
@@ -127,6 +128,27 @@ def batched_halves(fn: Callable[[torch.Tensor], Any], inputs: list[torch.Tensor]
     return list(out.split(sizes))
 
 
+def _cache_file(path: Path, metadata: dict[str, str]) -> Path:
+    """`path` itself when it names a `.safetensors` file, else the file in that folder named by the metadata."""
+    if path.suffix != ".safetensors":
+        digest = hashlib.sha1(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:16]
+        path = path / f"features-{digest}.safetensors"
+    return path
+
+
+def _reusable_cache(path: Path, metadata: dict[str, str]) -> FeatureCache | None:
+    """The existing cache at `path` when its metadata matches; None (with a warning saying why) otherwise."""
+    try:
+        stale = FeatureCache(path).mismatch(metadata)
+    except ValueError as exc:
+        stale = f"unreadable ({exc})"
+    if stale is None:
+        log.info("reusing feature cache %s", path)
+        return FeatureCache(path)
+    log.warning("rebuilding feature cache %s: its %s differs", path, stale)
+    return None
+
+
 @torch.no_grad()
 def build_feature_cache(encoder: Any, dataset: Dataset, path: str | Path, batch_size: int = 64, flips: bool = False,
                         dtype: Literal["float32", "float16"] = "float32", progress: bool = True, num_workers: int = 0,
@@ -142,21 +164,13 @@ def build_feature_cache(encoder: Any, dataset: Dataset, path: str | Path, batch_
 
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"cache dtype must be float32 or float16, not {dtype!r}")
-    path = Path(path)
     metadata = cache_metadata(encoder, dataset, flips, dtype)
-    if path.suffix != ".safetensors":
-        digest = hashlib.sha1(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:16]
-        path = path / f"features-{digest}.safetensors"
+    path = _cache_file(Path(path), metadata)
     if path.is_file() and not rebuild:
-        try:
-            stale = FeatureCache(path).mismatch(metadata)
-        except ValueError as exc:
-            stale = f"unreadable ({exc})"
-        if stale is None:
-            log.info("reusing feature cache %s", path)
-            return FeatureCache(path)
-        log.warning("rebuilding feature cache %s: its %s differs", path, stale)
-    n = len(dataset)  # type: ignore[arg-type]
+        cache = _reusable_cache(path, metadata)
+        if cache is not None:
+            return cache
+    n = len(dataset)  # type: ignore[arg-type]  # map-style: has __len__
     if n == 0:
         raise ValueError("cannot cache features of an empty data set")
     device = encoder.mean.device if hasattr(encoder, "mean") else torch.device("cpu")
@@ -174,7 +188,8 @@ def build_feature_cache(encoder: Any, dataset: Dataset, path: str | Path, batch_
             continue
         images, index = batch["image"].to(device, non_blocking=True), batch["index"]
         halves = batched_halves(encoder, [images, *([images.flip(-1)] if flips else [])])
-        for key, features in zip(("features", "features_flip"), halves):
+        # one half without flips, two with: the keys outnumber the halves then, and only "features" is written
+        for key, features in zip(("features", "features_flip"), halves, strict=False):
             tensors[key][index] = features.to(DTYPES[dtype]).cpu()
         present[index] = 1
     tensors["present"] = present
@@ -194,9 +209,9 @@ class CachedFeatureDataset(Dataset):
                  encoder_reference: dict[str, Any] | None = None) -> None:
         self.base = base
         self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
-        if len(self.cache) != len(base):  # type: ignore[arg-type]
+        if len(self.cache) != len(base):  # type: ignore[arg-type]  # map-style: has __len__
             raise ValueError(f"{self.cache.path} holds {len(self.cache)} items, "
-                             f"the data set has {len(base)}")  # type: ignore[arg-type]
+                             f"the data set has {len(base)}")  # type: ignore[arg-type]  # map-style: has __len__
         if self.cache.metadata.get("dataset") != json.dumps(dataset_signature(base), sort_keys=True):
             raise ValueError(f"{self.cache.path} was built for another data set; rebuild it with build_feature_cache")
         if encoder_reference is not None:
@@ -208,9 +223,9 @@ class CachedFeatureDataset(Dataset):
                              "rebuild it with flips=True (or set hflip=False)")
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return len(self.base)  # type: ignore[arg-type]  # map-style: has __len__
 
-    def __getitem__(self, key: Any) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: Any) -> dict[str, torch.Tensor] | None:
         index, generator = split_key(key)
         index = check_index(index, len(self), "CachedFeatureDataset")
         base = self.base[index]  # a plain index: the base never flips, we decide below

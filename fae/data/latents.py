@@ -24,9 +24,10 @@ the flip from the trainer's (index, seed) key and normalises with the stored sta
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -162,7 +163,10 @@ def _shard_meta(f: Any) -> dict[str, str]:
 def write_cache_manifest(out: Path, signature: str, num_shards: int, opts: CacheLayout, record: dict[str, Any],
                          data_signature: dict[str, Any], dataset: Dataset | None = None) -> None:
     """The cache's statistics (stats.safetensors) and manifest (cache.json), from its finished shards."""
-    shards, shape, labels, dropped = [], None, [], []
+    shards: list[dict[str, Any]] = []
+    shape: list[int] | None = None
+    labels: list[torch.Tensor] = []
+    dropped: list[str] = []
     for s in range(num_shards):
         with safe_open(str(out / shard_name(s)), framework="pt") as f:
             meta = _shard_meta(f)
@@ -170,7 +174,7 @@ def write_cache_manifest(out: Path, signature: str, num_shards: int, opts: Cache
                 raise RuntimeError(f"{out / shard_name(s)} belongs to another encoding run")
             dropped += json.loads(meta.get("dropped", "[]"))
             digest = file_sha256(out / shard_name(s))   # lets a reader tell a damaged shard from a good one
-            if "latents" not in f.keys():   # every item of this shard was unreadable
+            if "latents" not in set(f.keys()):   # every item of this shard was unreadable
                 shards.append({"file": shard_name(s), "count": 0, "sha256": digest})
                 continue
             shape = list(f.get_slice("latents").get_shape())
@@ -219,16 +223,18 @@ def compute_stats(cache_dir: str | Path, files: list[str], flip: bool = True) ->
                         x = sl[lo:min(rows, lo + _CHUNK)].float().numpy().astype(np.float64)
                         yield np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)  # (C, rows*h*w)
 
-    total, count = None, 0
+    total: np.ndarray | None = None
+    count = 0
     for x in chunks():
         s = x.sum(axis=1)
         total = s if total is None else total + s
         count += x.shape[1]
+    if total is None:
+        raise ConfigError(f"{cache_dir}: no latents to take statistics of")
     mean = total / count
-    ss = None
+    ss = np.zeros_like(mean)   # 0 + d is d exactly: the same sums as starting from the first chunk
     for x in chunks():
-        d = ((x - mean[:, None]) ** 2).sum(axis=1)
-        ss = d if ss is None else ss + d
+        ss = ss + ((x - mean[:, None]) ** 2).sum(axis=1)
     std = np.sqrt(ss / count)
     return torch.from_numpy(mean), torch.from_numpy(std)
 
@@ -262,7 +268,8 @@ class LatentCache:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return tuple(self.manifest["grid"])  # type: ignore[return-value]
+        h, w = self.manifest["grid"]
+        return int(h), int(w)
 
     @property
     def num_classes(self) -> int:

@@ -7,7 +7,8 @@ logs say how many were dropped.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, default_collate
 
@@ -28,7 +29,7 @@ class WithIndex(Dataset):
         self.base = base
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return len(self.base)  # type: ignore[arg-type]  # map-style: has __len__
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.base[index]

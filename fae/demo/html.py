@@ -8,9 +8,10 @@ from __future__ import annotations
 import html
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fae.io import atomic_write_text
 
@@ -115,11 +116,11 @@ def plot_curves(series: dict[str, Sequence[dict[str, Any]]], keys: Sequence[str]
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    for ax, key in zip(axes[0], keys, strict=True):
         for label, rows in series.items():
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
-                ax.plot(*zip(*pts), label=label)
+                ax.plot(*zip(*pts, strict=True), label=label)
         ax.set_xlabel("step")
         ax.set_title(key)
         if logy and all(r[key] > 0 for rows in series.values() for r in rows if key in r):

@@ -58,93 +58,22 @@ def _machine_text(out: Path) -> str:
 
 
 def step_report(ctx: DemoContext) -> dict[str, Any]:
-    from fae.demo.html import Figure, Report, Section, Table, plot_curves, read_metrics, write_report
+    from fae.demo.html import Report, write_report
 
     r, out, figs = ctx.results, ctx.out, ctx.out / "report"
     figs.mkdir(parents=True, exist_ok=True)
-    sections = [Section(
-        "What ran",
-        text=["Every stage below ran on this machine's CPU, in this order; times are wall-clock seconds "
-              "(a stage finished by an earlier run shows that run's time).", _machine_text(out)],
-        tables=[Table(["step", "what", "seconds"], [(s.name, s.title, round(r.get(s.name, {}).get("seconds", 0), 1))
-                                                    for s in STEPS + FLOW_STEPS if s.name in r])])]
-
-    enc = r.get("encoder", {})
-    enc_curves = [Figure(plot_curves({"pretraining": read_metrics(ctx.encoder_dir / "metrics.jsonl")},
-                                     ["loss/dino", "loss/ibot"], figs / "encoder_curves.png",
-                                     title="encoder pretraining (DINO + iBOT)", logy=False), "pretraining losses")] \
-        if (ctx.encoder_dir / "metrics.jsonl").is_file() else []
-    probe_rows = r.get("probe", {}).get("rows", [])
-    sections.append(Section(
-        "1. A pretrained frozen encoder",
-        text=["No pretrained DINOv2 can be downloaded offline, so fae ships a tiny one it pretrained itself "
-              "(transformers Dinov2Model, 32 px, patch 4: 8x8 tokens of width 128) on the training images without "
-              "labels, with DINOv2's objective in miniature (DINO self-distillation + iBOT masked-patch "
-              f"prediction), then froze it. Here it {_ENCODER_ORIGIN.get(enc.get('origin'), 'was used')} "
-              f"({enc.get('steps')} pretraining steps). The linear probes below compare it with the same "
-              "architecture at random initialisation."],
-        figures=enc_curves))
-
-    fae_scores = r.get("fae", {})
-    sections.append(Section(
-        "2. FAE stage 1: one attention layer down to a small latent, a feature decoder back up",
-        text=[f"Held-out {fae_scores.get('split')} images ({fae_scores.get('images')}): feature cosine similarity "
-              f"between x̂ and x {_fmt(fae_scores.get('cos'), 4)}, MSE {_fmt(fae_scores.get('mse'), 4)}."],
-        figures=[Figure(plot_curves({"stage 1": read_metrics(out / "fae" / "metrics.jsonl")}, ["mse", "cos"],
-                                    figs / "fae_curves.png", title="FAE stage 1", logy=False), "stage-1 curves")]))
-
+    sections = [_what_ran_section(r, out), _encoder_section(ctx, r, figs), _fae_section(r, out, figs)]
     if "finetune" in r:
-        rows = [(name, _fmt(v["psnr"], 2), _fmt(v["ssim"], 4)) for name, v in r["finetune"]["decoders"].items()]
-        curves = plot_curves({"Gaussian (x + noise)": read_metrics(out / "pixel-decoder" / "metrics.jsonl"),
-                              "fine-tune (x̂)": read_metrics(out / "pixel-decoder-ft" / "metrics.jsonl")},
-                             ["rec", "psnr"], figs / "pixel_decoder_curves.png", title="pixel decoder (training batches)",
-                             logy=False)
-        grid = out / "pixel-decoder-ft" / "recon_grid.png"
-        sections.append(Section(
-            "3. Pixel decoder: trained on noisy features, fine-tuned on x̂",
-            text=["Held-out reconstructions. Columns of the grid: original, then each decoder below."],
-            tables=[Table(["decoder(input)", "PSNR dB", "SSIM"], rows)],
-            figures=[Figure(grid, "reconstructions"), Figure(curves, "pixel-decoder training")]))
-
+        sections.append(_pixel_decoder_section(r, out, figs))
     if "samples" in r:
-        s = r["samples"]
-        rows = []
-        for gen, label in (("fae", "FAE latents (8x8x8)"), ("raw", "raw features (8x8x128)")):
-            for g in ("no_guidance", "guidance"):
-                if f"{gen}/{g}" in s:
-                    v = s[f"{gen}/{g}"]
-                    rows.append((label, g.replace("_", " "), _fmt(v["class_agreement"]), _fmt(v["fd_encoder"], 4)))
-        curves = plot_curves({"FAE latents": read_metrics(out / "dit" / "metrics.jsonl"),
-                              "raw features": read_metrics(out / "dit-raw" / "metrics.jsonl")},
-                             ["loss/main"], figs / "dit_curves.png", title="DiT flow-matching loss")
-        figures = [Figure(Path(s[f"{gen}/{g}"]["grid"]), f"{gen} latents, {g.replace('_', ' ')}")
-                   for gen in ("fae", "raw") for g in ("guidance", "no_guidance") if f"{gen}/{g}" in s]
-        sections.append(Section(
-            "4. Class-conditional generation: DiT on FAE latents vs on raw features (paper Table 5 in miniature)",
-            text=[f"The same DiT and training budget on the FAE latents and on the raw encoder features; "
-                  f"{s['num_samples']} samples each ({s['sample_steps']} Euler steps), equally many per class. "
-                  f"Guidance: classifier-free on all channels with schedule {s['guidance']!r} (t=1 noise, t=0 data). "
-                  f"Class-agreement: share of samples a small CNN trained on real images (test accuracy "
-                  f"{_fmt(r.get('classifier', {}).get('test_accuracy'))}) assigns to the conditioning class. "
-                  f"FD: Fréchet distance to the test split in the frozen encoder's feature space (mean-pooled "
-                  f"tokens; lower is better; half the test split against the other half gives "
-                  f"{_fmt(s['fd_test_half_vs_half'], 4)})."],
-            tables=[Table(["generator trained on", "sampling", "class-agreement", "FD (encoder)"], rows)],
-            figures=[*figures, Figure(curves, "DiT training")]))
-
+        sections.append(_samples_section(r, out, figs))
     if "flow-samples" in r:
         sections.append(_flow_section(r, out, figs))
-
+    probe_rows = r.get("probe", {}).get("rows", [])
     if probe_rows:
-        sections.append(Section(
-            "5. Linear probes: does the latent keep the encoder's understanding?",
-            text=[f"A linear classifier on frozen inputs ({r['probe']['train_images']} training images, "
-                  f"{r['probe']['test_images']} test images; best pooling and learning rate chosen on a held-out "
-                  f"part of the training images)."],
-            tables=[Table(["input", "test top-1", "pooling"], [(row["input"], _fmt(row["top1"]), row["pooling"])
-                                                             for row in probe_rows])]))
+        sections.append(_probe_section(r, probe_rows))
 
-    sections.insert(1, Section("At a glance", tables=[Table(["metric", "value"], glance_rows(r))]))
+    sections.insert(1, _glance_section(r))
     report = Report("fae demo: the Feature Auto-Encoder on Fashion-MNIST, end to end on a CPU",
                     intro=["FAE (Gao et al., 2025) adapts a frozen pretrained encoder to generation: one attention "
                            "layer compresses its patch features to a small latent, a feature decoder reconstructs "
@@ -152,6 +81,111 @@ def step_report(ctx: DemoContext) -> dict[str, Any]:
                            "generate latents. This page shows each stage at laptop scale."],
                     sections=sections)
     return {"report": str(write_report(report, out))}
+
+
+def _what_ran_section(r: dict[str, Any], out: Path) -> Any:
+    from fae.demo.html import Section, Table
+
+    return Section(
+        "What ran",
+        text=["Every stage below ran on this machine's CPU, in this order; times are wall-clock seconds "
+              "(a stage finished by an earlier run shows that run's time).", _machine_text(out)],
+        tables=[Table(["step", "what", "seconds"], [(s.name, s.title, round(r.get(s.name, {}).get("seconds", 0), 1))
+                                                    for s in STEPS + FLOW_STEPS if s.name in r])])
+
+
+def _glance_section(r: dict[str, Any]) -> Any:
+    from fae.demo.html import Section, Table
+
+    return Section("At a glance", tables=[Table(["metric", "value"], glance_rows(r))])
+
+
+def _encoder_section(ctx: DemoContext, r: dict[str, Any], figs: Path) -> Any:
+    from fae.demo.html import Figure, Section, plot_curves, read_metrics
+
+    enc = r.get("encoder", {})
+    enc_curves = [Figure(plot_curves({"pretraining": read_metrics(ctx.encoder_dir / "metrics.jsonl")},
+                                     ["loss/dino", "loss/ibot"], figs / "encoder_curves.png",
+                                     title="encoder pretraining (DINO + iBOT)", logy=False), "pretraining losses")] \
+        if (ctx.encoder_dir / "metrics.jsonl").is_file() else []
+    return Section(
+        "1. A pretrained frozen encoder",
+        text=["No pretrained DINOv2 can be downloaded offline, so fae ships a tiny one it pretrained itself "
+              "(transformers Dinov2Model, 32 px, patch 4: 8x8 tokens of width 128) on the training images without "
+              "labels, with DINOv2's objective in miniature (DINO self-distillation + iBOT masked-patch "
+              f"prediction), then froze it. Here it {_ENCODER_ORIGIN.get(enc.get('origin'), 'was used')} "
+              f"({enc.get('steps')} pretraining steps). The linear probes below compare it with the same "
+              "architecture at random initialisation."],
+        figures=enc_curves)
+
+
+def _fae_section(r: dict[str, Any], out: Path, figs: Path) -> Any:
+    from fae.demo.html import Figure, Section, plot_curves, read_metrics
+
+    fae_scores = r.get("fae", {})
+    return Section(
+        "2. FAE stage 1: one attention layer down to a small latent, a feature decoder back up",
+        text=[f"Held-out {fae_scores.get('split')} images ({fae_scores.get('images')}): feature cosine similarity "
+              f"between x̂ and x {_fmt(fae_scores.get('cos'), 4)}, MSE {_fmt(fae_scores.get('mse'), 4)}."],
+        figures=[Figure(plot_curves({"stage 1": read_metrics(out / "fae" / "metrics.jsonl")}, ["mse", "cos"],
+                                    figs / "fae_curves.png", title="FAE stage 1", logy=False), "stage-1 curves")])
+
+
+def _pixel_decoder_section(r: dict[str, Any], out: Path, figs: Path) -> Any:
+    from fae.demo.html import Figure, Section, Table, plot_curves, read_metrics
+
+    rows = [(name, _fmt(v["psnr"], 2), _fmt(v["ssim"], 4)) for name, v in r["finetune"]["decoders"].items()]
+    curves = plot_curves({"Gaussian (x + noise)": read_metrics(out / "pixel-decoder" / "metrics.jsonl"),
+                          "fine-tune (x̂)": read_metrics(out / "pixel-decoder-ft" / "metrics.jsonl")},
+                         ["rec", "psnr"], figs / "pixel_decoder_curves.png", title="pixel decoder (training batches)",
+                         logy=False)
+    grid = out / "pixel-decoder-ft" / "recon_grid.png"
+    return Section(
+        "3. Pixel decoder: trained on noisy features, fine-tuned on x̂",
+        text=["Held-out reconstructions. Columns of the grid: original, then each decoder below."],
+        tables=[Table(["decoder(input)", "PSNR dB", "SSIM"], rows)],
+        figures=[Figure(grid, "reconstructions"), Figure(curves, "pixel-decoder training")])
+
+
+def _samples_section(r: dict[str, Any], out: Path, figs: Path) -> Any:
+    from fae.demo.html import Figure, Section, Table, plot_curves, read_metrics
+
+    s = r["samples"]
+    rows = []
+    for gen, label in (("fae", "FAE latents (8x8x8)"), ("raw", "raw features (8x8x128)")):
+        for g in ("no_guidance", "guidance"):
+            if f"{gen}/{g}" in s:
+                v = s[f"{gen}/{g}"]
+                rows.append((label, g.replace("_", " "), _fmt(v["class_agreement"]), _fmt(v["fd_encoder"], 4)))
+    curves = plot_curves({"FAE latents": read_metrics(out / "dit" / "metrics.jsonl"),
+                          "raw features": read_metrics(out / "dit-raw" / "metrics.jsonl")},
+                         ["loss/main"], figs / "dit_curves.png", title="DiT flow-matching loss")
+    figures = [Figure(Path(s[f"{gen}/{g}"]["grid"]), f"{gen} latents, {g.replace('_', ' ')}")
+               for gen in ("fae", "raw") for g in ("guidance", "no_guidance") if f"{gen}/{g}" in s]
+    return Section(
+        "4. Class-conditional generation: DiT on FAE latents vs on raw features (paper Table 5 in miniature)",
+        text=[f"The same DiT and training budget on the FAE latents and on the raw encoder features; "
+              f"{s['num_samples']} samples each ({s['sample_steps']} Euler steps), equally many per class. "
+              f"Guidance: classifier-free on all channels with schedule {s['guidance']!r} (t=1 noise, t=0 data). "
+              f"Class-agreement: share of samples a small CNN trained on real images (test accuracy "
+              f"{_fmt(r.get('classifier', {}).get('test_accuracy'))}) assigns to the conditioning class. "
+              f"FD: Fréchet distance to the test split in the frozen encoder's feature space (mean-pooled "
+              f"tokens; lower is better; half the test split against the other half gives "
+              f"{_fmt(s['fd_test_half_vs_half'], 4)})."],
+        tables=[Table(["generator trained on", "sampling", "class-agreement", "FD (encoder)"], rows)],
+        figures=[*figures, Figure(curves, "DiT training")])
+
+
+def _probe_section(r: dict[str, Any], probe_rows: list[dict[str, Any]]) -> Any:
+    from fae.demo.html import Section, Table
+
+    return Section(
+        "5. Linear probes: does the latent keep the encoder's understanding?",
+        text=[f"A linear classifier on frozen inputs ({r['probe']['train_images']} training images, "
+              f"{r['probe']['test_images']} test images; best pooling and learning rate chosen on a held-out "
+              f"part of the training images)."],
+        tables=[Table(["input", "test top-1", "pooling"], [(row["input"], _fmt(row["top1"]), row["pooling"])
+                                                         for row in probe_rows])])
 
 
 def _flow_section(r: dict[str, Any], out: Path, figs: Path) -> Any:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal
 
 from fae.config import PACKAGED_CONFIGS, from_dict, yaml_section
 
@@ -163,7 +164,8 @@ def step_latents(ctx: DemoContext) -> dict[str, Any]:
         if found.has_flips and found.length == data.limit and same_encoder:
             features = candidate
     info: dict[str, Any] = {"feature_cache": str(features) if features else None}
-    for name, source in (("fae", "fae"), ("raw", "raw_features")):
+    sources: tuple[tuple[str, Literal["fae", "raw_features"]], ...] = (("fae", "fae"), ("raw", "raw_features"))
+    for name, source in sources:
         out = ctx.out / "latents" / name
         encode_latents(data, out, fae=ctx.out / "fae" / "fae", split="train", progress=ctx.progress,
                        options=EncodeOptions(source=source, shard_size=20000, batch_size=500), device="cpu",
@@ -225,7 +227,7 @@ def _scoring(ctx: DemoContext) -> dict[str, Any]:
     from fae.metrics.reference import load_reference
 
     test = build_dataset(replace(ctx.data_config(), hflip=False, limit=ctx.profile["fd_reference"]), "test")
-    images = to_uint8_hwc(torch.stack([test[i]["image"] for i in range(len(test))]))
+    images = to_uint8_hwc(torch.stack([test[i]["image"] for i in range(len(test))]))  # type: ignore[arg-type]  # map-style: has __len__
     network = EncoderNetwork(FrozenEncoder.from_config(replace(ctx.encoder_config(), precision="fp32")))  # a metric
     half = len(images) // 2
     return {"classifier": SmallCNN.from_pretrained(ctx.judge_dir).eval(), "network": network,
@@ -246,7 +248,7 @@ def _score(ctx: DemoContext, scoring: dict[str, Any], gen: Any, decode: Any, sam
                        progress=ctx.progress)
     generated = time.time() - start
     write_samples(folder, samples, gen.class_names, pngs=False)
-    agree = class_agreement(scoring["classifier"], samples.images, samples.labels)
+    agree = class_agreement(scoring["classifier"], samples.images, samples.labels)  # type: ignore[arg-type]  # class-conditional: labelled
     return {"class_agreement": agree["agreement"], "per_class": agree["per_class"],
             "fd_encoder": fid(samples.images, scoring["reference"], scoring["network"]),
             "grid": str(folder / "grid.png"), "seconds": round(time.time() - start, 1),
@@ -276,7 +278,7 @@ def step_samples(ctx: DemoContext) -> dict[str, Any]:
     guidance = {"no_guidance": GuidanceSchedule(), "guidance": GuidanceSchedule.parse(p["guidance"])}
     for gen_name, run in runs.items():
         gen = load_generator(run)
-        decode = load_decoder(gen, **_decoders(ctx)[gen_name])
+        decode = load_decoder(gen, **_decoders(ctx)[gen_name])  # type: ignore[arg-type]  # fae= or pixel_decoder= only
         for g_name, schedule in guidance.items():
             sampler = SamplerConfig(method="euler", steps=p["sample_steps"], guidance=schedule)
             folder = ctx.out / "samples" / f"{gen_name}-{g_name.replace('_', '-')}"
@@ -323,7 +325,7 @@ def step_flow_samples(ctx: DemoContext) -> dict[str, Any]:
     guidance = {"no_guidance": GuidanceSchedule(), "guidance": GuidanceSchedule.parse(p["flow_guidance"])}
     for gen_name, run in {"fae": ctx.out / "flow", "raw": ctx.out / "flow-raw"}.items():
         gen = load_generator(run)
-        decode = load_decoder(gen, **_decoders(ctx)[gen_name])
+        decode = load_decoder(gen, **_decoders(ctx)[gen_name])  # type: ignore[arg-type]  # fae= or pixel_decoder= only
         for g_name, schedule in guidance.items():
             folder = ctx.out / "samples" / f"flow-{gen_name}-{g_name.replace('_', '-')}"
             info[f"{gen_name}/{g_name}"] = _score(ctx, scoring, gen, decode, SamplerConfig(guidance=schedule), folder,

@@ -86,7 +86,7 @@ def fashion_captions(images: np.ndarray, labels: np.ndarray, class_names: list[s
     """'a photo of a dark ankle boot': the class, and whether the item is darker or lighter than its class median."""
     brightness = images.reshape(len(images), -1).mean(1)
     captions = []
-    for b, y in zip(brightness, labels):
+    for b, y in zip(brightness, labels, strict=True):
         median = np.median(brightness[labels == y])
         name = class_names[int(y)].lower().replace("t-shirt/top", "t-shirt")
         captions.append(f"a photo of a {'dark' if b <= median else 'light'} {name}")
@@ -105,17 +105,17 @@ def step_text_data(ctx: DemoContext) -> dict[str, Any]:
     root = ctx.out / "text-data"
     emoji = render_emoji(data.image_size, p["emoji"])
     fashion = build_dataset(replace(data, hflip=False, limit=p["fashion"]), "train")
-    images = to_uint8_hwc(torch.stack([fashion[i]["image"] for i in range(len(fashion))]))
-    labels = np.array([int(fashion[i]["label"]) for i in range(len(fashion))])
+    images = to_uint8_hwc(torch.stack([fashion[i]["image"] for i in range(len(fashion))]))  # type: ignore[arg-type]  # map-style: has __len__
+    labels = np.array([int(fashion[i]["label"]) for i in range(len(fashion))])  # type: ignore[arg-type]  # map-style: has __len__
     pairs = [(f"emoji/{i:04d}", img, cap) for i, (img, cap) in enumerate(emoji)]
     pairs += [(f"fashion/{i:05d}", img, cap) for i, (img, cap) in
-              enumerate(zip(images, fashion_captions(images, labels, fashion.class_names)))]
+              enumerate(zip(images, fashion_captions(images, labels, fashion.class_names), strict=True))]  # type: ignore[attr-defined]  # a FashionMNIST
     for stem, img, caption in pairs:
         (root / stem).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(root / f"{stem}.png")
         (root / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
     captions = [c for _, _, c in pairs]
-    return {"root": str(root), "emoji": len(emoji), "fashion": len(fashion), "captions": len(set(captions)),
+    return {"root": str(root), "emoji": len(emoji), "fashion": len(fashion), "captions": len(set(captions)),  # type: ignore[arg-type]  # map-style: has __len__
             "examples": captions[:3] + captions[len(emoji):len(emoji) + 3]}
 
 
@@ -208,7 +208,7 @@ def step_text_samples(ctx: DemoContext) -> dict[str, Any]:
     p = text_profile(ctx)
     pairs = build_caption_dataset(CaptionDataConfig("folder", str(ctx.out / "text-data"),
                                                     image_size=ctx.data_config().image_size))
-    real = to_uint8_hwc(torch.stack([pairs[i]["image"] for i in range(len(pairs))]))
+    real = to_uint8_hwc(torch.stack([pairs[i]["image"] for i in range(len(pairs))]))  # type: ignore[index]  # the demo's own pairs all read
     encoder = FrozenEncoder.from_config(replace(ctx.encoder_config(), precision="fp32")).eval()  # a metric: fp32
     network = EncoderNetwork(encoder)
     reference = load_reference(TensorSource(real, name="training pairs"), network)
@@ -232,7 +232,7 @@ def step_text_samples(ctx: DemoContext) -> dict[str, Any]:
                            prompts=prompts)
         folder = ctx.out / "text-samples" / schedule.replace(":", "_").replace(",", "+")
         write_samples(folder, samples, prompts, pngs=False, per_row=p["per_prompt"])
-        said = [prompts[i] for i in samples.labels]
+        said = [prompts[i] for i in samples.labels]  # type: ignore[union-attr]  # prompted samples carry their prompt ids
         features = tokens(samples.images)
         agree = caption_agreement(features, said, real_tokens, pairs.captions)
         kinds = {"fashion": [i for i, c in enumerate(said) if is_fashion(c)],

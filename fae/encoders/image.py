@@ -19,9 +19,10 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +176,7 @@ def known_encoder_config(name: str, **overrides: Any) -> EncoderConfig:
     if name not in KNOWN_ENCODERS:
         raise KeyError(f"unknown encoder {name!r}; known: {', '.join(KNOWN_ENCODERS)}")
     known = KNOWN_ENCODERS[name]
-    cfg = EncoderConfig(kind=known.kind, name_or_path=known.hub_id,  # type: ignore[arg-type]
+    cfg = EncoderConfig(kind=known.kind, name_or_path=known.hub_id,  # type: ignore[arg-type]  # a known kind
                         input_size=known.input_size)
     cfg = dataclasses.replace(cfg, **overrides)
     cfg.validate()
@@ -259,9 +260,9 @@ def _native_size(pre: dict[str, Any] | None, hf_config: Any) -> int:
 
     if pre:
         if pre.get("do_center_crop", True) and side(pre.get("crop_size")):
-            return int(side(pre["crop_size"]))  # type: ignore[arg-type]
+            return int(side(pre["crop_size"]))  # type: ignore[arg-type]  # not None: checked above
         if side(pre.get("size")):
-            return int(side(pre["size"]))  # type: ignore[arg-type]
+            return int(side(pre["size"]))  # type: ignore[arg-type]  # not None: checked above
     if getattr(hf_config, "image_size", None):
         size = hf_config.image_size
         return int(size[0] if isinstance(size, (list, tuple)) else size)
@@ -313,12 +314,15 @@ class FrozenEncoder(nn.Module):
     known architecture with random weights, no download). `grid`, `dim`, `num_tokens` describe the output.
     """
 
+    mean: Tensor  # buffers (register_buffer), declared for the type checker
+    std: Tensor
+
     def __init__(self, config: EncoderConfig, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         config.validate()
         _architecture(getattr(model.config, "model_type", None), config)
         self.arch = type(model).__name__
-        hf = model.config
+        hf: Any = model.config  # a transformers config: its fields are read by name
         self.patch_size = int(hf.patch_size)
         input_size = config.input_size if config.input_size is not None else _native_size(None, hf)
         if input_size % self.patch_size:
@@ -356,7 +360,7 @@ class FrozenEncoder(nn.Module):
         source = str(Path(cfg.name_or_path).expanduser()) if Path(cfg.name_or_path).expanduser().is_dir() \
             else cfg.name_or_path
         with _quiet_transformers():
-            model, info = _model_class(class_name).from_pretrained(  # type: ignore[attr-defined]
+            model, info = _model_class(class_name).from_pretrained(  # type: ignore[attr-defined]  # a transformers class
                 source, revision=cfg.revision, output_loading_info=True, **extra)
         missing = [k for k in info.get("missing_keys", []) if not _unused_weight(k)]
         if missing:
@@ -454,7 +458,8 @@ class FrozenEncoder(nn.Module):
 
     @property
     def _config_size(self) -> int:
-        size = self.model.config.image_size
+        hf: Any = self.model.config  # a transformers config: its fields are read by name
+        size = hf.image_size
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
     @property
@@ -502,8 +507,10 @@ def save_tiny_encoder(kind: str, directory: str | Path, *, hidden_size: int = 32
     if kind not in KINDS:
         raise ValueError(f"encoder kind must be one of {list(KINDS)}, not {kind!r}")
     directory = Path(directory)
-    vit = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-               patch_size=patch_size)
+    vit: dict[str, Any] = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                               patch_size=patch_size)
+    config: Any  # one of five transformers config and model classes
+    model_cls: Any
     text = dict(vocab_size=64, hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=num_heads,
                 intermediate_size=2 * hidden_size, max_position_embeddings=16, pad_token_id=0, bos_token_id=1,
                 eos_token_id=2)

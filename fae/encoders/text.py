@@ -13,9 +13,10 @@ latent cache stores: "text_tokens", "text_mask", "text_pooled".
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -96,8 +97,8 @@ class TextEncoder(nn.Module):
             if found != cfg.kind:
                 raise ValueError(f"{source} holds a {hf_config.model_type!r} model, which is not a {cfg.kind} text "
                                  f"encoder; set kind: {found}" if found else "")
-            model_class = {"minilm": transformers.AutoModel, "t5": transformers.T5EncoderModel,
-                           "siglip2": transformers.SiglipTextModel}[cfg.kind]
+            model_class: Any = {"minilm": transformers.AutoModel, "t5": transformers.T5EncoderModel,
+                                "siglip2": transformers.SiglipTextModel}[cfg.kind]
             if cfg.kind == "siglip2" and hf_config.model_type.startswith("siglip2"):
                 model_class = transformers.Siglip2TextModel
             model = model_class.from_pretrained(source, revision=cfg.revision)
@@ -106,7 +107,7 @@ class TextEncoder(nn.Module):
 
     @property
     def dim(self) -> int:
-        hf = self.model.config
+        hf: Any = self.model.config  # a transformers config: its fields are read by name
         return int(getattr(hf, "d_model", None) or hf.hidden_size)
 
     def reference(self) -> dict[str, Any]:
@@ -153,11 +154,13 @@ def save_tiny_text_encoder(kind: str, directory: str | Path, hidden_size: int = 
     directory = Path(directory)
     tokenizer = transformers.AutoTokenizer.from_pretrained(shipped_minilm_path())
     vocab = len(tokenizer)
+    config: Any  # a T5 or SigLIP text config
+    model: transformers.PreTrainedModel
     if kind == "t5":
         config = transformers.T5Config(vocab_size=vocab, d_model=hidden_size, d_kv=hidden_size // num_heads,
                                        d_ff=2 * hidden_size, num_layers=num_layers, num_heads=num_heads,
-                                       pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0)
-        model: nn.Module = transformers.T5EncoderModel(config)
+                                       pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0)  # type: ignore[call-arg]  # a PretrainedConfig keyword
+        model = transformers.T5EncoderModel(config)
     elif kind == "siglip2":
         config = transformers.SiglipTextConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 *
                                                hidden_size, num_hidden_layers=num_layers,

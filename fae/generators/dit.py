@@ -1,7 +1,8 @@
 """The DiT family: LightningDiT / SiT velocity models, integrated with fae.transport, with classifier-free guidance."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

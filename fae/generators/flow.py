@@ -4,7 +4,8 @@ score-based denoising step (`SamplerConfig.flow_denoise`) with the noise level i
 budget and ODE/SDE method do not apply: a flow has one exact pass."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

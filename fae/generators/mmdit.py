@@ -2,7 +2,8 @@
 with (loaded on first use, or given), and guidance runs against the empty prompt, the model's null condition."""
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 

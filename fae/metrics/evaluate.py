@@ -4,8 +4,9 @@ metrics (and cached on disk when `cache_dir` is given).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,7 +93,7 @@ def evaluate_generation(samples: str | Path | ImageSource | np.ndarray | torch.T
 
 def fid(samples: Any, reference: Any, network: Any, **kwargs: Any) -> float:
     """FID (or FD in another network's space) of `samples` against `reference`; see `evaluate_generation`."""
-    return float(evaluate_generation(samples, reference, network, metrics=["fid"], **kwargs).metrics["fid"])
+    return float(evaluate_generation(samples, reference, network, metrics=["fid"], **kwargs).metrics["fid"])  # type: ignore[arg-type]  # asked for: never None
 
 
 def _check_pairing(a: ImageSource, b: ImageSource) -> None:
@@ -102,7 +103,7 @@ def _check_pairing(a: ImageSource, b: ImageSource) -> None:
     if isinstance(a, FolderSource) and isinstance(b, FolderSource):
         names_a = [p.relative_to(a.root).with_suffix("") for p in a.files]
         names_b = [p.relative_to(b.root).with_suffix("") for p in b.files]
-        for x, y in zip(names_a, names_b):
+        for x, y in zip(names_a, names_b, strict=True):
             if x != y:
                 raise ConfigError(f"image names do not pair up: {a.root / x} vs {b.root / y}; give the "
                                   "reconstruction of each original the original's file name")
@@ -116,7 +117,7 @@ def evaluate_reconstruction(originals: str | Path | ImageSource | np.ndarray | t
     src_a, src_b = open_images(originals, limit=num_samples), open_images(reconstructions, limit=num_samples)
     _check_pairing(src_a, src_b)
     acc = PairedAccumulator()
-    for x, y in zip(src_a.batches(batch_size), src_b.batches(batch_size)):
+    for x, y in zip(src_a.batches(batch_size), src_b.batches(batch_size), strict=True):
         if x.shape != y.shape:
             raise ConfigError(f"image sizes differ: {tuple(x.shape[1:])} in {src_a.name} vs {tuple(y.shape[1:])} "
                               f"in {src_b.name}")
@@ -135,5 +136,5 @@ def evaluate_reconstruction(originals: str | Path | ImageSource | np.ndarray | t
     protocol = {"psnr": "per image, data range 1.0, mean over images",
                 "ssim": "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, valid region, mean over channels/images",
                 "rfid": "Frechet distance of pool features: originals vs reconstructions" if network else None}
-    return EvalReport("reconstruction", values, info, summary["num_pairs"], protocol,
+    return EvalReport("reconstruction", values, info, int(summary["num_pairs"]), protocol,
                       {"originals": src_a.describe(), "reconstructions": src_b.describe()}, notes)

@@ -81,7 +81,7 @@ class StatsAccumulator:
         if self.rows is not None:
             self.rows = self.rows + [x.copy()] if n <= self.mean.shape[0] else None
 
-    def merge(self, other: "StatsAccumulator") -> None:
+    def merge(self, other: StatsAccumulator) -> None:
         """Fold in another accumulator's features (Chan et al.'s pairwise update; sharded evaluation)."""
         if other.n == 0:
             return
@@ -90,7 +90,7 @@ class StatsAccumulator:
         self.m2 += other.m2 + np.outer(delta, delta) * (self.n * other.n / n)
         self.mean += delta * (other.n / n)
         keep = self.rows is not None and other.rows is not None and n <= self.mean.shape[0]
-        self.rows = self.rows + other.rows if keep else None  # type: ignore[operator]
+        self.rows = self.rows + other.rows if keep else None  # type: ignore[operator]  # keep: both are lists
         self.n = n
 
     def stats(self) -> GaussianStats:
@@ -188,7 +188,7 @@ def frechet_distance(mu1: np.ndarray | GaussianStats, sigma1: np.ndarray | Gauss
     else:
         if mu2 is None or sigma2 is None:
             raise TypeError("frechet_distance takes (mu1, sigma1, mu2, sigma2) or (stats1, stats2)")
-        a, b = GaussianStats(mu1, sigma1), GaussianStats(mu2, sigma2)  # type: ignore[arg-type]
+        a, b = GaussianStats(mu1, sigma1), GaussianStats(mu2, sigma2)  # type: ignore[arg-type]  # mu1, sigma1: arrays here
     if a.dim != b.dim:
         raise FrechetError(f"feature sizes differ: {a.dim} vs {b.dim} (were both sets made by the same network?)")
     if not (np.isfinite(a.mu).all() and np.isfinite(b.mu).all()):

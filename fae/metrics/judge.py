@@ -160,7 +160,7 @@ def caption_agreement(features: torch.Tensor, prompts: list[str], reference: tor
     a = F.normalize(features.flatten(1).float(), dim=1)
     b = F.normalize(reference.flatten(1).float(), dim=1)
     nearest = (a @ b.T).topk(min(k, b.shape[0]), dim=1).indices.tolist()
-    hits = np.array([[captions[j] == p for j in row] for row, p in zip(nearest, prompts)])
+    hits = np.array([[captions[j] == p for j in row] for row, p in zip(nearest, prompts, strict=True)])
     share = {p: sum(c == p for c in captions) / len(captions) for p in set(prompts)}
     per_prompt = {p: float(hits[[q == p for q in prompts], 0].mean()) for p in dict.fromkeys(prompts)}
     return {"top1": float(hits[:, 0].mean()), f"top{k}": float(hits.any(1).mean()),

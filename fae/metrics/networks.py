@@ -66,7 +66,7 @@ def state_dict_sha256(module: torch.nn.Module) -> str:
 class InceptionNetwork:
     """FID Inception-v3 from the standard weights file (see `fae.metrics.inception`)."""
 
-    outputs = ("pool", "logits", "spatial")
+    outputs: tuple[str, ...] = ("pool", "logits", "spatial")
 
     def __init__(self, weights: str | Path | None = None, resize: ResizeMode = "tf1",
                  device: str | torch.device = "cpu") -> None:
@@ -93,12 +93,12 @@ class InceptionNetwork:
 class EncoderNetwork:
     """A fae FrozenEncoder as a feature network: pool = mean over its patch tokens."""
 
-    outputs = ("pool",)
+    outputs: tuple[str, ...] = ("pool",)
 
     def __init__(self, encoder: torch.nn.Module, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.encoder = encoder.to(self.device).eval()
-        ref = encoder.reference() if hasattr(encoder, "reference") else {}
+        ref = encoder.reference() if hasattr(encoder, "reference") else {}  # type: ignore[operator]  # checked by hasattr
         self.reference = ref
         self.name = f"encoder:{ref.get('kind', type(encoder).__name__)}:{ref.get('name_or_path', '?')}"
         self.weights_hash = state_dict_sha256(encoder)

@@ -16,8 +16,9 @@ all three inputs instead of reusing DINOv2's head, which keeps the comparison li
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ import torch.nn.functional as F
 from fae.config import ConfigError
 from fae.data.readable import readable_batches
 from fae.precision import strict_fp32
+
+if TYPE_CHECKING:
+    from fae.models.autoencoder import FeatureAutoEncoder
 
 POOLINGS = ("mean", "mean_max", "flatten")
 
@@ -150,10 +154,10 @@ def linear_probe(train_inputs: torch.Tensor | dict[str, torch.Tensor], train_lab
     cfg = ProbeConfig(**{**(asdict(config) if config else {}), **overrides})
     cfg.validate()
     shape = tuple(train_inputs.shape[1:]) if isinstance(train_inputs, torch.Tensor) else ()
-    if isinstance(train_inputs, torch.Tensor) and isinstance(test_inputs, torch.Tensor):
-        if as_tokens(train_inputs).shape[1:] != as_tokens(test_inputs).shape[1:]:
-            raise ValueError(f"train and test inputs differ in shape: {tuple(train_inputs.shape[1:])} vs "
-                             f"{tuple(test_inputs.shape[1:])}")
+    if isinstance(train_inputs, torch.Tensor) and isinstance(test_inputs, torch.Tensor) \
+            and as_tokens(train_inputs).shape[1:] != as_tokens(test_inputs).shape[1:]:
+        raise ValueError(f"train and test inputs differ in shape: {tuple(train_inputs.shape[1:])} vs "
+                         f"{tuple(test_inputs.shape[1:])}")
     tr = train_inputs if isinstance(train_inputs, dict) else \
         pooled_inputs(train_inputs, cfg.poolings, cfg.max_flatten_dim)
     te = test_inputs if isinstance(test_inputs, dict) else pooled_inputs(test_inputs, cfg.poolings, cfg.max_flatten_dim)
@@ -198,7 +202,7 @@ def linear_probe(train_inputs: torch.Tensor | dict[str, torch.Tensor], train_lab
 
 @torch.no_grad()
 def fae_probe_inputs(images: Iterable[tuple[torch.Tensor, torch.Tensor]], encoder: torch.nn.Module,
-                     autoencoder: torch.nn.Module | None = None, poolings: tuple[str, ...] = POOLINGS,
+                     autoencoder: FeatureAutoEncoder | None = None, poolings: tuple[str, ...] = POOLINGS,
                      max_flatten_dim: int = 16384, device: str | torch.device = "cpu",
                      progress: bool = False) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
     """Pooled probe inputs for the three sides of Table 1, from (images, labels) batches.
@@ -296,7 +300,7 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
               "fae_bundle": fae, "num_train": int(ytr.numel()), "num_test": int(yte.numel())}
     network = {"name": f"encoder:{enc.config.kind}:{enc.config.name_or_path}", "weights_hash": state_dict_sha256(enc),
                "encoder": enc.reference()}
-    metrics = {f"top1_{side}": r.top1 for side, r in results.items()}
+    metrics: dict[str, float | int | None] = {f"top1_{side}": r.top1 for side, r in results.items()}
     report = EvalReport("probe", metrics, network, int(yte.numel()), protocol, inputs, table=rows)
     report.inputs["grids"] = {side: r.grid for side, r in results.items()}
     return report

@@ -78,7 +78,7 @@ class PairedAccumulator:
         self.ssim_sum += float(ssim(originals, reconstructions).sum())
         self.n += int(p.shape[0])
 
-    def merge(self, other: "PairedAccumulator") -> None:
+    def merge(self, other: PairedAccumulator) -> None:
         """Add another process's sums (sharded evaluation)."""
         self.n, self.identical = self.n + other.n, self.identical + other.identical
         self.psnr_sum, self.ssim_sum = self.psnr_sum + other.psnr_sum, self.ssim_sum + other.ssim_sum

@@ -40,19 +40,12 @@ def evaluate_decoders(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[
     `network` is a `fae.metrics.networks.FeatureNetwork` for rFID (None = no rFID). With `out_dir`, writes
     recon.json and recon_grid.png there. Returns the scores.
     """
-    from fae.metrics.frechet import StatsAccumulator, frechet_distance
+    from fae.metrics.frechet import frechet_distance
     from fae.metrics.recon import PairedAccumulator
 
-    if not decoders:
-        raise ValueError("nothing to evaluate: give at least one decoder")
-    if fae is None and any(src == "x_hat" for _, src in decoders.values()):
-        raise ValueError("decoding x_hat needs the FAE bundle (--fae)")
-    device = encoder.mean.device if hasattr(encoder, "mean") else torch.device("cpu")
-    for dec, _ in decoders.values():
-        dec.eval().to(device)
-    if fae is not None:
-        fae.eval().to(device)
-    dataset = Subset(dataset, D.shard_of(len(dataset)))  # under torchrun each process scores its share
+    device = _prepare_models(encoder, decoders, fae)
+    # under torchrun each process scores its share
+    dataset = Subset(dataset, D.shard_of(len(dataset)))  # type: ignore[arg-type]  # map-style: has __len__
     paired = {name: PairedAccumulator() for name in decoders}
     seams = {name: SeamAccumulator(dec.config.patch_size) for name, (dec, _) in decoders.items()}
     stats: dict[str, Any] = {}
@@ -60,11 +53,7 @@ def evaluate_decoders(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[
     t0 = time.time()
     for batch in readable_batches(dataset, batch_size):
         images = batch["image"].to(device).float()
-        x = encoder(images).float()
-        inputs = {"x": x}
-        if fae is not None:
-            inputs["x_hat"] = fae.decode(fae.encode(x).mode()).float()
-        outputs = {name: dec.decode(inputs[src]).float() for name, (dec, src) in decoders.items()}
+        outputs = _reconstruct(encoder, fae, decoders, images)
         for name, rec in outputs.items():
             if rec.shape != images.shape:
                 raise ValueError(f"{name} makes {tuple(rec.shape[1:])} images, the data set has "
@@ -72,15 +61,8 @@ def evaluate_decoders(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[
             paired[name].update(images.cpu(), rec.cpu())
             seams[name].update(images, rec)
         if network is not None:
-            for name, imgs in {"original": images, **outputs}.items():
-                feats = network.features(imgs)["pool"].double().cpu()
-                stats.setdefault(name, StatsAccumulator(feats.shape[1])).update(feats)
-        have = len(grid["original"])
-        if have < grid_rows:
-            take = min(grid_rows - have, images.shape[0])
-            grid["original"] += list(images[:take].cpu())
-            for name, rec in outputs.items():
-                grid[name] += list(rec[:take].cpu())
+            _accumulate_features(network, {"original": images, **outputs}, stats)
+        _extend_grid(grid, images, outputs, grid_rows)
     paired, seams, stats = D.merged(paired), D.merged(seams), D.merged(stats)
     count = next(iter(paired.values())).n
     scores: dict[str, Any] = {"images": count, "decoders": {}, "seconds": round(time.time() - t0, 2)}
@@ -92,12 +74,62 @@ def evaluate_decoders(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[
     if network is not None:
         scores["rfid_network"] = network.info() if hasattr(network, "info") else str(network)
     if out_dir is not None and D.is_main():   # the grid shows rank 0's share: the first images
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_grid(grid, out_dir / "recon_grid.png")
-        scores["grid"] = str(out_dir / "recon_grid.png")
-        atomic_write_text(out_dir / "recon.json", json.dumps(scores, indent=2, default=float))
+        _write_recon(Path(out_dir), grid, scores)
     return scores
+
+
+def _prepare_models(encoder: Any, decoders: dict[str, tuple[PixelDecoder, FeatureInput]],
+                    fae: FeatureAutoEncoder | None) -> torch.device:
+    """Check that every decoder's input can be made, and put the decoders and the FAE in eval mode on the
+    encoder's device (returned)."""
+    if not decoders:
+        raise ValueError("nothing to evaluate: give at least one decoder")
+    if fae is None and any(src == "x_hat" for _, src in decoders.values()):
+        raise ValueError("decoding x_hat needs the FAE bundle (--fae)")
+    device = encoder.mean.device if hasattr(encoder, "mean") else torch.device("cpu")
+    for dec, _ in decoders.values():
+        dec.eval().to(device)
+    if fae is not None:
+        fae.eval().to(device)
+    return device
+
+
+def _reconstruct(encoder: Any, fae: FeatureAutoEncoder | None, decoders: dict[str, tuple[PixelDecoder, FeatureInput]],
+                 images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each decoder's images from its input: the encoder's features x, or the FAE's reconstruction x_hat of them."""
+    x = encoder(images).float()
+    inputs = {"x": x}
+    if fae is not None:
+        inputs["x_hat"] = fae.decode(fae.encode(x).mode()).float()
+    return {name: dec.decode(inputs[src]).float() for name, (dec, src) in decoders.items()}
+
+
+def _accumulate_features(network: Any, images: dict[str, torch.Tensor], stats: dict[str, Any]) -> None:
+    """Fold `network`'s pooled features of each named set of images into its Frechet statistics in `stats`."""
+    from fae.metrics.frechet import StatsAccumulator
+
+    for name, imgs in images.items():
+        feats = network.features(imgs)["pool"].double().cpu()
+        stats.setdefault(name, StatsAccumulator(feats.shape[1])).update(feats)
+
+
+def _extend_grid(grid: dict[str, list[torch.Tensor]], images: torch.Tensor, outputs: dict[str, torch.Tensor],
+                 grid_rows: int) -> None:
+    """Add this batch's first originals and reconstructions to `grid` until it holds `grid_rows` of each."""
+    have = len(grid["original"])
+    if have < grid_rows:
+        take = min(grid_rows - have, images.shape[0])
+        grid["original"] += list(images[:take].cpu())
+        for name, rec in outputs.items():
+            grid[name] += list(rec[:take].cpu())
+
+
+def _write_recon(out_dir: Path, grid: dict[str, list[torch.Tensor]], scores: dict[str, Any]) -> None:
+    """recon_grid.png and recon.json (which names the grid) in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_grid(grid, out_dir / "recon_grid.png")
+    scores["grid"] = str(out_dir / "recon_grid.png")
+    atomic_write_text(out_dir / "recon.json", json.dumps(scores, indent=2, default=float))
 
 
 class SeamAccumulator:
@@ -119,7 +151,7 @@ class SeamAccumulator:
             self.border += err[border].mean().item() if border.any() else 0.0
             self.inside += err[~border].mean().item()
 
-    def merge(self, other: "SeamAccumulator") -> None:
+    def merge(self, other: SeamAccumulator) -> None:
         self.border, self.inside = self.border + other.border, self.inside + other.inside
 
     def ratio(self) -> float:
@@ -197,7 +229,7 @@ def evaluate_bundles(gaussian: str | Path | None = None, finetuned: str | Path |
             raise ConfigError("the fine-tuned decoder reads x_hat: give the FAE bundle (--fae); its record names none")
         decoders["finetuned(x_hat)"] = (PixelDecoder.from_pretrained(bundles["finetuned"]), "x_hat")
     if data is None:
-        run_config = bundles.get("finetuned", bundles.get("gaussian")).parent / "config.yaml"  # type: ignore[union-attr]
+        run_config = bundles.get("finetuned", bundles.get("gaussian")).parent / "config.yaml"  # type: ignore[union-attr]  # one is given
         if not run_config.is_file():
             raise ConfigError(f"no data given, and the decoder's run config {run_config} is missing")
         data = from_dict(DataConfig, yaml_section(run_config, "data"), "data")

@@ -12,9 +12,10 @@ weights hash; otherwise they are recomputed from the stored images (and the repo
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -14,6 +14,7 @@ float32 (or float64), so a handful of borderline points can flip relative to ADM
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -33,7 +34,7 @@ def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10,
         if not 1 <= splits <= n:
             raise ValueError(f"cannot split {n} samples into {splits} parts")
         edges = [round(i * n / splits) for i in range(splits + 1)]
-        bounds = list(zip(edges[:-1], edges[1:]))
+        bounds = list(itertools.pairwise(edges))
     log_p = torch.log_softmax(x, dim=1)
     scores = []
     for lo, hi in bounds:
@@ -72,7 +73,7 @@ def manifold_radii(features: np.ndarray | torch.Tensor, k: int = 3, chunk: int =
             d = _sq_dists(rows, x[j:j + chunk])
             cand = d if best is None else torch.cat([best, d], dim=1)
             best = torch.topk(cand, min(k + 1, cand.shape[1]), dim=1, largest=False).values
-        radii[i:i + chunk] = best[:, k]
+        radii[i:i + chunk] = best[:, k]  # type: ignore[index]  # set: the inner loop runs at least once
     return radii
 
 

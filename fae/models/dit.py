@@ -132,7 +132,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         emb = timestep_embedding(t, self.freq_dim)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # type: ignore[arg-type]  # mlp[0] is a Linear
 
 
 class DiTBlock(nn.Module):
@@ -173,6 +173,8 @@ class DiT(nn.Module, PretrainedMixin):
     config_class = DiTConfig
     activation_checkpointing = False  # recompute each block in backward (fae.nn.run_block); not in state_dict
 
+    pos_embed: nn.Parameter | None  # declared for the type checker: None without the sincos table
+
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         config.validate()
@@ -197,14 +199,14 @@ class DiT(nn.Module, PretrainedMixin):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.y_embedder.table.weight, std=0.02)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.normal_(layer.weight, std=0.02)  # type: ignore[arg-type]  # Linears (Module attributes type loosely)
         # adaLN-Zero: every block starts as the identity and the output as zero
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)  # type: ignore[index, union-attr]  # blocks hold adaLN Linears
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)  # type: ignore[index, union-attr]  # (as above)
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            nn.init.zeros_(layer.weight)  # type: ignore[arg-type]  # Linears (Module attributes type loosely)
+            nn.init.zeros_(layer.bias)  # type: ignore[arg-type]  # (as above)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         return patchify(x, self.config.patch_size)

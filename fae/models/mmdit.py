@@ -185,6 +185,11 @@ class MMDiT(nn.Module, PretrainedMixin):
     config_class = MMDiTConfig
     activation_checkpointing = False  # recompute each joint block in backward (fae.nn.run_block); not in state_dict
 
+    null_tokens: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    null_mask: torch.Tensor
+    null_pooled: torch.Tensor
+    pos_embed: nn.Parameter | None
+
     def __init__(self, config: MMDiTConfig) -> None:
         super().__init__()
         config.validate()
@@ -202,7 +207,7 @@ class MMDiT(nn.Module, PretrainedMixin):
             self.pos_embed = None
             self.rope = RoPE2D(d // cfg.num_heads, cfg.grid)
         self.blocks = nn.ModuleList(JointBlock(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth))
-        self.final_layer = FinalLayer(cfg)  # type: ignore[arg-type]  (it reads hidden_size, patch, channels, norm)
+        self.final_layer = FinalLayer(cfg)  # type: ignore[arg-type]  # it reads hidden_size, patch, channels, norm only
         self.register_buffer("null_tokens", torch.zeros(cfg.text_tokens, cfg.text_dim))
         self.register_buffer("null_mask", torch.zeros(cfg.text_tokens, dtype=torch.bool))
         self.register_buffer("null_pooled", torch.zeros(cfg.text_dim))
@@ -214,15 +219,15 @@ class MMDiT(nn.Module, PretrainedMixin):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.normal_(layer.weight, std=0.02)  # type: ignore[arg-type]  # Linears (Module attributes type loosely)
         # adaLN-Zero: every block starts as the identity and the output as zero
         for block in self.blocks:
             for stream in (block.text, block.image):
-                nn.init.zeros_(stream.adaLN_modulation[-1].weight)
-                nn.init.zeros_(stream.adaLN_modulation[-1].bias)
+                nn.init.zeros_(stream.adaLN_modulation[-1].weight)  # type: ignore[index, union-attr]  # blocks hold adaLN Linears
+                nn.init.zeros_(stream.adaLN_modulation[-1].bias)  # type: ignore[index, union-attr]  # (as above)
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            nn.init.zeros_(layer.weight)  # type: ignore[arg-type]  # Linears (Module attributes type loosely)
+            nn.init.zeros_(layer.bias)  # type: ignore[arg-type]  # (as above)
 
     @torch.no_grad()
     def set_null(self, null: TextCondition) -> None:

@@ -91,7 +91,7 @@ class ConvRefine(nn.Module):
         self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
         self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        nn.init.zeros_(self.conv2.bias)  # type: ignore[arg-type]  # Conv2d has a bias unless bias=False
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return y + self.conv2(F.gelu(self.conv1(y)))

@@ -29,8 +29,9 @@ Parameter count: the paper's default STARFlow (ml-starflow's 1.4B layout: 6 bloc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +170,8 @@ class FlowBlock(nn.Module):
 
     activation_checkpointing = False  # recompute each layer in backward (fae.nn.run_block); not in state_dict
 
+    order: torch.Tensor  # a buffer (register_buffer), declared for the type checker
+
     def __init__(self, cfg: StarFlowConfig, num_layers: int, reverse: bool, conditioned: bool) -> None:
         super().__init__()
         d, c, n = cfg.hidden_size, cfg.token_dim, cfg.num_tokens
@@ -233,7 +236,7 @@ class FlowBlock(nn.Module):
         times = [1.0 - (i + 1) / n for i in range(n)]
         guided = (self.conditioned and null is not None and scale_at is not None
                   and any(scale_at(t) != 1.0 for t in times))
-        cond = torch.cat([cond, null]) if guided else cond
+        cond = torch.cat([cond, null]) if guided else cond  # type: ignore[list-item]  # guided: both are set
         u = torch.zeros_like(zu)
         caches: list[dict[str, torch.Tensor]] | None = [{} for _ in self.layers] if kv_cache else None
         start = self.start.expand(b, -1, -1).to(zu.dtype)
@@ -249,7 +252,7 @@ class FlowBlock(nn.Module):
             shift = shift[:, -1]
             if guided:
                 (a_c, a_u), (b_c, b_u) = a.chunk(2), shift.chunk(2)
-                a, shift = guided_affine(a_c, b_c, a_u, b_u, scale_at(times[i]))  # type: ignore[misc]
+                a, shift = guided_affine(a_c, b_c, a_u, b_u, scale_at(times[i]))  # type: ignore[misc]  # guided: scale_at set
             u[:, i] = zu[:, i] * a + shift
         return self._permute(u)
 
@@ -314,7 +317,7 @@ class StarFlow(nn.Module, PretrainedMixin):
         null = self._condition(None, z.shape[0], z.device) if y is not None and scale_at is not None else None
         h = self.patchify(z)
         for block in reversed(self.blocks):
-            h = block.inverse(h, cond, null, scale_at, kv_cache)
+            h = block.inverse(h, cond, null, scale_at, kv_cache)  # type: ignore[operator]  # blocks holds FlowBlocks
         return self.unpatchify(h)
 
     def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

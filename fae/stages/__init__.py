@@ -7,9 +7,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import yaml
 

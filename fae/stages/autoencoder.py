@@ -90,7 +90,7 @@ class FAEStage(TrainStage):
     def evaluate(self, out_dir: Path, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
         if self.cfg.eval.limit == 0:
             return None
-        scores = evaluate_features(modules["model"], self.encoder, self.cfg)  # type: ignore[arg-type]
+        scores = evaluate_features(modules["model"], self.encoder, self.cfg)  # type: ignore[arg-type]  # a FeatureAutoEncoder
         if D.is_main():
             atomic_write_text(out_dir / "eval.json", json.dumps(scores, indent=2))
         return scores
@@ -139,7 +139,8 @@ def evaluate_features(model: FeatureAutoEncoder, encoder: FrozenEncoder, cfg: Co
     from fae.data.readable import readable_batches
 
     dataset = build_dataset(type(cfg.data)(**{**cfg.data.__dict__, "hflip": False, "limit": cfg.eval.limit}), cfg.eval.split)
-    share = Subset(dataset, D.shard_of(len(dataset)))   # under torchrun each process scores its share
+    # under torchrun each process scores its share
+    share = Subset(dataset, D.shard_of(len(dataset)))  # type: ignore[arg-type]  # map-style: has __len__
     device = next(model.parameters()).device
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)   # cos, mse, count

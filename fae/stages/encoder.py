@@ -148,7 +148,7 @@ def load_images(data: DataConfig) -> tuple[Tensor, dict[str, Any]]:
     signature = dataset_signature(dataset)
     images = _batched_fashion_mnist(dataset)
     if images is None:
-        images = torch.stack([_to_uint8(dataset[i]["image"]) for i in range(len(dataset))])
+        images = torch.stack([_to_uint8(dataset[i]["image"]) for i in range(len(dataset))])  # type: ignore[arg-type]  # map-style: has __len__
     if len(images) == 0:
         raise ValueError(f"the pretraining data set ({data.kind}, split {data.split!r}) is empty")
     return images, signature
@@ -234,7 +234,7 @@ def _factor(target: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def mimetic_init_(model: nn.Module, qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4)) -> None:
+def mimetic_init_(model: Any, qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4)) -> None:
     """Mimetic initialisation (Trockman & Kolter, "Mimetic Initialization of Self-Attention Layers", 2023).
 
     Per head W_q^T W_k ~ a*Z + b*I (each token attends to tokens like itself: with the 2-D sine-cosine position
@@ -242,7 +242,7 @@ def mimetic_init_(model: nn.Module, qk: tuple[float, float] = (0.7, 0.7), vo: tu
     Uses the global RNG (seed it first)."""
     from fae.nn import sincos_pos_embed_2d
 
-    config = model.config
+    config: Any = model.config  # a transformers config: its fields are read by name
     d, heads = config.hidden_size, config.num_attention_heads
     head_dim = d // heads
     side = config.image_size // config.patch_size
@@ -405,7 +405,7 @@ class EncoderPretraining(TrainStage):
             "config": to_dict(self.cfg), "data": self.data_signature, "version": PRETRAIN_VERSION})
 
 
-def save_encoder(model: nn.Module, folder: Path, record: dict[str, Any]) -> Path:
+def save_encoder(model: Any, folder: Path, record: dict[str, Any]) -> Path:
     """A Dinov2Model as a hub-style folder that FrozenEncoder loads, written atomically."""
     from fae.io import replace_dir
 

@@ -13,8 +13,9 @@ text encoder's reference, so `fae sample --prompt` needs nothing else.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn

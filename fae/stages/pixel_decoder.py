@@ -119,7 +119,7 @@ class PixelDecoderStage(TrainStage):
         self.init_from: Path | None = None
         decoder_cfg = cfg.decoder
         if cfg.finetuning:
-            fae_dir = require_bundle(cfg.fae, "fae", classes=["FeatureAutoEncoder"])  # type: ignore[arg-type]
+            fae_dir = require_bundle(cfg.fae, "fae", classes=["FeatureAutoEncoder"])  # type: ignore[arg-type]  # validate() requires fae
             self._check_reference(fae_dir)
             self.fae = FeatureAutoEncoder.from_pretrained(fae_dir).eval().requires_grad_(False)
         if cfg.finetune_from is not None:
@@ -283,11 +283,11 @@ class PixelDecoderStage(TrainStage):
         """The first training images (never flipped) and their decoding from clean features x (Gaussian stage; the
         noise is a training device only) or from the FAE's x_hat (fine-tuning)."""
         dataset = self.train_dataset()
-        items = [item for item in (dataset[i] for i in range(min(PREVIEW_SAMPLES, len(dataset)))) if item is not None]
+        items = [item for item in (dataset[i] for i in range(min(PREVIEW_SAMPLES, len(dataset)))) if item is not None]  # type: ignore[arg-type]  # map-style: has __len__
         if not items:
             return None
         device = self.encoder.mean.device
-        batch = {k: v.to(device) for k, v in collate_present(items).items() if isinstance(v, torch.Tensor)}
+        batch = {k: v.to(device) for k, v in collate_present(items).items() if isinstance(v, torch.Tensor)}  # type: ignore[union-attr]  # items is not empty
         x = self.clean_features(batch)
         if self.fae is not None:
             x = self.fae.decode(self.fae.encode(x).mode()).float()
@@ -310,7 +310,7 @@ class PixelDecoderStage(TrainStage):
     def evaluate(self, out_dir: Path, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
         if self.cfg.eval.limit == 0:
             return None
-        return evaluate_stage(self, modules["decoder"], out_dir)  # type: ignore[arg-type]
+        return evaluate_stage(self, modules["decoder"], out_dir)  # type: ignore[arg-type]  # a PixelDecoder
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ with `fae sample` once a pixel decoder exists.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -53,7 +53,7 @@ class FAE(nn.Module):
         self.eval()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "FAE":
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> FAE:
         path = resolve_pretrained(path)
         record = read_bundle_config(path)
         if record.get("class") != cls.__name__:
@@ -64,7 +64,7 @@ class FAE(nn.Module):
 
     @classmethod
     def from_parts(cls, fae_bundle: str | Path, pixel_decoder_bundle: str | Path | None = None,
-                   map_location: str | torch.device = "cpu") -> "FAE":
+                   map_location: str | torch.device = "cpu") -> FAE:
         """Assemble from a stage-1 FAE bundle and a pixel-decoder bundle; both must name the same encoder."""
         record = read_bundle_config(fae_bundle)
         if "encoder" not in record:
@@ -76,7 +76,7 @@ class FAE(nn.Module):
 
     @classmethod
     def load(cls, fae: str | Path, pixel_decoder: str | Path | None = None, map_location: str | torch.device = "cpu"
-             ) -> "FAE":
+             ) -> FAE:
         """What a user names on the command line: an FAE bundle with its pixel decoder (or a run folder holding
         tokenizer/), or a stage-1 FAE bundle (or its run folder) plus a pixel-decoder bundle (or its run folder)."""
         pipeline = find_bundle(Path(fae), TOKENIZER_FOLDERS, classes=[cls.__name__])
@@ -92,7 +92,7 @@ class FAE(nn.Module):
 
     @classmethod
     def _assemble(cls, encoder_reference: dict, fae_dir: Path, pixel_decoder: str | Path | None,
-                  map_location: str | torch.device) -> "FAE":
+                  map_location: str | torch.device) -> FAE:
         decoder = PixelDecoder.from_pretrained(pixel_decoder, map_location) if pixel_decoder is not None else None
         model = cls(FrozenEncoder.from_reference(encoder_reference),
                     FeatureAutoEncoder.from_pretrained(fae_dir, map_location), decoder).to(map_location)
@@ -123,7 +123,7 @@ class FAE(nn.Module):
                 compile_in_place(module)
         return True
 
-    def train(self, mode: bool = True) -> "FAE":
+    def train(self, mode: bool = True) -> FAE:
         return super().train(False)  # inference object: never training mode
 
     @torch.no_grad()
