@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fae.config import ConfigError
+
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """Start the process group if launched by torchrun; return (rank, world_size, device)."""
@@ -29,7 +31,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
             torch.device("cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r}: not a device name (cpu, cuda, cuda:1, auto, ...): {exc}") from None
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices; use "
+                          "--device cpu or auto")
+    return chosen
 
 
 def _destroy() -> None:

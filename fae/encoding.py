@@ -39,12 +39,12 @@ from fae.io import (
     atomic_save_safetensors,
     check_same_encoder,
     file_sha256,
+    find_autoencoder_bundle,
     read_bundle_config,
     remove_stale_temporaries,
 )
 from fae.models.autoencoder import FeatureAutoEncoder, check_encoder_shape
 from fae.precision import DTYPES, PRECISIONS, Precision, resolve_precision
-from fae.tokenizers import find_autoencoder_bundle
 
 
 @dataclass

@@ -201,6 +201,24 @@ def find_bundle(path: Path, names: Sequence[str], classes: Sequence[str] | None 
     return None
 
 
+TOKENIZER_FOLDERS = ("tokenizer", "fae_pipeline")  # where a run keeps its FAE bundle; the second: written before 0.2
+
+
+def find_autoencoder_bundle(path: str | Path) -> Path:
+    """The stage-1 FeatureAutoEncoder bundle of whatever a user names: that bundle, the stage-1 run folder holding
+    `fae/`, an FAE bundle with a pixel decoder (its `fae/`), or the pixel-decoder fine-tune run holding one."""
+    path = Path(path)
+    found = find_bundle(path, ["fae"], classes=["FeatureAutoEncoder"])
+    if found is None:
+        tokenizer = find_bundle(path, TOKENIZER_FOLDERS, classes=["FAE"])
+        if tokenizer is not None:
+            found = find_bundle(tokenizer, ["fae"], classes=["FeatureAutoEncoder"])
+    if found is None:
+        raise FileNotFoundError(f"{path}: no FAE here (a stage-1 bundle, a `fae train fae` run folder, or a "
+                                "pixel-decoder fine-tune run); did that run finish?")
+    return found
+
+
 def require_bundle(path: str | Path, name: str, classes: Sequence[str] | None = None) -> Path:
     """`find_bundle` for an input the user named: a run folder's `<name>/` bundle, or `path` itself when it is a
     bundle; an error that says what was expected otherwise."""

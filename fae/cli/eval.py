@@ -120,7 +120,7 @@ def register(subparsers: Any) -> None:
                        "inputs, best picked on a held-out split of the training set, test top-1 reported) of the "
                        "frozen encoder's features x, the FAE reconstructions x̂ = decode(z) and the latents z = "
                        "posterior mean, side by side. Without --fae only x is probed.")
-    p.add_argument("--fae", help="FAE bundle folder (as exported by `fae train fae`: <run>/export/fae or similar)")
+    p.add_argument("--fae", help="the stage-1 FAE run folder (`fae train fae --out RUN`) or its fae/ bundle")
     p.add_argument("--encoder", help="frozen encoder (model folder or hub id); default: the one the bundle records")
     p.add_argument("--config", help="a stage YAML whose `data:` section describes the data set (e.g. configs/demo/...)")
     p.add_argument("--data", choices=["fashion_mnist", "image_folder"], help="data set kind (overrides --config)")

@@ -249,7 +249,7 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
     from fae.data import DataConfig, build_dataset
     from fae.distributed import resolve_device
     from fae.encoders import FrozenEncoder, encoder_config_from_spec
-    from fae.io import read_bundle_config
+    from fae.io import find_autoencoder_bundle, read_bundle_config
     from fae.metrics.networks import state_dict_sha256
     from fae.metrics.report import EvalReport
 
@@ -259,8 +259,9 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
     if fae is not None:
         from fae.models.autoencoder import FeatureAutoEncoder
 
-        enc_ref = read_bundle_config(fae).get("encoder")
-        autoencoder = FeatureAutoEncoder.from_pretrained(fae).to(dev).eval()
+        bundle = find_autoencoder_bundle(fae)   # a stage-1 bundle or the run holding it
+        enc_ref = read_bundle_config(bundle).get("encoder")
+        autoencoder = FeatureAutoEncoder.from_pretrained(bundle).to(dev).eval()
     if encoder is not None:
         enc = FrozenEncoder.from_config(encoder_config_from_spec(encoder))
     elif enc_ref is not None:

@@ -201,7 +201,7 @@ def evaluate_bundles(gaussian: str | Path | None = None, finetuned: str | Path |
     from fae.config import ConfigError, from_dict, yaml_section
     from fae.data import DataConfig, build_dataset
     from fae.encoders import FrozenEncoder
-    from fae.io import check_same_encoder, read_bundle_config, require_bundle
+    from fae.io import check_same_encoder, find_autoencoder_bundle, read_bundle_config, require_bundle
 
     if gaussian is None and finetuned is None:
         raise ConfigError("reconstruction evaluation: give a Gaussian and/or a fine-tuned decoder")
@@ -209,7 +209,7 @@ def evaluate_bundles(gaussian: str | Path | None = None, finetuned: str | Path |
                for k, v in (("gaussian", gaussian), ("finetuned", finetuned)) if v is not None}
     records = {k: read_bundle_config(b) for k, b in bundles.items()}
     fae_path = fae or records.get("finetuned", {}).get("fae")
-    fae_dir = require_bundle(fae_path, "fae", classes=["FeatureAutoEncoder"]) if fae_path else None
+    fae_dir = find_autoencoder_bundle(fae_path) if fae_path else None
     if fae_dir is not None:
         bundles["fae"], records["fae"] = fae_dir, read_bundle_config(fae_dir)
     first = next(iter(records))

@@ -21,6 +21,7 @@ from fae.config import ConfigError
 from fae.encoders import FrozenEncoder
 from fae.io import (
     CONFIG_NAME,
+    TOKENIZER_FOLDERS,
     WEIGHTS_NAME,
     atomic_write_text,
     check_same_encoder,
@@ -33,8 +34,6 @@ from fae.io import (
 from fae.models.autoencoder import FeatureAutoEncoder, check_encoder_shape
 from fae.models.pixel_decoder import PixelDecoder
 from fae.speed import compile_in_place, compile_wanted
-
-TOKENIZER_FOLDERS = ("tokenizer", "fae_pipeline")  # where a run keeps its FAE bundle; the second: written before 0.2
 
 
 class FAE(nn.Module):
@@ -149,18 +148,3 @@ class FAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         return self.decode_to_pixels(self.encode(images))
-
-
-def find_autoencoder_bundle(path: str | Path) -> Path:
-    """The stage-1 FeatureAutoEncoder bundle of whatever a user names: that bundle, the stage-1 run folder holding
-    `fae/`, an FAE bundle with a pixel decoder (its `fae/`), or the fine-tune run holding one."""
-    path = Path(path)
-    found = find_bundle(path, ["fae"], classes=[FeatureAutoEncoder.__name__])
-    if found is None:
-        tokenizer = find_bundle(path, TOKENIZER_FOLDERS, classes=[FAE.__name__])
-        if tokenizer is not None:
-            found = find_bundle(tokenizer, ["fae"], classes=[FeatureAutoEncoder.__name__])
-    if found is None:
-        raise FileNotFoundError(f"{path}: no FAE here (a stage-1 bundle, a `fae train fae` run folder, or a "
-                                "pixel-decoder fine-tune run); did that run finish?")
-    return found
