@@ -31,7 +31,7 @@ from fae.data.latents import (
     shard_name,
     write_cache_manifest,
 )
-from fae.data.loading import loader_options
+from fae.data.loading import loader_options, num_items
 from fae.data.readable import WithIndex, collate_present
 from fae.encoders import EncoderConfig, FrozenEncoder, TextEncoder, TextEncoderConfig
 from fae.io import (
@@ -111,7 +111,7 @@ def make_latent_fn(encoder: Callable[[torch.Tensor], torch.Tensor] | None, fae: 
             if encoder is None:
                 raise ValueError("no encoder and no cached features in the batch")
             inputs = [batch["image"], *([batch["image"].flip(-1)] if with_flip else [])]
-        outs = batched_halves(lambda x: latents(x if cached else encoder(x)), inputs)  # type: ignore[misc]
+        outs = batched_halves(lambda x: latents(x if cached else encoder(x)), inputs)  # type: ignore[misc]  # encoder is set when not cached
         return {**outs[0], **({f"{k}_flip": v for k, v in outs[1].items()} if with_flip else {})}
 
     return fn
@@ -137,7 +137,7 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
     opts.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n = len(dataset)  # type: ignore[arg-type]
+    n = num_items(dataset)
     if n == 0:
         raise ConfigError("cannot encode an empty data set")
     num_shards = math.ceil(n / opts.shard_size)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
 from fae.data.keys import check_index, flip_coin, split_key
-from fae.data.loading import loader_options
+from fae.data.loading import loader_options, num_items
 from fae.data.readable import WithIndex, collate_present, item_name
 from fae.io import atomic_save_safetensors, check_same_encoder
 from fae.precision import DTYPES
@@ -34,7 +34,7 @@ def dataset_signature(dataset: Dataset) -> dict[str, Any]:
     signature = getattr(dataset, "signature", None)
     if callable(signature):
         return signature()
-    return {"class": type(dataset).__name__, "length": len(dataset)}  # type: ignore[arg-type]  # map-style: has __len__
+    return {"class": type(dataset).__name__, "length": num_items(dataset)}
 
 
 def cache_metadata(encoder: Any, dataset: Dataset, flips: bool, dtype: str) -> dict[str, str]:
@@ -170,7 +170,7 @@ def build_feature_cache(encoder: Any, dataset: Dataset, path: str | Path, batch_
         cache = _reusable_cache(path, metadata)
         if cache is not None:
             return cache
-    n = len(dataset)  # type: ignore[arg-type]  # map-style: has __len__
+    n = num_items(dataset)
     if n == 0:
         raise ValueError("cannot cache features of an empty data set")
     device = encoder.mean.device if hasattr(encoder, "mean") else torch.device("cpu")
@@ -209,9 +209,9 @@ class CachedFeatureDataset(Dataset):
                  encoder_reference: dict[str, Any] | None = None) -> None:
         self.base = base
         self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
-        if len(self.cache) != len(base):  # type: ignore[arg-type]  # map-style: has __len__
+        if len(self.cache) != num_items(base):
             raise ValueError(f"{self.cache.path} holds {len(self.cache)} items, "
-                             f"the data set has {len(base)}")  # type: ignore[arg-type]  # map-style: has __len__
+                             f"the data set has {num_items(base)}")
         if self.cache.metadata.get("dataset") != json.dumps(dataset_signature(base), sort_keys=True):
             raise ValueError(f"{self.cache.path} was built for another data set; rebuild it with build_feature_cache")
         if encoder_reference is not None:
@@ -223,7 +223,7 @@ class CachedFeatureDataset(Dataset):
                              "rebuild it with flips=True (or set hflip=False)")
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]  # map-style: has __len__
+        return num_items(self.base)
 
     def __getitem__(self, key: Any) -> dict[str, torch.Tensor] | None:
         index, generator = split_key(key)

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from fae.data.loading import loader_options
+from fae.data.loading import loader_options, num_items
 
 
 def collate_present(items: list[Any]) -> Any | None:
@@ -29,7 +29,7 @@ class WithIndex(Dataset):
         self.base = base
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]  # map-style: has __len__
+        return num_items(self.base)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.base[index]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fae.config import PACKAGED_CONFIGS, from_dict, yaml_section
+from fae.data.loading import num_items
 
 CONFIG_DIR = PACKAGED_CONFIGS / "demo"
 
@@ -227,7 +228,7 @@ def _scoring(ctx: DemoContext) -> dict[str, Any]:
     from fae.metrics.reference import load_reference
 
     test = build_dataset(replace(ctx.data_config(), hflip=False, limit=ctx.profile["fd_reference"]), "test")
-    images = to_uint8_hwc(torch.stack([test[i]["image"] for i in range(len(test))]))  # type: ignore[arg-type]  # map-style: has __len__
+    images = to_uint8_hwc(torch.stack([test[i]["image"] for i in range(num_items(test))]))
     network = EncoderNetwork(FrozenEncoder.from_config(replace(ctx.encoder_config(), precision="fp32")))  # a metric
     half = len(images) // 2
     return {"classifier": SmallCNN.from_pretrained(ctx.judge_dir).eval(), "network": network,

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fae.data.loading import num_items
 from fae.demo.steps import CONFIG_DIR, DemoContext, Step, step_encoder
 
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -105,8 +106,8 @@ def step_text_data(ctx: DemoContext) -> dict[str, Any]:
     root = ctx.out / "text-data"
     emoji = render_emoji(data.image_size, p["emoji"])
     fashion = build_dataset(replace(data, hflip=False, limit=p["fashion"]), "train")
-    images = to_uint8_hwc(torch.stack([fashion[i]["image"] for i in range(len(fashion))]))  # type: ignore[arg-type]  # map-style: has __len__
-    labels = np.array([int(fashion[i]["label"]) for i in range(len(fashion))])  # type: ignore[arg-type]  # map-style: has __len__
+    images = to_uint8_hwc(torch.stack([fashion[i]["image"] for i in range(num_items(fashion))]))
+    labels = np.array([int(fashion[i]["label"]) for i in range(num_items(fashion))])
     pairs = [(f"emoji/{i:04d}", img, cap) for i, (img, cap) in enumerate(emoji)]
     pairs += [(f"fashion/{i:05d}", img, cap) for i, (img, cap) in
               enumerate(zip(images, fashion_captions(images, labels, fashion.class_names), strict=True))]  # type: ignore[attr-defined]  # a FashionMNIST
@@ -115,7 +116,7 @@ def step_text_data(ctx: DemoContext) -> dict[str, Any]:
         Image.fromarray(img).save(root / f"{stem}.png")
         (root / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
     captions = [c for _, _, c in pairs]
-    return {"root": str(root), "emoji": len(emoji), "fashion": len(fashion), "captions": len(set(captions)),  # type: ignore[arg-type]  # map-style: has __len__
+    return {"root": str(root), "emoji": len(emoji), "fashion": num_items(fashion), "captions": len(set(captions)),
             "examples": captions[:3] + captions[len(emoji):len(emoji) + 3]}
 
 

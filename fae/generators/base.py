@@ -224,7 +224,7 @@ class GeneratorFamily:
 
     def load(self, bundle: Path, device: str | torch.device = "cpu") -> Generator:
         record = GeneratorRecord.from_json(read_bundle_config(bundle), str(bundle), f"`fae train {self.name}`")
-        model = self.model.from_pretrained(bundle, map_location=device)  # type: ignore[attr-defined]
+        model = self.model.from_pretrained(bundle, map_location=device)  # type: ignore[attr-defined]  # a PretrainedMixin model
         return self.generator(model, record, str(bundle), device)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from fae import distributed as D
+from fae.data.loading import num_items
 from fae.data.readable import readable_batches
 from fae.grid import draw_columns
 from fae.io import atomic_write, atomic_write_text
@@ -45,7 +46,7 @@ def evaluate_decoders(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[
 
     device = _prepare_models(encoder, decoders, fae)
     # under torchrun each process scores its share
-    dataset = Subset(dataset, D.shard_of(len(dataset)))  # type: ignore[arg-type]  # map-style: has __len__
+    dataset = Subset(dataset, D.shard_of(num_items(dataset)))
     paired = {name: PairedAccumulator() for name in decoders}
     seams = {name: SeamAccumulator(dec.config.patch_size) for name, (dec, _) in decoders.items()}
     stats: dict[str, Any] = {}

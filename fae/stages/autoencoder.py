@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Subset
 from fae import distributed as D
 from fae.config import ConfigError
 from fae.data import DataConfig, build_dataset
+from fae.data.loading import num_items
 from fae.encoders import EncoderConfig, FrozenEncoder
 from fae.io import atomic_write_text, cache_root
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder, check_encoder_shape, vae_loss
@@ -140,7 +141,7 @@ def evaluate_features(model: FeatureAutoEncoder, encoder: FrozenEncoder, cfg: Co
 
     dataset = build_dataset(type(cfg.data)(**{**cfg.data.__dict__, "hflip": False, "limit": cfg.eval.limit}), cfg.eval.split)
     # under torchrun each process scores its share
-    share = Subset(dataset, D.shard_of(len(dataset)))  # type: ignore[arg-type]  # map-style: has __len__
+    share = Subset(dataset, D.shard_of(num_items(dataset)))
     device = next(model.parameters()).device
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)   # cos, mse, count

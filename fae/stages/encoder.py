@@ -45,6 +45,7 @@ from fae import distributed as D
 from fae.config import to_dict
 from fae.data import DataConfig, build_dataset
 from fae.data.features import dataset_signature
+from fae.data.loading import num_items
 from fae.encoders import IMAGENET_MEAN, IMAGENET_STD
 from fae.io import cache_root
 from fae.training import OptimConfig, TrainConfig, TrainStage, unwrap
@@ -148,7 +149,7 @@ def load_images(data: DataConfig) -> tuple[Tensor, dict[str, Any]]:
     signature = dataset_signature(dataset)
     images = _batched_fashion_mnist(dataset)
     if images is None:
-        images = torch.stack([_to_uint8(dataset[i]["image"]) for i in range(len(dataset))])  # type: ignore[arg-type]  # map-style: has __len__
+        images = torch.stack([_to_uint8(dataset[i]["image"]) for i in range(num_items(dataset))])
     if len(images) == 0:
         raise ValueError(f"the pretraining data set ({data.kind}, split {data.split!r}) is empty")
     return images, signature

@@ -97,7 +97,7 @@ class GeneratorStage(TrainStage):
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         model = modules["model"]
-        model.save_pretrained(out_dir / self.spec.folder, extra=self.record().to_json())  # type: ignore[operator]
+        model.save_pretrained(out_dir / self.spec.folder, extra=self.record().to_json())  # type: ignore[operator]  # a PretrainedMixin model
 
 
 def generator_stage_config(run: Path) -> tuple[GeneratorFamily, Any]:

@@ -59,13 +59,13 @@ class MMDiTStage(GeneratorStage):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         null = self.cache.text_null()
-        model.set_null(TextCondition(null["text_tokens"], null["text_mask"], null["text_pooled"]))  # type: ignore[operator]
+        model.set_null(TextCondition(null["text_tokens"], null["text_mask"], null["text_pooled"]))  # type: ignore[operator]  # an MMDiT
         return model
 
     def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # t, noise and caption dropout come from the global RNG, which the trainer seeds at every step
         y = TextCondition(batch["text_tokens"], batch["text_mask"], batch["text_pooled"])
-        return flow_matching_loss(self.modules["model"], batch["latent"], y, self.cfg.transport)  # type: ignore[arg-type]
+        return flow_matching_loss(self.modules["model"], batch["latent"], y, self.cfg.transport)  # type: ignore[arg-type]  # MMDiT takes a TextCondition
 
     def record_settings(self) -> dict[str, Any]:
         """The transport settings and the text encoder the embeddings came from."""

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from fae.config import ConfigError, from_dict
 from fae.data import DataConfig, class_strided_indices
+from fae.data.loading import num_items
 from fae.data.readable import collate_present
 from fae.encoders import EncoderConfig, FrozenEncoder
 from fae.io import atomic_save_safetensors, check_same_encoder, read_bundle_config, require_bundle
@@ -283,7 +284,7 @@ class PixelDecoderStage(TrainStage):
         """The first training images (never flipped) and their decoding from clean features x (Gaussian stage; the
         noise is a training device only) or from the FAE's x_hat (fine-tuning)."""
         dataset = self.train_dataset()
-        items = [item for item in (dataset[i] for i in range(min(PREVIEW_SAMPLES, len(dataset)))) if item is not None]  # type: ignore[arg-type]  # map-style: has __len__
+        items = [item for item in (dataset[i] for i in range(min(PREVIEW_SAMPLES, num_items(dataset)))) if item is not None]
         if not items:
             return None
         device = self.encoder.mean.device
