@@ -1,5 +1,5 @@
-"""The issue-15 benchmark scripts run at tiny size and report what they should (no timing is asserted), and the
-oneDNN linear that speeds up the DiT on CPU computes what F.linear computes, gradients included."""
+"""The benchmark scripts (vs_diffusers, throughput, gpu_check) run at tiny size and report what they should (no
+timing is asserted), and the oneDNN linear that speeds up the DiT on CPU computes what F.linear computes, gradients included."""
 from __future__ import annotations
 
 import json

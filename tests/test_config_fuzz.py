@@ -1,5 +1,5 @@
-"""Property test: random config overrides and command lines give a run plan or a clean error, never a traceback
-(issue 16). `fae summary` parses a config, applies the overrides, validates and builds every network on the meta
+"""Property test: random config overrides and command lines give a run plan or a clean error, never a traceback.
+`fae summary` parses a config, applies the overrides, validates and builds every network on the meta
 device: the same path `fae train` takes before its first step."""
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Data: keys and seeded flips, ADM crop, image folders (corrupt files), Fashion-MNIST IDX, feature cache."""
+"""Data: keys and seeded flips, ADM crop, image folders (corrupt files, in DataLoader workers too), Fashion-MNIST IDX,
+feature cache."""
 from __future__ import annotations
 
 import gzip
@@ -100,7 +101,7 @@ def test_corrupt_image_is_skipped_with_warning(folder: Path) -> None:
     bad = [i for i, (p, _) in enumerate(ds.samples) if p.name == "d1.png"][0]
     with pytest.warns(RuntimeWarning, match="d1.png"):
         item = ds[bad]
-    assert ds.skipped == 1 and item is None          # dropped: no neighbour stands in (issue 16)
+    assert ds.skipped == 1 and item is None          # dropped: no neighbour stands in
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # known-bad: no second warning, no second count
         assert ds[bad] is None
@@ -305,3 +306,27 @@ def test_cache_reuse_and_invalidation(encoder: FrozenEncoder, fake_fmnist: Path,
         FeatureCache(path)
     assert len(build_feature_cache(encoder, ds, path, progress=False)) == 5  # a broken file is rebuilt
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temp files
+
+
+def test_image_folder_in_workers_drops_corrupt_files_and_counts_per_process(tmp_path):
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from fae.data.images import ImageFolderDataset
+    from fae.data.readable import collate_present
+
+    for i in range(4):
+        Image.fromarray(torch.randint(0, 256, (20, 20, 3), dtype=torch.uint8).numpy()).save(tmp_path / f"{i}.png")
+    (tmp_path / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    batches = {}
+    for workers in (0, 2):
+        ds = ImageFolderDataset(tmp_path, image_size=16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the warning is raised inside each worker
+            loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=collate_present)
+            batches[workers] = [b["image"] for b in loader]
+        # each process counts the corrupt files it met: the main process met it only without workers
+        assert ds.skipped == (1 if workers == 0 else 0)
+    assert [b.shape[0] for b in batches[2]] == [1, 2]     # the corrupt item is dropped, not replaced by a neighbour
+    for a, b in zip(batches[0], batches[2], strict=True):
+        assert torch.equal(a, b)

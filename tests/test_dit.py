@@ -1,16 +1,22 @@
-"""LightningDiT / SiT model (fae/dit.py): shapes, presets, paper parameter count, conditioning, overfitting."""
+"""LightningDiT / SiT model (fae/models/dit.py): shapes, presets, paper parameter count, conditioning, overfitting;
+the time embedding and 2-D RoPE against their formulas; the time shift the DiT stage trains at."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from margins import within
+from recorder import TRAINED_SHIFT, Recorder
+from recorder import tiny_dit as _dit
 
 from fae.config import ConfigError
 from fae.generators import DiTGenerator
-from fae.models.dit import DiT, DiTConfig, dit_config
+from fae.models.dit import DiT, DiTConfig, dit_config, timestep_embedding
 from fae.nn import count_parameters
+from fae.stages.dit import Config, DiTStage
 from fae.stages.generator import check_model_matches_cache
-from fae.transport import GuidedVelocity, SamplerConfig, TransportConfig, flow_matching_loss, sample
+from fae.transport import GuidedVelocity, SamplerConfig, TransportConfig, flow_matching_loss, sample, shift_time
 
 
 def tiny(**kw) -> DiTConfig:
@@ -147,3 +153,48 @@ def test_tiny_dit_overfits_and_sampling_reproduces_latents():
     out = sample(GuidedVelocity(model), torch.randn(8, 4, 4, 4, generator=g), y, SamplerConfig(steps=50))
     rel = (out - data[y]).pow(2).mean() / data.pow(2).mean()
     within("relative MSE of samples to the training latents", rel, hi=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------- time embedding, RoPE
+def test_time_embedding_feeds_1000_t_to_dit_sinusoids():
+    t = torch.tensor([0.0, 0.013, 0.5, 1.0])
+    dim = 16
+    freqs = torch.tensor([10000.0 ** (-i / (dim // 2)) for i in range(dim // 2)])
+    args = 1000.0 * t[:, None] * freqs[None]    # DiT's integer steps 0..1000 <-> t in [0, 1]
+    expected = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    torch.testing.assert_close(timestep_embedding(t, dim), expected, rtol=1e-5, atol=1e-5)
+    assert math.isclose(float(timestep_embedding(t, dim)[1, dim // 2]), math.sin(13.0), rel_tol=1e-5)
+
+
+def test_rope_rotates_each_pair_by_position_times_the_standard_frequency():
+    from fae.nn import RoPE2D
+
+    rope = RoPE2D(head_dim=8, grid=(3, 3))          # quarter = 2: pairs 0, 1 follow the row, pairs 2, 3 the column
+    x = torch.zeros(1, 1, 9, 8)
+    x[..., 1] = 1.0                                  # channel pair (1, 5): row frequency 10000^(-1/2)
+    x[..., 3] = 1.0                                  # channel pair (3, 7): column frequency 10000^(-1/2)
+    out = rope(x)[0, 0]
+    token = 2 * 3 + 1                                # row 2, column 1
+    torch.testing.assert_close(out[token, [1, 5]], torch.tensor([math.cos(0.02), math.sin(0.02)]))
+    torch.testing.assert_close(out[token, [3, 7]], torch.tensor([math.cos(0.01), math.sin(0.01)]))
+    q, k = torch.randn(1, 1, 9, 8), torch.randn(1, 1, 9, 8)
+    moved = lambda t: t[:, :, [6, 7, 8, 0, 1, 2, 3, 4, 5]]  # noqa: E731 (the same content one row further down)
+    # attention logits depend on relative positions only: rows 0->1 and 1->2 give the same q.k
+    a = (rope(q)[0, 0, 0] * rope(k)[0, 0, 3]).sum()
+    b = (rope(moved(q))[0, 0, 3] * rope(moved(k))[0, 0, 6]).sum()
+    torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------- trained time shift
+# the DiT stage's loss calls the model at times distributed as the configured shift of a uniform
+@pytest.mark.margin
+def test_dit_stage_trains_at_the_configured_shift():
+    stage = DiTStage.__new__(DiTStage)   # the loss needs the config and the model, not the latent cache
+    stage.cfg = Config(latents="unused", transport=TransportConfig(time_shift=TRAINED_SHIFT))
+    stage.modules = {"model": Recorder(_dit())}
+    torch.manual_seed(0)
+    n = 16000   # the empirical CDF's standard error is at most 0.004: the bound 0.03 is 7.5 of them
+    stage.loss("main", {"latent": torch.randn(n, 2, 2, 2), "label": torch.zeros(n, dtype=torch.long)}, 0)
+    t = stage.modules["model"].calls[0]["t"]
+    for u in (0.1, 0.5, 0.9):  # P(t <= shift(u)) = u for t = shift(uniform)
+        within(f"|P(t <= shift({u})) - {u}|", abs(float((t <= shift_time(u, TRAINED_SHIFT)).float().mean()) - u), hi=0.03)

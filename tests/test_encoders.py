@@ -97,7 +97,7 @@ def test_resize_to_encoder_resolution(tiny_dirs: dict[str, Path], variant: str) 
 
 
 def test_dinov2_grid_at_other_resolution(tmp_path: Path) -> None:
-    # the case: 32 px images to a 28 px encoder with patch 7 -> a 4x4 grid
+    # the case that needs it: 32 px images to a 28 px encoder with patch 7 -> a 4x4 grid
     path = save_tiny_encoder("dinov2", tmp_path / "d", patch_size=7, image_size=14)
     enc = FrozenEncoder.from_config(EncoderConfig(kind="dinov2", name_or_path=str(path), input_size=28))
     assert enc.grid == (4, 4)

@@ -1,4 +1,4 @@
-"""Fast data paths (issue 15): memory-mapped latent shards, DataLoader workers, `fae encode` batching, precision and
+"""Fast data paths: memory-mapped latent shards, DataLoader workers, `fae encode` batching, precision and
 its split across torchrun processes."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Fault injection: damaged and hostile checkpoints, a full disk, damaged bundles. Nothing is lost, nothing is
-executed, and every error names the file (issue 16)."""
+executed, and every error names the file."""
 from __future__ import annotations
 
 import errno

@@ -1,4 +1,4 @@
-"""Paper fidelity (issue 14): the paper configs train what the paper and its anchors train (docs/fidelity.md)."""
+"""Paper fidelity: the paper configs train what the paper and its anchors train (docs/fidelity.md)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -78,7 +78,7 @@ def test_train_flow_bundle_heldout_bpd_and_sample(tiny_latent_world, tmp_path, o
 def test_nll_falls_on_a_tiny_overfit(one_thread):
     """Four latents, one per class, little noise: the conditional flow learns them (bits/dim fall far) and its
     samples, denoised, land on them. A small learning rate keeps the descent smooth: at 6e-3 the last losses
-    spiked by up to 1 bit/dim depending on the seed and on the CPU's rounding (issue 22); at 1e-3 the tail over 5
+    spiked by up to 1 bit/dim depending on the seed and on the CPU's rounding; at 1e-3 the tail over 5
     seeds and both kernels spans under 0.1 bit (docs/testing.md)."""
     k, noise = 4, 0.05
     data = torch.randn(k, 2, 2, 2)

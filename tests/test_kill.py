@@ -1,5 +1,5 @@
 """kill -9 at a chosen write in every stage and in `fae encode` / `fae sample`, then the same command again: the
-result equals an uninterrupted run, bit for bit (issue 16).
+result equals an uninterrupted run, bit for bit.
 
 The kill point is the N-th atomic write of the process (FAE_KILL_AT_WRITE=N, fae.io): after a file's bytes are
 written and before it is renamed into place, i.e. in the middle of a checkpoint, a latent shard, a sample chunk or a

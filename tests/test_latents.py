@@ -1,13 +1,17 @@
-"""Latent cache: encoding (fae.encoding), shards, exact statistics, the memory-mapped data set (fae.data.latents)."""
+"""Latent cache: encoding (fae.encoding, `fae encode --num-workers`), shards, exact statistics, the memory-mapped data
+set (fae.data.latents)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from margins import within
 from tiny import tiny_fae_config
 
+import fae.encoding
+from fae.cli import main
 from fae.data import flip_coin, split_key
 from fae.data.idx import FashionMNIST
 from fae.data.latents import STATS, LatentCache, LatentDataset
@@ -162,3 +166,12 @@ def test_errors_name_the_problem(parts, tmp_path):
                             options=EncodeOptions(shard_size=64, flip=False), progress=False)
     with pytest.raises(ValueError, match="posterior std"):
         LatentDataset(no_std, hflip=False, sample_posterior=True)
+
+
+def test_encode_cli_passes_num_workers(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(fae.encoding, "encode_latents", lambda data, out, **kw: seen.update(kw) or Path(out))
+    (tmp_path / "data.yaml").write_text("data: {kind: fashion_mnist, split: test, image_size: 16, limit: 4}\n")
+    assert main(["encode", "--data", str(tmp_path / "data.yaml"), "--out", str(tmp_path / "c"), "--num-workers", "3",
+                 "--no-progress"]) == 0
+    assert seen["options"].num_workers == 3

@@ -1,9 +1,11 @@
 """`fae eval ...` end to end: FID with the Inception network (random weights from a file), the missing-weights
 error, reference statistics + generation metrics in a frozen encoder's space, PSNR/SSIM, and the linear probe of
-x / x̂ / z on Fashion-MNIST with a tiny encoder and FAE bundle."""
+x / x̂ / z on Fashion-MNIST with a tiny encoder and FAE bundle; `fae eval is` and the IS options of `fae eval gen`
+(--splits, --split-size, --is-split-size, --network inception:pytorch)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,8 @@ from seeding import subprocess_env
 from fae.cli import main
 from fae.io import file_sha256
 from fae.metrics import inception as inc
-from fae.metrics.inception import random_inception_state
+from fae.metrics.inception import FIDInceptionV3, random_inception_state
+from fae.metrics.scores import inception_score
 
 pytestmark = pytest.mark.filterwarnings("ignore:only .* samples")
 
@@ -142,3 +145,42 @@ def test_eval_under_torchrun_splits_the_features_and_gives_the_one_process_score
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["num_samples"] == one["num_samples"] == 11
     assert abs(two["metrics"]["fid"] - one["metrics"]["fid"]) < 1e-6 * max(1.0, one["metrics"]["fid"])
+
+
+def test_eval_is_command(tmp_path, one_thread):
+    weights = tmp_path / "inception.pth"
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    np.savez(tmp_path / "samples.npz", images.permute(0, 2, 3, 1).numpy())
+    # a random Inception often predicts one class for all four noise images (IS 1.0000x for some seeds): take the
+    # first draw whose IS is clearly above 1, so that the split and the resize change the score
+    net = FIDInceptionV3(resize="tf1")
+    for draw in range(20):
+        state = random_inception_state(draw)
+        state["fc.weight"] *= 100  # sharper predictions
+        net.load_state_dict(state)
+        if inception_score(net(images)["logits"], splits=1)[0] > 1.01:
+            break
+    torch.save(state, weights)
+    logits = {}
+    for resize in ("tf1", "pytorch"):
+        net = FIDInceptionV3(resize=resize)
+        net.load_state_dict(state)
+        logits[resize] = net(images)["logits"]
+    common = ["--samples", str(tmp_path / "samples.npz"), "--inception-weights", str(weights), "--cache-dir",
+              str(tmp_path / "cache"), "--no-progress"]
+
+    def run(*args: str) -> dict:
+        out = tmp_path / f"report{len(list(tmp_path.glob('report*')))}.json"
+        assert main(["eval", *args, *common, "--out", str(out)]) == 0
+        return json.loads(out.read_text())["metrics"]
+
+    assert run("is", "--splits", "2")["is"] == pytest.approx(inception_score(logits["tf1"], splits=2)[0], rel=1e-5)
+    by_size = inception_score(logits["pytorch"], split_size=3)
+    assert by_size != pytest.approx(inception_score(logits["pytorch"], splits=2))
+    got = run("is", "--split-size", "3", "--network", "inception:pytorch")
+    assert (got["is"], got["is_std"]) == pytest.approx(by_size, rel=1e-5)
+    assert inception_score(logits["tf1"], splits=1)[0] != pytest.approx(inception_score(logits["pytorch"], splits=1)[0])
+    assert inception_score(logits["tf1"], splits=1)[0] > 1.01  # not the constant-prediction IS of 1
+    got = run("gen", "--ref", str(tmp_path / "samples.npz"), "--metrics", "is", "--is-split-size", "3")
+    assert got["is"] == pytest.approx(inception_score(logits["tf1"], split_size=3)[0], rel=1e-5)
+    assert not math.isnan(got["is"])

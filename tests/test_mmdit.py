@@ -1,4 +1,5 @@
-"""MMDiT (fae/models/mmdit.py): shapes, paper parameter counts on meta, masking, null condition, caption dropout."""
+"""MMDiT (fae/models/mmdit.py): shapes, paper parameter counts on meta, masking, null condition, caption dropout; the
+image tokens' positions, the pooled text in the conditioning, the text stream updated by every block but the last."""
 from __future__ import annotations
 
 import pytest
@@ -124,3 +125,49 @@ def test_paper_config_builds_the_paper_size():
     assert name == "mmdit" and cfg.model == mmdit_config("paper")
     assert (cfg.transport.time_shift, cfg.optim.lr, cfg.optim.schedule, cfg.train.batch_size) == (0.4, 1e-4,
                                                                                                   "constant", 512)
+
+
+# ---------------------------------------------------------------------------------------------------- streams
+# docs/text-to-image.md: two streams (text, image) meet in joint attention; image tokens get 2-D RoPE; adaLN-Zero is
+# conditioned on c = embed(t) + embed(pooled text); every block but the last updates the text tokens it passes on.
+def _mmdit():
+    from fae.models.mmdit import MMDiT, TextCondition, mmdit_config
+
+    model = MMDiT(mmdit_config("tiny", input_size=(4, 4), in_channels=4, text_dim=16, text_tokens=5)).eval()
+    for m in model.modules():   # away from adaLN-Zero's zeros, so the output depends on every input
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.2)
+    y = TextCondition(torch.randn(2, 5, 16), torch.arange(5)[None] < torch.tensor([[3], [5]]), torch.randn(2, 16))
+    return model, torch.randn(2, 4, 4, 4), torch.rand(2), y
+
+
+@torch.no_grad()
+def test_mmdit_image_tokens_carry_their_grid_positions(one_thread):
+    """Without positions the image stream would be permutation-equivariant: mirroring the latent would mirror the
+    velocity. With 2-D RoPE it does not."""
+    model, x, t, y = _mmdit()
+    out, mirrored = model(x, t, y), model(x.flip(-1), t, y).flip(-1)
+    assert (mirrored - out).abs().amax(dim=(1, 2, 3)).min() > 1e-2
+
+
+@torch.no_grad()
+def test_mmdit_pooled_text_conditions_the_output(one_thread):
+    from fae.models.mmdit import TextCondition
+
+    model, x, t, y = _mmdit()
+    out = model(x, t, y)
+    pooled = y.pooled.clone()
+    pooled[0] += 1.0                      # the same token states, another pooled vector for sample 0
+    moved = model(x, t, TextCondition(y.tokens, y.mask, pooled))
+    assert (moved[0] - out[0]).abs().max() > 1e-2 and torch.allclose(moved[1], out[1], atol=1e-6)
+
+
+@torch.no_grad()
+def test_mmdit_text_stream_is_updated_by_every_block_but_the_last(one_thread):
+    model, x, t, y = _mmdit()
+    out = model(x, t, y)
+    assert model.blocks[-1].text.pre_only and not hasattr(model.blocks[-1].text, "mlp")
+    mlp = model.blocks[0].text.mlp       # its output reaches the image only through block 1's joint attention
+    for p in mlp.parameters():
+        p.add_(0.5 * torch.randn_like(p))
+    assert (model(x, t, y) - out).abs().max() > 1e-2

@@ -1,5 +1,5 @@
 """benchmarks/mutation.py stays usable as the code moves: every mutation still applies to exactly one place, names
-existing tests, and the list keeps issue 17's table rows and covers the core modules."""
+existing tests, and the list keeps its first table's rows (ddp-off, lr-flat, ...) and covers the core modules."""
 from __future__ import annotations
 
 import importlib.util
@@ -27,7 +27,7 @@ def test_every_mutation_applies_once_and_names_existing_tests():
     files = {m.file for m in mutation.MUTATIONS}
     for core in ("fae/transport.py", "fae/training.py", "fae/io.py", "fae/stages/dit.py", "fae/metrics/inception.py",
                  "fae/metrics/frechet.py", "fae/models/dit.py", "fae/models/autoencoder.py",
-                 # issue 22: the flow, the text-to-image model, the precision verdict, FSDP and the latent cache
+                 # and the flow, the text-to-image model, the precision verdict, FSDP and the latent cache
                  "fae/models/starflow.py", "fae/models/mmdit.py", "fae/precision.py", "fae/sharding.py",
                  "fae/data/latents.py"):
         assert core in files, core

@@ -1,5 +1,6 @@
 """Precision chosen from the hardware: `auto` follows what the CPU actually does (a timed matmul), an explicit slow
-bf16 warns once, FAE_PRECISION overrides auto, the trainer and the frozen encoder compute in what was chosen."""
+bf16 warns once, FAE_PRECISION overrides auto, the trainer and the frozen encoder compute in what was chosen, and the
+verdict times its matmuls on one thread."""
 from __future__ import annotations
 
 import json
@@ -168,3 +169,19 @@ def test_the_bf16_verdict_does_not_depend_on_an_enclosing_autocast(monkeypatch):
     with torch.autocast("cpu", torch.bfloat16):
         P.cpu_matmul_timing.__wrapped__()   # the uncached body: the process's verdict stays as it was
     assert seen == [False]
+
+
+def test_the_bf16_verdict_times_its_matmuls_on_one_thread_and_restores_the_threads(monkeypatch):
+    """"On one thread and in the thread's CPU time": a second thread's work would not show in thread_time."""
+    seen: list[int] = []
+    timed = P._timed_matmuls
+    monkeypatch.setattr(P, "_timed_matmuls", lambda *a: (seen.append(torch.get_num_threads()), timed(*a))[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        timing = P.cpu_matmul_timing.__wrapped__(size=16, repeats=1)   # uncached: the process's verdict stays
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1] and after == 2
+    assert timing.fp32_ms >= 0 and timing.bf16_ms >= 0

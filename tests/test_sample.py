@@ -1,29 +1,38 @@
 """End to end on Fashion-MNIST with tiny parts: `fae encode` -> `fae train dit` (resume, EMA) -> `fae sample`
-(outputs, determinism, torchrun split)."""
+(outputs, determinism, torchrun split). With a recorded DiT bundle: sampling calls the model at the trained time shift
+or at --time-shift, under autocast in bf16, and returns de-normalised latents; the `fae sample` flags reach the sampler."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from margins import within
+from recorder import TRAINED_SHIFT, Recorder
+from recorder import tiny_dit as _dit
 from safetensors.torch import load_file
 from seeding import subprocess_env
 
+import fae.sampling
+import fae.stages
 from fae.cli import main
 from fae.config import ConfigError
 from fae.data.latents import LatentCache
-from fae.generators import load_generator
+from fae.generators import DiTGenerator, load_generator
 from fae.io import WEIGHTS_NAME, file_sha256, read_bundle_config
 from fae.models.dit import DiT
-from fae.sampling import image_grid, load_decoder, make_labels
+from fae.sampling import generate, image_grid, load_decoder, make_labels
 from fae.stages import load_run_generator, load_stage_config, train_stage
+from fae.stages.dit import Config, DiTStage
 from fae.tokenizers import FAE
+from fae.transport import SamplerConfig, TransportConfig, time_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,3 +269,78 @@ def test_a_generation_pipeline_samples_on_the_device_it_was_loaded_on(world, tmp
                                                                                               np.uint8))
     out = pipe.generate(3, sampler=SamplerConfig(steps=2), progress=False)
     assert seen == [torch.device("meta")] and out.images.shape == (3, 16, 16, 3)
+
+
+# ---------------------------------------------------------------------------------------------------- the bundle's transport
+# a DiT bundle exported with a trained time shift, its model wrapped in a Recorder: the times, batch sizes and
+# autocast state it is called with
+def _fake_cache() -> SimpleNamespace:
+    manifest = {"source": "fae", "channels": 2, "grid": [2, 2], "class_names": ["a", "b", "c"]}
+    return SimpleNamespace(manifest=manifest, path="latents", stats=lambda: {"mean": [0.0, 1.0], "std": [1.0, 2.0]})
+
+
+@pytest.fixture
+def generator(tmp_path) -> DiTGenerator:
+    """A DiT bundle exported as `fae train dit` records it (transport included), loaded back from disk."""
+    cfg = Config(latents="latents", transport=TransportConfig(time_shift=TRAINED_SHIFT))
+    stage = DiTStage.__new__(DiTStage)   # the record needs the config and the cache, not a model
+    stage.cfg, stage.cache = cfg, _fake_cache()
+    DiTGenerator(_dit(), stage.record(), "made here").save_pretrained(tmp_path / "dit")
+    gen = load_generator(tmp_path / "dit")
+    gen.model = Recorder(gen.model)
+    return gen
+
+
+def _decode(z: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(z.shape[0], 3, 4, 4)
+
+
+def _times(gen: DiTGenerator) -> list[float]:
+    calls = gen.model.calls
+    assert all(torch.all(c["t"] == c["t"][0]) for c in calls)
+    return [float(c["t"][0]) for c in calls]
+
+
+def test_sampling_calls_the_model_at_the_trained_shift(generator):
+    generate(generator, _decode, 2, sampler=SamplerConfig(method="euler", steps=4), batch_size=2, progress=False,
+             precision="fp32")
+    expected = time_grid(4, TRAINED_SHIFT)[:-1]
+    assert expected[1] != pytest.approx(0.75) and _times(generator) == pytest.approx(expected, abs=1e-6)
+    generator.model.calls.clear()
+    samples = generate(generator, _decode, 2, sampler=SamplerConfig(method="euler", steps=4, time_shift=0.7),
+                       batch_size=2, progress=False, precision="fp32")
+    assert _times(generator) == pytest.approx(time_grid(4, 0.7)[:-1], abs=1e-6)   # --time-shift overrides
+    assert samples.settings["time_shift"] == 0.7
+
+
+def test_bf16_sampling_runs_the_model_under_autocast(generator):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "bf16 is not native here" on CPUs without it: slow, still bf16
+        generate(generator, _decode, 2, sampler=SamplerConfig(method="euler", steps=2), batch_size=2,
+                 progress=False, precision="bf16")
+    assert [c["autocast"] for c in generator.model.calls] == [torch.bfloat16, torch.bfloat16]
+    generator.model.calls.clear()
+    generate(generator, _decode, 2, sampler=SamplerConfig(method="euler", steps=2), batch_size=2, progress=False,
+             precision="fp32")
+    assert [c["autocast"] for c in generator.model.calls] == [False, False]
+
+
+def test_sample_cli_flags_reach_the_sampler(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(fae.stages, "load_run_generator", lambda path, device: "generator")
+    monkeypatch.setattr(fae.sampling, "load_decoder", lambda gen, **kw: "decoder")
+    monkeypatch.setattr(fae.sampling, "sample_to_dir", lambda gen, decode, out, n, **kw: seen.update(kw) or {})
+    assert main(["sample", "--dit", "d", "--out", str(tmp_path), "--time-shift", "0.25", "--cfg-batch", "separate",
+                 "--precision", "bf16", "--guidance", "2.0", "--steps", "7", "--no-progress"]) == 0
+    sampler = seen["sampler"]
+    assert (sampler.time_shift, sampler.cfg_batch, sampler.steps, seen["precision"]) == (0.25, "separate", 7, "bf16")
+    assert sampler.method == "euler"   # --sampler auto with guidance: the paper's ODE
+
+
+def test_generator_returns_latents_in_the_fae_space(generator):
+    # the untrained DiT predicts v = 0 (adaLN-Zero), so x0 is the noise; the generator de-normalises it with the
+    # latent statistics its bundle records (mean [0, 1], std [1, 2])
+    noise = torch.randn(2, 2, 2, 2)
+    z = generator.sample(noise, torch.tensor([0, 1]), SamplerConfig(method="euler", steps=2))
+    expected = noise * torch.tensor([1.0, 2.0]).view(1, 2, 1, 1) + torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)
+    torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-6)

@@ -1,5 +1,6 @@
 """Scale: DDP and FSDP2 (`train.fsdp`) on two CPU processes (gloo) train a tiny DiT exactly as one process does at the
-same global batch, and a run resumes when the number of processes changes (2 -> 1, 1 -> 2), in both layouts."""
+same global batch, and a run resumes when the number of processes changes (2 -> 1, 1 -> 2), in both layouts; under
+gradient accumulation FSDP's gradient sync is off on all but the last micro-batch."""
 from __future__ import annotations
 
 import multiprocessing
@@ -12,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from fae import sharding
 from fae.data import split_key
 from fae.models.dit import DiT, DiTConfig
 from fae.training import OptimConfig, TrainConfig, Trainer, TrainingError, TrainStage, checkpoint_dirs
@@ -41,7 +43,7 @@ class TinyDiT(TrainStage):
         self.modules = {"model": DiT(DiTConfig(input_size=(4, 4), in_channels=4, hidden_size=32, depth=2, num_heads=2,
                                                num_classes=3, class_dropout=0.0))}
         # eps 1e-4, not 1e-8: with a tiny eps Adam's step is lr * sign(g) where g is at rounding level, so the
-        # summation order of an all-reduce moved such weights by up to 4e-6 (seed offset 3, issue 22); the step is
+        # summation order of an all-reduce moved such weights by up to 4e-6 (at seed offset 3); the step is
         # smooth in g now, and the comparison tests the all-reduce, not Adam's conditioning
         self.optim = OptimConfig(lr=1e-2, eps=1e-4, schedule="cosine", warmup_steps=1)
 
@@ -229,3 +231,58 @@ def test_memory_plan_counts_the_paper_models_and_their_saved_activations(monkeyp
     text = plan.table(rows, [8], None)
     assert "| dit_sit_xl1 |" in text and ", - GiB" in text.split("fae_dinov2_g14")[1]  # no FSDP for stage 1
     assert rows[0]["checkpointed_per_sample"] < rows[0]["activation_per_sample"] / 10   # block inputs only
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP gradient sync
+# grad accumulation turns FSDP's gradient sync off on all but the last micro-batch (docs/scaling.md)
+def test_gradient_sync_is_off_on_every_micro_batch_but_the_last(tmp_path, monkeypatch, one_thread):
+    """grad_accum = 3: each optimizer step runs micro-batches with sync off, off, on (FSDP2's no_sync)."""
+    from fae.data import split_key
+    from fae.training import OptimConfig, TrainConfig, Trainer, TrainStage
+
+    state: dict[str, bool] = {}
+    seen: list[bool] = []
+    monkeypatch.setattr(sharding, "set_gradient_sync", lambda module, sync: state.update(sync=sync))
+
+    class Rows(Dataset):
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, key):
+            index, _ = split_key(key)
+            return {"x": torch.full((3,), float(index))}
+
+    class Toy(TrainStage):
+        def __init__(self) -> None:
+            self.modules = {"net": torch.nn.Linear(3, 1)}
+            self.optim = OptimConfig(lr=1e-3)
+
+        def train_dataset(self):
+            return Rows()
+
+        def loss(self, group, batch, step):
+            seen.append(state["sync"])
+            return self.modules["net"](batch["x"]).pow(2).mean(), {}
+
+        def export(self, out_dir, modules):
+            pass
+
+    Trainer(Toy(), TrainConfig(steps=2, batch_size=6, grad_accum=3, checkpoint_every=2, log_every=1,
+                               precision="fp32"), tmp_path, progress=False).fit()
+    assert seen == [False, False, True] * 2
+
+
+def test_set_gradient_sync_switches_a_sharded_module_and_leaves_others_alone():
+    from torch.distributed.fsdp import FSDPModule
+
+    class Sharded(FSDPModule, torch.nn.Module):   # stands in for what fully_shard makes (no process group needed)
+        def set_requires_gradient_sync(self, requires_gradient_sync: bool, *, recurse: bool = True) -> None:
+            self.calls.append(requires_gradient_sync)
+
+    module = object.__new__(Sharded)   # FSDPModule.__new__ expects a class made by fully_shard
+    torch.nn.Module.__init__(module)
+    module.calls = []
+    for sync in (False, False, True):
+        sharding.set_gradient_sync(module, sync)
+    assert module.calls == [False, False, True]
+    sharding.set_gradient_sync(torch.nn.Linear(2, 2), False)   # unsharded: nothing to switch, no error

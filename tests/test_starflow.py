@@ -1,4 +1,5 @@
-"""STARFlow model (fae/models/starflow.py): exact inverse, log-determinant, KV cache, guidance, denoising, paper size."""
+"""STARFlow model (fae/models/starflow.py): exact inverse, log-determinant, KV cache, guidance, denoising, paper size;
+the blocks' alternating token order and grid positions, `cond_top_only`, the guidance time of each token."""
 from __future__ import annotations
 
 import math
@@ -122,3 +123,98 @@ def test_config_validation():
         StarFlowConfig(input_size=(5, 4), patch_size=2).validate()
     with pytest.raises(ValueError, match="layers_per_block"):
         StarFlowConfig(layers_per_block=(2, 0)).validate()
+
+
+# ---------------------------------------------------------------------------------------------------- blocks
+# docs/flow.md: blocks alternate the token order (grid order, reversed, ...), each at its own grid positions;
+# `cond_top_only` conditions only the deep (last) block; token i of T is guided at t = 1 - (i + 1) / T.
+def _flow(**kw):
+    """A tiny STARFlow whose blocks are far from the identity (its zero-initialised output layers hide everything)."""
+    from fae.models.starflow import StarFlow, starflow_config
+
+    base = dict(input_size=(2, 2), in_channels=2, num_classes=0, class_dropout=0.0)
+    model = StarFlow(starflow_config("tiny", **{**base, **kw}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _token_dependence(fn, tokens: torch.Tensor) -> torch.Tensor:
+    """(N, N): the largest |d out_i / d in_j| over channels, for fn mapping tokens (1, N, C) -> (1, N, C)."""
+    jac = torch.autograd.functional.jacobian(fn, tokens)[0, :, :, 0]   # (N, C, N, C)
+    return jac.abs().amax(dim=(1, 3))
+
+
+def test_flow_blocks_alternate_the_token_order_and_the_stack_sees_every_token(one_thread):
+    model = _flow(layers_per_block=(1, 1, 1))
+    n = model.config.num_tokens
+    tokens = torch.randn(1, n, model.config.token_dim)
+    before = torch.ones(n, n, dtype=torch.bool).tril(-1)          # [i, j]: j comes before i in grid order
+    for i, block in enumerate(model.blocks):
+        dep = _token_dependence(lambda h, b=block: b(h, None)[0], tokens)
+        reads, ignores = (before, before.T) if i % 2 == 0 else (before.T, before)   # odd blocks: reversed order
+        assert dep[ignores].max() < 1e-6, f"block {i} reads tokens after the one it transforms, in its order: {dep}"
+        assert dep[reads].min() > 1e-4 and dep.diagonal().min() > 1e-2, f"block {i}: {dep}"
+
+    def stack(h: torch.Tensor) -> torch.Tensor:
+        for block in model.blocks:
+            h = block(h, None)[0]
+        return h
+
+    whole = _token_dependence(stack, tokens)    # one order alone would leave the stack triangular
+    assert whole.min() > 1e-4, f"some output token does not see some input token: {whole}"
+    z = model(model.unpatchify(tokens))[0]
+    torch.testing.assert_close(model.patchify(z), stack(tokens))
+
+
+def test_each_flow_block_places_every_token_at_its_own_grid_position(one_thread):
+    """Learned position table (rope: false): the row of grid position g first enters where token g is predicted,
+    in grid order and in a reversed block alike: it moves z_g and no token predicted before g in that block."""
+    model = _flow(rope=False)
+    n = model.config.num_tokens
+    tokens = torch.randn(1, n, model.config.token_dim)
+    for i, block in enumerate(model.blocks):
+        with torch.no_grad():
+            base, table = block(tokens, None)[0], block.pos_embed.clone()
+            for g in range(n):
+                block.pos_embed[g] += torch.randn(model.config.hidden_size)   # (a constant would be normed away)
+                moved = (block(tokens, None)[0] - base).abs().amax(-1)[0]   # (N,)
+                block.pos_embed.copy_(table)
+                earlier = list(range(g + 1, n)) if block.reverse else list(range(g))
+                assert moved[g] > 1e-3, f"block {i}: position row {g} does not reach token {g}"
+                assert all(moved[j] < 1e-6 for j in earlier), f"block {i}: row {g} moves tokens {earlier}: {moved}"
+    assert [b.reverse for b in model.blocks] == [False, True]
+
+
+@pytest.mark.parametrize("top_only", [True, False])
+def test_cond_top_only_conditions_the_deep_block_alone(top_only, one_thread):
+    model = _flow(layers_per_block=(1, 1, 1), num_classes=3, cond_top_only=top_only)
+    tokens = torch.randn(1, model.config.num_tokens, model.config.token_dim)
+    with torch.no_grad():
+        cond_a, cond_b = model.y_embedder(torch.tensor([0])), model.y_embedder(torch.tensor([2]))
+        for i, block in enumerate(model.blocks):
+            a, b = block(tokens, cond_a)[0], block(tokens, cond_b)[0]
+            if top_only and i < len(model.blocks) - 1:
+                assert torch.equal(a, b), f"block {i} of {len(model.blocks)} reads the class with cond_top_only"
+            else:
+                assert (a - b).abs().max() > 1e-3, f"block {i} ignores the class"
+
+
+def test_flow_guidance_time_of_token_i_is_one_minus_i_plus_one_over_t(one_thread):
+    """One block (grid order = generation order): a schedule that guides only at t = 0 guides the last token only."""
+    model = _flow(layers_per_block=(1,), num_classes=3)
+    z, y = torch.randn(2, 2, 2, 2), torch.tensor([0, 2])
+    asked: list[float] = []
+
+    def last_only(t: float) -> float:
+        asked.append(t)
+        return 3.0 if t == 0.0 else 1.0
+
+    with torch.no_grad():
+        conditional = model.patchify(model.inverse(z, y))
+        guided = model.patchify(model.inverse(z, y, last_only))
+    n = model.config.num_tokens
+    assert sorted(set(asked)) == sorted(1.0 - (i + 1) / n for i in range(n))
+    torch.testing.assert_close(guided[:, :-1], conditional[:, :-1], atol=1e-5, rtol=1e-5)
+    assert (guided[:, -1] - conditional[:, -1]).abs().max() > 1e-2

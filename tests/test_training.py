@@ -107,7 +107,7 @@ class DrawingStage(ToyStage):
 
 def test_random_streams_derive_from_seed_rank_and_step(tmp_path):
     """Each process's streams come from (seed, rank, step): a resume needs no stored RNG state, and a resume with
-    more processes gives the new ranks their own noise instead of a copy of rank 0's (issue 14, item 8)."""
+    more processes gives the new ranks their own noise instead of a copy of rank 0's."""
     stage = DrawingStage()
     Trainer(stage, _cfg(steps=4), tmp_path / "a", progress=False).fit(stop_at=2)
     assert "rng" not in load_run_state(tmp_path / "a")
@@ -226,3 +226,25 @@ def test_sampler_is_independent_of_process_count():
     assert sorted(k[0] for k in stream[:10]) == list(range(10))  # each epoch is a permutation
     resumed = iter(ResumableSampler(10, seed=5, start=13))
     assert [next(resumed) for _ in range(5)] == stream[13:18]
+
+
+def test_ema_update_gives_the_new_weights_one_minus_decay():
+    from fae.training import EMA
+
+    model = nn.Linear(2, 2, bias=False)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        old = model.weight.clone()
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.weight, 0.9 * old + 0.1 * model.weight)
+
+
+def test_ema_copies_buffers():
+    from fae.training import EMA
+
+    model = nn.BatchNorm1d(3)
+    ema = EMA(model, decay=0.9)
+    model(torch.randn(8, 3) + 5.0)   # a training forward moves the running statistics
+    ema.update(model)
+    assert torch.equal(ema.module.running_mean, model.running_mean) and float(model.running_mean.mean()) > 0.1

@@ -1,4 +1,5 @@
-"""Flow-matching path, time shift, guidance schedule and samplers (fae/transport.py)."""
+"""Flow-matching path, time shift, time distributions, guidance schedule, samplers (the SDE with a diffusion norm too)
+and per-sample noise (fae/transport.py)."""
 from __future__ import annotations
 
 import itertools
@@ -256,3 +257,44 @@ def test_paper_sampler_rule_lives_in_the_library():
     assert paper_method(GuidanceSchedule()) == "euler_maruyama"          # no guidance: SDE
     assert paper_method(GuidanceSchedule.paper()) == "euler"             # guidance: ODE
     assert paper_method(GuidanceSchedule.parse("1.0")) == "euler_maruyama"  # scale 1 everywhere is no guidance
+
+
+# ---------------------------------------------------------------------------------------------------- diffusion norm, noise
+def _gaussian_velocity_of(m: float, s: float):
+    """Exact v(x, t) = E[eps - x0 | x_t] for x0 ~ N(m, s^2), x_t = (1 - t) x0 + t eps."""
+    def v(x: torch.Tensor, t: float, y) -> torch.Tensor:
+        var = (1 - t) ** 2 * s * s + t * t
+        centred = x - (1 - t) * m
+        return t / var * centred - (m + (1 - t) * s * s / var * centred)
+    return v
+
+
+@pytest.mark.parametrize("norm", [0.5, 2.0])
+@pytest.mark.margin
+def test_sde_with_diffusion_norm_reaches_the_data(norm):
+    m, s = 1.5, 0.5
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(20000, 1, 1, 1, generator=g)   # the mean's standard error 0.0035
+    cfg = SamplerConfig(method="euler_maruyama", steps=100, diffusion_norm=norm)
+    x = sample(_gaussian_velocity_of(m, s), noise, None, cfg, generators=g).flatten()
+    within("|sample mean - data mean|", abs(float(x.mean()) - m), hi=0.04)
+    within("|sample std - data std|", abs(float(x.std()) - s), hi=0.04)
+
+
+@pytest.mark.margin
+def test_logit_normal_times_center_on_the_mean():
+    from fae.transport import sample_time
+
+    cfg = TransportConfig(time_dist="logit_normal", logit_normal_mean=1.0, logit_normal_std=0.5, time_shift=1.0)
+    t = sample_time(20000, cfg, torch.Generator().manual_seed(0))
+    within("|median t - sigmoid(mean)|", abs(float(t.median()) - 1 / (1 + math.exp(-1.0))), hi=0.01)  # the law's median
+
+
+def test_each_sample_gets_its_own_noise_from_seed_and_index():
+    from fae.transport import initial_noise, sample_generators
+
+    batch = initial_noise((3, 2, 2, 2), sample_generators(7, [4, 5, 6]))
+    alone = initial_noise((1, 2, 2, 2), sample_generators(7, [5]))
+    assert torch.equal(batch[1], alone[0])                       # depends on (seed, index), not on the batch
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(batch[1], batch[2])
+    assert not torch.equal(alone, initial_noise((1, 2, 2, 2), sample_generators(8, [5])))  # nor on the index only

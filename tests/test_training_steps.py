@@ -1,8 +1,9 @@
-"""What the trainer's docs claim, observed through behaviour: a two-process DDP step equals the single-process step at
-the same global batch, the LR at chosen steps equals the formula, gradients are clipped before the update, SIGTERM
-finishes the step and checkpoints, DataLoader workers give the same run, bf16 runs under autocast, writes are
-atomic, and the FAE stage's loss uses its KL weight. (benchmarks/mutation.py lists the bugs each test catches.)
-"""
+"""The trainer step by step on a deterministic toy stage: two gloo processes give the single-process step at the same
+global batch and resume each process's random state, the LR follows the schedule's formula, gradients are clipped
+before the update and accumulate to the full-batch gradient, bf16 runs under autocast, DataLoader workers give the
+same run, SIGTERM finishes the step and checkpoints, and a resume starts from the newest checkpoint.
+(tests/test_training.py has the trainer on its other toy stage; benchmarks/mutation.py lists the bugs each test
+catches.)"""
 from __future__ import annotations
 
 import itertools
@@ -18,13 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from margins import within
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset, get_worker_info
 
 from fae.data import split_key
-from fae.io import atomic_write
 from fae.training import OptimConfig, TrainConfig, Trainer, TrainingInterrupted, TrainStage, checkpoint_dirs
 
 
@@ -234,76 +233,6 @@ def test_bf16_training_runs_under_autocast(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["precision"]["precision"] == "bf16"
 
 
-def test_atomic_write_leaves_no_half_file(tmp_path):
-    target = tmp_path / "state.txt"
-    target.write_text("old, complete")
-
-    def write_half_then_fail(path: Path) -> None:
-        path.write_text("new, half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(target, write_half_then_fail)
-    assert target.read_text() == "old, complete" and [p.name for p in tmp_path.iterdir()] == ["state.txt"]
-    atomic_write(target, lambda p: p.write_text("new"))
-    assert target.read_text() == "new"
-
-
-@pytest.mark.margin
-def test_fae_stage_loss_uses_the_configured_kl_weight():
-    from tiny import tiny_fae_config
-
-    from fae.encoders import EncoderConfig
-    from fae.stages.autoencoder import Config, FAEStage, VAELossConfig
-
-    class Features:  # what the stage asks of its frozen encoder; the batch brings cached features
-        dim, grid = 32, (4, 4)
-
-        def to(self, device):
-            return self
-
-    model = tiny_fae_config()
-    beta = 0.5
-    cfg = Config(encoder=EncoderConfig(kind="dinov2", name_or_path="unused"), model=model,
-                 loss=VAELossConfig(kl_weight=beta, sample_posterior=False))
-    stage = FAEStage(cfg, encoder=Features())
-    x = torch.randn(3, 16, 32)
-    loss, _ = stage.loss("main", {"features": x}, 0)
-    net = stage.modules["model"]
-    posterior = net.encode(x)
-    m, lv = posterior.mean, posterior.logvar
-    kl_per_element = (0.5 * (m.pow(2) + lv.exp() - 1 - lv)).mean()   # paper eq. 4.1, per latent element
-    expected = (net.decode(m) - x).pow(2).mean() + beta * kl_per_element
-    # the KL term is not negligible (an order-of-magnitude guard, so on a log scale: 0.24-0.38 over seeds)
-    within("log10 KL per latent element", math.log10(kl_per_element), lo=-2)
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
-
-
-
-def test_image_folder_in_workers_drops_corrupt_files_and_counts_per_process(tmp_path):
-    from PIL import Image
-    from torch.utils.data import DataLoader
-
-    from fae.data.images import ImageFolderDataset
-    from fae.data.readable import collate_present
-
-    for i in range(4):
-        Image.fromarray(torch.randint(0, 256, (20, 20, 3), dtype=torch.uint8).numpy()).save(tmp_path / f"{i}.png")
-    (tmp_path / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    batches = {}
-    for workers in (0, 2):
-        ds = ImageFolderDataset(tmp_path, image_size=16)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # the warning is raised inside each worker
-            loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=collate_present)
-            batches[workers] = [b["image"] for b in loader]
-        # each process counts the corrupt files it met: the main process met it only without workers
-        assert ds.skipped == (1 if workers == 0 else 0)
-    assert [b.shape[0] for b in batches[2]] == [1, 2]     # the corrupt item is dropped, not replaced by a neighbour
-    for a, b in zip(batches[0], batches[2], strict=True):
-        assert torch.equal(a, b)
-
-
 def test_accumulated_gradient_is_the_full_batch_gradient(tmp_path):
     grads = {}
     for accum in (1, 4):
@@ -320,18 +249,6 @@ def test_accumulated_gradient_is_the_full_batch_gradient(tmp_path):
     torch.testing.assert_close(grads[4], grads[1], rtol=1e-5, atol=1e-7)
 
 
-def test_ema_update_gives_the_new_weights_one_minus_decay():
-    from fae.training import EMA
-
-    model = nn.Linear(2, 2, bias=False)
-    ema = EMA(model, decay=0.9)
-    with torch.no_grad():
-        old = model.weight.clone()
-        model.weight.add_(1.0)
-    ema.update(model)
-    torch.testing.assert_close(ema.module.weight, 0.9 * old + 0.1 * model.weight)
-
-
 def test_resume_starts_from_the_newest_checkpoint(tmp_path):
     Trainer(Stage(), _cfg(steps=6, checkpoint_every=1, keep_checkpoints=3), tmp_path, progress=False).fit(stop_at=3)
     assert len(checkpoint_dirs(tmp_path)) == 3
@@ -339,13 +256,3 @@ def test_resume_starts_from_the_newest_checkpoint(tmp_path):
     stage = Stage(on_loss=lambda s, batch, step: steps.append(step))
     Trainer(stage, _cfg(steps=6, checkpoint_every=1, keep_checkpoints=3), tmp_path, progress=False).fit()
     assert steps == [3, 4, 5]   # no finished step is computed again
-
-
-def test_ema_copies_buffers():
-    from fae.training import EMA
-
-    model = nn.BatchNorm1d(3)
-    ema = EMA(model, decay=0.9)
-    model(torch.randn(8, 3) + 5.0)   # a training forward moves the running statistics
-    ema.update(model)
-    assert torch.equal(ema.module.running_mean, model.running_mean) and float(model.running_mean.mean()) > 0.1
