@@ -10,11 +10,16 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from fae.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+
+if TYPE_CHECKING:   # the stages' package stays light to import (`fae --help`); these are for annotations only
+    import torch
+
+    from fae.generators import Generator
 
 LATENT_SPACE_STAGES: dict[str, str] = {
     "fae": "fae.stages.autoencoder",
@@ -119,7 +124,7 @@ def train_stage(name: str, cfg: Any, out_dir: str | Path, fresh: bool = False, p
     return out_dir
 
 
-def load_run_generator(path: str | Path, device: str | Any = "cpu") -> Any:
+def load_run_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
     """Any generator family's bundle or run folder, finished or not (fae.stages.generator.load_run_generator)."""
     from fae.stages.generator import load_run_generator as load
 
