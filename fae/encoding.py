@@ -25,8 +25,10 @@ from fae.data.latents import (
     TEXT_NULL,
     CachedFeatureRows,
     CacheLayout,
+    LatentFn,
     ShardWriter,
     Source,
+    TextFn,
     shard_done,
     shard_name,
     write_cache_manifest,
@@ -72,12 +74,7 @@ class EncodeOptions:
             raise ConfigError("store_std needs source=fae (raw features have no posterior)")
         if self.dtype not in DTYPES or self.text_dtype not in DTYPES:
             raise ConfigError(f"dtype and text_dtype must be one of {list(DTYPES)}, got {self.dtype!r}, "
-                             f"{self.text_dtype!r}")
-
-
-# (batch, with_flip) -> {"latents", "std"?, "latents_flip"?, "std_flip"?}, each (B,C,h,w)
-LatentFn = Callable[[dict[str, torch.Tensor], bool], dict[str, torch.Tensor]]
-TextFn = Callable[[list[str]], dict[str, torch.Tensor]]   # prompts -> {"text_tokens", "text_mask", "text_pooled"}
+                              f"{self.text_dtype!r}")
 
 
 def make_latent_fn(encoder: Callable[[torch.Tensor], torch.Tensor] | None, fae: Any | None, source: Source,

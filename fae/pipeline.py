@@ -33,8 +33,7 @@ class GenerationPipeline:
             raise ConfigError("a generation pipeline needs an FAE bundle with its pixel decoder (the pixel-decoder "
                               "fine-tune run's tokenizer/)")
         check_trained_on(generator, fae)
-        self.fae, self.generator = fae, generator
-        self.device = torch.device(device) if device is not None else generator.device
+        self.fae, self.generator, self.device = fae, generator, generator.device
         if device is not None:
             self.to(device)
 

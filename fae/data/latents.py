@@ -59,6 +59,12 @@ def shard_name(i: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
+# what the writer is given to encode a batch: (batch, with_flip) -> {"latents", "std"?, "latents_flip"?,
+# "std_flip"?}, each (B,C,h,w); and prompts -> {"text_tokens", "text_mask", "text_pooled"}
+LatentFn = Callable[[dict[str, torch.Tensor], bool], dict[str, torch.Tensor]]
+TextFn = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class CacheLayout:
     """How a cache stores its rows: what the latents are, whether flips and posterior stds are kept, and the dtypes."""
@@ -114,16 +120,15 @@ class ShardWriter:
     def _append(self, key: str, value: torch.Tensor) -> None:
         self.parts.setdefault(key, []).append(value.cpu())
 
-    def add(self, batch: dict[str, Any], latent_fn: Callable[[dict[str, torch.Tensor], bool], dict[str, torch.Tensor]],
-            device: torch.device | str, dataset: Dataset,
-            text_fn: Callable[[list[str]], dict[str, torch.Tensor]] | None) -> None:
+    def add(self, batch: dict[str, Any], latent_fn: LatentFn, device: torch.device | str, dataset: Dataset,
+            text_fn: TextFn | None) -> None:
         self.kept += batch.pop("index").tolist()
         self._append("labels", batch.pop("label").long())
         captions = batch.pop("caption", None)
         if text_fn is not None:
             if captions is None:
                 raise ConfigError(f"a text encoder was given but {type(dataset).__name__} has no captions; "
-                                 "use a caption data set (fae.data.captions)")
+                                  "use a caption data set (fae.data.captions)")
             self.captions += list(captions)
             for k, v in text_fn(list(captions)).items():
                 self._append(k, v if k == "text_mask" else v.to(DTYPES[self.opts.text_dtype]))
@@ -182,7 +187,7 @@ def write_cache_manifest(out: Path, signature: str, num_shards: int, opts: Cache
             shards.append({"file": shard_name(s), "count": shape[0], "sha256": digest})
     if shape is None:
         raise ConfigError(f"none of the {len(dropped)} items could be read (e.g. {dropped[0] if dropped else '?'}); "
-                         "check the data folder")
+                          "check the data folder")
     all_labels = torch.cat(labels)
     mean, std = compute_stats(out, [s["file"] for s in shards if s["count"]], flip=opts.flip)
     # one metadata key: safetensors writes metadata from a hash map, whose order would differ between runs
