@@ -10,7 +10,7 @@ import contextlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,13 +47,14 @@ from fae.io import (
 )
 from fae.models.autoencoder import FeatureAutoEncoder, check_encoder_shape
 from fae.precision import DTYPES, PRECISIONS, Precision, resolve_precision
+from fae.tokenizers import FAE, Tokenizer, load_tokenizer, parse_tokenizer_spec, tokenizer_kinds
 
 
 @dataclass
 class EncodeOptions:
     source: Source = "fae"
     flip: bool = True                 # also store the latents of the horizontally flipped images
-    store_std: bool = False           # also store the posterior std (source=fae only)
+    store_std: bool = False           # also store the posterior std (not for raw features)
     shard_size: int = 10000
     batch_size: int = 256
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -70,8 +71,8 @@ class EncodeOptions:
             raise ConfigError("shard_size and batch_size must be positive, num_workers >= 0")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {list(PRECISIONS)}, not {self.precision!r}")
-        if self.store_std and self.source != "fae":
-            raise ConfigError("store_std needs source=fae (raw features have no posterior)")
+        if self.store_std and self.source == "raw_features":
+            raise ConfigError("store_std needs a posterior (source=fae or a tokenizer); raw features have none")
         if self.dtype not in DTYPES or self.text_dtype not in DTYPES:
             raise ConfigError(f"dtype and text_dtype must be one of {list(DTYPES)}, got {self.dtype!r}, "
                               f"{self.text_dtype!r}")
@@ -114,6 +115,24 @@ def make_latent_fn(encoder: Callable[[torch.Tensor], torch.Tensor] | None, fae: 
     return fn
 
 
+def make_tokenizer_latent_fn(tokenizer: Tokenizer, store_std: bool = False) -> LatentFn:
+    """The latents of a batch's "image" (B,3,H,W) in [0,1] (and of its h-flip) under any tokenizer."""
+
+    def latents(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not store_std:
+            return {"latents": tokenizer.encode(images).float()}
+        mean, std = tokenizer.encode_distribution(images)
+        if std is None:
+            raise ConfigError(f"store_std: the {tokenizer.kind} tokenizer is deterministic (it has no posterior std)")
+        return {"latents": mean.float(), "std": std.float()}
+
+    @torch.no_grad()
+    def fn(batch: dict[str, torch.Tensor], with_flip: bool) -> dict[str, torch.Tensor]:
+        images = batch["image"]
+        outs = batched_halves(latents, [images, *([images.flip(-1)] if with_flip else [])])
+        return {**outs[0], **({f"{k}_flip": v for k, v in outs[1].items()} if with_flip else {})}
+
+    return fn
 
 
 @torch.no_grad()
@@ -182,12 +201,11 @@ def encode_dataset(latent_fn: LatentFn, dataset: Dataset,
     return out
 
 
-
-
 def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None, encoder: Any | None = None,
                    split: str | None = None, options: EncodeOptions | None = None, device: str = "auto",
                    progress: bool = True, feature_cache: str | Path | None = None,
-                   text_encoder: Any | None = None) -> Path:
+                   text_encoder: Any | None = None, tokenizer: str | Path | dict[str, Any] | Tokenizer | None = None
+                   ) -> Path:
     """`fae encode`: the data set of `data` (a DataConfig or a Dataset) through the frozen encoder and the FAE
     bundle `fae` into a latent cache at `out_dir`.
 
@@ -199,33 +217,83 @@ def encode_latents(data: Any, out_dir: str | Path, fae: str | Path | None = None
     wrote); its features are used instead of running the encoder again.
     `text_encoder` (a TextEncoderConfig or a TextEncoder): `data` is a caption data set (fae.data.captions) and the
     captions' text embeddings are cached with the latents, for `fae train mmdit`.
+    `tokenizer`: any latent space instead (fae.tokenizers: what `--tokenizer` names, a reference, or a Tokenizer);
+    one of kind "fae" goes the FAE way above (its stage-1 bundle, feature caches), any other is run on the images.
     """
     opts = options or EncodeOptions()
     opts.validate()
     dev = D.resolve_device(device)
     if D.is_distributed() and dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
-    record, fae_model, frozen = _networks(fae, encoder, opts, dev)
     dataset = data if isinstance(data, Dataset) else build_dataset(data, split)
+    if tokenizer is not None:
+        tokenizer, fae = _tokenizer_or_fae(tokenizer, fae, encoder, opts, dev)
+    if isinstance(tokenizer, Tokenizer):
+        if feature_cache is not None:
+            raise ConfigError(f"a feature cache holds frozen-encoder features; the {tokenizer.kind} tokenizer reads "
+                              "images: drop --feature-cache")
+        opts = replace(opts, source="tokenizer")
+        record: dict[str, Any] = {"fae": None, "encoder": None, "tokenizer": _tokenizer_record(tokenizer, dataset)}
+        return encode_dataset(make_tokenizer_latent_fn(tokenizer, opts.store_std), dataset, out_dir, opts, dev,
+                              record, progress, text_fn=_text_fn(text_encoder, dev, record))
+    record, fae_model, frozen = _networks(fae, encoder, opts, dev)
     if feature_cache is not None:
         dataset = _cached_features(dataset, feature_cache, frozen, opts)
-    text_fn = None
-    if text_encoder is not None:
-        if isinstance(text_encoder, TextEncoderConfig):
-            try:
-                text_encoder.validate()
-            except ValueError as exc:
-                raise ConfigError(f"text encoder: {exc}") from None
-            text_encoder = TextEncoder.from_config(text_encoder)
-        text_encoder = text_encoder.to(dev)
-        record["text"] = {"encoder": text_encoder.reference(), "null": TEXT_NULL}
-        text_fn = text_encoder.encode
+    text_fn = _text_fn(text_encoder, dev, record)
     precision = resolve_precision(opts.precision, dev)
     if fae_model is not None:  # the resolved name only: the evidence (timings) would change the cache's signature
         record["fae_precision"] = precision.name
     latent_fn = make_latent_fn(frozen, fae_model, opts.source, tuple(frozen.grid), opts.store_std,
                                autocast=precision.autocast)
     return encode_dataset(latent_fn, dataset, out_dir, opts, dev, record, progress, text_fn=text_fn)
+
+
+def _text_fn(text_encoder: Any | None, dev: torch.device, record: dict[str, Any]) -> TextFn | None:
+    """The caption embedder of a caption data set (recorded under "text"), or None."""
+    if text_encoder is None:
+        return None
+    if isinstance(text_encoder, TextEncoderConfig):
+        try:
+            text_encoder.validate()
+        except ValueError as exc:
+            raise ConfigError(f"text encoder: {exc}") from None
+        text_encoder = TextEncoder.from_config(text_encoder)
+    text_encoder = text_encoder.to(dev)
+    record["text"] = {"encoder": text_encoder.reference(), "null": TEXT_NULL}
+    return text_encoder.encode
+
+
+def _tokenizer_or_fae(tokenizer: Any, fae: str | Path | None, encoder: Any | None, opts: EncodeOptions,
+                      dev: torch.device) -> tuple[Tokenizer | None, str | Path | None]:
+    """The tokenizer to run on the images, or (None, the FAE bundle) when `tokenizer` names an FAE."""
+    if fae is not None:
+        raise ConfigError("give --tokenizer or --fae, not both (an FAE is one tokenizer: --tokenizer <its run>)")
+    if opts.source == "raw_features":
+        raise ConfigError("source=raw_features stores the frozen encoder's features: give --fae (or --encoder), "
+                          "not --tokenizer")
+    if isinstance(tokenizer, FAE):
+        if tokenizer.source is None:
+            raise ConfigError("an FAE built in memory has no bundle to encode with: save_pretrained it first")
+        return None, tokenizer.source
+    if not isinstance(tokenizer, Tokenizer):
+        parsed = parse_tokenizer_spec(tokenizer)
+        if isinstance(parsed, dict) and parsed["kind"] == "fae":
+            return None, parsed.get("path")   # the FAE way: its stage-1 bundle (feature caches, --encoder)
+        if isinstance(parsed, Path) and tokenizer_kinds()["fae"].recognises(parsed):
+            return None, parsed
+        tokenizer = load_tokenizer(parsed, device=dev)
+    if encoder is not None:
+        raise ConfigError(f"--encoder names an FAE's frozen encoder; the {tokenizer.kind} tokenizer has its own")
+    return tokenizer.to(dev), None
+
+
+def _tokenizer_record(tokenizer: Tokenizer, dataset: Dataset) -> dict[str, Any]:
+    """What a cache (and every generator trained on it) records of a tokenizer; the image size of the data set
+    fixes a VAE's latent grid, so sampling can check the shape."""
+    first = dataset[0]
+    image_size = int(first["image"].shape[-1]) if isinstance(first, dict) and "image" in first else None
+    return {"kind": tokenizer.kind, "sha256": tokenizer.identity, "reference": tokenizer.reference(),
+            "image_size": image_size}
 
 
 def _networks(fae: str | Path | None, encoder: Any | None, opts: EncodeOptions, dev: torch.device

@@ -33,19 +33,23 @@ from fae.io import atomic_save_npz, atomic_write, atomic_write_text, require_bun
 from fae.models.pixel_decoder import PixelDecoder
 from fae.precision import resolve_precision
 from fae.speed import CompileMode, compile_in_place, compile_wanted
-from fae.tokenizers import FAE
+from fae.tokenizers import FAE, Tokenizer, check_tokenizer, load_tokenizer
 from fae.transport import SamplerConfig, initial_noise, sample_generators
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: str | Path | None = None,
-                 device: str | torch.device = "cpu", compile: CompileMode = "auto") -> Decoder:
+                 device: str | torch.device = "cpu", compile: CompileMode = "auto",
+                 tokenizer: str | Path | dict[str, Any] | Tokenizer | None = None) -> Decoder:
     """Latents (B,C,h,w) in the generator's space (de-normalised) -> images (B,3,H,W) in [0,1].
 
     FAE latents: `fae` is an FAE bundle with its pixel decoder (`tokenizer/`, or the run holding it), or a stage-1 FAE bundle plus
     `pixel_decoder` (`FAE.load`); its weights must be those the generator was trained on. Raw-feature latents: the
-    features go straight into `pixel_decoder`. `compile` (auto | on | off, fae.speed) compiles the decoders.
+    features go straight into `pixel_decoder`. Any other latent space (fae.tokenizers): `tokenizer` (what
+    `--tokenizer` names, or a Tokenizer), by default the reference the generator's bundle recorded (a hub id, or a
+    folder that may have moved); kind, identity and latent shape are checked. `compile` (auto | on | off,
+    fae.speed) compiles the decoders.
     """
     compile_wanted(compile, device)  # a bad mode is refused before anything loads
     if gen.record.raw_features:
@@ -57,16 +61,40 @@ def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: s
         if compile_wanted(compile, device):
             compile_in_place(pd)
         return lambda z: pd.decode(z.flatten(2).transpose(1, 2))
+    kind = trained_tokenizer_kind(gen)
+    if kind == "fae" and not isinstance(tokenizer, Tokenizer):
+        return _fae_decoder(gen, fae if fae is not None else tokenizer, pixel_decoder, device, compile)  # type: ignore[arg-type]  # a reference dict names a folder too
+    if fae is not None or pixel_decoder is not None:
+        raise ConfigError(f"{gen.source} generates {kind} latents: pass --tokenizer (default: the one its bundle "
+                          "records), not --fae/--pixel-decoder")
+    origin = gen.record.latents
+    spec = tokenizer if tokenizer is not None else (origin.tokenizer_reference if origin else None)
+    if spec is None:
+        raise ConfigError(f"{gen.source} records no tokenizer to decode its latents with: pass --tokenizer")
+    tok = spec if isinstance(spec, Tokenizer) else load_tokenizer(spec, device=device)
+    check_trained_on(gen, tok)
+    tok.compile_networks(compile, device)
+    return tok.decode
+
+
+def _fae_decoder(gen: Generator, fae: str | Path | None, pixel_decoder: str | Path | None,
+                 device: str | torch.device, compile: CompileMode) -> Decoder:
     if fae is None:
         expected = trained_fae_sha256(gen)
         raise ConfigError(f"{gen.source} generates FAE latents: pass the FAE it was trained on (--fae <pixel-decoder "
                           "fine-tune run or its tokenizer/ bundle>, or --fae <stage-1 run> --pixel-decoder <run>"
                           + (f"; its weights' SHA-256 starts {expected[:12]}" if expected else "")
                           + "), or sample from a pipeline folder (GenerationPipeline, `fae sample --pipeline`)")
-    pipe = FAE.load(fae, pixel_decoder, map_location=device)
+    pipe = FAE.load(fae["path"] if isinstance(fae, dict) else fae, pixel_decoder, map_location=device)
     check_trained_on(gen, pipe)
     pipe.compile_networks(compile, device)
     return pipe.decode_to_pixels
+
+
+def trained_tokenizer_kind(gen: Generator) -> str:
+    """The kind of tokenizer whose latents the generator learned ("fae" for bundles that name none)."""
+    origin = gen.record.latents
+    return (origin.tokenizer if origin else None) or "fae"
 
 
 def trained_fae_sha256(gen: Generator) -> str | None:
@@ -74,18 +102,21 @@ def trained_fae_sha256(gen: Generator) -> str | None:
     return gen.record.latents.fae_sha256 if gen.record.latents else None
 
 
-def check_trained_on(gen: Generator, fae: FAE) -> None:
-    """Refuse an FAE whose weights are not those the generator was trained on: its samples would decode wrongly."""
+def check_trained_on(gen: Generator, tokenizer: Tokenizer) -> None:
+    """Refuse a tokenizer that is not the one the generator was trained on (another kind, other weights, another
+    latent shape): its samples would decode wrongly."""
     if gen.record.raw_features:
-        raise ConfigError(f"{gen.source} generates raw encoder features, not FAE latents; decode them with "
+        raise ConfigError(f"{gen.source} generates raw encoder features, not a tokenizer's latents; decode them with "
                           "load_decoder(gen, pixel_decoder=...)")
-    if tuple(gen.latent_shape) != (fae.autoencoder.config.latent_channels, *fae.autoencoder.config.grid):
-        raise ConfigError(f"the generator makes {tuple(gen.latent_shape)} latents, the FAE decodes "
-                          f"{(fae.autoencoder.config.latent_channels, *fae.autoencoder.config.grid)}")
-    expected = trained_fae_sha256(gen)
-    if expected and fae.fae_weights_sha256 and fae.fae_weights_sha256 != expected:
-        raise ConfigError(f"{gen.source} was trained on the latents of another FAE (the SHA-256 of the FAE weights, "
-                          f"{fae.fae_weights_sha256[:12]}..., differs from the {expected[:12]}... the generator records)")
+    origin = gen.record.latents
+    image_size = origin.image_size if origin else None
+    if tokenizer.kind == "fae" or image_size:   # an FAE's latent shape does not depend on the image size
+        shape = tuple(tokenizer.latent_shape(image_size or 0))
+        if tuple(gen.latent_shape) != shape:
+            raise ConfigError(f"the generator makes {tuple(gen.latent_shape)} latents, the {tokenizer.kind} tokenizer "
+                              f"decodes {shape}")
+    expected = origin.tokenizer_sha256 if origin else None
+    check_tokenizer(tokenizer, trained_tokenizer_kind(gen), expected, None, None, gen.source)
 
 
 # --------------------------------------------------------------------------------------------------- generation

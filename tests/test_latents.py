@@ -158,7 +158,7 @@ def test_feature_cache_skips_the_encoder_and_gives_the_same_latents(parts, tmp_p
 def test_errors_name_the_problem(parts, tmp_path):
     with pytest.raises(ValueError, match="needs the FAE bundle"):
         encode_latents(parts["data"], tmp_path / "x", encoder=parts["encoder"])
-    with pytest.raises(ValueError, match="store_std needs source=fae"):
+    with pytest.raises(ValueError, match="store_std needs a posterior"):
         EncodeOptions(source="raw_features", store_std=True).validate()
     with pytest.raises(FileNotFoundError, match="fae encode"):
         LatentCache(tmp_path)

@@ -10,6 +10,13 @@ from fae.precision import PRECISIONS
 from fae.speed import COMPILE_MODES
 
 
+def _tokenizer_help() -> str:
+    from fae.tokenizers import tokenizer_kinds
+
+    return (f"<kind>:<hub id or folder> (kinds: {', '.join(tokenizer_kinds())}; e.g. sd-vae:stabilityai/sd-vae-ft-ema), "
+            "or a folder one kind recognises (docs/tokenizers.md)")
+
+
 def _cmd_encode(args: argparse.Namespace) -> int:
     from fae.data import DataConfig
     from fae.distributed import init_distributed
@@ -29,7 +36,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         text = TextEncoderConfig(kind=args.text_encoder, name_or_path=args.text_model, max_length=args.text_max_length)
     out = encode_latents(data, args.out, fae=args.fae, encoder=encoder, split=args.split, options=opts,
                          device=args.device, progress=not args.no_progress, feature_cache=args.feature_cache,
-                         text_encoder=text)
+                         text_encoder=text, tokenizer=args.tokenizer)
     from fae.distributed import is_main
 
     if is_main():
@@ -62,15 +69,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.prompts:
         prompts += [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
     if args.pipeline:
-        if args.generator or args.fae or args.pixel_decoder:
-            raise ConfigError("--pipeline holds the generator and the FAE: drop --generator/--fae/--pixel-decoder")
+        if args.generator or args.fae or args.pixel_decoder or args.tokenizer:
+            raise ConfigError("--pipeline holds the generator and the tokenizer: drop --generator/--fae/"
+                              "--pixel-decoder/--tokenizer")
         pipe = GenerationPipeline.from_pretrained(args.pipeline, device=device)
-        pipe.fae.compile_networks(args.compile, device)
+        pipe.tokenizer.compile_networks(args.compile, device)
         gen = pipe.generator
-        decode: Decoder = pipe.fae.decode_to_pixels
+        decode: Decoder = pipe.tokenizer.decode
     elif args.generator:
         gen = load_run_generator(args.generator, device=device)
-        decode = load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device, compile=args.compile)
+        decode = load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device, compile=args.compile,
+                              tokenizer=args.tokenizer)
     else:
         raise ConfigError("fae sample: give --pipeline <folder>, or --generator <run> with --fae <pixel-decoder "
                           "fine-tune run>")
@@ -85,12 +94,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    tokenizer_help = _tokenizer_help()
     p = sub.add_parser("encode", help="encode a data set into a latent cache (for `fae train dit`)",
                        description="Run the frozen encoder and the FAE encoder once over a data set (plain and "
                        "h-flipped images) and write safetensors shards with labels and exact per-channel "
                        "statistics. Re-running resumes: finished shards are kept. Works under torchrun.")
     p.add_argument("--fae", help="the stage-1 FAE run folder or bundle (e.g. runs/fae); its recorded frozen encoder "
                    "is used")
+    p.add_argument("--tokenizer", help=f"any latent space instead of --fae: {tokenizer_help}")
     p.add_argument("--data", required=True, help="YAML with a data: section (e.g. the FAE training config) or "
                    "DataConfig fields")
     p.add_argument("--encoder", help="YAML with an encoder: section; default: the encoder the FAE bundle records")
@@ -137,6 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fae", help="with --generator: the pixel-decoder fine-tune run (or its tokenizer/ bundle), or the "
                    "stage-1 FAE run, the generator was trained on (checked by the SHA-256 of its weights)")
     p.add_argument("--pixel-decoder", help="pixel decoder bundle (when --fae has none, or for raw-feature latents)")
+    p.add_argument("--tokenizer", help="with --generator, for latents of another latent space than an FAE: "
+                   f"{tokenizer_help}; default: the one the generator's bundle records (identity-checked)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("-n", "--num-samples", type=int, default=100)
     p.add_argument("--labels", default="equal", help="equal (sample i gets class i mod K) | random | ids like 0,3,7")

@@ -14,7 +14,9 @@ and `text_null.safetensors` holds the empty prompt's embedding, MMDiT's null con
 text encoder's reference goes into cache.json under "text".
 
 Latents are the FAE posterior mean by default. `source="raw_features"` stores the frozen encoder's features
-reshaped to (D, h, w) instead (the "diffusion directly on encoder features" baseline of the paper's Table 5).
+reshaped to (D, h, w) instead (the "diffusion directly on encoder features" baseline of the paper's Table 5), and
+`source="tokenizer"` another latent space's (fae.tokenizers: SD-VAE, VA-VAE, RAE, ...), whose kind, identity,
+reference and image size the manifest records under "tokenizer".
 
 Statistics are exact and deterministic: two passes in float64 (mean, then the mean squared deviation) over every
 stored latent (plain and flipped) in shard order, with NumPy's pairwise summation over fixed 1024-row chunks, so
@@ -51,7 +53,7 @@ _CHUNK = 1024
 TEXT_NULL = "text_null.safetensors"
 TEXT_KEYS = ("text_tokens", "text_mask", "text_pooled")
 
-Source = Literal["fae", "raw_features"]
+Source = Literal["fae", "raw_features", "tokenizer"]   # "tokenizer": any latent space of fae.tokenizers
 
 
 def shard_name(i: int) -> str:

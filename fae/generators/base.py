@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -35,25 +35,45 @@ from fae.transport import SamplerConfig
 # ------------------------------------------------------------------------------------------------ the record
 @dataclass(frozen=True)
 class LatentOrigin:
-    """Where a generator's latents came from. The FAE is named by identity (the SHA-256 of its weights), never by
-    path, so a bundle stays valid wherever files move; `cache` is provenance only, nothing loads through it."""
+    """Where a generator's latents came from. The tokenizer (fae.tokenizers) is named by kind and identity (the
+    SHA-256 its `identity` gives; for the FAE: of its weights), never by path alone, so a bundle stays valid wherever
+    files move; `tokenizer_reference` says how to load it again (a hub id or a folder, maybe moved since) and `cache`
+    is provenance only."""
 
-    source: str                          # "fae" (FAE posterior means) or "raw_features" (the frozen encoder's)
-    channels: int
+    source: str                          # "fae" (FAE posterior means), "raw_features" (the frozen encoder's) or
+    channels: int                        # "tokenizer" (another latent space's, fae.tokenizers)
     grid: tuple[int, ...]
-    fae_sha256: str | None = None
+    tokenizer: str | None = None         # the kind: "fae", "sd-vae", ... (None for raw features)
+    tokenizer_sha256: str | None = None
+    tokenizer_reference: dict[str, Any] | None = None
+    image_size: int | None = None        # of the images encoded (a VAE's latent grid depends on it)
     encoder: dict[str, Any] | None = None
     cache: str | None = None
 
+    @property
+    def fae_sha256(self) -> str | None:
+        return self.tokenizer_sha256 if self.tokenizer == "fae" else None
+
     def to_json(self) -> dict[str, Any]:
-        return {"cache": self.cache, "source": self.source, "channels": self.channels, "grid": list(self.grid),
-                "fae": {"weights_sha256": self.fae_sha256} if self.fae_sha256 else None, "encoder": self.encoder}
+        out: dict[str, Any] = {"cache": self.cache, "source": self.source, "channels": self.channels,
+                               "grid": list(self.grid), "fae": {"weights_sha256": self.fae_sha256} if self.fae_sha256
+                               else None, "encoder": self.encoder}
+        if self.tokenizer is not None:
+            out["tokenizer"] = {"kind": self.tokenizer, "sha256": self.tokenizer_sha256,
+                                "reference": self.tokenizer_reference, "image_size": self.image_size}
+        return out
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> LatentOrigin:
-        return cls(source=raw.get("source", "fae"), channels=int(raw["channels"]), grid=tuple(raw["grid"]),
-                   fae_sha256=(raw.get("fae") or {}).get("weights_sha256"), encoder=raw.get("encoder"),
-                   cache=raw.get("cache"))
+        """Also the cache manifest's layout (its "tokenizer", "fae" and "encoder" blocks); bundles and caches written
+        before tokenizers were units name only an FAE ("fae": {"weights_sha256"})."""
+        source = raw.get("source", "fae")
+        tok = raw.get("tokenizer") or {}
+        fae_sha = (raw.get("fae") or {}).get("weights_sha256")
+        kind = tok.get("kind") or ("fae" if source == "fae" else None)
+        return cls(source=source, channels=int(raw["channels"]), grid=tuple(raw["grid"]), tokenizer=kind,
+                   tokenizer_sha256=tok.get("sha256") or fae_sha, tokenizer_reference=tok.get("reference"),
+                   image_size=tok.get("image_size"), encoder=raw.get("encoder"), cache=raw.get("cache"))
 
 
 @dataclass
@@ -73,13 +93,9 @@ class GeneratorRecord:
     @classmethod
     def from_cache(cls, cache: LatentCache, **settings: Any) -> GeneratorRecord:
         """The record of a generator trained on `cache`, with the family's `settings` blocks."""
-        m = cache.manifest
-        fae = m.get("fae")
         stats = cache.stats()
-        origin = LatentOrigin(source=m["source"], channels=int(m["channels"]), grid=tuple(m["grid"]),
-                              fae_sha256=fae["weights_sha256"] if fae else None, encoder=m.get("encoder"),
-                              cache=str(Path(cache.path).resolve()))
-        return cls(stats["mean"], stats["std"], origin, m.get("class_names"), settings)
+        origin = replace(LatentOrigin.from_json(cache.manifest), cache=str(Path(cache.path).resolve()))
+        return cls(stats["mean"], stats["std"], origin, cache.manifest.get("class_names"), settings)
 
     def to_json(self) -> dict[str, Any]:
         return {"latent_stats": {"mean": list(self.mean), "std": list(self.std)},

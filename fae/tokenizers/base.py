@@ -123,8 +123,10 @@ def tokenizer_kinds() -> dict[str, TokenizerKind]:
 
 
 def _load_builtin() -> None:
-    import fae.tokenizers.baselines  # noqa: F401  (registers sd-vae, va-vae, rae, dc-ae)
-    import fae.tokenizers.fae  # noqa: F401  (registers fae)
+    import importlib
+
+    for module in ("fae.tokenizers.fae", "fae.tokenizers.baselines"):  # each registers its kinds; fae first
+        importlib.import_module(module)
 
 
 def _kind(name: str) -> TokenizerKind:
@@ -170,8 +172,9 @@ def check_tokenizer(tokenizer: Tokenizer, kind: str | None, identity: str | None
     if kind is not None and tokenizer.kind != kind:
         raise ConfigError(f"{what} holds {kind} latents; the tokenizer given is a {tokenizer.kind} tokenizer")
     if identity and tokenizer.identity != identity:
-        raise ConfigError(f"{what} was made with other {tokenizer.kind} weights (identity {identity[:12]}..., the "
-                          f"tokenizer given has {tokenizer.identity[:12]}...)")
+        raise ConfigError(f"{what} was trained on the latents of another {tokenizer.kind.upper()} (its identity, the "
+                          f"SHA-256 of the weights that make the latents, {tokenizer.identity[:12]}..., differs from the "
+                          f"{identity[:12]}... recorded)")
     if shape is not None and image_size is not None and tuple(tokenizer.latent_shape(image_size)) != tuple(shape):
         raise ConfigError(f"{what} holds {tuple(shape)} latents; the tokenizer makes "
                           f"{tuple(tokenizer.latent_shape(image_size))} from {image_size}-px images")

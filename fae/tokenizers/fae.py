@@ -26,6 +26,7 @@ from fae.io import (
     atomic_write_text,
     check_same_encoder,
     file_sha256,
+    find_autoencoder_bundle,
     find_bundle,
     read_bundle_config,
     require_bundle,
@@ -34,10 +35,15 @@ from fae.io import (
 from fae.models.autoencoder import FeatureAutoEncoder, check_encoder_shape
 from fae.models.pixel_decoder import PixelDecoder
 from fae.speed import compile_in_place, compile_wanted
+from fae.tokenizers.base import Tokenizer, TokenizerKind, register_tokenizer
 
 
-class FAE(nn.Module):
-    """Frozen encoder + FeatureAutoEncoder (+ pixel decoder). Everything runs in eval mode without gradients."""
+class FAE(nn.Module, Tokenizer):
+    """Frozen encoder + FeatureAutoEncoder (+ pixel decoder). Everything runs in eval mode without gradients.
+    As a `Tokenizer` (kind "fae") its identity is the SHA-256 of the FeatureAutoEncoder's weights file: the part that
+    makes the latents (a fine-tuned pixel decoder decodes the same latents)."""
+
+    kind = "fae"
 
     def __init__(self, encoder: FrozenEncoder, autoencoder: FeatureAutoEncoder,
                  pixel_decoder: PixelDecoder | None = None) -> None:
@@ -49,6 +55,7 @@ class FAE(nn.Module):
                               f"{pixel_decoder.config.in_dim} features, the encoder gives {encoder.num_tokens} x {encoder.dim}")
         self.encoder, self.autoencoder, self.pixel_decoder = encoder, autoencoder, pixel_decoder
         self.fae_weights_sha256: str | None = None    # set when loaded from a bundle
+        self.source: Path | None = None               # the bundle it was loaded from
         self.eval()
 
     @classmethod
@@ -59,7 +66,9 @@ class FAE(nn.Module):
             raise ConfigError(f"{path}: bundle holds a {record.get('class')}, not an FAE (frozen encoder + FAE + "
                               "pixel decoder)")
         decoder = path / "pixel_decoder" if (path / "pixel_decoder").is_dir() else None
-        return cls._assemble(record["encoder"], path / "fae", decoder, map_location)
+        model = cls._assemble(record["encoder"], path / "fae", decoder, map_location)
+        model.source = path.resolve()
+        return model
 
     @classmethod
     def from_parts(cls, fae_bundle: str | Path, pixel_decoder_bundle: str | Path | None = None,
@@ -71,7 +80,9 @@ class FAE(nn.Module):
         if pixel_decoder_bundle is not None:
             check_same_encoder(read_bundle_config(pixel_decoder_bundle).get("encoder"), record["encoder"],
                                str(pixel_decoder_bundle), str(fae_bundle))
-        return cls._assemble(record["encoder"], Path(fae_bundle), pixel_decoder_bundle, map_location)
+        model = cls._assemble(record["encoder"], Path(fae_bundle), pixel_decoder_bundle, map_location)
+        model.source = Path(fae_bundle).resolve()   # its reference then needs --pixel-decoder again
+        return model
 
     @classmethod
     def load(cls, fae: str | Path, pixel_decoder: str | Path | None = None, map_location: str | torch.device = "cpu"
@@ -148,3 +159,56 @@ class FAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         return self.decode_to_pixels(self.encode(images))
+
+    # ---------------------------------------------------------------------------------------- the Tokenizer side
+    def latent_shape(self, image_size: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w): fixed by the FAE's token grid (the frozen encoder resizes its input)."""
+        cfg = self.autoencoder.config
+        return (cfg.latent_channels, *cfg.grid)
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]  # the Tokenizer attribute, read from the weights
+        return next(self.autoencoder.parameters()).device
+
+    def encode_distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.no_grad():
+            posterior = self.autoencoder.encode(self.encoder(images))
+        return posterior.mode(), posterior.std
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decode_to_pixels(latents)
+
+    @property
+    def identity(self) -> str:
+        if self.fae_weights_sha256 is None:  # built in memory, never saved: the weights themselves
+            from fae.tokenizers.base import state_dict_sha256
+
+            return state_dict_sha256(self.autoencoder)
+        return self.fae_weights_sha256
+
+    def reference(self) -> dict:
+        return {"kind": self.kind, "path": str(self.source) if self.source else None}
+
+    def describe(self) -> str:
+        return f"FAE {self.source or '(in memory)'}"
+
+
+def _recognises(path: Path) -> bool:
+    try:
+        find_autoencoder_bundle(path)
+    except (ConfigError, FileNotFoundError):
+        return False
+    return True
+
+
+def _load(path: str | None, device: str | torch.device = "cpu", **options: object) -> FAE:
+    if not path:
+        raise ConfigError("an FAE tokenizer needs the folder of its bundle: --tokenizer <pixel-decoder fine-tune run "
+                          "or its tokenizer/ bundle>")
+    if options:
+        raise ConfigError(f"an FAE tokenizer takes no options, got {sorted(options)}")
+    return FAE.load(path, map_location=device)
+
+
+register_tokenizer(TokenizerKind("fae", _load, _recognises, "the paper's: frozen encoder + one-layer FAE + pixel "
+                                 "decoder (a pixel-decoder fine-tune run or its tokenizer/ bundle)"))
