@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,34 +42,52 @@ def evaluate_decoders(encoder: Any, dataset: Dataset, decoders: dict[str, tuple[
     `network` is a `fae.metrics.networks.FeatureNetwork` for rFID (None = no rFID). With `out_dir`, writes
     recon.json and recon_grid.png there. Returns the scores.
     """
+    device = _prepare_models(encoder, decoders, fae)
+    return evaluate_reconstructions(lambda images: _reconstruct(encoder, fae, decoders, images), dataset, device,
+                                    network, batch_size, grid_rows, out_dir,
+                                    patch_sizes={name: dec.config.patch_size for name, (dec, _) in decoders.items()},
+                                    inputs={name: src for name, (_, src) in decoders.items()})
+
+
+@torch.no_grad()
+def evaluate_reconstructions(reconstruct: Callable[[torch.Tensor], dict[str, torch.Tensor]], dataset: Dataset,
+                             device: torch.device | str = "cpu", network: Any | None = None, batch_size: int = 250,
+                             grid_rows: int = 8, out_dir: str | Path | None = None,
+                             patch_sizes: dict[str, int] | None = None, inputs: dict[str, str] | None = None
+                             ) -> dict[str, Any]:
+    """Score every reconstruction `reconstruct(images)` gives ({name: images (B,3,H,W) in [0,1]}, e.g. one per
+    tokenizer) against the originals of `dataset`: PSNR, SSIM, rFID in `network`'s space (None: no rFID) and, for the
+    names in `patch_sizes`, the seam ratio; `inputs` names what each read (a row's "input"). Under torchrun each
+    process scores its share. With `out_dir`, writes recon.json and recon_grid.png (original | each one)."""
     from fae.metrics.frechet import frechet_distance
     from fae.metrics.recon import PairedAccumulator
 
-    device = _prepare_models(encoder, decoders, fae)
-    # under torchrun each process scores its share
     dataset = Subset(dataset, D.shard_of(num_items(dataset)))
-    paired = {name: PairedAccumulator() for name in decoders}
-    seams = {name: SeamAccumulator(dec.config.patch_size) for name, (dec, _) in decoders.items()}
+    paired: dict[str, Any] = {}
+    seams = {name: SeamAccumulator(p) for name, p in (patch_sizes or {}).items()}
     stats: dict[str, Any] = {}
-    grid: dict[str, list[torch.Tensor]] = {"original": [], **{name: [] for name in decoders}}
+    grid: dict[str, list[torch.Tensor]] = {"original": []}
     t0 = time.time()
     for batch in readable_batches(dataset, batch_size):
         images = batch["image"].to(device).float()
-        outputs = _reconstruct(encoder, fae, decoders, images)
+        outputs = {name: rec.float() for name, rec in reconstruct(images).items()}
         for name, rec in outputs.items():
             if rec.shape != images.shape:
                 raise ValueError(f"{name} makes {tuple(rec.shape[1:])} images, the data set has "
                                  f"{tuple(images.shape[1:])}; evaluate at the decoder's image size")
-            paired[name].update(images.cpu(), rec.cpu())
-            seams[name].update(images, rec)
+            paired.setdefault(name, PairedAccumulator()).update(images.cpu(), rec.cpu())
+            if name in seams:
+                seams[name].update(images, rec)
+            grid.setdefault(name, [])
         if network is not None:
             _accumulate_features(network, {"original": images, **outputs}, stats)
         _extend_grid(grid, images, outputs, grid_rows)
     paired, seams, stats = D.merged(paired), D.merged(seams), D.merged(stats)
     count = next(iter(paired.values())).n
     scores: dict[str, Any] = {"images": count, "decoders": {}, "seconds": round(time.time() - t0, 2)}
-    for name, (_, src) in decoders.items():
-        row = {"input": src, **paired[name].summarize(), "seam_ratio": seams[name].ratio()}
+    for name in paired:
+        row = {**({"input": inputs[name]} if inputs and name in inputs else {}), **paired[name].summarize(),
+               **({"seam_ratio": seams[name].ratio()} if name in seams else {})}
         if network is not None and count > 1:
             row["rfid"] = frechet_distance(stats["original"].stats(), stats[name].stats())
         scores["decoders"][name] = row
