@@ -215,3 +215,20 @@ def test_the_fae_is_a_tokenizer_kind_and_encode_by_tokenizer_matches_encode_by_f
         a, b = load_file(str(shard)), load_file(str(tmp_path / "cache" / shard.name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_bundle_config(w["pipeline"])["class"] == "FAE"
+
+
+def test_eval_recon_scores_tokenizers_side_by_side_on_the_same_images(toy, tmp_path):
+    """`fae eval recon --tokenizer` gives one row per latent space; a row's PSNR is that of the tokenizer's own
+    decode(encode(x)) on the same images (the two toys differ only in an invertible mix: the same images back)."""
+    from fae.data import DataConfig, build_dataset
+    from fae.metrics.recon import psnr
+
+    assert main(["eval", "recon", "--tokenizer", f"a=toy:{toy['first']}", "--tokenizer", f"b={toy['other']}",
+                 "--data", "fashion_mnist", "--image-size", "16", "--limit", "20", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "recon.json").read_text())["decoders"]
+    data = build_dataset(DataConfig(kind="fashion_mnist", split="test", image_size=16, hflip=False), "test")
+    images = torch.stack([data[i]["image"] for i in range(20)])
+    tok = load_tokenizer(toy["first"])
+    expected = psnr(images, tok.decode(tok.encode(images))).mean().item()
+    assert set(rows) == {"a", "b"} and rows["a"]["psnr"] == pytest.approx(expected, abs=1e-3)
+    assert rows["b"]["psnr"] == pytest.approx(rows["a"]["psnr"], abs=1e-3) and (tmp_path / "recon_grid.png").is_file()

@@ -21,6 +21,11 @@ def register_recon(eval_subparsers: Any) -> None:
         "over held-out images; write recon.json and recon_grid.png (original | each decoder).")
     p.add_argument("--gaussian", metavar="RUN", help="Gaussian-decoder run folder or pixel_decoder bundle")
     p.add_argument("--finetuned", metavar="RUN", help="fine-tuned decoder run folder or pixel_decoder bundle")
+    p.add_argument("--tokenizer", action="append", metavar="NAME=SPEC",
+                   help="instead of pixel decoders: a latent space's decode(encode(x)), named NAME in the table; SPEC is "
+                   "what `fae encode --tokenizer` takes (<kind>:<hub id or folder>, or a folder). Repeat to compare. "
+                   "Needs --data; rFID with --network inception or encoder:<model folder>")
+    p.add_argument("--image-size", type=int, default=256, help="with --tokenizer: the images' size (default 256)")
     p.add_argument("--fae", metavar="RUN", help="stage-1 FAE run folder or bundle, for x_hat (default: the one the "
                    "fine-tuned decoder recorded)")
     p.add_argument("--data", help="'fashion_mnist' or an image folder (default: the run's config.yaml data block)")
@@ -45,16 +50,39 @@ def cmd_recon(args: argparse.Namespace) -> int:
     if args.data:
         kind: Literal["fashion_mnist", "image_folder"] = "fashion_mnist" if args.data == "fashion_mnist" else "image_folder"
         data = DataConfig(kind=kind, root=None if kind == "fashion_mnist" else args.data)
-    scores = evaluate_bundles(args.gaussian, args.finetuned, fae=args.fae, data=data, split=args.split,
-                              limit=args.limit, batch_size=args.batch_size, grid_rows=args.grid_rows,
-                              network=args.network, inception_weights=args.inception_weights,
-                              device=resolve_device(args.device), out_dir=args.out)
+    if args.tokenizer:
+        scores = _tokenizers(args, data)
+    else:
+        scores = evaluate_bundles(args.gaussian, args.finetuned, fae=args.fae, data=data, split=args.split,
+                                  limit=args.limit, batch_size=args.batch_size, grid_rows=args.grid_rows,
+                                  network=args.network, inception_weights=args.inception_weights,
+                                  device=resolve_device(args.device), out_dir=args.out)
     print(f"{args.split}: {scores['images']} images")
     for name, row in scores["decoders"].items():
         rfid = f", rFID {row['rfid']:.3f}" if "rfid" in row else ""
         print(f"  {name:<18} PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}{rfid}")
     print(f"wrote {Path(args.out) / 'recon.json'} and {scores['grid']}")
     return 0
+
+
+def _tokenizers(args: argparse.Namespace, data: Any) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from fae.config import ConfigError
+    from fae.distributed import resolve_device
+    from fae.evaluation import evaluate_tokenizers
+    from fae.metrics.networks import build_network
+
+    if data is None:
+        raise ConfigError("--tokenizer needs --data (fashion_mnist or an image folder)")
+    if args.gaussian or args.finetuned or args.fae:
+        raise ConfigError("--tokenizer scores latent spaces: drop --gaussian/--finetuned/--fae")
+    specs = dict(t.split("=", 1) if "=" in t else (t, t) for t in args.tokenizer)
+    device = resolve_device(args.device)
+    network = None if args.network in ("none", "encoder") else build_network(args.network, args.inception_weights,
+                                                                            device=device)
+    return evaluate_tokenizers(specs, replace(data, image_size=args.image_size, hflip=False), args.split, args.limit,
+                               network, args.batch_size, device, args.out)
 
 
 __all__ = ["cmd_recon", "register_recon"]
