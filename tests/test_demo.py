@@ -191,6 +191,39 @@ def test_quick_flow_demo_adds_the_flow_comparison(finished_demo, tmp_path, monke
         assert (out / src).is_file(), src
 
 
+def test_quick_compare_demo_puts_a_kl_vae_beside_fae_and_raw_features(finished_demo, tmp_path, monkeypatch, capsys):
+    """`fae demo --compare` on a finished demo folder: the main steps are skipped; a KL autoencoder (SD-VAE's
+    architecture) trains, its latents are cached through the tokenizer interface, the same DiT trains on them, and
+    the report holds one table row per latent space (reconstruction, generation, probe) and the agreement curve."""
+    from fae.generators import load_generator
+    from fae.tokenizers import load_tokenizer
+
+    root, _ = finished_demo
+    monkeypatch.setenv("FAE_CACHE", str(root / "cache"))
+    out = tmp_path / "demo"
+    shutil.copytree(root / "runs" / "demo", out)
+    assert main(["demo", "--quick", "--compare", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done before") == 10 and "[demo 14/14] the three latent spaces side by side" in printed
+    cache = json.loads((out / "latents" / "kl" / "cache.json").read_text())
+    kl = load_tokenizer(f"sd-vae:{out / 'kl-vae' / 'kl-vae'}")
+    assert cache["source"] == "tokenizer" and cache["tokenizer"]["kind"] == "sd-vae"
+    assert cache["tokenizer"]["sha256"] == kl.identity and cache["channels"] == 8 and cache["grid"] == [8, 8]
+    origin = load_generator(out / "dit-kl").record.latents
+    assert origin is not None and origin.tokenizer == "sd-vae" and origin.tokenizer_sha256 == kl.identity
+    c = json.loads((out / "compare" / "done.json").read_text())
+    for space in ("fae", "kl", "raw"):
+        assert c["reconstruction"][space]["psnr"] > 5 and c["reconstruction"][space]["fd"] > 0
+        for g in ("no_guidance", "guidance"):
+            assert 0 <= c["generation"][f"{space}/{g}"]["class_agreement"] <= 1
+        assert 0 <= c["probe"][space]["top1"] <= 1
+        assert [p["step"] for p in c["curves"][space]] == [30]
+    html = (out / "index.html").read_text()
+    assert "Latent spaces side by side" in html and "KL-VAE latents" in html
+    for src in referenced_images(html):
+        assert (out / src).is_file(), src
+
+
 def python_examples() -> list[tuple[str, int, str]]:
     """Every ```python block of the README and docs/*.md as (file, line, code), except those announced by a
     `<!-- example: not run (reason) -->` line (they need the hub, weights or data this machine lacks)."""

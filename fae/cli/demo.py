@@ -8,7 +8,7 @@ from fae.demo import run_demo
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, quick=args.quick, fresh=args.fresh, progress=not args.no_progress, precision=args.precision,
-             from_scratch=args.from_scratch, text=args.text, flow=args.flow)
+             from_scratch=args.from_scratch, text=args.text, flow=args.flow, compare=args.compare)
     return 0
 
 
@@ -32,5 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--flow", action="store_true",
                    help="the normalizing-flow comparison instead of the DiT steps: STARFlow on FAE latents vs raw "
                    "features (its own budget of about five minutes; reuses finished steps of --out)")
+    p.add_argument("--compare", action="store_true",
+                   help="after the main steps, the paper's baselines in miniature: a KL autoencoder with SD-VAE's "
+                   "architecture beside FAE and the raw features, the same DiT on each (about ten minutes more)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fae.demo.compare import COMPARE_STEPS, SPACES
 from fae.demo.steps import FLOW_STEPS, STEPS, DemoContext
 
 
@@ -72,6 +73,8 @@ def step_report(ctx: DemoContext) -> dict[str, Any]:
     probe_rows = r.get("probe", {}).get("rows", [])
     if probe_rows:
         sections.append(_probe_section(r, probe_rows))
+    if "compare" in r:
+        sections.append(_compare_section(r, out, figs))
 
     sections.insert(1, _glance_section(r))
     report = Report("fae demo: the Feature Auto-Encoder on Fashion-MNIST, end to end on a CPU",
@@ -91,7 +94,7 @@ def _what_ran_section(r: dict[str, Any], out: Path) -> Any:
         text=["Every stage below ran on this machine's CPU, in this order; times are wall-clock seconds "
               "(a stage finished by an earlier run shows that run's time).", _machine_text(out)],
         tables=[Table(["step", "what", "seconds"], [(s.name, s.title, round(r.get(s.name, {}).get("seconds", 0), 1))
-                                                    for s in STEPS + FLOW_STEPS if s.name in r])])
+                                                    for s in STEPS + FLOW_STEPS + COMPARE_STEPS if s.name in r])])
 
 
 def _glance_section(r: dict[str, Any]) -> Any:
@@ -220,3 +223,36 @@ def _flow_section(r: dict[str, Any], out: Path, figs: Path) -> Any:
         tables=[Table(["flow trained on", "sampling", "held-out bits/dim", "class-agreement", "FD (encoder)",
                        "ms per image"], rows)],
         figures=[*figures, Figure(curves, "flow training")])
+
+
+def _compare_section(r: dict[str, Any], out: Path, figs: Path) -> Any:
+    """`fae demo --compare`: every latent space under the same DiT, sampler, judge and metrics."""
+    from fae.demo.html import Figure, Section, Table, plot_curves
+
+    c = r["compare"]
+    rows = []
+    for space, label in SPACES.items():
+        rec, probe = c["reconstruction"].get(space, {}), c["probe"].get(space, {})
+        gen = [c["generation"].get(f"{space}/{g}", {}) for g in ("no_guidance", "guidance")]
+        rows.append((label, _fmt(rec.get("psnr"), 2), _fmt(rec.get("fd"), 4),
+                     *(f"{_fmt(v.get('class_agreement'))} / {_fmt(v.get('fd_encoder'), 4)}" for v in gen),
+                     _fmt(probe.get("top1"))))
+    curves = plot_curves({SPACES[s]: points for s, points in c["curves"].items() if points},
+                         ["class_agreement"], figs / "compare_agreement.png",
+                         title="class-agreement (guided) against DiT training step", logy=False)
+    grids = [Figure(Path(c["generation"][f"{s}/guidance"]["grid"]), f"{SPACES[s]}, guided")
+             for s in SPACES if f"{s}/guidance" in c["generation"]]
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in c["seconds_by_part"].items())
+    return Section(
+        "7. Latent spaces side by side: FAE vs a KL-VAE (SD-VAE's architecture) vs raw features (paper Table 2 in "
+        "miniature)",
+        text=["Only the latent space changes: the same DiT, budget and seed, the same sampler, judge, FD network and "
+              f"probe. Reconstruction: {c['recon_images']} held-out test images, image -> latent -> image (raw "
+              "features: the Gaussian pixel decoder on x); FD in the frozen encoder's space. Generation: "
+              f"{c['num_samples']} samples per row, unguided / guided {c['guidance']!r}, as in section 4. "
+              f"Curve: guided class-agreement of each DiT's EMA weights at every kept checkpoint. Parts: {times}. "
+              "This is an experiment at toy scale: read it as what came out, not as the paper's ranking."],
+        tables=[Table(["latent space", "recon PSNR (dB)", "recon FD", "unguided agreement / FD",
+                       "guided agreement / FD", "probe top-1"], rows)],
+        figures=[Figure(Path(c["recon_grid"]), "reconstructions (original | fae | kl | raw)"), *grids,
+                 Figure(curves, "convergence")])

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fae.demo.compare import COMPARE_STEPS
 from fae.demo.report import step_report
 from fae.demo.steps import CONFIG_DIR, FLOW_STEPS, PREREQUISITES, STEPS, DemoContext, Step
 from fae.demo.text import TEXT_STEPS, step_text_report
@@ -35,8 +36,14 @@ FLOW_REFERENCE_SECONDS: dict[str, dict[str, float]] = {
     "default": {"flow": 60.0, "flow-raw": 95.0, "flow-samples": 33.5},
     "quick": {"flow": 0.5, "flow-raw": 0.5, "flow-samples": 2.0},
 }
+# `fae demo --compare`'s own steps (fae.demo.compare) on the reference machine (AVX2 emulated, fp32; docs/tokenizers.md)
+COMPARE_REFERENCE_SECONDS: dict[str, dict[str, float]] = {
+    "default": {"kl-vae": 80.0, "kl-latents": 10.0, "dit-kl": 50.0, "compare": 150.0},
+    "quick": {"kl-vae": 2.0, "kl-latents": 1.0, "dit-kl": 0.5, "compare": 6.0},
+}
 REFERENCE_CALIBRATION = 0.090  # seconds per calibration step on the reference machine
-BUDGET_SECONDS = {"default": 600.0, "quick": 120.0, "flow": 300.0, "text": 300.0, "text-quick": 120.0}
+BUDGET_SECONDS = {"default": 600.0, "quick": 120.0, "flow": 300.0, "text": 300.0, "text-quick": 120.0,
+                  "compare": 1200.0}   # --compare: the main demo's ten minutes plus its own ten
 
 
 def calibration_step_seconds(steps: int = 3) -> float:
@@ -76,9 +83,11 @@ def _minutes(seconds: float) -> str:
 class Forecast:
     """The demo's time estimate: reference seconds per step x how much slower this machine is."""
 
-    def __init__(self, profile: str, calibration: float, flow: bool = False) -> None:
-        self.reference = {**REFERENCE_SECONDS[profile], **(FLOW_REFERENCE_SECONDS[profile] if flow else {})}
-        self.budget = BUDGET_SECONDS["flow" if flow and profile == "default" else profile]
+    def __init__(self, profile: str, calibration: float, flow: bool = False, compare: bool = False) -> None:
+        self.reference = {**REFERENCE_SECONDS[profile], **(FLOW_REFERENCE_SECONDS[profile] if flow else {}),
+                          **(COMPARE_REFERENCE_SECONDS[profile] if compare else {})}
+        extra = "compare" if compare else "flow" if flow else None
+        self.budget = BUDGET_SECONDS[extra if extra and profile == "default" else profile]
         self.slowdown = calibration / REFERENCE_CALIBRATION
         self.ran_reference, self.ran_actual = 0.0, 0.0
 
@@ -96,13 +105,14 @@ class Forecast:
 
 def run_demo(out: str | Path | None = None, quick: bool = False, fresh: bool = False, progress: bool = True,
              precision: str = "auto", from_scratch: bool = False, text: bool = False,
-             flow: bool = False) -> Path:
+             flow: bool = False, compare: bool = False) -> Path:
     """Run every demo step that is not done yet; returns the report path. `precision` is what `auto` means for
     every stage, the encoder and sampling (default: chosen from the hardware, fae.precision). `text`: the
     text-to-image demo (fae.demo.text) instead of the class-conditional one. Default folders: runs/demo,
     runs/demo-quick, runs/demo-text, runs/demo-text-quick. `flow`: instead of the DiT steps, the STARFlow comparison (its
     own budget) after the steps it needs; the report shows every finished step of the folder, so `fae demo` then
-    `fae demo --flow` gives one report with both."""
+    `fae demo --flow` gives one report with both. `compare`: after the main steps, the baseline latent spaces side by
+    side (fae.demo.compare: a KL autoencoder with SD-VAE's architecture beside the FAE and the raw features)."""
     from fae.precision import PRECISIONS, resolve_precision
 
     if precision not in PRECISIONS:
@@ -121,6 +131,8 @@ def run_demo(out: str | Path | None = None, quick: bool = False, fresh: bool = F
         if text:
             return _run_steps(ctx, resolve_precision("auto", "cpu"), TEXT_STEPS, step_text_report,
                               "text-quick" if quick else "text")
+        if compare:
+            return _run_steps(ctx, resolve_precision("auto", "cpu"), STEPS + COMPARE_STEPS, compare=True)
         if flow:
             return _run_steps(ctx, resolve_precision("auto", "cpu"),
                               [s for s in STEPS if s.name in PREREQUISITES] + FLOW_STEPS, flow=True)
@@ -133,14 +145,14 @@ def run_demo(out: str | Path | None = None, quick: bool = False, fresh: bool = F
 
 
 def _run_steps(ctx: DemoContext, choice: Any, steps: list[Step] = STEPS, report_fn: Any = step_report,
-               profile: str | None = None, flow: bool = False) -> Path:
+               profile: str | None = None, flow: bool = False, compare: bool = False) -> Path:
     out, profile = ctx.out, profile or ("quick" if ctx.quick else "default")
     if report_fn is step_report:  # earlier runs' results (DiT and flow), for the report
-        for step in STEPS + FLOW_STEPS:
+        for step in STEPS + FLOW_STEPS + COMPARE_STEPS:
             if (out / step.name / "done.json").is_file():
                 ctx.results[step.name] = json.loads((out / step.name / "done.json").read_text())
     todo = [s.name for s in steps if not (out / s.name / "done.json").is_file()] + ["report"]
-    forecast = Forecast(profile, calibration_step_seconds(), flow)
+    forecast = Forecast(profile, calibration_step_seconds(), flow, compare)
     estimate = forecast.left(todo)
     print(f"[demo] precision: {choice.describe()}", flush=True)
     print(f"[demo] estimate: about {_minutes(estimate)} for {len(todo) - 1} of {len(steps)} steps "

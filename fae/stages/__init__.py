@@ -124,8 +124,9 @@ def train_stage(name: str, cfg: Any, out_dir: str | Path, fresh: bool = False, p
     return out_dir
 
 
-def load_run_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
-    """Any generator family's bundle or run folder, finished or not (fae.stages.generator.load_run_generator)."""
+def load_run_generator(path: str | Path, device: str | torch.device = "cpu", step: int | None = None) -> Generator:
+    """Any generator family's bundle or run folder, finished or not, or one kept checkpoint of it
+    (fae.stages.generator.load_run_generator)."""
     from fae.stages.generator import load_run_generator as load
 
-    return load(path, device)
+    return load(path, device, step)

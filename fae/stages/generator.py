@@ -117,14 +117,20 @@ def generator_stage_config(run: Path) -> tuple[GeneratorFamily, Any]:
     raise ConfigError(f"{run}/config.yaml is no generator family's config ({'; '.join(errors)})")
 
 
-def load_run_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
+def load_run_generator(path: str | Path, device: str | torch.device = "cpu", step: int | None = None) -> Generator:
     """A generator bundle or finished run folder (fae.generators.load_generator), or an unfinished run folder of any
-    generator family: then the newest checkpoint's EMA weights with the run's config.yaml."""
+    generator family: then the newest checkpoint's EMA weights with the run's config.yaml. `step`: that kept
+    checkpoint's weights instead (finished runs too: a training curve of samples)."""
     from safetensors.torch import load_file
 
     run = Path(path)
     ckpts = checkpoint_dirs(run) if run.is_dir() else []
-    if not ckpts or find_generator_bundle(run) is not None:
+    if step is not None:
+        kept = {int(c.name.split("_")[1]): c for c in ckpts}
+        if step not in kept:
+            raise ConfigError(f"{run} keeps no checkpoint of step {step} (kept: {sorted(kept) or 'none'})")
+        ckpts = [kept[step]]
+    elif not ckpts or find_generator_bundle(run) is not None:
         return load_generator_bundle(run, device)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is neither a generator bundle nor a generator run folder with checkpoints")
