@@ -1,5 +1,9 @@
 """Paper configurations build at exactly the parameter counts the docs state (meta device: no memory, no download).
-docs/autoencoder.md: 38,166,592 / 170,428,416; docs/pixel-decoder.md: 305,331,395 (App. D: 305.36M)."""
+docs/autoencoder.md: 38,166,592 / 170,428,416; docs/pixel-decoder.md: 305,331,395 (App. D: 305.36M).
+The generators, and the baselines of paper Table 2 / §5.3 on SD-VAE and VA-VAE latents (the config headers say how
+each count compares with the published one): LightningDiT-XL/1 675,256,736 (App. D: 675.26M) on FAE or VA-VAE
+latents; SiT-XL/2 on SD-VAE latents 675,111,184 (675,129,632 in SiT's code, whose unused learned-sigma head adds
+18,448); STARFlow 1.4B 1,413,298,752 on FAE latents, 1,412,708,640 on SD-VAE latents at patch 2."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +20,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 @pytest.mark.parametrize("config, counts", [
     ("fae_dinov2_g14.yaml", {"fae encoder (single attention)": 38_166_592, "feature decoder": 170_428_416}),
     ("pixel_decoder_dinov2_g14.yaml", {"pixel decoder": 305_331_395}),
+    ("dit_lightningdit_xl1.yaml", {"diffusion transformer": 675_256_736}),
+    ("dit_lightningdit_xl1_vavae.yaml", {"diffusion transformer": 675_256_736}),
+    ("dit_sit_xl2_sdvae.yaml", {"diffusion transformer": 675_111_184}),
+    ("flow_starflow_1p4b.yaml", {"normalizing flow (STARFlow)": 1_413_298_752}),
+    ("flow_starflow_1p4b_sdvae.yaml", {"normalizing flow (STARFlow)": 1_412_708_640}),
 ])
 def test_paper_configs_have_the_documented_counts_exactly(config: str, counts: dict[str, int]) -> None:
     name, cfg = load_stage_config(CONFIGS / config)
@@ -23,3 +32,15 @@ def test_paper_configs_have_the_documented_counts_exactly(config: str, counts: d
         parts = stage_module(name).components(cfg)
     for component, expected in counts.items():
         assert count_parameters(parts[component]) == expected, component
+
+
+@pytest.mark.parametrize("config, grid, tokens", [
+    ("flow_starflow_1p4b_sdvae.yaml", (4, 32, 32), 256),   # §5.3: patch 2 on SD-VAE, "a sequence length of 256"
+    ("dit_sit_xl2_sdvae.yaml", (4, 32, 32), 256),
+    ("dit_lightningdit_xl1_vavae.yaml", (32, 16, 16), 256),
+])
+def test_baseline_configs_see_their_latents_as_256_tokens(config: str, grid: tuple[int, int, int], tokens: int) -> None:
+    _, cfg = load_stage_config(CONFIGS / config)
+    m = cfg.model
+    assert (m.in_channels, *m.input_size) == grid
+    assert (m.input_size[0] // m.patch_size) * (m.input_size[1] // m.patch_size) == tokens

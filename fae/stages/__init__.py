@@ -25,6 +25,7 @@ LATENT_SPACE_STAGES: dict[str, str] = {
     "fae": "fae.stages.autoencoder",
     "pixel-decoder": "fae.stages.pixel_decoder",
     "encoder": "fae.stages.encoder",  # self-supervised pretraining of the demo encoder
+    "kl-vae": "fae.stages.kl_vae",    # baseline: a KL autoencoder with SD-VAE's architecture (diffusers AutoencoderKL)
 }
 
 
