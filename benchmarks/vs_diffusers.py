@@ -64,7 +64,7 @@ def build_fae(shape: Shape) -> DiT:
 
 
 def build_diffusers(shape: Shape) -> nn.Module:
-    from diffusers import DiTTransformer2DModel  # a benchmark requirement (requirements/bench.txt), not of fae
+    from diffusers import DiTTransformer2DModel  # diffusers: pinned in requirements/common.txt
 
     if shape.height != shape.width_px:
         raise ValueError(f"diffusers' DiT takes square latents, got {shape.height}x{shape.width_px}")
