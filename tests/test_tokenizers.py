@@ -161,8 +161,7 @@ def test_a_generator_decodes_through_the_tokenizer_its_bundle_records(toy, tmp_p
         load_decoder(gen, fae=toy["first"])
     from tiny import tiny_fae_config
 
-    from fae.encoders import save_tiny_encoder
-    from fae.encoders import EncoderConfig, FrozenEncoder
+    from fae.encoders import EncoderConfig, FrozenEncoder, save_tiny_encoder
     from fae.models.autoencoder import FeatureAutoEncoder
 
     enc_dir = save_tiny_encoder("dinov2", tmp_path / "enc", hidden_size=32, num_layers=1, num_heads=2, patch_size=4,

@@ -33,7 +33,7 @@ TOKENIZER_BUNDLE = "tokenizer"   # the folder a run or a pipeline keeps its toke
 class Tokenizer(ABC):
     """A latent space: images in [0,1] <-> latents. Inference only: every call runs without gradients."""
 
-    kind: str                        # the registry name, set by `register_tokenizer`
+    kind: str                        # the registry name of its kind (each implementation sets it)
     device: torch.device
 
     @abstractmethod
