@@ -318,6 +318,27 @@ MUTATIONS: list[Mutation] = [
       'reference["name_or_path"] = str(Path(source).expanduser().resolve())', "pass",
       "tests/test_demo.py::test_documented_commands_work_after_the_demo",
       "the demo's configs, run by hand, reuse the demo's feature cache"),
+    # latent spaces as units (fae.tokenizers): the cache, the record, the checks, the diffusers kinds
+    M("tokenizer-identity-unchecked", "fae/tokenizers/base.py", "    if identity and tokenizer.identity != identity:",
+      "    if False:", "tests/test_tokenizers.py", "a tokenizer of other weights is refused"),
+    M("tokenizer-kind-unchecked", "fae/sampling.py",
+      "check_tokenizer(tokenizer, trained_tokenizer_kind(gen), expected, None, None, gen.source)",
+      "check_tokenizer(tokenizer, tokenizer.kind, expected, None, None, gen.source)", "tests/test_tokenizers.py",
+      "a tokenizer of another kind is refused before its identity is compared"),
+    M("tokenizer-cache-unflipped", "fae/encoding.py",
+      "outs = batched_halves(latents, [images, *([images.flip(-1)] if with_flip else [])])",
+      "outs = batched_halves(latents, [images, *([images] if with_flip else [])])", "tests/test_tokenizers.py",
+      "a tokenizer's cache holds the latents of the flipped images"),
+    M("tokenizer-reference-unrecorded", "fae/encoding.py", '"reference": tokenizer.reference(),',
+      '"reference": None,', "tests/test_tokenizers.py", "sampling reloads the tokenizer the cache recorded"),
+    M("sd-vae-unscaled", "fae/tokenizers/baselines.py", "return ((posterior.mean - shift) * scale).float()",
+      "return (posterior.mean - shift).float()", "tests/test_tokenizers_baselines.py",
+      "SD-VAE latents are in diffusers' scaled space"),
+    M("va-vae-up-levels-in-ldm-order", "fae/tokenizers/baselines.py",
+      'return f"decoder.up_blocks.{levels - 1 - int(m[1])}.{m[2]}."', 'return f"decoder.up_blocks.{m[1]}.{m[2]}."',
+      "tests/test_tokenizers_baselines.py", "the VA-VAE key map reverses LDM's decoder levels"),
+    M("kl-vae-no-kl", "fae/stages/kl_vae.py", "loss = rec_term + cfg.kl_weight * kl", "loss = rec_term",
+      "tests/test_kl_vae_stage.py", "the KL-VAE stage's loss holds the KL term"),
 ]
 
 

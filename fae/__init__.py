@@ -9,10 +9,12 @@ The public surface, loaded on first use (`import fae` itself imports no torch):
     tok = fae.FAE.load("runs/demo/pixel-decoder-ft")       # images <-> latents (frozen encoder + FAE + pixel decoder)
     gen = fae.load_generator("runs/demo/dit")              # any registered generator family's bundle or run
     samples = fae.generate(gen, tok.decode_to_pixels, 16)  # the same, from the parts
+    vae = fae.load_tokenizer("sd-vae:stabilityai/sd-vae-ft-ema")   # any latent space as a unit (docs/tokenizers.md)
 
 Train: `train_stage(name, cfg, out_dir)` with `load_stage_config(path)`; encode a data set into a latent cache:
 `encode_latents`; evaluate: `evaluate_generation`, `evaluate_reconstruction`, `fid`. A new generator family:
-`register_family(GeneratorFamily(...))` (fae.generators.base). The command line (`fae --help`) calls the same
+`register_family(GeneratorFamily(...))` (fae.generators.base); a new latent space:
+`register_tokenizer(TokenizerKind(...))` (fae.tokenizers.base). The command line (`fae --help`) calls the same
 functions.
 """
 from __future__ import annotations
@@ -24,7 +26,9 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _SURFACE: dict[str, str] = {
-    "FAE": "fae.tokenizers",
+    "FAE": "fae.tokenizers", "Tokenizer": "fae.tokenizers", "TokenizerKind": "fae.tokenizers",
+    "load_tokenizer": "fae.tokenizers", "register_tokenizer": "fae.tokenizers", "tokenizer_kinds": "fae.tokenizers",
+    "evaluate_tokenizers": "fae.evaluation",
     "GenerationPipeline": "fae.pipeline",
     "Samples": "fae.sampling", "generate": "fae.sampling", "sample_to_dir": "fae.sampling",
     "write_samples": "fae.sampling", "load_decoder": "fae.sampling",

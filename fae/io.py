@@ -38,6 +38,19 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def state_dict_sha256(module: nn.Module) -> str:
+    """SHA-256 of a module's weights (names, dtypes, shapes, bytes in name order), independent of the file format
+    they came in: the identity of feature networks in eval reports and of tokenizers in generator bundles."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def cache_root() -> Path:
     """Where fae keeps caches (feature caches, evaluation features, the demo encoder): $FAE_CACHE, else
     $XDG_CACHE_HOME/fae, else ~/.cache/fae."""

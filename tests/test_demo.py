@@ -192,9 +192,10 @@ def test_quick_flow_demo_adds_the_flow_comparison(finished_demo, tmp_path, monke
 
 
 def test_quick_compare_demo_puts_a_kl_vae_beside_fae_and_raw_features(finished_demo, tmp_path, monkeypatch, capsys):
-    """`fae demo --compare` on a finished demo folder: the main steps are skipped; a KL autoencoder (SD-VAE's
-    architecture) trains, its latents are cached through the tokenizer interface, the same DiT trains on them, and
-    the report holds one table row per latent space (reconstruction, generation, probe) and the agreement curve."""
+    """`fae demo --compare --flow` on a finished demo folder: the main steps are skipped; a KL autoencoder (SD-VAE's
+    architecture) trains, its latents are cached through the tokenizer interface, the same DiT (and STARFlow) trains
+    on them, and the report holds one table row per latent space (reconstruction, generation, probe), the agreement
+    curve and the flow table."""
     from fae.generators import load_generator
     from fae.tokenizers import load_tokenizer
 
@@ -202,9 +203,10 @@ def test_quick_compare_demo_puts_a_kl_vae_beside_fae_and_raw_features(finished_d
     monkeypatch.setenv("FAE_CACHE", str(root / "cache"))
     out = tmp_path / "demo"
     shutil.copytree(root / "runs" / "demo", out)
-    assert main(["demo", "--quick", "--compare", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--compare", "--flow", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("done before") == 10 and "[demo 14/14] the three latent spaces side by side" in printed
+    assert printed.count("done before") == 10 and "[demo 14/19] the three latent spaces side by side" in printed
+    assert "[demo 19/19] the three latent spaces under STARFlow" in printed
     cache = json.loads((out / "latents" / "kl" / "cache.json").read_text())
     kl = load_tokenizer(f"sd-vae:{out / 'kl-vae' / 'kl-vae'}")
     assert cache["source"] == "tokenizer" and cache["tokenizer"]["kind"] == "sd-vae"
@@ -218,8 +220,12 @@ def test_quick_compare_demo_puts_a_kl_vae_beside_fae_and_raw_features(finished_d
             assert 0 <= c["generation"][f"{space}/{g}"]["class_agreement"] <= 1
         assert 0 <= c["probe"][space]["top1"] <= 1
         assert [p["step"] for p in c["curves"][space]] == [30]
+    flow = json.loads((out / "flow-compare" / "done.json").read_text())
+    assert load_generator(out / "flow-kl").record.latents.tokenizer_sha256 == kl.identity
+    for space in ("fae", "kl", "raw"):
+        assert flow["heldout_bpd"][space] > 0 and 0 <= flow[f"{space}/guidance"]["class_agreement"] <= 1
     html = (out / "index.html").read_text()
-    assert "Latent spaces side by side" in html and "KL-VAE latents" in html
+    assert "Latent spaces side by side" in html and "KL-VAE latents" in html and "STARFlow on" in html
     for src in referenced_images(html):
         assert (out / src).is_file(), src
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fae.config import ConfigError
-from fae.tokenizers.base import load_tokenizer, state_dict_sha256
+from fae.io import state_dict_sha256
+from fae.tokenizers.base import load_tokenizer
 from fae.tokenizers.baselines import MARKER, ldm_vae_config, load_ldm_vae
 
 diffusers = pytest.importorskip("diffusers")

@@ -3,8 +3,9 @@ baseline) the demo trains a small KL autoencoder with SD-VAE's architecture (dif
 configs/demo/kl_vae.yaml: 8x8x8 latents, the FAE's shape) on the same images, encodes them through the tokenizer
 interface, and trains the same DiT on it. On each latent space, the same measurements: reconstruction (PSNR, FD),
 guided and unguided class-agreement and FD, a linear probe on the latent, and class-agreement against training step
-(the paper's convergence claim, from the DiT checkpoints every 250 steps). An experiment: the report shows what
-comes out, including where FAE loses; every seed is fixed.
+(the paper's convergence claim, from the DiT checkpoints every 250 steps). With --flow also the same STARFlow on
+each (held-out bits/dim, class-agreement and FD). An experiment: the report shows what comes out, including where
+FAE loses; every seed is fixed.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from fae.data.loading import num_items
-from fae.demo.steps import Step, _dit, _score, _scoring
+from fae.demo.steps import Step, _dit, _flow, _score, _scoring
 
 SPACES = {"fae": "FAE latents (8x8x8)", "kl": "KL-VAE latents (8x8x8, SD-VAE architecture)",
           "raw": "raw features (8x8x128, RAE-style)"}
@@ -186,9 +187,41 @@ def step_compare(ctx: Any) -> dict[str, Any]:
     return out
 
 
+def step_flow_kl(ctx: Any) -> dict[str, Any]:
+    """With --flow: the same STARFlow, budget and seed as on the FAE latents."""
+    return _flow(ctx, "flow-kl", ctx.results["kl-latents"]["kl"])
+
+
+def step_flow_compare(ctx: Any) -> dict[str, Any]:
+    """The KL flow sampled as `flow-samples` sampled the others (exact inverse + denoising step, flow guidance);
+    held-out bits/dim of all three."""
+    from fae.generators import load_generator
+    from fae.sampling import load_decoder
+    from fae.transport import GuidanceSchedule, SamplerConfig
+
+    p = ctx.profile
+    scoring = _scoring(ctx)
+    gen = load_generator(ctx.out / "flow-kl")
+    decode = load_decoder(gen)
+    out: dict[str, Any] = {k: v for k, v in ctx.results["flow-samples"].items() if k.startswith(("fae/", "raw/"))}
+    for g_name, schedule in {"no_guidance": GuidanceSchedule(),
+                             "guidance": GuidanceSchedule.parse(p["flow_guidance"])}.items():
+        folder = ctx.out / "samples" / f"flow-kl-{g_name.replace('_', '-')}"
+        out[f"kl/{g_name}"] = _score(ctx, scoring, gen, decode, SamplerConfig(guidance=schedule), folder,
+                                     p["flow_samples"])
+    out["heldout_bpd"] = {space: ctx.results[run].get("heldout_bpd")
+                          for space, run in {"fae": "flow", "kl": "flow-kl", "raw": "flow-raw"}.items()}
+    out["num_samples"], out["guidance"] = p["flow_samples"], p["flow_guidance"]
+    return out
+
+
 COMPARE_STEPS = [
     Step("kl-vae", "KL autoencoder with SD-VAE's architecture (baseline tokenizer)", step_kl_vae),
     Step("kl-latents", "latent cache through the KL tokenizer", step_kl_latents),
     Step("dit-kl", "DiT on KL-VAE latents (baseline)", step_dit_kl),
     Step("compare", "the three latent spaces side by side", step_compare),
+]
+FLOW_COMPARE_STEPS = [   # --compare --flow: after the flow steps (fae.demo.steps.FLOW_STEPS)
+    Step("flow-kl", "STARFlow on KL-VAE latents (baseline)", step_flow_kl),
+    Step("flow-compare", "the three latent spaces under STARFlow", step_flow_compare),
 ]

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fae.demo.compare import COMPARE_STEPS, SPACES
+from fae.demo.compare import COMPARE_STEPS, FLOW_COMPARE_STEPS, SPACES
 from fae.demo.steps import FLOW_STEPS, STEPS, DemoContext
 
 
@@ -94,7 +94,8 @@ def _what_ran_section(r: dict[str, Any], out: Path) -> Any:
         text=["Every stage below ran on this machine's CPU, in this order; times are wall-clock seconds "
               "(a stage finished by an earlier run shows that run's time).", _machine_text(out)],
         tables=[Table(["step", "what", "seconds"], [(s.name, s.title, round(r.get(s.name, {}).get("seconds", 0), 1))
-                                                    for s in STEPS + FLOW_STEPS + COMPARE_STEPS if s.name in r])])
+                                                    for s in STEPS + FLOW_STEPS + COMPARE_STEPS + FLOW_COMPARE_STEPS
+                                                    if s.name in r])])
 
 
 def _glance_section(r: dict[str, Any]) -> Any:
@@ -242,6 +243,17 @@ def _compare_section(r: dict[str, Any], out: Path, figs: Path) -> Any:
                          title="class-agreement (guided) against DiT training step", logy=False)
     grids = [Figure(Path(c["generation"][f"{s}/guidance"]["grid"]), f"{SPACES[s]}, guided")
              for s in SPACES if f"{s}/guidance" in c["generation"]]
+    tables = [Table(["latent space", "recon PSNR (dB)", "recon FD", "unguided agreement / FD",
+                     "guided agreement / FD", "probe top-1"], rows)]
+    flow = r.get("flow-compare")
+    if flow:
+        tables.append(Table(["STARFlow on", "held-out bits/dim", "unguided agreement / FD",
+                             f"guided ({flow['guidance']}) agreement / FD"],
+                            [(label, _fmt(flow["heldout_bpd"].get(space)),
+                              *(f"{_fmt(flow.get(f'{space}/{g}', {}).get('class_agreement'))} / "
+                                f"{_fmt(flow.get(f'{space}/{g}', {}).get('fd_encoder'), 4)}"
+                                for g in ("no_guidance", "guidance")))
+                             for space, label in SPACES.items()]))
     times = ", ".join(f"{k} {v:.0f} s" for k, v in c["seconds_by_part"].items())
     return Section(
         "7. Latent spaces side by side: FAE vs a KL-VAE (SD-VAE's architecture) vs raw features (paper Table 2 in "
@@ -251,8 +263,9 @@ def _compare_section(r: dict[str, Any], out: Path, figs: Path) -> Any:
               "features: the Gaussian pixel decoder on x); FD in the frozen encoder's space. Generation: "
               f"{c['num_samples']} samples per row, unguided / guided {c['guidance']!r}, as in section 4. "
               f"Curve: guided class-agreement of each DiT's EMA weights at every kept checkpoint. Parts: {times}. "
-              "This is an experiment at toy scale: read it as what came out, not as the paper's ranking."],
-        tables=[Table(["latent space", "recon PSNR (dB)", "recon FD", "unguided agreement / FD",
-                       "guided agreement / FD", "probe top-1"], rows)],
+              "With --flow, the second table: the same STARFlow on each space (section 6's sampler; bits/dim compare "
+              "each space with itself only). This is an experiment at toy scale: read it as what came out, not as "
+              "the paper's ranking."],
+        tables=tables,
         figures=[Figure(Path(c["recon_grid"]), "reconstructions (original | fae | kl | raw)"), *grids,
                  Figure(curves, "convergence")])

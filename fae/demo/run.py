@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fae.demo.compare import COMPARE_STEPS
+from fae.demo.compare import COMPARE_STEPS, FLOW_COMPARE_STEPS
 from fae.demo.report import step_report
 from fae.demo.steps import CONFIG_DIR, FLOW_STEPS, PREREQUISITES, STEPS, DemoContext, Step
 from fae.demo.text import TEXT_STEPS, step_text_report
@@ -38,12 +38,14 @@ FLOW_REFERENCE_SECONDS: dict[str, dict[str, float]] = {
 }
 # `fae demo --compare`'s own steps (fae.demo.compare) on the reference machine (AVX2 emulated, fp32; docs/tokenizers.md)
 COMPARE_REFERENCE_SECONDS: dict[str, dict[str, float]] = {
-    "default": {"kl-vae": 80.0, "kl-latents": 10.0, "dit-kl": 50.0, "compare": 150.0},
-    "quick": {"kl-vae": 2.0, "kl-latents": 1.0, "dit-kl": 0.5, "compare": 6.0},
+    "default": {"kl-vae": 80.0, "kl-latents": 10.0, "dit-kl": 50.0, "compare": 150.0, "flow-kl": 60.0,
+                "flow-compare": 20.0},
+    "quick": {"kl-vae": 2.0, "kl-latents": 1.0, "dit-kl": 0.5, "compare": 6.0, "flow-kl": 0.5, "flow-compare": 2.0},
 }
 REFERENCE_CALIBRATION = 0.090  # seconds per calibration step on the reference machine
 BUDGET_SECONDS = {"default": 600.0, "quick": 120.0, "flow": 300.0, "text": 300.0, "text-quick": 120.0,
-                  "compare": 1200.0}   # --compare: the main demo's ten minutes plus its own ten
+                  "compare": 1200.0,   # --compare: the main demo's ten minutes plus its own ten
+                  "compare-flow": 1500.0}
 
 
 def calibration_step_seconds(steps: int = 3) -> float:
@@ -86,7 +88,7 @@ class Forecast:
     def __init__(self, profile: str, calibration: float, flow: bool = False, compare: bool = False) -> None:
         self.reference = {**REFERENCE_SECONDS[profile], **(FLOW_REFERENCE_SECONDS[profile] if flow else {}),
                           **(COMPARE_REFERENCE_SECONDS[profile] if compare else {})}
-        extra = "compare" if compare else "flow" if flow else None
+        extra = "compare-flow" if compare and flow else "compare" if compare else "flow" if flow else None
         self.budget = BUDGET_SECONDS[extra if extra and profile == "default" else profile]
         self.slowdown = calibration / REFERENCE_CALIBRATION
         self.ran_reference, self.ran_actual = 0.0, 0.0
@@ -132,7 +134,8 @@ def run_demo(out: str | Path | None = None, quick: bool = False, fresh: bool = F
             return _run_steps(ctx, resolve_precision("auto", "cpu"), TEXT_STEPS, step_text_report,
                               "text-quick" if quick else "text")
         if compare:
-            return _run_steps(ctx, resolve_precision("auto", "cpu"), STEPS + COMPARE_STEPS, compare=True)
+            steps = STEPS + COMPARE_STEPS + (FLOW_STEPS + FLOW_COMPARE_STEPS if flow else [])
+            return _run_steps(ctx, resolve_precision("auto", "cpu"), steps, flow=flow, compare=True)
         if flow:
             return _run_steps(ctx, resolve_precision("auto", "cpu"),
                               [s for s in STEPS if s.name in PREREQUISITES] + FLOW_STEPS, flow=True)
@@ -148,7 +151,7 @@ def _run_steps(ctx: DemoContext, choice: Any, steps: list[Step] = STEPS, report_
                profile: str | None = None, flow: bool = False, compare: bool = False) -> Path:
     out, profile = ctx.out, profile or ("quick" if ctx.quick else "default")
     if report_fn is step_report:  # earlier runs' results (DiT and flow), for the report
-        for step in STEPS + FLOW_STEPS + COMPARE_STEPS:
+        for step in STEPS + FLOW_STEPS + COMPARE_STEPS + FLOW_COMPARE_STEPS:
             if (out / step.name / "done.json").is_file():
                 ctx.results[step.name] = json.loads((out / step.name / "done.json").read_text())
     todo = [s.name for s in steps if not (out / s.name / "done.json").is_file()] + ["report"]

@@ -14,14 +14,13 @@ A `FeatureNetwork` has a `name`, a `weights_hash` (both go into reports and feat
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from fae.config import ConfigError
-from fae.io import file_sha256
+from fae.io import file_sha256, state_dict_sha256
 from fae.metrics.inception import (
     WEIGHTS_SHA256_PREFIX,
     ResizeMode,
@@ -51,16 +50,6 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
     return images.float()
-
-
-def state_dict_sha256(module: torch.nn.Module) -> str:
-    """A hash of a module's weights (names, dtypes, shapes, bytes), independent of how they were stored."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 class InceptionNetwork:

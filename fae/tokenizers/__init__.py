@@ -2,7 +2,7 @@
 by kind in a registry. `FAE` (fae.tokenizers.fae) is the paper's: a frozen encoder, the one-attention-layer
 FeatureAutoEncoder and the pixel decoder, saved as one bundle folder (`tokenizer/`; runs before 0.2 wrote
 `fae_pipeline/`). fae.tokenizers.baselines holds the paper's baselines through diffusers (SD-VAE, VA-VAE, RAE)."""
-from fae.io import TOKENIZER_FOLDERS, find_autoencoder_bundle
+from fae.io import TOKENIZER_FOLDERS, find_autoencoder_bundle, state_dict_sha256
 from fae.tokenizers.base import (
     Tokenizer,
     TokenizerKind,
@@ -10,7 +10,6 @@ from fae.tokenizers.base import (
     load_tokenizer,
     parse_tokenizer_spec,
     register_tokenizer,
-    state_dict_sha256,
     tokenizer_kinds,
     unregister_tokenizer,
 )

@@ -15,7 +15,6 @@ else in fae lists them by hand. What a user names on the command line (`--tokeni
 """
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,11 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from fae.config import ConfigError
-
-TOKENIZER_BUNDLE = "tokenizer"   # the folder a run or a pipeline keeps its tokenizer in
 
 
 class Tokenizer(ABC):
@@ -75,17 +71,6 @@ class Tokenizer(ABC):
 
     def describe(self) -> str:
         return f"{self.kind} tokenizer ({self.reference().get('path', '?')})"
-
-
-def state_dict_sha256(module: nn.Module) -> str:
-    """SHA-256 over a module's state dict: names, dtypes, shapes and bytes in name order. Independent of the file
-    format the weights came in, so one checkpoint loaded from an LDM .ckpt or a safetensors folder hashes the same."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ the registry

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from fae.config import ConfigError
-from fae.io import atomic_write_text
-from fae.tokenizers.base import Tokenizer, TokenizerKind, register_tokenizer, state_dict_sha256
+from fae.io import atomic_write_text, state_dict_sha256
+from fae.tokenizers.base import Tokenizer, TokenizerKind, register_tokenizer
 
 MARKER = "fae_tokenizer.json"   # {"kind": ...} beside the diffusers files: which kind a saved folder is
 

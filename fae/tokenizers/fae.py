@@ -181,7 +181,7 @@ class FAE(nn.Module, Tokenizer):
     @property
     def identity(self) -> str:
         if self.fae_weights_sha256 is None:  # built in memory, never saved: the weights themselves
-            from fae.tokenizers.base import state_dict_sha256
+            from fae.io import state_dict_sha256
 
             return state_dict_sha256(self.autoencoder)
         return self.fae_weights_sha256
