@@ -6,6 +6,7 @@ the same metrics (fae.metrics.reconstruction), so only the latent space changes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +39,94 @@ def evaluate_tokenizers(tokenizers: dict[str, Any], data: Any, split: str = "tes
                                       inputs={name: t.describe() for name, t in loaded.items()})
     scores["tokenizers"] = {name: {"kind": t.kind, "identity": t.identity} for name, t in loaded.items()}
     return scores
+
+
+# ---------------------------------------------------------------------------------------------- generators
+@dataclass
+class GeneratorEvalConfig:
+    """How a generator is scored, in training (`eval.every`) and by `fae eval generator`: one code path, so the
+    number logged at a step equals `fae eval generator --step` on that checkpoint with the same settings."""
+
+    every: int = 0                    # in training: score the EMA weights every N steps (0 = off)
+    decoder: str | None = None        # the latents' way to pixels: a tokenizer (`--tokenizer` spec: an FAE run,
+    pixel_decoder: str | None = None  # sd-vae:<folder>, ...), or for raw-feature latents a pixel-decoder bundle/run
+    num_samples: int = 1000
+    seed: int = 0
+    batch_size: int = 250
+    method: str = "euler"             # the sampler (fae.transport.SamplerConfig): method, steps, guidance schedule
+    steps: int = 25
+    guidance: str = "none"
+    network: str = "encoder"          # FD space: encoder (the frozen encoder the latents record), encoder:<folder>,
+    inception_weights: str | None = None   # inception (with its weights file), inception:pytorch
+    reference: str | None = None      # reference statistics .npz (`fae eval stats`) or images (folder, .npz arr_0)
+    judge: str | None = None          # a classifier bundle (fae.metrics.judge.SmallCNN): class agreement
+    keep_best: bool = False           # in training: export the best-scoring step's bundle to <run>/best/
+
+    def validate(self) -> None:
+        if self.every < 0 or self.num_samples < 2 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("eval: every >= 0, num_samples >= 2, steps >= 1 and batch_size >= 1")
+        if self.every and self.reference is None:
+            raise ValueError("eval.every needs eval.reference: reference statistics (.npz from `fae eval stats`) or "
+                             "images (a folder, or an .npz of arr_0) to measure the samples' distance to")
+        if self.every and self.decoder is None and self.pixel_decoder is None:
+            raise ValueError("eval.every needs eval.decoder (the tokenizer of the cache: e.g. the pixel-decoder "
+                             "fine-tune run) or, for raw-feature latents, eval.pixel_decoder")
+
+    def sampler(self) -> Any:
+        from fae.transport import GuidanceSchedule, SamplerConfig
+
+        return SamplerConfig(method=self.method, steps=self.steps, guidance=GuidanceSchedule.parse(self.guidance))  # type: ignore[arg-type]  # method is checked by SamplerConfig.validate
+
+
+class GeneratorScorer:
+    """Everything a generator's score needs besides the generator: the decoder, the feature network, the reference
+    statistics and the judge, loaded once (a training run scores many steps)."""
+
+    def __init__(self, cfg: GeneratorEvalConfig, record: Any, device: str | torch.device = "cpu") -> None:
+        from fae.metrics.networks import EncoderNetwork, build_network
+        from fae.metrics.reference import load_reference
+
+        self.cfg, self.device = cfg, torch.device(device)
+        if cfg.reference is None:
+            raise ConfigError("scoring a generator needs a reference (eval.reference / --reference)")
+        if cfg.network == "encoder":
+            encoder = (record.latents.encoder if record.latents else None)
+            if not encoder:
+                raise ConfigError("network=encoder names the frozen encoder the latents record, and these record "
+                                  "none (another tokenizer's latents): give encoder:<model folder> or inception")
+            from fae.encoders import FrozenEncoder
+
+            self.network: Any = EncoderNetwork(FrozenEncoder.from_reference(encoder).to(self.device), self.device)
+        else:
+            self.network = build_network(cfg.network, cfg.inception_weights, device=self.device)
+        self.reference = load_reference(cfg.reference, self.network)
+        self.judge = None
+        if cfg.judge is not None:
+            from fae.metrics.judge import SmallCNN
+
+            self.judge = SmallCNN.from_pretrained(cfg.judge).eval()
+        self.fd_name = "fid" if cfg.network.startswith("inception") else f"fd_{cfg.network.split(':')[0]}"
+
+    def score(self, gen: Any, decode: Any, progress: bool = False) -> dict[str, float]:
+        """{fd_<network> (fid for Inception), class_agreement (with a judge)} of `num_samples` samples, noise i from
+        (seed, i), classes i mod K. Under torchrun each process samples its share; every process gets the scores."""
+        from fae.metrics.evaluate import fid
+        from fae.metrics.judge import class_agreement
+        from fae.sampling import generate
+
+        cfg = self.cfg
+        samples = generate(gen, decode, cfg.num_samples, seed=cfg.seed, labels="equal", sampler=cfg.sampler(),
+                           batch_size=cfg.batch_size, device=self.device, progress=progress, precision="fp32")
+        scores = {self.fd_name: fid(samples.images, self.reference, self.network)}
+        if self.judge is not None and samples.labels is not None:
+            scores["class_agreement"] = float(class_agreement(self.judge, samples.images, samples.labels)["agreement"])
+        return scores
+
+
+def load_eval_decoder(gen: Any, cfg: GeneratorEvalConfig, device: str | torch.device = "cpu") -> Any:
+    """The generator's way to pixels that `cfg` names (checked against the generator's record, fae.sampling)."""
+    from fae.sampling import load_decoder
+
+    if gen.record.raw_features:
+        return load_decoder(gen, pixel_decoder=cfg.pixel_decoder, device=device, compile="off")
+    return load_decoder(gen, tokenizer=cfg.decoder, device=device, compile="off")

@@ -189,6 +189,17 @@ class TrainStage:
         there are some: what the run would export). The Trainer saves and restores the random state around it."""
         return None
 
+    def eval_every(self) -> int:
+        """Score the modules every N steps with `periodic_eval` (0: never)."""
+        return 0
+
+    def periodic_eval(self, out_dir: Path, modules: dict[str, nn.Module], step: int) -> dict[str, float] | None:
+        """Scores of `modules` (the EMA weights where kept) at `step`, on every process (a collective under torchrun:
+        the work is split); logged as `eval/<name>` rows of metrics.jsonl. The Trainer saves and restores the random
+        state around it, so training runs the same with or without it. A stage may keep a best-step record in
+        `out_dir`."""
+        return None
+
     def to(self, device: torch.device) -> None:
         """Move non-trainable helpers (frozen encoders, ...) to the device; trainable modules are moved for you."""
 
@@ -438,6 +449,9 @@ class Trainer:
         """After a step: the preview and the checkpoint when due; on a signal (any process's), checkpoint and stop."""
         if self.cfg.preview_every and self.step % self.cfg.preview_every == 0:
             self._preview()
+        every = self.stage.eval_every()
+        if every and self.step % every == 0:   # before the checkpoint: a kill between the two repeats it, loses nothing
+            self._periodic_eval()
         if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
             self.save_checkpoint()
         if D.all_reduce_max(float(self._stop_signal is not None)) > 0:
@@ -575,6 +589,28 @@ class Trainer:
                     m.train(was_training[n])
         if sheets:
             self.monitor.images(sheets, self.step)
+
+    def _periodic_eval(self) -> None:
+        """The stage's scores of this step as an `eval/...` metrics.jsonl row and TensorBoard scalars, with the time
+        they took; the training's random state and the modules' modes are restored afterwards."""
+        modules = self.export_modules()
+        was_training = {n: m.training for n, m in modules.items()}
+        devices = [self.device] if self.device.type == "cuda" else []
+        begin = time.time()
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for m in modules.values():
+                m.eval()
+            try:
+                scores = self.stage.periodic_eval(self.out_dir, modules, self.step)
+            finally:
+                for n, m in modules.items():
+                    m.train(was_training[n])
+        if not scores:
+            return
+        row = {**{f"eval/{k}": v for k, v in scores.items()}, "eval/seconds": time.time() - begin}
+        self._append_metrics(row)
+        if self.monitor is not None:
+            self.monitor.scalars(row, self.step)
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         """One row of metrics.jsonl (rank 0), stamped with the current step."""

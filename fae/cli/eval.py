@@ -143,6 +143,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_probe, command_name="probe")
 
     register_recon(sub)
+    _register_generator(sub)
 
 
 def _add_gen_args(p: argparse.ArgumentParser, precision_recall: bool = True) -> None:
@@ -286,3 +287,58 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     if args.out is None and (anchor is None or not Path(anchor).exists()):
         args.out = "probe.json"   # a hub id: write in the current folder
     return _finish(args, report, anchor or "probe")
+
+
+def _register_generator(sub: Any) -> None:
+    p = sub.add_parser("generator", help="score a generator: FD (or FID) and class agreement of its samples",
+                       description="Sample a generator bundle or run (--step: that kept checkpoint's EMA weights), "
+                       "decode, and score: the Fréchet distance to --reference in the --network space and, with "
+                       "--judge, class agreement. The same code and settings as a generator stage's eval.every, so "
+                       "the number equals the one its metrics.jsonl logged at that step.")
+    p.add_argument("--generator", required=True, help="a generator bundle or `fae train <family>` run folder")
+    p.add_argument("--step", type=int, help="score this kept checkpoint of the run (default: the finished bundle)")
+    p.add_argument("--decoder", "--tokenizer", dest="decoder",
+                   help="the latents' tokenizer (an FAE pixel-decoder fine-tune run, sd-vae:<folder>, ...; default: "
+                   "the one the generator records)")
+    p.add_argument("--pixel-decoder", help="for raw-feature latents: the pixel-decoder bundle or run")
+    p.add_argument("--reference", required=True, help="reference statistics .npz (`fae eval stats`) or images")
+    p.add_argument("--network", default="encoder", help="encoder (the latents' frozen encoder; default), "
+                   "encoder:<model folder>, inception (needs --inception-weights), inception:pytorch")
+    p.add_argument("--inception-weights")
+    p.add_argument("--judge", help="a classifier bundle (fae.metrics.judge): class agreement")
+    p.add_argument("-n", "--num-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--sampler", default="euler", choices=["euler", "heun", "euler_maruyama"])
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", default="none", help="none | a scale | 't_min-t_max:scale,...' | paper")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="write the scores as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_generator)
+
+
+def _cmd_generator(args: argparse.Namespace) -> int:
+    import json
+
+    from fae.distributed import is_main, resolve_device
+    from fae.evaluation import GeneratorEvalConfig
+    from fae.io import atomic_write_text
+    from fae.stages.generator import evaluate_generator
+
+    cfg = GeneratorEvalConfig(decoder=args.decoder, pixel_decoder=args.pixel_decoder, num_samples=args.num_samples,
+                              seed=args.seed, batch_size=args.batch_size, method=args.sampler, steps=args.steps,
+                              guidance=args.guidance, network=args.network, inception_weights=args.inception_weights,
+                              reference=args.reference, judge=args.judge)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    scores = evaluate_generator(args.generator, cfg, step=args.step, device=resolve_device(args.device),
+                                progress=not args.no_progress)
+    if is_main():
+        text = json.dumps(scores, indent=2)
+        if args.out:
+            atomic_write_text(Path(args.out), text)
+        print(text)
+    return 0

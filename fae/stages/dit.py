@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from fae.config import to_dict
 from fae.data.latents import LatentDataset
+from fae.evaluation import GeneratorEvalConfig
 from fae.models.dit import DiT, DiTConfig
 from fae.stages.generator import GeneratorStage
 from fae.training import OptimConfig, TrainConfig
@@ -35,6 +36,7 @@ class Config:
     sample_posterior: bool = False                        # z = mean + std * n (needs a cache with --store-std)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="constant", grad_clip=1.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512, ema_decay=0.9999))
+    eval: GeneratorEvalConfig = field(default_factory=GeneratorEvalConfig)   # in-training scores (fae.evaluation)
 
 
 class DiTStage(GeneratorStage):

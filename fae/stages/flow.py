@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from fae.config import ConfigError
 from fae.data.latents import LatentCache, normalize
+from fae.evaluation import GeneratorEvalConfig
 from fae.io import atomic_write_text
 from fae.models.starflow import StarFlow, StarFlowConfig, bits_per_dim
 from fae.stages.generator import GeneratorStage
@@ -41,6 +42,7 @@ class Config:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4,
                                                                    schedule="cosine", min_lr=1e-6, grad_clip=1.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512, ema_decay=0.9999))
+    eval: GeneratorEvalConfig = field(default_factory=GeneratorEvalConfig)   # in-training scores (fae.evaluation)
 
 
 class FirstRows(Dataset):

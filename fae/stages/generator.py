@@ -9,6 +9,7 @@ newest checkpoint's EMA weights and its config.yaml.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,11 +18,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from fae import distributed as D
 from fae.config import ConfigError, from_dict, read_yaml
 from fae.data.labels import check_class_ids
 from fae.data.latents import LatentCache, LatentDataset
+from fae.evaluation import GeneratorEvalConfig, GeneratorScorer, load_eval_decoder
 from fae.generators import Generator, GeneratorFamily, GeneratorRecord, families, family, find_generator_bundle
 from fae.generators import load_generator as load_generator_bundle
+from fae.io import atomic_write_text, replace_dir
 from fae.stages.preview import class_conditions, generator_sheets
 from fae.training import TrainStage, checkpoint_dirs
 
@@ -59,10 +63,64 @@ class GeneratorStage(TrainStage):
             torch.manual_seed(cfg.train.seed)
             model = self.spec.model(cfg.model)
         self.modules = {"model": self.prepare(model)}
+        self._scorer: GeneratorScorer | None = None
+        self._decode: Any = None
+        # a family's Config may hold `eval: GeneratorEvalConfig` (dit, flow and mmdit do); without it: no scoring
+        self.eval_cfg: GeneratorEvalConfig = getattr(cfg, "eval", None) or GeneratorEvalConfig()
+        self._check_eval(self.eval_cfg)
 
     @property
     def spec(self) -> GeneratorFamily:
         return family(self.family)
+
+    def _check_eval(self, cfg: GeneratorEvalConfig) -> None:
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if cfg.every and self.generator(self.modules["model"], "check", "cpu").condition_kind == "text":
+            raise ConfigError("eval.every scores class-conditional and unconditional generators; a text generator's "
+                              "prompts have no judge here yet: set eval.every=0 (previews still decode with "
+                              "eval.decoder)")
+        if cfg.decoder is not None or cfg.pixel_decoder is not None:   # refuse a wrong decoder before training
+            gen = self.generator(self.modules["model"], "check", "cpu")
+            self._decoder_for(gen)
+
+    def _decoder_for(self, gen: Generator) -> Any:
+        """The eval config's decoder, loaded once and checked against the cache's record (kind, identity, shape)."""
+        if self._decode is None:
+            self._decode = load_eval_decoder(gen, self.eval_cfg)
+        return self._decode
+
+    def eval_every(self) -> int:
+        return int(self.eval_cfg.every)
+
+    def periodic_eval(self, out_dir: Path, modules: dict[str, nn.Module], step: int) -> dict[str, float] | None:
+        model = modules["model"]
+        device = next(model.parameters()).device
+        gen = self.generator(model, f"step {step}", device)
+        if self._scorer is None:
+            self._scorer = GeneratorScorer(self.eval_cfg, gen.record, device)
+        scores = self._scorer.score(gen, self._decoder_for(gen))
+        if D.is_main():
+            self._record_best(out_dir, model, step, scores)
+        return scores
+
+    def _record_best(self, out_dir: Path, model: nn.Module, step: int, scores: dict[str, float]) -> None:
+        """<run>/eval_best.json: the step whose FD was lowest so far (a resumed run re-scores later steps the same);
+        with eval.keep_best its bundle in <run>/best/."""
+        path = out_dir / "eval_best.json"
+        metric = next(k for k in scores if k.startswith(("fd_", "fid")))
+        best = json.loads(path.read_text()) if path.is_file() else None
+        if best is not None and best["step"] < step and best["value"] <= scores[metric]:
+            return
+        if self.eval_cfg.keep_best:
+            tmp = out_dir / ".best.tmp"
+            model.save_pretrained(tmp, extra=self.record().to_json())  # type: ignore[operator]  # a PretrainedMixin model
+            replace_dir(tmp, out_dir / "best")
+        atomic_write_text(path, json.dumps({"step": step, "metric": metric, "value": scores[metric],
+                                            "scores": scores, "bundle": "best" if self.eval_cfg.keep_best else None},
+                                           indent=2))
 
     def check(self) -> None:
         """Family-specific checks of the config against the cache (after the shape checks)."""
@@ -93,7 +151,9 @@ class GeneratorStage(TrainStage):
         model = modules["model"]
         device = next(model.parameters()).device
         conditions, names = self.preview_conditions(model, device)
-        return generator_sheets(self.generator(model, "preview", device), conditions, names)
+        gen = self.generator(model, "preview", device)
+        decoded = self.eval_cfg.decoder is not None or self.eval_cfg.pixel_decoder is not None
+        return generator_sheets(gen, conditions, names, self._decoder_for(gen) if decoded else None)
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         model = modules["model"]
@@ -142,3 +202,14 @@ def load_run_generator(path: str | Path, device: str | torch.device = "cpu", ste
         weights = ckpts[-1] / "model.safetensors"
     model.load_state_dict(load_file(str(weights), device=str(device)))
     return stage.generator(model, str(weights), device)
+
+
+def evaluate_generator(generator: str | Path, cfg: GeneratorEvalConfig, step: int | None = None,
+                       device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
+    """`fae eval generator`: score a generator bundle or run folder of any family (`step`: that kept checkpoint's
+    EMA weights) with `GeneratorScorer`, exactly as `eval.every` scores it in training."""
+    gen = load_run_generator(generator, device=device, step=step)
+    cfg.validate()
+    scorer = GeneratorScorer(cfg, gen.record, device)
+    return {"generator": str(generator), "step": step,
+            **scorer.score(gen, load_eval_decoder(gen, cfg, device), progress)}

@@ -22,6 +22,7 @@ from torch import nn
 
 from fae.config import ConfigError, to_dict
 from fae.data.latents import TEXT_KEYS, LatentCache
+from fae.evaluation import GeneratorEvalConfig
 from fae.models.mmdit import MMDiT, MMDiTConfig, TextCondition
 from fae.stages.generator import GeneratorStage
 from fae.stages.preview import PREVIEW_SAMPLES
@@ -37,6 +38,7 @@ class Config:
     hflip: bool = True                                    # the flipped latent keeps its caption
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="constant", grad_clip=1.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512, ema_decay=0.9999))
+    eval: GeneratorEvalConfig = field(default_factory=GeneratorEvalConfig)   # in-training scores (fae.evaluation)
 
 
 def check_text_matches_cache(model: MMDiTConfig, cache: LatentCache) -> None:
