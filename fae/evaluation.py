@@ -83,22 +83,12 @@ class GeneratorScorer:
     statistics and the judge, loaded once (a training run scores many steps)."""
 
     def __init__(self, cfg: GeneratorEvalConfig, record: Any, device: str | torch.device = "cpu") -> None:
-        from fae.metrics.networks import EncoderNetwork, build_network
         from fae.metrics.reference import load_reference
 
         self.cfg, self.device = cfg, torch.device(device)
         if cfg.reference is None:
             raise ConfigError("scoring a generator needs a reference (eval.reference / --reference)")
-        if cfg.network == "encoder":
-            encoder = (record.latents.encoder if record.latents else None)
-            if not encoder:
-                raise ConfigError("network=encoder names the frozen encoder the latents record, and these record "
-                                  "none (another tokenizer's latents): give encoder:<model folder> or inception")
-            from fae.encoders import FrozenEncoder
-
-            self.network: Any = EncoderNetwork(FrozenEncoder.from_reference(encoder).to(self.device), self.device)
-        else:
-            self.network = build_network(cfg.network, cfg.inception_weights, device=self.device)
+        self.network: Any = eval_network(cfg, record, self.device)
         self.reference = load_reference(cfg.reference, self.network)
         self.judge = None
         if cfg.judge is not None:
@@ -121,6 +111,24 @@ class GeneratorScorer:
         if self.judge is not None and samples.labels is not None:
             scores["class_agreement"] = float(class_agreement(self.judge, samples.images, samples.labels)["agreement"])
         return scores
+
+
+def eval_network(cfg: GeneratorEvalConfig, record: Any, device: str | torch.device = "cpu") -> Any:
+    """The feature network `cfg.network` names, in fp32 like every metric network: "encoder" is the frozen encoder
+    the latents record (a reference file made with `encoder:<its folder>` matches it)."""
+    from dataclasses import replace
+
+    from fae.encoders import EncoderConfig, FrozenEncoder
+    from fae.metrics.networks import EncoderNetwork, build_network
+
+    if cfg.network != "encoder":
+        return build_network(cfg.network, cfg.inception_weights, device=device)
+    encoder = record.latents.encoder if record.latents else None
+    if not encoder:
+        raise ConfigError("network=encoder names the frozen encoder the latents record, and these record none "
+                          "(another tokenizer's latents): give encoder:<model folder> or inception")
+    config = replace(EncoderConfig(**encoder), precision="fp32")   # a distance must not depend on native bf16
+    return EncoderNetwork(FrozenEncoder.from_config(config), device)
 
 
 def load_eval_decoder(gen: Any, cfg: GeneratorEvalConfig, device: str | torch.device = "cpu") -> Any:

@@ -117,6 +117,10 @@ def test_quick_demo_end_to_end(finished_demo, capsys, monkeypatch):
     assert results["latents"]["feature_cache"] is not None  # stage 1's features were reused, not recomputed
     for run in ("dit", "dit-raw"):
         assert results[run]["loss_last"] < results[run]["loss_first"]
+        # each DiT scored itself at its eval.every step (the convergence curve), guided like the samples below
+        (point,) = results[run]["curve"]
+        assert point["step"] == 30 and 0 <= point["class_agreement"] <= 1 and point["fd_encoder"] > 0
+        assert 0 < results[run]["eval_overhead"] < 10
     samples = results["samples"]
     for key in ("fae/no_guidance", "fae/guidance", "raw/no_guidance", "raw/guidance"):
         assert 0 <= samples[key]["class_agreement"] <= 1 and samples[key]["fd_encoder"] > 0  # finite, not NaN
@@ -134,6 +138,7 @@ def test_quick_demo_end_to_end(finished_demo, capsys, monkeypatch):
     assert len(images) >= 8, images  # curves, reconstructions, four sample grids
     for src in images:
         assert (out / src).is_file(), src
+    assert "report/dit_convergence.png" in images
     for needle in ("class-agreement", "raw features", "PSNR", "random initialisation", f"Precision: {choice.name}"):
         assert needle in html
 

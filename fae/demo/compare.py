@@ -3,7 +3,7 @@ baseline) the demo trains a small KL autoencoder with SD-VAE's architecture (dif
 configs/demo/kl_vae.yaml: 8x8x8 latents, the FAE's shape) on the same images, encodes them through the tokenizer
 interface, and trains the same DiT on it. On each latent space, the same measurements: reconstruction (PSNR, FD),
 guided and unguided class-agreement and FD, a linear probe on the latent, and class-agreement against training step
-(the paper's convergence claim, from the DiT checkpoints every 250 steps). With --flow also the same STARFlow on
+(the paper's convergence claim: each DiT scores itself every 250 steps, eval.every). With --flow also the same STARFlow on
 each (held-out bits/dim, class-agreement and FD). An experiment: the report shows what comes out, including where
 FAE loses; every seed is fixed.
 """
@@ -59,7 +59,7 @@ def step_kl_latents(ctx: Any) -> dict[str, Any]:
 
 def step_dit_kl(ctx: Any) -> dict[str, Any]:
     """The same DiT, budget and seed as on the FAE latents."""
-    return _dit(ctx, "dit-kl", ctx.results["kl-latents"]["kl"])
+    return _dit(ctx, "dit-kl", ctx.results["kl-latents"]["kl"], f"eval.decoder={_kl_tokenizer(ctx)}")
 
 
 def _decoders(ctx: Any) -> dict[str, Any]:
@@ -127,31 +127,6 @@ def _probes(ctx: Any, nets: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _curves(ctx: Any, scoring: dict[str, Any]) -> dict[str, Any]:
-    """Guided class-agreement and FD of each space's DiT at every kept checkpoint (EMA weights)."""
-    from fae.sampling import load_decoder
-    from fae.stages import load_run_generator
-    from fae.training import checkpoint_dirs
-    from fae.transport import GuidanceSchedule, SamplerConfig
-
-    p = ctx.profile
-    sampler = SamplerConfig(method="euler", steps=p["sample_steps"], guidance=GuidanceSchedule.parse(p["guidance"]))
-    decoders = {"fae": {"fae": ctx.out / "pixel-decoder-ft" / "tokenizer"}, "kl": {},
-                "raw": {"pixel_decoder": ctx.out / "pixel-decoder" / "pixel_decoder"}}
-    curves: dict[str, Any] = {}
-    for space, run in RUNS.items():
-        points = []
-        for ckpt in checkpoint_dirs(ctx.out / run):
-            step = int(ckpt.name.split("_")[1])
-            gen = load_run_generator(ctx.out / run, step=step)
-            decode = load_decoder(gen, **decoders[space])
-            got = _score(ctx, scoring, gen, decode, sampler, ctx.out / "compare" / f"{space}-{step}",
-                         _knobs(ctx)["curve_samples"])
-            points.append({"step": step, "class_agreement": got["class_agreement"], "fd_encoder": got["fd_encoder"]})
-        curves[space] = points
-    return curves
-
-
 def step_compare(ctx: Any) -> dict[str, Any]:
     """The KL DiT sampled as the others were (section 4's sampler, seeds and judge), then every measurement on
     all three spaces, with each part's time."""
@@ -174,13 +149,13 @@ def step_compare(ctx: Any) -> dict[str, Any]:
         if key.startswith(("fae/", "raw/")):
             generation[key] = value
     times["samples_kl"] = time.time() - begin
-    parts = {"reconstruction": lambda: _reconstruction(ctx, scoring, nets), "probe": lambda: _probes(ctx, nets),
-             "curves": lambda: _curves(ctx, scoring)}
+    parts = {"reconstruction": lambda: _reconstruction(ctx, scoring, nets), "probe": lambda: _probes(ctx, nets)}
     out: dict[str, Any] = {"generation": generation, "num_samples": p["samples"], "guidance": p["guidance"]}
     for name, run in parts.items():
         begin = time.time()
         out[name] = run()
         times[name] = time.time() - begin
+    out["curves"] = {space: ctx.results[run].get("curve", []) for space, run in RUNS.items()}   # eval.every rows
     out["seconds_by_part"] = {k: round(v, 1) for k, v in times.items()}
     out["recon_grid"] = str(ctx.out / "compare" / "recon_grid.png")
     out["recon_images"] = _knobs(ctx)["recon_images"]

@@ -166,6 +166,14 @@ def _samples_section(r: dict[str, Any], out: Path, figs: Path) -> Any:
                          ["loss/main"], figs / "dit_curves.png", title="DiT flow-matching loss")
     figures = [Figure(Path(s[f"{gen}/{g}"]["grid"]), f"{gen} latents, {g.replace('_', ' ')}")
                for gen in ("fae", "raw") for g in ("guidance", "no_guidance") if f"{gen}/{g}" in s]
+    scored = {label: r[run]["curve"] for run, label in (("dit", "FAE latents"), ("dit-raw", "raw features"))
+              if r.get(run, {}).get("curve")}
+    if scored:   # each run's eval.every rows: the paper's convergence claim in miniature
+        convergence = plot_curves(scored, ["class_agreement", "fd_encoder"], figs / "dit_convergence.png",
+                                  title="while training: guided class-agreement and FD (EMA weights)", logy=False)
+        overhead = ", ".join(f"{label} {100 * r[run]['eval_overhead']:.1f}%" for run, label in
+                             (("dit", "FAE"), ("dit-raw", "raw")) if "eval_overhead" in r.get(run, {}))
+        figures.append(Figure(convergence, f"convergence (scoring cost vs training time: {overhead})"))
     return Section(
         "4. Class-conditional generation: DiT on FAE latents vs on raw features (paper Table 5 in miniature)",
         text=[f"The same DiT and training budget on the FAE latents and on the raw encoder features; "

@@ -29,6 +29,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "pixel-decoder": [],
         "finetune": [],
         "dit": [],
+        # every DiT scores itself while it trains (eval.every; the report's convergence curve): guided class agreement
+        # and FD of 200 samples from 10 Euler steps, ~1 s per evaluation (docs/benchmarks.md)
+        "dit_eval": ["eval.every=250", "eval.num_samples=200", "eval.steps=10", "eval.guidance=0-0.7:6.0"],
         "latent_limit": 10000,
         "classifier": {"epochs": 2, "train_limit": 30000, "lr": 3e-3},
         "samples": 1000, "sample_steps": 25, "guidance": "0-0.7:6.0",
@@ -46,6 +49,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                      "optim.warmup_steps=2", "eval.limit=64"],
         "dit": ["train.steps=30", "train.batch_size=64", "train.checkpoint_every=30", "train.log_every=10",
                 "optim.warmup_steps=5", "model.hidden_size=64", "model.depth=2"],
+        "dit_eval": ["eval.every=30", "eval.num_samples=20", "eval.steps=4", "eval.guidance=0-0.7:6.0",
+                     "eval.batch_size=20"],
         "latent_limit": 512,
         "classifier": {"epochs": 2, "train_limit": 2000, "lr": 3e-3},
         "samples": 20, "sample_steps": 4, "guidance": "0-0.7:6.0",
@@ -175,23 +180,60 @@ def step_latents(ctx: DemoContext) -> dict[str, Any]:
     return info
 
 
-def _dit(ctx: DemoContext, name: str, cache: str) -> dict[str, Any]:
+def reference_file(ctx: DemoContext) -> Path:
+    """The test split's statistics in the frozen encoder's feature space (fp32), written once: what the DiT runs'
+    in-training FD is measured against."""
+    import hashlib
+
+    import torch
+
+    from fae.data import build_dataset
+    from fae.grid import to_uint8_hwc
+    from fae.metrics import TensorSource
+    from fae.metrics.networks import build_network
+    from fae.metrics.reference import save_reference
+
+    # named by the encoder's folder, which the statistics record: a demo folder copied elsewhere makes its own
+    where = hashlib.sha256(str(ctx.encoder_dir.resolve()).encode()).hexdigest()[:12]
+    path = ctx.out / "reference" / f"test-{where}.npz"
+    if not path.is_file():
+        test = build_dataset(replace(ctx.data_config(), hflip=False, limit=ctx.profile["fd_reference"]), "test")
+        images = to_uint8_hwc(torch.stack([test[i]["image"] for i in range(num_items(test))]))
+        save_reference(path, TensorSource(images, name="test split"), build_network(f"encoder:{ctx.encoder_dir}"),
+                       keep_images=0, keep_features=0)
+    return path
+
+
+def _dit(ctx: DemoContext, name: str, cache: str, decoder: str) -> dict[str, Any]:
+    """Train the demo DiT on `cache`, scoring itself every few hundred steps through `decoder` (an eval.decoder= or
+    eval.pixel_decoder= override) against the test split with the judge."""
     from fae.data.latents import LatentCache
     from fae.demo.html import read_metrics
 
-    overrides = [f"latents={cache}", f"model.in_channels={LatentCache(cache).channels}", *ctx.profile["dit"]]
+    scoring = [decoder, f"eval.reference={reference_file(ctx)}", f"eval.judge={ctx.judge_dir}",
+               f"eval.network=encoder:{ctx.encoder_dir}", *ctx.profile["dit_eval"]]
+    overrides = [f"latents={cache}", f"model.in_channels={LatentCache(cache).channels}", *scoring, *ctx.profile["dit"]]
     run = ctx.train("dit", "dit.yaml", name, overrides)
     rows = read_metrics(run / "metrics.jsonl")
-    return {"run": str(run), "loss_first": rows[0]["loss/main"], "loss_last": rows[-1]["loss/main"]}
+    losses = [r for r in rows if "loss/main" in r]
+    curve = [{"step": r["step"], "class_agreement": r["eval/class_agreement"], "fd_encoder": r["eval/fd_encoder"],
+              "seconds": r["eval/seconds"]} for r in rows if "eval/fd_encoder" in r]
+    # sec_per_step covers everything between two log rows, the evaluations included: take them out for the overhead
+    total = sum(r["sec_per_step"] * (r["step"] - before["step"])
+                for before, r in zip([{"step": 0}, *losses], losses, strict=False))
+    evaluating = sum(p["seconds"] for p in curve)
+    return {"run": str(run), "loss_first": losses[0]["loss/main"], "loss_last": losses[-1]["loss/main"],
+            "curve": curve, "eval_seconds": evaluating, "eval_overhead": evaluating / max(total - evaluating, 1e-9)}
 
 
 def step_dit(ctx: DemoContext) -> dict[str, Any]:
-    return _dit(ctx, "dit", ctx.results["latents"]["fae"])
+    return _dit(ctx, "dit", ctx.results["latents"]["fae"], f"eval.decoder={ctx.out / 'pixel-decoder-ft' / 'tokenizer'}")
 
 
 def step_dit_raw(ctx: DemoContext) -> dict[str, Any]:
     """The paper's Table 5 baseline in miniature: the same DiT budget on the raw (uncompressed) encoder features."""
-    return _dit(ctx, "dit-raw", ctx.results["latents"]["raw"])
+    return _dit(ctx, "dit-raw", ctx.results["latents"]["raw"],
+                f"eval.pixel_decoder={ctx.out / 'pixel-decoder' / 'pixel_decoder'}")
 
 
 def step_classifier(ctx: DemoContext) -> dict[str, Any]:
@@ -362,9 +404,9 @@ STEPS = [
     Step("pixel-decoder", "pixel decoder on noisy features", step_pixel_decoder),
     Step("finetune", "pixel decoder fine-tuned on x̂", step_finetune),
     Step("latents", "latent caches (FAE z and raw x)", step_latents),
+    Step("classifier", "judge classifier on real images", step_classifier),   # the DiT runs score with it
     Step("dit", "DiT on FAE latents", step_dit),
     Step("dit-raw", "DiT on raw features (baseline)", step_dit_raw),
-    Step("classifier", "judge classifier on real images", step_classifier),
     Step("samples", "sampling and generation metrics", step_samples),
     Step("probe", "linear probes", step_probe),
 ]
