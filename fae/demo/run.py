@@ -39,7 +39,7 @@ FLOW_REFERENCE_SECONDS: dict[str, dict[str, float]] = {
 # `fae demo --compare`'s own steps (fae.demo.compare): measured under AVX2 emulation (fp32) on a run whose calibration
 # step was 1.59x the reference's, divided by that (docs/benchmarks.md, 2026-12-06); the flow steps as `--flow`'s
 COMPARE_REFERENCE_SECONDS: dict[str, dict[str, float]] = {
-    "default": {"kl-vae": 76.0, "kl-latents": 15.0, "dit-kl": 56.0, "compare": 79.0, "flow-kl": 60.0,
+    "default": {"kl-vae": 76.0, "kl-latents": 15.0, "dit-kl": 57.0, "compare": 58.0, "flow-kl": 60.0,
                 "flow-compare": 20.0},
     "quick": {"kl-vae": 2.0, "kl-latents": 1.0, "dit-kl": 0.5, "compare": 6.0, "flow-kl": 0.5, "flow-compare": 2.0},
 }
