@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from fae import distributed as D
 from fae.config import ConfigError
 from fae.data import build_dataset
 from fae.data.loading import num_items
@@ -99,7 +100,8 @@ class GeneratorScorer:
 
     def score(self, gen: Any, decode: Any, progress: bool = False) -> dict[str, float]:
         """{fd_<network> (fid for Inception), class_agreement (with a judge)} of `num_samples` samples, noise i from
-        (seed, i), classes i mod K. Under torchrun each process samples its share; every process gets the scores."""
+        (seed, i), classes i mod K. Under torchrun each process samples its share, rank 0 scores them all and every
+        process returns rank 0's scores."""
         from fae.metrics.evaluate import fid
         from fae.metrics.judge import class_agreement
         from fae.sampling import generate
@@ -107,10 +109,13 @@ class GeneratorScorer:
         cfg = self.cfg
         samples = generate(gen, decode, cfg.num_samples, seed=cfg.seed, labels="equal", sampler=cfg.sampler(),
                            batch_size=cfg.batch_size, device=self.device, progress=progress, precision="fp32")
-        scores = {self.fd_name: fid(samples.images, self.reference, self.network)}
-        if self.judge is not None and samples.labels is not None:
-            scores["class_agreement"] = float(class_agreement(self.judge, samples.images, samples.labels)["agreement"])
-        return scores
+        scores = None
+        if D.rank() == 0:   # it holds every sample (fae.sampling.generate gathers there); the others get its scores
+            scores = {self.fd_name: fid(samples.images, self.reference, self.network)}
+            if self.judge is not None and samples.labels is not None:
+                agreement = class_agreement(self.judge, samples.images, samples.labels)["agreement"]
+                scores["class_agreement"] = float(agreement)
+        return D.all_gather_objects(scores)[0]
 
 
 def eval_network(cfg: GeneratorEvalConfig, record: Any, device: str | torch.device = "cpu") -> Any:

@@ -89,6 +89,26 @@ def test_the_logged_score_equals_fae_eval_generator_on_that_checkpoint(evaluated
     assert offline["class_agreement"] == logged["eval/class_agreement"]
 
 
+def test_two_processes_score_as_one(evaluated, setting, tmp_path):
+    """Under torchrun each process samples its share; the scores are those of one process."""
+    import subprocess
+    import sys
+
+    from seeding import subprocess_env
+
+    w = setting["world"]
+    args = ["eval", "generator", "--generator", str(evaluated), "--step", "4", "--decoder", str(w["pipeline"]),
+            "--reference", str(setting["root"] / "reference.npz"), "--judge", str(setting["root"] / "judge"),
+            "-n", "10", "--steps", "2", "--batch-size", "4", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fae.cli"]
+    done = subprocess.run(cmd + args + ["--out", str(tmp_path / "two.json")], env=subprocess_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(args + ["--out", str(tmp_path / "one.json")]) == 0
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two == one and one["fd_encoder"] == _eval_rows(evaluated)[4]["eval/fd_encoder"]
+
+
 def test_evaluation_is_invisible_to_training(evaluated, setting):
     """The same config with eval.every=0 trains to bit-identical weights and losses."""
     plain = train_stage("dit", _config(setting, setting["root"] / "plain.yaml", every=0), setting["root"] / "plain",
