@@ -61,6 +61,7 @@ class GeneratorEvalConfig:
     inception_weights: str | None = None   # inception (with its weights file), inception:pytorch
     reference: str | None = None      # reference statistics .npz (`fae eval stats`) or images (folder, .npz arr_0)
     judge: str | None = None          # a classifier bundle (fae.metrics.judge.SmallCNN): class agreement
+    precision_recall: bool = False    # also k=3 precision and recall (the reference must hold features or images)
     keep_best: bool = False           # in training: export the best-scoring step's bundle to <run>/best/
 
     def validate(self) -> None:
@@ -99,10 +100,11 @@ class GeneratorScorer:
         self.fd_name = "fid" if cfg.network.startswith("inception") else f"fd_{cfg.network.split(':')[0]}"
 
     def score(self, gen: Any, decode: Any, progress: bool = False) -> dict[str, float]:
-        """{fd_<network> (fid for Inception), class_agreement (with a judge)} of `num_samples` samples, noise i from
+        """{fd_<network> (fid for Inception), class_agreement (with a judge), precision and recall (when asked)} of
+        `num_samples` samples, noise i from
         (seed, i), classes i mod K. Under torchrun each process samples its share, rank 0 scores them all and every
         process returns rank 0's scores."""
-        from fae.metrics.evaluate import fid
+        from fae.metrics.evaluate import evaluate_generation
         from fae.metrics.judge import class_agreement
         from fae.sampling import generate
 
@@ -111,7 +113,10 @@ class GeneratorScorer:
                            batch_size=cfg.batch_size, device=self.device, progress=progress, precision="fp32")
         scores = None
         if D.rank() == 0:   # it holds every sample (fae.sampling.generate gathers there); the others get its scores
-            scores = {self.fd_name: fid(samples.images, self.reference, self.network)}
+            metrics = ["fid", *(["precision", "recall"] if cfg.precision_recall else [])]
+            values = evaluate_generation(samples.images, self.reference, self.network, metrics=metrics).metrics
+            scores = {self.fd_name: float(values["fid"]),  # type: ignore[arg-type]  # asked for: never None
+                      **{m: float(values[m]) for m in metrics[1:]}}  # type: ignore[arg-type]  # asked for: never None
             if self.judge is not None and samples.labels is not None:
                 agreement = class_agreement(self.judge, samples.images, samples.labels)["agreement"]
                 scores["class_agreement"] = float(agreement)

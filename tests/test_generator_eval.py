@@ -59,7 +59,7 @@ def _eval_rows(run):
 
 @pytest.fixture(scope="module")
 def evaluated(setting):
-    cfg = _config(setting, setting["root"] / "dit.yaml", every=2, keep_best="true")
+    cfg = _config(setting, setting["root"] / "dit.yaml", every=2, keep_best="true", precision_recall="true")
     return train_stage("dit", cfg, setting["root"] / "run", progress=False)
 
 
@@ -68,6 +68,7 @@ def test_eval_every_logs_scores_decodes_previews_and_keeps_the_best(evaluated):
     assert sorted(rows) == [2, 4]
     for scores in rows.values():
         assert scores["eval/fd_encoder"] > 0 and 0 <= scores["eval/class_agreement"] <= 1
+        assert 0 <= scores["eval/precision"] <= 1 and 0 <= scores["eval/recall"] <= 1
     best = json.loads((evaluated / "eval_best.json").read_text())
     lowest = min(rows, key=lambda s: rows[s]["eval/fd_encoder"])
     assert best["step"] == lowest and best["value"] == rows[lowest]["eval/fd_encoder"]
@@ -83,10 +84,10 @@ def test_the_logged_score_equals_fae_eval_generator_on_that_checkpoint(evaluated
     assert main(["eval", "generator", "--generator", str(evaluated), "--step", "2", "--decoder", str(w["pipeline"]),
                  "--reference", str(setting["root"] / "reference.npz"), "--judge", str(setting["root"] / "judge"),
                  "-n", "10", "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "s.json"),
-                 "--no-progress"]) == 0
+                 "--precision-recall", "--no-progress"]) == 0
     offline = json.loads((tmp_path / "s.json").read_text())
-    assert offline["fd_encoder"] == logged["eval/fd_encoder"]
-    assert offline["class_agreement"] == logged["eval/class_agreement"]
+    for key in ("fd_encoder", "class_agreement", "precision", "recall"):
+        assert offline[key] == logged[f"eval/{key}"], key
 
 
 def test_two_processes_score_as_one(evaluated, setting, tmp_path):
@@ -121,7 +122,7 @@ def test_evaluation_is_invisible_to_training(evaluated, setting):
 
 
 def test_a_resumed_run_neither_repeats_nor_loses_an_evaluation(evaluated, setting):
-    cfg = _config(setting, setting["root"] / "paused.yaml", every=2)
+    cfg = _config(setting, setting["root"] / "paused.yaml", every=2, precision_recall="true")
     run = setting["root"] / "paused"
     train_stage("dit", cfg, run, progress=False, stop_at=3)    # pauses after the step-2 evaluation, checkpointed
     assert sorted(_eval_rows(run)) == [2]

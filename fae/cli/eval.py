@@ -306,6 +306,7 @@ def _register_generator(sub: Any) -> None:
                    "encoder:<model folder>, inception (needs --inception-weights), inception:pytorch")
     p.add_argument("--inception-weights")
     p.add_argument("--judge", help="a classifier bundle (fae.metrics.judge): class agreement")
+    p.add_argument("--precision-recall", action="store_true", help="also k=3 precision and recall")
     p.add_argument("-n", "--num-samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
@@ -329,7 +330,7 @@ def _cmd_generator(args: argparse.Namespace) -> int:
     cfg = GeneratorEvalConfig(decoder=args.decoder, pixel_decoder=args.pixel_decoder, num_samples=args.num_samples,
                               seed=args.seed, batch_size=args.batch_size, method=args.sampler, steps=args.steps,
                               guidance=args.guidance, network=args.network, inception_weights=args.inception_weights,
-                              reference=args.reference, judge=args.judge)
+                              reference=args.reference, judge=args.judge, precision_recall=args.precision_recall)
     try:
         cfg.validate()
     except ValueError as exc:
