@@ -109,14 +109,8 @@ def check_trained_on(gen: Generator, tokenizer: Tokenizer) -> None:
         raise ConfigError(f"{gen.source} generates raw encoder features, not a tokenizer's latents; decode them with "
                           "load_decoder(gen, pixel_decoder=...)")
     origin = gen.record.latents
-    image_size = origin.image_size if origin else None
-    if tokenizer.kind == "fae" or image_size:   # an FAE's latent shape does not depend on the image size
-        shape = tuple(tokenizer.latent_shape(image_size or 0))
-        if tuple(gen.latent_shape) != shape:
-            raise ConfigError(f"the generator makes {tuple(gen.latent_shape)} latents, the {tokenizer.kind} tokenizer "
-                              f"decodes {shape}")
-    expected = origin.tokenizer_sha256 if origin else None
-    check_tokenizer(tokenizer, trained_tokenizer_kind(gen), expected, None, None, gen.source)
+    check_tokenizer(tokenizer, trained_tokenizer_kind(gen), origin.tokenizer_sha256 if origin else None,
+                    tuple(gen.latent_shape), origin.image_size if origin else None, gen.source)
 
 
 # --------------------------------------------------------------------------------------------------- generation

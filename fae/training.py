@@ -571,22 +571,29 @@ class Trainer:
             self.monitor.scalars(row, self.step)
         return row
 
+    @contextlib.contextmanager
+    def _aside(self, modules: dict[str, nn.Module]) -> Iterator[None]:
+        """Run a preview or an evaluation beside training: no gradients, `modules` in eval mode, and the random
+        state and the modules' modes restored afterwards (the run trains the same with or without it)."""
+        was_training = {n: m.training for n, m in modules.items()}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for m in modules.values():
+                m.eval()
+            try:
+                yield
+            finally:
+                for n, m in modules.items():
+                    m.train(was_training[n])
+
     def _preview(self) -> None:
         """The stage's preview sheets of this step (rank 0), drawn without touching the training's random state."""
         modules = self.export_modules()   # every process: gathering sharded weights is a collective
         if self.monitor is None:
             return
-        was_training = {n: m.training for n, m in modules.items()}
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.precision.autocast():
+        with self._aside(modules), self.precision.autocast():
             torch.manual_seed(self.cfg.seed)  # the same noise at every preview: sheets compare across steps
-            for m in modules.values():
-                m.eval()
-            try:
-                sheets = self.stage.preview(modules, self.step)
-            finally:
-                for n, m in modules.items():
-                    m.train(was_training[n])
+            sheets = self.stage.preview(modules, self.step)
         if sheets:
             self.monitor.images(sheets, self.step)
 
@@ -594,17 +601,9 @@ class Trainer:
         """The stage's scores of this step as an `eval/...` metrics.jsonl row and TensorBoard scalars, with the time
         they took; the training's random state and the modules' modes are restored afterwards."""
         modules = self.export_modules()
-        was_training = {n: m.training for n, m in modules.items()}
-        devices = [self.device] if self.device.type == "cuda" else []
         begin = time.time()
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            for m in modules.values():
-                m.eval()
-            try:
-                scores = self.stage.periodic_eval(self.out_dir, modules, self.step)
-            finally:
-                for n, m in modules.items():
-                    m.train(was_training[n])
+        with self._aside(modules):
+            scores = self.stage.periodic_eval(self.out_dir, modules, self.step)
         if not scores:
             return
         row = {**{f"eval/{k}": v for k, v in scores.items()}, "eval/seconds": time.time() - begin}

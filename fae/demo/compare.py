@@ -140,7 +140,7 @@ def step_compare(ctx: Any) -> dict[str, Any]:
     begin = time.time()
     generation: dict[str, Any] = {}
     gen = load_run_generator(ctx.out / "dit-kl")
-    decode = load_decoder(gen)          # the tokenizer the bundle records, identity-checked
+    decode = load_decoder(gen, tokenizer=nets["kl"])   # the one loaded above, checked against the bundle's record
     for g_name, schedule in {"no_guidance": GuidanceSchedule(), "guidance": GuidanceSchedule.parse(p["guidance"])}.items():
         sampler = SamplerConfig(method="euler", steps=p["sample_steps"], guidance=schedule)
         folder = ctx.out / "samples" / f"kl-{g_name.replace('_', '-')}"

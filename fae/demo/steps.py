@@ -180,15 +180,22 @@ def step_latents(ctx: DemoContext) -> dict[str, Any]:
     return info
 
 
+def _test_images(ctx: DemoContext) -> Any:
+    """The test split the generators are measured against (`fd_reference` images), uint8 (N,H,W,3)."""
+    import torch
+
+    from fae.data import build_dataset
+    from fae.grid import to_uint8_hwc
+
+    test = build_dataset(replace(ctx.data_config(), hflip=False, limit=ctx.profile["fd_reference"]), "test")
+    return to_uint8_hwc(torch.stack([test[i]["image"] for i in range(num_items(test))]))
+
+
 def reference_file(ctx: DemoContext) -> Path:
     """The test split's statistics in the frozen encoder's feature space (fp32), written once: what the DiT runs'
     in-training FD is measured against."""
     import hashlib
 
-    import torch
-
-    from fae.data import build_dataset
-    from fae.grid import to_uint8_hwc
     from fae.metrics import TensorSource
     from fae.metrics.networks import build_network
     from fae.metrics.reference import save_reference
@@ -197,10 +204,8 @@ def reference_file(ctx: DemoContext) -> Path:
     where = hashlib.sha256(str(ctx.encoder_dir.resolve()).encode()).hexdigest()[:12]
     path = ctx.out / "reference" / f"test-{where}.npz"
     if not path.is_file():
-        test = build_dataset(replace(ctx.data_config(), hflip=False, limit=ctx.profile["fd_reference"]), "test")
-        images = to_uint8_hwc(torch.stack([test[i]["image"] for i in range(num_items(test))]))
-        save_reference(path, TensorSource(images, name="test split"), build_network(f"encoder:{ctx.encoder_dir}"),
-                       keep_images=0, keep_features=0)
+        save_reference(path, TensorSource(_test_images(ctx), name="test split"),
+                       build_network(f"encoder:{ctx.encoder_dir}"), keep_images=0, keep_features=0)
     return path
 
 
@@ -260,17 +265,12 @@ def step_classifier(ctx: DemoContext) -> dict[str, Any]:
 def _scoring(ctx: DemoContext) -> dict[str, Any]:
     """What every generator is measured with: the judge classifier, the frozen encoder as the FD feature network,
     and the test split's reference features (computed once)."""
-    import torch
-
-    from fae.data import build_dataset
     from fae.encoders import FrozenEncoder
-    from fae.grid import to_uint8_hwc
     from fae.metrics import EncoderNetwork, TensorSource, fid
     from fae.metrics.judge import SmallCNN
     from fae.metrics.reference import load_reference
 
-    test = build_dataset(replace(ctx.data_config(), hflip=False, limit=ctx.profile["fd_reference"]), "test")
-    images = to_uint8_hwc(torch.stack([test[i]["image"] for i in range(num_items(test))]))
+    images = _test_images(ctx)
     network = EncoderNetwork(FrozenEncoder.from_config(replace(ctx.encoder_config(), precision="fp32")))  # a metric
     half = len(images) // 2
     return {"classifier": SmallCNN.from_pretrained(ctx.judge_dir).eval(), "network": network,

@@ -78,12 +78,12 @@ class GeneratorStage(TrainStage):
             cfg.validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if cfg.every and self.generator(self.modules["model"], "check", "cpu").condition_kind == "text":
+        gen = self.generator(self.modules["model"], "check", "cpu")
+        if cfg.every and gen.condition_kind == "text":
             raise ConfigError("eval.every scores class-conditional and unconditional generators; a text generator's "
                               "prompts have no judge here yet: set eval.every=0 (previews still decode with "
                               "eval.decoder)")
         if cfg.decoder is not None or cfg.pixel_decoder is not None:   # refuse a wrong decoder before training
-            gen = self.generator(self.modules["model"], "check", "cpu")
             self._decoder_for(gen)
 
     def _decoder_for(self, gen: Generator) -> Any:

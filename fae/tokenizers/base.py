@@ -152,14 +152,18 @@ def load_tokenizer(spec: str | Path | dict[str, Any], device: str | torch.device
 
 def check_tokenizer(tokenizer: Tokenizer, kind: str | None, identity: str | None, shape: tuple[int, ...] | None,
                     image_size: int | None, what: str) -> None:
-    """Refuse a tokenizer of another kind, other weights (identity) or another latent shape than `what` records:
-    latents decoded by the wrong tokenizer look like images and are wrong."""
+    """Refuse a tokenizer of another kind, another latent shape or other weights (identity) than `what` records:
+    latents decoded by the wrong tokenizer look like images and are wrong. The shape is compared where the record
+    names the image size, and always for an FAE (its grid does not depend on the image size; records of FAE latents
+    name none)."""
     if kind is not None and tokenizer.kind != kind:
         raise ConfigError(f"{what} holds {kind} latents; the tokenizer given is a {tokenizer.kind} tokenizer")
+    if shape is not None and (image_size is not None or tokenizer.kind == "fae"):
+        made = tuple(tokenizer.latent_shape(image_size or 0))
+        if made != tuple(shape):
+            raise ConfigError(f"{what} holds {tuple(shape)} latents; the {tokenizer.kind} tokenizer makes {made}"
+                              + (f" from {image_size}-px images" if image_size else ""))
     if identity and tokenizer.identity != identity:
         raise ConfigError(f"{what} was trained on the latents of another {tokenizer.kind.upper()} (its identity, the "
                           f"SHA-256 of the weights that make the latents, {tokenizer.identity[:12]}..., differs from the "
                           f"{identity[:12]}... recorded)")
-    if shape is not None and image_size is not None and tuple(tokenizer.latent_shape(image_size)) != tuple(shape):
-        raise ConfigError(f"{what} holds {tuple(shape)} latents; the tokenizer makes "
-                          f"{tuple(tokenizer.latent_shape(image_size))} from {image_size}-px images")

@@ -31,6 +31,7 @@ from fae.io import (
     read_bundle_config,
     require_bundle,
     resolve_pretrained,
+    state_dict_sha256,
 )
 from fae.models.autoencoder import FeatureAutoEncoder, check_encoder_shape
 from fae.models.pixel_decoder import PixelDecoder
@@ -181,8 +182,6 @@ class FAE(nn.Module, Tokenizer):
     @property
     def identity(self) -> str:
         if self.fae_weights_sha256 is None:  # built in memory, never saved: the weights themselves
-            from fae.io import state_dict_sha256
-
             return state_dict_sha256(self.autoencoder)
         return self.fae_weights_sha256
 
