@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from margins import within
 from safetensors.torch import load_file
 
 pytest.importorskip("diffusers")
@@ -66,14 +67,15 @@ def test_loss_is_ldm_weighting_per_pixel():
     torch.testing.assert_close(loss, (rec - x).pow(2).mean())
 
 
+@pytest.mark.margin
 def test_loss_goes_down(tmp_path, one_thread):
     name, cfg = load_stage_config(write_config(tmp_path / "k.yaml", steps=40), ["train.checkpoint_every=40"])
     train_stage(name, cfg, tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "rec" in r]
     first, last = sum(r["rec"] for r in rows[:5]) / 5, sum(r["rec"] for r in rows[-5:]) / 5
-    assert last < 0.6 * first, (first, last)
-    assert rows[-1]["psnr"] > rows[0]["psnr"] + 3
+    within("KL-VAE L1 loss, mean of the last 5 logged steps / the first 5", last / first, hi=0.6)
+    within("KL-VAE training PSNR gain, first to last logged step (dB)", rows[-1]["psnr"] - rows[0]["psnr"], lo=3)
 
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, one_thread):
