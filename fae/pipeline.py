@@ -59,6 +59,23 @@ class GenerationPipeline:
         (fae.tokenizers.load_tokenizer), e.g. the pixel-decoder fine-tune run holding the FAE with its pixel decoder."""
         return cls(load_tokenizer(tokenizer, device=device), load_generator(generator, device), device)
 
+    @classmethod
+    def assemble(cls, generator: str | Path, fae: str | Path | None = None, pixel_decoder: str | Path | None = None,
+                 tokenizer: str | Path | dict[str, Any] | None = None, device: str | torch.device = "cpu"
+                 ) -> GenerationPipeline:
+        """What `fae pipeline` names: a finished generator run or bundle, and its latents' tokenizer as `fae sample`
+        takes it (`fae`: the pixel-decoder fine-tune run, or a stage-1 run plus `pixel_decoder`; `tokenizer`: any
+        kind; neither: the reference the generator's bundle records). Checked like every pipeline."""
+        gen = load_generator(generator, device)
+        if fae is not None:
+            return cls(FAE.load(fae, pixel_decoder, map_location=device), gen, device)
+        spec = tokenizer if tokenizer is not None else (gen.record.latents.tokenizer_reference if gen.record.latents
+                                                        else None)
+        if spec is None:
+            raise ConfigError(f"{generator} records no tokenizer: pass --fae <pixel-decoder fine-tune run> or "
+                              "--tokenizer <spec>")
+        return cls(load_tokenizer(spec, device=device), gen, device)
+
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
         self.tokenizer.save_pretrained(directory / TOKENIZER_FOLDERS[0])

@@ -145,6 +145,7 @@ class TrainStage:
 
     modules: dict[str, nn.Module]
     supports_fsdp = False   # the stage's loss needs nothing FSDP2 lacks (the generator stages)
+    progress = True         # set by the Trainer (`--no-progress`): whether the stage's own work (caches) shows bars
 
     def optimizer_groups(self) -> dict[str, list[str]]:
         return {"main": list(self.modules)}
@@ -324,6 +325,7 @@ class Trainer:
         self.rank, self.world, _ = D.init_distributed()
         self.device = D.resolve_device(cfg.device)
         self.progress = progress and self.rank == 0
+        stage.progress = self.progress
         if cfg.batch_size % (self.world * cfg.grad_accum):
             raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by processes x grad_accum "
                              f"= {self.world} x {cfg.grad_accum}")

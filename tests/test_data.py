@@ -275,6 +275,31 @@ def test_cached_dataset_flip_consistency(encoder: FrozenEncoder, fake_fmnist: Pa
         CachedFeatureDataset(base, cache, encoder_reference={**encoder.reference(), "affine_norm": False})
 
 
+def test_features_only_items_open_no_image(encoder: FrozenEncoder, folder: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 1 trains on cached features alone: with images=False no file is opened, the features, flips and
+    labels are those of the full items, and the file the cache found unreadable stays dropped."""
+    base = ImageFolderDataset(folder, image_size=16, hflip=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the corrupt file's warning, tested elsewhere
+        cache = build_feature_cache(encoder, base, tmp_path / "f.safetensors", flips=True, progress=False)
+    full = CachedFeatureDataset(base, cache)
+    opened: list[int] = []
+    original = ImageFolderDataset.load
+    monkeypatch.setattr(ImageFolderDataset, "load", lambda self, i: opened.append(i) or original(self, i))
+    lean = CachedFeatureDataset(base, cache, images=False)
+    for key in [0, 3, 5, *((i, s) for i in (1, 2, 5) for s in range(4))]:
+        item = lean[key]
+        assert item is not None and set(item) == {"features", "label"} and opened == []
+        reference = full[key]
+        assert opened  # the full item does open its file, so the count above would see an open
+        torch.testing.assert_close(item["features"], reference["features"])
+        assert int(item["label"]) == int(reference["label"])
+        opened.clear()
+    assert lean[4] is None and all(lean[i] is not None for i in (0, 1, 2, 3, 5))  # index 4: the corrupt d1.png
+    assert opened == []
+
+
 def test_cache_reuse_and_invalidation(encoder: FrozenEncoder, fake_fmnist: Path, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     ds = FashionMNIST(fake_fmnist, split="test", image_size=16)

@@ -93,6 +93,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from fae.pipeline import GenerationPipeline
+
+    pipe = GenerationPipeline.assemble(args.generator, fae=args.fae, pixel_decoder=args.pixel_decoder,
+                                       tokenizer=args.tokenizer)
+    print(f"pipeline: {pipe.save_pretrained(args.out)}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     tokenizer_help = _tokenizer_help()
     p = sub.add_parser("encode", help="encode a data set into a latent cache (for `fae train dit`)",
@@ -106,8 +115,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "DataConfig fields")
     p.add_argument("--encoder", help="YAML with an encoder: section; default: the encoder the FAE bundle records")
     p.add_argument("--split", help="data split (default: the config's)")
-    p.add_argument("--feature-cache", help="a feature cache file of the same encoder and data (e.g. stage 1's, under "
-                   "runs/feature_cache/): its features are used instead of running the encoder")
+    p.add_argument("--feature-cache", help="a feature cache file of the same encoder and data (stage 1's: "
+                   "features-<hash>.safetensors under the stage's feature_cache_dir, by default ~/.cache/fae/features, "
+                   "or $FAE_CACHE/features): its features are used instead of running the encoder")
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--source", choices=["fae", "raw_features"], default="fae",
                    help="fae: FAE posterior means; raw_features: the frozen encoder's features as (D, h, w)")
@@ -179,3 +189,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-npz", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("pipeline", help="put a trained generator and its tokenizer into one pipeline folder",
+                       description="Write a generation pipeline folder (GenerationPipeline: tokenizer/ + generator/) "
+                       "from a finished generator run and the tokenizer its latents came from, checked to be the one "
+                       "it was trained on. `fae sample --pipeline <folder>` then needs nothing else.")
+    p.add_argument("--generator", required=True, help=f"a finished generator run or bundle ({names})")
+    p.add_argument("--fae", help="the pixel-decoder fine-tune run (or its tokenizer/ bundle), or a stage-1 FAE run "
+                   "with --pixel-decoder")
+    p.add_argument("--pixel-decoder", help="with a stage-1 --fae: its pixel-decoder run or bundle")
+    p.add_argument("--tokenizer", help=f"another latent space: {tokenizer_help}; default: the one the generator "
+                   "records")
+    p.add_argument("--out", required=True, help="the pipeline folder to write")
+    p.set_defaults(func=_cmd_pipeline)

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
-from fae.data.keys import check_index, flip_coin, split_key
+from fae.data.keys import check_index, flip_coin, item_labels, split_key
 from fae.data.loading import loader_options, num_items
 from fae.data.readable import WithIndex, collate_present, item_name
 from fae.io import atomic_save_safetensors, check_same_encoder
@@ -203,11 +203,20 @@ def build_feature_cache(encoder: Any, dataset: Dataset, path: str | Path, batch_
 class CachedFeatureDataset(Dataset):
     """`base` items plus "features" (N,D) from a cache. When the key's seed flips the item, both the image and
     the features are the flipped ones, so they always agree. The flip follows `base.hflip` unless `hflip` is given.
+
+    `images=False`: items are only the features and the label (from the base's label list), and no image is
+    opened: a stage that trains on features alone (stage 1) then costs what its model costs, not what decoding
+    the data set's files costs. Items the cache marks unreadable are dropped as the base would drop them.
     """
 
     def __init__(self, base: Dataset, cache: FeatureCache | str | Path, hflip: bool | None = None,
-                 encoder_reference: dict[str, Any] | None = None) -> None:
+                 encoder_reference: dict[str, Any] | None = None, images: bool = True) -> None:
         self.base = base
+        self.images = images
+        self._labels = None if images else item_labels(base)
+        if not images and self._labels is None:
+            raise ValueError(f"{type(base).__name__} keeps no label list, so its items cannot be served without "
+                             "opening them; use images=True")
         self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
         if len(self.cache) != num_items(base):
             raise ValueError(f"{self.cache.path} holds {len(self.cache)} items, "
@@ -228,12 +237,17 @@ class CachedFeatureDataset(Dataset):
     def __getitem__(self, key: Any) -> dict[str, torch.Tensor] | None:
         index, generator = split_key(key)
         index = check_index(index, len(self), "CachedFeatureDataset")
-        base = self.base[index]  # a plain index: the base never flips, we decide below
-        if base is None:         # unreadable: dropped (fae.data.readable)
-            return None
-        item = dict(base)
+        if self.images:
+            base = self.base[index]  # a plain index: the base never flips, we decide below
+            if base is None:         # unreadable: dropped (fae.data.readable)
+                return None
+            item = dict(base)
+        else:
+            if not self.cache.present(index):  # unreadable when the cache was built: dropped the same way
+                return None
+            item = {"label": torch.tensor(self._labels[index], dtype=torch.int64)}  # type: ignore[index]  # set when not images
         flipped = self.hflip and flip_coin(generator)
-        if flipped:
+        if flipped and "image" in item:
             item["image"] = item["image"].flip(-1)
         item["features"] = self.cache.get(index, flipped)
         return item

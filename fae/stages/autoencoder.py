@@ -75,7 +75,9 @@ class FAEStage(TrainStage):
             # building a feature cache draws random numbers (DataLoader seeds): keep the trainer's stream intact, so a
             # run that builds the cache and one that reads it train identically
             with torch.random.fork_rng(devices=[]):
-                self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split)
+                # the loss reads only the features, so a cached run opens no image (images=False)
+                self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split, images=False,
+                                                 progress=self.progress)
         return self._dataset
 
     def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -98,13 +100,15 @@ class FAEStage(TrainStage):
 
 
 def features_dataset(cfg: Any, encoder: FrozenEncoder, split: str, limit: int | None = None,
-                     hflip: bool | None = None) -> Dataset:
+                     hflip: bool | None = None, images: bool = True, progress: bool = True) -> Dataset:
     """Images, plus cached features when `cfg.features` is `cache` (stage 1 and the pixel-decoder stages share the
-    cache files: one per encoder and data set in the cache folder, so the features are computed once)."""
+    cache files: one per encoder and data set in the cache folder, so the features are computed once).
+    `images=False`: with a cache, items hold the features and labels only and no image file is opened."""
     data_cfg = replace(cfg.data, **({} if limit is None else {"limit": limit}), **({} if hflip is None else {"hflip": hflip}))
     dataset = build_dataset(data_cfg, split)
     if cfg.features == "cache":
-        dataset = cached_features(encoder, dataset, cfg.feature_cache_dir, flips=data_cfg.hflip)
+        dataset = cached_features(encoder, dataset, cfg.feature_cache_dir, flips=data_cfg.hflip, images=images,
+                                  progress=progress)
     return dataset
 
 
@@ -123,15 +127,18 @@ def default_cache_dir() -> Path:
     return cache_root() / "features"
 
 
-def cached_features(encoder: FrozenEncoder, dataset: Dataset, cache_dir: str | None, flips: bool) -> Dataset:
-    """Wrap `dataset` so items carry the encoder's features from a cache built once (by rank 0 under DDP)."""
+def cached_features(encoder: FrozenEncoder, dataset: Dataset, cache_dir: str | None, flips: bool,
+                    images: bool = True, progress: bool = True) -> Dataset:
+    """Wrap `dataset` so items carry the encoder's features from a cache built once (by rank 0 under DDP);
+    `images=False` leaves the images out (fae.data.features.CachedFeatureDataset)."""
     from fae.data.features import CachedFeatureDataset, build_feature_cache
 
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
     if D.is_main():
-        build_feature_cache(encoder, dataset, folder, flips=flips)
+        build_feature_cache(encoder, dataset, folder, flips=flips, progress=progress)
     D.barrier()
-    return CachedFeatureDataset(dataset, build_feature_cache(encoder, dataset, folder, flips=flips, progress=False))
+    cache = build_feature_cache(encoder, dataset, folder, flips=flips, progress=False)
+    return CachedFeatureDataset(dataset, cache, images=images)
 
 
 @torch.no_grad()

@@ -212,7 +212,8 @@ class PixelDecoderStage(TrainStage):
             # building a feature cache draws from the global RNG (DataLoader seeds); keep the trainer's stream intact
             # so that a run that builds the cache and one that reuses it train identically
             with torch.random.fork_rng(devices=[]):
-                self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split)
+                self._dataset = features_dataset(self.cfg, self.encoder, self.cfg.data.split,
+                                                 progress=self.progress)
                 if not self.cfg.finetuning:
                     self.noise = FeatureNoise(self.noise_sigma())
         return self._dataset
