@@ -17,6 +17,7 @@ from fae import distributed as D
 from fae.config import ConfigError
 from fae.data import build_dataset
 from fae.data.loading import num_items
+from fae.metrics.networks import frechet_name
 from fae.metrics.reconstruction import evaluate_reconstructions
 from fae.tokenizers import Tokenizer, load_tokenizer
 
@@ -93,11 +94,12 @@ class GeneratorScorer:
         self.network: Any = eval_network(cfg, record, self.device)
         self.reference = load_reference(cfg.reference, self.network)
         self.judge = None
-        if cfg.judge is not None:
+        if cfg.judge is not None:   # any judge bundle (`fae train judge`): grey or colour, it takes the RGB samples
             from fae.metrics.judge import SmallCNN
 
             self.judge = SmallCNN.from_pretrained(cfg.judge).eval()
-        self.fd_name = "fid" if cfg.network.startswith("inception") else f"fd_{cfg.network.split(':')[0]}"
+            check_judge_classes(cfg.judge, self.judge.config.num_classes, getattr(record, "class_names", None))
+        self.fd_name = frechet_name(self.network)   # fid through Inception, fd_encoder in an encoder's space
 
     def score(self, gen: Any, decode: Any, progress: bool = False) -> dict[str, float]:
         """{fd_<network> (fid for Inception), class_agreement (with a judge), precision and recall (when asked)} of
@@ -115,12 +117,27 @@ class GeneratorScorer:
         if D.rank() == 0:   # it holds every sample (fae.sampling.generate gathers there); the others get its scores
             metrics = ["fid", *(["precision", "recall"] if cfg.precision_recall else [])]
             values = evaluate_generation(samples.images, self.reference, self.network, metrics=metrics).metrics
-            scores = {self.fd_name: float(values["fid"]),  # type: ignore[arg-type]  # asked for: never None
+            scores = {self.fd_name: float(values[self.fd_name]),  # type: ignore[arg-type]  # asked for: never None
                       **{m: float(values[m]) for m in metrics[1:]}}  # type: ignore[arg-type]  # asked for: never None
             if self.judge is not None and samples.labels is not None:
                 agreement = class_agreement(self.judge, samples.images, samples.labels)["agreement"]
                 scores["class_agreement"] = float(agreement)
         return D.all_gather_objects(scores)[0]
+
+
+def check_judge_classes(judge: str, num_classes: int, class_names: list[str] | None) -> None:
+    """A judge scores class ids: it must know as many classes as the generator's data had (and the same ones, where
+    both record their names), or its agreement would compare unrelated ids."""
+    from fae.io import read_bundle_config
+
+    if not class_names:
+        return
+    if num_classes != len(class_names):
+        raise ConfigError(f"judge {judge} knows {num_classes} classes, the generator's latents {len(class_names)}; "
+                          "train the judge on the same data (`fae train judge`)")
+    judge_names = read_bundle_config(judge).get("class_names")
+    if judge_names and list(judge_names) != list(class_names):
+        raise ConfigError(f"judge {judge} was trained on classes {judge_names}, the generator on {class_names}")
 
 
 def eval_network(cfg: GeneratorEvalConfig, record: Any, device: str | torch.device = "cpu") -> Any:

@@ -88,7 +88,9 @@ def test_stats_then_gen_in_encoder_space(tmp_path: Path, tiny_encoder_dir: Path,
     assert main(["eval", "gen", "--samples", str(samples), "--ref", str(tmp_path / "ref.npz"), "--out",
                  str(tmp_path / "g.json"), *network]) == 0
     report = json.loads((tmp_path / "g.json").read_text())
-    assert set(report["metrics"]) == {"fid", "precision", "recall"}   # no logits / spatial in an encoder's space
+    # no logits / spatial in an encoder's space, and its Fréchet distance is no FID
+    assert set(report["metrics"]) == {"fd_encoder", "precision", "recall"}
+    assert "fd_encoder" in capsys.readouterr().out   # the printed table names it too
     assert report["feature_network"]["name"].startswith("encoder:dinov2:")
     assert report["inputs"]["reference"]["origin"] == "fae-stats"
     capsys.readouterr()
@@ -144,7 +146,7 @@ def test_eval_under_torchrun_splits_the_features_and_gives_the_one_process_score
     assert result.stdout.count("report:") == 1   # one process writes and prints
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["num_samples"] == one["num_samples"] == 11
-    assert abs(two["metrics"]["fid"] - one["metrics"]["fid"]) < 1e-6 * max(1.0, one["metrics"]["fid"])
+    assert abs(two["metrics"]["fd_encoder"] - one["metrics"]["fd_encoder"]) < 1e-6 * max(1.0, one["metrics"]["fd_encoder"])
 
 
 def test_eval_is_command(tmp_path, one_thread):

@@ -108,7 +108,7 @@ def test_input_errors(tmp_path: Path) -> None:
     folder.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
     Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(folder / "b.png")
-    with pytest.raises(ValueError, match="one size"):
+    with pytest.raises(ConfigError, match=r"a\.png is 8x8, .*b\.png is 9x9.*--image-size N"):
         extract_features(folder, ToyNet())
 
 
@@ -133,12 +133,12 @@ def test_feature_cache_is_reused_and_invalidated(tmp_path: Path) -> None:
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(tmp_path: Path) -> None:
     images = make_images(200, seed=1)
     net = ToyNet()
-    assert evaluate_generation(images, images, net, metrics=["fid"]).metrics["fid"] == pytest.approx(0.0, abs=1e-9)
+    assert evaluate_generation(images, images, net, metrics=["fid"]).metrics["fd_toy"] == pytest.approx(0.0, abs=1e-9)
     g = np.random.default_rng(0)
     fids = []
     for sigma in (5.0, 20.0, 60.0):
         noisy = np.clip(images + g.normal(0, sigma, images.shape), 0, 255).astype(np.uint8)
-        fids.append(evaluate_generation(noisy, images, net, metrics=["fid"]).metrics["fid"])
+        fids.append(evaluate_generation(noisy, images, net, metrics=["fid"]).metrics["fd_toy"])
     assert 0 < fids[0] < fids[1] < fids[2]
 
 
@@ -202,8 +202,8 @@ def test_save_reference_round_trip(tmp_path: Path) -> None:
     direct = compute_stats(extract_features(folder, net)["pool"])
     np.testing.assert_allclose(ref.stats["pool"].sigma, direct.sigma, rtol=1e-12)
     samples = make_images(30, seed=6)
-    from_file = evaluate_generation(samples, tmp_path / "ref.npz", net, metrics=["fid"]).metrics["fid"]
-    from_folder = evaluate_generation(samples, folder, net, metrics=["fid"]).metrics["fid"]
+    from_file = evaluate_generation(samples, tmp_path / "ref.npz", net, metrics=["fid"]).metrics["fd_toy"]
+    from_folder = evaluate_generation(samples, folder, net, metrics=["fid"]).metrics["fd_toy"]
     assert from_file == pytest.approx(from_folder, rel=1e-9)
     with pytest.raises(ConfigError, match="cannot give"):
         evaluate_generation(samples, folder, EncoderLike(), metrics=["sfid"])
@@ -222,9 +222,9 @@ def test_reconstruction_metrics(tmp_path: Path) -> None:
     c = write_folder(tmp_path / "noisy", noisy)
     same = evaluate_reconstruction(a, b, ToyNet())
     assert same.metrics["psnr"] == 100.0 and same.metrics["ssim"] == pytest.approx(1.0)
-    assert same.metrics["rfid"] == pytest.approx(0.0, abs=1e-9) and same.num_samples == 8
+    assert same.metrics["rfd_toy"] == pytest.approx(0.0, abs=1e-9) and same.num_samples == 8   # not Inception: no rFID
     worse = evaluate_reconstruction(a, c, ToyNet())
-    assert worse.metrics["psnr"] < 40 and worse.metrics["ssim"] < 1.0 and worse.metrics["rfid"] > 0
+    assert worse.metrics["psnr"] < 40 and worse.metrics["ssim"] < 1.0 and worse.metrics["rfd_toy"] > 0
     (next((tmp_path / "noisy").rglob("0003.png"))).rename(tmp_path / "noisy" / "class1" / "0099.png")
     with pytest.raises(ConfigError, match="pair up"):
         evaluate_reconstruction(a, c)
@@ -237,9 +237,10 @@ def test_report_json(tmp_path: Path) -> None:
     data = json.loads(path.read_text())
     assert data["feature_network"]["name"] == "toy" and data["feature_network"]["weights_hash"] == "ab" * 32
     assert data["num_samples"] == 20 and data["protocol"]["is"]["splits"] == 10
-    assert set(data["metrics"]) == {"fid", "is", "is_std"}
-    assert "FID" in "\n".join(data["notes"])   # small-N warning
-    assert "fid" in report.format()
+    assert set(data["metrics"]) == {"fd_toy", "is", "is_std"}   # a Fréchet distance outside Inception is no FID
+    assert "fd_toy" in data["protocol"]["metrics"] and "fid" not in data["protocol"]
+    assert "fd_toy from 20 samples" in "\n".join(data["notes"])   # small-N warning
+    assert "fd_toy" in report.format() and "fid" not in report.format()
 
 
 def test_too_few_samples_is_a_user_error() -> None:

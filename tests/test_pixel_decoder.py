@@ -170,7 +170,7 @@ def test_gaussian_stage_cli_writes_bundle_recon_and_grid(tmp_path, tiny_encoder_
     assert decoder(torch.randn(1, 16, 32)).shape == (1, 3, 16, 16)
     scores = json.loads((tmp_path / "g" / "recon.json").read_text())
     assert scores["images"] == 16 and set(scores["decoders"]) == {"gaussian(x)"}
-    assert {"psnr", "ssim", "rfid"} <= set(scores["decoders"]["gaussian(x)"])
+    assert {"psnr", "ssim", "rfd_encoder"} <= set(scores["decoders"]["gaussian(x)"])   # encoder space: no rFID
     assert (tmp_path / "g" / "recon_grid.png").stat().st_size > 0
     rows = [json.loads(l) for l in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
     assert "loss/disc" not in rows[0] and "loss/disc" in rows[1]  # discriminator from disc_start=1
@@ -337,5 +337,5 @@ def test_torchrun_two_processes_with_gan(tmp_path, tiny_encoder_dir):
     alone = evaluate_stage(build(run_cfg), PixelDecoder.from_pretrained(out / "pixel_decoder"), tmp_path / "alone")
     assert shared["images"] == alone["images"] == run_cfg.eval.limit
     for name, row in alone["decoders"].items():
-        for key in ("psnr", "ssim", "rfid"):
+        for key in ("psnr", "ssim", "rfd_encoder"):
             assert abs(shared["decoders"][name][key] - row[key]) < 1e-4 * max(1.0, abs(row[key])), (name, key)

@@ -2,6 +2,9 @@
 
 Every subcommand writes a JSON report (numbers, feature network + weights hash, sample counts, protocol) and
 prints a table. The work is done by `fae.metrics`; this module only parses arguments.
+
+Names say what was measured: a Fréchet distance is "fid" only through the FID Inception; in a frozen encoder's space
+it is "fd_encoder" ("rfd_encoder" for reconstructions).
 """
 from __future__ import annotations
 
@@ -27,13 +30,18 @@ Samples: an image folder or an .npz with arr_0 uint8 (N,H,W,3) (the ADM format; 
 run folder holding one .npz also works).
 Reference: an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz), a `fae eval stats`
 file, or an image folder / .npz of images.
+A folder's images must share one size, unless --image-size N reads them as training does
+(centre crop to N px). For reference statistics of a training set at its training size, use
+`fae eval stats --data CONFIG|FOLDER`.
 """
 INCEPTION_HELP = ("FID Inception weights file pt_inception-2015-12-05-6726825d.pth (default: $FAE_INCEPTION_WEIGHTS, "
                   "else ~/.cache/torch/hub/checkpoints/; see the description above)")
 NETWORK_HELP = (
     "feature network: 'inception' (FID Inception-v3, TF-1 resize from uint8 as the ADM evaluator; default), "
     "'inception:pytorch' (pytorch-fid's resize), or 'encoder:<model folder or kind:hub id>' for a Fréchet distance "
-    "in a frozen encoder's space (e.g. FD-DINOv2; mean-pooled patch tokens)")
+    "in a frozen encoder's space (e.g. FD-DINOv2; mean-pooled patch tokens), reported as fd_encoder, not fid")
+IMAGE_SIZE_HELP = ("read image folders as training does, centre-cropped to N px (their images may then differ in size; "
+                   "without it they must share one size)")
 
 
 def _add_common(p: argparse.ArgumentParser, network: bool = True, out: bool = True) -> None:
@@ -51,6 +59,10 @@ def _add_common(p: argparse.ArgumentParser, network: bool = True, out: bool = Tr
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_image_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, metavar="N", help=IMAGE_SIZE_HELP)
+
+
 def register(subparsers: Any) -> None:
     """Add `fae eval` and its subcommands to the `fae` command's subparsers."""
     ev = subparsers.add_parser("eval", help="evaluate: FID/sFID/IS/precision/recall, reference stats, rFID/PSNR/SSIM, "
@@ -62,7 +74,8 @@ def register(subparsers: Any) -> None:
     raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("fid", help="FID (or FD in another feature network's space)", formatter_class=raw,
                        description="Fréchet distance between the samples and the reference in a feature network's "
-                       "space.\nWith --network inception (default) this is FID as the ADM evaluator computes it.\n\n"
+                       "space.\nWith --network inception (default) this is FID as the ADM evaluator computes it; in an "
+                       "encoder's\nspace it is reported as fd_encoder.\n\n"
                        + INPUTS_TEXT + "\n" + WEIGHTS_TEXT)
     _add_gen_args(p, precision_recall=False)
     p.set_defaults(func=_cmd_gen, metrics=["fid"], command_name="fid", is_splits=10, is_split_size=None, k=3)
@@ -73,8 +86,9 @@ def register(subparsers: Any) -> None:
                        "samples,\nas in the paper's Table 2 (ADM evaluator protocol). With an encoder network only "
                        "FD,\nprecision and recall are available.\n\n" + INPUTS_TEXT + "\n" + WEIGHTS_TEXT)
     _add_gen_args(p)
-    p.add_argument("--metrics", nargs="+", choices=["fid", "sfid", "is", "precision", "recall"],
-                   help="subset to compute (default: all the network supports)")
+    p.add_argument("--metrics", nargs="+", choices=["fid", "fd", "sfid", "is", "precision", "recall"],
+                   help="subset to compute (default: all the network supports); fid and fd both ask for the Fréchet "
+                   "distance, reported as fid (Inception) or fd_encoder")
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default 10)")
     p.add_argument("--is-split-size", type=int, help="IS parts of this many samples instead (ADM: 5000)")
     p.set_defaults(func=_cmd_gen, command_name="gen")
@@ -86,6 +100,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-samples", type=int, help="use only the first N samples")
     p.add_argument("--splits", type=int, default=10)
     p.add_argument("--split-size", type=int, help="split into parts of this many samples instead (ADM: 5000)")
+    _add_image_size(p)
     _add_common(p)
     p.set_defaults(func=_cmd_is, command_name="is")
 
@@ -93,10 +108,20 @@ def register(subparsers: Any) -> None:
                        description="Compute mu/sigma (and sFID mu_s/sigma_s) of an image set, keep a seeded random "
                        "subset of\nimages (arr_0) and of pool features (feat_pool) for precision/recall, and write "
                        "them in the\nADM reference format (+ fae_meta: network, weights hash, sample count).\n\n"
-                       + WEIGHTS_TEXT)
-    p.add_argument("--images", required=True, help="image folder or .npz (arr_0)")
+                       "The images: --images (a folder or .npz, as they are) or --data (a data set at the training "
+                       "crop and\nsize: a stage YAML's `data:` block, or an image folder with --image-size N, read "
+                       "through\nfae.data.build_dataset exactly as training reads it; unreadable files are left "
+                       "out).\n\n" + WEIGHTS_TEXT)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", help="image folder or .npz (arr_0), taken as they are")
+    what.add_argument("--data", metavar="CONFIG|FOLDER", help="a stage YAML (its `data:` block), fashion_mnist, or an "
+                      "image folder (root/{train,test}/<class>/* or root/<class>/*; needs --image-size)")
+    p.add_argument("--split", default="test", help="with --data: the split (default test)")
+    p.add_argument("--image-size", type=int, metavar="N", help="with --data: the training size (required for a "
+                   "folder; default: the config's data.image_size); with --images: " + IMAGE_SIZE_HELP)
     p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--num-samples", type=int, help="use only the first N images")
+    p.add_argument("--num-samples", "--limit", type=int, metavar="N", help="use only N images: the first N of "
+                   "--images; with --data the data set's class-balanced subset (data.limit)")
     p.add_argument("--keep-images", type=int, default=10_000, help="reference images stored as arr_0 (ADM: 10000)")
     p.add_argument("--keep-features", type=int, default=10_000, help="pool features stored for precision/recall")
     p.add_argument("--seed", type=int, default=0, help="seed of the kept subset")
@@ -120,7 +145,8 @@ def register(subparsers: Any) -> None:
                        "inputs, best picked on a held-out split of the training set, test top-1 reported) of the "
                        "frozen encoder's features x, the FAE reconstructions x̂ = decode(z) and the latents z = "
                        "posterior mean, side by side. Without --fae only x is probed.")
-    p.add_argument("--fae", help="the stage-1 FAE run folder (`fae train fae --out RUN`) or its fae/ bundle")
+    p.add_argument("--fae", metavar="RUN", help="the FAE: a `fae train fae --out RUN` run folder (its bundle is RUN/fae/), "
+                   "that bundle itself, a pixel-decoder fine-tune run, or an FAE tokenizer bundle (RUN/tokenizer/)")
     p.add_argument("--encoder", help="frozen encoder (model folder or hub id); default: the one the bundle records")
     p.add_argument("--config", help="a stage YAML whose `data:` section describes the data set (e.g. configs/demo/...)")
     p.add_argument("--data", choices=["fashion_mnist", "image_folder"], help="data set kind (overrides --config)")
@@ -137,7 +163,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256, help="batch size for feature extraction and probe training")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="JSON report path (default: beside the bundle, <bundle>.probe.json)")
+    p.add_argument("--out", help="JSON report path (default: beside what --fae names, <RUN>.probe.json; with only a "
+                   "hub-id --encoder, ./probe.json)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_probe, command_name="probe")
@@ -150,6 +177,7 @@ def _add_gen_args(p: argparse.ArgumentParser, precision_recall: bool = True) -> 
     p.add_argument("--samples", required=True, help="image folder or .npz (arr_0 uint8 N,H,W,3)")
     p.add_argument("--ref", required=True, help="reference .npz (ADM or `fae eval stats`) or image folder / .npz")
     p.add_argument("--num-samples", type=int, help="use only the first N samples (the paper: 50000)")
+    _add_image_size(p)
     if precision_recall:
         p.add_argument("--k", type=int, default=3, help="k of the k-NN manifolds for precision/recall (ADM: 3)")
     _add_common(p)
@@ -203,9 +231,10 @@ def _cmd_gen(args: argparse.Namespace) -> int:
     from fae.metrics.evaluate import evaluate_generation
 
     _check_positive(num_samples=args.num_samples, batch_size=args.batch_size, k=args.k, is_splits=args.is_splits,
-                    is_split_size=args.is_split_size)
+                    is_split_size=args.is_split_size, image_size=args.image_size)
     network = _network(args)
-    report = evaluate_generation(args.samples, args.ref, network, metrics=args.metrics,
+    samples = _at_size(args.samples, args.image_size, args.num_samples)
+    report = evaluate_generation(samples, _at_size(args.ref, args.image_size), network, metrics=args.metrics,
                                  num_samples=args.num_samples, batch_size=args.batch_size,
                                  cache_dir=_cache_dir(args), is_splits=args.is_splits,
                                  is_split_size=args.is_split_size, pr_k=args.k, device=resolve_device(args.device),
@@ -219,10 +248,10 @@ def _cmd_is(args: argparse.Namespace) -> int:
     from fae.metrics.scores import inception_score
 
     _check_positive(num_samples=args.num_samples, batch_size=args.batch_size, splits=args.splits,
-                    split_size=args.split_size)
+                    split_size=args.split_size, image_size=args.image_size)
     network = _network(args)
-    fs = extract_features(args.samples, network, args.batch_size, _cache_dir(args), args.num_samples,
-                          not args.no_progress)
+    fs = extract_features(_at_size(args.samples, args.image_size, args.num_samples), network, args.batch_size,
+                          _cache_dir(args), args.num_samples, not args.no_progress)
     mean, std = inception_score(fs["logits"], splits=args.splits, split_size=args.split_size)
     report = EvalReport("generation", {"is": mean, "is_std": std}, network.info(), fs.num_samples,
                         {"is": {"splits": None if args.split_size else args.splits, "split_size": args.split_size,
@@ -230,15 +259,37 @@ def _cmd_is(args: argparse.Namespace) -> int:
     return _finish(args, report, args.samples)
 
 
+def _at_size(spec: str, image_size: int | None, limit: int | None = None) -> Any:
+    """An image folder read at --image-size with the training preprocessing (its images may differ in size);
+    anything else (no --image-size, an .npz, a reference file) as the user named it."""
+    if image_size is None or not Path(spec).is_dir():
+        return spec
+    from fae.metrics.features import open_images
+
+    return open_images(spec, limit=limit, image_size=image_size)
+
+
+def _stats_images(args: argparse.Namespace) -> Any:
+    """What `fae eval stats` measures: --images as they are (or at --image-size), or --data at the training crop
+    and size (the split's class-balanced --limit subset)."""
+    if args.images is not None:
+        return _at_size(args.images, args.image_size, args.num_samples)
+    from fae.metrics.datasets import data_config
+    from fae.metrics.features import dataset_source
+
+    return dataset_source(data_config(args.data, args.image_size, limit=args.num_samples), split=args.split)
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     from fae.metrics.reference import save_reference
     from fae.metrics.report import EvalReport
 
-    _check_positive(num_samples=args.num_samples, batch_size=args.batch_size)
+    _check_positive(num_samples=args.num_samples, batch_size=args.batch_size, image_size=args.image_size)
     if args.keep_images < 0 or args.keep_features < 0:
         raise ConfigError("--keep-images and --keep-features must be >= 0")
+    images = _stats_images(args)   # a user's data mistake is reported before any network loads
     network = _network(args)
-    meta = save_reference(args.out, args.images, network, keep_images=args.keep_images,
+    meta = save_reference(args.out, images, network, keep_images=args.keep_images,
                           keep_features=args.keep_features, seed=args.seed, batch_size=args.batch_size,
                           cache_dir=_cache_dir(args), limit=args.num_samples, progress=not args.no_progress)
     report = EvalReport("reference-stats", {"num_samples": meta["num_samples"], "images_kept": meta["num_images_kept"],

@@ -16,7 +16,8 @@ from typing import Any, Literal
 def register_recon(eval_subparsers: Any) -> None:
     """Add `recon` to the `fae eval` sub-commands."""
     p = eval_subparsers.add_parser(
-        "recon", help="PSNR/SSIM/rFID of pixel decoders on held-out images, with a grid PNG",
+        "recon", help="PSNR/SSIM/rFID (rfd_encoder in the encoder's space) of pixel decoders on held-out images, "
+        "with a grid PNG",
         description="Score the Gaussian embedding decoder on x and on x_hat, and the fine-tuned decoder on x_hat, "
         "over held-out images; write recon.json and recon_grid.png (original | each decoder).")
     p.add_argument("--gaussian", metavar="RUN", help="Gaussian-decoder run folder or pixel_decoder bundle")
@@ -44,7 +45,7 @@ def register_recon(eval_subparsers: Any) -> None:
 def cmd_recon(args: argparse.Namespace) -> int:
     from fae.data import DataConfig
     from fae.distributed import resolve_device
-    from fae.metrics.reconstruction import evaluate_bundles
+    from fae.metrics.reconstruction import evaluate_bundles, recon_fd
 
     data = None
     if args.data:
@@ -59,8 +60,9 @@ def cmd_recon(args: argparse.Namespace) -> int:
                                   device=resolve_device(args.device), out_dir=args.out)
     print(f"{args.split}: {scores['images']} images")
     for name, row in scores["decoders"].items():
-        rfid = f", rFID {row['rfid']:.3f}" if "rfid" in row else ""
-        print(f"  {name:<18} PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}{rfid}")
+        fd = recon_fd(row)
+        distance = f", {fd[0]} {fd[1]:.3f}" if fd else ""
+        print(f"  {name:<18} PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}{distance}")
     print(f"wrote {Path(args.out) / 'recon.json'} and {scores['grid']}")
     return 0
 

@@ -79,7 +79,7 @@ def _reconstruction(ctx: Any, scoring: dict[str, Any], nets: dict[str, Any]) -> 
     from torch.utils.data import Subset
 
     from fae.data import build_dataset
-    from fae.metrics.reconstruction import evaluate_reconstructions
+    from fae.metrics.reconstruction import evaluate_reconstructions, recon_fd
 
     test = build_dataset(replace(ctx.data_config(), hflip=False, limit=None), "test")
     test = Subset(test, range(min(_knobs(ctx)["recon_images"], num_items(test))))
@@ -90,7 +90,8 @@ def _reconstruction(ctx: Any, scoring: dict[str, Any], nets: dict[str, Any]) -> 
                 "raw": nets["raw"].decode(encoder(x).float())}
 
     scores = evaluate_reconstructions(reconstruct, test, "cpu", scoring["network"], out_dir=ctx.out / "compare")
-    return {k: {"psnr": v["psnr"], "ssim": v["ssim"], "fd": v.get("rfid")} for k, v in scores["decoders"].items()}
+    return {k: {"psnr": v["psnr"], "ssim": v["ssim"], "fd": (recon_fd(v) or (None, None))[1]}
+            for k, v in scores["decoders"].items()}
 
 
 def _latents_of(ctx: Any, nets: dict[str, Any], split: str, limit: int) -> tuple[dict[str, Any], Any]:

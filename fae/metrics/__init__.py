@@ -4,18 +4,20 @@ docs/evaluation.md explains each metric and the paper's protocol."""
 from fae.metrics.evaluate import evaluate_generation, evaluate_reconstruction, fid
 from fae.metrics.features import (
                                   CallableSource,
+                                  DatasetSource,
                                   FeatureSet,
                                   FolderSource,
                                   ImageSource,
                                   NpzSource,
                                   TensorSource,
+                                  dataset_source,
                                   default_cache_dir,
                                   extract_features,
                                   open_images,
 )
 from fae.metrics.frechet import FrechetError, GaussianStats, StatsAccumulator, compute_stats, frechet_distance
 from fae.metrics.inception import FIDInceptionV3, find_inception_weights, load_fid_inception
-from fae.metrics.networks import EncoderNetwork, FeatureNetwork, InceptionNetwork, build_network
+from fae.metrics.networks import EncoderNetwork, FeatureNetwork, InceptionNetwork, build_network, frechet_name
 from fae.metrics.probe import ProbeConfig, ProbeResult, linear_probe, run_probe
 from fae.metrics.recon import psnr, ssim
 from fae.metrics.reference import Reference, load_reference, save_reference
@@ -27,6 +29,7 @@ __all__ = [
     "ImageSource", "NpzSource", "TensorSource", "default_cache_dir", "extract_features", "open_images",
     "FrechetError", "GaussianStats", "StatsAccumulator", "compute_stats", "frechet_distance", "FIDInceptionV3",
     "find_inception_weights", "load_fid_inception", "EncoderNetwork", "FeatureNetwork", "InceptionNetwork",
-    "build_network", "ProbeConfig", "ProbeResult", "linear_probe", "run_probe", "psnr", "ssim", "Reference",
+    "build_network", "frechet_name", "DatasetSource", "dataset_source",
+    "ProbeConfig", "ProbeResult", "linear_probe", "run_probe", "psnr", "ssim", "Reference",
     "load_reference", "save_reference", "EvalReport", "inception_score", "manifold_radii", "precision_recall",
 ]

@@ -1,6 +1,10 @@
 """One call per evaluation: generation metrics (FID, sFID, IS, precision, recall) and reconstruction metrics
 (rFID, PSNR, SSIM), each returning an `EvalReport`. Features are extracted once per input and shared by all
 metrics (and cached on disk when `cache_dir` is given).
+
+The Fréchet distance is asked for as "fid" (or "fd") and reported under the name of the space it was measured in
+(`fae.metrics.networks.frechet_name`): "fid" through the FID Inception, "fd_encoder" in a frozen encoder's space;
+likewise "rfid" / "rfd_encoder" for reconstructions.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 from fae.config import ConfigError
 from fae.metrics.features import FolderSource, ImageSource, extract_features, open_images
 from fae.metrics.frechet import compute_stats, frechet_distance
+from fae.metrics.networks import frechet_name
 from fae.metrics.recon import PairedAccumulator
 from fae.metrics.reference import Reference, load_reference
 from fae.metrics.report import EvalReport
@@ -27,6 +32,7 @@ NEEDS = {"fid": "pool", "sfid": "spatial", "is": "logits", "precision": "pool", 
 def _select_metrics(metrics: Sequence[str] | None, network: Any) -> list[str]:
     if metrics is None:  # everything the network supports
         return [m for m in GENERATION_METRICS if NEEDS[m] in network.outputs]
+    metrics = ["fid" if m == "fd" else m for m in metrics]   # "fd": the Fréchet distance in any network's space
     unknown = [m for m in metrics if m not in NEEDS]
     if unknown:
         raise ConfigError(f"unknown metric(s) {unknown}; choose from {list(GENERATION_METRICS)}")
@@ -57,11 +63,12 @@ def evaluate_generation(samples: str | Path | ImageSource | np.ndarray | torch.T
     needed = pr_k + 1 if ("precision" in chosen or "recall" in chosen) else 2
     if fs.num_samples < needed:
         raise ConfigError(f"{fs.num_samples} samples are too few for {', '.join(chosen)} (need at least {needed})")
+    fd = frechet_name(network)   # "fid" only through the FID Inception
     for name, kind in (("fid", "pool"), ("sfid", "spatial")):
         if name in chosen:
             if kind not in ref.stats:
                 raise ConfigError(f"reference {ref.name} has no {kind} statistics for {name}")
-            values[name] = frechet_distance(compute_stats(fs[kind]), ref.stats[kind])
+            values[fd if name == "fid" else name] = frechet_distance(compute_stats(fs[kind]), ref.stats[kind])
     if "is" in chosen:
         if is_split_size is None and not 1 <= is_splits <= fs.num_samples:
             raise ConfigError(f"the Inception Score needs at least one sample per split: {fs.num_samples} samples, "
@@ -74,8 +81,8 @@ def evaluate_generation(samples: str | Path | ImageSource | np.ndarray | torch.T
         precision, recall = precision_recall(ref_pool, fs["pool"], k=pr_k, chunk=pr_chunk, device=device)
         values.update({k: v for k, v in (("precision", precision), ("recall", recall)) if k in chosen})
     if fs.num_samples < 50_000 and ("fid" in chosen or "sfid" in chosen):
-        notes.append(f"FID from {fs.num_samples} samples: FID is biased upwards at small N; the paper protocol "
-                     "uses 50,000")
+        notes.append(f"{fd} from {fs.num_samples} samples: a Fréchet distance is biased upwards at small N; the "
+                     "paper protocol uses 50,000")
     described = {
         "fid": "Frechet distance of pool features; float64, Cholesky/eigvalsh route (no sqrtm)",
         "sfid": "Frechet distance of spatial features (mixed_6/conv = Mixed_6d.branch1x1, first 7 channels)",
@@ -85,15 +92,17 @@ def evaluate_generation(samples: str | Path | ImageSource | np.ndarray | torch.T
                       else None, "distance": "squared L2, float32"},
     }
     described["recall"] = described["precision"]
-    protocol = {"metrics": chosen, "feature_cache": fs.cached, "batch_size": batch_size,
-                **{m: described[m] for m in chosen if m != "recall" or "precision" not in chosen}}
+    protocol = {"metrics": [fd if m == "fid" else m for m in chosen], "feature_cache": fs.cached,
+                "batch_size": batch_size, **{fd if m == "fid" else m: described[m] for m in chosen
+                                             if m != "recall" or "precision" not in chosen}}
     return EvalReport("generation", values, network.info(), fs.num_samples, protocol,
                       {"samples": fs.source, "reference": ref.describe()}, notes)
 
 
 def fid(samples: Any, reference: Any, network: Any, **kwargs: Any) -> float:
     """FID (or FD in another network's space) of `samples` against `reference`; see `evaluate_generation`."""
-    return float(evaluate_generation(samples, reference, network, metrics=["fid"], **kwargs).metrics["fid"])  # type: ignore[arg-type]  # asked for: never None
+    values = evaluate_generation(samples, reference, network, metrics=["fid"], **kwargs).metrics
+    return float(values[frechet_name(network)])  # type: ignore[arg-type]  # asked for: never None
 
 
 def _check_pairing(a: ImageSource, b: ImageSource) -> None:
@@ -131,10 +140,11 @@ def evaluate_reconstruction(originals: str | Path | ImageSource | np.ndarray | t
     if network is not None:
         fa = extract_features(src_a, network, batch_size, cache_dir, None, progress)
         fb = extract_features(src_b, network, batch_size, cache_dir, None, progress)
-        values["rfid"] = frechet_distance(compute_stats(fa["pool"]), compute_stats(fb["pool"]))
+        values[frechet_name(network, "rfd")] = frechet_distance(compute_stats(fa["pool"]), compute_stats(fb["pool"]))
         info = network.info()
     protocol = {"psnr": "per image, data range 1.0, mean over images",
-                "ssim": "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, valid region, mean over channels/images",
-                "rfid": "Frechet distance of pool features: originals vs reconstructions" if network else None}
+                "ssim": "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, valid region, mean over channels/images"}
+    if network is not None:
+        protocol[frechet_name(network, "rfd")] = "Frechet distance of pool features: originals vs reconstructions"
     return EvalReport("reconstruction", values, info, int(summary["num_pairs"]), protocol,
                       {"originals": src_a.describe(), "reconstructions": src_b.describe()}, notes)

@@ -1,9 +1,11 @@
 """Image inputs for evaluation and their features, computed once and cached.
 
-Inputs (`open_images`): a folder of images (searched recursively, sorted by path), an `.npz` whose `arr_0` is
-uint8 (N, H, W, 3) (the ADM sample/reference format; read in a streaming way, so a 50k x 256 px file never sits
-in memory), an in-memory tensor/array, or a generator run (`CallableSource`: a function returning images
-[start, start+count)). Every source has a `fingerprint` (path + size + mtime of the files, or None for in-memory
+Inputs (`open_images`): a folder of images of one size (searched recursively, sorted by path), an `.npz` whose
+`arr_0` is uint8 (N, H, W, 3) (the ADM sample/reference format; read in a streaming way, so a 50k x 256 px file never
+sits in memory), an in-memory tensor/array, or a generator run (`CallableSource`: a function returning images
+[start, start+count)). A data set (`DatasetSource`: what `fae.data.build_dataset` makes of a DataConfig, e.g. a
+folder of mixed sizes read at `image_size`) gives its images exactly as training sees them (crop, size, fit),
+unreadable files left out. Every source has a `fingerprint` (path + size + mtime of the files, or None for in-memory
 data) so `extract_features` can cache the features per (input, feature network, weights hash) as an `.npz` in a
 cache folder: the second metric on the same input, or the same reference next week, reuses them.
 """
@@ -144,15 +146,93 @@ class FolderSource(ImageSource):
             return np.asarray(im.convert("RGB"))
 
     def batches(self, batch_size: int, share: range | None = None) -> Iterator[torch.Tensor]:
-        first: tuple[int, ...] | None = None
+        first: tuple[Path, tuple[int, ...]] | None = None
         for i in _starts(self.num_images, batch_size, share):
             arrays = [self.load(j) for j in range(i, min(i + batch_size, self.num_images))]
             for j, a in enumerate(arrays):
-                first = first or a.shape
-                if a.shape != first:
-                    raise ValueError(f"{self.files[i + j]} is {a.shape[1]}x{a.shape[0]} but {self.files[0].name} is "
-                                     f"{first[1]}x{first[0]}: resize/crop all images of a set to one size first")
+                first = first or (self.files[i + j], a.shape)
+                if a.shape != first[1]:
+                    raise mixed_sizes_error(self.root, first[0], first[1], self.files[i + j], a.shape)
             yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def mixed_sizes_error(root: Path, a: Path, shape_a: tuple[int, ...], b: Path, shape_b: tuple[int, ...]) -> ConfigError:
+    """The one-line refusal of a folder whose images differ in size, naming two of them and the two ways on."""
+    return ConfigError(f"{root}: images differ in size ({a} is {shape_a[1]}x{shape_a[0]}, {b} is "
+                       f"{shape_b[1]}x{shape_b[0]}); read it with the training preprocessing (centre crop to N px) by "
+                       f"passing --image-size N, or build reference statistics with `fae eval stats --data {root} "
+                       "--image-size N`")
+
+
+class DatasetSource(ImageSource):
+    """A data set's images (fae.data items {"image": (3,H,W) float in [0,1], ...}) as uint8 batches, in order; items
+    the data set cannot read (None) are left out. `limit`: only the first N items."""
+
+    def __init__(self, dataset: Any, name: str, description: dict[str, Any] | None = None,
+                 limit: int | None = None) -> None:
+        from torch.utils.data import Subset
+
+        from fae.data.loading import num_items
+
+        n = num_items(dataset)
+        self.dataset = Subset(dataset, range(min(n, limit))) if limit is not None and limit < n else dataset
+        self.num_images, self.name, self.description = num_items(self.dataset), name, description or {}
+        self.fingerprint = _dataset_fingerprint(dataset, self.description, self.num_images)
+
+    def batches(self, batch_size: int, share: range | None = None) -> Iterator[torch.Tensor]:
+        from torch.utils.data import Subset
+
+        from fae.data.readable import readable_batches
+
+        dataset = self.dataset
+        if share is not None:   # a process's batches: contiguous, so its readable batches stay in order
+            starts = _starts(self.num_images, batch_size, share)
+            dataset = Subset(dataset, [j for i in starts for j in range(i, min(i + batch_size, self.num_images))])
+        for batch in readable_batches(dataset, batch_size):
+            yield float_to_uint8(batch["image"]).contiguous()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), **self.description}
+
+
+def _dataset_fingerprint(dataset: Any, description: dict[str, Any], num_images: int) -> str | None:
+    """How the data set is read + what it holds: each file's path, size and mtime for an image folder, else the data
+    set's own `signature()`; None (never cached) for a data set with neither."""
+    digest = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode())
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, list):
+        for path, label in samples[:num_images]:
+            digest.update(f"{_file_fingerprint(Path(path))}|{label}".encode())
+    elif callable(getattr(dataset, "signature", None)):
+        digest.update(json.dumps(dataset.signature(), sort_keys=True, default=str).encode())
+    else:
+        return None
+    return f"dataset:{digest.hexdigest()}"
+
+
+def folder_dataset_source(root: str | Path, image_size: int, limit: int | None = None) -> DatasetSource:
+    """An image folder of any sizes read as training reads it (`DataConfig(kind="image_folder", image_size=...)`
+    through `fae.data.build_dataset`): class sub-folders or a flat folder, centre-cropped to `image_size`."""
+    from fae.data import DataConfig
+
+    return dataset_source(DataConfig(kind="image_folder", root=str(root), image_size=image_size), limit=limit)
+
+
+def dataset_source(data: Any, split: str | None = None, limit: int | None = None) -> DatasetSource:
+    """The images of `split` of the data set a DataConfig describes, unaugmented, as training preprocesses them."""
+    from dataclasses import replace
+
+    from fae.config import to_dict
+    from fae.data import build_dataset
+
+    data = replace(data, hflip=False)
+    try:
+        dataset = build_dataset(data, split)
+    except ValueError as exc:   # DataConfig.validate: a user's setting
+        raise ConfigError(str(exc)) from None
+    where = data.root or data.kind
+    return DatasetSource(dataset, f"{where}:{split or data.split}",
+                         {"data": to_dict(data), "split": split or data.split}, limit=limit)
 
 
 class NpzSource(ImageSource):
@@ -221,10 +301,13 @@ def _read_exactly(f: Any, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def open_images(spec: str | Path | np.ndarray | torch.Tensor | ImageSource, limit: int | None = None) -> ImageSource:
+def open_images(spec: str | Path | np.ndarray | torch.Tensor | ImageSource, limit: int | None = None,
+                image_size: int | None = None) -> ImageSource:
     """An ImageSource for an image folder, an .npz (arr_0), an array/tensor, or an existing source.
 
     A folder holding exactly one .npz (a `fae sample` run folder, whose grid PNGs have other sizes) means that .npz.
+    With `image_size`, any other folder is read with the training preprocessing at that size (its images may differ
+    in size); without it, all its images must share one size.
     """
     if isinstance(spec, ImageSource):
         return spec
@@ -236,6 +319,8 @@ def open_images(spec: str | Path | np.ndarray | torch.Tensor | ImageSource, limi
         npzs = sorted(path.glob("*.npz"))
         if len(npzs) == 1:
             return NpzSource(npzs[0], limit=limit)
+        if image_size is not None:
+            return folder_dataset_source(path, image_size, limit=limit)
         return FolderSource(path, limit=limit)
     if path.suffix == ".npz":
         return NpzSource(path, limit=limit)
@@ -327,6 +412,7 @@ def read_npz_meta(data: Any, key: str = "fae_meta") -> dict[str, Any] | None:
     return json.loads(str(data[key][()]))
 
 
-__all__ = ["ImageSource", "TensorSource", "CallableSource", "FolderSource", "NpzSource", "open_images",
+__all__ = ["ImageSource", "TensorSource", "CallableSource", "FolderSource", "NpzSource", "DatasetSource",
+           "dataset_source", "folder_dataset_source", "mixed_sizes_error", "open_images",
            "FeatureSet", "extract_features", "default_cache_dir", "meta_array", "read_npz_meta",
            "IMAGE_EXTENSIONS"]

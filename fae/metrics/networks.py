@@ -11,9 +11,13 @@ A `FeatureNetwork` has a `name`, a `weights_hash` (both go into reports and feat
   across our runs, not with published FD_DINOv2 values.
 
 `build_network("inception" | "inception:pytorch" | "encoder:<folder or hub id>" | "encoder:<kind>:<...>")`.
+
+Names say what was measured (`frechet_name`): a Fréchet distance is "fid" only through the FID Inception; in an
+encoder's space it is "fd_encoder" (the in-training `eval/fd_encoder` too), in any other network's "fd_<its name>".
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -109,6 +113,17 @@ class EncoderNetwork:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "weights_hash": self.weights_hash, "encoder": self.reference,
                 "pooling": "mean of patch tokens (CLS/registers dropped)", "outputs": list(self.outputs)}
+
+
+def frechet_name(network: Any, prefix: str = "fd") -> str:
+    """The report name of a Fréchet distance through `network`: "fid" ("rfid" with prefix "rfd") for the FID
+    Inception, "fd_encoder" ("rfd_encoder") for a frozen encoder, else "fd_<the network's name>"."""
+    if isinstance(network, InceptionNetwork) or str(getattr(network, "name", "")).startswith("inception-v3-fid"):
+        return {"fd": "fid", "rfd": "rfid"}.get(prefix, f"{prefix}_inception")
+    if isinstance(network, EncoderNetwork):
+        return f"{prefix}_encoder"
+    slug = re.sub(r"[^a-z0-9]+", "_", str(getattr(network, "name", "network")).lower()).strip("_")
+    return f"{prefix}_{slug or 'network'}"
 
 
 def build_network(spec: str = "inception", inception_weights: str | Path | None = None,

@@ -245,11 +245,12 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
 
     Returns an EvalReport whose table has one row per input (top-1, best pooling and learning rate).
     """
-    from fae.config import from_dict, yaml_section
+    from fae.config import from_dict
     from fae.data import DataConfig, build_dataset
     from fae.distributed import resolve_device
     from fae.encoders import FrozenEncoder, encoder_config_from_spec
     from fae.io import find_autoencoder_bundle, read_bundle_config
+    from fae.metrics.datasets import data_block
     from fae.metrics.networks import state_dict_sha256
     from fae.metrics.report import EvalReport
 
@@ -273,14 +274,8 @@ def run_probe(fae: str | None = None, encoder: str | None = None, config_path: s
         from fae.models.autoencoder import check_encoder_shape
 
         check_encoder_shape(autoencoder.config, enc, "the FAE bundle", "; pass the encoder it was trained on")
-    data: dict[str, Any] = {}
-    if config_path is not None:
-        data = yaml_section(config_path, "data", missing="empty")
-    data.update({k: v for k, v in {"kind": data_kind, "root": data_root, "image_size": image_size}.items()
-                 if v is not None})
-    data.setdefault("image_size", enc.input_size)
-    data["hflip"] = False  # probing sees each image once, unaugmented
-    data.pop("limit", None)
+    # probing sees each image once, unaugmented, as the data block describes it
+    data = data_block(config_path, data_kind, data_root, image_size, default_image_size=enc.input_size)
     cfg = from_dict(DataConfig, data, "data")
 
     def batches(split: str, limit: int | None) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:

@@ -8,7 +8,9 @@ For held-out images it compares, side by side, the decoders that matter for the 
 
 Metrics per decoder: PSNR and SSIM (fae.metrics.recon) and rFID: the Fréchet distance between the feature
 statistics of originals and reconstructions in a pluggable feature space (`fae.metrics.networks`: the frozen
-encoder's mean-pooled tokens by default, offline; Inception with a local weights file for the paper's rFID).
+encoder's mean-pooled tokens by default, offline; Inception with a local weights file for the paper's rFID). Its key
+names the space: `rfid` only through Inception, `rfd_encoder` in an encoder's space (`recon_fd` reads either, and
+the `rfid` that files written before 0.3 hold in any space).
 Writes `recon.json` and `recon_grid.png` (columns: original | each decoder).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fae.data.loading import num_items
 from fae.data.readable import readable_batches
 from fae.grid import draw_columns
 from fae.io import atomic_write, atomic_write_text
+from fae.metrics.networks import frechet_name
 from fae.models.autoencoder import FeatureAutoEncoder
 from fae.models.pixel_decoder import PixelDecoder
 
@@ -89,13 +92,22 @@ def evaluate_reconstructions(reconstruct: Callable[[torch.Tensor], dict[str, tor
         row = {**({"input": inputs[name]} if inputs and name in inputs else {}), **paired[name].summarize(),
                **({"seam_ratio": seams[name].ratio()} if name in seams else {})}
         if network is not None and count > 1:
-            row["rfid"] = frechet_distance(stats["original"].stats(), stats[name].stats())
+            row[frechet_name(network, "rfd")] = frechet_distance(stats["original"].stats(), stats[name].stats())
         scores["decoders"][name] = row
     if network is not None:
-        scores["rfid_network"] = network.info() if hasattr(network, "info") else str(network)
+        scores["fd_network"] = network.info() if hasattr(network, "info") else str(network)
     if out_dir is not None and D.is_main():   # the grid shows rank 0's share: the first images
         _write_recon(Path(out_dir), grid, scores)
     return scores
+
+
+def recon_fd(row: dict[str, Any]) -> tuple[str, float] | None:
+    """(name, value) of a recon.json row's Fréchet distance: `rfid` (Inception, or any space in older files) or
+    `rfd_<network>`; None when the row has none."""
+    for key, value in row.items():
+        if key == "rfid" or key.startswith("rfd_"):
+            return key, float(value)
+    return None
 
 
 def _prepare_models(encoder: Any, decoders: dict[str, tuple[PixelDecoder, FeatureInput]],
