@@ -181,6 +181,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return data
 
 
+def section_overrides(overrides: list[str] | tuple[str, ...], section: str) -> list[str]:
+    """Overrides of one section's keys, written with or without the section's name (`data.root=x` or `root=x`):
+    commands that read one block of a stage YAML take both, so a line copied from `fae train` works."""
+    prefix = f"{section}."
+    return [text[len(prefix):] if text.startswith(prefix) else text for text in overrides]
+
+
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # configs/ of a checkout is a link to it
 
 

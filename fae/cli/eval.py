@@ -126,6 +126,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--keep-features", type=int, default=10_000, help="pool features stored for precision/recall")
     p.add_argument("--seed", type=int, default=0, help="seed of the kept subset")
     _add_common(p, out=False)
+    p.add_argument("overrides", nargs="*", help="with --data: data.key=value overrides of the data block, as "
+                   "`fae train` takes them (e.g. data.root=my-images data.resize=pad)")
     p.set_defaults(func=_cmd_stats, command_name="stats")
 
     p = sub.add_parser("rfid", help="rFID + PSNR + SSIM of paired originals / reconstructions",
@@ -273,11 +275,14 @@ def _stats_images(args: argparse.Namespace) -> Any:
     """What `fae eval stats` measures: --images as they are (or at --image-size), or --data at the training crop
     and size (the split's class-balanced --limit subset)."""
     if args.images is not None:
+        if args.overrides:
+            raise ConfigError(f"{' '.join(args.overrides)}: data overrides go with --data, not --images")
         return _at_size(args.images, args.image_size, args.num_samples)
     from fae.metrics.datasets import data_config
     from fae.metrics.features import dataset_source
 
-    return dataset_source(data_config(args.data, args.image_size, limit=args.num_samples), split=args.split)
+    data = data_config(args.data, args.image_size, limit=args.num_samples, overrides=args.overrides)
+    return dataset_source(data, split=args.split)
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:

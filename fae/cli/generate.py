@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fae.config import ConfigError, apply_overrides, from_dict, yaml_section
+from fae.config import ConfigError, apply_overrides, from_dict, section_overrides, yaml_section
 from fae.precision import PRECISIONS
 from fae.speed import COMPILE_MODES
 
@@ -24,7 +24,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from fae.encoding import EncodeOptions, encode_latents
 
     init_distributed()
-    data = from_dict(DataConfig, apply_overrides(yaml_section(args.data, "data", missing="top_level"), args.overrides), "data")
+    data = from_dict(DataConfig, apply_overrides(yaml_section(args.data, "data", missing="top_level"),
+                                                     section_overrides(args.overrides, "data")), "data")
     encoder = None
     if args.encoder:
         encoder = from_dict(EncoderConfig, yaml_section(args.encoder, "encoder", missing="top_level"), "encoder")
@@ -137,7 +138,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-max-length", type=int, default=32, help="tokens per caption (padded/truncated)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", help="data overrides key=value, e.g. limit=1000 image_size=32")
+    p.add_argument("overrides", nargs="*", help="data overrides key=value (or data.key=value), e.g. limit=1000 "
+                   "data.root=my-images")
     p.set_defaults(func=_cmd_encode)
 
     from fae.generators import families

@@ -47,12 +47,12 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     if (args.config is None) == (args.data is None):
         raise ConfigError("fae train judge needs --config CONFIG (a stage YAML's `data:` block) or --data "
                           "CONFIG|FOLDER (with --image-size N for a folder), one of them")
-    if args.overrides or args.finetune_from or args.fae:
-        raise ConfigError("fae train judge takes --config/--data, --image-size, --epochs, --channels and --out; no "
-                          "key=value overrides, --fae or --finetune-from")
+    if args.finetune_from or args.fae:
+        raise ConfigError("fae train judge takes --config/--data, --image-size, --epochs, --channels, --out and "
+                          "data.key=value overrides; no --fae or --finetune-from")
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs must be a positive integer, got {args.epochs}")
-    data = data_config(args.config or args.data, args.image_size)
+    data = data_config(args.config or args.data, args.image_size, overrides=args.overrides)
     out = Path(args.out or f"runs/{JUDGE}")
     if args.fresh and out.exists():
         shutil.rmtree(out)

@@ -33,11 +33,12 @@ def data_block(config_path: str | Path | None = None, kind: str | None = None, r
     return data
 
 
-def data_config(spec: str, image_size: int | None = None, limit: int | None = None) -> Any:
+def data_config(spec: str, image_size: int | None = None, limit: int | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """The DataConfig a user names with `--data`: a stage YAML (its `data:` block; --image-size overrides its size),
     `fashion_mnist`, or an image folder (`root/{train,test}/<class>/*` or `root/<class>/*`; --image-size required,
-    the size training crops to)."""
-    from fae.config import from_dict
+    the size training crops to). `overrides`: `data.key=value` (or `key=value`) on top, as `fae train` takes them."""
+    from fae.config import apply_overrides, from_dict, section_overrides
     from fae.data import DataConfig
 
     path = Path(spec).expanduser()
@@ -52,4 +53,5 @@ def data_config(spec: str, image_size: int | None = None, limit: int | None = No
         block = data_block(kind="image_folder", root=str(path), image_size=image_size)
     else:
         raise FileNotFoundError(f"--data {spec}: neither a stage YAML (.yaml), fashion_mnist, nor an image folder")
+    block = apply_overrides(block, section_overrides(overrides, "data"))
     return from_dict(DataConfig, {**block, "limit": limit}, "data")   # checks every key and validates
