@@ -3,20 +3,27 @@
 `dataset[key]` takes an int index or an `(index, seed)` pair from the trainer's resumable sampler. The seed drives
 the item's augmentation (the first draw of its generator decides the horizontal flip), so a resumed run sees
 exactly the same data, and a feature cache can pick the features of the same flip.
+
+How files become pixels (`data.background`, `data.resize`, `data.crop_scale`, `data.huge_pixels`) is
+fae.data.pixels; what loading met is counted in fae.data.tally; `fae data preview` / `fae data prepare` are
+fae.data.preview / fae.data.prepare (docs/data.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from fae.config import ConfigError, apply_overrides, from_dict, read_yaml
 from fae.data.captions import CaptionDataConfig, CaptionDataset, CaptionFormat, build_caption_dataset
 from fae.data.features import CachedFeatureDataset, FeatureCache, build_feature_cache
 from fae.data.idx import FashionMNIST, read_idx
 from fae.data.images import ImageFolderDataset, center_crop_arr
 from fae.data.keys import DataKey, check_index, class_strided_indices, flip_coin, item_labels, split_key
+from fae.data.pixels import HUGE_PIXELS, RESIZE_MODES, LoadOptions, Resize, parse_background
+from fae.data.tally import TALLY, LoadTally
 
 CAPTION_KINDS: dict[str, CaptionFormat] = {"caption_folder": "folder", "caption_manifest": "manifest", "webdataset": "webdataset"}
 
@@ -32,6 +39,11 @@ class DataConfig:
     limit: int | None = None  # use only this many items (a deterministic, class-balanced subset for folders)
     fit: Literal["resize", "pad"] = "resize"  # fashion_mnist only: 28 px -> image_size by bilinear resize or zero pad
     missing_captions: Literal["skip", "error"] = "skip"  # caption data: skip-and-count or refuse (fae.data.captions)
+    # image folders and caption data (fae.data.pixels, docs/data.md); fashion_mnist uses `fit`
+    resize: Resize = "center_crop"             # center_crop (ADM, the paper's) | pad | squash | random_resized_crop
+    background: str | list[int] = "white"      # under transparent pixels: white | black | [r, g, b] | "r,g,b" | "#rrggbb"
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # random_resized_crop: the crop's share of the image area
+    huge_pixels: int = HUGE_PIXELS             # an image above this many pixels is counted (and warned about once) as huge
 
     def validate(self) -> None:
         if self.kind not in ("fashion_mnist", "image_folder", *CAPTION_KINDS):
@@ -47,6 +59,30 @@ class DataConfig:
             raise ValueError(f"data.fit must be resize or pad, not {self.fit!r}")
         if self.kind == "fashion_mnist" and self.fit == "pad" and self.image_size < 28:
             raise ValueError(f"data.fit=pad needs image_size >= 28, not {self.image_size}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"data.resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}")
+        if self.kind == "fashion_mnist" and self.resize != "center_crop":
+            raise ValueError(f"data.resize={self.resize} applies to image folders and caption data; Fashion-MNIST "
+                             "is brought to image_size by data.fit (resize or pad)")
+        self.options()  # background, crop_scale and huge_pixels
+
+    def options(self) -> LoadOptions:
+        """How this config turns an image file into pixels (fae.data.pixels)."""
+        return LoadOptions(self.resize, parse_background(self.background), tuple(self.crop_scale),  # type: ignore[arg-type]  # two items: the config type says so
+                           self.huge_pixels)
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether an item's pixels are a function of its file and flip alone: false for random_resized_crop,
+        whose crop changes at every draw, so a feature cache (one entry per item and flip) cannot serve it."""
+        return self.resize != "random_resized_crop"
+
+    def require_deterministic(self, what: str) -> None:
+        """A ConfigError when `what` (e.g. "features: cache") needs deterministic items and this config is not."""
+        if not self.deterministic:
+            raise ConfigError(f"{what} stores one result per image (and flip), but data.resize={self.resize} draws "
+                              "a new crop at every use; use data.resize=center_crop (or pad / squash), or compute "
+                              "features on the fly")
 
 
 def build_dataset(cfg: DataConfig, split: str | None = None) -> torch.utils.data.Dataset:
@@ -58,21 +94,42 @@ def build_dataset(cfg: DataConfig, split: str | None = None) -> torch.utils.data
     split = split or cfg.split
     if cfg.kind in CAPTION_KINDS:
         return build_caption_dataset(CaptionDataConfig(CAPTION_KINDS[cfg.kind], cfg.root, cfg.image_size,  # type: ignore[arg-type]  # root: validate()
-                                                       cfg.missing_captions, cfg.limit))
+                                                       cfg.missing_captions, cfg.limit, cfg.options()))
     if cfg.kind == "fashion_mnist":
         return FashionMNIST(cfg.root, split=split, image_size=cfg.image_size, hflip=cfg.hflip, limit=cfg.limit,
                             fit=cfg.fit)
-    root = Path(cfg.root)  # type: ignore[arg-type]  # validate() requires root here
+    return ImageFolderDataset(image_folder_split(cfg, split), cfg.image_size, hflip=cfg.hflip, limit=cfg.limit,
+                              options=cfg.options())
+
+
+def image_folder_split(cfg: DataConfig, split: str) -> Path:
+    """The folder `build_dataset` reads for an image_folder config's `split`."""
+    root = Path(cfg.root)  # type: ignore[arg-type]  # validate() requires root
     if (root / split).is_dir():
-        root = root / split
-    elif split != cfg.split:
+        return root / split
+    if split != cfg.split:
         raise FileNotFoundError(f"no folder {root / split} for split {split!r}")
-    return ImageFolderDataset(root, cfg.image_size, hflip=cfg.hflip, limit=cfg.limit)
+    return root
+
+
+def load_data_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DataConfig:
+    """The `data:` block of a stage config (or a file that is only that block), with `key=value` overrides as
+    `fae train` takes them (`data.resize=pad`; a bare DataConfig key such as `resize=pad` means the same)."""
+    data: dict[str, Any] = read_yaml(path)
+    fields = set(DataConfig.__dataclass_fields__)
+    if not isinstance(data.get("data"), dict):
+        if data.get("data") is not None or not set(data) & fields:
+            raise ConfigError(f"{path} has no `data:` mapping")
+        data = {"data": {k: v for k, v in data.items() if k != "stage"}}
+    overrides = [f"data.{o}" if o.split("=", 1)[0].split(".")[0] in fields else o for o in overrides]
+    data = apply_overrides(data, overrides)
+    return from_dict(DataConfig, data["data"], "data")
 
 
 __all__ = [
     "CAPTION_KINDS", "CachedFeatureDataset", "CaptionDataConfig", "CaptionDataset", "DataConfig", "DataKey",
-    "FashionMNIST", "FeatureCache", "ImageFolderDataset", "build_caption_dataset", "build_dataset",
-    "build_feature_cache", "center_crop_arr", "check_index", "class_strided_indices", "flip_coin", "item_labels",
-    "read_idx", "split_key",
+    "FashionMNIST", "FeatureCache", "HUGE_PIXELS", "ImageFolderDataset", "LoadOptions", "LoadTally", "RESIZE_MODES",
+    "TALLY", "build_caption_dataset", "build_dataset", "build_feature_cache", "center_crop_arr", "check_index",
+    "class_strided_indices", "flip_coin", "image_folder_split", "item_labels", "load_data_config",
+    "parse_background", "read_idx", "split_key",
 ]

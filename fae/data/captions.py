@@ -11,9 +11,10 @@
 A missing or empty caption (no .txt, an empty or blank text, a manifest row without one) is handled by
 `missing_captions`: "skip" (default) leaves the pair out, counts it in `dataset.skipped_captions` (the places in
 `skipped_caption_files`) and warns once with the count and the first few; "error" refuses the data set with a
-ValueError naming the file. Images are ADM-centre-cropped to `image_size` as the image folders are
-(fae.data.images); an unreadable image is None (dropped by fae.data.readable's loaders, never replaced), warned
-about and counted in `dataset.skipped`, as there.
+ValueError naming the file. Images are composited over the background and resized to `image_size` by `options`
+(fae.data.pixels: ADM centre crop by default) as the image folders are (fae.data.images); an unreadable image
+is None (dropped by fae.data.readable's loaders, never replaced), warned about and counted in `dataset.skipped`,
+as there.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import hashlib
 import io
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,8 +31,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fae.data.images import IMAGE_EXTENSIONS, center_crop_arr, to_tensor
+from fae.data.images import IMAGE_EXTENSIONS, DecodedImages, to_tensor
 from fae.data.keys import check_index, flip_coin, split_key
+from fae.data.pixels import LoadOptions
+from fae.data.tally import TALLY, LoadTally
 
 CaptionFormat = Literal["folder", "manifest", "webdataset"]
 _CAPTION_KEYS = ("caption", "text", "txt")
@@ -45,6 +48,7 @@ class CaptionDataConfig:
     image_size: int = 32
     missing_captions: Literal["skip", "error"] = "skip"
     limit: int | None = None             # the first `limit` pairs (in sorted / file order)
+    options: LoadOptions = field(default_factory=LoadOptions)   # background and resize (fae.data.pixels)
 
     def validate(self) -> None:
         if self.format not in ("folder", "manifest", "webdataset"):
@@ -59,16 +63,19 @@ class CaptionDataConfig:
             raise ValueError(f"limit must be positive or null, not {self.limit}")
 
 
-class CaptionDataset(Dataset):
+class CaptionDataset(DecodedImages, Dataset):
     """Pairs (image source, caption); an image source is a path or (tar shard, member key) for webdataset."""
 
     def __init__(self, pairs: list[tuple[Any, str]], image_size: int, name: str, skipped: list[str],
-                 hflip: bool = False, labels: list[int] | None = None) -> None:
+                 hflip: bool = False, labels: list[int] | None = None, options: LoadOptions | None = None,
+                 tally: LoadTally | None = None) -> None:
         if not pairs:
             raise ValueError(f"{name}: no image-caption pairs found" + (f" ({len(skipped)} skipped for missing or "
                                                                          "empty captions)" if skipped else ""))
         self.pairs, self.image_size, self.name, self.hflip = pairs, image_size, name, hflip
         self.labels = labels or [0] * len(pairs)
+        self.options = options or LoadOptions()
+        self.tally = TALLY if tally is None else tally
         self.skipped_captions, self.skipped_caption_files = len(skipped), skipped
         self.skipped = 0  # unreadable images met by this process
         self._bad: set[int] = set()
@@ -92,8 +99,16 @@ class CaptionDataset(Dataset):
 
     def signature(self) -> dict[str, Any]:
         listing = "\n".join(f"{src}\t{cap}" for src, cap in self.pairs)
-        return {"class": type(self).__name__, "name": self.name, "image_size": self.image_size, "length": len(self),
-                "pairs_sha1": hashlib.sha1(listing.encode()).hexdigest()}
+        signature = {"class": type(self).__name__, "name": self.name, "image_size": self.image_size,
+                     "length": len(self), "pairs_sha1": hashlib.sha1(listing.encode()).hexdigest()}
+        return {**signature, **self.options.signature()}
+
+    def _open(self, index: int) -> Image.Image:
+        return self._image(self.pairs[index][0])
+
+    def _name(self, index: int) -> str:
+        source = self.pairs[index][0]
+        return f"{source[0]}:{source[1]}" if isinstance(source, tuple) else str(source)
 
     def _image(self, source: Any) -> Image.Image:
         if isinstance(source, tuple):  # (shard, key): one shard's images are held while its items are read in order
@@ -107,18 +122,18 @@ class CaptionDataset(Dataset):
         index, generator = split_key(key)
         index = check_index(index, len(self), self.name)
         source, caption = self.pairs[index]
+        flip = flip_coin(generator)  # always the generator's first draw; a random crop's draws follow it
         try:
-            with self._image(source) as img:
-                img.load()
-                image = to_tensor(center_crop_arr(img.convert("RGB"), self.image_size))
+            image = to_tensor(self.load(index, generator))
         except Exception as exc:  # PIL raises many types for bad files; none may stop a run
             if index not in self._bad:
                 self._bad.add(index)
                 self.skipped += 1
+                self.tally.record_dropped(self._name(index))
                 warnings.warn(f"skipping unreadable image {source} ({type(exc).__name__}: {exc}); it is dropped "
                               "from the data set", RuntimeWarning, stacklevel=2)
             return None
-        if self.hflip and flip_coin(generator):
+        if self.hflip and flip:
             image = image.flip(-1)
         return {"image": image, "label": torch.tensor(self.labels[index], dtype=torch.int64), "caption": caption}
 
@@ -132,7 +147,7 @@ def build_caption_dataset(cfg: CaptionDataConfig) -> CaptionDataset:
     pairs, skipped = readers[cfg.format](cfg.root, cfg.missing_captions)
     if cfg.limit is not None:
         pairs = pairs[:cfg.limit]
-    return CaptionDataset(pairs, cfg.image_size, f"{cfg.format} {cfg.root}", skipped)
+    return CaptionDataset(pairs, cfg.image_size, f"{cfg.format} {cfg.root}", skipped, options=cfg.options)
 
 
 def _clean(caption: Any) -> str:

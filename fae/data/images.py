@@ -1,11 +1,15 @@
-"""Image folders: ADM centre crop to the training size, optional horizontal flip, labels from sub-folders.
+"""Image folders: background compositing and resize to the training size (fae.data.pixels: ADM centre crop by
+default), optional horizontal flip, labels from sub-folders.
 
 A corrupt or unreadable file never kills a run: the item is None (fae.data.readable), with a warning that names
-the file, counted in `dataset.skipped`; loaders drop it, so it is never replaced by a copy of a neighbour.
+the file, counted in `dataset.skipped` and the process tally (fae.data.tally); loaders drop it, so it is never
+replaced by a copy of a neighbour. A folder made by `fae data prepare` (a `fae_prepared.json` at its root or its
+parent) is checked against the settings it is read with.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,23 +20,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fae.config import ConfigError
 from fae.data.keys import check_index, flip_coin, split_key
+from fae.data.pixels import LoadInfo, LoadOptions, center_crop_arr, decode_image, fit_image
+from fae.data.tally import TALLY, LoadTally
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
-    """ADM's centre crop (guided-diffusion, used by DiT/SiT/RAE): halve with BOX filtering while the short side
-    is at least twice the target, resize with BICUBIC so the short side equals the target, then crop the centre.
-    Returns uint8 HWC."""
-    while min(image.size) >= 2 * image_size:
-        image = image.resize((image.width // 2, image.height // 2), resample=Image.Resampling.BOX)
-    scale = image_size / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.Resampling.BICUBIC)
-    arr = np.asarray(image)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return arr[top:top + image_size, left:left + image_size]
+PREPARED_FILE = "fae_prepared.json"   # written by `fae data prepare` (fae.data.prepare)
+__all__ = ["IMAGE_EXTENSIONS", "PREPARED_FILE", "DecodedImages", "ImageFolderDataset", "center_crop_arr",
+           "check_prepared", "prepared_settings", "to_tensor"]
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -45,12 +41,68 @@ def _is_image(path: Path, extensions: Sequence[str]) -> bool:
     return path.is_file() and path.suffix.lower() in extensions and not path.name.startswith(".")
 
 
-class ImageFolderDataset(Dataset):
+def prepared_settings(image_size: int, options: LoadOptions) -> dict[str, Any]:
+    """The settings a prepared copy bakes into its pixels (recorded in its fae_prepared.json)."""
+    return {"image_size": image_size, "resize": options.resize, "background": list(options.background)}
+
+
+def check_prepared(root: Path, image_size: int, options: LoadOptions) -> None:
+    """A ConfigError when `root` (or its parent) is a `fae data prepare` copy made with other settings, or one
+    whose preparation did not finish; nothing for an ordinary folder."""
+    record_file = next((d / PREPARED_FILE for d in (root, root.parent) if (d / PREPARED_FILE).is_file()), None)
+    if record_file is None:
+        return
+    try:
+        record = json.loads(record_file.read_text())
+        made = record["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{record_file}: not a readable fae_prepared.json ({exc}); prepare the folder again with "
+                          "`fae data prepare`") from None
+    wanted = prepared_settings(image_size, options)
+    diffs = [f"{k}={made.get(k)} (this config: data.{k}={v})" for k, v in wanted.items() if made.get(k) != v]
+    if diffs:
+        raise ConfigError(f"{root} is a copy made by `fae data prepare` with {', '.join(diffs)}: its pixels already "
+                          f"carry those settings. Prepare again with the new ones (`fae data prepare CONFIG --out "
+                          f"NEW_DIR` with data.root={record.get('source', 'the original folder')}), or set the "
+                          "data keys to the prepared values")
+    if not record.get("complete", False):
+        raise ConfigError(f"{record_file}: this prepared copy is unfinished; run the same `fae data prepare` again "
+                          "to finish it (it resumes)")
+
+
+class DecodedImages:
+    """Shared by the image data sets: decode an item's file (`_open`, `_name`) into the model's pixels by
+    `self.options` at `self.image_size`, recording what it met in `self.tally`."""
+
+    image_size: int
+    options: LoadOptions
+    tally: LoadTally
+
+    def _open(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def _name(self, index: int) -> str:
+        raise NotImplementedError
+
+    def decode(self, index: int, generator: torch.Generator | None = None) -> tuple[np.ndarray, LoadInfo]:
+        """Item `index` as uint8 HWC pixels, with what decoding met (not recorded; raises on a corrupt file)."""
+        rgb, info = decode_image(lambda: self._open(index), self._name(index), self.options)
+        return fit_image(rgb, self.image_size, self.options, generator), info
+
+    def load(self, index: int, generator: torch.Generator | None = None) -> np.ndarray:
+        """Item `index` as uint8 HWC pixels, recorded in the tally (raises on a corrupt file)."""
+        arr, info = self.decode(index, generator)
+        self.tally.record(info)
+        return arr
+
+
+class ImageFolderDataset(DecodedImages, Dataset):
     """Images under `root`, labelled by sorted sub-folder name (`root/<class>/**/<file>`); a flat folder is one
     class. Files are sorted, so indices are stable across runs and machines."""
 
     def __init__(self, root: str | Path, image_size: int, hflip: bool = False,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, limit: int | None = None) -> None:
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, limit: int | None = None,
+                 options: LoadOptions | None = None, tally: LoadTally | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
@@ -58,6 +110,9 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"image_size must be positive, not {image_size}")
         self.image_size = image_size
         self.hflip = hflip
+        self.options = options or LoadOptions()
+        self.tally = TALLY if tally is None else tally
+        check_prepared(self.root, image_size, self.options)
         exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
         class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         samples: list[tuple[Path, int]] = []
@@ -91,31 +146,33 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def signature(self) -> dict[str, Any]:
-        """What identifies this data set's content, for cache invalidation."""
+        """What identifies this data set's content, for cache invalidation (resize and background only when not
+        the defaults, so caches made before they existed stay valid)."""
         files = "\n".join(f"{p.relative_to(self.root)}\t{label}" for p, label in self.samples)
         return {"class": type(self).__name__, "root": str(self.root.resolve()), "image_size": self.image_size,
-                "length": len(self), "files_sha1": hashlib.sha1(files.encode()).hexdigest()}
+                "length": len(self), "files_sha1": hashlib.sha1(files.encode()).hexdigest(), **self.options.signature()}
 
-    def load(self, index: int) -> np.ndarray:
-        """The centre-cropped uint8 HWC image of item `index` (raises on a corrupt file)."""
-        path = self.samples[index][0]
-        with Image.open(path) as img:
-            img.load()
-            return center_crop_arr(img.convert("RGB"), self.image_size)
+    def _open(self, index: int) -> Image.Image:
+        return Image.open(self.samples[index][0])
+
+    def _name(self, index: int) -> str:
+        return str(self.samples[index][0])
 
     def __getitem__(self, key: Any) -> dict[str, torch.Tensor] | None:
         index, generator = split_key(key)
         index = check_index(index, len(self), "ImageFolderDataset")
+        flip = flip_coin(generator)  # always the generator's first draw; a random crop's draws follow it
         try:
-            arr = self.load(index)
+            arr = self.load(index, generator)
         except Exception as exc:  # PIL raises many types for bad files; none may stop training
             if index not in self._bad:
                 self._bad.add(index)
                 self.skipped += 1
+                self.tally.record_dropped(self._name(index))
                 warnings.warn(f"skipping unreadable image {self.samples[index][0]} ({type(exc).__name__}: {exc}); "
                               "it is dropped from the data set", RuntimeWarning, stacklevel=2)
             return None  # dropped by fae.data.readable.collate_present, never replaced by a neighbour
         image = to_tensor(arr)
-        if self.hflip and flip_coin(generator):
+        if self.hflip and flip:
             image = image.flip(-1)
         return {"image": image, "label": torch.tensor(self.samples[index][1], dtype=torch.int64)}
