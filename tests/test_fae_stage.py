@@ -127,6 +127,20 @@ def test_changed_config_is_refused_without_fresh(tmp_path, tiny_encoder_dir, cap
     assert main(["train", "fae", "--config", str(cfg), "--out", out, "--no-progress", "--fresh", "optim.lr=0.01"]) == 0
 
 
+def test_a_run_saved_before_a_key_existed_resumes(tmp_path, tiny_encoder_dir):
+    """A run folder whose config.yaml lacks a key added later (it held that key's default) is the same config."""
+    import yaml
+
+    cfg = write_config(tmp_path / "fae.yaml", tiny_encoder_dir, steps=2)
+    out = tmp_path / "run"
+    assert main(["train", "fae", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["data"]["background"], saved["loss"]["sample_posterior"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert main(["train", "fae", "--config", str(cfg), "--out", str(out), "--no-progress", "train.steps=3"]) == 1
+    assert main(["train", "fae", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+
+
 def test_paper_summary_counts(capsys):
     assert main(["summary", str(ROOT / "configs/paper/fae_dinov2_g14.yaml"), "--json"]) == 0
     rows = {r["component"]: r["parameters"] for r in json.loads(capsys.readouterr().out)["components"]}

@@ -64,7 +64,8 @@ def _shape(seed: int, size: tuple[int, int], alpha: bool) -> Image.Image:
 
 
 def make_folder(root: Path) -> None:
-    """Two classes; train 8 + test 4 each; RGBA and RGB, odd sizes, one 40x10 stripe, one huge file, one broken."""
+    """Two classes; train 8 + test 4 each; RGBA and RGB, odd sizes; a 40x10 stripe, a huge file, white art on
+    transparency, a broken file."""
     sizes = [(40, 40), (50, 20), (17, 41), (64, 48), (33, 33), (20, 60), (45, 30), (36, 36)]
     for c, name in enumerate(("circles", "ovals")):
         for split, count in (("train", 8), ("test", 4)):
@@ -77,13 +78,17 @@ def make_folder(root: Path) -> None:
     stripe[..., 0], stripe[..., 3] = 255, 255                      # opaque red, 4:1
     Image.fromarray(stripe, "RGBA").save(root / "train" / "circles" / "stripe.png")
     _shape(7, (100, 80), alpha=True).save(root / "train" / "ovals" / "huge.png")   # "huge" under data.huge_pixels=5000
+    ghost = np.zeros((30, 30, 4), np.uint8)
+    ghost[10:20, 5:25] = 255                                       # white art on transparency: hidden on white
+    Image.fromarray(ghost, "RGBA").save(root / "train" / "ovals" / "ghost.png")
     (root / "train" / "ovals" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
 
 
-def run(command: str, variables: dict[str, str]) -> None:
+def run(command: str, variables: dict[str, str], *extra: str) -> int:
+    """Run one command of the page in this process with the tiny settings (and `extra`) after its own; its exit code."""
     argv = shlex.split(re.sub(r"\$([A-Z]+)", lambda m: variables[m[1]], command))[1:]
     name = " ".join(argv[:2]) if argv[0] in ("train", "data", "eval") else argv[0]
-    assert main([*argv, *shlex.split(TINY.get(name, ""))]) == 0, command
+    return main([*argv, *shlex.split(TINY.get(name, "")), *extra])
 
 
 def test_the_walkthrough_of_docs_own_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -99,15 +104,17 @@ def test_the_walkthrough_of_docs_own_data(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("FAE_CACHE", str(tmp_path / "cache"))
     printed = []
     for command in commands:
-        run(command, variables)
+        assert run(command, variables) == 0, command
         printed.append(capsys.readouterr().out)
     run_dir = work / variables["RUN"]
 
     # 1. the preview: transparent pixels on white, and the counts
     counts = json.loads((run_dir / "preview.json").read_text())
-    assert counts["images"] == 18 and len(counts["dropped"]) == 1 and "broken.png" in counts["dropped"][0]
-    assert counts["huge"]["count"] == 1 and "huge.png" in json.dumps(counts["huge"])
-    assert counts["modes_converted"].get("RGBA", 0) >= 8
+    assert (counts["images"], counts["readable"], counts["with_alpha"]) == (20, 19, 11)
+    assert counts["dropped"]["count"] == 1 and "broken.png" in counts["dropped"]["files"][0]
+    assert counts["huge"]["count"] == 1 and counts["huge"]["slowest"][0]["file"].endswith("huge.png")
+    assert counts["hidden_by_background"]["count"] == 1 and "ghost.png" in counts["hidden_by_background"]["files"][0]
+    assert counts["resized"]["padded"] == counts["non_square"] == 12
     grid = np.asarray(Image.open(run_dir / "preview.png").convert("RGB"))
     assert (grid == WHITE).all(-1).mean() > 0.2    # the discs' transparent surroundings are white, not black
 
@@ -122,9 +129,20 @@ def test_the_walkthrough_of_docs_own_data(tmp_path: Path, monkeypatch: pytest.Mo
     original = Image.open
     monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or original(fp, *a, **k))
     fae_command = next(c for c in commands if c.startswith("fae train fae "))
-    run(fae_command.replace("$RUN/fae ", "$RUN/fae-again ") + " eval.limit=0", variables)
+    assert run(fae_command.replace("$RUN/fae ", "$RUN/fae-again "), variables, "eval.limit=0") == 0
     assert opened == [] and (run_dir / "fae-again" / "fae").is_dir()
     monkeypatch.setattr(Image, "open", original)
+
+    # ... and a per-step random crop cannot come from a cache of one view per image
+    assert run(fae_command.replace("$RUN/fae ", "$RUN/fae-rrc "), variables, f"data.root={variables['DATA']}",
+               "data.resize=random_resized_crop", "eval.limit=0") == 1
+    assert "data.resize=random_resized_crop draws a new crop" in capsys.readouterr().err
+
+    # 6. the statistics were taken at the training crop and size: the prepared test images are at distance 0
+    assert main(["eval", "fid", "--samples", str(run_dir / "prepared" / "test"), "--ref", str(run_dir / "test-stats.npz"),
+                 "--network", f"encoder:{variables['ENC']}", "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_samples"] == 8 and abs(report["metrics"]["fd_encoder"]) < 1e-6
 
     # 5. the pipeline folder, copied elsewhere with the runs and the encoder gone, samples the same images
     in_place = np.load(run_dir / "samples" / "samples.npz")["arr_0"]
@@ -134,7 +152,7 @@ def test_the_walkthrough_of_docs_own_data(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "other").mkdir()
     monkeypatch.chdir(tmp_path / "other")
     sample = next(c for c in commands if c.startswith("fae sample "))
-    run(sample.replace("$RUN/pipeline", str(moved)).replace("$RUN/samples", "again"), variables)
+    assert run(sample.replace("$RUN/pipeline", str(moved)).replace("$RUN/samples", "again"), variables) == 0
     np.testing.assert_array_equal(np.load(Path("again") / "samples.npz")["arr_0"], in_place)
 
     # 6. the distance is named after its network, and is finite

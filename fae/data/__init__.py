@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-from fae.config import ConfigError, apply_overrides, from_dict, read_yaml
+from fae.config import ConfigError, apply_overrides, from_dict, section_overrides, yaml_section
 from fae.data.captions import CaptionDataConfig, CaptionDataset, CaptionFormat, build_caption_dataset
 from fae.data.features import CachedFeatureDataset, FeatureCache, build_feature_cache
 from fae.data.idx import FashionMNIST, read_idx
@@ -115,15 +115,8 @@ def image_folder_split(cfg: DataConfig, split: str) -> Path:
 def load_data_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DataConfig:
     """The `data:` block of a stage config (or a file that is only that block), with `key=value` overrides as
     `fae train` takes them (`data.resize=pad`; a bare DataConfig key such as `resize=pad` means the same)."""
-    data: dict[str, Any] = read_yaml(path)
-    fields = set(DataConfig.__dataclass_fields__)
-    if not isinstance(data.get("data"), dict):
-        if data.get("data") is not None or not set(data) & fields:
-            raise ConfigError(f"{path} has no `data:` mapping")
-        data = {"data": {k: v for k, v in data.items() if k != "stage"}}
-    overrides = [f"data.{o}" if o.split("=", 1)[0].split(".")[0] in fields else o for o in overrides]
-    data = apply_overrides(data, overrides)
-    return from_dict(DataConfig, data["data"], "data")
+    block = yaml_section(path, "data", missing="top_level")
+    return from_dict(DataConfig, apply_overrides(block, section_overrides(overrides, "data")), "data")
 
 
 __all__ = [

@@ -146,8 +146,7 @@ class ImageFolderDataset(DecodedImages, Dataset):
         return len(self.samples)
 
     def signature(self) -> dict[str, Any]:
-        """What identifies this data set's content, for cache invalidation (resize and background only when not
-        the defaults, so caches made before they existed stay valid)."""
+        """What identifies this data set's content, for cache invalidation (with the settings that change pixels)."""
         files = "\n".join(f"{p.relative_to(self.root)}\t{label}" for p, label in self.samples)
         return {"class": type(self).__name__, "root": str(self.root.resolve()), "image_size": self.image_size,
                 "length": len(self), "files_sha1": hashlib.sha1(files.encode()).hexdigest(), **self.options.signature()}

@@ -87,15 +87,10 @@ class LoadOptions:
             raise ValueError(f"data.huge_pixels must be positive, not {self.huge_pixels}")
 
     def signature(self) -> dict[str, Any]:
-        """The settings that change pixels, for a data set's cache signature: only those away from the defaults,
-        so caches made before these settings existed stay valid. (crop_scale only acts with a generator, which
-        caches never use.)"""
-        out: dict[str, Any] = {}
-        if self.resize != "center_crop":
-            out["resize"] = self.resize
-        if self.background != NAMED_BACKGROUNDS["white"]:
-            out["background"] = list(self.background)
-        return out
+        """The settings that change pixels, for a data set's cache signature. Both always: a cache of an image folder
+        made before they existed dropped alpha (black), so it must not pass for today's white default. (crop_scale
+        only acts with a generator, which caches never use.)"""
+        return {"resize": self.resize, "background": list(self.background)}
 
 
 @dataclass

@@ -107,6 +107,7 @@ def features_dataset(cfg: Any, encoder: FrozenEncoder, split: str, limit: int | 
     data_cfg = replace(cfg.data, **({} if limit is None else {"limit": limit}), **({} if hflip is None else {"hflip": hflip}))
     dataset = build_dataset(data_cfg, split)
     if cfg.features == "cache":
+        data_cfg.require_deterministic("features: cache")
         dataset = cached_features(encoder, dataset, cfg.feature_cache_dir, flips=data_cfg.hflip, images=images,
                                   progress=progress)
     return dataset
