@@ -338,6 +338,12 @@ MUTATIONS: list[Mutation] = [
       "tests/test_tokenizers_baselines.py", "the VA-VAE key map reverses LDM's decoder levels"),
     M("kl-vae-no-kl", "fae/stages/kl_vae.py", "loss = rec_term + cfg.kl_weight * kl", "loss = rec_term",
       "tests/test_kl_vae_stage.py", "the KL-VAE stage's loss holds the KL term"),
+    # portable bundles: the frozen encoder named by its weights' hash, a small one carried inside the bundle
+    M("encoder-hash-unchecked", "fae/encoders/image.py", "        if encoder.weights_sha256 != recorded:",
+      "        if False:", "tests/test_portable.py", "a bundle's encoder with other weights than recorded is refused"),
+    M("bundled-encoder-cwd-relative", IO, "str((folder / source[len(BUNDLE_PREFIX):]).resolve())",
+      "str(Path(source[len(BUNDLE_PREFIX):]).resolve())", "tests/test_portable.py",
+      "a bundle finds the encoder it carries from any working directory"),
 ]
 
 

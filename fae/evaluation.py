@@ -143,9 +143,7 @@ def check_judge_classes(judge: str, num_classes: int, class_names: list[str] | N
 def eval_network(cfg: GeneratorEvalConfig, record: Any, device: str | torch.device = "cpu") -> Any:
     """The feature network `cfg.network` names, in fp32 like every metric network: "encoder" is the frozen encoder
     the latents record (a reference file made with `encoder:<its folder>` matches it)."""
-    from dataclasses import replace
-
-    from fae.encoders import EncoderConfig, FrozenEncoder
+    from fae.encoders import FrozenEncoder
     from fae.metrics.networks import EncoderNetwork, build_network
 
     if cfg.network != "encoder":
@@ -154,8 +152,8 @@ def eval_network(cfg: GeneratorEvalConfig, record: Any, device: str | torch.devi
     if not encoder:
         raise ConfigError("network=encoder names the frozen encoder the latents record, and these record none "
                           "(another tokenizer's latents): give encoder:<model folder> or inception")
-    config = replace(EncoderConfig(**encoder), precision="fp32")   # a distance must not depend on native bf16
-    return EncoderNetwork(FrozenEncoder.from_config(config), device)
+    # fp32: a distance must not depend on native bf16
+    return EncoderNetwork(FrozenEncoder.from_reference(encoder, precision="fp32"), device)
 
 
 def load_eval_decoder(gen: Any, cfg: GeneratorEvalConfig, device: str | torch.device = "cpu") -> Any:

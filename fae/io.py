@@ -38,13 +38,16 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def state_dict_sha256(module: nn.Module) -> str:
+def state_dict_sha256(module: nn.Module, keep: Callable[[str], bool] | None = None) -> str:
     """SHA-256 of a module's weights (names, dtypes, shapes, bytes in name order), independent of the file format
-    they came in: the identity of feature networks in eval reports and of tokenizers in generator bundles."""
+    they came in: the identity of feature networks in eval reports, of tokenizers in generator bundles and of frozen
+    encoders in encoder references. `keep` selects the weights by name (default: all)."""
     import hashlib
 
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        if keep is not None and not keep(name):
+            continue
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -173,14 +176,17 @@ def state_dict_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
 def read_bundle_config(path: str | Path) -> dict[str, Any]:
     """A bundle's config.json. Loading one folder asks for the same files several times (finding the bundle, its
     class, its weights' hash, its record): each file is parsed once per version (path, inode, size, mtime and ctime:
-    an atomic rewrite is a new inode); callers get a copy they may change."""
+    an atomic rewrite is a new inode); callers get a copy they may change. An encoder the bundle carries inside
+    (its reference names `bundle:<folder>`) comes back as that folder's absolute path, so callers load it as any
+    other folder."""
     path = resolve_pretrained(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not a fae bundle: {CONFIG_NAME} is missing")
     stat = cfg_file.stat()
     version = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    return copy.deepcopy(_parsed_config(str(cfg_file.resolve()), version))
+    record = copy.deepcopy(_parsed_config(str(cfg_file.resolve()), version))
+    return _resolve_bundled_encoder(record, path)
 
 
 @functools.lru_cache(maxsize=256)
@@ -303,6 +309,28 @@ def save_config(obj: Any, path: str | Path) -> None:
 # which frozen encoder a bundle or cache belongs to
 
 REFERENCE_KEYS = ("kind", "name_or_path", "revision", "input_size", "affine_norm")
+REFERENCE_HASH = "weights_sha256"   # the encoder weights' content hash, in references written since bundles carry it
+BUNDLE_PREFIX = "bundle:"           # a name_or_path relative to the folder of the bundle that records it
+
+
+def _resolve_bundled_encoder(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`record` with its encoder's bundle-relative folder (`bundle:encoder`) made absolute against `folder`."""
+    reference = record.get("encoder")
+    if not isinstance(reference, dict):
+        return record
+    source = reference.get("name_or_path")
+    if isinstance(source, str) and source.startswith(BUNDLE_PREFIX):
+        reference["name_or_path"] = str((folder / source[len(BUNDLE_PREFIX):]).resolve())
+    return record
+
+
+def nested_reference(reference: dict[str, Any]) -> dict[str, Any]:
+    """The reference a bundle one folder below records for the same encoder (the FAE tokenizer's `fae/` and
+    `pixel_decoder/` share the tokenizer's `encoder/` copy: `bundle:../encoder`)."""
+    source = reference.get("name_or_path")
+    if isinstance(source, str) and source.startswith(BUNDLE_PREFIX):
+        return {**reference, "name_or_path": f"{BUNDLE_PREFIX}../{source[len(BUNDLE_PREFIX):]}"}
+    return reference
 
 
 def _same_source(a: Any, b: Any) -> bool:
@@ -317,7 +345,12 @@ def _same_source(a: Any, b: Any) -> bool:
 
 
 def reference_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Keys on which two encoder references (`FrozenEncoder.reference()`) differ; empty = the same frozen encoder."""
+    """Keys on which two encoder references (`FrozenEncoder.reference()`) differ; empty = the same frozen encoder.
+    When both record the weights' hash, the weights are named by it and not by where they lie (one encoder in a
+    moved folder is the same one; another one under the same path is not); older references compare by place."""
+    if a.get(REFERENCE_HASH) and b.get(REFERENCE_HASH):
+        same_use = [k for k in REFERENCE_KEYS if k not in ("name_or_path", "revision") and a.get(k) != b.get(k)]
+        return same_use + ([REFERENCE_HASH] if a[REFERENCE_HASH] != b[REFERENCE_HASH] else [])
     return [k for k in REFERENCE_KEYS
             if not (_same_source(a.get(k), b.get(k)) if k == "name_or_path" else a.get(k) == b.get(k))]
 

@@ -5,9 +5,10 @@
     out.images        # (20, H, W, 3) uint8 numpy; out.pil() -> PIL images; out.labels -> class ids
 
 The folder holds `tokenizer/` (the latent space, any kind of fae.tokenizers: for the FAE its bundle with frozen-encoder
-reference, FAE and pixel decoder; folders written before 0.2 call it `fae_pipeline/`) and `generator/` (the generator
-bundle of any registered family, with its latent statistics and the identity of the tokenizer it was trained on,
-checked on load).
+reference, FAE and pixel decoder, and a copy of a small encoder; folders written before 0.2 call it `fae_pipeline/`) and
+`generator/` (the generator bundle of any registered family, with its latent statistics and the identity of the
+tokenizer it was trained on, checked on load). Nothing in it names a path relative to the working directory: the folder
+can be copied to another machine (docs/encoders.md, "portable bundles").
 """
 from __future__ import annotations
 

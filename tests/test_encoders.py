@@ -173,7 +173,8 @@ def test_reference_round_trip(tiny_dirs: dict[str, Path]) -> None:
     enc = FrozenEncoder.from_config(EncoderConfig(kind="dinov2_reg", name_or_path=str(tiny_dirs["dinov2_reg"]),
                                                   affine_norm=False))
     ref = enc.reference()
-    assert set(ref) == {"kind", "name_or_path", "revision", "input_size", "affine_norm"}
+    assert set(ref) == {"kind", "name_or_path", "revision", "input_size", "affine_norm", "weights_sha256"}
+    assert len(ref["weights_sha256"]) == 64
     again = FrozenEncoder.from_reference(json.loads(json.dumps(ref)))
     images = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(enc(images), again(images))

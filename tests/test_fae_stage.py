@@ -48,7 +48,11 @@ def test_train_cli_writes_bundle_and_eval(tmp_path, tiny_encoder_dir):
     bundle = tmp_path / "run" / "fae"
     model = FeatureAutoEncoder.from_pretrained(bundle)
     record = read_bundle_config(bundle)
-    assert record["encoder"]["name_or_path"] == str(tiny_encoder_dir) and record["encoder"]["kind"] == "dinov2"
+    assert record["encoder"]["kind"] == "dinov2" and len(record["encoder"]["weights_sha256"]) == 64
+    # the bundle carries the (small) encoder along, named relative to the bundle: it loads from any directory
+    assert json.loads((bundle / "config.json").read_text())["encoder"]["name_or_path"] == "bundle:encoder"
+    assert record["encoder"]["name_or_path"] == str((bundle / "encoder").resolve())
+    assert (bundle / "encoder" / "model.safetensors").read_bytes() == (tiny_encoder_dir / "model.safetensors").read_bytes()
     scores = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert scores["images"] == 32
     within("held-out cosine after 24 steps", scores["cos"], lo=0.1)

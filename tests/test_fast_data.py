@@ -97,12 +97,12 @@ def test_encode_batches_stop_at_shard_boundaries_with_flips_beside_them(tiny_lat
     """Batches never cross a shard; on a CPU the flipped half is its own encoder call (one 2B call is a GPU's
     choice: 0.8x the speed here); the FAE encoder runs in the precision `auto` picks."""
     from fae.data import DataConfig
-    from fae.encoders import EncoderConfig, FrozenEncoder
+    from fae.encoders import FrozenEncoder
     from fae.encoding import encode_latents
     from fae.io import read_bundle_config
 
     w = tiny_latent_world
-    encoder = FrozenEncoder.from_config(EncoderConfig(**read_bundle_config(w["fae"])["encoder"]))
+    encoder = FrozenEncoder.from_reference(read_bundle_config(w["fae"])["encoder"])
     calls: list[int] = []
     encoder.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
     data = DataConfig(kind="fashion_mnist", split="test", image_size=16, limit=10)

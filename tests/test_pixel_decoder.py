@@ -164,7 +164,11 @@ def test_gaussian_stage_cli_writes_bundle_recon_and_grid(tmp_path, tiny_encoder_
     cfg = write_config(tmp_path / "g.yaml", tiny_encoder_dir)
     assert main(["train", "pixel-decoder", "--config", str(cfg), "--out", str(tmp_path / "g"), "--no-progress"]) == 0
     record = read_bundle_config(tmp_path / "g" / "pixel_decoder")
-    assert record["stage"] == "gaussian" and record["encoder"]["name_or_path"] == str(tiny_encoder_dir)
+    # the bundle carries the (small) encoder it was trained with, and names it by its weights' hash
+    carried = (tmp_path / "g" / "pixel_decoder" / "encoder").resolve()
+    assert record["stage"] == "gaussian" and record["encoder"]["name_or_path"] == str(carried)
+    assert (carried / "model.safetensors").read_bytes() == (tiny_encoder_dir / "model.safetensors").read_bytes()
+    assert len(record["encoder"]["weights_sha256"]) == 64
     assert record["noise_sigma"] > 0
     decoder = PixelDecoder.from_pretrained(tmp_path / "g" / "pixel_decoder")
     assert decoder(torch.randn(1, 16, 32)).shape == (1, 3, 16, 16)

@@ -260,7 +260,7 @@ def test_a_generation_pipeline_samples_on_the_device_it_was_loaded_on(world, tmp
     folder = GenerationPipeline.from_parts(world["run"], world["pipeline"]).save_pretrained(tmp_path / "pipe")
     _parsed_config.cache_clear()
     pipe = GenerationPipeline.from_pretrained(folder, device="meta")
-    configs = {p for p in folder.rglob("config.json")}
+    configs = {p for p in folder.rglob("config.json") if p.parent.name != "encoder"}   # transformers reads the encoder's
     assert _parsed_config.cache_info().misses == len(configs)       # each config.json parsed once
     assert pipe.device == torch.device("meta") and pipe.generator.device == torch.device("meta")
     assert {p.device.type for p in [*pipe.fae.parameters(), *pipe.generator.model.parameters()]} == {"meta"}

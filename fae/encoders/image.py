@@ -19,6 +19,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fae.config import ConfigError
-from fae.io import REFERENCE_KEYS, reference_differences  # noqa: F401  (part of this module's API)
+from fae.io import (  # noqa: F401  (REFERENCE_KEYS, reference_differences: part of this module's API)
+    BUNDLE_PREFIX,
+    REFERENCE_HASH,
+    REFERENCE_KEYS,
+    reference_differences,
+    replace_dir,
+    state_dict_sha256,
+)
 from fae.nn import patchify
 from fae.precision import DTYPES, PRECISIONS, Precision, PrecisionChoice, resolve_precision
 
@@ -37,6 +47,14 @@ log = logging.getLogger(__name__)
 EncoderKind = Literal["dinov2", "dinov2_reg", "siglip2", "mae"]
 EncoderDType = Literal["float32", "bfloat16", "float16"]
 KINDS: tuple[str, ...] = get_args(EncoderKind)
+
+# A bundle carries a copy of its frozen encoder (in `<bundle>/encoder/`) when the encoder is a local folder of at most
+# this many bytes: the demo's (3.2 MB) and DINOv2-S (88 MB) travel with their bundles; larger ones (DINOv2-B and up,
+# hundreds of MB to GB, usually shared by many runs) are recorded by absolute path + weights hash (docs/encoders.md).
+BUNDLE_COPY_LIMIT = 100 * 2**20
+BUNDLED_ENCODER_FOLDER = "encoder"
+# a folder holding the recorded encoder when its recorded folder is gone (used only if its weights hash matches)
+ENCODER_ENV = "FAE_ENCODER"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -338,6 +356,10 @@ class FrozenEncoder(nn.Module):
             self.num_prefix_tokens = 1 + int(hf.num_register_tokens)
         if config.kind == "mae":
             hf.mask_ratio = 0.0  # keep every token (MAE masks 75% by default)
+        # the weights hash names the weights as loaded: taken now when the cast below would change them, else lazily
+        self._weights_sha256: str | None = None
+        if any(p.dtype != DTYPES[config.dtype] and not p.is_meta for p in model.parameters()):
+            self._weights_sha256 = _weights_hash(model)
         self.model = model.to(DTYPES[config.dtype])
         self.model.eval()
         self.model.requires_grad_(False)
@@ -373,9 +395,21 @@ class FrozenEncoder(nn.Module):
         return cls(cfg, model, mean, std)
 
     @classmethod
-    def from_reference(cls, reference: dict[str, Any]) -> FrozenEncoder:
-        """Rebuild the encoder a bundle recorded with `reference()`."""
-        return cls.from_config(EncoderConfig(**reference))
+    def from_reference(cls, reference: dict[str, Any], **overrides: Any) -> FrozenEncoder:
+        """Rebuild the encoder a bundle recorded (`reference()` or `bundle_reference()`, as `read_bundle_config`
+        returns it); `overrides` set other EncoderConfig fields (e.g. precision). A reference with the weights' hash
+        is checked against what loads; when its folder is gone, $FAE_ENCODER may name a copy."""
+        cfg = EncoderConfig(**{k: reference[k] for k in REFERENCE_KEYS if k in reference}, **overrides)
+        recorded = reference.get(REFERENCE_HASH)
+        if not recorded:  # written before references carried the hash: loaded from where it says, as then
+            return cls.from_config(cfg)
+        cfg = dataclasses.replace(cfg, name_or_path=_recorded_location(cfg.name_or_path, recorded))
+        encoder = cls.from_config(cfg)
+        if encoder.weights_sha256 != recorded:
+            raise ConfigError(f"the frozen encoder in {cfg.name_or_path} is not the one recorded: its weights' SHA-256 "
+                              f"is {encoder.weights_sha256}, the record says {recorded} (another encoder under that "
+                              f"name?); put the recorded encoder there, or set {ENCODER_ENV} to a copy of it")
+        return encoder
 
     @classmethod
     def from_model(cls, cfg: EncoderConfig, model: nn.Module, mean: Sequence[float] | None = None,
@@ -399,10 +433,35 @@ class FrozenEncoder(nn.Module):
     # -- interface ------------------------------------------------------------------------------------------------
 
     def reference(self) -> dict[str, Any]:
-        """What a bundle records about the encoder its latents/features belong to (input_size resolved)."""
+        """What caches and bundles record about the encoder their latents/features belong to (input_size resolved),
+        with the weights' SHA-256 (`weights_sha256`; None on the meta device), which names the weights wherever they
+        lie. Bundles write `bundle_reference`."""
         c = self.config
         return {"kind": c.kind, "name_or_path": c.name_or_path, "revision": c.revision, "input_size": c.input_size,
-                "affine_norm": c.affine_norm}
+                "affine_norm": c.affine_norm, REFERENCE_HASH: self.weights_sha256}
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """SHA-256 of the weights feature extraction uses, as loaded (fae.io.state_dict_sha256), computed once:
+        about 0.6 s per GB on one CPU core. None for a skeleton on the meta device (it has no weights)."""
+        if self._weights_sha256 is None and not any(p.is_meta for p in self.model.parameters()):
+            self._weights_sha256 = _weights_hash(self.model)
+        return self._weights_sha256
+
+    def bundle_reference(self, bundle: str | Path) -> dict[str, Any]:
+        """The reference a bundle written to folder `bundle` records, so that it loads from anywhere: a local encoder
+        folder of at most BUNDLE_COPY_LIMIT bytes is copied into `<bundle>/encoder/` and named `bundle:encoder`; a
+        larger one keeps its absolute path, a hub id its id and revision. Each with the weights' hash."""
+        reference = self.reference()
+        folder = Path(self.config.name_or_path).expanduser()
+        if not folder.is_dir():
+            return reference
+        if _folder_bytes(folder) <= BUNDLE_COPY_LIMIT:
+            _copy_folder(folder, Path(bundle) / BUNDLED_ENCODER_FOLDER)
+            reference["name_or_path"] = BUNDLE_PREFIX + BUNDLED_ENCODER_FOLDER
+        else:
+            reference["name_or_path"] = str(folder.resolve())
+        return reference
 
     def train(self, mode: bool = True) -> FrozenEncoder:
         super().train(mode)
@@ -470,6 +529,47 @@ class FrozenEncoder(nn.Module):
         c = self.config
         return (f"kind={c.kind}, name_or_path={c.name_or_path!r}, input_size={c.input_size}, grid={self.grid}, "
                 f"dim={self.dim}, affine_norm={c.affine_norm}")
+
+
+def _weights_hash(model: nn.Module) -> str:
+    # the weights a checkpoint may lack (and transformers then initialises at random) are no part of the identity
+    return state_dict_sha256(model, keep=lambda name: not _unused_weight(name))
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _copy_folder(source: Path, target: Path) -> None:
+    """`source` copied to `target` whole, or not at all (copied beside it, then renamed into place)."""
+    if target.exists() and target.resolve() == source.resolve():
+        return  # a bundle written again where it was loaded from already holds it
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    shutil.copytree(source, tmp, dirs_exist_ok=True)
+    replace_dir(tmp, target)
+
+
+def _looks_local(name_or_path: str) -> bool:
+    # a hub id is `owner/name`; anything else that is not there is a folder that was recorded and has gone
+    return name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~"))
+
+
+def _recorded_location(name_or_path: str, sha256: str) -> str:
+    """Where to load a hashed reference's encoder from: where it was recorded, else the folder $FAE_ENCODER names
+    when the recorded local folder is gone (from_reference checks the hash of what loads)."""
+    if Path(name_or_path).expanduser().is_dir() or not _looks_local(name_or_path):
+        return name_or_path
+    supplied = os.environ.get(ENCODER_ENV)
+    if supplied:
+        if not Path(supplied).expanduser().is_dir():
+            raise ConfigError(f"{ENCODER_ENV}={supplied} is not a folder; point it at the frozen encoder's model "
+                              "folder (config.json, model.safetensors)")
+        return supplied
+    raise ConfigError(f"the frozen encoder recorded at {name_or_path} (weights SHA-256 {sha256}) is not there (a "
+                      "bundle carries only encoders up to fae.encoders.image.BUNDLE_COPY_LIMIT inside; larger ones are "
+                      f"recorded by path). Put the folder back at that path, or point {ENCODER_ENV} at a copy of it "
+                      f"(e.g. {ENCODER_ENV}=/models/my-encoder fae sample ...); its weights must have that SHA-256")
 
 
 def _check_images(images: Tensor) -> None:

@@ -88,7 +88,7 @@ class FAEStage(TrainStage):
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         model = modules["model"]
         assert isinstance(model, FeatureAutoEncoder)
-        model.save_pretrained(out_dir / "fae", extra={"encoder": self.encoder.reference()})
+        model.save_pretrained(out_dir / "fae", extra={"encoder": self.encoder.bundle_reference(out_dir / "fae")})
 
     def evaluate(self, out_dir: Path, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
         if self.cfg.eval.limit == 0:

@@ -298,7 +298,7 @@ class PixelDecoderStage(TrainStage):
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         decoder = modules["decoder"]
         assert isinstance(decoder, PixelDecoder)
-        ref = self.encoder.reference()
+        ref = self.encoder.bundle_reference(out_dir / "pixel_decoder")   # the bundle carries a small encoder along
         record = {"encoder": ref, "stage": "finetune" if self.cfg.finetuning else "gaussian",
                   "noise_sigma": self.noise.sigma, "feature_rms": self.feature_rms, "fae": self.cfg.fae,
                   "finetune_from": self.cfg.finetune_from}

@@ -5,9 +5,10 @@
     images = fae.decode_to_pixels(z)   # -> (B,3,H,W) in [0,1]
 
 A bundle folder (a run's `tokenizer/`; runs before 0.2 wrote `fae_pipeline/`, which loads the same) holds
-`config.json` (class "FAE" and the frozen encoder's reference: kind, hub id or folder,
-revision, input size, norm), `fae/` (the FeatureAutoEncoder bundle) and `pixel_decoder/` (the PixelDecoder bundle).
-The encoder's weights are not copied: they are loaded from the reference, exactly as the stages did.
+`config.json` (class "FAE" and the frozen encoder's reference: kind, hub id or folder, revision, input size, norm,
+weights hash), `fae/` (the FeatureAutoEncoder bundle), `pixel_decoder/` (the PixelDecoder bundle) and, for a local
+encoder up to `fae.encoders.image.BUNDLE_COPY_LIMIT`, `encoder/` (its copy, which `fae/` and `pixel_decoder/` name too):
+the folder then loads from anywhere. A larger encoder is named by absolute path + hash (docs/encoders.md).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from fae.io import (
     file_sha256,
     find_autoencoder_bundle,
     find_bundle,
+    nested_reference,
     read_bundle_config,
     require_bundle,
     resolve_pretrained,
@@ -115,10 +117,10 @@ class FAE(nn.Module, Tokenizer):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
-        ref = self.encoder.reference()
-        self.autoencoder.save_pretrained(directory / "fae", extra={"encoder": ref})
+        ref = self.encoder.bundle_reference(directory)
+        self.autoencoder.save_pretrained(directory / "fae", extra={"encoder": nested_reference(ref)})
         if self.pixel_decoder is not None:
-            self.pixel_decoder.save_pretrained(directory / "pixel_decoder", extra={"encoder": ref})
+            self.pixel_decoder.save_pretrained(directory / "pixel_decoder", extra={"encoder": nested_reference(ref)})
         atomic_write_text(directory / CONFIG_NAME, json.dumps({"class": type(self).__name__, "encoder": ref}, indent=2))
         return directory
 
