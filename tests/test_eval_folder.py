@@ -151,3 +151,25 @@ def test_judge_and_probe_command_lines_say_what_they_take(folder: Path, capsys: 
         main(["eval", "probe", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "RUN/fae/" in text and "export" not in text   # where `fae train fae --out RUN` keeps the bundle
+
+
+def test_statistics_follow_the_encoder_weights_not_its_folder(folder: Path, tiny_encoder_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """Statistics made with the frozen encoder in one folder serve the same weights loaded from another (a pipeline's
+    copy of it); other weights recompute from the stored images."""
+    import shutil
+
+    from fae.encoders import save_tiny_encoder
+    from fae.metrics.networks import build_network
+    from fae.metrics.reference import load_reference
+
+    stats = tmp_path / "stats.npz"
+    assert main(["eval", "stats", "--data", str(folder), "--image-size", "16", "--network", f"encoder:{tiny_encoder_dir}",
+                 "--out", str(stats), "--no-cache", "--no-progress"]) == 0
+    copy = shutil.copytree(tiny_encoder_dir, tmp_path / "copy")
+    reused = load_reference(stats, build_network(f"encoder:{copy}"))
+    assert reused.origin == "fae-stats" and not reused.notes
+    other = save_tiny_encoder("dinov2", tmp_path / "other", hidden_size=32, num_layers=1, num_heads=2, patch_size=4,
+                              image_size=16, seed=1)
+    recomputed = load_reference(stats, build_network(f"encoder:{other}"))
+    assert recomputed.origin == "images" and "recomputed" in recomputed.notes[0]

@@ -62,7 +62,17 @@ def _stats_compatible(meta: dict[str, Any] | None, network: Any) -> bool:
     if meta is None:  # an ADM file: TF-graph Inception statistics
         return info["name"] == "inception-v3-fid" and bool(info.get("standard_weights"))
     made_by = meta.get("network", {})
-    return made_by.get("name") == info["name"] and made_by.get("weights_hash") == info["weights_hash"]
+    if made_by.get("weights_hash") != info["weights_hash"]:
+        return False
+    if made_by.get("name") == info["name"]:
+        return True
+    if info["weights_hash"] is None:
+        return False
+    # a frozen encoder's name holds the folder it was loaded from: the same weights from another folder (a bundle's
+    # copy of it, a moved checkout) with the same pooling and preprocessing make the same features
+    mine, theirs = info.get("encoder"), made_by.get("encoder")
+    return (isinstance(mine, dict) and isinstance(theirs, dict) and made_by.get("pooling") == info.get("pooling")
+            and all(mine.get(k) == theirs.get(k) for k in ("kind", "input_size", "affine_norm")))
 
 
 def _from_images(name: str, source: Any, network: Any, batch_size: int, cache_dir: str | Path | None,

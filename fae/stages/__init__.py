@@ -100,10 +100,10 @@ def prepare_out_dir(out_dir: Path, cfg: Any, fresh: bool, name: str | None = Non
         return
     old = yaml.safe_load(saved.read_text()) or {}
     old_stage = old.pop("stage", None)
-    try:  # a run saved before a config key existed holds that key's default: the same config
+    # a run saved before a config key existed holds that key's default: the same config (one not readable as
+    # today's config is compared as written, so it differs)
+    with contextlib.suppress(ConfigError, TypeError, ValueError):
         old = to_dict(from_dict(type(cfg), old))
-    except (ConfigError, TypeError, ValueError):
-        pass  # not readable as today's config: compared as written, so it differs
     old = yaml.safe_load(yaml.safe_dump(old, sort_keys=False))
     if old != yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)) or (name and old_stage not in (None, name)):
         raise ConfigError(f"{out_dir} holds a run with a different config ({saved}); "
