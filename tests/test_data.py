@@ -286,7 +286,7 @@ def test_features_only_items_open_no_image(encoder: FrozenEncoder, folder: Path,
     full = CachedFeatureDataset(base, cache)
     opened: list[int] = []
     original = ImageFolderDataset.load
-    monkeypatch.setattr(ImageFolderDataset, "load", lambda self, i: opened.append(i) or original(self, i))
+    monkeypatch.setattr(ImageFolderDataset, "load", lambda self, i, *rest: opened.append(i) or original(self, i, *rest))
     lean = CachedFeatureDataset(base, cache, images=False)
     for key in [0, 3, 5, *((i, s) for i in (1, 2, 5) for s in range(4))]:
         item = lean[key]

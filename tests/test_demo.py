@@ -67,7 +67,7 @@ DOCUMENTED = [
      ["-n", "4", "--steps", "2"]),
     ("docs/evaluation.md", "fae eval probe --encoder runs/demo/encoder",
      ["--train-limit", "64", "--test-limit", "32", "--epochs", "1", "--out", "{out}/probe.json"]),
-    ("docs/evaluation.md", "fae eval probe --fae runs/demo/fae/fae --config configs/demo/fae.yaml --train-limit 20000",
+    ("docs/evaluation.md", "fae eval probe --fae runs/demo/fae --config configs/demo/fae.yaml --train-limit 20000",
      ["--train-limit", "64", "--test-limit", "32", "--epochs", "1", "--out", "{out}/probe-fae.json"]),
 ]
 

@@ -144,6 +144,11 @@ def test_the_walkthrough_of_docs_own_data(tmp_path: Path, monkeypatch: pytest.Mo
     report = json.loads(capsys.readouterr().out)
     assert report["num_samples"] == 8 and abs(report["metrics"]["fd_encoder"]) < 1e-6
 
+    # the page's Python example, in the walkthrough's folder
+    code = DOC.read_text().split("## From Python")[1].split("```python")[1].split("```")[0]
+    exec(compile(code, f"{DOC.name}: From Python", "exec"), {"__name__": "example"})
+    assert Image.open("first.png").size == (32, 32)
+
     # 5. the pipeline folder, copied elsewhere with the runs and the encoder gone, samples the same images
     in_place = np.load(run_dir / "samples" / "samples.npz")["arr_0"]
     moved = tmp_path / "elsewhere" / "pipeline"
