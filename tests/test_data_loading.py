@@ -44,13 +44,13 @@ def _rgb(size: tuple[int, int], colour: tuple[int, int, int]) -> Image.Image:
 
 def test_alpha_is_composited_over_the_background_not_dropped():
     half_red = Image.new("RGBA", (2, 2), (255, 0, 0, 128))   # red at alpha 128/255
-    on_white, has_alpha, _ = to_rgb(half_red, WHITE)
-    on_black, _, _ = to_rgb(half_red, BLACK)
+    on_white, has_alpha, _, _ = to_rgb(half_red, WHITE)
+    on_black, _, _, _ = to_rgb(half_red, BLACK)
     assert has_alpha
     assert np.abs(np.asarray(on_white)[0, 0].astype(int) - [255, 127, 127]).max() <= 1
     assert np.abs(np.asarray(on_black)[0, 0].astype(int) - [128, 0, 0]).max() <= 1
-    grey, has_alpha, hidden = to_rgb(Image.new("L", (2, 2), 77), BLACK)   # no alpha: converted as before
-    assert not has_alpha and not hidden and np.asarray(grey)[0, 0].tolist() == [77, 77, 77]
+    grey, has_alpha, hidden, empty = to_rgb(Image.new("L", (2, 2), 77), BLACK)   # no alpha: converted as before
+    assert not has_alpha and not hidden and not empty and np.asarray(grey)[0, 0].tolist() == [77, 77, 77]
 
 
 def test_background_values_and_their_errors():
@@ -90,6 +90,10 @@ def test_black_line_art_is_hidden_on_black_and_visible_on_white():
     assert not hidden_by_background(opaque_black, BLACK)
     big = _line_art(2000)                                        # sampled, not read whole: the same answer
     assert hidden_by_background(big, BLACK) and not hidden_by_background(big, WHITE)
+    # nothing visible at all: empty on any background, counted apart and not as hidden
+    clear = Image.new("RGBA", (24, 24), (0, 0, 0, 0))
+    assert not hidden_by_background(clear, BLACK) and not hidden_by_background(clear, WHITE)
+    assert to_rgb(clear, WHITE)[3] and not to_rgb(art, BLACK)[3]
 
 
 def test_hidden_images_are_counted_and_warned_about_once(tmp_path):

@@ -65,7 +65,7 @@ def _shape(seed: int, size: tuple[int, int], alpha: bool) -> Image.Image:
 
 def make_folder(root: Path) -> None:
     """Two classes; train 8 + test 4 each; RGBA and RGB, odd sizes; a 40x10 stripe, a huge file, white art on
-    transparency, a broken file."""
+    transparency, a fully transparent file, a broken file."""
     sizes = [(40, 40), (50, 20), (17, 41), (64, 48), (33, 33), (20, 60), (45, 30), (36, 36)]
     for c, name in enumerate(("circles", "ovals")):
         for split, count in (("train", 8), ("test", 4)):
@@ -81,6 +81,7 @@ def make_folder(root: Path) -> None:
     ghost = np.zeros((30, 30, 4), np.uint8)
     ghost[10:20, 5:25] = 255                                       # white art on transparency: hidden on white
     Image.fromarray(ghost, "RGBA").save(root / "train" / "ovals" / "ghost.png")
+    Image.new("RGBA", (24, 24), (0, 0, 0, 0)).save(root / "train" / "ovals" / "empty.png")   # nothing to see
     (root / "train" / "ovals" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
 
 
@@ -110,7 +111,8 @@ def test_the_walkthrough_of_docs_own_data(tmp_path: Path, monkeypatch: pytest.Mo
 
     # 1. the preview: transparent pixels on white, and the counts
     counts = json.loads((run_dir / "preview.json").read_text())
-    assert (counts["images"], counts["readable"], counts["with_alpha"]) == (20, 19, 11)
+    assert (counts["images"], counts["readable"], counts["with_alpha"]) == (21, 20, 12)
+    assert counts["fully_transparent"]["count"] == 1 and "empty.png" in counts["fully_transparent"]["files"][0]
     assert counts["dropped"]["count"] == 1 and "broken.png" in counts["dropped"]["files"][0]
     assert counts["huge"]["count"] == 1 and counts["huge"]["slowest"][0]["file"].endswith("huge.png")
     assert counts["hidden_by_background"]["count"] == 1 and "ghost.png" in counts["hidden_by_background"]["files"][0]

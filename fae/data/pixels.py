@@ -101,6 +101,7 @@ class LoadInfo:
     size: tuple[int, int]
     has_alpha: bool = False
     hidden: bool = False
+    empty: bool = False       # fully transparent: nothing to see on any background
     huge: bool = False
     seconds: float = 0.0
     warnings: list[tuple[str, str]] = field(default_factory=list)   # (category, message)
@@ -114,35 +115,42 @@ def hidden_by_background(rgba: Image.Image, background: RGB) -> bool:
     """Whether compositing an RGBA image over `background` hides its content.
 
     Visible pixels are those with alpha >= 128. The image counts as hidden when at least 1% of its pixels are
-    see-through (alpha < 128: without transparency the background shows nowhere and hides nothing) and either
-    no pixel is visible, or at least 90% of the visible ones lie within 32 (0-255, on every channel) of the
-    background: a black drawing on transparency is hidden on black and visible on white. The test looks at a
-    nearest-neighbour sample of at most 512 px a side, so a huge file costs no extra pass."""
+    see-through (alpha < 128: without transparency the background shows nowhere and hides nothing), some are
+    visible (none: `fully_transparent`, empty on any background) and at least 90% of the visible ones lie within 32
+    (0-255, on every channel) of the background: a black drawing on transparency is hidden on black and visible on
+    white. On openclipart's clip-art this counts 172 of 1,437 images hidden on black and 5 on white (white-filled
+    outlines). The test looks at a nearest-neighbour sample of at most 512 px a side, so a huge file costs no extra
+    pass."""
     if max(rgba.size) > HIDDEN_SAMPLE_SIDE:
         scale = HIDDEN_SAMPLE_SIDE / max(rgba.size)
         rgba = rgba.resize((max(1, round(rgba.width * scale)), max(1, round(rgba.height * scale))),
                            Image.Resampling.NEAREST)
     arr = np.asarray(rgba)
     visible = arr[..., 3] >= VISIBLE_ALPHA
-    if 1.0 - visible.mean() < TRANSPARENT_SHARE:
-        return False
-    if not visible.any():
-        return True
+    if 1.0 - visible.mean() < TRANSPARENT_SHARE or not visible.any():
+        return False  # nothing see-through hides nothing; nothing visible is empty (`fully_transparent`), not hidden
     distance = np.abs(arr[..., :3][visible].astype(np.int16) - np.asarray(background, dtype=np.int16)).max(axis=-1)
     return bool((distance <= NEAR_BACKGROUND).mean() >= HIDDEN_SHARE)
 
 
-def to_rgb(img: Image.Image, background: RGB) -> tuple[Image.Image, bool, bool]:
-    """`img` as RGB with any alpha composited over `background`; also (has_alpha, hidden_by_background).
+def fully_transparent(rgba: Image.Image) -> bool:
+    """Whether no pixel of an RGBA image is even half opaque: an empty picture on any background (openclipart's 92
+    `special/gradient-*` swatches are such files), counted apart from content a background hides."""
+    return int(rgba.getchannel("A").getextrema()[1]) < VISIBLE_ALPHA
+
+
+def to_rgb(img: Image.Image, background: RGB) -> tuple[Image.Image, bool, bool, bool]:
+    """`img` as RGB with any alpha composited over `background`; also (has_alpha, hidden_by_background,
+    fully_transparent).
 
     P (and L/RGB) images with a transparency entry go to RGBA first: that honours the transparency and avoids
     Pillow's "Palette images with Transparency expressed in bytes" warning. Other modes convert as before."""
     if not _has_alpha(img):
-        return (img if img.mode == "RGB" else img.convert("RGB")), False, False
+        return (img if img.mode == "RGB" else img.convert("RGB")), False, False, False
     rgba = img if img.mode == "RGBA" else img.convert("RGBA")
-    hidden = hidden_by_background(rgba, background)
+    hidden, empty = hidden_by_background(rgba, background), fully_transparent(rgba)
     canvas = Image.new("RGBA", rgba.size, (*background, 255))
-    return Image.alpha_composite(canvas, rgba).convert("RGB"), True, hidden
+    return Image.alpha_composite(canvas, rgba).convert("RGB"), True, hidden, empty
 
 
 def adm_resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -239,8 +247,8 @@ def decode_image(open_image: Callable[[], Image.Image], name: str,
         with open_image() as img:
             img.load()
             mode, size = img.mode, img.size
-            rgb, has_alpha, hidden = to_rgb(img, options.background)
-    info = LoadInfo(name=name, mode=mode, size=size, has_alpha=has_alpha, hidden=hidden,
+            rgb, has_alpha, hidden, empty = to_rgb(img, options.background)
+    info = LoadInfo(name=name, mode=mode, size=size, has_alpha=has_alpha, hidden=hidden, empty=empty,
                     huge=size[0] * size[1] > options.huge_pixels, seconds=time.perf_counter() - start)
     for w in caught:
         if _from_imaging_library(w.filename):

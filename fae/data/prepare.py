@@ -120,6 +120,7 @@ def prepare_data(cfg: DataConfig, out: str | Path, splits: Sequence[str] | None 
         record["splits"][split].update(
             images=len(dataset), written=written, already_there=len(dataset) - written - len(tally.dropped),
             dropped={"count": len(tally.dropped), "files": tally.dropped}, modes_converted=summary["modes_converted"],
-            hidden_by_background=summary["hidden_by_background"], huge=summary["huge"], complete=True)
+            hidden_by_background=summary["hidden_by_background"],
+            fully_transparent=summary["fully_transparent"], huge=summary["huge"], complete=True)
         _write_record(out, record)
     return record

@@ -144,6 +144,9 @@ def format_summary(report: dict[str, Any]) -> str:
     if hidden["count"]:
         lines.append(f"hidden by background {report['background']}: {hidden['count']} (first: "
                      f"{hidden['files'][0]}); try data.background=black or white")
+    empty = report["fully_transparent"]
+    if empty["count"]:
+        lines.append(f"fully transparent (empty on any background): {empty['count']} (first: {empty['files'][0]})")
     huge = report["huge"]
     if huge["count"]:
         slowest = huge["slowest"][0]

@@ -33,6 +33,7 @@ class LoadTally:
         self.converted: Counter[str] = Counter()
         self.with_alpha = 0
         self.hidden: list[str] = []
+        self.empty: list[str] = []
         self.huge = 0
         self.slowest: list[tuple[float, str, int]] = []     # a min-heap of (seconds, name, pixels)
         self.library_warnings: Counter[str] = Counter()
@@ -50,6 +51,10 @@ class LoadTally:
             self.hidden.append(info.name)
             self._once("hidden", f"{info.name}: its content is hidden by the background colour (data.background); "
                        f"such images are counted, not warned about again; {PREVIEW_HINT}")
+        if info.empty:
+            self.empty.append(info.name)
+            self._once("empty", f"{info.name}: fully transparent, an empty picture on any background; such images "
+                       f"are counted, not warned about again; {PREVIEW_HINT}")
         if info.huge:
             self.huge += 1
             heapq.heappush(self.slowest, (info.seconds, info.name, info.size[0] * info.size[1]))
@@ -77,6 +82,7 @@ class LoadTally:
                 "dropped": {"count": len(self.dropped), "files": self.dropped[:NAMES_SHOWN]},
                 "modes_converted": dict(sorted(self.converted.items())), "with_alpha": self.with_alpha,
                 "hidden_by_background": {"count": len(self.hidden), "files": self.hidden[:NAMES_SHOWN]},
+                "fully_transparent": {"count": len(self.empty), "files": self.empty[:NAMES_SHOWN]},
                 "non_square": self.non_square,
                 "huge": {"count": self.huge, "slowest": self.slowest_files()},
                 "library_warnings": dict(sorted(self.library_warnings.items()))}
