@@ -344,6 +344,24 @@ MUTATIONS: list[Mutation] = [
     M("bundled-encoder-cwd-relative", IO, "str((folder / source[len(BUNDLE_PREFIX):]).resolve())",
       "str(Path(source[len(BUNDLE_PREFIX):]).resolve())", "tests/test_portable.py",
       "a bundle finds the encoder it carries from any working directory"),
+    # your own data (issue 30): what the model sees, what a cached stage opens, statistics at the training crop
+    M("features-only-opens-images", "fae/data/features.py", "        if self.images:\n            base = self.base[index]",
+      "        if True:\n            base = self.base[index]",
+      "tests/test_data.py::test_features_only_items_open_no_image tests/test_own_data.py",
+      "stage 1 on cached features opens no image"),
+    M("alpha-dropped", "fae/data/pixels.py", "return Image.alpha_composite(canvas, rgba).convert(\"RGB\"), True",
+      "return rgba.convert(\"RGB\"), True", "tests/test_data_loading.py tests/test_own_data.py",
+      "transparent pixels take the background colour"),
+    M("pad-on-black", "fae/data/pixels.py", "canvas = Image.new(\"RGB\", (image_size, image_size), background)",
+      "canvas = Image.new(\"RGB\", (image_size, image_size), (0, 0, 0))", "tests/test_data_loading.py tests/test_own_data.py",
+      "pad letterboxes in the background colour"),
+    M("stats-ignore-data-overrides", "fae/metrics/datasets.py",
+      "block = apply_overrides(block, section_overrides(overrides, \"data\"))", "block = dict(block)",
+      "tests/test_own_data.py", "`fae eval stats --data CONFIG data.k=v` measures the data the overrides describe"),
+    M("stats-matched-by-folder", "fae/metrics/reference.py", "    return (isinstance(mine, dict) and isinstance(theirs, dict)",
+      "    return False and (isinstance(mine, dict) and isinstance(theirs, dict)",
+      "tests/test_eval_folder.py::test_statistics_follow_the_encoder_weights_not_its_folder",
+      "reference statistics serve the same encoder weights from another folder"),
 ]
 
 
