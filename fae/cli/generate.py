@@ -203,4 +203,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help=f"another latent space: {tokenizer_help}; default: the one the generator "
                    "records")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
+    p.add_argument("--no-progress", action="store_true", help="accepted like every command's (nothing here shows a bar)")
     p.set_defaults(func=_cmd_pipeline)
