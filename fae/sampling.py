@@ -34,9 +34,35 @@ from fae.models.pixel_decoder import PixelDecoder
 from fae.precision import resolve_precision
 from fae.speed import CompileMode, compile_in_place, compile_wanted
 from fae.tokenizers import FAE, Tokenizer, check_tokenizer, load_tokenizer
-from fae.transport import SamplerConfig, initial_noise, sample_generators
+from fae.transport import GuidanceSchedule, SamplerConfig, initial_noise, paper_method, sample_generators
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
+Progress = Callable[[int, int], None]   # (samples finished, samples this process makes), after each chunk
+
+
+def sampler_config(guidance: str = "none", method: str = "auto", steps: int = 250, time_shift: float | None = None,
+                   guidance_channels: int | None = None, cfg_batch: str = "concat", denoise: bool = True
+                   ) -> SamplerConfig:
+    """The SamplerConfig `fae sample`'s flags describe (`fae serve` builds it the same way): `guidance` as
+    GuidanceSchedule.parse reads it, `method` auto (the paper's rule, fae.transport.paper_method) or a sampler name.
+    ConfigError names the bad value."""
+    try:
+        schedule = GuidanceSchedule.parse(guidance)
+    except ValueError as exc:
+        raise ConfigError(f"--guidance: {exc}") from None
+    schedule.channels = guidance_channels
+    if method not in ("auto", "euler", "heun", "euler_maruyama"):
+        raise ConfigError(f"unknown sampler {method!r}: auto, euler, heun or euler_maruyama")
+    if cfg_batch not in ("concat", "separate"):
+        raise ConfigError(f"cfg_batch must be concat or separate, got {cfg_batch!r}")
+    chosen = paper_method(schedule) if method == "auto" else method
+    sampler = SamplerConfig(method=chosen, cfg_batch=cfg_batch,  # type: ignore[arg-type]  # both names checked above
+                            steps=steps, time_shift=time_shift, guidance=schedule, flow_denoise=denoise)
+    try:
+        sampler.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return sampler
 
 
 def load_decoder(gen: Generator, fae: str | Path | None = None, pixel_decoder: str | Path | None = None,
@@ -162,14 +188,15 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
              sampler: SamplerConfig | None = None, batch_size: int = 64, device: str | torch.device = "cpu",
              progress: bool = True, gather: bool = True, precision: str = "auto",
              prompts: Sequence[str] | None = None, resume_dir: str | Path | None = None,
-             compile: CompileMode = "auto") -> Samples:
+             compile: CompileMode = "auto", on_progress: Progress | None = None) -> Samples:
     """Generate `num_samples` images. Under torchrun each process takes chunks k = rank, rank + W, ... and, with
     `gather`, rank 0 returns all of them in index order (other ranks return their own part).
     A text generator (`gen.condition_kind == "text"`) needs `prompts`; `labels` then holds each sample's prompt id.
     `precision` (auto | fp32 | bf16, fae.precision) sets the model's autocast; the integration stays float32.
     With `resume_dir`, each finished chunk is kept there, and a run with the same settings that was interrupted
     takes its finished chunks from it instead of sampling them again (sample i depends only on (seed, i)).
-    `compile` (auto | on | off, fae.speed) compiles the generator's network in place (the decoder: `load_decoder`)."""
+    `compile` (auto | on | off, fae.speed) compiles the generator's network in place (the decoder: `load_decoder`).
+    `on_progress(done, total)` is called after each chunk (`fae serve` reports it; the tqdm bar is unaffected)."""
     from tqdm.auto import tqdm
 
     try:
@@ -189,7 +216,8 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
               for k in range(math.ceil(num_samples / batch_size))]
     mine = chunks[rank::world]
     images, indices = [], []
-    bar = tqdm(total=sum(len(c) for c in mine), desc="sample", disable=not (progress and rank == 0),
+    total = sum(len(c) for c in mine)
+    bar = tqdm(total=total, desc="sample", disable=not (progress and rank == 0),
                dynamic_ncols=True)
     shape = gen.latent_shape
     settings = {"num_samples": num_samples, "seed": seed, "labels": labels if isinstance(labels, str) else list(labels),
@@ -212,6 +240,8 @@ def generate(gen: Generator, decode: Decoder, num_samples: int, seed: int = 0, l
         images.append(kept)
         indices.extend(idx)
         bar.update(len(idx))
+        if on_progress is not None:
+            on_progress(len(indices), total)
     bar.close()
     part = Samples(np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8),
                    ys[indices].numpy() if ys is not None else None, np.asarray(indices, dtype=np.int64), settings)

@@ -22,6 +22,7 @@ echo "check_wheel: $(basename "$wheel"), $(du -h "$wheel" | cut -f1)"
 cd "$work"   # outside the checkout: only the installed package can be imported
 "$work/venv/bin/python" -c "import fae, sys; sys.exit(0 if '$repo' not in fae.__file__ else 'fae was imported from the checkout')"
 "$work/venv/bin/fae" --help >/dev/null
+"$work/venv/bin/python" -c "from fae.serve.server import page; assert b'id=\"generate\"' in page()"   # fae serve's page ships
 "$work/venv/bin/fae" summary configs/paper/fae_dinov2_g14.yaml | tail -n 2
 if ! FAE_CACHE="$work/cache" XDG_CACHE_HOME="$work/xdg" TQDM_DISABLE=1 "$work/venv/bin/fae" demo --quick \
     --out "$work/demo" --no-progress >"$work/demo.log" 2>&1; then

@@ -139,7 +139,8 @@ def test_quick_demo_end_to_end(finished_demo, capsys, monkeypatch):
     for src in images:
         assert (out / src).is_file(), src
     assert "report/dit_convergence.png" in images
-    for needle in ("class-agreement", "raw features", "PSNR", "random initialisation", f"Precision: {choice.name}"):
+    for needle in ("class-agreement", "raw features", "PSNR", "random initialisation", f"Precision: {choice.name}",
+                   f"fae serve {out / 'pipeline'}"):
         assert needle in html
 
     # a re-run skips everything; losing one step's folder redoes only that step

@@ -48,24 +48,13 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from fae.distributed import init_distributed, is_main, resolve_device
     from fae.pipeline import GenerationPipeline
-    from fae.sampling import Decoder, load_decoder, sample_to_dir
+    from fae.sampling import Decoder, load_decoder, sample_to_dir, sampler_config
     from fae.stages import load_run_generator
-    from fae.transport import GuidanceSchedule, SamplerConfig, paper_method
 
     init_distributed()
     device = str(resolve_device(args.device))
-    try:
-        guidance = GuidanceSchedule.parse(args.guidance)
-    except ValueError as exc:
-        raise ConfigError(f"--guidance: {exc}") from None
-    guidance.channels = args.guidance_channels
-    method = paper_method(guidance) if args.sampler == "auto" else args.sampler
-    sampler = SamplerConfig(method=method, steps=args.steps, time_shift=args.time_shift, guidance=guidance,
-                            cfg_batch=args.cfg_batch, flow_denoise=not args.no_denoise)
-    try:
-        sampler.validate()
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    sampler = sampler_config(args.guidance, args.sampler, args.steps, args.time_shift, args.guidance_channels,
+                             args.cfg_batch, denoise=not args.no_denoise)
     prompts = list(args.prompt or [])
     if args.prompts:
         prompts += [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]

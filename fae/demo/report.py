@@ -77,6 +77,8 @@ def step_report(ctx: DemoContext) -> dict[str, Any]:
         sections.append(_compare_section(r, out, figs))
 
     sections.insert(1, _glance_section(r))
+    if "pipeline" in r.get("samples", {}):
+        sections.append(_serve_section(out / "pipeline"))
     report = Report("fae demo: the Feature Auto-Encoder on Fashion-MNIST, end to end on a CPU",
                     intro=["FAE (Gao et al., 2025) adapts a frozen pretrained encoder to generation: one attention "
                            "layer compresses its patch features to a small latent, a feature decoder reconstructs "
@@ -84,6 +86,16 @@ def step_report(ctx: DemoContext) -> dict[str, Any]:
                            "generate latents. This page shows each stage at laptop scale."],
                     sections=sections)
     return {"report": str(write_report(report, out))}
+
+
+def _serve_section(pipeline: str | Path) -> Any:
+    from fae.demo.html import Section
+
+    return Section(
+        "Try it yourself",
+        text=[f"The trained generator and its FAE are one pipeline folder. `fae serve {pipeline}` to try it: a local "
+              "page (http://127.0.0.1:8765/) where you pick a class, move the guidance slider, set steps and seed, "
+              "and get the images with the `fae sample` command that writes the same ones (docs/serve.md)."])
 
 
 def _what_ran_section(r: dict[str, Any], out: Path) -> Any:

@@ -152,6 +152,12 @@ class Generator(ABC):
         """Latents (B,C,h,w), de-normalised, from starting `noise` (B,C,h,w) and `conditions`: class ids (B,), B
         prompts for a text generator, or None. Runs under the caller's autocast; returns float32."""
 
+    @property
+    def sampler_methods(self) -> tuple[str, ...]:
+        """The SamplerConfig methods whose choice (and step count) changes what `sample` does; () when it has one
+        fixed pass (a flow's exact inverse). `fae serve` offers only these."""
+        return ("euler", "heun", "euler_maruyama")
+
     def settings(self, sampler: SamplerConfig) -> dict[str, Any]:
         """What a sampling run records about the generator besides the sampler."""
         return {"generator": self.source}

@@ -36,6 +36,10 @@ class FlowGenerator(BundledGenerator):
             x = self.model.denoise(x, conditions, self.noise_std)
         return denormalize(x.float(), self.mean, self.std)
 
+    @property
+    def sampler_methods(self) -> tuple[str, ...]:
+        return ()   # one exact inverse pass: no ODE/SDE method, no step count
+
     def compile_model(self) -> bool:
         return False  # sampling runs the inverse, layer by layer over a growing KV cache, not the compiled forward
 
