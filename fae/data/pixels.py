@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -136,7 +136,8 @@ def hidden_by_background(rgba: Image.Image, background: RGB) -> bool:
 def fully_transparent(rgba: Image.Image) -> bool:
     """Whether no pixel of an RGBA image is even half opaque: an empty picture on any background (openclipart's 92
     `special/gradient-*` swatches are such files), counted apart from content a background hides."""
-    return int(rgba.getchannel("A").getextrema()[1]) < VISIBLE_ALPHA
+    _, most_opaque = cast(tuple[int, int], rgba.getchannel("A").getextrema())  # one band: (min, max), no copy
+    return most_opaque < VISIBLE_ALPHA
 
 
 def to_rgb(img: Image.Image, background: RGB) -> tuple[Image.Image, bool, bool, bool]:
