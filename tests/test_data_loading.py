@@ -262,3 +262,20 @@ def test_a_prepared_copy_read_with_other_settings_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="choose another --out"):   # and the copy is never mixed with others
         prepare_data(load_data_config(_config(tmp_path, source, background="black")), tmp_path / "prep",
                      progress=False)
+
+
+def test_a_class_with_no_readable_file_keeps_the_labels_of_the_prepared_copy(tmp_path):
+    """The copy records the original class list: a class whose files were all unreadable does not shift the labels
+    of the classes after it (they would then mean other classes than the generator's)."""
+    source = _tiny_folder(tmp_path / "images")
+    (source / "birds").mkdir()
+    (source / "birds" / "broken.png").write_bytes(b"not a png")        # sorted between cats and dogs
+    cfg = load_data_config(_config(tmp_path, source))
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        original = build_dataset(cfg)
+        labels = {p.stem: label for i, (p, label) in enumerate(original.samples) if original[i] is not None}
+    assert original.class_names == ["birds", "cats", "dogs"] and labels["square"] == 2
+    prepare_data(cfg, tmp_path / "prep", progress=False)
+    copy = build_dataset(load_data_config(_config(tmp_path, tmp_path / "prep")))
+    assert copy.class_names == ["birds", "cats", "dogs"]
+    assert {p.stem: label for p, label in copy.samples} == labels

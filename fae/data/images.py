@@ -46,12 +46,13 @@ def prepared_settings(image_size: int, options: LoadOptions) -> dict[str, Any]:
     return {"image_size": image_size, "resize": options.resize, "background": list(options.background)}
 
 
-def check_prepared(root: Path, image_size: int, options: LoadOptions) -> None:
+def check_prepared(root: Path, image_size: int, options: LoadOptions) -> list[str] | None:
     """A ConfigError when `root` (or its parent) is a `fae data prepare` copy made with other settings, or one
-    whose preparation did not finish; nothing for an ordinary folder."""
+    whose preparation did not finish. Returns the class names the copy's split recorded (the original folder's, so
+    a class none of whose files could be read keeps its label), or None (an ordinary folder, or an older copy)."""
     record_file = next((d / PREPARED_FILE for d in (root, root.parent) if (d / PREPARED_FILE).is_file()), None)
     if record_file is None:
-        return
+        return None
     try:
         record = json.loads(record_file.read_text())
         made = record["settings"]
@@ -68,6 +69,8 @@ def check_prepared(root: Path, image_size: int, options: LoadOptions) -> None:
     if not record.get("complete", False):
         raise ConfigError(f"{record_file}: this prepared copy is unfinished; run the same `fae data prepare` again "
                           "to finish it (it resumes)")
+    names = record.get("splits", {}).get(root.name, {}).get("class_names")
+    return list(names) if isinstance(names, list) else None
 
 
 class DecodedImages:
@@ -112,14 +115,19 @@ class ImageFolderDataset(DecodedImages, Dataset):
         self.hflip = hflip
         self.options = options or LoadOptions()
         self.tally = TALLY if tally is None else tally
-        check_prepared(self.root, image_size, self.options)
+        pinned = check_prepared(self.root, image_size, self.options)
         exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
         class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         samples: list[tuple[Path, int]] = []
-        names: list[str] = []
+        names: list[str] = list(pinned or [])
         for d in class_dirs:
             files = sorted(p for p in d.rglob("*") if _is_image(p, exts))
-            if files:
+            if files and pinned is not None:
+                if d.name not in pinned:
+                    raise ConfigError(f"{d}: a class the prepared copy does not record ({PREPARED_FILE}); prepare "
+                                      "the folder again")
+                samples += [(p, pinned.index(d.name)) for p in files]
+            elif files:
                 samples += [(p, len(names)) for p in files]
                 names.append(d.name)
         if not samples:  # flat folder: a single unnamed class

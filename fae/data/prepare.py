@@ -103,7 +103,7 @@ def prepare_data(cfg: DataConfig, out: str | Path, splits: Sequence[str] | None 
         dataset = ImageFolderDataset(image_folder_split(cfg, split), cfg.image_size, options=options,
                                      tally=LoadTally(warn=False))
         names = prepared_names(dataset)
-        record["splits"][split] = {"source": str(dataset.root.resolve()),
+        record["splits"][split] = {"source": str(dataset.root.resolve()), "class_names": dataset.class_names,
                                    "files_sha1": dataset.signature()["files_sha1"], "complete": False}
         _write_record(out, record)
         tally = LoadTally(warn=False)
