@@ -6,6 +6,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,6 +85,9 @@ def _rank(rank: int, port: int, out: Path, stop_at: int | None, cfg: dict) -> No
     try:
         torch.save(_train(out, stop_at, **cfg), out / f"rank{rank}.pt")
         torch.distributed.barrier()
+    except BaseException:
+        traceback.print_exc()  # os._exit below would swallow it, and the peer only reports the broken connection
+        sys.stderr.flush()
     finally:
         os._exit(0)  # no exit-time teardown in a forked child: a gloo group torn down after its peer left can hang
 
