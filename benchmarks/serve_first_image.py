@@ -48,12 +48,13 @@ def wait_ready(base: str, server: subprocess.Popen, start: float) -> tuple[float
             time.sleep(0.05)
 
 
-def screenshot(base: str, path: Path, config: dict[str, Any], prompt: str | None) -> None:
+def screenshot(base: str, path: Path, fields: dict[str, str], choice: str | None) -> None:
+    """Fill the page's fields (`fields`: element id -> text; `choice`: the class to pick), generate, save the page."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     options = webdriver.ChromeOptions()
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1000,900"):
@@ -63,10 +64,12 @@ def screenshot(base: str, path: Path, config: dict[str, Any], prompt: str | None
     try:
         driver.get(base + "/")
         WebDriverWait(driver, 30).until(EC.presence_of_element_located((By.ID, "generate")))
-        if prompt is not None:
-            box = driver.find_element(By.ID, "prompt")
+        if choice is not None:
+            Select(driver.find_element(By.ID, "class")).select_by_visible_text(choice)
+        for element, text in fields.items():
+            box = driver.find_element(By.ID, element)
             box.clear()
-            box.send_keys(prompt)
+            box.send_keys(text)
         driver.find_element(By.ID, "generate").click()
         WebDriverWait(driver, 300).until(EC.presence_of_element_located((By.CSS_SELECTOR, "#images a.image-link")))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +85,8 @@ def main() -> None:
     parser.add_argument("-n", "--num-images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale (1: none)")
+    parser.add_argument("--guidance-max", type=float, default=1.0, help="guidance acts on t in [0, this]")
+    parser.add_argument("--class", dest="choice", help="the class to ask for (default: all)")
     parser.add_argument("--screenshot", type=Path)
     args = parser.parse_args()
 
@@ -92,7 +97,9 @@ def main() -> None:
     try:
         ready, config = wait_ready(base, server, start)
         payload: dict[str, Any] = {"num_images": args.num_images, "seed": 0, "steps": args.steps,
-                                   "guidance_scale": args.guidance}
+                                   "guidance_scale": args.guidance, "guidance_max": args.guidance_max}
+        if args.choice is not None:
+            payload["class"] = args.choice
         if args.prompt is not None:
             payload["prompt"] = args.prompt
         job = post(base + "/api/jobs", payload)
@@ -101,18 +108,20 @@ def main() -> None:
             state = get(f"{base}/api/jobs/{job['id']}")
             if first is None and state.get("done", 0) > 0:
                 first = time.perf_counter() - start
-            if state["state"] in ("done", "error"):
+            if state["status"] in ("done", "error"):
                 break
             time.sleep(0.02)
         finished = time.perf_counter() - start
-        if state["state"] == "error":
+        if state["status"] == "error":
             raise SystemExit(f"the request failed: {state.get('error')}")
         print(json.dumps({"pipeline": args.pipeline, "kind": config.get("kind"), "images": args.num_images,
                           "steps": args.steps, "page_ready_s": round(ready, 2),
                           "first_images_s": round(first if first is not None else finished, 2),
                           "all_images_s": round(finished, 2)}))
         if args.screenshot:
-            screenshot(base, args.screenshot, config, args.prompt)
+            fields = {"num_images": str(args.num_images), "steps": str(args.steps), "guidance_scale": str(args.guidance),
+                      "guidance_max": str(args.guidance_max), **({"prompt": args.prompt} if args.prompt else {})}
+            screenshot(base, args.screenshot, fields, args.choice)
             print(f"screenshot: {args.screenshot}")
     finally:
         server.terminate()

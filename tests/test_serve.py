@@ -2,13 +2,12 @@
 config, every bad input as a one-line message (and the server still serving), the work budget, the same images as
 the `fae sample` command the page shows, queued requests. In headless Chromium (Selenium on the system chromedriver,
 no download): generate with a class and a seed and compare the PNG the page links with `fae sample`'s, a bad input's
-message, two requests at once. FAE_SCREENSHOT=1 saves the page to docs/images/serve.png (README)."""
+message, two requests at once."""
 from __future__ import annotations
 
 import base64
 import io
 import json
-import os
 import shutil
 import threading
 import time
@@ -33,7 +32,6 @@ from fae.pipeline import GenerationPipeline
 from fae.serve import SampleServer, SampleService, ServeLimits, serve
 from fae.tokenizers import FAE
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["tee", "bag", "boot"]
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
@@ -284,8 +282,6 @@ def test_in_a_browser(running, tmp_path, monkeypatch):
         settings = json.loads(driver.find_element(By.ID, "settings").text)
         assert settings["command"] == driver.find_element(By.ID, "command").text
         assert np.array_equal(shown, _cli_images(settings["argv"], tmp_path / "cli")[0])
-        if os.environ.get("FAE_SCREENSHOT") == "1":
-            driver.save_screenshot(str(ROOT / "docs" / "images" / "serve.png"))
 
         # a bad input: the message in the page, and the page still works
         steps = driver.find_element(By.ID, "steps")
