@@ -107,7 +107,11 @@ def test_two_processes_score_as_one(evaluated, setting, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert main(args + ["--out", str(tmp_path / "one.json")]) == 0
     two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
-    assert two == one and one["fd_encoder"] == _eval_rows(evaluated)[4]["eval/fd_encoder"]
+    # the same samples and scores; the FD only up to kernel rounding: on an AVX2-only CPU MKL's blocking follows the
+    # batch each process holds, and the FD of the 10 samples then moved by 5e-10 relative (measured; native: equal)
+    assert {k: v for k, v in two.items() if k != "fd_encoder"} == {k: v for k, v in one.items() if k != "fd_encoder"}
+    assert two["fd_encoder"] == pytest.approx(one["fd_encoder"], rel=1e-6)
+    assert one["fd_encoder"] == _eval_rows(evaluated)[4]["eval/fd_encoder"]
 
 
 def test_evaluation_is_invisible_to_training(evaluated, setting):
