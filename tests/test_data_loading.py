@@ -107,6 +107,8 @@ def test_hidden_images_are_counted_and_warned_about_once(tmp_path):
     hidden = [w for w in caught if "hidden by the background" in str(w.message)]
     assert len(hidden) == 1 and "a.png" in str(hidden[0].message) and "fae data preview" in str(hidden[0].message)
     assert [Path(n).name for n in TALLY.hidden] == ["a.png", "b.png"]
+    ds[(0, 1)], ds[1]                     # a later epoch: each image is counted (and tested) once per process
+    assert TALLY.images == 2 and len(TALLY.hidden) == 2 and TALLY.with_alpha == 2
     on_white = ImageFolderDataset(tmp_path, 8)
     TALLY.reset()
     on_white[0]

@@ -59,12 +59,10 @@ class DataConfig:
             raise ValueError(f"data.fit must be resize or pad, not {self.fit!r}")
         if self.kind == "fashion_mnist" and self.fit == "pad" and self.image_size < 28:
             raise ValueError(f"data.fit=pad needs image_size >= 28, not {self.image_size}")
-        if self.resize not in RESIZE_MODES:
-            raise ValueError(f"data.resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}")
         if self.kind == "fashion_mnist" and self.resize != "center_crop":
             raise ValueError(f"data.resize={self.resize} applies to image folders and caption data; Fashion-MNIST "
                              "is brought to image_size by data.fit (resize or pad)")
-        self.options()  # background, crop_scale and huge_pixels
+        self.options()  # resize, background, crop_scale and huge_pixels (LoadOptions checks them)
 
     def options(self) -> LoadOptions:
         """How this config turns an image file into pixels (fae.data.pixels)."""

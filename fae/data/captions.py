@@ -31,10 +31,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fae.data.images import IMAGE_EXTENSIONS, DecodedImages, to_tensor
+from fae.data.images import IMAGE_EXTENSIONS, DecodedImages
 from fae.data.keys import check_index, flip_coin, split_key
 from fae.data.pixels import LoadOptions
-from fae.data.tally import TALLY, LoadTally
+from fae.data.tally import LoadTally
 
 CaptionFormat = Literal["folder", "manifest", "webdataset"]
 _CAPTION_KEYS = ("caption", "text", "txt")
@@ -74,11 +74,8 @@ class CaptionDataset(DecodedImages, Dataset):
                                                                          "empty captions)" if skipped else ""))
         self.pairs, self.image_size, self.name, self.hflip = pairs, image_size, name, hflip
         self.labels = labels or [0] * len(pairs)
-        self.options = options or LoadOptions()
-        self.tally = TALLY if tally is None else tally
+        self._init_decoding(options, tally)
         self.skipped_captions, self.skipped_caption_files = len(skipped), skipped
-        self.skipped = 0  # unreadable images met by this process
-        self._bad: set[int] = set()
         self.class_names: list[str] | None = None
         self._shard: tuple[str, dict[str, bytes]] | None = None
         if skipped:
@@ -121,17 +118,10 @@ class CaptionDataset(DecodedImages, Dataset):
     def __getitem__(self, key: Any) -> dict[str, Any] | None:
         index, generator = split_key(key)
         index = check_index(index, len(self), self.name)
-        source, caption = self.pairs[index]
+        caption = self.pairs[index][1]
         flip = flip_coin(generator)  # always the generator's first draw; a random crop's draws follow it
-        try:
-            image = to_tensor(self.load(index, generator))
-        except Exception as exc:  # PIL raises many types for bad files; none may stop a run
-            if index not in self._bad:
-                self._bad.add(index)
-                self.skipped += 1
-                self.tally.record_dropped(self._name(index))
-                warnings.warn(f"skipping unreadable image {source} ({type(exc).__name__}: {exc}); it is dropped "
-                              "from the data set", RuntimeWarning, stacklevel=2)
+        image = self.read(index, generator)
+        if image is None:
             return None
         if self.hflip and flip:
             image = image.flip(-1)

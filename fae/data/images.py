@@ -75,11 +75,19 @@ def check_prepared(root: Path, image_size: int, options: LoadOptions) -> list[st
 
 class DecodedImages:
     """Shared by the image data sets: decode an item's file (`_open`, `_name`) into the model's pixels by
-    `self.options` at `self.image_size`, recording what it met in `self.tally`."""
+    `self.options` at `self.image_size`, recording what it met in `self.tally` (each item once per process: a later
+    epoch neither counts it again nor repeats the hidden-content test), and dropping unreadable files."""
 
     image_size: int
     options: LoadOptions
     tally: LoadTally
+
+    def _init_decoding(self, options: LoadOptions | None, tally: LoadTally | None) -> None:
+        self.options = options or LoadOptions()
+        self.tally = TALLY if tally is None else tally
+        self.skipped = 0  # unreadable files met by this process (DataLoader workers count their own)
+        self._bad: set[int] = set()
+        self._recorded: set[int] = set()
 
     def _open(self, index: int) -> Image.Image:
         raise NotImplementedError
@@ -87,16 +95,35 @@ class DecodedImages:
     def _name(self, index: int) -> str:
         raise NotImplementedError
 
-    def decode(self, index: int, generator: torch.Generator | None = None) -> tuple[np.ndarray, LoadInfo]:
-        """Item `index` as uint8 HWC pixels, with what decoding met (not recorded; raises on a corrupt file)."""
-        rgb, info = decode_image(lambda: self._open(index), self._name(index), self.options)
+    def decode(self, index: int, generator: torch.Generator | None = None,
+               assess: bool = True) -> tuple[np.ndarray, LoadInfo]:
+        """Item `index` as uint8 HWC pixels, with what decoding met (not recorded; raises on a corrupt file);
+        `assess=False` skips the hidden-content and transparency tests (fae.data.pixels.decode_image)."""
+        rgb, info = decode_image(lambda: self._open(index), self._name(index), self.options, assess)
         return fit_image(rgb, self.image_size, self.options, generator), info
 
     def load(self, index: int, generator: torch.Generator | None = None) -> np.ndarray:
-        """Item `index` as uint8 HWC pixels, recorded in the tally (raises on a corrupt file)."""
-        arr, info = self.decode(index, generator)
-        self.tally.record(info)
+        """Item `index` as uint8 HWC pixels, recorded in the tally the first time (raises on a corrupt file)."""
+        first = index not in self._recorded
+        arr, info = self.decode(index, generator, assess=first)
+        if first:
+            self._recorded.add(index)
+            self.tally.record(info)
         return arr
+
+    def read(self, index: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """Item `index` as a float (3,H,W) tensor, or None for an unreadable file: warned about once by name,
+        counted (`skipped`, the tally), dropped by the loaders (fae.data.readable), never replaced by a neighbour."""
+        try:
+            return to_tensor(self.load(index, generator))
+        except Exception as exc:  # PIL raises many types for bad files; none may stop a run
+            if index not in self._bad:
+                self._bad.add(index)
+                self.skipped += 1
+                self.tally.record_dropped(self._name(index))
+                warnings.warn(f"skipping unreadable image {self._name(index)} ({type(exc).__name__}: {exc}); it is "
+                              "dropped from the data set", RuntimeWarning, stacklevel=3)
+            return None
 
 
 class ImageFolderDataset(DecodedImages, Dataset):
@@ -113,8 +140,7 @@ class ImageFolderDataset(DecodedImages, Dataset):
             raise ValueError(f"image_size must be positive, not {image_size}")
         self.image_size = image_size
         self.hflip = hflip
-        self.options = options or LoadOptions()
-        self.tally = TALLY if tally is None else tally
+        self._init_decoding(options, tally)
         pinned = check_prepared(self.root, image_size, self.options)
         exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
         class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -143,8 +169,6 @@ class ImageFolderDataset(DecodedImages, Dataset):
             samples = [samples[i * len(samples) // limit] for i in range(limit)]
         self.samples = samples
         self.class_names = names
-        self.skipped = 0  # corrupt files met by this process (DataLoader workers count their own)
-        self._bad: set[int] = set()
 
     @property
     def num_classes(self) -> int:
@@ -169,17 +193,9 @@ class ImageFolderDataset(DecodedImages, Dataset):
         index, generator = split_key(key)
         index = check_index(index, len(self), "ImageFolderDataset")
         flip = flip_coin(generator)  # always the generator's first draw; a random crop's draws follow it
-        try:
-            arr = self.load(index, generator)
-        except Exception as exc:  # PIL raises many types for bad files; none may stop training
-            if index not in self._bad:
-                self._bad.add(index)
-                self.skipped += 1
-                self.tally.record_dropped(self._name(index))
-                warnings.warn(f"skipping unreadable image {self.samples[index][0]} ({type(exc).__name__}: {exc}); "
-                              "it is dropped from the data set", RuntimeWarning, stacklevel=2)
+        image = self.read(index, generator)
+        if image is None:
             return None  # dropped by fae.data.readable.collate_present, never replaced by a neighbour
-        image = to_tensor(arr)
         if self.hflip and flip:
             image = image.flip(-1)
         return {"image": image, "label": torch.tensor(self.samples[index][1], dtype=torch.int64)}

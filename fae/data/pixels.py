@@ -140,16 +140,18 @@ def fully_transparent(rgba: Image.Image) -> bool:
     return most_opaque < VISIBLE_ALPHA
 
 
-def to_rgb(img: Image.Image, background: RGB) -> tuple[Image.Image, bool, bool, bool]:
+def to_rgb(img: Image.Image, background: RGB, assess: bool = True) -> tuple[Image.Image, bool, bool, bool]:
     """`img` as RGB with any alpha composited over `background`; also (has_alpha, hidden_by_background,
-    fully_transparent).
+    fully_transparent), the last two False without `assess` (the hidden-content test costs about a third of a
+    small PNG's decode: a data set runs it once per image, not at every epoch).
 
     P (and L/RGB) images with a transparency entry go to RGBA first: that honours the transparency and avoids
     Pillow's "Palette images with Transparency expressed in bytes" warning. Other modes convert as before."""
     if not _has_alpha(img):
         return (img if img.mode == "RGB" else img.convert("RGB")), False, False, False
     rgba = img if img.mode == "RGBA" else img.convert("RGBA")
-    hidden, empty = hidden_by_background(rgba, background), fully_transparent(rgba)
+    hidden = assess and hidden_by_background(rgba, background)
+    empty = assess and fully_transparent(rgba)
     canvas = Image.new("RGBA", rgba.size, (*background, 255))
     return Image.alpha_composite(canvas, rgba).convert("RGB"), True, hidden, empty
 
@@ -238,17 +240,18 @@ def prepared_image(image: Image.Image, image_size: int, options: LoadOptions) ->
     return adm_resize(image, (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
 
 
-def decode_image(open_image: Callable[[], Image.Image], name: str,
-                 options: LoadOptions) -> tuple[Image.Image, LoadInfo]:
-    """Open, decode and composite one image (RGB), with what it met. Warnings the imaging library raises meanwhile
-    (DecompressionBombWarning, ...) are caught into `LoadInfo.warnings`, for the tally to report once."""
+def decode_image(open_image: Callable[[], Image.Image], name: str, options: LoadOptions,
+                 assess: bool = True) -> tuple[Image.Image, LoadInfo]:
+    """Open, decode and composite one image (RGB), with what it met (`assess`: also whether its content is hidden
+    or fully transparent). Warnings the imaging library raises meanwhile (DecompressionBombWarning, ...) are caught
+    into `LoadInfo.warnings`, for the tally to report once."""
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with open_image() as img:
             img.load()
             mode, size = img.mode, img.size
-            rgb, has_alpha, hidden, empty = to_rgb(img, options.background)
+            rgb, has_alpha, hidden, empty = to_rgb(img, options.background, assess)
     info = LoadInfo(name=name, mode=mode, size=size, has_alpha=has_alpha, hidden=hidden, empty=empty,
                     huge=size[0] * size[1] > options.huge_pixels, seconds=time.perf_counter() - start)
     for w in caught:

@@ -1,6 +1,7 @@
 """What loading images met, counted per process, warned about once.
 
-Every image data set records each decoded file's `LoadInfo` (fae.data.pixels) in the process-wide `TALLY`:
+Every image data set records each decoded file's `LoadInfo` (fae.data.pixels) in the process-wide `TALLY`, once per
+file (fae.data.images.DecodedImages.load):
 converted modes, images with alpha, images whose content the background hides, huge images (with the decode
 seconds of the slowest), warnings the imaging library raised while opening them, and dropped unreadable files.
 A condition worth acting on (hidden content, huge images, library warnings) is warned about ONCE per process and
