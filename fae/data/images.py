@@ -95,11 +95,15 @@ class DecodedImages:
     def _name(self, index: int) -> str:
         raise NotImplementedError
 
+    def decode_file(self, index: int, assess: bool = True) -> tuple[Image.Image, LoadInfo]:
+        """Item `index`'s file as an RGB image over the background, before any resize, with what decoding met (not
+        recorded; raises on a corrupt file); `assess=False` skips the hidden-content and transparency tests."""
+        return decode_image(lambda: self._open(index), self._name(index), self.options, assess)
+
     def decode(self, index: int, generator: torch.Generator | None = None,
                assess: bool = True) -> tuple[np.ndarray, LoadInfo]:
-        """Item `index` as uint8 HWC pixels, with what decoding met (not recorded; raises on a corrupt file);
-        `assess=False` skips the hidden-content and transparency tests (fae.data.pixels.decode_image)."""
-        rgb, info = decode_image(lambda: self._open(index), self._name(index), self.options, assess)
+        """Item `index` as uint8 HWC pixels at image_size (`decode_file`, then the resize mode)."""
+        rgb, info = self.decode_file(index, assess)
         return fit_image(rgb, self.image_size, self.options, generator), info
 
     def load(self, index: int, generator: torch.Generator | None = None) -> np.ndarray:

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from fae.config import ConfigError
 from fae.data import DataConfig, image_folder_split
 from fae.data.images import PREPARED_FILE, ImageFolderDataset, prepared_settings
-from fae.data.pixels import decode_image, prepared_image
+from fae.data.pixels import prepared_image
 from fae.data.preview import run_items
 from fae.data.tally import LoadTally
 from fae.io import atomic_write, atomic_write_text
@@ -60,7 +60,7 @@ class PrepareJob:
         target = self.folder / self.names[index]
         if target.is_file():
             return {"written": False, "info": None}
-        rgb, info = decode_image(lambda: dataset._open(index), dataset._name(index), dataset.options)
+        rgb, info = dataset.decode_file(index)
         image = prepared_image(rgb, dataset.image_size, dataset.options)
         atomic_write(target, lambda p: image.save(p, format="PNG"))
         return {"written": True, "info": info}
