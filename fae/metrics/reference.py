@@ -22,7 +22,7 @@ import torch
 
 from fae import distributed as D
 from fae.config import ConfigError
-from fae.io import atomic_save_npz
+from fae.io import atomic_save_npz, reference_differences
 from fae.metrics.features import ImageSource, extract_features, meta_array, open_images, read_npz_meta
 from fae.metrics.frechet import GaussianStats, compute_stats
 
@@ -68,11 +68,12 @@ def _stats_compatible(meta: dict[str, Any] | None, network: Any) -> bool:
         return True
     if info["weights_hash"] is None:
         return False
-    # a frozen encoder's name holds the folder it was loaded from: the same weights from another folder (a bundle's
-    # copy of it, a moved checkout) with the same pooling and preprocessing make the same features
+    # a frozen encoder's name holds the folder it was loaded from: the same encoder from another folder (a bundle's
+    # copy of it, a moved checkout) with the same pooling makes the same features; "the same encoder" is the rule
+    # every bundle and cache check uses (fae.io.reference_differences: by weights hash where both record it)
     mine, theirs = info.get("encoder"), made_by.get("encoder")
     return (isinstance(mine, dict) and isinstance(theirs, dict) and made_by.get("pooling") == info.get("pooling")
-            and all(mine.get(k) == theirs.get(k) for k in ("kind", "input_size", "affine_norm")))
+            and not reference_differences(mine, theirs))
 
 
 def _from_images(name: str, source: Any, network: Any, batch_size: int, cache_dir: str | Path | None,
