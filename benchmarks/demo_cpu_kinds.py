@@ -1,13 +1,15 @@
 """`fae demo` (and the test suite) on both kinds of CPU: native bf16 and AVX2-only, emulated on one machine with
-ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 (MKL ignores the first two). Prints a
-markdown table: each demo step's seconds for each CPU capability x precision, and the demo's metrics.
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 (benchmarks/cpu_kinds.py: one variable
+per library, each checked). Prints a markdown table: each demo step's seconds for each CPU capability x precision,
+and the demo's metrics.
 
     .venv/bin/python benchmarks/demo_cpu_kinds.py --out /tmp/kinds                  # every kind, full demo
     .venv/bin/python benchmarks/demo_cpu_kinds.py --out /tmp/kinds --quick --tests  # quick demo + pytest timing
     .venv/bin/python benchmarks/demo_cpu_kinds.py --collect /tmp/kinds/*            # table of finished runs
 
-Each run gets a fresh output folder and a fresh FAE_CACHE, so nothing is reused between kinds. First it checks that
-the emulation took effect (a timed bf16 vs fp32 matmul in each environment).
+Each run gets a fresh output folder and a fresh FAE_CACHE, so nothing is reused between kinds (kernel verdicts
+included). First it checks that each of the three variables took effect (cpu_kinds.problems): ATen's capability,
+oneDNN's bf16 matmul slower than fp32, MKL's fp32 mm rate below the native one.
 """
 from __future__ import annotations
 
@@ -19,16 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+from cpu_kinds import AVX2, probe, problems  # benchmarks/ is on sys.path when this script runs
+
 # name -> (extra environment, fae demo --precision)
 KINDS = {
     "native-auto": ({}, "auto"),
     "native-fp32": ({}, "fp32"),
     "avx2-auto": (AVX2, "auto"),
 }
-PROBE = ("import json, torch; from fae.precision import cpu_matmul_timing, resolve_precision; t = cpu_matmul_timing(); "
-         "print(json.dumps({'capability': torch.backends.cpu.get_cpu_capability(), 'fp32_ms': t.fp32_ms, "
-         "'bf16_ms': t.bf16_ms, 'auto': resolve_precision('auto').name}))")
 
 
 def environment(extra: dict[str, str]) -> dict[str, str]:
@@ -37,10 +37,13 @@ def environment(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def matmul_check(extra: dict[str, str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE], env=environment(extra), capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def matmul_check(extra: dict[str, str], native: dict) -> dict:
+    """The kind's probe; an emulation that did not take stops the benchmark before any demo runs."""
+    check = probe(extra)
+    found = problems(native, check) if extra else []
+    if found:
+        raise SystemExit(f"{extra}: " + "; ".join(found))
+    return check
 
 
 def run_demo(folder: Path, extra: dict[str, str], precision: str, quick: bool) -> float:
@@ -118,9 +121,10 @@ def main() -> None:
     if args.out is None:
         parser.error("--out is required unless --collect is given")
     runs = []
+    native = probe({})
     for name in args.kinds:
         extra, precision = KINDS[name]
-        check = matmul_check(extra)
+        check = matmul_check(extra, native)
         print(f"[{name}] {check}", file=sys.stderr, flush=True)
         folder = args.out / name
         record = {"matmul": check, "seconds": run_demo(folder, extra, precision, args.quick)}

@@ -29,14 +29,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import cpu_kinds  # benchmarks/ is on sys.path when this script runs (tests add it)
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fae import kernels
 from fae.models.dit import DiT, dit_config
 from fae.nn import set_attention_backend
 from fae.precision import bf16_native
+from fae.training import OptimConfig, make_adamw
 
 NUM_CLASSES = 1000
 
@@ -73,6 +76,16 @@ def build_diffusers(shape: Shape) -> nn.Module:
                                  sample_size=shape.height, patch_size=shape.patch, num_embeds_ada_norm=NUM_CLASSES)
 
 
+def fae_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """fae's trainer's AdamW (fae.training.make_adamw: the fused kernel)."""
+    return make_adamw(params, OptimConfig(lr=1e-4, weight_decay=0.01), torch.device("cpu") if not params else params[0].device)
+
+
+def stock_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """torch.optim.AdamW with torch's defaults (the foreach kernel), as diffusers' training examples build it."""
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
 def fae_call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return model(x, t, y)
 
@@ -94,7 +107,8 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 class Workload:
     """One model's three measured operations, on fixed inputs."""
 
-    def __init__(self, model: nn.Module, call: Call, shape: Shape, precision: str, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, call: Call, shape: Shape, precision: str, device: torch.device,
+                 optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> None:
         self.model, self.call, self.precision, self.device = model.to(device), call, precision, device
         g = torch.Generator().manual_seed(0)
         b = shape.batch
@@ -104,7 +118,7 @@ class Workload:
         self.y = torch.randint(0, NUM_CLASSES, (b,), generator=g).to(device)
         self.x2, self.t2 = torch.cat([self.x, self.x]), torch.cat([self.t, self.t])
         self.y2 = torch.cat([self.y, torch.full_like(self.y, NUM_CLASSES - 1)])
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.optimizer = optimizer([p for p in self.model.parameters() if p.requires_grad])
 
     def train(self) -> None:
         self.model.train()
@@ -147,7 +161,7 @@ def count_flops(shape: Shape) -> dict[str, float]:
     set_attention_backend("math")
     onednn, fae.nn._ONEDNN_AVAILABLE = fae.nn._ONEDNN_AVAILABLE, False
     try:
-        work = Workload(build_fae(shape), fae_call, shape, "fp32", torch.device("cpu"))
+        work = Workload(build_fae(shape), fae_call, shape, "fp32", torch.device("cpu"), fae_optimizer)
         flops = {}
         for op in OPERATIONS:
             with FlopCounterMode(display=False) as counter:
@@ -185,8 +199,8 @@ def compare(shape: Shape, precision: str, device: torch.device, rounds: int, war
             ops: tuple[str, ...] = OPERATIONS) -> dict[str, dict[str, float]]:
     """Median seconds per operation for each model, rounds interleaved."""
     torch.manual_seed(0)
-    works = {"fae": Workload(build_fae(shape), fae_call, shape, precision, device),
-             "diffusers": Workload(build_diffusers(shape), diffusers_call, shape, precision, device)}
+    works = {"fae": Workload(build_fae(shape), fae_call, shape, precision, device, fae_optimizer),
+             "diffusers": Workload(build_diffusers(shape), diffusers_call, shape, precision, device, stock_optimizer)}
     results: dict[str, dict[str, float]] = {}
     for op in ops:
         for _ in range(warmup):
@@ -238,15 +252,16 @@ def _compare_and_report(args: argparse.Namespace) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     shape = Shape(args.depth, args.width, args.heads, *args.latent, args.patch, args.batch)
+    emulation = cpu_kinds.check_current() if device.type == "cpu" else {}  # all three AVX2 variables, each taken
     native, evidence = bf16_native(device)
     capability = torch.backends.cpu.get_cpu_capability()
     where = (f"CUDA {torch.cuda.get_device_name(device)}" if device.type == "cuda"
-             else f"CPU {capability}, {torch.get_num_threads()} threads")
+             else f"CPU {cpu_kinds.describe()}, {torch.get_num_threads()} threads")
     print(f"{where}; bf16: {evidence}")
     print(f"shape: {shape.describe()}")
     flops = count_flops(shape)
     peak_sizes = (256,) if args.tiny else (512, 1024, 2048)
-    report: dict = {"device": where, "cpu_capability": capability, "bf16_evidence": evidence,
+    report: dict = {"device": where, "cpu_capability": capability, "bf16_evidence": evidence, "emulation": emulation,
                     "shape": shape.__dict__, "flops": flops, "flop_count": "FlopCounterMode on fae, math attention",
                     "results": []}
     rows = []
@@ -265,6 +280,10 @@ def _compare_and_report(args: argparse.Namespace) -> dict:
             row["diffusers_peak_fraction"] = row["diffusers_gflops"] / peak
             rows.append(row)
     report["results"] = rows
+    report["kernels"] = kernels.summary()  # fae's backend verdicts (linear, linear_gelu, attention) and their timings
+    for verdict in kernels.verdicts():
+        if verdict.source != "small":
+            print(f"  kernel {verdict.describe()}")
     print(markdown(rows, where, shape))
     if args.json:
         with open(args.json, "w") as f:

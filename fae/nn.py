@@ -5,7 +5,9 @@ so a convention (RoPE layout, SwiGLU width, attention scaling) is written once.
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fae import kernels
 from fae.precision import bf16_native
 
 AttentionBackend = Literal["auto", "sdpa", "math"]
@@ -20,13 +23,58 @@ _DEFAULT_BACKEND: AttentionBackend = "auto"
 
 
 def set_attention_backend(backend: AttentionBackend) -> None:
-    """Choose the attention kernel globally. 'auto' = SDPA, except matmul-softmax for bf16/fp16 on CPU: with torch
-    2.13 the fused CPU kernel is as fast or faster in fp32 at every size measured, forward and backward, but 2-7x
-    slower in bf16 (docs/benchmarks.md, issue 15). 'math' = always matmul-softmax (FLOP counting, debugging)."""
+    """Choose the attention kernel globally. 'auto' = on a CPU, whichever of SDPA's fused kernel and matmul-softmax
+    this machine measured faster for the call's size, dtype and mode (inference, or forward + backward; fae.kernels),
+    SDPA elsewhere. 'math' = always matmul-softmax (FLOP counting, debugging)."""
     global _DEFAULT_BACKEND
     if backend not in ("auto", "sdpa", "math"):
         raise ValueError(f"attention backend must be auto, sdpa or math, not {backend!r}")
     _DEFAULT_BACKEND = backend
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+_ATTENTION = {"sdpa": lambda q, k, v, mask=None: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+              "math": _math_attention}
+# attention products (batch*heads x queries x keys x head dim) below this are not timed; at most this is timed
+SMALL_ATTENTION, PROBE_ATTENTION = 1 << 20, 1 << 29
+
+
+def _attention_probe(dtype: torch.dtype, backward: bool, rows: int, n: int, nk: int,
+                     dh: int) -> dict[str, Callable[[], object]]:
+    g = torch.Generator().manual_seed(0)
+    b = max(1, min(rows, PROBE_ATTENTION // (n * nk * dh)))
+    # 4-D (1, heads, tokens, head dim), as models call it: SDPA's fused CPU kernel takes only 4-D inputs
+    q, k, v = (torch.randn(1, b, n if i == 0 else nk, dh, generator=g).to(dtype).requires_grad_(backward)
+               for i in range(3))
+
+    def call(kernel: Callable[..., torch.Tensor]) -> None:
+        with torch.autocast("cpu", enabled=False), torch.set_grad_enabled(backward):
+            out = kernel(q, k, v)
+            if backward:
+                torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    return {name: functools.partial(call, kernel) for name, kernel in _ATTENTION.items()}
+
+
+def attention_backend(q: torch.Tensor, k: torch.Tensor) -> str:
+    """sdpa or math for this CPU call (fae.kernels). Too small to time: matmul-softmax in bf16/fp16 (the fused CPU
+    kernel measured 2-7x slower there, issue 15), SDPA in fp32."""
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    dtype = q.dtype
+    if torch.is_autocast_enabled("cpu") and dtype == torch.float32:
+        dtype = torch.get_autocast_dtype("cpu")  # the matmuls run in it (SDPA is not autocast: fp32 stays fp32)
+    n, dh, nk = q.shape[-2], q.shape[-1], k.shape[-2]
+    rows = kernels.size_bucket(q.numel() // (n * dh))
+    key = f"{str(dtype).removeprefix('torch.')} {'train' if backward else 'infer'} {rows}x{n}x{nk}x{dh}"
+    if kernels.forced("attention") is None and rows * n * nk * dh < SMALL_ATTENTION:
+        return kernels.record_small("attention", key, "math" if dtype in (torch.bfloat16, torch.float16) else "sdpa")
+    return kernels.choose("attention", key, lambda: _attention_probe(dtype, backward, rows, n, nk, dh))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: AttentionBackend | None = None,
@@ -34,13 +82,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Attent
     """Scaled dot-product attention over (B, H, N, Dh) tensors. `mask` is boolean (True = attend) or additive."""
     backend = backend or _DEFAULT_BACKEND
     if backend == "auto":
-        backend = "math" if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else "sdpa"
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return scores.softmax(dim=-1).to(v.dtype) @ v
+        backend = attention_backend(q, k) if q.device.type == "cpu" and type(q) is torch.Tensor else "sdpa"
+    return _ATTENTION[backend](q, k, v, mask)
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,40 +91,93 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-class _OneDnnLinear(torch.autograd.Function):
-    """F.linear on 2-D fp32 CPU tensors with every product (forward, grad input, grad weight) done by oneDNN."""
+def _onednn_grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad.T @ x (N, K) by oneDNN, transposing whichever of grad (M, N) and x (M, K) is smaller."""
+    if grad.shape[1] >= x.shape[1]:
+        return _onednn_linear(x.t().contiguous(), grad.t()).t().contiguous()
+    return _onednn_linear(grad.t().contiguous(), x.t())
+
+
+# the three products of a linear, each done by the backend its size class measured faster (fae.kernels)
+_PRODUCTS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
+    "forward": {"onednn": _onednn_linear,
+                "aten": lambda x, w, b: torch.addmm(b, x, w.t()) if b is not None else x @ w.t()},
+    "grad_input": {"onednn": lambda g, w: _onednn_linear(g, w.t()), "aten": lambda g, w: g @ w},
+    "grad_weight": {"onednn": _onednn_grad_weight, "aten": lambda g, x: g.t() @ x},
+}
+
+
+class _ChosenLinear(torch.autograd.Function):
+    """F.linear on 2-D fp32 CPU tensors, each product (forward, grad input, grad weight) by its chosen backend."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                plan: tuple[str, str, str]) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return _onednn_linear(x, weight, bias)
+        ctx.plan = plan
+        return _PRODUCTS["forward"][plan[0]](x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
+        _, input_backend, weight_backend = ctx.plan
         grad = grad.contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn_linear(grad, weight.t())  # grad @ W
-        if ctx.needs_input_grad[1]:  # grad.T @ x; transpose whichever of grad and x is smaller
-            if grad.shape[1] >= x.shape[1]:
-                grad_w = _onednn_linear(x.t().contiguous(), grad.t()).t().contiguous()
-            else:
-                grad_w = _onednn_linear(grad.t().contiguous(), x.t())
+            grad_x = _PRODUCTS["grad_input"][input_backend](grad, weight)
+        if ctx.needs_input_grad[1]:
+            grad_w = _PRODUCTS["grad_weight"][weight_backend](grad, x)
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """oneDNN for plain fp32 CPU linears. ATen's fp32 matmul on CPU is MKL's sgemm, which on AMD CPUs runs its AVX2
-    kernels: oneDNN measured 2.2x faster per matmul on this AVX-512 CPU and 1.1x under AVX2 (docs/benchmarks.md,
-    issue 15). bf16 (autocast) already goes to oneDNN; subclasses (DTensor, fake tensors) and torch.compile (which
-    picks its own kernels) keep F.linear."""
+# products below this many multiply-adds are not timed (a few microseconds: dispatch, not the kernel, decides)
+SMALL_PRODUCT = 1 << 22
+# the size a product is timed at, at most (about 5 ms of one thread): rows are cut to fit
+PROBE_PRODUCT = 1 << 28
+
+
+def _linear_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A plain fp32 CPU linear, where the backend is ours to choose. bf16 (autocast) already goes to oneDNN;
+    subclasses (DTensor, fake tensors) and torch.compile (which picks its own kernels) keep F.linear."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and type(x) is torch.Tensor
             and type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and _ONEDNN_AVAILABLE)
+
+
+def _probe_calls(product: str, rows: int, k: int, n: int, bias: bool) -> dict[str, Callable[[], object]]:
+    """Both backends' calls of one product on random operands of the size class (rows cut to PROBE_PRODUCT)."""
+    g = torch.Generator().manual_seed(0)
+    m = max(16, min(rows, PROBE_PRODUCT // (k * n)))
+    x, w, grad = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(m, n, generator=g)
+    args = {"forward": (x, w, torch.randn(n, generator=g) if bias else None), "grad_input": (grad, w),
+            "grad_weight": (grad, x)}[product]
+    return {name: functools.partial(fn, *args) for name, fn in _PRODUCTS[product].items()}
+
+
+def linear_backend(product: str, rows: int, k: int, n: int, bias: bool = True) -> str:
+    """onednn or aten for one product of an (rows x k) @ (k x n) linear on this machine (fae.kernels)."""
+    bucket = kernels.size_bucket(rows)
+    key = f"{product} {bucket}x{k}x{n}"
+    if kernels.forced("linear") is None and bucket * k * n < SMALL_PRODUCT:
+        return kernels.record_small("linear", key, "aten")
+    return kernels.choose("linear", key, lambda: _probe_calls(product, bucket, k, n, bias))
+
+
+def _linear_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[str, str, str] | None:
+    """The backends of (forward, grad input, grad weight) for this call, or None where stock F.linear does it all
+    (not an fp32 CPU linear, or ATen measured faster for every product the call needs)."""
+    if not _linear_eligible(x, weight):
+        return None
+    n, k = weight.shape
+    rows = x.numel() // k
+    backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    forward = linear_backend("forward", rows, k, n, bias is not None)
+    plan = (forward, linear_backend("grad_input", rows, k, n), linear_backend("grad_weight", rows, k, n)) \
+        if backward else (forward, "aten", "aten")
+    return None if plan == ("aten", "aten", "aten") else plan
 
 
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -89,8 +185,7 @@ _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.m
 
 def _fused_gelu_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype in which oneDNN can run linear + tanh-GELU as one primitive for this call, or None. Inference only
-    (the fused op has no backward); fp32, or bf16 under CPU autocast, where a separate bf16 GELU pass costs more
-    than the matmul before it."""
+    (the fused op has no backward); fp32, or bf16 under CPU autocast where bf16 is native."""
     if torch.is_grad_enabled() or not _ONEDNN_AVAILABLE or torch.compiler.is_compiling():
         return None
     if x.device.type != "cpu" or type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter):
@@ -103,13 +198,32 @@ def _fused_gelu_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | No
     return torch.float32 if x.dtype == torch.float32 == weight.dtype else None
 
 
+def _gelu_probe(dtype: torch.dtype, rows: int, k: int, n: int) -> dict[str, Callable[[], object]]:
+    g = torch.Generator().manual_seed(0)
+    m = max(16, min(rows, PROBE_PRODUCT // (k * n)))
+    x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((m, k), (n, k), (n,)))
+    return {"onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh"),
+            "separate": lambda: F.gelu(F.linear(x, w, b), approximate="tanh")}
+
+
+def fused_gelu_wins(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
+    """Whether oneDNN's one-primitive linear + GELU beats the linear then ATen's GELU here (fae.kernels)."""
+    bucket = kernels.size_bucket(rows)
+    key = f"{str(dtype).removeprefix('torch.')} {bucket}x{k}x{n}"
+    if kernels.forced("linear_gelu") is None and bucket * k * n < SMALL_PRODUCT:
+        return kernels.record_small("linear_gelu", key, "separate") == "onednn"
+    return kernels.choose("linear_gelu", key, lambda: _gelu_probe(dtype, bucket, k, n)) == "onednn"
+
+
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys) whose fp32 CPU products run on oneDNN; see `_use_onednn`."""
+    """nn.Linear (same parameters, same state-dict keys) whose fp32 CPU products each run on the backend this
+    machine measured faster for their size (oneDNN or ATen/MKL; `linear_backend`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _use_onednn(x, self.weight):
+        plan = _linear_plan(x, self.weight, self.bias)
+        if plan is None:
             return F.linear(x, self.weight, self.bias)
-        out = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.bias)
+        out = _ChosenLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.bias, plan)
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -160,7 +274,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _fused_gelu_dtype(x, self.fc1.weight)
-        if dtype is None:
+        if dtype is None or not fused_gelu_wins(dtype, x.numel() // x.shape[-1], *self.fc1.weight.shape[::-1]):
             return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
         bias = None if self.fc1.bias is None else self.fc1.bias.to(dtype)
         hidden = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(dtype).contiguous(),
@@ -291,14 +405,64 @@ def set_activation_checkpointing(module: nn.Module, enabled: bool) -> list[str]:
     return names
 
 
+class _Modulate(torch.autograd.Function):
+    """x * (1 + scale) + shift over (B, N, D) with (B, D) shift and scale. One pass forward (addcmul); backward
+    computes what it needs and no more: autograd's addcmul backward also multiplies x by the scalar `value` (1), a
+    full extra pass over x per call (issue 26)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        factor = 1 + scale.unsqueeze(1)
+        ctx.save_for_backward(x, factor)
+        ctx.dtypes = x.dtype, shift.dtype, scale.dtype  # mixed under autocast: each gradient in its input's dtype
+        return torch.addcmul(shift.unsqueeze(1), x, factor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, factor = ctx.saved_tensors
+        x_dtype, shift_dtype, scale_dtype = ctx.dtypes
+        grad_x = (grad * factor).to(x_dtype) if ctx.needs_input_grad[0] else None
+        grad_shift = grad.sum(1).to(shift_dtype) if ctx.needs_input_grad[1] else None
+        grad_scale = (grad * x).sum(1).to(scale_dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_shift, grad_scale
+
+
+class _GatedResidual(torch.autograd.Function):
+    """x + gate * update, gate (B, D) broadcast over tokens; backward without addcmul's extra pass (see _Modulate)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, update)
+        ctx.dtypes = x.dtype, gate.dtype, update.dtype
+        return torch.addcmul(x, gate.unsqueeze(1), update)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        gate, update = ctx.saved_tensors
+        x_dtype, gate_dtype, update_dtype = ctx.dtypes
+        grad_x = grad.to(x_dtype) if ctx.needs_input_grad[0] else None
+        grad_gate = (grad * update).sum(1).to(gate_dtype) if ctx.needs_input_grad[1] else None
+        grad_update = (grad * gate.unsqueeze(1)).to(update_dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_gate, grad_update
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """Eager tensors on which a custom autograd Function is safe and worth it (no DTensor, no compiling)."""
+    return all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors) and not torch.compiler.is_compiling()
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation x * (1 + scale) + shift; shift/scale are (B, D) and broadcast over tokens. One fused pass
     over x (addcmul) instead of a multiply and an add."""
+    if torch.is_grad_enabled() and _plain(x, shift, scale):
+        return _Modulate.apply(x, shift, scale)
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """adaLN-Zero residual x + gate * update; gate is (B, D) and broadcasts over tokens. One fused pass (addcmul)."""
+    if torch.is_grad_enabled() and _plain(x, gate, update):
+        return _GatedResidual.apply(x, gate, update)
     return torch.addcmul(x, gate.unsqueeze(1), update)
 
 

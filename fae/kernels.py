@@ -1,0 +1,189 @@
+"""Kernels chosen by measuring this machine, never by assuming it.
+
+Where two kernels compute the same thing and which one is faster depends on the CPU (vendor, ISA, library build),
+fae times both the first time it meets a size class and uses the faster:
+
+    linear       an fp32 CPU matrix product of a Linear, each of forward, grad input and grad weight on its own:
+                 oneDNN or ATen (MKL's sgemm). MKL runs its AVX2 kernels on AMD CPUs, AVX-512 ones on Intel, so
+                 oneDNN wins on one vendor and loses on the other (docs/benchmarks.md, issue 26).
+    linear_gelu  inference linear + tanh-GELU: one oneDNN primitive, or the linear then ATen's GELU.
+    attention    CPU softmax attention: the fused SDPA kernel or matmul-softmax, per dtype and with/without backward.
+
+Timing follows fae.precision's bf16 probe: one thread, the thread's CPU time, the best of a few interleaved runs,
+so a busy machine cannot tip a verdict. Verdicts are kept per process and on disk per machine
+(`<fae.io.cache_root()>/kernels/<fingerprint>.json`, written under a file lock), so the processes of one machine
+(the ranks of a run, the two halves of an exactness test, a resumed run) compute with the same kernels. The
+fingerprint holds the CPU model, torch's version and every variable that caps an ISA, so an emulated AVX2 run
+never reads a native verdict. Products too small to time reliably use ATen (stock PyTorch).
+
+Overrides (benchmarks, comparisons): FAE_LINEAR_BACKEND=onednn|aten|auto (linear and linear_gelu: `aten` is stock
+PyTorch), FAE_ATTENTION_BACKEND=sdpa|math|auto, FAE_KERNEL_CACHE=0 (measure in every process, keep nothing).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fae.io import cache_root
+
+# variables that change which kernels a process may run (fingerprint of the on-disk verdicts)
+_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                  "MKL_DEBUG_CPU_TYPE", "MKL_CBWR")
+OVERRIDES = {"linear": "FAE_LINEAR_BACKEND", "linear_gelu": "FAE_LINEAR_BACKEND", "attention": "FAE_ATTENTION_BACKEND"}
+# what each override value means for each kind (`aten` = stock PyTorch)
+_FORCED = {"linear": {"onednn": "onednn", "aten": "aten"}, "linear_gelu": {"onednn": "onednn", "aten": "separate"},
+           "attention": {"sdpa": "sdpa", "math": "math"}}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The kernel chosen for one size class, and why: `source` is measured (here), cached (an earlier process on
+    this machine measured it), forced (an environment override) or small (too small to time: stock ATen)."""
+
+    kind: str
+    key: str
+    choice: str
+    source: str
+    ms: dict[str, float]
+
+    def describe(self) -> str:
+        times = ", ".join(f"{name} {ms:.3f} ms" for name, ms in self.ms.items())
+        return f"{self.kind} {self.key}: {self.choice} ({self.source}{'; ' + times if times else ''})"
+
+
+_verdicts: dict[tuple[str, str], Verdict] = {}
+
+
+def measure(candidates: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, float]:
+    """Best-of-`repeats` milliseconds of each candidate: one thread, the thread's CPU time, interleaved, after one
+    warm-up call each (first calls pick and JIT kernels). Tests replace this function to fake a machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for run in candidates.values():
+            run()
+        best = dict.fromkeys(candidates, math.inf)
+        for _ in range(repeats):
+            for name, run in candidates.items():
+                start = time.thread_time()
+                run()
+                best[name] = min(best[name], time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: seconds * 1e3 for name, seconds in best.items()}
+
+
+def forced(kind: str) -> str | None:
+    """The kernel an environment variable forces for `kind`, or None for `auto`; a bad value is an error."""
+    variable = OVERRIDES[kind]
+    value = os.environ.get(variable, "auto") or "auto"
+    if value == "auto":
+        return None
+    if value not in _FORCED[kind]:
+        raise ValueError(f"{variable} must be one of auto, {', '.join(_FORCED[kind])}; not {value!r}")
+    return _FORCED[kind][value]
+
+
+def choose(kind: str, key: str, candidates: Callable[[], dict[str, Callable[[], object]]]) -> str:
+    """The kernel for (`kind`, `key`): forced, known to this process, known to this machine, or measured now.
+    `candidates` builds the timed calls (name -> call) only when a measurement is needed."""
+    override = forced(kind)
+    if override is not None:
+        return override
+    known = _verdicts.get((kind, key))
+    if known is not None:
+        return known.choice
+    with _machine_verdicts() as on_disk:
+        stored = on_disk.get(f"{kind} {key}")
+        if stored is not None:
+            verdict = Verdict(kind, key, stored["choice"], "cached", stored["ms"])
+        else:
+            ms = measure(candidates())
+            verdict = Verdict(kind, key, min(ms, key=ms.__getitem__), "measured", ms)
+            on_disk[f"{kind} {key}"] = {"choice": verdict.choice, "ms": verdict.ms}
+    _verdicts[(kind, key)] = verdict
+    return verdict.choice
+
+
+def record_small(kind: str, key: str, choice: str) -> str:
+    """Note (once) that a size class was too small to time and uses `choice`; returns it."""
+    _verdicts.setdefault((kind, key), Verdict(kind, key, choice, "small", {}))
+    return choice
+
+
+def verdicts() -> list[Verdict]:
+    return list(_verdicts.values())
+
+
+def summary() -> dict[str, object]:
+    """What run.json and benchmark reports record: the overrides in force and every verdict with its timings."""
+    return {"overrides": {variable: os.environ.get(variable, "auto") for variable in sorted(set(OVERRIDES.values()))},
+            "fingerprint": fingerprint(), "verdicts": [asdict(v) for v in _verdicts.values()]}
+
+
+def reset() -> None:
+    """Forget this process's verdicts (tests); the machine's file stays."""
+    _verdicts.clear()
+
+
+def size_bucket(rows: int) -> int:
+    """Rows (tokens x batch) rounded up to a power of two: one verdict per bucket, not per batch size."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+@functools.cache
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def fingerprint() -> str:
+    """What the on-disk verdicts of this process hold for: CPU, torch, oneDNN, the ISA caps in force."""
+    parts = [_cpu_model(), torch.__version__, torch.backends.cpu.get_cpu_capability(),
+             str(torch.backends.mkldnn.is_available()),
+             *(f"{v}={os.environ.get(v, '')}" for v in _ISA_VARIABLES)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _machine_verdicts() -> Iterator[dict[str, dict]]:
+    """The machine's verdicts, locked for the time of the block and written back (atomically) if it changed them;
+    with FAE_KERNEL_CACHE=0, or where the cache folder cannot be written, a dict of this process only."""
+    if os.environ.get("FAE_KERNEL_CACHE", "1") == "0":
+        yield {}
+        return
+    folder = cache_root() / "kernels"
+    path = folder / f"{fingerprint()}.json"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / f"{fingerprint()}.lock", "w")  # noqa: SIM115  # closed by the `with` below
+    except OSError:
+        yield {}
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process measuring the same class: wait, then read its verdict
+        try:
+            table = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            table = {}  # a damaged file is measured again, not trusted
+        before = dict(table)
+        yield table
+        if table != before:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+            os.replace(tmp, path)
