@@ -26,7 +26,7 @@ import functools
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import cpu_kinds  # benchmarks/ is on sys.path when this script runs (tests add it)
@@ -195,21 +195,52 @@ def matmul_peak(precision: str, device: torch.device, sizes: tuple[int, ...], re
     return best
 
 
+# fae with one of its differences from stock PyTorch taken out (--ablate): what each is worth, measured in the same
+# interleaved rounds. Each entry patches fae.nn while that variant runs.
+ABLATIONS: dict[str, dict[str, object]] = {
+    "foreach AdamW": {},  # the optimizer, not a patch: see Workload construction below
+    "ATen tanh-GELU": {"gelu_tanh": lambda h: F.gelu(h, approximate="tanh")},
+    "autograd addcmul": {"_plain": lambda *tensors: False},
+    "oneDNN linears": {"linear_backend": lambda *args, **kwargs: "onednn"},
+    "no fused linear+GELU": {"fused_gelu_wins": lambda *args: False},
+}
+
+
+@contextlib.contextmanager
+def patched(name: str) -> Iterator[None]:
+    import fae.nn
+
+    saved = {attr: getattr(fae.nn, attr) for attr in ABLATIONS.get(name, {})}
+    for attr, value in ABLATIONS.get(name, {}).items():
+        setattr(fae.nn, attr, value)
+    try:
+        yield
+    finally:
+        for attr, value in saved.items():
+            setattr(fae.nn, attr, value)
+
+
 def compare(shape: Shape, precision: str, device: torch.device, rounds: int, warmup: int,
-            ops: tuple[str, ...] = OPERATIONS) -> dict[str, dict[str, float]]:
-    """Median seconds per operation for each model, rounds interleaved."""
+            ops: tuple[str, ...] = OPERATIONS, ablate: bool = False) -> dict[str, dict[str, float]]:
+    """Median seconds per operation for each model (and, with `ablate`, each fae variant), rounds interleaved."""
     torch.manual_seed(0)
     works = {"fae": Workload(build_fae(shape), fae_call, shape, precision, device, fae_optimizer),
              "diffusers": Workload(build_diffusers(shape), diffusers_call, shape, precision, device, stock_optimizer)}
+    if ablate:
+        for name in ABLATIONS:
+            optimizer = stock_optimizer if name == "foreach AdamW" else fae_optimizer
+            works[f"fae - {name}"] = Workload(build_fae(shape), fae_call, shape, precision, device, optimizer)
     results: dict[str, dict[str, float]] = {}
     for op in ops:
         for _ in range(warmup):
-            for work in works.values():
-                run_op(work, op)
+            for name, work in works.items():
+                with patched(name.removeprefix("fae - ")):
+                    run_op(work, op)
         times: dict[str, list[float]] = {name: [] for name in works}
         for _ in range(rounds):
             for name, work in works.items():
-                times[name].append(run_op(work, op))
+                with patched(name.removeprefix("fae - ")):
+                    times[name].append(run_op(work, op))
         results[op] = {name: statistics.median(ts) for name, ts in times.items()}
     return results
 
@@ -228,6 +259,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                     help="bf16 runs only where the device runs it natively")
     ap.add_argument("--ops", nargs="+", default=list(OPERATIONS), choices=OPERATIONS)
+    ap.add_argument("--ablate", action="store_true",
+                    help="also time fae with each of its differences from stock PyTorch taken out (ABLATIONS)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long run for tests: depth 1, width 32, 4x4x4")
@@ -270,7 +303,7 @@ def _compare_and_report(args: argparse.Namespace) -> dict:
             print("bf16 skipped: not native on this device")
             continue
         peak = matmul_peak(precision, device, peak_sizes)
-        times = compare(shape, precision, device, args.rounds, args.warmup, tuple(args.ops))
+        times = compare(shape, precision, device, args.rounds, args.warmup, tuple(args.ops), args.ablate)
         for op, by_model in times.items():
             ours, theirs = by_model["fae"], by_model["diffusers"]
             row = {"precision": precision, "op": op, "fae_s": ours, "diffusers_s": theirs,
@@ -278,6 +311,9 @@ def _compare_and_report(args: argparse.Namespace) -> dict:
                    "diffusers_gflops": flops[op] / theirs / 1e9, "peak_gflops": peak}
             row["fae_peak_fraction"] = row["fae_gflops"] / peak
             row["diffusers_peak_fraction"] = row["diffusers_gflops"] / peak
+            # each ablation: how much slower fae is without that difference (+ = it helps)
+            row["ablations"] = {name.removeprefix("fae - "): seconds / ours - 1
+                                for name, seconds in by_model.items() if name.startswith("fae - ")}
             rows.append(row)
     report["results"] = rows
     report["kernels"] = kernels.summary()  # fae's backend verdicts (linear, linear_gelu, attention) and their timings
@@ -285,10 +321,22 @@ def _compare_and_report(args: argparse.Namespace) -> dict:
         if verdict.source != "small":
             print(f"  kernel {verdict.describe()}")
     print(markdown(rows, where, shape))
+    if args.ablate:
+        print(ablation_markdown(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+def ablation_markdown(rows: list[dict]) -> str:
+    names = list(ABLATIONS)
+    lines = ["", "fae with one difference taken out: time against fae's (+ = that difference makes fae faster)", "",
+             "| precision | operation | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for r in rows:
+        lines.append(f"| {r['precision']} | {r['op']} | "
+                     + " | ".join(f"{100 * r['ablations'][n]:+.1f}%" for n in names) + " |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict], where: str, shape: Shape) -> str:

@@ -7,6 +7,7 @@ fae times both the first time it meets a size class and uses the faster:
                  oneDNN or ATen (MKL's sgemm). MKL runs its AVX2 kernels on AMD CPUs, AVX-512 ones on Intel, so
                  oneDNN wins on one vendor and loses on the other (docs/benchmarks.md, issue 26).
     linear_gelu  inference linear + tanh-GELU: one oneDNN primitive, or the linear then ATen's GELU.
+    gelu         fp32 tanh-GELU: ATen's kernel or four elementwise passes (its vectorised tanh is slow under AVX2).
     attention    CPU softmax attention: the fused SDPA kernel or matmul-softmax, per dtype and with/without backward.
 
 Timing follows fae.precision's bf16 probe: one thread, the thread's CPU time, the best of a few interleaved runs,
@@ -16,8 +17,8 @@ so a busy machine cannot tip a verdict. Verdicts are kept per process and on dis
 fingerprint holds the CPU model, torch's version and every variable that caps an ISA, so an emulated AVX2 run
 never reads a native verdict. Products too small to time reliably use ATen (stock PyTorch).
 
-Overrides (benchmarks, comparisons): FAE_LINEAR_BACKEND=onednn|aten|auto (linear and linear_gelu: `aten` is stock
-PyTorch), FAE_ATTENTION_BACKEND=sdpa|math|auto, FAE_KERNEL_CACHE=0 (measure in every process, keep nothing).
+Overrides (benchmarks, comparisons): FAE_LINEAR_BACKEND=onednn|aten|auto (linear, linear_gelu and gelu: `aten` is
+stock PyTorch, `onednn` fae's own kernels everywhere), FAE_ATTENTION_BACKEND=sdpa|math|auto, FAE_KERNEL_CACHE=0 (measure in every process, keep nothing).
 """
 from __future__ import annotations
 
@@ -41,9 +42,11 @@ from fae.io import cache_root
 # variables that change which kernels a process may run (fingerprint of the on-disk verdicts)
 _ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
                   "MKL_DEBUG_CPU_TYPE", "MKL_CBWR")
-OVERRIDES = {"linear": "FAE_LINEAR_BACKEND", "linear_gelu": "FAE_LINEAR_BACKEND", "attention": "FAE_ATTENTION_BACKEND"}
+OVERRIDES = {"linear": "FAE_LINEAR_BACKEND", "linear_gelu": "FAE_LINEAR_BACKEND", "gelu": "FAE_LINEAR_BACKEND",
+             "attention": "FAE_ATTENTION_BACKEND"}
 # what each override value means for each kind (`aten` = stock PyTorch)
 _FORCED = {"linear": {"onednn": "onednn", "aten": "aten"}, "linear_gelu": {"onednn": "onednn", "aten": "separate"},
+           "gelu": {"onednn": "composed", "aten": "aten"},
            "attention": {"sdpa": "sdpa", "math": "math"}}
 
 

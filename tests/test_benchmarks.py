@@ -51,7 +51,7 @@ def test_vs_diffusers_reports_ratio_and_flops(tmp_path: Path, capsys: pytest.Cap
     import vs_diffusers
 
     out = tmp_path / "vs.json"
-    report = vs_diffusers.main(["--tiny", "--precision", "fp32", "--threads", "1", "--json", str(out)])
+    report = vs_diffusers.main(["--tiny", "--precision", "fp32", "--threads", "1", "--ablate", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "ratio diffusers/fae" in printed and "GFLOP/s" in printed and "CPU" in printed
     rows = json.loads(out.read_text())["results"]
@@ -59,6 +59,8 @@ def test_vs_diffusers_reports_ratio_and_flops(tmp_path: Path, capsys: pytest.Cap
     for r in rows:
         assert r["ratio"] == pytest.approx(r["diffusers_s"] / r["fae_s"])
         assert r["fae_gflops"] > 0 and r["peak_gflops"] > 0
+        assert set(r["ablations"]) == set(vs_diffusers.ABLATIONS)  # one timed variant per difference
+    assert "fae with one difference taken out" in printed
     # the count is the network's: the guided batch is twice the plain one, a train step about three forwards
     flops = report["flops"]
     assert flops["nfe-cfg"] == pytest.approx(2 * flops["nfe"], rel=0.01)

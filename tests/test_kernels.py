@@ -201,3 +201,20 @@ def test_the_trainer_records_its_kernel_verdicts_in_run_json(fresh, monkeypatch)
     assert {(v["key"], v["choice"]) for v in record["verdicts"]} == {
         (f"{p} 64x256x384", "onednn") for p in ("forward", "grad_input", "grad_weight")}
     assert record["fingerprint"] == K.fingerprint() and record["overrides"]["FAE_LINEAR_BACKEND"] == "auto"
+
+
+@pytest.mark.parametrize("winner", ["composed", "aten"])
+def test_gelu_verdict_follows_the_timing_and_both_forms_are_the_same_function(fresh, monkeypatch, winner):
+    timed = fake_machine(monkeypatch, winner)
+    torch.manual_seed(0)
+    h = (torch.randn(2, 256, 512) * 4).requires_grad_()
+    out = N.gelu_tanh(h)
+    (verdict,) = [v for v in K.verdicts() if v.kind == "gelu"]
+    assert verdict.choice == winner and verdict.key.startswith("float32 train") and "composed" in timed
+    ref = F.gelu(h.detach().double(), approximate="tanh")
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=2e-6)
+    grad = torch.linspace(-1, 1, h.numel()).view_as(h)
+    (got,) = torch.autograd.grad(out, h, grad)
+    h64 = h.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(F.gelu(h64, approximate="tanh"), h64, grad.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
