@@ -30,11 +30,11 @@ from fae.precision import PRECISIONS, Precision, PrecisionChoice, resolve_precis
 TextKind = Literal["minilm", "t5", "siglip2"]
 TEXT_KINDS: tuple[str, ...] = get_args(TextKind)
 DEFAULT_TEXT_MODELS = {"t5": "google/flan-t5-xl", "siglip2": "google/siglip2-giant-opt-patch16-256"}
-# config.json model_type -> kind
 # What a config leaves unset follows its kind. SigLIP2 was trained on lower-cased prompts of 64 tokens and pools the
 # last position, so another length or case puts its pooled vector out of distribution (docs/text-to-image.md).
 DEFAULT_MAX_LENGTH: dict[str, int] = {"minilm": 32, "t5": 32, "siglip2": 64}
 LOWERCASE_KINDS: tuple[str, ...] = ("siglip2",)
+# config.json model_type -> kind
 _MODEL_TYPES = {"bert": "minilm", "t5": "t5", "mt5": "t5", "umt5": "t5", "siglip": "siglip2", "siglip2": "siglip2",
                 "siglip_text_model": "siglip2", "siglip2_text_model": "siglip2"}
 
