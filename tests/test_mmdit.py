@@ -121,10 +121,12 @@ def test_paper_config_builds_the_paper_size():
     from fae.config import PACKAGED_CONFIGS
     from fae.stages import load_stage_config
 
-    name, cfg = load_stage_config(PACKAGED_CONFIGS / "paper" / "mmdit_cc12m.yaml")
-    assert name == "mmdit" and cfg.model == mmdit_config("paper")
-    assert (cfg.transport.time_shift, cfg.optim.lr, cfg.optim.schedule, cfg.train.batch_size) == (0.4, 1e-4,
-                                                                                                  "constant", 512)
+    for config, size in (("mmdit_cc12m.yaml", "paper"), ("mmdit_cc12m_384.yaml", "paper-384")):
+        name, cfg = load_stage_config(PACKAGED_CONFIGS / "paper" / config)
+        assert name == "mmdit" and cfg.model == mmdit_config(size), config
+        assert (cfg.transport.time_shift, cfg.optim.lr, cfg.optim.schedule, cfg.train.batch_size) == (
+            0.4, 1e-4, "constant", 512)
+        assert cfg.hflip is False   # STARFlow's T2I data setting (no_flip: 1): a caption's left/right and text hold
 
 
 # ---------------------------------------------------------------------------------------------------- streams

@@ -3,7 +3,9 @@ docs/autoencoder.md: 38,166,592 / 170,428,416; docs/pixel-decoder.md: 305,331,39
 The generators, and the baselines of paper Table 2 / §5.3 on SD-VAE and VA-VAE latents (the config headers say how
 each count compares with the published one): LightningDiT-XL/1 675,256,736 (App. D: 675.26M) on FAE or VA-VAE
 latents; SiT-XL/2 on SD-VAE latents 675,111,184 (675,129,632 in SiT's code, whose unused learned-sigma head adds
-18,448); STARFlow 1.4B 1,413,298,752 on FAE latents, 1,412,708,640 on SD-VAE latents at patch 2."""
+18,448); STARFlow 1.4B 1,413,298,752 on FAE latents, 1,412,708,640 on SD-VAE latents at patch 2; MMDiT 600,607,776
+(App. D: 603.46M). The 384-px showcase (docs/text-to-image.md): SigLIP2 FAE 38,559,872 / 170,969,088 on 24x24x64,
+its pixel decoder 306,150,595, MMDiT 2,027,549,248 (App. D: 2017.84M)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,6 +27,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
     ("dit_sit_xl2_sdvae.yaml", {"diffusion transformer": 675_111_184}),
     ("flow_starflow_1p4b.yaml", {"normalizing flow (STARFlow)": 1_413_298_752}),
     ("flow_starflow_1p4b_sdvae.yaml", {"normalizing flow (STARFlow)": 1_412_708_640}),
+    ("mmdit_cc12m.yaml", {"text-to-image transformer": 600_607_776}),
+    ("fae_siglip2_g16_384.yaml", {"fae encoder (single attention)": 38_559_872, "feature decoder": 170_969_088}),
+    ("pixel_decoder_siglip2_g16_384.yaml", {"pixel decoder": 306_150_595}),
+    ("mmdit_cc12m_384.yaml", {"text-to-image transformer": 2_027_549_248}),
 ])
 def test_paper_configs_have_the_documented_counts_exactly(config: str, counts: dict[str, int]) -> None:
     name, cfg = load_stage_config(CONFIGS / config)
@@ -44,3 +50,25 @@ def test_baseline_configs_see_their_latents_as_256_tokens(config: str, grid: tup
     m = cfg.model
     assert (m.in_channels, *m.input_size) == grid
     assert (m.input_size[0] // m.patch_size) * (m.input_size[1] // m.patch_size) == tokens
+
+
+def test_the_384_showcase_configs_fit_together() -> None:
+    """SigLIP2 g-opt/16 at 384 px -> 24x24 tokens of 1536 -> FAE latents 24x24x64 -> the MMDiT "paper-384" input; the
+    pixel decoder (Gaussian and fine-tune) reads the same encoder's 24x24 tokens and paints 384 px."""
+    from fae.encoders import FrozenEncoder
+    from fae.models.mmdit import mmdit_config
+
+    _, fae = load_stage_config(CONFIGS / "fae_siglip2_g16_384.yaml")
+    _, pix = load_stage_config(CONFIGS / "pixel_decoder_siglip2_g16_384.yaml")
+    _, tune = load_stage_config(CONFIGS / "pixel_decoder_siglip2_g16_384_finetune.yaml",
+                                ["finetune_from=x", "fae=y"])
+    _, mmdit = load_stage_config(CONFIGS / "mmdit_cc12m_384.yaml")
+    assert fae.encoder == pix.encoder == tune.encoder and fae.encoder.name_or_path.endswith("-384")
+    with torch.device("meta"):  # the g-opt/16 architecture at 384 px (the -384 checkpoint's native size)
+        frozen = FrozenEncoder.skeleton("siglip2-g", input_size=fae.encoder.input_size)
+    assert (frozen.dim, frozen.grid) == (1536, (24, 24))
+    assert (fae.model.feature_dim, tuple(fae.model.grid)) == (frozen.dim, frozen.grid)
+    assert (pix.decoder.in_dim, pix.decoder.num_tokens) == (frozen.dim, 24 * 24)
+    assert 24 * pix.decoder.patch_size == fae.data.image_size == pix.data.image_size == tune.data.image_size == 384
+    assert (mmdit.model.in_channels, *mmdit.model.input_size) == (fae.model.latent_channels, *fae.model.grid)
+    assert mmdit.model == mmdit_config("paper-384") and mmdit.model.in_channels == 64

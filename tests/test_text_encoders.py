@@ -1,10 +1,13 @@
-"""Text encoders (fae/encoders/text.py): the shipped MiniLM against sentence-transformers, tiny local T5/SigLIP2."""
+"""Text encoders (fae/encoders/text.py): the shipped MiniLM against sentence-transformers, tiny local T5/SigLIP2;
+SigLIP2 preprocessed as trained (lower-cased, 64 tokens padded at the end) against a plain transformers call."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
-from fae.encoders.text import TextEncoder, TextEncoderConfig, save_tiny_text_encoder
+from fae.encoders.text import TextEncoder, TextEncoderConfig, save_tiny_text_encoder, tiny_gemma_tokenizer
 
 PROMPTS = ["a photo of a dark ankle boot", "", "CRESCENT MOON"]
 
@@ -51,3 +54,64 @@ def test_text_encoder_config_errors(tmp_path):
         TextEncoderConfig(kind="clip").validate()  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         TextEncoder.from_config(TextEncoderConfig(kind="t5", name_or_path=str(tmp_path)))
+
+
+def test_kinds_default_to_their_training_length_and_case():
+    assert (TextEncoderConfig().max_length, TextEncoderConfig(kind="t5").max_length) == (32, 32)  # caches unchanged
+    assert not TextEncoderConfig().lowercase and not TextEncoderConfig(kind="t5").lowercase
+    siglip = TextEncoderConfig(kind="siglip2")
+    assert (siglip.max_length, siglip.lowercase, siglip.pad_right) == (64, True, True)
+    assert TextEncoderConfig(kind="siglip2", max_length=16).max_length == 16                   # a given length wins
+
+
+# The plain transformers call of the tiny SigLIP2 below, with SigLIP2's preprocessing spelled out (lower-cased, 64
+# tokens padded at the end, input ids only), recorded once: pooler_output columns 0-3 of PROMPTS
+SIGLIP2_REFERENCE = torch.tensor([[0.073535, 0.519728, -0.250510, 0.179153],
+                                  [0.079595, 0.516121, -0.283130, 0.216119],
+                                  [0.078088, 0.525489, -0.264135, 0.200949]])
+
+
+@pytest.fixture(scope="module")
+def siglip2_folder(tmp_path_factory):
+    return save_tiny_text_encoder("siglip2", tmp_path_factory.mktemp("siglip2") / "model")
+
+
+def _plain_transformers(folder, prompts, **tokenizer_kwargs) -> torch.Tensor:
+    from transformers import AutoTokenizer, SiglipTextModel
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt", **tokenizer_kwargs)
+    with torch.no_grad():
+        return SiglipTextModel.from_pretrained(folder).eval()(input_ids=ids["input_ids"]).pooler_output
+
+
+def test_siglip2_matches_transformers_with_its_training_preprocessing(siglip2_folder):
+    tokenizer = tiny_gemma_tokenizer()   # what the hub's fixed-resolution checkpoints load: it neither lower-cases
+    assert tokenizer("A")["input_ids"] != tokenizer("a")["input_ids"] and tokenizer.padding_side == "left"  # nor pads right
+    enc = TextEncoder.from_config(TextEncoderConfig(kind="siglip2", name_or_path=str(siglip2_folder), precision="fp32"))
+    out = enc(PROMPTS)
+    expected = _plain_transformers(siglip2_folder, [p.lower() for p in PROMPTS], max_length=64, padding_side="right")
+    assert torch.allclose(out["text_pooled"], expected, atol=1e-6)
+    assert torch.allclose(out["text_pooled"][:, :4], SIGLIP2_REFERENCE, atol=1e-5)
+    # 64 tokens, real ones first: the characters and the EOS ("" is the EOS alone), then padding
+    assert out["text_tokens"].shape == (3, 64, 32)
+    lengths = [len(p) + 1 for p in PROMPTS]
+    assert out["text_mask"].sum(1).tolist() == lengths
+    assert all(out["text_mask"][i, :n].all() for i, n in enumerate(lengths))
+    assert torch.equal(enc(["CRESCENT MOON"])["text_pooled"], enc(["crescent moon"])["text_pooled"])
+    reference = enc.reference()
+    assert (reference["max_length"], reference["lowercase"], reference["pad_right"]) == (64, True, True)
+    again = TextEncoder.from_config(replace(TextEncoderConfig.from_reference(reference), precision="fp32"))
+    assert torch.equal(again(PROMPTS)["text_pooled"], out["text_pooled"])
+
+
+def test_siglip2_records_from_before_the_fix_encode_as_they_were_saved(siglip2_folder):
+    """A cache or bundle written at 32 tokens without lowercasing records no `lowercase`/`pad_right`: it keeps
+    encoding prompts as its training embeddings were made (the tokenizer's own padding side, case kept)."""
+    old = {"kind": "siglip2", "name_or_path": str(siglip2_folder), "revision": None, "max_length": 32, "dim": 32}
+    enc = TextEncoder.from_config(replace(TextEncoderConfig.from_reference(old), precision="fp32"))
+    assert (enc.config.max_length, enc.config.lowercase, enc.config.pad_right) == (32, False, False)
+    out = enc(PROMPTS)["text_pooled"]
+    assert torch.allclose(out, _plain_transformers(siglip2_folder, PROMPTS, max_length=32), atol=1e-6)
+    fixed = _plain_transformers(siglip2_folder, [p.lower() for p in PROMPTS], max_length=64, padding_side="right")
+    assert (out - fixed).abs().amax(1).min() > 0.1      # every prompt: the fix changes what a new cache holds

@@ -124,7 +124,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "captions' text embeddings, for `fae train mmdit` (minilm ships with fae and works offline)")
     p.add_argument("--text-model", help="text encoder hub id or local folder (default: the shipped MiniLM; "
                    "google/flan-t5-xl for t5)")
-    p.add_argument("--text-max-length", type=int, default=32, help="tokens per caption (padded/truncated)")
+    p.add_argument("--text-max-length", type=int, default=None,
+                   help="tokens per caption (padded/truncated; default: 64 for siglip2, as trained, else 32)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="data overrides key=value (or data.key=value), e.g. limit=1000 "

@@ -4,8 +4,8 @@ data set), flow matching.
 Paper recipe (App. D, MMDiT column; §5.2): MMDiT 603.46M on 16x16x32 latents, T5-XL text, CC12M at 256 px, AdamW
 (0.9, 0.999), lr 1e-4 constant, no warmup, batch 512, 1M iterations; interpolant, objective and samplers as the
 class-conditional LDM (so time shift 0.4); guidance 1.5 on t in [0, 0.9]. Unstated and chosen here
-(docs/text-to-image.md): caption dropout 0.1 to the empty prompt, EMA 0.9999, random flips of the latent with the
-same caption, gradient clipping at 1.0.
+(docs/text-to-image.md): caption dropout 0.1 to the empty prompt, EMA 0.9999, gradient clipping at 1.0, no flips
+(STARFlow's T2I data setting; `hflip: true` flips the latent under the same caption).
 
 The bundle (`<out>/mmdit`) holds the EMA weights with the empty prompt's embedding (the null) as buffers, and in
 config.json the latent statistics, the latent cache's FAE and encoder references, the transport settings and the
