@@ -9,6 +9,8 @@ fae times both the first time it meets a size class and uses the faster:
     linear_gelu  inference linear + tanh-GELU: one oneDNN primitive, or the linear then ATen's GELU.
     gelu         fp32 tanh-GELU: ATen's kernel or four elementwise passes (its vectorised tanh is slow under AVX2).
     attention    CPU softmax attention: the fused SDPA kernel or matmul-softmax, per dtype and with/without backward.
+    cfg_batch    a guided evaluation on a CPU: conditional and unconditional halves as one batch or as two calls
+                 (fae.transport.GuidedVelocity), per model, dtype and batch.
 
 Timing follows fae.precision's bf16 probe: one thread, the thread's CPU time, the best of a few interleaved runs,
 so a busy machine cannot tip a verdict. Verdicts are kept per process and on disk per machine
@@ -18,7 +20,8 @@ fingerprint holds the CPU model, torch's version and every variable that caps an
 never reads a native verdict. Products too small to time reliably use ATen (stock PyTorch).
 
 Overrides (benchmarks, comparisons): FAE_LINEAR_BACKEND=onednn|aten|auto (linear, linear_gelu and gelu: `aten` is
-stock PyTorch, `onednn` fae's own kernels everywhere), FAE_ATTENTION_BACKEND=sdpa|math|auto, FAE_KERNEL_CACHE=0 (measure in every process, keep nothing).
+stock PyTorch, `onednn` fae's own kernels everywhere), FAE_ATTENTION_BACKEND=sdpa|math|auto,
+FAE_CFG_BATCH=concat|separate|auto, FAE_KERNEL_CACHE=0 (measure in every process, keep nothing).
 """
 from __future__ import annotations
 
@@ -43,11 +46,11 @@ from fae.io import cache_root
 _ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
                   "MKL_DEBUG_CPU_TYPE", "MKL_CBWR")
 OVERRIDES = {"linear": "FAE_LINEAR_BACKEND", "linear_gelu": "FAE_LINEAR_BACKEND", "gelu": "FAE_LINEAR_BACKEND",
-             "attention": "FAE_ATTENTION_BACKEND"}
+             "attention": "FAE_ATTENTION_BACKEND", "cfg_batch": "FAE_CFG_BATCH"}
 # what each override value means for each kind (`aten` = stock PyTorch)
 _FORCED = {"linear": {"onednn": "onednn", "aten": "aten"}, "linear_gelu": {"onednn": "onednn", "aten": "separate"},
            "gelu": {"onednn": "composed", "aten": "aten"},
-           "attention": {"sdpa": "sdpa", "math": "math"}}
+           "attention": {"sdpa": "sdpa", "math": "math"}, "cfg_batch": {"concat": "concat", "separate": "separate"}}
 
 
 @dataclass(frozen=True)

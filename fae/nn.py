@@ -80,10 +80,10 @@ def attention_backend(q: torch.Tensor, k: torch.Tensor) -> str:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: AttentionBackend | None = None,
               mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention over (B, H, N, Dh) tensors. `mask` is boolean (True = attend) or additive."""
-    backend = backend or _DEFAULT_BACKEND
-    if backend == "auto":
-        backend = attention_backend(q, k) if q.device.type == "cpu" and type(q) is torch.Tensor else "sdpa"
-    return _ATTENTION[backend](q, k, v, mask)
+    kernel: str = backend or _DEFAULT_BACKEND
+    if kernel == "auto":
+        kernel = attention_backend(q, k) if q.device.type == "cpu" and type(q) is torch.Tensor else "sdpa"
+    return _ATTENTION[kernel](q, k, v, mask)
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -41,7 +41,7 @@ Progress = Callable[[int, int], None]   # (samples finished, samples this proces
 
 
 def sampler_config(guidance: str = "none", method: str = "auto", steps: int = 250, time_shift: float | None = None,
-                   guidance_channels: int | None = None, cfg_batch: str = "concat", denoise: bool = True
+                   guidance_channels: int | None = None, cfg_batch: str = "auto", denoise: bool = True
                    ) -> SamplerConfig:
     """The SamplerConfig `fae sample`'s flags describe (`fae serve` builds it the same way): `guidance` as
     GuidanceSchedule.parse reads it, `method` auto (the paper's rule, fae.transport.paper_method) or a sampler name.
@@ -53,8 +53,8 @@ def sampler_config(guidance: str = "none", method: str = "auto", steps: int = 25
     schedule.channels = guidance_channels
     if method not in ("auto", "euler", "heun", "euler_maruyama"):
         raise ConfigError(f"unknown sampler {method!r}: auto, euler, heun or euler_maruyama")
-    if cfg_batch not in ("concat", "separate"):
-        raise ConfigError(f"cfg_batch must be concat or separate, got {cfg_batch!r}")
+    if cfg_batch not in ("auto", "concat", "separate"):
+        raise ConfigError(f"cfg_batch must be auto, concat or separate, got {cfg_batch!r}")
     chosen = paper_method(schedule) if method == "auto" else method
     sampler = SamplerConfig(method=chosen, cfg_batch=cfg_batch,  # type: ignore[arg-type]  # both names checked above
                             steps=steps, time_shift=time_shift, guidance=schedule, flow_denoise=denoise)

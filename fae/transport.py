@@ -29,14 +29,17 @@ piecewise-constant scale over t; `GuidanceSchedule.paper()` is the main-results 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
+
+from fae import kernels
 
 VelocityFn = Callable[[torch.Tensor, float, "torch.Tensor | None"], torch.Tensor]  # (x_t, t, condition) -> v
 
@@ -198,37 +201,75 @@ class GuidanceSchedule:
         return any(iv.scale != 1.0 for iv in self.intervals)
 
 
+# guided calls of fewer parameters x samples than this are not timed (concat, the batch GPUs prefer)
+SMALL_CFG_BATCH = 1 << 26
+
+
 class GuidedVelocity:
     """Wraps a conditional velocity model `model(x, t, y)` (y=None: unconditional) with CFG. `y` is class ids, or a
     structured condition (MMDiT's text) that concatenates itself (`y.cat(other)`) with the model's
     `null_condition(batch)` in concat mode.
 
     `batch="concat"` runs the conditional and unconditional halves as one batch (best on GPU); "separate" runs two
-    calls (on small CPUs two calls were faster at large batch; docs/diffusion.md has the measurement).
+    calls; "auto" (the default) = concat on a GPU, and on a CPU whichever of the two this machine measured faster
+    for the model, dtype and batch (fae.kernels kind `cfg_batch`; two calls won at every batch on the Intel Xeon of
+    issue 26, docs/diffusion.md). The choice is made before the first guided call, on inputs of its shape, so a
+    sample never depends on which one the timing ran first.
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], guidance: GuidanceSchedule | None = None,
-                 batch: Literal["concat", "separate"] = "concat", null_class: int | None = None) -> None:
+                 batch: Literal["auto", "concat", "separate"] = "auto", null_class: int | None = None) -> None:
         self.model, self.guidance, self.batch = model, guidance or GuidanceSchedule(), batch
         if null_class is None:
             null_class = getattr(getattr(model, "config", None), "null_class", None)
         self.null_class = null_class
-        if self.guidance.active and self.batch == "concat" and null_class is None and not hasattr(model, "null_condition"):
+        self._concat_possible = null_class is not None or hasattr(model, "null_condition")
+        self._modes: dict[tuple, str] = {}  # input shape, dtype, autocast -> concat | separate
+        if self.guidance.active and self.batch == "concat" and not self._concat_possible:
             raise ValueError("concat guidance needs the model's null class id; pass null_class=")
+
+    def _guided(self, mode: str, x: torch.Tensor, tt: torch.Tensor, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditional and unconditional velocities, as one batch (concat) or two calls (separate)."""
+        if mode == "concat":
+            if isinstance(y, torch.Tensor):
+                both = torch.cat([y, torch.full_like(y, self.null_class)])  # type: ignore[arg-type]  # set in __init__
+            else:
+                both = y.cat(self.model.null_condition(len(y)))  # type: ignore[attr-defined]  # structured condition
+            v_cond, v_uncond = self.model(torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2)
+            return v_cond, v_uncond
+        return self.model(x, tt, y), self.model(x, tt, None)
+
+    def _mode(self, x: torch.Tensor, tt: torch.Tensor, y: Any) -> str:
+        if self.batch != "auto":
+            return self.batch
+        shape = (tuple(x.shape), x.dtype, torch.is_autocast_enabled("cpu"))
+        if shape not in self._modes:
+            self._modes[shape] = self._measured_mode(x, tt, y)
+        return self._modes[shape]
+
+    def _measured_mode(self, x: torch.Tensor, tt: torch.Tensor, y: Any) -> str:
+        if not self._concat_possible:
+            return "separate"
+        if x.device.type != "cpu" or not isinstance(self.model, torch.nn.Module):
+            return "concat"
+        params = sum(p.numel() for p in self.model.parameters())
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        key = (f"{type(self.model).__name__} {params} {str(dtype).removeprefix('torch.')} "
+               f"{kernels.size_bucket(x.shape[0])}x{'x'.join(map(str, x.shape[1:]))}")
+        if kernels.forced("cfg_batch") is None and params * x.shape[0] < SMALL_CFG_BATCH:
+            return kernels.record_small("cfg_batch", key, "concat")
+        probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x)  # the model is deterministic
+
+        def candidates() -> dict[str, Callable[[], object]]:
+            return {mode: functools.partial(self._guided, mode, probe, tt, y) for mode in ("concat", "separate")}
+        return kernels.choose("cfg_batch", key, candidates)
 
     def __call__(self, x: torch.Tensor, t: float, y: torch.Tensor | None) -> torch.Tensor:
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
         scale = self.guidance.scale_at(t)
         if y is None or scale == 1.0:
             return self.model(x, tt, y)
-        if self.batch == "concat":
-            if isinstance(y, torch.Tensor):
-                both = torch.cat([y, torch.full_like(y, self.null_class)])  # type: ignore[arg-type]  # __init__ made sure it is set
-            else:
-                both = y.cat(self.model.null_condition(len(y)))
-            v_cond, v_uncond = self.model(torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2)
-        else:
-            v_cond, v_uncond = self.model(x, tt, y), self.model(x, tt, None)
+        v_cond, v_uncond = self._guided(self._mode(x, tt, y), x, tt, y)
         guided = v_uncond + scale * (v_cond - v_uncond)
         ch = self.guidance.channels
         if ch is None or ch >= x.shape[1]:
@@ -245,7 +286,7 @@ class SamplerConfig:
     diffusion_norm: float = 1.0        # SDE: w_t = diffusion_norm * sigma_t (SiT's "sigma" form)
     sde_last_step: float = 0.04        # SDE: size of the final noise-free mean step (SiT's default); 0 = 1/steps
     guidance: GuidanceSchedule = field(default_factory=GuidanceSchedule)
-    cfg_batch: Literal["concat", "separate"] = "concat"
+    cfg_batch: Literal["auto", "concat", "separate"] = "auto"  # GuidedVelocity: auto = measured on a CPU
     flow_denoise: bool = True          # flows only: STARFlow's score-based denoising step after the inverse
 
     def validate(self) -> None:

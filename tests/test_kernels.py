@@ -218,3 +218,28 @@ def test_gelu_verdict_follows_the_timing_and_both_forms_are_the_same_function(fr
     h64 = h.detach().double().requires_grad_()
     (want,) = torch.autograd.grad(F.gelu(h64, approximate="tanh"), h64, grad.double())
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("winner", ["concat", "separate"])
+def test_cfg_batching_follows_the_timing_and_both_give_the_same_guided_velocity(fresh, monkeypatch, winner):
+    import fae.transport
+    from fae.models.dit import DiT, DiTConfig
+    from fae.transport import GuidanceSchedule, GuidedVelocity
+
+    timed = fake_machine(monkeypatch, winner)
+    monkeypatch.setattr(fae.transport, "SMALL_CFG_BATCH", 1)  # a tiny model, timed as a large one would be
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(input_size=(4, 4), in_channels=4, hidden_size=64, depth=2, num_heads=2,
+                          num_classes=10)).eval()
+    x, y = torch.randn(16, 4, 4, 4), torch.arange(16) % 10
+    velocity = GuidedVelocity(model, GuidanceSchedule.constant(3.0))
+    with torch.no_grad():
+        auto = velocity(x, 0.5, y)
+        fixed = {mode: GuidedVelocity(model, GuidanceSchedule.constant(3.0), batch=mode)(x, 0.5, y)
+                 for mode in ("concat", "separate")}
+        velocity(x, 0.5, y)
+    assert [name for name in timed if name in ("concat", "separate")] == ["concat", "separate"]  # once, reused
+    (verdict,) = [v for v in K.verdicts() if v.kind == "cfg_batch"]
+    assert verdict.choice == winner and verdict.key.startswith(f"DiT {sum(p.numel() for p in model.parameters())} ")
+    assert torch.equal(auto, fixed[winner])
+    torch.testing.assert_close(fixed["concat"], fixed["separate"], rtol=1e-5, atol=1e-5)

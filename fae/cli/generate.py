@@ -165,8 +165,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first N channels (3 = the DiT/SiT code's legacy behaviour); default all")
     p.add_argument("--time-shift", type=float, default=None, help="the paper's s; default: the training value")
-    p.add_argument("--cfg-batch", choices=["concat", "separate"], default="concat",
-                   help="run conditional/unconditional as one batch or two calls")
+    p.add_argument("--cfg-batch", choices=["auto", "concat", "separate"], default="auto",
+                   help="run conditional/unconditional as one batch or two calls; auto: one batch on a GPU, on a "
+                        "CPU whichever this machine measured faster (docs/speed.md)")
     p.add_argument("--no-denoise", action="store_true",
                    help="flows: skip STARFlow's score-based denoising step after sampling")
     p.add_argument("--batch-size", type=int, default=64)
