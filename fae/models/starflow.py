@@ -197,7 +197,8 @@ def guidance_scales(n: int, scale_at: ScaleAt | None, annealed: bool = False) ->
     r = (t + 1) / T (transformer_flow.py MetaBlock.reverse)."""
     if scale_at is None:
         return None
-    scales = [scale_at(1.0 - (i + 1) / n) for i in range(n)]
+    times = [1.0 - (i + 1) / n for i in range(n)]
+    scales = [scale_at(t) for t in times]
     if annealed:
         scales = [1.0 + (s - 1.0) * (i + 1) / n for i, s in enumerate(scales)]
     return scales if any(s != 1.0 for s in scales) else None
@@ -479,10 +480,9 @@ class StarFlow(nn.Module, PretrainedMixin):
         cond = self._condition(y, z.shape[0], z.device)
         null = self._condition(None, z.shape[0], z.device) if y is not None and scale_at is not None else None
         h = self.patchify(z)
-        last = len(self.blocks) - 1
-        for i in range(last, -1, -1):
-            guide = scale_at if i == last or not sampling.guide_top else None
-            h = self.blocks[i].inverse(h, cond, null, guide, kv_cache, sampling, stats)  # type: ignore[operator]  # FlowBlocks
+        for block in reversed(self.blocks):
+            guide = scale_at if block is self.blocks[-1] or not sampling.guide_top else None
+            h = block.inverse(h, cond, null, guide, kv_cache, sampling, stats)  # type: ignore[operator]  # FlowBlocks
         return self.unpatchify(h)
 
     def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
