@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from fae import distributed as D
-from fae.config import ConfigError, to_dict
+from fae.config import ConfigError, apply_overrides, to_dict
 from fae.data.labels import check_class_ids
-from fae.generators import Generator
+from fae.generators import FlowGenerator, Generator
 from fae.grid import draw_grid, to_uint8_hwc
 from fae.io import atomic_save_npz, atomic_write, atomic_write_text, require_bundle
 from fae.models.pixel_decoder import PixelDecoder
@@ -41,10 +41,11 @@ Progress = Callable[[int, int], None]   # (samples finished, samples this proces
 
 
 def sampler_config(guidance: str = "none", method: str = "auto", steps: int = 250, time_shift: float | None = None,
-                   guidance_channels: int | None = None, cfg_batch: str = "auto", denoise: bool = True
-                   ) -> SamplerConfig:
+                   guidance_channels: int | None = None, cfg_batch: str = "auto", denoise: bool = True,
+                   flow: Sequence[str] = ()) -> SamplerConfig:
     """The SamplerConfig `fae sample`'s flags describe (`fae serve` builds it the same way): `guidance` as
-    GuidanceSchedule.parse reads it, `method` auto (the paper's rule, fae.transport.paper_method) or a sampler name.
+    GuidanceSchedule.parse reads it, `method` auto (the paper's rule, fae.transport.paper_method) or a sampler name,
+    `flow` KEY=VALUE overrides of a flow bundle's sampling switches (checked against the bundle when it samples).
     ConfigError names the bad value."""
     try:
         schedule = GuidanceSchedule.parse(guidance)
@@ -57,7 +58,8 @@ def sampler_config(guidance: str = "none", method: str = "auto", steps: int = 25
         raise ConfigError(f"cfg_batch must be auto, concat or separate, got {cfg_batch!r}")
     chosen = paper_method(schedule) if method == "auto" else method
     sampler = SamplerConfig(method=chosen, cfg_batch=cfg_batch,  # type: ignore[arg-type]  # both names checked above
-                            steps=steps, time_shift=time_shift, guidance=schedule, flow_denoise=denoise)
+                            steps=steps, time_shift=time_shift, guidance=schedule, flow_denoise=denoise,
+                            flow=apply_overrides({}, list(flow)))
     try:
         sampler.validate()
     except ValueError as exc:
@@ -267,6 +269,10 @@ def sample_conditions(gen: Generator, num_samples: int, labels: str | Sequence[i
         raise ConfigError("this model was trained without label dropout (class_dropout=0) or caption dropout "
                           "(caption_dropout=0): it has no unconditional branch for classifier-free guidance; sample "
                           "with guidance 'none'")
+    if sampler.flow:   # a flow's sampling switches: checked here, before any sample is drawn
+        if not isinstance(gen, FlowGenerator):
+            raise ConfigError("--flow sets a normalizing flow's sampling switches; this generator is not a flow")
+        gen.sampling_for(sampler)
     return ys, prompt_list
 
 

@@ -165,8 +165,16 @@ class GuidanceSchedule:
 
     @classmethod
     def parse(cls, text: str) -> GuidanceSchedule:
-        """'none' | 'paper' | 'paper-text' | '2.5' (all t) | 't_min-t_max:scale,...' e.g. '0.9-1:0.9,0-0.7:2.5'."""
+        """'none' | 'paper' | 'paper-text' | '2.5' (all t) | 't_min-t_max:scale,...' e.g. '0.9-1:0.9,0-0.7:2.5' |
+        'starflow:2.5': ml-starflow's `cfg` w, which is fae's scale s = 1 + w (docs/flow.md), at all t."""
         text = text.strip().lower()
+        if text.startswith("starflow:"):
+            try:
+                w = float(text.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"cannot read guidance {text!r}: starflow: takes ml-starflow's cfg, a number "
+                                 "such as starflow:2.5 (= fae's 3.5)") from None
+            return cls() if w == 0 else cls.constant(1.0 + w)  # ml-starflow's cfg 0 is no guidance
         if text in ("none", "", "1", "1.0"):
             return cls()
         if text == "paper":
@@ -288,6 +296,8 @@ class SamplerConfig:
     guidance: GuidanceSchedule = field(default_factory=GuidanceSchedule)
     cfg_batch: Literal["auto", "concat", "separate"] = "auto"  # GuidedVelocity: auto = measured on a CPU
     flow_denoise: bool = True          # flows only: STARFlow's score-based denoising step after the inverse
+    flow: dict[str, Any] = field(default_factory=dict)  # flows only: overrides of the bundle's sampling switches
+    #                                    (fae.models.starflow.FlowSampling keys, e.g. {"jacobi": True})
 
     def validate(self) -> None:
         if self.steps < 1:

@@ -1,5 +1,6 @@
-"""`fae train flow` (exact-likelihood training on a latent cache: bundle, held-out bits/dim, resume after kill -9) and
-`fae sample` on a flow bundle through the Generator interface."""
+"""`fae train flow` (exact-likelihood training on a latent cache: bundle, held-out bits/dim, resume after kill -9;
+the loss unit and the latent-norm regulariser) and `fae sample` on a flow bundle through the Generator interface
+(the recorded sampling switches, `--flow` overrides, `--guidance starflow:<cfg>`)."""
 from __future__ import annotations
 
 import json
@@ -18,10 +19,12 @@ from safetensors.torch import load_file
 from seeding import subprocess_env
 
 from fae.cli import main
+from fae.config import to_dict
 from fae.data.latents import LatentCache
 from fae.generators import FlowGenerator, load_generator
 from fae.io import read_bundle_config
-from fae.models.starflow import StarFlow, bits_per_dim, starflow_config
+from fae.models.starflow import FlowSampling, StarFlow, bits_per_dim, latent_norm, starflow_config
+from fae.stages.flow import Config, FlowStage
 from fae.training import checkpoint_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +49,7 @@ def test_train_flow_bundle_heldout_bpd_and_sample(tiny_latent_world, tmp_path, o
     cfg = write_config(tmp_path / "flow.yaml", w["cache"])
     assert main(["train", "flow", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     record = read_bundle_config(tmp_path / "run" / "flow")
-    assert record["class"] == "StarFlow" and record["flow"] == {"noise_std": 0.2}
+    assert record["class"] == "StarFlow" and record["flow"] == {"noise_std": 0.2, "sampling": to_dict(FlowSampling())}
     assert record["latent_stats"] == LatentCache(w["cache"]).stats() and record["class_names"][9] == "Ankle boot"
     ema = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000006" / "model.ema.safetensors"))
     exported = load_file(str(tmp_path / "run" / "flow" / "model.safetensors"))
@@ -72,6 +75,46 @@ def test_train_flow_bundle_heldout_bpd_and_sample(tiny_latent_world, tmp_path, o
                  "--no-denoise"]) == 0
     undenoised = np.load(tmp_path / "raw" / "samples.npz")["arr_0"]   # same noise and seeds, no score step
     assert not np.array_equal(undenoised, npz["arr_0"])
+    # ml-starflow's cfg 2.0 is fae's 3.0; exact Jacobi iteration gives the token-by-token samples (to rounding)
+    common = ["sample", "--generator", str(tmp_path / "run"), "--fae", str(w["pipeline"]), "-n", "6", "--no-progress",
+              "--no-denoise", "--no-grid", "--no-pngs"]
+    assert main([*common, "--out", str(tmp_path / "s3"), "--guidance", "3.0"]) == 0
+    assert main([*common, "--out", str(tmp_path / "j"), "--guidance", "starflow:2.0", "--flow", "jacobi=true",
+                 "--flow", "jacobi_tolerance=0"]) == 0
+    meta = json.loads((tmp_path / "j" / "samples.json").read_text())
+    assert meta["flow_sampling"]["jacobi"] and meta["flow_sampling"]["jacobi_tolerance"] == 0
+    scale3, jacobi = (np.load(tmp_path / d / "samples.npz")["arr_0"].astype(int) for d in ("s3", "j"))
+    assert np.abs(scale3 - jacobi).max() <= 1
+    assert main([*common, "--out", str(tmp_path / "bad"), "--flow", "jacobbi=true"]) == 1   # an unknown key
+
+
+def test_loss_units_and_latent_norm_regulariser(one_thread):
+    """bits/dim by default, nats/dim with loss_unit nats (what grad_clip reads); the regulariser's weight is on the nats
+    loss (ml-starflow's), so in bits it enters divided by ln 2."""
+    model = StarFlow(starflow_config("tiny", input_size=(2, 2), in_channels=2, num_classes=3, class_dropout=0.0,
+                                     layers_per_block=(1, 1, 1)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    batch = {"latent": torch.randn(4, 2, 2, 2), "label": torch.tensor([0, 1, 2, 0])}
+
+    def loss(**kw):
+        stage = FlowStage.__new__(FlowStage)          # the loss reads only the config and the model
+        stage.cfg, stage.modules = Config(latents="unused", noise_std=0.0, **kw), {"model": model}
+        return stage.loss("main", batch, 0)
+
+    bits, logs = loss()
+    nats, _ = loss(loss_unit="nats")
+    torch.testing.assert_close(nats, bits * math.log(2))
+    torch.testing.assert_close(bits, logs["bpd"])
+    z, logdet, inputs = model(batch["latent"], batch["label"], with_inputs=True)
+    norm = latent_norm(inputs)
+    reg_bits, reg_logs = loss(latent_norm_weight=0.1)
+    reg_nats, _ = loss(latent_norm_weight=0.1, loss_unit="nats")
+    torch.testing.assert_close(reg_logs["latent_norm"], norm)
+    torch.testing.assert_close(reg_nats, nats + 0.1 * norm)
+    torch.testing.assert_close(reg_bits, reg_nats / math.log(2))
+    assert norm > 0.5   # the data's own mean square (about 1) and the first block's output
 
 
 @pytest.mark.margin

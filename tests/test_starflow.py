@@ -1,17 +1,30 @@
 """STARFlow model (fae/models/starflow.py): exact inverse, log-determinant, KV cache, guidance, denoising, paper size;
-the blocks' alternating token order and grid positions, `cond_top_only`, the guidance time of each token."""
+the blocks' alternating token order and grid positions, `cond_top_only`, the guidance time of each token; ml-starflow's
+switches (seq_order, class prefix, RoPE by step, top_block_channels, guide_top, annealed guidance, attention
+temperature, Jacobi sampling, the latent-norm regulariser's inputs), the guidance convention and old configs."""
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from margins import within
 
-from fae.generators import FlowGenerator
-from fae.models.starflow import StarFlow, StarFlowConfig, guided_affine, starflow_config
+from fae.config import ConfigError
+from fae.generators import FlowGenerator, load_generator
+from fae.models.starflow import (
+    FlowSampling,
+    StarFlow,
+    StarFlowConfig,
+    guidance_scales,
+    guided_affine,
+    latent_norm,
+    starflow_config,
+)
 from fae.nn import count_parameters
-from fae.transport import SamplerConfig
+from fae.transport import GuidanceSchedule, SamplerConfig
 
 
 def perturbed(**kw) -> StarFlow:
@@ -25,8 +38,12 @@ def perturbed(**kw) -> StarFlow:
     return model.eval()
 
 
+STARFLOW_SWITCHES = dict(seq_order="L2R", class_conditioning="prefix", rope_index="step", top_block_channels=48)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(patch_size=2, rope=False, scale_fn="exp", soft_clip=2.0),
-                                dict(cond_top_only=True, mlp="swiglu", norm="rmsnorm")])
+                                dict(cond_top_only=True, mlp="swiglu", norm="rmsnorm"), STARFLOW_SWITCHES,
+                                dict(STARFLOW_SWITCHES, cond_top_only=True, rope=False, soft_clip=4.0)])
 def test_forward_then_inverse_returns_the_input(kw, one_thread):
     model = perturbed(**kw)
     x, y = torch.randn(3, 3, 4, 4), torch.tensor([0, 2, 4])
@@ -37,8 +54,9 @@ def test_forward_then_inverse_returns_the_input(kw, one_thread):
         assert (model.inverse(z, y, kv_cache=False) - x).abs().max() <= 1e-4
 
 
-def test_logdet_equals_the_brute_force_jacobian(one_thread):
-    model = perturbed(input_size=(2, 2), in_channels=2)
+@pytest.mark.parametrize("kw", [dict(), STARFLOW_SWITCHES])
+def test_logdet_equals_the_brute_force_jacobian(kw, one_thread):
+    model = perturbed(input_size=(2, 2), in_channels=2, **kw)
     x, y = torch.randn(1, 2, 2, 2), torch.tensor([3])
     jac = torch.autograd.functional.jacobian(lambda v: model(v.view(1, 2, 2, 2), y)[0].flatten(), x.flatten())
     sign, brute = torch.linalg.slogdet(jac.double())
@@ -218,3 +236,180 @@ def test_flow_guidance_time_of_token_i_is_one_minus_i_plus_one_over_t(one_thread
     assert sorted(set(asked)) == sorted(1.0 - (i + 1) / n for i in range(n))
     torch.testing.assert_close(guided[:, :-1], conditional[:, :-1], atol=1e-5, rtol=1e-5)
     assert (guided[:, -1] - conditional[:, -1]).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------ ml-starflow's switches
+# docs/flow.md's switch table: each switch changes what it names, and the flow stays invertible (round trip and
+# log-det above run with all of them on).
+def test_seq_order_l2r_reverses_every_block_and_the_deep_block_reads_raster_order(one_thread):
+    r2l, l2r = _flow(layers_per_block=(1, 1, 1, 1)), _flow(layers_per_block=(1, 1, 1, 1), seq_order="L2R")
+    assert [b.reverse for b in r2l.blocks] == [False, True, False, True]     # ml-starflow's R2L = fae's earlier order
+    assert [b.reverse for b in l2r.blocks] == [True, False, True, False]     # L2R: the deep (last) one in grid order
+    n = l2r.config.num_tokens
+    tokens = torch.randn(1, n, l2r.config.token_dim)
+    dep = _token_dependence(lambda h: l2r.blocks[-1](h, None)[0], tokens)
+    after = torch.ones(n, n, dtype=torch.bool).triu(1)                       # [i, j]: j after i in grid order
+    assert dep[after].max() < 1e-6 and dep[after.T].min() > 1e-4
+
+
+def test_rope_by_step_turns_a_reversed_blocks_grid_by_180_degrees(one_thread):
+    """Same weights: the grid-order block is unchanged; the reversed one rotates step j by position j (STARFlow) where
+    grid indexing rotates it by the grid position N-1-j of the token it predicts."""
+    grid = _flow()
+    step = StarFlow(replace(grid.config, rope_index="step")).eval()
+    step.load_state_dict(grid.state_dict())
+    n = grid.config.num_tokens
+    assert torch.equal(grid.blocks[1].rope_positions, torch.arange(n).flip(0))
+    assert torch.equal(step.blocks[1].rope_positions, torch.arange(n))
+    tokens = torch.randn(2, n, grid.config.token_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(step.blocks[0](tokens, None)[0], grid.blocks[0](tokens, None)[0])
+        assert (step.blocks[1](tokens, None)[0] - grid.blocks[1](tokens, None)[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("top_only", [True, False])
+def test_class_prefix_token_conditions_each_conditioned_block_through_its_own_table(top_only, one_thread):
+    model = perturbed(class_conditioning="prefix", cond_top_only=top_only, layers_per_block=(1, 1, 1))
+    assert model.y_embedder is None
+    assert [b.class_prefix is not None for b in model.blocks] == [not top_only, not top_only, True]
+    tokens = torch.randn(1, model.config.num_tokens, model.config.token_dim)
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            a, b = block(tokens, torch.tensor([0]))[0], block(tokens, torch.tensor([2]))[0]
+            assert torch.equal(a, b) if top_only and i < 2 else (a - b).abs().max() > 1e-3, f"block {i}"
+        x = torch.randn(2, 3, 4, 4)
+        torch.testing.assert_close(model(x, None)[0], model(x, torch.full((2,), 5))[0])   # None = the null class
+    # with cond_top_only, one table of (classes + 1) x width, as the added table it replaces: the same count
+    add = StarFlow(replace(model.config, class_conditioning="add"))
+    assert (count_parameters(model) == count_parameters(add)) == top_only
+    model.train()   # label dropout, once per sample, to the null class
+    ids = model._condition(torch.zeros(4000, dtype=torch.long), 4000, torch.device("cpu"),
+                           torch.Generator().manual_seed(0))
+    assert set(ids.tolist()) == {0, 5} and 0.08 < (ids == 5).float().mean().item() < 0.12
+
+
+def test_top_block_channels_widens_the_deep_block_only(one_thread):
+    model = perturbed(top_block_channels=64, cond_top_only=True)
+    assert [b.proj_in.out_features for b in model.blocks] == [32, 64]
+    assert model.blocks[-1].layers[0].num_heads == 4 and model.y_embedder.table.weight.shape == (6, 64)
+    with pytest.raises(ValueError, match="top_block_channels needs cond_top_only"):
+        starflow_config("tiny", top_block_channels=64, num_classes=5)
+    with pytest.raises(ValueError, match="must divide top_block_channels"):
+        starflow_config("tiny", top_block_channels=40, cond_top_only=True)
+
+
+def test_block_inputs_feed_the_latent_norm_regulariser(one_thread):
+    model = perturbed(layers_per_block=(1, 1, 1))
+    x, y = torch.randn(2, 3, 4, 4), torch.tensor([0, 1])
+    with torch.no_grad():
+        z, logdet, inputs = model(x, y, with_inputs=True)
+        h = model.patchify(x)
+        assert len(inputs) == 3 and torch.equal(inputs[0], h)
+        for block, seen in zip(model.blocks, inputs, strict=True):   # each input is the previous block's output
+            torch.testing.assert_close(seen, h)
+            h = block(h, model._condition(y, 2, x.device))[0]
+        torch.testing.assert_close(model.patchify(z), h)
+        torch.testing.assert_close(latent_norm(inputs), sum(t.pow(2).mean() for t in inputs))
+
+
+def test_guide_top_guides_the_deep_block_alone(one_thread):
+    model = perturbed(layers_per_block=(1, 1, 1))
+    z, y = torch.randn(2, 3, 4, 4), torch.tensor([1, 4])
+    three = lambda t: 3.0  # noqa: E731
+    with torch.no_grad():
+        top = model.inverse(z, y, three, sampling=FlowSampling(guide_top=True))
+        cond, null = model._condition(y, 2, z.device), model._condition(None, 2, z.device)
+        h = model.blocks[-1].inverse(model.patchify(z), cond, null, three)     # the deep block guided, ...
+        for block in reversed(model.blocks[:-1]):
+            h = block.inverse(h, cond)                                          # ... the others conditional
+        torch.testing.assert_close(top, model.unpatchify(h), atol=1e-5, rtol=1e-5)
+        assert (model.inverse(z, y, three) - top).abs().max() > 1e-3
+
+
+def test_annealed_guidance_ramps_s_minus_one_by_i_plus_one_over_t(one_thread):
+    assert guidance_scales(4, lambda t: 3.0, annealed=True) == [1.5, 2.0, 2.5, 3.0]
+    assert guidance_scales(4, lambda t: 1.0, annealed=True) is None
+    model = perturbed()
+    z, y = torch.randn(2, 3, 4, 4), torch.tensor([1, 4])
+    with torch.no_grad():   # token i sits at t = 1 - (i + 1) / T: the ramp is the schedule s(t) = 1 + 2 (1 - t)
+        annealed = model.inverse(z, y, lambda t: 3.0, sampling=FlowSampling(annealed_guidance=True))
+        ramp = model.inverse(z, y, lambda t: 1.0 + 2.0 * (1.0 - t))
+    torch.testing.assert_close(annealed, ramp, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_temperature_one_is_the_plain_inverse(one_thread):
+    model = perturbed()
+    z, y = torch.randn(2, 3, 4, 4), torch.tensor([1, 4])
+    with torch.no_grad():
+        plain = model.inverse(z, y)
+        assert torch.equal(model.inverse(z, y, sampling=FlowSampling(attention_temperature=1.0)), plain)
+        assert (model.inverse(z, y, sampling=FlowSampling(attention_temperature=0.5)) - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kw", [dict(), STARFLOW_SWITCHES])
+def test_jacobi_sampling_equals_the_token_by_token_inverse(kw, one_thread):
+    """With as many passes as a chunk has tokens, Jacobi iteration is exact: after pass k the first k tokens are."""
+    model = perturbed(input_size=(3, 4), **kw)
+    z, y = torch.randn(2, 3, 3, 4), torch.tensor([1, 3])
+    n, blocks = model.config.num_tokens, len(model.blocks)
+    with torch.no_grad():
+        for scale_at in (None, lambda t: 1.0 + 3.0 * (1.0 - t)):
+            reference = model.inverse(z, y, scale_at)
+            for size in (0, 5):      # the whole sequence at once; chunks of 5, 5, 2 (keys and values of earlier ones)
+                stats: dict[str, int] = {}
+                exact = FlowSampling(jacobi=True, jacobi_block_size=size, jacobi_tolerance=0.0)
+                out = model.inverse(z, y, scale_at, sampling=exact, stats=stats)
+                torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+                assert stats["jacobi_passes"] == n * blocks
+        stats = {}
+        loose = model.inverse(z, y, sampling=FlowSampling(jacobi=True, jacobi_tolerance=1e-4), stats=stats)
+        assert stats["jacobi_passes"] <= n * blocks and (loose - model.inverse(z, y)).abs().max() < 0.1
+
+
+def test_guidance_convention_is_one_plus_starflows_cfg(one_thread):
+    """ml-starflow combines the branches as (1 + w) log p_c - w log p_u (`logits_guided`, written out here from its
+    formula): fae's scale s is 1 + w, so its cfg 2.5 is fae's 3.5, and `starflow:2.5` says so directly."""
+    a_c, a_u = torch.rand(5, 3) + 0.5, torch.rand(5, 3) + 0.5
+    b_c, b_u = torch.randn(5, 3), torch.randn(5, 3)
+    for w in (0.0, 0.5, 2.5):
+        ratio = (a_c / a_u).clip(max=1.0).square()
+        sigma = a_c / (1 + w - w * ratio).sqrt()
+        mu = ((1 + w) * b_c - w * ratio * b_u) / (1 + w - w * ratio)
+        a, b = guided_affine(a_c, b_c, a_u, b_u, 1.0 + w)
+        torch.testing.assert_close(a, sigma)
+        torch.testing.assert_close(b, mu)
+    assert GuidanceSchedule.parse("starflow:2.5").intervals == GuidanceSchedule.parse("3.5").intervals
+    assert not GuidanceSchedule.parse("starflow:0").active      # ml-starflow's cfg 0 = no guidance
+    with pytest.raises(ValueError, match="starflow: takes ml-starflow's cfg"):
+        GuidanceSchedule.parse("starflow:x")
+    gen = FlowGenerator(perturbed(), {"latent_stats": {"mean": [0.0] * 3, "std": [1.0] * 3},
+                                      "flow": {"noise_std": 0.0}}, "test")
+    noise, y = torch.randn(2, 3, 4, 4), torch.tensor([1, 4])
+    with torch.no_grad():
+        starflow = gen.sample(noise, y, SamplerConfig(guidance=GuidanceSchedule.parse("starflow:2.5")))
+        fae_scale = gen.sample(noise, y, SamplerConfig(guidance=GuidanceSchedule.parse("3.5")))
+    assert torch.equal(starflow, fae_scale)
+
+
+def test_old_configs_and_records_load_with_the_earlier_behaviour(tmp_path, one_thread):
+    """A bundle saved before the switches (config.json without them, a record without `sampling`) loads and samples
+    as before: the defaults are the earlier behaviour, and the weights' keys did not change."""
+    model = perturbed()
+    folder = model.save_pretrained(tmp_path / "flow", extra={"latent_stats": {"mean": [0.0] * 3, "std": [1.0] * 3},
+                                                              "flow": {"noise_std": 0.0}})
+    record = json.loads((folder / "config.json").read_text())
+    new_keys = {"seq_order", "top_block_channels", "class_conditioning", "rope_index"}
+    record["config"] = {k: v for k, v in record["config"].items() if k not in new_keys}
+    (folder / "config.json").write_text(json.dumps(record))
+    loaded = StarFlow.from_pretrained(folder).eval()
+    assert (loaded.config.seq_order, loaded.config.class_conditioning, loaded.config.rope_index,
+            loaded.config.top_block_channels) == ("R2L", "add", "grid", 0)
+    assert [b.reverse for b in loaded.blocks] == [False, True]
+    gen = load_generator(folder)
+    assert gen.flow_sampling == FlowSampling()
+    z, y = torch.randn(2, 3, 4, 4), torch.tensor([0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.inverse(z, y, lambda t: 2.0), model.inverse(z, y, lambda t: 2.0))
+    with pytest.raises(ConfigError, match="flow sampling.jacobbi: unknown key"):
+        gen.sampling_for(SamplerConfig(flow={"jacobbi": True}))
+    assert gen.sampling_for(SamplerConfig(flow={"jacobi": True})).jacobi

@@ -54,7 +54,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     init_distributed()
     device = str(resolve_device(args.device))
     sampler = sampler_config(args.guidance, args.sampler, args.steps, args.time_shift, args.guidance_channels,
-                             args.cfg_batch, denoise=not args.no_denoise)
+                             args.cfg_batch, denoise=not args.no_denoise, flow=args.flow or ())
     prompts = list(args.prompt or [])
     if args.prompts:
         prompts += [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -161,7 +161,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--guidance", default="none", help="none | paper (0.9 on t in [0.9,1], 2.5 on [0,0.7]) | "
                    "paper-text (1.5 on [0,0.9], the MMDiT's) | a scale "
-                   "for all t | 't_min-t_max:scale,...'")
+                   "for all t | 't_min-t_max:scale,...' | starflow:W. A scale s is fae's: 1 = conditional, "
+                   "uncond + s (cond - uncond); ml-starflow's cfg W is s = 1 + W, so its cfg 2.5 is 3.5 here "
+                   "or starflow:2.5 (docs/flow.md)")
     p.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first N channels (3 = the DiT/SiT code's legacy behaviour); default all")
     p.add_argument("--time-shift", type=float, default=None, help="the paper's s; default: the training value")
@@ -170,6 +172,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "CPU whichever this machine measured faster (docs/speed.md)")
     p.add_argument("--no-denoise", action="store_true",
                    help="flows: skip STARFlow's score-based denoising step after sampling")
+    p.add_argument("--flow", action="append", metavar="KEY=VALUE",
+                   help="flows: override one of the bundle's sampling switches (repeat): guide_top, "
+                   "annealed_guidance, attention_temperature, jacobi, jacobi_block_size, jacobi_max_iter, "
+                   "jacobi_tolerance; e.g. --flow jacobi=true (docs/flow.md)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="auto (default): bf16 autocast where the device runs bf16 natively, else fp32")

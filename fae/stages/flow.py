@@ -2,8 +2,11 @@
 
 Paper (§5.3): STARFlow at its default 1.4B configuration on FAE latents, patch size 1, 400 epochs. Its training
 follows STARFlow/TarFlow: Gaussian noise of std `noise_std` is added to the (channel-normalised) latents, and the
-loss is the exact negative log-likelihood of the noisy latents, -log N(z; 0, I) - log|det dz/dx|, in bits per
-dimension. Sampling removes the noise again with a score step (fae.generators.FlowGenerator).
+loss is the exact negative log-likelihood of the noisy latents, -log N(z; 0, I) - log|det dz/dx|, per dimension in
+bits (`loss_unit: nats` gives STARFlow's unit, which only changes what `optim.grad_clip` means), plus
+`latent_norm_weight` times ml-starflow's latent-norm regulariser (its weight is on the nats loss, so in bits it is
+divided by ln 2: the same gradient direction as ml-starflow's). Sampling removes the noise again with a score step
+(fae.generators.FlowGenerator), the inverse running as `sampling` says (recorded in the bundle).
 
 `holdout` keeps the cache's last rows out of training; at export the stage measures their bits/dim (noise drawn
 from a fixed seed, no flips) beside the same number of training rows, into `eval.json`. Bits/dim are in the
@@ -15,19 +18,20 @@ cache's FAE and encoder references, the noise level and the class names, so `fae
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fae.config import ConfigError
+from fae.config import ConfigError, to_dict
 from fae.data.latents import LatentCache, normalize
 from fae.evaluation import GeneratorEvalConfig
 from fae.io import atomic_write_text
-from fae.models.starflow import StarFlow, StarFlowConfig, bits_per_dim
+from fae.models.starflow import FlowSampling, StarFlow, StarFlowConfig, bits_per_dim, latent_norm
 from fae.stages.generator import GeneratorStage
 from fae.training import OptimConfig, TrainConfig
 
@@ -39,6 +43,9 @@ class Config:
     noise_std: float = 0.3                                # STARFlow's default on SD-VAE latents (docs/flow.md)
     hflip: bool = True                                    # pick the flipped latent for half the samples
     holdout: int = 0                                      # last rows of the cache: not trained on, bits/dim at export
+    latent_norm_weight: float = 0.0                       # ml-starflow's latent_norm_regularization (nats; T2I: 1e-4)
+    loss_unit: Literal["bits", "nats"] = "bits"           # of the loss the optimiser (and grad_clip) sees
+    sampling: FlowSampling = field(default_factory=FlowSampling)   # how the bundle samples (fae.models.starflow)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4,
                                                                    schedule="cosine", min_lr=1e-6, grad_clip=1.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512, ema_decay=0.9999))
@@ -64,6 +71,13 @@ class FlowStage(GeneratorStage):
     def check(self) -> None:
         if self.cfg.noise_std < 0:
             raise ConfigError(f"noise_std={self.cfg.noise_std}: the latent noise level must be >= 0 (STARFlow: 0.3)")
+        if self.cfg.latent_norm_weight < 0 or self.cfg.loss_unit not in ("bits", "nats"):
+            raise ConfigError(f"latent_norm_weight={self.cfg.latent_norm_weight} must be >= 0 and loss_unit "
+                              f"({self.cfg.loss_unit!r}) bits or nats")
+        try:
+            self.cfg.sampling.validate()
+        except ValueError as exc:
+            raise ConfigError(f"sampling: {exc}") from None
         if not 0 <= self.cfg.holdout < len(self.cache):
             raise ConfigError(f"holdout={self.cfg.holdout} must lie in [0, {len(self.cache)}) (the cache has "
                               f"{len(self.cache)} latents)")
@@ -75,14 +89,21 @@ class FlowStage(GeneratorStage):
         # noise and label dropout come from the global RNG, which the trainer seeds at every step
         x = batch["latent"]
         noisy = x + self.cfg.noise_std * torch.randn_like(x)
-        z, logdet = self.modules["model"](noisy, batch["label"])
+        z, logdet, inputs = self.modules["model"](noisy, batch["label"], with_inputs=True)
         bpd = bits_per_dim(z, logdet).mean()
+        loss = bpd * math.log(2) if self.cfg.loss_unit == "nats" else bpd
         # detached tensors, read when the trainer logs: no host sync inside the step
-        return bpd, {"bpd": bpd.detach(), "logdet_per_dim": (logdet.mean() / x[0].numel()).detach(),
-                     "z_rms": z.detach().float().pow(2).mean().sqrt()}
+        logs = {"bpd": bpd.detach(), "logdet_per_dim": (logdet.mean() / x[0].numel()).detach(),
+                "z_rms": z.detach().float().pow(2).mean().sqrt()}
+        if self.cfg.latent_norm_weight > 0:
+            norm = latent_norm(inputs)
+            per_unit = 1.0 if self.cfg.loss_unit == "nats" else 1.0 / math.log(2)
+            loss = loss + self.cfg.latent_norm_weight * per_unit * norm
+            logs["latent_norm"] = norm.detach()
+        return loss, logs
 
     def record_settings(self) -> dict[str, Any]:
-        return {"flow": {"noise_std": self.cfg.noise_std}}
+        return {"flow": {"noise_std": self.cfg.noise_std, "sampling": to_dict(self.cfg.sampling)}}
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         super().export(out_dir, modules)
