@@ -98,3 +98,28 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path: Path) -> None:
         assert "train_step_s" in sections["paper_models"][name], sections["paper_models"][name]
     assert "fae" in (tmp_path / "gpu_check.md").read_text()
     assert json.loads((tmp_path / "gpu_check.json").read_text())["tiny"] is True
+
+
+def test_pipeline_vs_stock_tiny_run_computes_what_the_stock_path_computes(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """fae's encode, generate and train steps against plain PyTorch/transformers: both paths give the same latents,
+    the same uint8 images from the same noise and the same weights (and EMA) after a step, so the ratio compares the
+    same computation."""
+    import pipeline_vs_stock
+
+    out = tmp_path / "pipe.json"
+    report = pipeline_vs_stock.main(["--tiny", "--precision", "fp32", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and report["threads"] == 1
+    rows = {r["case"]: r for r in report["results"]}
+    assert set(rows) == {"encode", "generate-2", "train-fae", "train-pixel-decoder"}
+    for r in rows.values():
+        assert r["precision"] == "fp32" and r["images"] == 4
+        assert r["ratio"] == pytest.approx(r["stock_s"] / r["fae_s"])
+        assert r["fae_images_per_s"] == pytest.approx(r["images"] / r["fae_s"])
+    assert rows["encode"]["parity"]["latents_max_abs_diff"] < 1e-5
+    assert rows["generate-2"]["parity"]["uint8_max_abs_diff"] <= 1   # one level of rounding at most
+    for case in ("train-fae", "train-pixel-decoder"):
+        assert rows[case]["parity"]["weights_max_abs_diff"] < 1e-6, rows[case]["parity"]
+        assert rows[case]["parity"]["ema_max_abs_diff"] < 1e-6, rows[case]["parity"]
+    assert "| fp32 | train-fae | 4 |" in capsys.readouterr().out
