@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -166,30 +167,52 @@ def fingerprint() -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+_held: dict[str, dict] | None = None  # the table while this process holds the machine's lock
+_process_lock = threading.RLock()
+
+
 @contextlib.contextmanager
 def _machine_verdicts() -> Iterator[dict[str, dict]]:
     """The machine's verdicts, locked for the time of the block and written back (atomically) if it changed them;
-    with FAE_KERNEL_CACHE=0, or where the cache folder cannot be written, a dict of this process only."""
-    if os.environ.get("FAE_KERNEL_CACHE", "1") == "0":
-        yield {}
-        return
-    folder = cache_root() / "kernels"
-    path = folder / f"{fingerprint()}.json"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / f"{fingerprint()}.lock", "w")  # noqa: SIM115  # closed by the `with` below
-    except OSError:
-        yield {}
-        return
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process measuring the same class: wait, then read its verdict
+    with FAE_KERNEL_CACHE=0, or where the cache folder cannot be written, a dict of this process only. Re-entrant:
+    a measurement may run code that meets other size classes (a guided model call times its linears), and a second
+    flock from the same process would wait for itself."""
+    global _held
+    with _process_lock:
+        if _held is not None:
+            yield _held
+            return
+        if os.environ.get("FAE_KERNEL_CACHE", "1") == "0":
+            _held = {}
+            try:
+                yield _held
+            finally:
+                _held = None
+            return
+        folder = cache_root() / "kernels"
+        path = folder / f"{fingerprint()}.json"
         try:
-            table = json.loads(path.read_text()) if path.exists() else {}
-        except (OSError, ValueError):
-            table = {}  # a damaged file is measured again, not trusted
-        before = dict(table)
-        yield table
-        if table != before:
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = open(folder / f"{fingerprint()}.lock", "w")  # noqa: SIM115  # closed by the `with` below
+        except OSError:
+            _held = {}
+            try:
+                yield _held
+            finally:
+                _held = None
+            return
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process measuring the same class: wait, then read its verdict
+            try:
+                table = json.loads(path.read_text()) if path.exists() else {}
+            except (OSError, ValueError):
+                table = {}  # a damaged file is measured again, not trusted
+            before, _held = dict(table), table
+            try:
+                yield table
+            finally:
+                _held = None
+            if table != before:
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+                os.replace(tmp, path)

@@ -290,8 +290,14 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module, updates: int = 0) -> None:
         decay = self.decay_at(updates)
-        for e, p in zip(self.module.parameters(), module.parameters(), strict=True):
-            e.lerp_(p.detach(), 1.0 - decay)
+        ema, live = list(self.module.parameters()), [p.detach() for p in module.parameters()]
+        if len(ema) != len(live):
+            raise ValueError(f"EMA holds {len(ema)} parameters, the module {len(live)}")
+        if all(type(t) is torch.Tensor for t in live):  # one multi-tensor kernel (plain tensors; DTensors loop)
+            torch._foreach_lerp_(ema, live, 1.0 - decay)
+        else:
+            for e, p in zip(ema, live, strict=True):
+                e.lerp_(p, 1.0 - decay)
         for e_buf, b in zip(self.module.buffers(), module.buffers(), strict=True):
             e_buf.copy_(b)
 

@@ -243,3 +243,17 @@ def test_cfg_batching_follows_the_timing_and_both_give_the_same_guided_velocity(
     assert verdict.choice == winner and verdict.key.startswith(f"DiT {sum(p.numel() for p in model.parameters())} ")
     assert torch.equal(auto, fixed[winner])
     torch.testing.assert_close(fixed["concat"], fixed["separate"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_measurement_that_meets_other_size_classes_does_not_wait_for_itself(fresh):
+    """Timing a guided model call times its linears first (a choice inside a choice): the machine's lock is held
+    once per process, so this finishes (it hung on a second flock of the same file before) and keeps both."""
+    code = ("import fae.kernels as K\n"
+            "inner = lambda: K.choose('linear', 'inner', lambda: {'aten': lambda: None, 'onednn': lambda: None})\n"
+            "print(K.choose('cfg_batch', 'outer', lambda: {'concat': inner, 'separate': inner}))\n"
+            "print(sorted(k for k, in zip(__import__('json').loads(open(K.cache_root() / 'kernels' / "
+            "f'{K.fingerprint()}.json').read()))))\n")
+    env = {**__import__("os").environ, "FAE_CACHE": str(fresh / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         timeout=120)
+    assert out.stdout.split("\n")[1] == str(["cfg_batch outer", "linear inner"])
