@@ -112,7 +112,7 @@ MUTATIONS: list[Mutation] = [
       f"tests/test_training.py::test_grad_accumulation_matches_full_batch "
       f"{TRS}::test_accumulated_gradient_is_the_full_batch_gradient",
       "grad accumulation = full batch"),
-    M("ema-decay-swapped", TR, "e.lerp_(p.detach(), 1.0 - decay)", "e.lerp_(p.detach(), decay)",
+    M("ema-decay-swapped", TR, "torch._foreach_lerp_(ema, live, 1.0 - decay)", "torch._foreach_lerp_(ema, live, decay)",
       "tests/test_training.py", "EMA of the weights"),
     M("signal-no-checkpoint", TR, "if self.step % self.cfg.checkpoint_every and self.step != end:",
       "if False:", f"{TRS}::test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly",
@@ -363,6 +363,18 @@ MUTATIONS: list[Mutation] = [
       "    return False and (isinstance(mine, dict) and isinstance(theirs, dict)",
       "tests/test_eval_folder.py::test_statistics_follow_the_encoder_weights_not_its_folder",
       "reference statistics serve the same encoder weights from another folder"),
+    # kernels chosen by measurement (issue 26): the faster wins, each product runs where chosen, verdicts are shared
+    M("kernel-slower-wins", "fae/kernels.py", "min(ms, key=ms.__getitem__)", "max(ms, key=ms.__getitem__)",
+      "tests/test_kernels.py", "the measured-faster kernel is the one used"),
+    M("kernel-verdict-not-shared", "fae/kernels.py", "        stored = on_disk.get(f\"{kind} {key}\")",
+      "        stored = None", "tests/test_kernels.py::test_the_machines_verdicts_are_shared_between_processes",
+      "a second process on the machine reads the first one's verdicts instead of timing"),
+    M("grad-weight-transposed", "fae/nn.py", "\"aten\": lambda g, x: g.t() @ x}", "\"aten\": lambda g, x: g.t() @ x.flip(0)}",
+      "tests/test_kernels.py", "the ATen weight gradient of a chosen linear is grad.T @ x"),
+    M("modulate-grad-scale-dropped", "fae/nn.py",
+      "grad_scale = (grad * x).sum(1).to(scale_dtype) if ctx.needs_input_grad[2] else None",
+      "grad_scale = grad.sum(1).to(scale_dtype) if ctx.needs_input_grad[2] else None",
+      "tests/test_kernels.py", "adaLN's lean backward gives autograd's gradients"),
 ]
 
 

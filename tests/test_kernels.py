@@ -68,13 +68,15 @@ def test_a_fake_timing_makes_auto_choose_each_linear_backend_and_both_compute_th
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-4)
 
 
-def test_mixed_verdicts_run_each_product_on_its_own_backend(fresh, monkeypatch):
-    """oneDNN for the forward and the weight gradient, ATen for the input gradient: each product still comes out
-    right (the custom Function's wiring)."""
+@pytest.mark.parametrize("plan", [("onednn", "aten", "onednn"), ("aten", "onednn", "aten")])
+def test_mixed_verdicts_run_each_product_on_its_own_backend(fresh, monkeypatch, plan):
+    """Mixed verdicts (the custom Function; all-ATen is plain F.linear): each product on each backend comes out
+    right, so every entry of the product table is exercised."""
     layer, x = linear_case()
-    with_fwd_onednn = {"forward": "onednn", "grad_input": "aten", "grad_weight": "onednn"}
-    monkeypatch.setattr(N, "linear_backend", lambda product, rows, k, n, bias=True: with_fwd_onednn[product])
+    chosen = dict(zip(("forward", "grad_input", "grad_weight"), plan, strict=True))
+    monkeypatch.setattr(N, "linear_backend", lambda product, rows, k, n, bias=True: chosen[product])
     out = layer(x)
+    assert "ChosenLinear" in type(out.grad_fn.next_functions[0][0]).__name__  # not F.linear
     got, want = grads_in_float64(layer, x, out)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-4)
@@ -257,3 +259,21 @@ def test_a_measurement_that_meets_other_size_classes_does_not_wait_for_itself(fr
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          timeout=120)
     assert out.stdout.split("\n")[1] == str(["cfg_batch outer", "linear inner"])
+
+
+def test_the_lean_adaln_backward_gives_autograds_gradients():
+    """modulate and gated_residual skip addcmul's extra pass in backward; gradients stay autograd's (also in the
+    mixed dtypes of bf16 autocast, each in its input's dtype)."""
+    g = torch.Generator().manual_seed(0)
+    for dtypes in ((torch.float64,) * 3, (torch.float32, torch.bfloat16, torch.bfloat16)):
+        x = torch.randn(3, 5, 8, generator=g).to(dtypes[0]).requires_grad_()
+        a, b = (torch.randn(3, 8, generator=g).to(dtypes[1]).requires_grad_() for _ in range(2))
+        u = torch.randn(3, 5, 8, generator=g).to(dtypes[2]).requires_grad_()
+        grad = torch.randn(3, 5, 8, generator=g).to(torch.promote_types(dtypes[0], dtypes[1]))
+        for ours, reference, inputs in ((N.modulate, lambda x, a, b: torch.addcmul(a[:, None], x, 1 + b[:, None]),
+                                         (x, a, b)),
+                                        (N.gated_residual, lambda x, a, u: torch.addcmul(x, a[:, None], u), (x, a, u))):
+            got = torch.autograd.grad(ours(*inputs), inputs, grad)
+            want = torch.autograd.grad(reference(*inputs), inputs, grad)
+            for mine, theirs in zip(got, want, strict=True):
+                assert mine.dtype == theirs.dtype and torch.equal(mine, theirs)
