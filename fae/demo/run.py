@@ -35,7 +35,7 @@ REFERENCE_SECONDS: dict[str, dict[str, float]] = {
 # (33.5 s for four rows, x 1.5 for the six since the noise-tuned decoder's rows); the noise-tuned decoder's fine-tune
 # (flow-decoder) measured on an AVX-512 machine in bf16 at calibration 0.98x (docs/flow.md), not under AVX2.
 FLOW_REFERENCE_SECONDS: dict[str, dict[str, float]] = {
-    "default": {"flow": 60.0, "flow-raw": 95.0, "flow-decoder": 27.0, "flow-samples": 50.0},
+    "default": {"flow": 60.0, "flow-raw": 95.0, "flow-decoder": 20.0, "flow-samples": 50.0},
     "quick": {"flow": 0.5, "flow-raw": 0.5, "flow-decoder": 1.5, "flow-samples": 3.0},
 }
 # `fae demo --compare`'s own steps (fae.demo.compare): measured under AVX2 emulation (fp32) on a run whose calibration
