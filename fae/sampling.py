@@ -29,7 +29,7 @@ from fae.config import ConfigError, apply_overrides, to_dict
 from fae.data.labels import check_class_ids
 from fae.generators import FlowGenerator, Generator
 from fae.grid import draw_grid, to_uint8_hwc
-from fae.io import atomic_save_npz, atomic_write, atomic_write_text, require_bundle
+from fae.io import atomic_save_npz, atomic_write, atomic_write_text, read_bundle_config, require_bundle
 from fae.models.pixel_decoder import PixelDecoder
 from fae.precision import resolve_precision
 from fae.speed import CompileMode, compile_in_place, compile_wanted
@@ -139,6 +139,24 @@ def check_trained_on(gen: Generator, tokenizer: Tokenizer) -> None:
     origin = gen.record.latents
     check_tokenizer(tokenizer, trained_tokenizer_kind(gen), origin.tokenizer_sha256 if origin else None,
                     tuple(gen.latent_shape), origin.image_size if origin else None, gen.source)
+    check_noise_tuned(gen, tokenizer)
+
+
+def check_noise_tuned(gen: Generator, tokenizer: Tokenizer) -> None:
+    """An FAE whose feature decoder was noise-tuned for a flow (fae.stages.autoencoder, latent_noise_flow) decodes
+    that flow's noise (noise_std x its latent std per channel): refuse it for a flow trained at another noise."""
+    if not isinstance(tokenizer, FAE) or tokenizer.source is None or not isinstance(gen, FlowGenerator):
+        return
+    stage1 = tokenizer.source / "fae" if (tokenizer.source / "fae").is_dir() else tokenizer.source
+    noise = read_bundle_config(stage1).get("latent_noise")
+    if noise is None:
+        return
+    scale = (gen.noise_std * gen.std.float().cpu()).tolist()
+    if len(scale) != len(noise["scale"]) or any(abs(a - b) > 1e-5 * max(abs(b), 1e-8) + 1e-7
+                                                for a, b in zip(scale, noise["scale"], strict=False)):
+        raise ConfigError(f"{stage1} was noise-tuned for a flow with noise_std {noise['noise_std']} ({noise['flow']}), "
+                          f"but {gen.source} was trained with noise_std {gen.noise_std} (or other latent statistics): "
+                          "noise-tune a decoder for this flow (latent_noise_flow=...) or decode with the plain FAE")
 
 
 # --------------------------------------------------------------------------------------------------- generation

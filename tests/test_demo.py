@@ -178,21 +178,30 @@ def test_forecast_scales_by_calibration_then_by_observation():
 def test_quick_flow_demo_adds_the_flow_comparison(finished_demo, tmp_path, monkeypatch, capsys):
     """`fae demo --flow` on a finished demo folder: its prerequisites are skipped, the two flows train and are sampled
     guided and unguided, and one report shows the DiT and the flow sections."""
+    from fae.generators import load_generator
+    from fae.io import read_bundle_config
+
     root, _ = finished_demo
     monkeypatch.setenv("FAE_CACHE", str(root / "cache"))
     out = tmp_path / "demo"
     shutil.copytree(root / "runs" / "demo", out)
     assert main(["demo", "--quick", "--flow", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("done before") == 6 and "[demo 9/9] flow sampling" in printed
+    assert printed.count("done before") == 6 and "[demo 10/10] flow sampling" in printed
     flow = json.loads((out / "flow" / "done.json").read_text())
     assert flow["rows"] == 64 and flow["bpd_last"] < flow["bpd_first"]
     samples = json.loads((out / "flow-samples" / "done.json").read_text())
-    for key in ("fae/no_guidance", "fae/guidance", "raw/no_guidance", "raw/guidance"):
+    # score step + FAE decoder, and STARFlow's default path: no score step, the decoder noise-tuned for this flow
+    for key in ("fae/no_guidance", "fae/guidance", "fae-noise-tuned/no_guidance", "fae-noise-tuned/guidance",
+                "raw/no_guidance", "raw/guidance"):
         assert 0 <= samples[key]["class_agreement"] <= 1 and samples[key]["fd_encoder"] > 0
         assert Path(samples[key]["grid"]).is_file() and samples[key]["sample_seconds_per_image"] > 0
+    assert samples["fae-noise-tuned/guidance"]["fd_encoder"] != samples["fae/guidance"]["fd_encoder"]
+    tuned = read_bundle_config(out / "flow-decoder" / "fae")
+    assert tuned["latent_noise"]["noise_std"] == load_generator(out / "flow").noise_std == 0.3
     html = (out / "index.html").read_text()
     assert "STARFlow on FAE latents" in html and "DiT on FAE latents" in html
+    assert html.count("no score step, noise-tuned FAE decoder") == 2
     for src in referenced_images(html):
         assert (out / src).is_file(), src
 
@@ -211,8 +220,8 @@ def test_quick_compare_demo_puts_a_kl_vae_beside_fae_and_raw_features(finished_d
     shutil.copytree(root / "runs" / "demo", out)
     assert main(["demo", "--quick", "--compare", "--flow", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("done before") == 10 and "[demo 14/19] the three latent spaces side by side" in printed
-    assert "[demo 19/19] the three latent spaces under STARFlow" in printed
+    assert printed.count("done before") == 10 and "[demo 14/20] the three latent spaces side by side" in printed
+    assert "[demo 20/20] the three latent spaces under STARFlow" in printed
     cache = json.loads((out / "latents" / "kl" / "cache.json").read_text())
     kl = load_tokenizer(f"sd-vae:{out / 'kl-vae' / 'kl-vae'}")
     assert cache["source"] == "tokenizer" and cache["tokenizer"]["kind"] == "sd-vae"

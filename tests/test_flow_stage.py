@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from seeding import subprocess_env
 
 from fae.cli import main
-from fae.config import to_dict
+from fae.config import ConfigError, to_dict
 from fae.data.latents import LatentCache
 from fae.generators import FlowGenerator, load_generator
 from fae.io import read_bundle_config
@@ -171,3 +171,86 @@ def test_resume_after_kill_matches_uninterrupted(tiny_latent_world, tmp_path, on
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert json.loads((tmp_path / "straight" / "eval.json").read_text()) == \
         json.loads((tmp_path / "killed" / "eval.json").read_text())
+
+
+def test_noise_tuned_fae_decoder_learns_the_flows_noise_and_decodes_without_the_score_step(
+        tiny_latent_world, tiny_encoder_dir, tmp_path, one_thread, monkeypatch):
+    """STARFlow's sampling path on FAE: the stage-1 stage from a trained FAE (`init_from`) with `latent_noise_flow`
+    decodes z + the flow's training noise (noise_std x the flow's latent std, per channel); only the feature decoder
+    learns; the bundle decodes the flow's samples (same latent space) and `flow_denoise=False` skips the score step."""
+    from tiny import tiny_fae_config
+
+    from fae.encoders import EncoderConfig
+    from fae.models.autoencoder import FeatureAutoEncoder
+    from fae.models.pixel_decoder import PixelDecoder
+    from fae.sampling import load_decoder
+    from fae.stages.autoencoder import Config as FAEStageConfig
+    from fae.stages.autoencoder import FAEStage
+    from fae.transport import SamplerConfig
+
+    w = tiny_latent_world
+    flow_cfg = write_config(tmp_path / "flow.yaml", w["cache"], steps=2, checkpoint_every=2)
+    assert main(["train", "flow", "--config", str(flow_cfg), "--out", str(tmp_path / "flow"), "--no-progress"]) == 0
+    gen = load_generator(tmp_path / "flow")
+    assert gen.noise_std == 0.2 and (gen.std - 1).abs().max() > 0.3   # a noise without std_c would be caught
+
+    class Features:  # the batch brings the features; the stage asks its encoder nothing else here
+        dim, grid = 32, (4, 4)
+
+    cfg = FAEStageConfig(encoder=EncoderConfig(kind="dinov2", name_or_path="unused"), model=tiny_fae_config(),
+                         init_from=str(w["fae"]), latent_noise_flow=str(tmp_path / "flow"))
+    stage = FAEStage(cfg, encoder=Features())  # type: ignore[arg-type]
+    net = stage.modules["model"]
+    seen: list[torch.Tensor] = []
+    plain_decode = net.decode
+    monkeypatch.setattr(net, "decode", lambda z: (seen.append(z.detach()), plain_decode(z))[1])
+    x = torch.randn(64, 16, 32)
+    loss, logs = stage.loss("main", {"features": x}, 0)
+    eps = (seen[0] - net.encode(x).mode()) / (gen.std.view(1, -1, 1, 1) * gen.noise_std)
+    assert abs(eps.std().item() - 1) < 0.1 and eps.mean().abs() < 0.1        # 4096 draws of N(0, 1)
+    assert (eps.std(dim=(0, 2, 3)) - 1).abs().max() < 0.15                    # per channel: the flow's std_c
+    loss.backward()
+    assert all(p.grad is None for p in net.encoder.parameters())             # the latent space does not move
+    assert all(p.grad is not None for p in net.decoder.parameters())
+
+    (tmp_path / "tuned.yaml").write_text(f"""
+stage: fae
+encoder: {{kind: dinov2, name_or_path: {tiny_encoder_dir}}}
+model: {{feature_dim: 32, grid: [4, 4], latent_channels: 4, encoder_heads: 2, encoder_head_dim: 8,
+        decoder_depth: 1, decoder_heads: 2}}
+data: {{kind: fashion_mnist, image_size: 16, limit: 16, hflip: false}}
+init_from: {w["fae"]}
+latent_noise_flow: {tmp_path / "flow"}
+optim: {{lr: 1.0e-2, warmup_steps: 0}}
+train: {{steps: 2, batch_size: 8, checkpoint_every: 2, log_every: 1, ema_decay: 0.0, seed: 1}}
+eval: {{limit: 8}}
+""")
+    assert main(["train", "fae", "--config", str(tmp_path / "tuned.yaml"), "--out", str(tmp_path / "tuned"),
+                 "--no-progress"]) == 0
+    start, tuned = FeatureAutoEncoder.from_pretrained(w["fae"]), FeatureAutoEncoder.from_pretrained(
+        tmp_path / "tuned" / "fae")
+    assert all(torch.equal(a, b) for a, b in zip(start.encoder.state_dict().values(),
+                                                 tuned.encoder.state_dict().values(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(start.decoder.parameters(), tuned.decoder.parameters(),
+                                                     strict=True))
+    record = read_bundle_config(tmp_path / "tuned" / "fae")
+    assert record["latent_space_sha256"] == read_bundle_config(w["fae"])["weights_sha256"]
+    assert record["latent_noise"]["noise_std"] == 0.2
+
+    # sampling: the tuned decoder passes the generator's tokenizer check and is the one that decodes; no score step
+    denoised = []
+    plain_denoise = StarFlow.denoise
+    monkeypatch.setattr(StarFlow, "denoise", lambda self, *a: (denoised.append(1), plain_denoise(self, *a))[1])
+    decode = load_decoder(gen, fae=tmp_path / "tuned", pixel_decoder=w["pipeline"])
+    noise, labels = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2, 3])
+    z = gen.sample(noise, labels, SamplerConfig(flow_denoise=False))
+    assert denoised == []
+    pixels = PixelDecoder.from_pretrained(w["pipeline"] / "pixel_decoder")
+    with torch.no_grad():
+        torch.testing.assert_close(decode(z), pixels.decode(tuned.decode(z)))
+        assert not torch.allclose(decode(z), pixels.decode(start.decode(z)), atol=1e-4)
+    gen.sample(noise, labels, SamplerConfig())
+    assert denoised == [1]    # the default keeps the score step
+    gen.noise_std = 0.1   # a flow at another noise level: its noise is not what the decoder learned
+    with pytest.raises(ConfigError, match="noise-tuned for a flow with noise_std 0.2"):
+        load_decoder(gen, fae=tmp_path / "tuned", pixel_decoder=w["pipeline"])

@@ -148,7 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "prompt i mod P, one grid row per prompt")
     p.add_argument("--prompts", help="text generator: a file with one prompt per line")
     p.add_argument("--fae", help="with --generator: the pixel-decoder fine-tune run (or its tokenizer/ bundle), or the "
-                   "stage-1 FAE run, the generator was trained on (checked by the SHA-256 of its weights)")
+                   "stage-1 FAE run, the generator was trained on (checked by the SHA-256 of its weights); for a "
+                   "flow also a stage-1 run noise-tuned for it (latent_noise_flow; with --no-denoise, docs/flow.md)")
     p.add_argument("--pixel-decoder", help="pixel decoder bundle (when --fae has none, or for raw-feature latents)")
     p.add_argument("--tokenizer", help="with --generator, for latents of another latent space than an FAE: "
                    f"{tokenizer_help}; default: the one the generator's bundle records (identity-checked)")
@@ -171,7 +172,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run conditional/unconditional as one batch or two calls; auto: one batch on a GPU, on a "
                         "CPU whichever this machine measured faster (docs/speed.md)")
     p.add_argument("--no-denoise", action="store_true",
-                   help="flows: skip STARFlow's score-based denoising step after sampling")
+                   help="flows: skip STARFlow's score-based denoising step after sampling (as ml-starflow does "
+                        "when --fae is a decoder noise-tuned for the flow)")
     p.add_argument("--flow", action="append", metavar="KEY=VALUE",
                    help="flows: override one of the bundle's sampling switches (repeat): guide_top, "
                    "annealed_guidance, attention_temperature, jacobi, jacobi_block_size, jacobi_max_iter, "

@@ -28,7 +28,8 @@ def glance_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             if v:
                 rows.append((f"DiT on {label}, {g.replace('_', ' ')}: class-agreement / FD",
                              f"{_fmt(v['class_agreement'])} / {_fmt(v['fd_encoder'], 4)}"))
-    for key, label in (("fae", "FAE latents"), ("raw", "raw features")):
+    for key, label in (("fae", "FAE latents"), ("fae-noise-tuned", "FAE latents, noise-tuned decoder"),
+                       ("raw", "raw features")):
         for g in ("guidance", "no_guidance"):
             v = r.get("flow-samples", {}).get(f"{key}/{g}")
             if v:
@@ -218,20 +219,29 @@ def _flow_section(r: dict[str, Any], out: Path, figs: Path) -> Any:
 
     s = r["flow-samples"]
     rows = []
-    for gen, run, label in (("fae", "flow", "FAE latents (8x8x8)"), ("raw", "flow-raw", "raw features (8x8x128)")):
+    for gen, run, label, path in (("fae", "flow", "FAE latents (8x8x8)", "score step, FAE decoder"),
+                                  ("fae-noise-tuned", "flow", "FAE latents (8x8x8)",
+                                   "no score step, noise-tuned FAE decoder"),
+                                  ("raw", "flow-raw", "raw features (8x8x128)", "score step")):
         for g in ("no_guidance", "guidance"):
             if f"{gen}/{g}" in s:
                 v = s[f"{gen}/{g}"]
-                rows.append((label, g.replace("_", " "), _fmt(r.get(run, {}).get("heldout_bpd")),
+                rows.append((label, g.replace("_", " "), path, _fmt(r.get(run, {}).get("heldout_bpd")),
                              _fmt(v["class_agreement"]), _fmt(v["fd_encoder"], 4),
                              _fmt(1000 * v["sample_seconds_per_image"], 1)))
     curves = plot_curves({"FAE latents": read_metrics(out / "flow" / "metrics.jsonl"),
                           "raw features": read_metrics(out / "flow-raw" / "metrics.jsonl")},
                          ["bpd"], figs / "flow_curves.png", title="STARFlow negative log-likelihood (bits/dim)",
                          logy=False)
-    figures = [Figure(Path(s[f"{gen}/{g}"]["grid"]), f"flow on {gen} latents, {g.replace('_', ' ')}")
-               for gen in ("fae", "raw") for g in ("guidance", "no_guidance") if f"{gen}/{g}" in s]
+    figures = [Figure(Path(s[f"{gen}/{g}"]["grid"]), f"flow on {gen} latents, {g.replace('_', ' ')}".replace(
+        "fae-noise-tuned latents", "FAE latents, noise-tuned decoder"))
+               for gen in ("fae", "fae-noise-tuned", "raw") for g in ("guidance", "no_guidance") if f"{gen}/{g}" in s]
     noise = r.get("flow", {}).get("noise_std")
+    tuned = ("" if "flow-decoder" not in r else
+             " The noise-tuned rows sample as ml-starflow does by default: no score step; the flow's noisy latents go "
+             "through the FAE feature decoder fine-tuned on z plus the flow's training noise "
+             f"({_fmt(r['flow-decoder'].get('seconds'), 0)} s of fine-tuning, encoder frozen), then the same pixel "
+             "decoder.")
     return Section(
         "6. Normalizing flow: STARFlow on FAE latents vs on raw features (paper §5.3 in miniature)",
         text=[f"The same small STARFlow and training budget on the FAE latents and on the raw encoder features, trained "
@@ -240,9 +250,9 @@ def _flow_section(r: dict[str, Any], out: Path, figs: Path) -> Any:
               f"samples each, equally many per class; flow guidance {s['guidance']!r} mixes each token's conditional "
               "and unconditional Gaussians. Held-out bits/dim: negative log-likelihood of latents not trained on "
               "(normalised, noisy), per dimension; the two spaces differ in size, so compare each with itself. "
-              "Class-agreement and FD as in section 4."],
-        tables=[Table(["flow trained on", "sampling", "held-out bits/dim", "class-agreement", "FD (encoder)",
-                       "ms per image"], rows)],
+              "Class-agreement and FD as in section 4." + tuned],
+        tables=[Table(["flow trained on", "sampling", "noisy latents to pixels", "held-out bits/dim",
+                       "class-agreement", "FD (encoder)", "ms per image"], rows)],
         figures=[*figures, Figure(curves, "flow training")])
 
 

@@ -31,10 +31,12 @@ REFERENCE_SECONDS: dict[str, dict[str, float]] = {
                    "text-latents": 6.0, "mmdit": 1.0, "text-samples": 6.0, "report": 1.0},
 }
 # `fae demo --flow`'s own steps on the reference machine (AVX2 emulated, fp32, quiet; docs/flow.md): training from the
-# measured step times (72 and 116 ms, interleaved with the DiT calibration step at 47 ms) x 800 steps; sampling timed.
+# measured step times (72 and 116 ms, interleaved with the DiT calibration step at 47 ms) x 800 steps; sampling timed
+# (33.5 s for four rows, x 1.5 for the six since the noise-tuned decoder's rows); the noise-tuned decoder's fine-tune
+# (flow-decoder) measured on an AVX-512 machine in bf16 at calibration 0.98x (docs/flow.md), not under AVX2.
 FLOW_REFERENCE_SECONDS: dict[str, dict[str, float]] = {
-    "default": {"flow": 60.0, "flow-raw": 95.0, "flow-samples": 33.5},
-    "quick": {"flow": 0.5, "flow-raw": 0.5, "flow-samples": 2.0},
+    "default": {"flow": 60.0, "flow-raw": 95.0, "flow-decoder": 20.0, "flow-samples": 50.0},
+    "quick": {"flow": 0.5, "flow-raw": 0.5, "flow-decoder": 1.5, "flow-samples": 3.0},
 }
 # `fae demo --compare`'s own steps (fae.demo.compare): measured under AVX2 emulation (fp32) on a run whose calibration
 # step was 1.59x the reference's, divided by that (docs/benchmarks.md, 2026-12-06); the flow steps as `--flow`'s

@@ -2,6 +2,13 @@
 
 Loss: ||x_hat - x||^2 + beta * KL (eq. 4.1). Features come from the frozen encoder on the fly, or from a feature
 cache computed once (small data sets). The exported bundle records which frozen encoder it belongs to.
+
+`init_from` starts from a trained FAE's weights. With `latent_noise_flow` (a STARFlow run or bundle) the run is
+STARFlow's decoder fine-tune on FAE (docs/flow.md, "Sampling without the score step"): the FAE encoder is frozen and
+the feature decoder learns to map z + noise back to the features x, the noise being the flow's training noise
+(`noise_std` in the flow's channel-normalised space, so std_c * noise_std per channel of z). The bundle then records
+the latent space it decodes (`latent_space_sha256`, the starting FAE's identity: the encoder is unchanged) and the
+noise, so generators trained on the starting FAE's latents decode with it.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from fae.config import ConfigError
 from fae.data import DataConfig, build_dataset
 from fae.data.loading import num_items
 from fae.encoders import EncoderConfig, FrozenEncoder
-from fae.io import atomic_write_text, cache_root
+from fae.io import atomic_write_text, cache_root, read_bundle_config, require_bundle
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder, check_encoder_shape, vae_loss
 from fae.training import OptimConfig, TrainConfig, TrainStage
 
@@ -52,6 +59,36 @@ class Config:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="cosine", warmup_steps=1000))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    init_from: str | None = None           # a stage-1 FAE run or bundle: start from its weights
+    latent_noise_flow: str | None = None   # a flow run or bundle: fine-tune the feature decoder on its noisy latents
+
+
+@dataclass
+class LatentNoise:
+    """The noise a flow was trained with, in the FAE's raw latent units: z + scale_c * N(0, 1) per channel."""
+    noise_std: float            # the flow's noise_std (its channel-normalised space)
+    scale: torch.Tensor         # (C,) noise_std * the flow's latent std per channel
+    fae_sha256: str | None      # the FAE whose latents the flow learned
+    source: str
+
+
+def flow_latent_noise(flow: str | Path) -> LatentNoise:
+    """Read a flow run or bundle's training noise and latent statistics (what its sampler sees before the score
+    step: x_norm + noise_std * eps, i.e. z + std_c * noise_std * eps in raw latents)."""
+    from fae.generators import load_generator
+    from fae.generators.flow import FlowGenerator
+    from fae.sampling import trained_fae_sha256
+
+    gen = load_generator(flow)
+    if not isinstance(gen, FlowGenerator):
+        raise ConfigError(f"latent_noise_flow={flow}: not a flow run or bundle (`fae train flow`)")
+    return LatentNoise(gen.noise_std, gen.noise_std * gen.std.float().cpu(), trained_fae_sha256(gen), str(flow))
+
+
+def fae_identity(record: dict[str, Any]) -> str | None:
+    """The latent space a stage-1 bundle encodes to: its own weights' hash, or the hash of the FAE it was
+    noise-tuned from (same encoder weights)."""
+    return record.get("latent_space_sha256") or record.get("weights_sha256")
 
 
 class FAEStage(TrainStage):
@@ -63,6 +100,31 @@ class FAEStage(TrainStage):
             torch.manual_seed(cfg.train.seed)
             self.modules = {"model": FeatureAutoEncoder(cfg.model)}
         self._dataset: Dataset | None = None
+        self.init_identity: str | None = None
+        if cfg.init_from is not None:
+            self._init_from(cfg.init_from)
+        self.latent_noise: LatentNoise | None = None
+        if cfg.latent_noise_flow is not None:
+            if cfg.init_from is None:
+                raise ConfigError("latent_noise_flow is set but init_from is not: the noisy-latent fine-tune starts "
+                                  "from the FAE whose latents the flow learned (init_from=<stage-1 run or bundle>)")
+            self.latent_noise = flow_latent_noise(cfg.latent_noise_flow)
+            if self.latent_noise.fae_sha256 not in (None, self.init_identity):
+                raise ConfigError(f"latent_noise_flow={cfg.latent_noise_flow} learned the latents of another FAE "
+                                  f"(SHA-256 {self.latent_noise.fae_sha256[:12]}), not of init_from={cfg.init_from}")
+            if self.latent_noise.scale.numel() != cfg.model.latent_channels:
+                raise ConfigError(f"latent_noise_flow: the flow has {self.latent_noise.scale.numel()} latent channels, "
+                                  f"the FAE {cfg.model.latent_channels}")
+            # the flow was trained on this encoder's latents: only the feature decoder learns
+            self.modules["model"].encoder.requires_grad_(False)
+
+    def _init_from(self, path: str) -> None:
+        bundle = require_bundle(path, "fae", classes=[FeatureAutoEncoder.__name__])
+        start = FeatureAutoEncoder.from_pretrained(bundle)
+        if start.config != self.cfg.model:
+            raise ConfigError(f"init_from={path}: its model differs from this config's model block; make them equal")
+        self.modules["model"].load_state_dict(start.state_dict())
+        self.init_identity = fae_identity(read_bundle_config(bundle))
 
     def to(self, device: torch.device) -> None:
         self.encoder.to(device)
@@ -82,13 +144,33 @@ class FAEStage(TrainStage):
 
     def loss(self, group: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["features"] if "features" in batch else self.encoder(batch["image"])
+        if self.latent_noise is not None:
+            return self._noisy_latent_loss(x.float())
         x_hat, posterior = self.modules["model"](x.float(), sample=self.cfg.loss.sample_posterior)
         return vae_loss(x, x_hat, posterior, self.cfg.loss.kl_weight)
+
+    def _noisy_latent_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """STARFlow's decoder fine-tune: decode the flow's noisy latents (posterior mean + its training noise, what
+        its inverse returns before the score step) back to the clean features."""
+        model = self.modules["model"]
+        assert self.latent_noise is not None and isinstance(model, FeatureAutoEncoder)
+        with torch.no_grad():
+            z = model.encode(x).mode()
+        noise = torch.randn_like(z) * self.latent_noise.scale.to(z).view(1, -1, 1, 1)
+        x_hat = model.decode(z + noise).float()
+        mse = torch.nn.functional.mse_loss(x_hat, x)
+        cos = torch.nn.functional.cosine_similarity(x_hat, x, dim=-1).mean()
+        return mse, {"mse": mse.detach(), "cos": cos.detach(), "noise_rms": noise.pow(2).mean().sqrt()}
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         model = modules["model"]
         assert isinstance(model, FeatureAutoEncoder)
-        model.save_pretrained(out_dir / "fae", extra={"encoder": self.encoder.bundle_reference(out_dir / "fae")})
+        extra: dict[str, Any] = {"encoder": self.encoder.bundle_reference(out_dir / "fae")}
+        if self.latent_noise is not None:
+            extra["latent_space_sha256"] = self.init_identity
+            extra["latent_noise"] = {"flow": self.latent_noise.source, "noise_std": self.latent_noise.noise_std,
+                                     "scale": self.latent_noise.scale.tolist()}
+        model.save_pretrained(out_dir / "fae", extra=extra)
 
     def evaluate(self, out_dir: Path, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
         if self.cfg.eval.limit == 0:

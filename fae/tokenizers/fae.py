@@ -110,8 +110,10 @@ class FAE(nn.Module, Tokenizer):
         model = cls(FrozenEncoder.from_reference(encoder_reference),
                     FeatureAutoEncoder.from_pretrained(fae_dir, map_location), decoder).to(map_location)
         # its identity, for generator bundles: the hash its config.json records (from_pretrained has just checked it
-        # against the file), or the file's own for bundles written before that field
-        model.fae_weights_sha256 = (read_bundle_config(fae_dir).get("weights_sha256")
+        # against the file), or the file's own for bundles written before that field; a decoder noise-tuned for a flow
+        # (fae.stages.autoencoder, latent_noise_flow) keeps the encoder, so it names the latent space it started from
+        record = read_bundle_config(fae_dir)
+        model.fae_weights_sha256 = (record.get("latent_space_sha256") or record.get("weights_sha256")
                                     or file_sha256(Path(fae_dir) / WEIGHTS_NAME))
         return model
 
