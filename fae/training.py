@@ -290,7 +290,8 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module, updates: int = 0) -> None:
         decay = self.decay_at(updates)
-        ema, live = list(self.module.parameters()), [p.detach() for p in module.parameters()]
+        ema: list[torch.Tensor] = list(self.module.parameters())
+        live = [p.detach() for p in module.parameters()]
         if len(ema) != len(live):
             raise ValueError(f"EMA holds {len(ema)} parameters, the module {len(live)}")
         if all(type(t) is torch.Tensor for t in live):  # one multi-tensor kernel (plain tensors; DTensors loop)
