@@ -182,19 +182,14 @@ def _machine_verdicts() -> Iterator[dict[str, dict]]:
         if _held is not None:
             yield _held
             return
-        if os.environ.get("FAE_KERNEL_CACHE", "1") == "0":
-            _held = {}
-            try:
-                yield _held
-            finally:
-                _held = None
-            return
         folder = cache_root() / "kernels"
         path = folder / f"{fingerprint()}.json"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            lock = open(folder / f"{fingerprint()}.lock", "w")  # noqa: SIM115  # closed by the `with` below
-        except OSError:
+        lock = None
+        if os.environ.get("FAE_KERNEL_CACHE", "1") != "0":
+            with contextlib.suppress(OSError):
+                folder.mkdir(parents=True, exist_ok=True)
+                lock = open(folder / f"{fingerprint()}.lock", "w")  # noqa: SIM115  # closed by the `with` below
+        if lock is None:  # this process only
             _held = {}
             try:
                 yield _held
