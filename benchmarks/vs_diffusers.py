@@ -28,6 +28,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import cpu_kinds  # benchmarks/ is on sys.path when this script runs (tests add it)
 import torch
@@ -200,7 +201,10 @@ def matmul_peak(precision: str, device: torch.device, sizes: tuple[int, ...], re
 ABLATIONS: dict[str, dict[str, object]] = {
     "foreach AdamW": {},  # the optimizer, not a patch: see Workload construction below
     "ATen tanh-GELU": {"gelu_tanh": lambda h: F.gelu(h, approximate="tanh")},
-    "autograd addcmul": {"_plain": lambda *tensors: False},
+    "autograd addcmul": {"_Modulate": SimpleNamespace(apply=lambda x, shift, scale: torch.addcmul(
+                             shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))),
+                         "_GatedResidual": SimpleNamespace(apply=lambda x, gate, update: torch.addcmul(
+                             x, gate.unsqueeze(1), update))},
     "oneDNN linears": {"linear_backend": lambda *args, **kwargs: "onednn"},
     "no fused linear+GELU": {"fused_gelu_wins": lambda *args: False},
 }

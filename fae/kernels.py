@@ -103,15 +103,20 @@ def forced(kind: str) -> str | None:
     return _FORCED[kind][value]
 
 
-def choose(kind: str, key: str, candidates: Callable[[], dict[str, Callable[[], object]]]) -> str:
-    """The kernel for (`kind`, `key`): forced, known to this process, known to this machine, or measured now.
-    `candidates` builds the timed calls (name -> call) only when a measurement is needed."""
+def choose(kind: str, key: str, candidates: Callable[[], dict[str, Callable[[], object]]],
+           untimed: str | None = None) -> str:
+    """The kernel for (`kind`, `key`): forced, known to this process, `untimed` (a class too small to time, noted
+    as `small`), known to this machine, or measured now. `candidates` builds the timed calls (name -> call) only
+    when a measurement is needed."""
     override = forced(kind)
     if override is not None:
         return override
     known = _verdicts.get((kind, key))
     if known is not None:
         return known.choice
+    if untimed is not None:
+        _verdicts[(kind, key)] = Verdict(kind, key, untimed, "small", {})
+        return untimed
     with _machine_verdicts() as on_disk:
         stored = on_disk.get(f"{kind} {key}")
         if stored is not None:
@@ -122,12 +127,6 @@ def choose(kind: str, key: str, candidates: Callable[[], dict[str, Callable[[], 
             on_disk[f"{kind} {key}"] = {"choice": verdict.choice, "ms": verdict.ms}
     _verdicts[(kind, key)] = verdict
     return verdict.choice
-
-
-def record_small(kind: str, key: str, choice: str) -> str:
-    """Note (once) that a size class was too small to time and uses `choice`; returns it."""
-    _verdicts.setdefault((kind, key), Verdict(kind, key, choice, "small", {}))
-    return choice
 
 
 def verdicts() -> list[Verdict]:

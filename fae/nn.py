@@ -32,6 +32,11 @@ def set_attention_backend(backend: AttentionBackend) -> None:
     _DEFAULT_BACKEND = backend
 
 
+def _plain(*tensors: torch.Tensor) -> bool:
+    """Eager tensors on which a custom autograd Function is safe and worth it (no DTensor, no compiling)."""
+    return all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors) and not torch.compiler.is_compiling()
+
+
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
@@ -72,9 +77,9 @@ def attention_backend(q: torch.Tensor, k: torch.Tensor) -> str:
     n, dh, nk = q.shape[-2], q.shape[-1], k.shape[-2]
     rows = kernels.size_bucket(q.numel() // (n * dh))
     key = f"{str(dtype).removeprefix('torch.')} {'train' if backward else 'infer'} {rows}x{n}x{nk}x{dh}"
-    if kernels.forced("attention") is None and rows * n * nk * dh < SMALL_ATTENTION:
-        return kernels.record_small("attention", key, "math" if dtype in (torch.bfloat16, torch.float16) else "sdpa")
-    return kernels.choose("attention", key, lambda: _attention_probe(dtype, backward, rows, n, nk, dh))
+    small = "math" if dtype in (torch.bfloat16, torch.float16) else "sdpa"
+    return kernels.choose("attention", key, lambda: _attention_probe(dtype, backward, rows, n, nk, dh),
+                          untimed=small if rows * n * nk * dh < SMALL_ATTENTION else None)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: AttentionBackend | None = None,
@@ -141,16 +146,19 @@ PROBE_PRODUCT = 1 << 28
 def _linear_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A plain fp32 CPU linear, where the backend is ours to choose. bf16 (autocast) already goes to oneDNN;
     subclasses (DTensor, fake tensors) and torch.compile (which picks its own kernels) keep F.linear."""
-    return (x.dtype == torch.float32 and x.device.type == "cpu" and type(x) is torch.Tensor
-            and type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and _ONEDNN_AVAILABLE)
+    return (x.dtype == torch.float32 == weight.dtype and x.device.type == "cpu" and _plain(x, weight)
+            and not torch.is_autocast_enabled("cpu") and _ONEDNN_AVAILABLE)
+
+
+def _probe_rows(rows: int, k: int, n: int) -> int:
+    """The rows a (rows x k) @ (k x n) product is timed at: its own, cut to PROBE_PRODUCT multiply-adds."""
+    return max(16, min(rows, PROBE_PRODUCT // (k * n)))
 
 
 def _probe_calls(product: str, rows: int, k: int, n: int, bias: bool) -> dict[str, Callable[[], object]]:
     """Both backends' calls of one product on random operands of the size class (rows cut to PROBE_PRODUCT)."""
     g = torch.Generator().manual_seed(0)
-    m = max(16, min(rows, PROBE_PRODUCT // (k * n)))
+    m = _probe_rows(rows, k, n)
     x, w, grad = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(m, n, generator=g)
     args = {"forward": (x, w, torch.randn(n, generator=g) if bias else None), "grad_input": (grad, w),
             "grad_weight": (grad, x)}[product]
@@ -161,9 +169,8 @@ def linear_backend(product: str, rows: int, k: int, n: int, bias: bool = True) -
     """onednn or aten for one product of an (rows x k) @ (k x n) linear on this machine (fae.kernels)."""
     bucket = kernels.size_bucket(rows)
     key = f"{product} {bucket}x{k}x{n}"
-    if kernels.forced("linear") is None and bucket * k * n < SMALL_PRODUCT:
-        return kernels.record_small("linear", key, "aten")
-    return kernels.choose("linear", key, lambda: _probe_calls(product, bucket, k, n, bias))
+    return kernels.choose("linear", key, lambda: _probe_calls(product, bucket, k, n, bias),
+                          untimed="aten" if bucket * k * n < SMALL_PRODUCT else None)
 
 
 def _linear_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[str, str, str] | None:
@@ -186,9 +193,7 @@ _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.m
 def _fused_gelu_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype in which oneDNN can run linear + tanh-GELU as one primitive for this call, or None. Inference only
     (the fused op has no backward); fp32, or bf16 under CPU autocast where bf16 is native."""
-    if torch.is_grad_enabled() or not _ONEDNN_AVAILABLE or torch.compiler.is_compiling():
-        return None
-    if x.device.type != "cpu" or type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter):
+    if torch.is_grad_enabled() or not _ONEDNN_AVAILABLE or x.device.type != "cpu" or not _plain(x, weight):
         return None
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
@@ -200,7 +205,7 @@ def _fused_gelu_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | No
 
 def _gelu_probe(dtype: torch.dtype, rows: int, k: int, n: int) -> dict[str, Callable[[], object]]:
     g = torch.Generator().manual_seed(0)
-    m = max(16, min(rows, PROBE_PRODUCT // (k * n)))
+    m = _probe_rows(rows, k, n)
     x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((m, k), (n, k), (n,)))
     return {"onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh"),
             "separate": lambda: F.gelu(F.linear(x, w, b), approximate="tanh")}
@@ -210,9 +215,8 @@ def fused_gelu_wins(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
     """Whether oneDNN's one-primitive linear + GELU beats the linear then ATen's GELU here (fae.kernels)."""
     bucket = kernels.size_bucket(rows)
     key = f"{str(dtype).removeprefix('torch.')} {bucket}x{k}x{n}"
-    if kernels.forced("linear_gelu") is None and bucket * k * n < SMALL_PRODUCT:
-        return kernels.record_small("linear_gelu", key, "separate") == "onednn"
-    return kernels.choose("linear_gelu", key, lambda: _gelu_probe(dtype, bucket, k, n)) == "onednn"
+    return kernels.choose("linear_gelu", key, lambda: _gelu_probe(dtype, bucket, k, n),
+                          untimed="separate" if bucket * k * n < SMALL_PRODUCT else None) == "onednn"
 
 
 # tanh-GELU as h * sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3): the same function (0.5 (1 + tanh u) = sigmoid 2u)
@@ -256,16 +260,13 @@ def _gelu_calls(numel: int, backward: bool) -> dict[str, Callable[[], object]]:
 def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
     """tanh-approximated GELU; on fp32 CPU tensors ATen's kernel or the four-pass composition, whichever this
     machine measured faster (fae.kernels kind `gelu`; bf16 keeps ATen's: four bf16 roundings would cost accuracy)."""
-    if (h.dtype != torch.float32 or h.device.type != "cpu" or type(h) is not torch.Tensor
-            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+    if h.dtype != torch.float32 or h.device.type != "cpu" or not _plain(h) or torch.is_autocast_enabled("cpu"):
         return F.gelu(h, approximate="tanh")
     backward = torch.is_grad_enabled() and h.requires_grad
     bucket = kernels.size_bucket(h.numel())
     key = f"float32 {'train' if backward else 'infer'} {bucket}"
-    if kernels.forced("gelu") is None and bucket < SMALL_ELEMENTWISE:
-        choice = kernels.record_small("gelu", key, "aten")
-    else:
-        choice = kernels.choose("gelu", key, lambda: _gelu_calls(bucket, backward))
+    choice = kernels.choose("gelu", key, lambda: _gelu_calls(bucket, backward),
+                            untimed="aten" if bucket < SMALL_ELEMENTWISE else None)
     return _ComposedTanhGelu.apply(h) if choice == "composed" else F.gelu(h, approximate="tanh")
 
 
@@ -498,11 +499,6 @@ class _GatedResidual(torch.autograd.Function):
         grad_gate = (grad * update).sum(1).to(gate_dtype) if ctx.needs_input_grad[1] else None
         grad_update = (grad * gate.unsqueeze(1)).to(update_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_gate, grad_update
-
-
-def _plain(*tensors: torch.Tensor) -> bool:
-    """Eager tensors on which a custom autograd Function is safe and worth it (no DTensor, no compiling)."""
-    return all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors) and not torch.compiler.is_compiling()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -264,13 +264,12 @@ class GuidedVelocity:
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         key = (f"{type(self.model).__name__} {params} {str(dtype).removeprefix('torch.')} "
                f"{kernels.size_bucket(x.shape[0])}x{'x'.join(map(str, x.shape[1:]))}")
-        if kernels.forced("cfg_batch") is None and params * x.shape[0] < SMALL_CFG_BATCH:
-            return kernels.record_small("cfg_batch", key, "concat")
-        probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x)  # the model is deterministic
 
         def candidates() -> dict[str, Callable[[], object]]:
+            probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x)  # the model is deterministic
             return {mode: functools.partial(self._guided, mode, probe, tt, y) for mode in ("concat", "separate")}
-        return kernels.choose("cfg_batch", key, candidates)
+        return kernels.choose("cfg_batch", key, candidates,
+                              untimed="concat" if params * x.shape[0] < SMALL_CFG_BATCH else None)
 
     def __call__(self, x: torch.Tensor, t: float, y: torch.Tensor | None) -> torch.Tensor:
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
