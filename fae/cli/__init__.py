@@ -9,12 +9,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from fae.cli import data, demo, generate, serve, train
+from fae.cli import data, demo, generate, plan, serve, train
 from fae.cli import eval as evaluation
 from fae.config import ConfigError
 
 # The command table: each module's `register(subparsers)` adds its commands and sets `func` on their parsers.
-COMMANDS = [train.register, generate.register, evaluation.register, data.register, demo.register, serve.register]
+COMMANDS = [train.register, generate.register, evaluation.register, data.register, demo.register, serve.register,
+            plan.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
