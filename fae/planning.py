@@ -21,7 +21,9 @@ own step in the pixel-decoder stage (it runs after the generator's graph is free
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +57,8 @@ class MemoryProfile:
     path: str                        # how `fae train --config` names it
     stage: str
     batch: int                       # train.batch_size: the global batch
-    trainable: int                   # parameters the optimizers update (the discriminator included)
+    trainable: int                   # parameters of the networks the optimizers update (the discriminator included;
+                                     # a frozen sin-cos table inside counts too: a few MB over)
     ema: int                         # of those, the parameters with an EMA copy
     frozen: int                      # frozen networks run every step
     activation_per_sample: float     # bytes autograd keeps for backward, per sample
@@ -240,6 +243,9 @@ def profile(config: str | Path, overrides: Sequence[str] = ()) -> MemoryProfile:
             set_activation_checkpointing(module, True)
         checkpointed = saved_bytes_per_sample(forward)
         units = [u for m in networks for u in _blocks(m)]
+    if _uses_convnext(name, cfg):
+        loss_network = _convnext_saved_per_sample()
+        activation, checkpointed = activation + loss_network, checkpointed + loss_network
     paper = path.parent.resolve() == (PACKAGED_CONFIGS / "paper").resolve()
     label, shown = (path.stem, f"configs/paper/{path.name}") if paper else (str(config), str(config))
     return MemoryProfile(label, shown, name, cfg.train.batch_size, trained, ema, frozen, activation, checkpointed,
@@ -254,12 +260,16 @@ def _frozen_parameters(name: str, cfg: Any) -> int:
         from fae.encoders import FrozenEncoder
         from fae.encoders.image import KNOWN_ENCODERS
 
-        known = next((k for k, v in KNOWN_ENCODERS.items() if v.hub_id == cfg.encoder.name_or_path), None)
+        def family(hub_id: str) -> str:   # a checkpoint of another resolution is the same network
+            return re.sub(r"-\d+$", "", hub_id)
+
+        known = next((k for k, v in KNOWN_ENCODERS.items()
+                      if v.kind == cfg.encoder.kind and family(v.hub_id) == family(cfg.encoder.name_or_path)), None)
         if known is None:
             raise PlanError(f"fae plan counts the frozen encoder of the known encoders only, not "
                             f"{cfg.encoder.name_or_path!r} (known: {', '.join(KNOWN_ENCODERS)})")
-        frozen += count_parameters(FrozenEncoder.skeleton(known))
-    if name == "pixel-decoder" and cfg.losses.perceptual == "convnext" and cfg.losses.perceptual_weight > 0:
+        frozen += count_parameters(FrozenEncoder.skeleton(known, input_size=cfg.encoder.input_size))
+    if _uses_convnext(name, cfg):
         from fae.losses import ConvNeXt
 
         frozen += count_parameters(ConvNeXt())
@@ -293,24 +303,29 @@ def _training_forward(name: str, cfg: Any, parts: dict[str, nn.Module]) -> tuple
         tokens = cfg.model.grid[0] * cfg.model.grid[1]
         return [fae], lambda b: fae(torch.randn(b, tokens, cfg.model.feature_dim, device=meta))[0]
     decoder: Any = parts["pixel decoder"]   # a PixelDecoder: its config sizes the input
-    losses = cfg.losses
-    convnext = None
-    if losses.perceptual == "convnext" and losses.perceptual_weight > 0:
-        from fae.losses import ConvNeXt
-
-        convnext = ConvNeXt().requires_grad_(False)
     discriminator = parts.get("discriminator")
 
     def pixel_forward(b: int) -> Any:
-        # the generator's loss: the decoder, then the frozen loss networks that the gradient passes through
+        # the generator's loss: the decoder, then the discriminator (frozen here) that the gradient passes through;
+        # the ConvNeXt loss network's share is added by `profile` (`_convnext_saved_per_sample`)
         image = decoder(torch.randn(b, decoder.config.num_tokens, decoder.config.in_dim, device=meta))
-        out = image.sum()
-        if convnext is not None:   # ConvNeXtPerceptual: logits at 224 px
-            out = out + convnext(F.interpolate(image, size=224, mode="bilinear", antialias=True)).sum()
-        if discriminator is not None:
-            out = out + discriminator(image).sum()
-        return out
+        return image.sum() + (discriminator(image).sum() if discriminator is not None else 0)
     return [decoder], pixel_forward
+
+
+@functools.cache
+def _convnext_saved_per_sample() -> float:
+    """What the ConvNeXt-S perceptual loss keeps for backward per sample: the same at any image size (it reads
+    its input resized to 224 px, ConvNeXtPerceptual), so counted once."""
+    from fae.losses import ConvNeXt
+
+    with torch.device("meta"):
+        net = ConvNeXt().requires_grad_(False)
+        return saved_bytes_per_sample(lambda b: net(torch.randn(b, 3, 224, 224, requires_grad=True)))
+
+
+def _uses_convnext(name: str, cfg: Any) -> bool:
+    return name == "pixel-decoder" and cfg.losses.perceptual == "convnext" and cfg.losses.perceptual_weight > 0
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:
