@@ -375,6 +375,21 @@ MUTATIONS: list[Mutation] = [
       "grad_scale = (grad * x).sum(1).to(scale_dtype) if ctx.needs_input_grad[2] else None",
       "grad_scale = grad.sum(1).to(scale_dtype) if ctx.needs_input_grad[2] else None",
       "tests/test_kernels.py", "adaLN's lean backward gives autograd's gradients"),
+    # `fae plan` (issue 28): the memory arithmetic and the layout that keeps the global batch
+    M("plan-no-ddp-buckets", "fae/planning.py", "buckets = 4 * self.trainable if gpus > 1 else 0", "buckets = 0",
+      "tests/test_plan.py", "DDP on several GPUs holds its gradient buckets"),
+    M("plan-fsdp-unsharded", "fae/planning.py", "return state / gpus + 4 * self.frozen", "return state + 4 * self.frozen",
+      "tests/test_plan.py", "FSDP2 holds 1/N of the training state"),
+    M("plan-no-recompute", "fae/planning.py", "return self.checkpointed_per_sample + recompute",
+      "return self.checkpointed_per_sample", "tests/test_plan.py",
+      "checkpointing's backward recomputes one block's activations"),
+    M("plan-micro-not-divisor", "fae/planning.py", "min(share, fits) + 1) if share % d == 0)",
+      "min(share, fits) + 1))", "tests/test_plan.py",
+      "micro-batch x grad_accum x GPUs is the config's global batch"),
+    M("plan-no-loss-network", "fae/planning.py",
+      "activation, checkpointed = activation + loss_network, checkpointed + loss_network",
+      "activation, checkpointed = activation, checkpointed", "tests/test_plan.py",
+      "the pixel decoder's step keeps the ConvNeXt loss network's activations"),
 ]
 
 

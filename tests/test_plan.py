@@ -114,10 +114,15 @@ def test_the_pixel_decoder_counts_its_loss_networks() -> None:
         convnext = count_parameters(ConvNeXt())
     small = ["decoder.depth=2"]
     full = profile("pixel_decoder_dinov2_g14", small)
+    no_convnext = profile("pixel_decoder_dinov2_g14", [*small, "losses.perceptual=none"])
     plain = profile("pixel_decoder_dinov2_g14", [*small, "losses.perceptual=none", "losses.gan_weight=0"])
-    assert full.frozen - plain.frozen == convnext
+    assert full.frozen - plain.frozen == convnext and no_convnext.frozen == plain.frozen
     assert full.trainable - plain.trainable == 2_765_633 and full.ema == plain.ema == plain.trainable
-    assert full.activation_per_sample > plain.activation_per_sample
+    # ConvNeXt-S keeps the same bytes per sample in both modes (it is not checkpointed); the discriminator's too
+    with_convnext = full.activation_per_sample - no_convnext.activation_per_sample
+    assert with_convnext > 10 * 2**20
+    assert full.checkpointed_per_sample - no_convnext.checkpointed_per_sample == with_convnext
+    assert no_convnext.activation_per_sample > plain.activation_per_sample
 
 
 def test_configs_it_cannot_plan_say_why(tmp_path: Path) -> None:
