@@ -148,7 +148,7 @@ def make_plan(profile: MemoryProfile, gpus: int, gpu_memory_gib: float, reserve_
         micro, accum = layout(profile.batch, gpus, fits)
         seconds = None
         if rate is not None and micro:
-            seconds = micro * accum * gpus / (rate * gpus) * (RECOMPUTE_COST if mode != "ddp" else 1.0)
+            seconds = micro * accum / rate * (RECOMPUTE_COST if mode != "ddp" else 1.0)   # images per GPU / rate
         plans.append(ModePlan(mode, fits, micro, accum, micro * accum * gpus,
                               profile.bytes_per_gpu(mode, max(micro, 1), gpus), seconds))
     if not any(p.micro_batch for p in plans):
