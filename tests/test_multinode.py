@@ -30,7 +30,9 @@ CFG = dict(checkpoint_every=2)     # on top of tests/test_scale.py's config: 4 s
 def _kill_this_node() -> None:
     """SIGKILL this node: its torchrun agent's process group (the test starts each agent as a session leader) and
     this worker (torchrun starts each worker in a session of its own)."""
-    os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)
+    agent = os.getppid()
+    if agent > 1 and os.getpgid(agent) == agent:   # the agent, not whatever adopted an orphan
+        os.killpg(agent, signal.SIGKILL)
     os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
