@@ -246,6 +246,14 @@ MUTATIONS: list[Mutation] = [
     M("stats-merge-no-mean-shift", "fae/metrics/frechet.py", "np.outer(delta, delta) * (self.n * other.n / n)",
       "0 * np.outer(delta, delta)", "tests/test_scale.py::test_merged_feature_statistics_equal_one_pass",
       "merged feature statistics equal one pass (Chan's correction)"),
+    # ---- issue 28: multi-node (two torchrun nodes on this machine: both have LOCAL_RANK 0)
+    M("rank-from-local-rank", "fae/distributed.py", "    rank = dist.get_rank() if dist.is_initialized() else 0\n",
+      '    rank = int(os.environ.get("LOCAL_RANK", "0")) if dist.is_initialized() else 0\n',
+      "tests/test_multinode.py::test_two_nodes_killed_and_resumed_train_as_one_process",
+      "the trainer's rank is the global RANK, not the node's LOCAL_RANK"),
+    M("resume-folders-not-compared", TR, "        self._check_same_checkpoints(ckpts)\n", "",
+      "tests/test_multinode.py::test_node_local_run_folders_are_refused_at_resume",
+      "processes that see different checkpoints (node-local run folders) stop at resume instead of hanging"),
     # ---- issue 22: STARFlow, MMDiT, the precision verdict, checkpoint manifests, FSDP gradient sync, latent stats
     M("starflow-no-reverse", SF, "return x.flip(1) if self.reverse else x", "return x",
       f"{STT}::test_flow_blocks_alternate_the_token_order_and_the_stack_sees_every_token",

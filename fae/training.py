@@ -721,6 +721,7 @@ class Trainer:
     def _resume(self) -> None:
         """Load the newest good checkpoint, if any (random streams need no state: `seed_step`)."""
         ckpts = checkpoint_dirs(self.out_dir)
+        self._check_same_checkpoints(ckpts)
         if not ckpts:
             return
         written_sharded = sharding.has_state(ckpts[-1])
@@ -746,6 +747,17 @@ class Trainer:
         if self.rank == 0 and (self.progress or problems):
             print(f"resuming from {path} (step {self.step})" + (f", after passing over {len(problems)} damaged "
                                                                  "checkpoint(s)" if problems else ""))
+
+    def _check_same_checkpoints(self, ckpts: list[Path]) -> None:
+        """Every process sees the same checkpoints. Each reads them itself, so on nodes whose run folders are not one
+        shared folder (a node-local disk each) rank 0 would resume where its disk says and the others from scratch,
+        and their collectives would stop matching (a hang, or a wrong run) instead of this error."""
+        seen = D.all_gather_objects([p.name for p in ckpts])
+        if any(names != seen[0] for names in seen):
+            newest = [names[-1] if names else "none" for names in seen]
+            raise TrainingError(f"the processes see different checkpoints in {self.out_dir} (the newest, by rank: "
+                                f"{newest}): the run folder must be one folder every node sees (a shared file "
+                                "system), not a node-local disk per node (docs/scaling.md, Multi-node)")
 
     def _load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Weights, EMA, optimizer and scheduler states from `path`, checked against its manifest first."""
