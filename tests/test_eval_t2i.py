@@ -15,7 +15,7 @@ from PIL import Image
 
 from fae.cli import main
 from fae.config import ConfigError
-from fae.evaluation import choose_captions
+from fae.evaluation import choose_captions, t2i_reference_source
 from fae.io import state_dict_sha256
 from fae.metrics.clip_score import ClipScorer
 
@@ -103,6 +103,7 @@ def test_t2i_writes_fid_and_clip_score_as_transformers_computes_it(world, first)
     samples = np.load(first["out"] / "samples.npz")
     captions = [f"a {name} square" for name in sorted(COLOURS)]   # the folder's pairs in sorted order
     assert samples["arr_0"].shape == (6, 16, 16, 3) and samples["labels"].tolist() == list(range(6))
+    assert (first["out"] / "grid.png").is_file() and not (first["out"] / ".chunks").exists()
     cos = direct_clip_scores(world["root"] / "clip", samples["arr_0"], captions)
     assert (cos < 0).any() and (cos > 0).any()   # so the clamp at 0 is exercised
     expected = 100 * np.clip(cos, 0, None)
@@ -142,13 +143,16 @@ def test_samples_equal_to_their_references_give_zero_fid(world, first, tmp_path)
     assert subset["inputs"]["reference"]["num_samples_stats"] == 3   # only the chosen pairs' images
 
 
-def test_caption_choice_is_first_n_or_a_seeded_prefix():
+def test_caption_choice_is_first_n_or_a_seeded_prefix(world):
     assert choose_captions(10, 4, None) == [0, 1, 2, 3] and choose_captions(10, None, None) == list(range(10))
     big, small = choose_captions(100, 30, 7), choose_captions(100, 10, 7)
     assert small == big[:10] and len(set(big)) == 30 and big != list(range(30))
     assert choose_captions(100, 10, 8) != small
     with pytest.raises(ConfigError, match="has 10 pairs"):
         choose_captions(10, 11, None)
+    red, blue = str(world["pairs"] / "red.png"), str(world["pairs"] / "blue.png")   # an image with two captions
+    source = t2i_reference_source([(red, "a red square"), (blue, "blue"), (red, "red again")], 16, "coco-like")
+    assert source.num_images == 2 and next(source.batches(4)).shape == (2, 3, 16, 16)   # counted once
 
 
 def test_bad_inputs_are_named(world, tmp_path, capsys):
