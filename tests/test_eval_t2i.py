@@ -15,9 +15,11 @@ from PIL import Image
 
 from fae.cli import main
 from fae.config import ConfigError
-from fae.evaluation import choose_captions, t2i_reference_source
+from fae.evaluation import OncePerCaption, choose_captions, t2i_reference_source
+from fae.generators import load_generator
 from fae.io import state_dict_sha256
 from fae.metrics.clip_score import ClipScorer
+from fae.transport import GuidanceSchedule, SamplerConfig
 
 # a Fréchet distance of 3-6 samples in 32-d is rank deficient by design here; frechet.py says so each time
 pytestmark = pytest.mark.filterwarnings("ignore:only .* samples for:UserWarning")
@@ -73,7 +75,7 @@ train: {{steps: 3, batch_size: 6, checkpoint_every: 3, log_every: 3, ema_decay: 
     common = ["eval", "t2i", "--generator", str(root / "run"), "--fae", str(tiny_latent_world["pipeline"]),
               "--clip", str(root / "clip"), "--steps", "2", "--network", f"encoder:{tiny_encoder_dir}", "--no-cache",
               "--device", "cpu", "--no-progress"]
-    return dict(root=root, pairs=pairs, common=common)
+    return dict(root=root, pairs=pairs, common=common, pipeline=tiny_latent_world["pipeline"])
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +122,29 @@ def test_t2i_writes_fid_and_clip_score_as_transformers_computes_it(world, first)
     # the scorer per pair (batches of 4 and 2: padding differs between them) against the direct computation
     scorer = ClipScorer.load(str(world["root"] / "clip"))
     assert np.allclose(scorer.scores(samples["arr_0"], captions, batch_size=4), expected, atol=1e-4)
+
+
+def test_samples_are_fae_samples_of_the_captions_without_filling_the_prompt_cache(world, first, tmp_path):
+    """Sample i is what `fae sample` makes from caption i with the same seed and settings (the per-sample noise
+    rule), though the evaluation encodes each chunk's captions itself instead of through the generator's cache."""
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(f"a {name} square" for name in sorted(COLOURS)) + "\n")
+    assert main(["sample", "--generator", str(world["root"] / "run"), "--fae", str(world["pipeline"]), "--out",
+                 str(tmp_path / "s"), "--prompts", str(captions), "-n", "6", "--steps", "2", "--guidance",
+                 "paper-text", "--batch-size", "4", "--no-progress", "--no-pngs", "--device", "cpu"]) == 0
+    plain = np.load(tmp_path / "s" / "samples.npz")["arr_0"].astype(int)
+    ours = np.load(first["out"] / "samples.npz")["arr_0"].astype(int)
+    # equal up to the last bit's rounding to uint8 (chunks of 4 there, one of 6 here; other noise differs in most
+    # pixels, by up to 8 levels in this grey tiny model)
+    assert np.abs(plain - ours).max() <= 1 and (plain != ours).mean() < 0.01
+    gen = load_generator(world["root"] / "run")
+    noise, prompts = torch.randn(2, 4, 4, 4), ["a red square", "a blue square"]
+    sampler = SamplerConfig(steps=2, guidance=GuidanceSchedule.paper_text())
+    assert torch.allclose(OncePerCaption(gen).sample(noise, prompts, sampler), gen.sample(noise, prompts, sampler),
+                          atol=1e-5)
+    gen = load_generator(world["root"] / "run")
+    OncePerCaption(gen).sample(noise, prompts, sampler)
+    assert gen._prompts == {}   # nothing kept
 
 
 def test_samples_equal_to_their_references_give_zero_fid(world, first, tmp_path):
