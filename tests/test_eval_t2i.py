@@ -168,6 +168,36 @@ def test_samples_equal_to_their_references_give_zero_fid(world, first, tmp_path)
     assert subset["inputs"]["reference"]["num_samples_stats"] == 3   # only the chosen pairs' images
 
 
+def test_a_siglip_model_scores_through_the_same_path(tmp_path):
+    """AutoModel loads a SigLIP folder (Gemma tokenizer, as SigLIP2's) into the scorer; its text is padded to the
+    full length without a mask, as SigLIP was trained, and the cosines equal SiglipModel.forward's on those inputs."""
+    from fae.encoders.text import tiny_gemma_tokenizer
+
+    tokenizer = tiny_gemma_tokenizer()
+    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   bos_token_id=tokenizer.bos_token_id)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, **special)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision)).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    scorer = ClipScorer.load(str(tmp_path))
+    assert scorer.model_type == "siglip" and scorer.max_length == 16
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    captions = ["a red square", "b", "a much longer caption than sixteen tokens"]
+    ids = tokenizer(captions, padding="max_length", max_length=16, truncation=True, return_tensors="pt")["input_ids"]
+    pixels = scorer.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels)
+    expected = (out.image_embeds * out.text_embeds).sum(-1).double().numpy()
+    assert np.allclose(scorer.cosines(images, captions, batch_size=2), expected, atol=1e-5)
+    assert np.array_equal(scorer.scores(images, captions), 100 * np.clip(scorer.cosines(images, captions), 0, None))
+
+
 def test_caption_choice_is_first_n_or_a_seeded_prefix(world):
     assert choose_captions(10, 4, None) == [0, 1, 2, 3] and choose_captions(10, None, None) == list(range(10))
     big, small = choose_captions(100, 30, 7), choose_captions(100, 10, 7)

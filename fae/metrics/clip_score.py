@@ -116,9 +116,13 @@ class ClipScorer:
         return F.normalize(_pooled(self.model.get_text_features(**inputs)).float(), dim=-1)
 
     def scores(self, images: Any, captions: Sequence[str], batch_size: int = 50, progress: bool = False) -> np.ndarray:
-        """Per-pair CLIP scores, 100 * max(cos, 0), float64 (N,): `images` (N,H,W,3) uint8, an .npz / folder, or an
-        ImageSource (fae.metrics.features; an .npz streams batch by batch), paired in order with `captions`. Under
-        torchrun each process scores a contiguous share of the batches and every process returns all N scores."""
+        """Per-pair CLIP scores, 100 * max(cos, 0), float64 (N,); see `cosines`."""
+        return 100.0 * np.clip(self.cosines(images, captions, batch_size, progress), 0.0, None)
+
+    def cosines(self, images: Any, captions: Sequence[str], batch_size: int = 50, progress: bool = False) -> np.ndarray:
+        """Per-pair cos(image embedding, text embedding), float64 (N,): `images` (N,H,W,3) uint8, an .npz / folder, or
+        an ImageSource (fae.metrics.features; an .npz streams batch by batch), paired in order with `captions`. Under
+        torchrun each process embeds a contiguous share of the batches and every process returns all N values."""
         from fae.metrics.features import open_images
 
         source = open_images(images)
@@ -138,7 +142,7 @@ class ClipScorer:
         for start, batch in zip(starts, batches, strict=True):   # uint8 (B,3,H,W)
             texts = captions[start:start + batch.shape[0]]
             cos = (self.embed_images(batch.permute(0, 2, 3, 1)) * self.embed_texts(texts)).sum(-1)
-            parts.append((100.0 * cos.clamp(min=0)).double().cpu().numpy())
+            parts.append(cos.double().cpu().numpy())
             if bar is not None:
                 bar.update(len(parts[-1]) * D.world_size())
         if bar is not None:
