@@ -42,7 +42,8 @@ class ClipScorer:
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, name_or_path: str,
                  device: str | torch.device = "cpu") -> None:
-        self.model = model.eval().requires_grad_(False).to(device)
+        # float32 like every metric network (a checkpoint stored in fp16 would otherwise load as fp16)
+        self.model = model.float().eval().requires_grad_(False).to(device)
         self.tokenizer, self.image_processor, self.name_or_path = tokenizer, image_processor, name_or_path
         self.device = torch.device(device)
         self.model_type = str(model.config.model_type)
