@@ -15,7 +15,7 @@ from PIL import Image
 
 from fae.cli import main
 from fae.config import ConfigError
-from fae.evaluation import OncePerCaption, choose_captions, t2i_reference_source
+from fae.evaluation import OncePerCaption, caption_pairs, choose_captions, t2i_reference_source
 from fae.generators import load_generator
 from fae.io import state_dict_sha256
 from fae.metrics.clip_score import ClipScorer
@@ -208,6 +208,23 @@ def test_caption_choice_is_first_n_or_a_seeded_prefix(world):
     red, blue = str(world["pairs"] / "red.png"), str(world["pairs"] / "blue.png")   # an image with two captions
     source = t2i_reference_source([(red, "a red square"), (blue, "blue"), (red, "red again")], 16, "coco-like")
     assert source.num_images == 2 and next(source.batches(4)).shape == (2, 3, 16, 16)   # counted once
+
+
+def test_webdataset_shards_are_a_caption_set_and_a_reference(world, tmp_path):
+    """Tar shards (told by the path) give the pairs in order, and their images as the reference, each image once."""
+    import io
+
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "shard-000.tar")) as sink:
+        for name in ("red", "blue"):
+            buf = io.BytesIO()
+            Image.open(world["pairs"] / f"{name}.png").save(buf, format="PNG")
+            sink.write({"__key__": name, "png": buf.getvalue(), "txt": f"a {name} square"})
+    pairs = caption_pairs(tmp_path / "shard-000.tar")
+    assert [c for _, c in pairs] == ["a red square", "a blue square"] and pairs[0][0][1] == "red"
+    images = next(t2i_reference_source(pairs + pairs[:1], 16, "shards").batches(8))
+    assert images.shape == (2, 3, 16, 16) and images[0, 0].min() == 230 and images[1, 2].min() == 230
 
 
 def test_bad_inputs_are_named(world, tmp_path, capsys):
