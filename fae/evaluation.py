@@ -180,7 +180,8 @@ def caption_pairs(captions: str | Path, caption_format: str | None = None) -> li
     path = Path(captions)
     fmt = caption_format or _caption_format(path)
     try:
-        dataset = build_caption_dataset(CaptionDataConfig(format=fmt, root=str(captions)))  # type: ignore[arg-type]  # checked by validate
+        config = CaptionDataConfig(format=fmt, root=str(captions))  # type: ignore[arg-type]  # checked by validate
+        dataset = build_caption_dataset(config)
     except ValueError as exc:
         raise ConfigError(f"caption set {captions}: {exc}") from None
     missing = [src for src, _ in dataset.pairs if not isinstance(src, tuple) and not Path(src).is_file()]

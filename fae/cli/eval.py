@@ -451,6 +451,8 @@ def _register_t2i(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--guidance", default="paper-text", help="paper-text (default: 1.5 on t in [0, 0.9], the "
                    "paper's MMDiT setting) | none | a scale | 't_min-t_max:scale,...', as `fae sample`")
+    p.add_argument("--guidance-channels", type=int, default=None,
+                   help="guide only the first N channels (as `fae sample`); default all")
     p.add_argument("--time-shift", type=float, default=None, help="the paper's s; default: the training value")
     p.add_argument("--cfg-batch", choices=["auto", "concat", "separate"], default="auto")
     p.add_argument("--sample-batch-size", type=int, default=64, help="samples per generator batch (default 64)")
@@ -471,7 +473,8 @@ def _cmd_t2i(args: argparse.Namespace) -> int:
 
     _check_positive(num_samples=args.num_samples, batch_size=args.batch_size, steps=args.steps,
                     sample_batch_size=args.sample_batch_size)
-    sampler = sampler_config(args.guidance, args.sampler, args.steps, args.time_shift, cfg_batch=args.cfg_batch)
+    sampler = sampler_config(args.guidance, args.sampler, args.steps, args.time_shift, args.guidance_channels,
+                             args.cfg_batch)
     network = _network(args)   # a missing weights file or CLIP model is reported before any sampling
     device = resolve_device(args.device)
     clip = ClipScorer.load(args.clip, device=device, revision=args.clip_revision)
