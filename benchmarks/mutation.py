@@ -398,6 +398,19 @@ MUTATIONS: list[Mutation] = [
       "activation, checkpointed = activation + loss_network, checkpointed + loss_network",
       "activation, checkpointed = activation, checkpointed", "tests/test_plan.py",
       "the pixel decoder's step keeps the ConvNeXt loss network's activations"),
+    # `fae eval t2i` (issue 28 item 8): the CLIP score's definition, SigLIP's unmasked text, FID against the reference
+    M("clip-score-unclamped", "fae/metrics/clip_score.py",
+      "return 100.0 * np.clip(self.cosines(images, captions, batch_size, progress), 0.0, None)",
+      "return 100.0 * self.cosines(images, captions, batch_size, progress)",
+      "tests/test_eval_t2i.py::test_t2i_writes_fid_and_clip_score_as_transformers_computes_it",
+      "the CLIP score is 100 * max(cos, 0), averaged"),
+    M("siglip-text-masked", "fae/metrics/clip_score.py", 'if not siglip and "attention_mask" in batch:',
+      'if "attention_mask" in batch:', "tests/test_eval_t2i.py::test_a_siglip_model_scores_through_the_same_path",
+      "SigLIP text is embedded at full length without a mask, as trained"),
+    M("t2i-fid-against-itself", "fae/evaluation.py", 'fd: frechet_distance(compute_stats(fs["pool"]), ref.stats["pool"]),',
+      'fd: frechet_distance(compute_stats(fs["pool"]), compute_stats(fs["pool"])),',
+      "tests/test_eval_t2i.py::test_samples_equal_to_their_references_give_zero_fid",
+      "`fae eval t2i` measures the samples against the caption set's images"),
 ]
 
 

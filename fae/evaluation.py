@@ -6,6 +6,7 @@ the same metrics (fae.metrics.reconstruction), so only the latent space changes.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from torch.utils.data import Dataset
 from fae import distributed as D
 from fae.config import ConfigError
 from fae.data import build_dataset
+from fae.data.images import IMAGE_EXTENSIONS
 from fae.data.loading import num_items
 from fae.metrics.networks import frechet_name
 from fae.metrics.reconstruction import evaluate_reconstructions
@@ -163,3 +165,168 @@ def load_eval_decoder(gen: Any, cfg: GeneratorEvalConfig, device: str | torch.de
     if gen.record.raw_features:
         return load_decoder(gen, pixel_decoder=cfg.pixel_decoder, device=device, compile="off")
     return load_decoder(gen, tokenizer=cfg.decoder, device=device, compile="off")
+
+
+# ---------------------------------------------------------------------------------------------- text to image
+T2I_REFERENCE_IMAGES = ("all", "chosen")
+
+
+def caption_pairs(captions: str | Path, caption_format: str | None = None) -> list[tuple[Any, str]]:
+    """The (image source, caption) pairs of a caption set in a fae.data.captions format: a folder of image + .txt
+    pairs, a .jsonl/.csv manifest, or webdataset shards (`caption_format` None: told by the path). Every named image
+    file must exist: a metric over a set with holes would silently measure another set."""
+    from fae.data.captions import CaptionDataConfig, build_caption_dataset
+
+    path = Path(captions)
+    fmt = caption_format or _caption_format(path)
+    try:
+        config = CaptionDataConfig(format=fmt, root=str(captions))  # type: ignore[arg-type]  # checked by validate
+        dataset = build_caption_dataset(config)
+    except ValueError as exc:
+        raise ConfigError(f"caption set {captions}: {exc}") from None
+    missing = [src for src, _ in dataset.pairs if not isinstance(src, tuple) and not Path(src).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise FileNotFoundError(f"caption set {captions} names {len(missing)} image(s) that do not exist: {shown}")
+    return dataset.pairs
+
+
+def _caption_format(path: Path) -> str:
+    if path.is_dir():
+        has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*") if p.is_file())
+        return "webdataset" if not has_images and any(path.glob("*.tar")) else "folder"
+    if path.suffix.lower() in (".jsonl", ".json", ".csv"):
+        return "manifest"
+    if path.suffix.lower() == ".tar" or "{" in str(path):
+        return "webdataset"
+    if not path.exists():
+        raise FileNotFoundError(f"caption set {path} does not exist (a folder of image + .txt pairs, a .jsonl/.csv "
+                                "manifest, or webdataset .tar shards)")
+    raise ConfigError(f"caption set {path}: give a folder of image + .txt pairs, a .jsonl/.csv manifest, or .tar "
+                      "shards")
+
+
+def choose_captions(num_pairs: int, num_samples: int | None, subset_seed: int | None) -> list[int]:
+    """Which pairs are captioned: the first N in file order, or (with `subset_seed`) the first N of a permutation
+    seeded by it, so a smaller N with the same seed takes a prefix of a larger N's captions (and samples: sample i
+    depends only on (seed, i) and its caption)."""
+    n = num_pairs if num_samples is None else num_samples
+    if not 1 <= n <= num_pairs:
+        raise ConfigError(f"--num-samples {n}: the caption set has {num_pairs} pairs")
+    if subset_seed is None:
+        return list(range(n))
+    return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(subset_seed))[:n].tolist()
+
+
+def t2i_reference_source(pairs: Sequence[tuple[Any, str]], image_size: int, name: str) -> Any:
+    """The reference images of the pairs (each image once, in first-appearance order: a COCO image with five
+    captions counts once), read as training reads a caption set (ADM centre crop to `image_size`)."""
+    from fae.data.captions import CaptionDataset
+    from fae.metrics.features import DatasetSource
+
+    unique = list(dict.fromkeys(src for src, _ in pairs))
+    dataset = CaptionDataset([(src, "-") for src in unique], image_size, name, [])
+    return DatasetSource(dataset, name, {"caption_set": name, "image_size": image_size})
+
+
+class OncePerCaption:
+    """A text generator whose prompts are encoded chunk by chunk and then dropped. MMDiTGenerator keeps every prompt it
+    has encoded (sampling asks for the same few prompts chunk after chunk), which for 30K captions of T5-XL states
+    (128 x 2048 floats each) would be about 31 GB on the device; here each caption is sampled once."""
+
+    def __init__(self, gen: Any) -> None:
+        self._gen = gen
+
+    def __getattr__(self, name: str) -> Any:   # everything but `sample` is the generator's own
+        return getattr(self._gen, name)
+
+    def sample(self, noise: torch.Tensor, conditions: Any, sampler: Any, generators: Any = None) -> torch.Tensor:
+        from fae.models.mmdit import TextCondition
+
+        if conditions is not None and not isinstance(conditions, TextCondition):
+            text = self._gen.text_encoder.encode(list(conditions))
+            conditions = TextCondition(text["text_tokens"], text["text_mask"], text["text_pooled"]).to(noise.device)
+        return self._gen.sample(noise, conditions, sampler, generators)
+
+
+def evaluate_text_to_image(gen: Any, decode: Any, captions: str | Path, out_dir: str | Path, clip: Any,
+                           network: Any, *, num_samples: int | None = None, subset_seed: int | None = None,
+                           seed: int = 0, sampler: Any = None, batch_size: int = 64,
+                           reference: str | Path | None = None, reference_images: str = "all",
+                           caption_format: str | None = None, device: str | torch.device = "cpu",
+                           precision: str = "auto", compile: Any = "auto", cache_dir: str | Path | None = None,
+                           feature_batch_size: int = 50, progress: bool = True) -> Any:
+    """`fae eval t2i`: the MS-COCO-style protocol on a caption set. One sample per chosen caption (sample i from
+    noise (seed, i) and caption i, `fae sample`'s rule and resumable chunks), written to `out_dir/samples.npz`; FID
+    (through `network`) against the caption set's images (`reference_images` all | chosen) or `reference` (statistics
+    or images); CLIP score (fae.metrics.clip_score, `clip` a ClipScorer) of each sample with its caption.
+    Returns an EvalReport (metrics fid / fd_encoder, clip_score, clip_score_std)."""
+    import json
+
+    from fae.io import state_dict_sha256
+    from fae.metrics.features import NpzSource, extract_features
+    from fae.metrics.frechet import FrechetError, compute_stats, frechet_distance
+    from fae.metrics.reference import load_reference
+    from fae.metrics.report import EvalReport
+    from fae.sampling import sample_to_dir
+
+    if reference_images not in T2I_REFERENCE_IMAGES:
+        raise ConfigError(f"reference_images must be one of {T2I_REFERENCE_IMAGES}, not {reference_images!r}")
+    if gen.condition_kind != "text":
+        raise ConfigError(f"{gen.source} is not a text-to-image generator (it takes {gen.condition_kind} conditions)")
+    pairs = caption_pairs(captions, caption_format)
+    chosen = choose_captions(len(pairs), num_samples, subset_seed)
+    prompts = [pairs[i][1] for i in chosen]
+    with torch.no_grad():   # the samples' size, for reading the reference before any sampling (a bad image fails
+        probe = decode(torch.zeros(1, *gen.latent_shape, device=device))   # fast, not after 30k samples)
+    image_size = int(probe.shape[-1])
+    if reference is None:
+        used = pairs if reference_images == "all" else [pairs[i] for i in chosen]
+        source = t2i_reference_source(used, image_size, f"{captions} ({reference_images} images)")
+        try:
+            ref = load_reference(source, network, batch_size=feature_batch_size, cache_dir=cache_dir,
+                                 progress=progress)
+            read = ref.num_samples or 0
+        except FrechetError as exc:   # under two readable images; the count says whether files were unreadable
+            read, reason = source.num_images - source.dataset.skipped, str(exc)
+            if read == source.num_images:
+                raise ConfigError(f"caption set {captions}: {reason}") from None
+        if read != source.num_images:
+            raise ConfigError(f"caption set {captions}: {source.num_images - read} of its {source.num_images} "
+                              "reference images could not be read (see the warnings above)")
+    else:
+        ref = load_reference(reference, network, batch_size=feature_batch_size, cache_dir=cache_dir,
+                             progress=progress)
+    out = Path(out_dir)
+    once: Any = OncePerCaption(gen)   # a Generator by delegation
+    written = sample_to_dir(once, decode, out, len(chosen), seed=seed, sampler=sampler, batch_size=batch_size,
+                            device=device, progress=progress, pngs=False, per_row=1, precision=precision,
+                            prompts=prompts, compile=compile)
+    samples = NpzSource(out / "samples.npz")
+    fs = extract_features(samples, network, feature_batch_size, cache_dir, None, progress)
+    fd = frechet_name(network)   # "fid" through the FID Inception, "fd_encoder" in an encoder's space
+    if "pool" not in ref.stats:
+        raise ConfigError(f"reference {ref.name} has no pool statistics for {fd}")
+    per_pair = clip.scores(samples, prompts, batch_size=feature_batch_size, progress=progress)
+    metrics: dict[str, float | int | None] = {
+        fd: frechet_distance(compute_stats(fs["pool"]), ref.stats["pool"]),
+        "clip_score": float(per_pair.mean()), "clip_score_std": float(per_pair.std())}
+    settings = json.loads((out / "samples.json").read_text())   # what `fae sample` records beside the samples
+    protocol = {
+        "captions": {"source": str(captions), "pairs": len(pairs),
+                     "selection": f"first {len(chosen)}" if subset_seed is None else
+                     f"first {len(chosen)} of a permutation seeded {subset_seed}"},
+        "sampling": {k: v for k, v in settings.items() if k not in ("prompts", "class_names", "outputs")},
+        fd: {"reference": "given" if reference is not None else f"{reference_images} images of the caption set, "
+             f"each once, centre-cropped to {image_size} px", "feature_cache": fs.cached,
+             "statistics": "pool features; float64, Cholesky/eigvalsh route (no sqrtm)"},
+        "clip_score": {"definition": "mean over pairs of 100 * max(cos(image_emb, text_emb), 0)",
+                       "model": clip.info()}}
+    notes = list(ref.notes) + [f"clip_score by {clip.name_or_path} (weights {clip.weights_sha256[:12]})"]
+    if fs.num_samples < 30_000:
+        notes.append(f"{fd} from {fs.num_samples} samples: a Frechet distance is biased upwards at small N; the "
+                     "paper's MS-COCO protocol uses 30,000")
+    inputs = {"generator": {"source": gen.source, "weights_sha256": state_dict_sha256(gen.model)},
+              "samples": written.get("npz"), "reference": ref.describe()}
+    return EvalReport("text-to-image", metrics, network.info(), fs.num_samples, protocol, inputs, notes)
+

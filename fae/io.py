@@ -50,7 +50,8 @@ def state_dict_sha256(module: nn.Module, keep: Callable[[str], bool] | None = No
             continue
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): a 0-d tensor (e.g. CLIP's logit_scale) cannot be viewed as bytes; the bytes are unchanged
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

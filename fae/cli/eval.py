@@ -15,6 +15,8 @@ from typing import Any
 
 from fae.cli.recon import register_recon
 from fae.config import ConfigError
+from fae.precision import PRECISIONS
+from fae.speed import COMPILE_MODES
 
 WEIGHTS_TEXT = """\
 Inception weights: the FID network needs pt_inception-2015-12-05-6726825d.pth (91 MB, the
@@ -173,6 +175,7 @@ def register(subparsers: Any) -> None:
 
     register_recon(sub)
     _register_generator(sub)
+    _register_t2i(sub)
 
 
 def _add_gen_args(p: argparse.ArgumentParser, precision_recall: bool = True) -> None:
@@ -399,3 +402,117 @@ def _cmd_generator(args: argparse.Namespace) -> int:
             atomic_write_text(Path(args.out), text)
         print(text)
     return 0
+
+
+T2I_TEXT = """\
+The paper's text-to-image protocol (MS-COCO validation, 256 px, 30K captions, zero-shot): one
+sample per caption, FID against the caption set's images and CLIP score of each sample with its
+caption. Sampling follows `fae sample`: sample i from noise seeded by (--seed, i) with caption i,
+the paper's text guidance (1.5 on t in [0, 0.9]) with the Euler ODE at 250 steps by default;
+interrupted runs resume from OUT/.chunks. Writes OUT/samples.npz (ADM format), OUT/grid.png and
+OUT/t2i.json. docs/text-to-image.md has the 30K MS-COCO recipe.
+
+Captions: a folder of <name>.<image ext> + <name>.txt pairs, a .jsonl / .csv manifest of
+{image, caption} rows (image paths relative to it), or webdataset .tar shards
+(fae.data.captions); the FID reference is the same set's images, each image once.
+CLIP score: 100 * max(cos(image embedding, text embedding), 0), averaged over the pairs.
+"""
+
+
+def _register_t2i(sub: Any) -> None:
+    p = sub.add_parser("t2i", help="text-to-image: FID and CLIP score of one sample per caption (MS-COCO style)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=T2I_TEXT + "\n" + WEIGHTS_TEXT)
+    p.add_argument("--generator", help="a text-to-image generator bundle or `fae train mmdit` run folder")
+    p.add_argument("--pipeline", help="a generation pipeline folder instead (generator + its tokenizer)")
+    p.add_argument("--fae", help="with --generator: the FAE it was trained on (pixel-decoder fine-tune run or its "
+                   "tokenizer/ bundle), as `fae sample --fae`")
+    p.add_argument("--pixel-decoder", help="with a stage-1 --fae: its pixel-decoder run or bundle")
+    p.add_argument("--tokenizer", help="with --generator, another latent space's tokenizer (default: the recorded one)")
+    p.add_argument("--captions", required=True, help="caption set: folder of image + .txt pairs, .jsonl/.csv "
+                   "manifest, or .tar shards; its images are the FID reference")
+    p.add_argument("--caption-format", choices=["folder", "manifest", "webdataset"],
+                   help="default: told by the path (a folder, .jsonl/.csv, .tar)")
+    p.add_argument("--clip", required=True, metavar="MODEL", help="CLIP model for the CLIP score: hub id (e.g. "
+                   "openai/clip-vit-large-patch14) or a local save_pretrained folder with its tokenizer and image "
+                   "processor; SigLIP models load too")
+    p.add_argument("--clip-revision", help="hub revision (commit, tag) of --clip")
+    p.add_argument("-n", "--num-samples", type=int, help="caption N pairs (default: all; the paper: 30000)")
+    p.add_argument("--subset-seed", type=int, help="take a seeded random N pairs instead of the first N (a smaller "
+                   "N with the same seed is a prefix of a larger one)")
+    p.add_argument("--reference", help="FID reference statistics (`fae eval stats`) or images instead of the "
+                   "caption set's images")
+    p.add_argument("--reference-images", choices=["all", "chosen"], default="all",
+                   help="FID against all the caption set's images (default, as U-ViT's full validation-set "
+                   "statistics) or only those of the chosen pairs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=["auto", "euler", "heun", "euler_maruyama"], default="auto",
+                   help="auto: the Euler ODE with guidance, Euler-Maruyama without (the paper's rule)")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--guidance", default="paper-text", help="paper-text (default: 1.5 on t in [0, 0.9], the "
+                   "paper's MMDiT setting) | none | a scale | 't_min-t_max:scale,...', as `fae sample`")
+    p.add_argument("--guidance-channels", type=int, default=None,
+                   help="guide only the first N channels (as `fae sample`); default all")
+    p.add_argument("--time-shift", type=float, default=None, help="the paper's s; default: the training value")
+    p.add_argument("--cfg-batch", choices=["auto", "concat", "separate"], default="auto")
+    p.add_argument("--sample-batch-size", type=int, default=64, help="samples per generator batch (default 64)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="the generator's autocast (as `fae sample`)")
+    p.add_argument("--compile", choices=list(COMPILE_MODES), default="auto",
+                   help="torch.compile the generator and decoders: auto = on CUDA, off on CPU")
+    p.add_argument("--out", required=True, help="output folder: samples.npz, grid.png, t2i.json")
+    _add_common(p, out=False)
+    p.set_defaults(func=_cmd_t2i, command_name="t2i")
+
+
+def _cmd_t2i(args: argparse.Namespace) -> int:
+    from fae.distributed import is_main, resolve_device
+    from fae.evaluation import evaluate_text_to_image
+    from fae.metrics.clip_score import ClipScorer
+    from fae.sampling import sampler_config
+
+    _check_positive(num_samples=args.num_samples, batch_size=args.batch_size, steps=args.steps,
+                    sample_batch_size=args.sample_batch_size)
+    sampler = sampler_config(args.guidance, args.sampler, args.steps, args.time_shift, args.guidance_channels,
+                             args.cfg_batch)
+    network = _network(args)   # a missing weights file or CLIP model is reported before any sampling
+    device = resolve_device(args.device)
+    clip = ClipScorer.load(args.clip, device=device, revision=args.clip_revision)
+    gen, decode = _text_generator(args, str(device))
+    report = evaluate_text_to_image(gen, decode, args.captions, args.out, clip, network,
+                                    num_samples=args.num_samples, subset_seed=args.subset_seed, seed=args.seed,
+                                    sampler=sampler, batch_size=args.sample_batch_size, reference=args.reference,
+                                    reference_images=args.reference_images, caption_format=args.caption_format,
+                                    device=device, precision=args.precision, compile=args.compile,
+                                    cache_dir=_cache_dir(args), feature_batch_size=args.batch_size,
+                                    progress=not args.no_progress)
+    if not is_main():
+        return 0
+    out = Path(args.out) / "t2i.json"
+    report.write(out)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    if not args.json:
+        print(f"report: {out}")
+    return 0
+
+
+def _text_generator(args: argparse.Namespace, device: str) -> tuple[Any, Any]:
+    """The generator and its way to pixels, from --pipeline or --generator (+ --fae / --tokenizer), as `fae sample`
+    loads them."""
+    from fae.pipeline import GenerationPipeline
+    from fae.sampling import load_decoder
+    from fae.stages import load_run_generator
+
+    if args.pipeline:
+        if args.generator or args.fae or args.pixel_decoder or args.tokenizer:
+            raise ConfigError("--pipeline holds the generator and the tokenizer: drop --generator/--fae/"
+                              "--pixel-decoder/--tokenizer")
+        pipe = GenerationPipeline.from_pretrained(args.pipeline, device=device)
+        pipe.tokenizer.compile_networks(args.compile, device)
+        return pipe.generator, pipe.tokenizer.decode
+    if not args.generator:
+        raise ConfigError("fae eval t2i: give --pipeline <folder>, or --generator <run> with --fae <pixel-decoder "
+                          "fine-tune run>")
+    gen = load_run_generator(args.generator, device=device)
+    return gen, load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device,
+                             compile=args.compile, tokenizer=args.tokenizer)
