@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import hashlib
 import json
 import math
@@ -23,8 +24,8 @@ import shutil
 import signal
 import time
 import warnings
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,13 +38,19 @@ from tqdm.auto import tqdm
 
 from fae import distributed as D
 from fae import kernels, sharding
+from fae.config import ConfigError, read_yaml
 from fae.data.loading import loader_options
 from fae.data.readable import collate_present
 from fae.io import (
     MANIFEST_NAME,
+    WEIGHTS_NAME,
     atomic_save_safetensors,
     atomic_write_text,
+    file_sha256,
+    find_bundle,
+    load_weights,
     manifest_problem,
+    read_bundle_config,
     remove_stale_temporaries,
     replace_dir,
     save_config,
@@ -210,6 +217,182 @@ class TrainStage:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    # -- init_from: a new run that starts from another run's weights (`initialise_from`, docs/training.md) ----------
+    def init_from_path(self) -> str | None:
+        """The run folder or bundle whose weights start this run (the config's `init_from`); None: a fresh init."""
+        return getattr(getattr(self, "cfg", None), "init_from", None)
+
+    def init_bundle(self, path: Path) -> InitSource | None:
+        """The weights of this stage's exported bundle at `path` (the bundle, or a finished run folder holding it);
+        None when there is none: the trainer then reads the newest checkpoint of the run folder `path`."""
+        return None
+
+    def init_rules(self) -> dict[str, list[InitRule]]:
+        """Per module, the tensors `init_from` may leave to this run (a class table when the class count differs,
+        ...). Every other tensor must be in the source under the same name with the same shape."""
+        return {}
+
+    def check_init_source(self, source: InitSource) -> None:
+        """Refuse a source that the tensor shapes cannot judge (a generator on latents of another shape)."""
+
+    def load_init_state(self, source: InitSource) -> None:
+        """Carry over what the source keeps beside its weights and belongs to them (a discriminator's LeCam
+        averages)."""
+
+
+@dataclass(frozen=True)
+class InitRule:
+    """How `init_from` treats the tensors of a module whose state_dict names match one of `patterns` (fnmatch):
+    where the source's shape differs (or either side lacks the tensor) this run's fresh tensor is kept and `reason`
+    is logged and recorded; `always`: this run's tensor is kept even when the shapes agree (a buffer the new data
+    sets, such as MMDiT's empty-prompt embedding)."""
+
+    patterns: tuple[str, ...]
+    reason: str
+    always: bool = False
+
+    def matches(self, key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, p) for p in self.patterns)
+
+
+@dataclass
+class InitSource:
+    """The weights a run starts from (`init_from`), per trained module, and where they came from."""
+
+    path: str
+    kind: Literal["bundle", "checkpoint"]
+    files: dict[str, Path]                         # module -> the safetensors file its weights were read from
+    weights: dict[str, dict[str, torch.Tensor]]    # module -> state_dict
+    model_config: dict[str, Any] | None = None     # the source model's config as recorded (bundle or config.yaml)
+    stage_state: dict[str, Any] = field(default_factory=dict)  # a checkpoint's stage extras (or a bundle's beside)
+
+
+def bundle_source(path: Path, folder: str, classes: Sequence[str], module: str) -> InitSource | None:
+    """`path` when it is a fae bundle (fae.io.PretrainedMixin) of one of `classes`, else its `<folder>/` bundle (a
+    finished run), as the weights of `module` (checked against the SHA-256 the bundle records); None when neither."""
+    found = find_bundle(path, [folder], classes) if path.is_dir() else None
+    if found is None:
+        return None
+    record = read_bundle_config(found)
+    weights = found / WEIGHTS_NAME
+    return InitSource(str(path), "bundle", {module: weights},
+                      {module: load_weights(weights, record.get("weights_sha256"))}, record.get("config"))
+
+
+def checkpoint_source(path: Path, modules: Sequence[str], stage_name: str | None) -> InitSource:
+    """The newest intact checkpoint of the run folder `path`: per module its EMA weights where the run kept an EMA
+    (what it would export), else its live weights; the run's config.yaml must name the same stage."""
+    ckpts = checkpoint_dirs(path) if path.is_dir() else []
+    if not ckpts:
+        raise ConfigError(f"init_from={path}: neither a {stage_name or 'this stage'} bundle nor a run folder with "
+                          "checkpoints")
+    config = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
+    named = config.get("stage")
+    if stage_name is not None and named not in (None, stage_name):
+        raise ConfigError(f"init_from={path}: a '{named}' run, not a '{stage_name}' one")
+    problems = []
+    for ckpt in reversed(ckpts):
+        problem = manifest_problem(ckpt) if (ckpt / MANIFEST_NAME).is_file() else None
+        if problem:
+            problems.append(f"{ckpt}: {problem}")
+            continue
+        if sharding.has_state(ckpt):
+            raise ConfigError(f"init_from={path}: {ckpt} holds sharded (train.fsdp) weights; start from the run's "
+                              "bundle (let the run finish) instead")
+        files = {}
+        for name in modules:
+            found = [f for f in (ckpt / f"{name}.ema.safetensors", ckpt / f"{name}.safetensors") if f.is_file()]
+            if found:
+                files[name] = found[0]
+        state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
+        return InitSource(str(path), "checkpoint", files, {n: load_file(str(f)) for n, f in files.items()},
+                          config.get("model"), state.get("stage", {}))
+    raise ConfigError(f"init_from={path}: no intact checkpoint ({'; '.join(problems)})")
+
+
+def _shape(t: torch.Tensor | None) -> str:
+    return "absent" if t is None else str(tuple(t.shape))
+
+
+def load_init_weights(module: nn.Module, source: Mapping[str, torch.Tensor], rules: Sequence[InitRule], what: str
+                      ) -> tuple[dict[str, str], list[str]]:
+    """Copy `source` into `module` tensor by tensor. A rule whose tensors differ from the source's in any shape (or
+    are missing on either side) keeps this run's fresh values for all of its tensors (a table with its null row, a
+    projection's weight and bias); an `always` rule keeps them in any case. Any other difference (a name on one side
+    only, another shape) refuses the whole load, naming the tensors and both shapes. Returns (re-initialised
+    tensor -> why, tensors kept from this run by an `always` rule)."""
+    own = module.state_dict()
+    keys = sorted(own.keys() | source.keys())
+    rule_of = {k: next((r for r in rules if r.matches(k)), None) for k in keys}
+
+    def differs(k: str) -> bool:
+        return k not in own or k not in source or own[k].shape != source[k].shape
+
+    triggered = {r for k, r in rule_of.items() if r is not None and (r.always or differs(k))}
+    merged = dict(own)
+    reinitialised: dict[str, str] = {}
+    kept: list[str] = []
+    problems = []
+    for key in keys:
+        rule = rule_of[key]
+        if rule in triggered:
+            if key in own and rule is not None and rule.always:
+                kept.append(key)
+            elif key in own and rule is not None:
+                reinitialised[key] = f"{rule.reason}: source {_shape(source.get(key))}, this run {_shape(own[key])}"
+        elif differs(key):
+            problems.append(f"{key}: source {_shape(source.get(key))}, this run {_shape(own.get(key))}")
+        else:
+            merged[key] = source[key]
+    if problems:
+        more = f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""
+        raise ConfigError(f"{what}: the source's weights do not fit this run's model, another architecture or latent "
+                          f"space: {'; '.join(problems[:6])}{more}. Make the model block equal to the source's (its "
+                          "config.yaml or bundle config.json), or train from scratch")
+    module.load_state_dict(merged)
+    return reinitialised, kept
+
+
+def initialise_from(stage: TrainStage, path: str, stage_name: str | None = None, announce: bool = True
+                    ) -> dict[str, Any]:
+    """Load the weights of the run or bundle `path` into `stage.modules` (the trainer then copies them into the EMA:
+    live weights and EMA both start from the source's exported weights); returns the record run.json keeps. Only
+    weights move: the optimizer, LR schedule and step start afresh. A module the source lacks (a discriminator a
+    Gaussian decoder run never had) keeps its fresh init."""
+    where = Path(path)
+    if not where.exists():
+        raise ConfigError(f"init_from={path}: no such folder")
+    source = stage.init_bundle(where) or checkpoint_source(where, list(stage.modules), stage_name)
+    if not source.weights:
+        raise ConfigError(f"init_from={path}: holds none of this stage's modules ({', '.join(stage.modules)})")
+    stage.check_init_source(source)
+    rules = stage.init_rules()
+    record: dict[str, Any] = {
+        "path": str(path), "source": source.kind,
+        "files": {n: {"path": str(f), "sha256": file_sha256(f),
+                      "weights": "ema" if f.name.endswith(".ema.safetensors") or source.kind == "bundle" else "live"}
+                  for n, f in source.files.items()},
+        "reinitialised": {}, "from_this_run": [],
+        "fresh_modules": [n for n in stage.modules if n not in source.weights]}
+    for name, module in stage.modules.items():
+        if name in source.weights:
+            reinit, kept = load_init_weights(module, source.weights[name], rules.get(name, []),
+                                             f"init_from={path} ({name})")
+            record["reinitialised"].update({f"{name}.{k}": v for k, v in reinit.items()})
+            record["from_this_run"] += [f"{name}.{k}" for k in kept]
+    stage.load_init_state(source)
+    if announce:
+        what = "its bundle" if source.kind == "bundle" else "its newest checkpoint"
+        print(f"init_from {path}: {', '.join(source.files)} from {what}; a new optimizer, LR schedule and step 0",
+              flush=True)
+        for why in {w.split(":")[0] for w in record["reinitialised"].values()}:   # one line per rule
+            keys = [k for k, w in record["reinitialised"].items() if w.startswith(why + ":")]
+            warnings.warn(f"init_from {path}: {why}: {', '.join(keys)} re-initialised", stacklevel=2)
+        if record["fresh_modules"]:
+            warnings.warn(f"init_from {path}: {', '.join(record['fresh_modules'])} not in the source: freshly "
+                          "initialised", stacklevel=2)
+    return record
+
 
 def _no_forward_buffer_sync() -> dict[str, Any]:
     """DDP keyword that stops rank 0's buffers being broadcast at every forward (our buffers are constants or
@@ -356,6 +539,13 @@ class Trainer:
             raise ValueError(f"train.fsdp=true: {type(stage).__name__} trains with DDP only (FSDP2 is for the "
                              "stages that declare supports_fsdp: the generator stages); set train.fsdp=false")
         self.raw = dict(stage.modules)
+        # init_from: a new run from another run's weights, before the EMA copies them. A run that resumes has its own
+        # checkpoint: it never reads the source again (its record comes back from the checkpoint)
+        self.init_record: dict[str, Any] | None = None
+        if stage.init_from_path() is not None and not checkpoint_dirs(self.out_dir):
+            name = run_config.get("stage") if isinstance(run_config, dict) else None
+            self.init_record = initialise_from(stage, stage.init_from_path(), name,  # type: ignore[arg-type]  # not None
+                                               announce=self.rank == 0)
         for m in self.raw.values():
             m.to(self.device).train()
         stage.to(self.device)
@@ -432,10 +622,11 @@ class Trainer:
             remove_stale_temporaries(self.out_dir)   # what a killed run left half-written (never renamed into place)
             if self.run_config is not None:
                 save_config(self.run_config, self.out_dir / "config.yaml")
+        self._resume()
+        if self.rank == 0:   # after the resume: a resumed init_from run's record comes from its checkpoint
             atomic_write_text(self.out_dir / "run.json", json.dumps(self.run_record(), indent=2))
             if self.progress:
                 print(f"precision: {self.precision.describe()}", flush=True)
-        self._resume()
         self.monitor = RunMonitor(self.out_dir, self.cfg.tensorboard, self.step) if self.rank == 0 else None
         self._logged_step = self.step
 
@@ -514,7 +705,8 @@ class Trainer:
         return {"device": str(self.device), "processes": self.world, "precision": self.precision.as_dict(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
                 "kernels": kernels.summary(),  # the backend verdicts (fae.kernels) the run's products met so far
-                "speed": {**self.speed, "tf32": self.cfg.tf32 and self.device.type == "cuda"}}
+                "speed": {**self.speed, "tf32": self.cfg.tf32 and self.device.type == "cuda"},
+                **({"init_from": self.init_record} if self.init_record is not None else {})}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._stop_signal is not None:  # second Ctrl-C: stop now
@@ -713,6 +905,7 @@ class Trainer:
             "data_position": self.step * self.cfg.batch_size,
             "schedulers": {g: s.state_dict() for g, s in self.schedulers.items()},
             "stage": self.stage.extra_state(),
+            "init_from": self.init_record,
         }
         if not self.cfg.fsdp:
             state["optimizers"] = {g: o.state_dict() for g, o in self.optimizers.items()}
@@ -779,6 +972,7 @@ class Trainer:
             s.load_state_dict(state["schedulers"][g])
         self.step, self.bad_steps = state["step"], state["bad_steps"]
         self.dropped_items = state.get("dropped_items", 0)
+        self.init_record = state.get("init_from")
         return state
 
     def _truncate_metrics(self) -> None:

@@ -27,11 +27,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"finetune_from={json.dumps(args.finetune_from)}")
     if getattr(args, "fae", None):
         overrides.append(f"fae={json.dumps(args.fae)}")
+    if getattr(args, "init_from", None):
+        _check_init_from(args.stage)
+        overrides.append(f"init_from={json.dumps(args.init_from)}")
     name, cfg = load_stage_config(args.config, overrides, stage=args.stage)
     out = Path(args.out or f"runs/{name}")
     train_stage(name, cfg, out, fresh=args.fresh, progress=not args.no_progress)
     print(f"done: {out}")
     return 0
+
+
+def _check_init_from(stage: str) -> None:
+    """--init-from needs a stage whose config has `init_from` (every stage but the encoder pretraining)."""
+    import dataclasses
+
+    from fae.config import ConfigError
+    from fae.stages import stage_module
+
+    if "init_from" not in {f.name for f in dataclasses.fields(stage_module(stage).Config)}:
+        raise ConfigError(f"fae train {stage} has no --init-from: the encoder pretraining makes the frozen encoder "
+                          "every latent space is built on, so it always starts from its own init (docs/training.md)")
 
 
 def _cmd_judge(args: argparse.Namespace) -> int:
@@ -47,9 +62,9 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     if (args.config is None) == (args.data is None):
         raise ConfigError("fae train judge needs --config CONFIG (a stage YAML's `data:` block) or --data "
                           "CONFIG|FOLDER (with --image-size N for a folder), one of them")
-    if args.finetune_from or args.fae:
+    if args.finetune_from or args.fae or args.init_from:
         raise ConfigError("fae train judge takes --config/--data, --image-size, --epochs, --channels, --out and "
-                          "data.key=value overrides; no --fae or --finetune-from")
+                          "data.key=value overrides; no --fae, --finetune-from or --init-from")
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs must be a positive integer, got {args.epochs}")
     data = data_config(args.config or args.data, args.image_size, overrides=args.overrides)
@@ -100,6 +115,9 @@ def register(sub: Any) -> None:
     p.add_argument("--out", help="run folder (default runs/<stage>)")
     p.add_argument("--fresh", action="store_true", help="delete the run folder and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--init-from", metavar="RUN", help="start a new run from the weights of this run folder or bundle "
+                   "of the same stage (the config key init_from): a fresh optimizer, LR schedule and step 0; a "
+                   "different class count or text width re-initialises only those tables (docs/training.md)")
     p.add_argument("--finetune-from", metavar="RUN", help="pixel-decoder stage II: start from this Gaussian-decoder "
                    "run folder (or pixel_decoder bundle)")
     p.add_argument("--fae", metavar="RUN", help="pixel-decoder stage II: the stage-1 FAE run folder (or bundle) whose "

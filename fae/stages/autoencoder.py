@@ -3,10 +3,11 @@
 Loss: ||x_hat - x||^2 + beta * KL (eq. 4.1). Features come from the frozen encoder on the fly, or from a feature
 cache computed once (small data sets). The exported bundle records which frozen encoder it belongs to.
 
-`init_from` starts from a trained FAE's weights. With `latent_noise_flow` (a STARFlow run or bundle) the run is
-STARFlow's decoder fine-tune on FAE (docs/flow.md, "Sampling without the score step"): the FAE encoder is frozen and
-the feature decoder learns to map z + noise back to the features x, the noise being the flow's training noise
-(`noise_std` in the flow's channel-normalised space, so std_c * noise_std per channel of z). The bundle then records
+`init_from` starts from a trained FAE's weights (a bundle or a run folder: fae.training.initialise_from). With
+`latent_noise_flow` (a STARFlow run or bundle) the run is STARFlow's decoder fine-tune on FAE (docs/flow.md,
+"Sampling without the score step"): the FAE encoder is frozen and the feature decoder learns to map z + noise back to
+the features x, the noise being the flow's training noise (`noise_std` in the flow's channel-normalised space, so
+std_c * noise_std per channel of z). The bundle then records
 the latent space it decodes (`latent_space_sha256`, the starting FAE's identity: the encoder is unchanged) and the
 noise, so generators trained on the starting FAE's latents decode with it.
 """
@@ -26,9 +27,9 @@ from fae.config import ConfigError
 from fae.data import DataConfig, build_dataset
 from fae.data.loading import num_items
 from fae.encoders import EncoderConfig, FrozenEncoder
-from fae.io import atomic_write_text, cache_root, read_bundle_config, require_bundle
+from fae.io import atomic_write_text, cache_root, find_bundle, read_bundle_config
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder, check_encoder_shape, vae_loss
-from fae.training import OptimConfig, TrainConfig, TrainStage
+from fae.training import InitSource, OptimConfig, TrainConfig, TrainStage, bundle_source
 
 
 @dataclass
@@ -119,12 +120,13 @@ class FAEStage(TrainStage):
             self.modules["model"].encoder.requires_grad_(False)
 
     def _init_from(self, path: str) -> None:
-        bundle = require_bundle(path, "fae", classes=[FeatureAutoEncoder.__name__])
-        start = FeatureAutoEncoder.from_pretrained(bundle)
-        if start.config != self.cfg.model:
-            raise ConfigError(f"init_from={path}: its model differs from this config's model block; make them equal")
-        self.modules["model"].load_state_dict(start.state_dict())
-        self.init_identity = fae_identity(read_bundle_config(bundle))
+        """The starting FAE's identity (the trainer loads its weights: fae.training.initialise_from); an unfinished
+        run's checkpoint has none."""
+        bundle = find_bundle(Path(path), ["fae"], classes=[FeatureAutoEncoder.__name__])
+        self.init_identity = fae_identity(read_bundle_config(bundle)) if bundle is not None else None
+
+    def init_bundle(self, path: Path) -> InitSource | None:
+        return bundle_source(path, "fae", [FeatureAutoEncoder.__name__], "model")
 
     def to(self, device: torch.device) -> None:
         self.encoder.to(device)

@@ -23,7 +23,7 @@ from fae.data.latents import LatentDataset
 from fae.evaluation import GeneratorEvalConfig
 from fae.models.dit import DiT, DiTConfig
 from fae.stages.generator import GeneratorStage
-from fae.training import OptimConfig, TrainConfig
+from fae.training import InitRule, OptimConfig, TrainConfig
 from fae.transport import TransportConfig, flow_matching_loss
 
 
@@ -37,6 +37,7 @@ class Config:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="constant", grad_clip=1.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512, ema_decay=0.9999))
     eval: GeneratorEvalConfig = field(default_factory=GeneratorEvalConfig)   # in-training scores (fae.evaluation)
+    init_from: str | None = None                          # a run or bundle of this family: start from its weights
 
 
 class DiTStage(GeneratorStage):
@@ -52,6 +53,10 @@ class DiTStage(GeneratorStage):
 
     def record_settings(self) -> dict[str, Any]:
         return {"transport": to_dict(self.cfg.transport)}
+
+    def init_rules(self) -> dict[str, list[InitRule]]:
+        # the class table (its last row is the null class) is re-learned when the class count differs
+        return {"model": [InitRule(("y_embedder.*",), "class count differs")]}
 
 
 def build(cfg: Config) -> DiTStage:

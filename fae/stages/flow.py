@@ -33,7 +33,7 @@ from fae.evaluation import GeneratorEvalConfig
 from fae.io import atomic_write_text
 from fae.models.starflow import FlowSampling, StarFlow, StarFlowConfig, bits_per_dim, latent_norm
 from fae.stages.generator import GeneratorStage
-from fae.training import OptimConfig, TrainConfig
+from fae.training import InitRule, OptimConfig, TrainConfig
 
 
 @dataclass
@@ -50,6 +50,7 @@ class Config:
                                                                    schedule="cosine", min_lr=1e-6, grad_clip=1.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512, ema_decay=0.9999))
     eval: GeneratorEvalConfig = field(default_factory=GeneratorEvalConfig)   # in-training scores (fae.evaluation)
+    init_from: str | None = None                          # a run or bundle of this family: start from its weights
 
 
 class FirstRows(Dataset):
@@ -104,6 +105,10 @@ class FlowStage(GeneratorStage):
 
     def record_settings(self) -> dict[str, Any]:
         return {"flow": {"noise_std": self.cfg.noise_std, "sampling": to_dict(self.cfg.sampling)}}
+
+    def init_rules(self) -> dict[str, list[InitRule]]:
+        # the class tables (added, or prefixed per block; last row: the null class) when the class count differs
+        return {"model": [InitRule(("y_embedder.*", "blocks.*.class_prefix.*"), "class count differs")]}
 
     def export(self, out_dir: Path, modules: dict[str, nn.Module]) -> None:
         super().export(out_dir, modules)

@@ -1,8 +1,8 @@
 """The base of every latent-generator stage (one per generator family: dit, flow, mmdit, and any registered later):
 it opens the latent cache and checks the model config against it, builds the model from `train.seed` alone, serves
 the cache as the training set, draws preview samples through the family's Generator and exports the bundle with its
-record. A family's stage module keeps only its `Config` (fields `latents`, `model`, `hflip`, `optim`, `train`), its
-model and its loss.
+record. A family's stage module keeps only its `Config` (fields `latents`, `model`, `hflip`, `optim`, `train`,
+`init_from`), its model, its loss and its `init_rules` (which tensors a new class count or text width re-initialises).
 
 `load_run_generator` reads any family's run folder: a finished one through its bundle, an unfinished one through its
 newest checkpoint's EMA weights and its config.yaml.
@@ -27,7 +27,7 @@ from fae.generators import Generator, GeneratorFamily, GeneratorRecord, families
 from fae.generators import load_generator as load_generator_bundle
 from fae.io import atomic_write_text, replace_dir
 from fae.stages.preview import class_conditions, generator_sheets
-from fae.training import TrainStage, checkpoint_dirs
+from fae.training import InitSource, TrainStage, bundle_source, checkpoint_dirs
 
 
 def check_model_matches_cache(model: Any, cache: LatentCache) -> None:
@@ -124,6 +124,22 @@ class GeneratorStage(TrainStage):
 
     def check(self) -> None:
         """Family-specific checks of the config against the cache (after the shape checks)."""
+
+    def init_bundle(self, path: Path) -> InitSource | None:
+        """`init_from`: a bundle of this family (or a finished run folder holding one)."""
+        return bundle_source(path, self.spec.folder, [self.spec.bundle_class], "model")
+
+    def check_init_source(self, source: InitSource) -> None:
+        """A generator transfers only between latents of one shape (channels x grid): another shape is another
+        latent space, and with RoPE a new grid would even load without a shape error (docs/training.md)."""
+        model = source.model_config or {}
+        theirs = [model.get("in_channels"), *(model.get("input_size") or [None, None])]
+        mine = [self.cfg.model.in_channels, *self.cfg.model.input_size]
+        if theirs != mine:
+            raise ConfigError(f"init_from={source.path}: its latents are {'x'.join(map(str, theirs))}, this run's "
+                              f"{'x'.join(map(str, mine))} (channels x height x width): another latent space, which "
+                              "a generator cannot start from; train from scratch or encode the new data with the "
+                              "source's tokenizer")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """The freshly built model, before training (MMDiT takes its null condition from the cache here)."""

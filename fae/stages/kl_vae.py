@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -39,7 +40,7 @@ from fae.metrics.recon import PairedAccumulator, psnr
 from fae.metrics.reconstruction import save_grid
 from fae.stages.autoencoder import check_held_out_split
 from fae.stages.preview import PREVIEW_SAMPLES, reconstruction_sheet
-from fae.training import OptimConfig, TrainConfig, TrainStage
+from fae.training import InitSource, OptimConfig, TrainConfig, TrainStage
 
 EXPORT_NAME = "kl-vae"
 DOWN_BLOCK = "DownEncoderBlock2D"
@@ -116,6 +117,7 @@ class Config:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="cosine", warmup_steps=1000))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    init_from: str | None = None   # a kl-vae run or its exported diffusers folder: start from its weights
 
     def validate(self) -> None:
         if self.data.image_size % self.model.downsampling:
@@ -175,6 +177,17 @@ class KLVAEStage(TrainStage):
 
     def preflight(self) -> None:
         check_held_out_split(self.cfg)
+
+    def init_bundle(self, path: Path) -> InitSource | None:
+        """The exported diffusers folder (`<run>/kl-vae`, or that folder itself); its weights are the module's
+        under `vae.`."""
+        for folder in (path, path / EXPORT_NAME):
+            weights = folder / "diffusion_pytorch_model.safetensors"
+            if (folder / "config.json").is_file() and weights.is_file() \
+                    and json.loads((folder / "config.json").read_text()).get("_class_name") == "AutoencoderKL":
+                state = {f"vae.{k}": v for k, v in load_file(str(weights)).items()}
+                return InitSource(str(path), "bundle", {"model": weights}, {"model": state})
+        return None
 
     def train_dataset(self) -> Dataset:
         if self._dataset is None:

@@ -26,7 +26,7 @@ from fae.evaluation import GeneratorEvalConfig
 from fae.models.mmdit import MMDiT, MMDiTConfig, TextCondition
 from fae.stages.generator import GeneratorStage
 from fae.stages.preview import PREVIEW_SAMPLES
-from fae.training import OptimConfig, TrainConfig
+from fae.training import InitRule, OptimConfig, TrainConfig
 from fae.transport import TransportConfig, flow_matching_loss
 
 
@@ -39,6 +39,7 @@ class Config:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="constant", grad_clip=1.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512, ema_decay=0.9999))
     eval: GeneratorEvalConfig = field(default_factory=GeneratorEvalConfig)   # in-training scores (fae.evaluation)
+    init_from: str | None = None                          # a run or bundle of this family: start from its weights
 
 
 def check_text_matches_cache(model: MMDiTConfig, cache: LatentCache) -> None:
@@ -72,6 +73,12 @@ class MMDiTStage(GeneratorStage):
     def record_settings(self) -> dict[str, Any]:
         """The transport settings and the text encoder the embeddings came from."""
         return {"transport": to_dict(self.cfg.transport), "text": self.cache.manifest["text"]}
+
+    def init_rules(self) -> dict[str, list[InitRule]]:
+        """Another text width (another text encoder): the two text projections are re-learned, the joint blocks
+        kept. The empty prompt's embedding always comes from this run's cache (`prepare`)."""
+        return {"model": [InitRule(("context_embedder.*", "pooled_embedder.*"), "text width differs"),
+                          InitRule(("null_tokens", "null_mask", "null_pooled"), "this run's empty prompt", always=True)]}
 
     def preview_conditions(self, model: nn.Module, device: torch.device) -> tuple[Any, Sequence[str]]:
         """The captions of the cache's first rows (their cached text embeddings: no text encoder)."""

@@ -5,6 +5,9 @@
   trains in parallel with stage Ia.
 - Stage II, fine-tuning (`fae train pixel-decoder --finetune-from <Gaussian run> --fae <stage-1 run>`): the same
   decoder, initialised from the Gaussian one, learns from x_hat = feature_decoder(z), z from the FAE encoder.
+  `finetune_from` is stage II's name for the key every stage has, `init_from` (fae.training.initialise_from): the
+  decoder (and the discriminator with its LeCam averages, where the source has one) start from the source's weights.
+  Without `fae`, `init_from` fine-tunes a decoder of either phase on new data in the Gaussian phase.
 
 Losses: reconstruction + perceptual + GAN (fae/losses.py). With a GAN there are two optimizer groups, "gen" (the
 decoder) and "disc" (the PatchGAN discriminator, trained from `losses.disc_start`). The export writes the decoder
@@ -36,7 +39,7 @@ from fae.models.pixel_decoder import FeatureNoise, PixelDecoder, PixelDecoderCon
 from fae.stages.autoencoder import check_held_out_split, features_dataset
 from fae.stages.preview import PREVIEW_SAMPLES, reconstruction_sheet
 from fae.tokenizers import FAE
-from fae.training import OptimConfig, TrainConfig, TrainStage
+from fae.training import InitSource, OptimConfig, TrainConfig, TrainStage, bundle_source
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Config:
     losses: PixelLossConfig = field(default_factory=PixelLossConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     finetune_from: str | None = None            # stage II: a Gaussian-decoder run folder or pixel_decoder bundle
+    init_from: str | None = None                # any stage's key; here the same as finetune_from (which needs fae)
     fae: str | None = None                      # stage II: the stage-1 run folder or FAE bundle that gives x_hat
     finetune_latent: Literal["mode", "sample"] = "mode"  # z = posterior mean (default) or a posterior sample
     features: Literal["on_the_fly", "cache"] = "on_the_fly"
@@ -86,16 +90,24 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
+        if None not in (self.finetune_from, self.init_from) and self.finetune_from != self.init_from:
+            raise ValueError(f"finetune_from={self.finetune_from} and init_from={self.init_from}: one key names the "
+                             "starting decoder (finetune_from is stage II's name for init_from); give one")
         if self.finetune_from is not None and self.fae is None:
             raise ValueError("finetune_from is set but fae is not: stage II fine-tunes on x_hat from an FAE bundle "
                              "(--fae <stage-1 run>)")
-        if self.finetune_from is None and self.decoder is None:
+        if self.start_from is None and self.decoder is None:
             raise ValueError("decoder: required for the Gaussian stage (a PixelDecoderConfig; see configs/); "
                              "to fine-tune, pass --finetune-from <Gaussian run> --fae <stage-1 run> instead")
 
     @property
     def finetuning(self) -> bool:
         return self.fae is not None
+
+    @property
+    def start_from(self) -> str | None:
+        """The decoder run or bundle this run starts from: finetune_from or init_from."""
+        return self.finetune_from or self.init_from
 
 
 def encoder_feature_fn(encoder: FrozenEncoder):
@@ -123,11 +135,10 @@ class PixelDecoderStage(TrainStage):
             fae_dir = require_bundle(cfg.fae, "fae", classes=["FeatureAutoEncoder"])  # type: ignore[arg-type]  # validate() requires fae
             self._check_reference(fae_dir)
             self.fae = FeatureAutoEncoder.from_pretrained(fae_dir).eval().requires_grad_(False)
-        if cfg.finetune_from is not None:
-            self.init_from = require_bundle(cfg.finetune_from, "pixel_decoder", classes=["PixelDecoder"])
+        if cfg.start_from is not None:   # its weights are loaded by the trainer (init_bundle, load_init_state)
+            self.init_from = require_bundle(cfg.start_from, "pixel_decoder", classes=["PixelDecoder"])
             self._check_reference(self.init_from)
-            gaussian = PixelDecoder.from_pretrained(self.init_from)
-            bundled = gaussian.config
+            bundled = from_dict(PixelDecoderConfig, read_bundle_config(self.init_from)["config"], "decoder")
             if decoder_cfg is not None and decoder_cfg != bundled:
                 raise ConfigError(f"decoder: differs from the config of {self.init_from}; drop the decoder block "
                                   "when fine-tuning (it is taken from the Gaussian decoder)")
@@ -140,19 +151,12 @@ class PixelDecoderStage(TrainStage):
             torch.manual_seed(cfg.train.seed)
             decoder = PixelDecoder(decoder_cfg)
             disc = self.pixel_loss.build_discriminator(decoder_cfg.out_channels)
-        if self.init_from is not None:
-            decoder.load_state_dict(gaussian.state_dict())
         self.modules: dict[str, nn.Module] = {"decoder": decoder}
         if disc is not None:
             min_size = disc.min_size()
             if decoder_cfg.image_size < min_size:
                 raise ConfigError(f"losses.discriminator.n_layers={cfg.losses.discriminator.n_layers} needs images of "
                                   f">= {min_size} px, the decoder makes {decoder_cfg.image_size} px; lower n_layers")
-            if self.init_from is not None and (self.init_from.parent / "discriminator.safetensors").is_file():
-                disc.load_state_dict(load_file(str(self.init_from.parent / "discriminator.safetensors")))
-                lecam = self.init_from.parent / "lecam.safetensors"
-                if lecam.is_file():  # the LeCam averages belong to that discriminator: carry them over too
-                    self.pixel_loss.lecam.load_state_dict(load_file(str(lecam)))
             self.modules["disc"] = disc
         # the trainer may wrap modules in DDP; keep the plain ones for the last layer and the frozen-D generator pass
         self._decoder_raw, self._disc_raw = decoder, disc
@@ -179,6 +183,26 @@ class PixelDecoderStage(TrainStage):
                               f"but data.image_size={self.cfg.data.image_size}{hint}")
 
     # -- TrainStage ---------------------------------------------------------------------------------------------
+    def init_from_path(self) -> str | None:
+        return self.cfg.start_from
+
+    def init_bundle(self, path: Path) -> InitSource | None:
+        """The decoder bundle, with the discriminator and its LeCam averages the run wrote beside it."""
+        source = bundle_source(path, "pixel_decoder", ["PixelDecoder"], "decoder")
+        if source is None or "disc" not in self.modules:
+            return source
+        run = source.files["decoder"].parent.parent   # <run>/pixel_decoder/model.safetensors
+        if (run / "discriminator.safetensors").is_file():
+            source.files["disc"] = run / "discriminator.safetensors"
+            source.weights["disc"] = load_file(str(source.files["disc"]))
+            if (run / "lecam.safetensors").is_file():
+                source.stage_state["lecam"] = load_file(str(run / "lecam.safetensors"))
+        return source
+
+    def load_init_state(self, source: InitSource) -> None:
+        if "disc" in source.weights and "lecam" in source.stage_state:  # they belong to that discriminator
+            self.pixel_loss.lecam.load_state_dict(source.stage_state["lecam"])
+
     def optimizer_groups(self) -> dict[str, list[str]]:
         groups = {"gen": ["decoder"]}
         if "disc" in self.modules:
@@ -301,7 +325,7 @@ class PixelDecoderStage(TrainStage):
         ref = self.encoder.bundle_reference(out_dir / "pixel_decoder")   # the bundle carries a small encoder along
         record = {"encoder": ref, "stage": "finetune" if self.cfg.finetuning else "gaussian",
                   "noise_sigma": self.noise.sigma, "feature_rms": self.feature_rms, "fae": self.cfg.fae,
-                  "finetune_from": self.cfg.finetune_from}
+                  "finetune_from": self.cfg.finetune_from, "init_from": self.cfg.init_from}
         decoder.save_pretrained(out_dir / "pixel_decoder", extra=record)
         if "disc" in modules:
             atomic_save_safetensors(modules["disc"].state_dict(), out_dir / "discriminator.safetensors")
@@ -342,7 +366,7 @@ def evaluate_stage(stage: Any, decoder: PixelDecoder, out_dir: Path) -> dict[str
     cfg = stage.cfg
     dataset = features_dataset(replace_features(cfg), stage.encoder, cfg.eval.split, limit=cfg.eval.limit, hflip=False)
     decoders: dict[str, tuple[PixelDecoder, FeatureInput]] = {}
-    if stage.init_from is not None:
+    if stage.init_from is not None and cfg.finetuning:   # stage II: the Gaussian decoder it started from, compared
         gaussian = PixelDecoder.from_pretrained(stage.init_from)
         decoders["gaussian(x)"] = (gaussian, "x")
         decoders["gaussian(x_hat)"] = (gaussian, "x_hat")
@@ -364,9 +388,9 @@ def components(cfg: Config) -> dict[str, nn.Module]:
     """Parameter table (`fae summary`), built without loading the encoder."""
     decoder_cfg = cfg.decoder
     if decoder_cfg is None:  # fine-tuning: the architecture is the Gaussian decoder's
-        if cfg.finetune_from is None:
+        if cfg.start_from is None:
             raise ConfigError("this config takes its decoder from --finetune-from (finetune_from=...); give it")
-        record = read_bundle_config(require_bundle(cfg.finetune_from, "pixel_decoder", classes=["PixelDecoder"]))
+        record = read_bundle_config(require_bundle(cfg.start_from, "pixel_decoder", classes=["PixelDecoder"]))
         decoder_cfg = from_dict(PixelDecoderConfig, record["config"], "decoder")
     parts: dict[str, nn.Module] = {"pixel decoder": PixelDecoder(decoder_cfg)}
     if cfg.losses.use_gan:
