@@ -25,7 +25,7 @@ import signal
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,10 +235,6 @@ class TrainStage:
     def check_init_source(self, source: InitSource) -> None:
         """Refuse a source that the tensor shapes cannot judge (a generator on latents of another shape)."""
 
-    def load_init_state(self, source: InitSource) -> None:
-        """Carry over what the source keeps beside its weights and belongs to them (a discriminator's LeCam
-        averages)."""
-
 
 @dataclass(frozen=True)
 class InitRule:
@@ -264,7 +260,6 @@ class InitSource:
     files: dict[str, Path]                         # module -> the safetensors file its weights were read from
     weights: dict[str, dict[str, torch.Tensor]]    # module -> state_dict
     model_config: dict[str, Any] | None = None     # the source model's config as recorded (bundle or config.yaml)
-    stage_state: dict[str, Any] = field(default_factory=dict)  # a checkpoint's stage extras (or a bundle's beside)
 
 
 def bundle_source(path: Path, folder: str, classes: Sequence[str], module: str) -> InitSource | None:
@@ -304,9 +299,8 @@ def checkpoint_source(path: Path, modules: Sequence[str], stage_name: str | None
             found = [f for f in (ckpt / f"{name}.ema.safetensors", ckpt / f"{name}.safetensors") if f.is_file()]
             if found:
                 files[name] = found[0]
-        state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
         return InitSource(str(path), "checkpoint", files, {n: load_file(str(f)) for n, f in files.items()},
-                          config.get("model"), state.get("stage", {}))
+                          config.get("model"))
     raise ConfigError(f"init_from={path}: no intact checkpoint ({'; '.join(problems)})")
 
 
@@ -380,7 +374,6 @@ def initialise_from(stage: TrainStage, path: str, stage_name: str | None = None,
                                              f"init_from={path} ({name})")
             record["reinitialised"].update({f"{name}.{k}": v for k, v in reinit.items()})
             record["from_this_run"] += [f"{name}.{k}" for k in kept]
-    stage.load_init_state(source)
     if announce:
         what = "its bundle" if source.kind == "bundle" else "its newest checkpoint"
         print(f"init_from {path}: {', '.join(source.files)} from {what}; a new optimizer, LR schedule and step 0",

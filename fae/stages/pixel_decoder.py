@@ -158,6 +158,10 @@ class PixelDecoderStage(TrainStage):
                 raise ConfigError(f"losses.discriminator.n_layers={cfg.losses.discriminator.n_layers} needs images of "
                                   f">= {min_size} px, the decoder makes {decoder_cfg.image_size} px; lower n_layers")
             self.modules["disc"] = disc
+            lecam = self.init_from.parent / "lecam.safetensors" if self.init_from is not None else None
+            if lecam is not None and lecam.is_file() and (lecam.parent / "discriminator.safetensors").is_file():
+                # the LeCam averages belong to the discriminator the trainer loads from there (init_bundle)
+                self.pixel_loss.lecam.load_state_dict(load_file(str(lecam)))
         # the trainer may wrap modules in DDP; keep the plain ones for the last layer and the frozen-D generator pass
         self._decoder_raw, self._disc_raw = decoder, disc
         self.noise = FeatureNoise(0.0)
@@ -187,7 +191,7 @@ class PixelDecoderStage(TrainStage):
         return self.cfg.start_from
 
     def init_bundle(self, path: Path) -> InitSource | None:
-        """The decoder bundle, with the discriminator and its LeCam averages the run wrote beside it."""
+        """The decoder bundle, with the discriminator the run wrote beside it (its LeCam averages: __init__)."""
         source = bundle_source(path, "pixel_decoder", ["PixelDecoder"], "decoder")
         if source is None or "disc" not in self.modules:
             return source
@@ -195,13 +199,7 @@ class PixelDecoderStage(TrainStage):
         if (run / "discriminator.safetensors").is_file():
             source.files["disc"] = run / "discriminator.safetensors"
             source.weights["disc"] = load_file(str(source.files["disc"]))
-            if (run / "lecam.safetensors").is_file():
-                source.stage_state["lecam"] = load_file(str(run / "lecam.safetensors"))
         return source
-
-    def load_init_state(self, source: InitSource) -> None:
-        if "disc" in source.weights and "lecam" in source.stage_state:  # they belong to that discriminator
-            self.pixel_loss.lecam.load_state_dict(source.stage_state["lecam"])
 
     def optimizer_groups(self) -> dict[str, list[str]]:
         groups = {"gen": ["decoder"]}
