@@ -364,7 +364,8 @@ def initialise_from(stage: TrainStage, path: str, stage_name: str | None = None,
     record: dict[str, Any] = {
         "path": str(path), "source": source.kind,
         "files": {n: {"path": str(f), "sha256": file_sha256(f),
-                      "weights": "ema" if f.name.endswith(".ema.safetensors") or source.kind == "bundle" else "live"}
+                      "weights": "exported" if source.kind == "bundle" else  # a bundle: EMA where the run kept one
+                      "ema" if f.name.endswith(".ema.safetensors") else "live"}
                   for n, f in source.files.items()},
         "reinitialised": {}, "from_this_run": [],
         "fresh_modules": [n for n in stage.modules if n not in source.weights]}
@@ -378,7 +379,7 @@ def initialise_from(stage: TrainStage, path: str, stage_name: str | None = None,
         what = "its bundle" if source.kind == "bundle" else "its newest checkpoint"
         print(f"init_from {path}: {', '.join(source.files)} from {what}; a new optimizer, LR schedule and step 0",
               flush=True)
-        for why in {w.split(":")[0] for w in record["reinitialised"].values()}:   # one line per rule
+        for why in dict.fromkeys(w.split(":")[0] for w in record["reinitialised"].values()):   # a line per rule
             keys = [k for k, w in record["reinitialised"].items() if w.startswith(why + ":")]
             warnings.warn(f"init_from {path}: {why}: {', '.join(keys)} re-initialised", stacklevel=2)
         if record["fresh_modules"]:
@@ -535,10 +536,10 @@ class Trainer:
         # init_from: a new run from another run's weights, before the EMA copies them. A run that resumes has its own
         # checkpoint: it never reads the source again (its record comes back from the checkpoint)
         self.init_record: dict[str, Any] | None = None
-        if stage.init_from_path() is not None and not checkpoint_dirs(self.out_dir):
+        start = stage.init_from_path()
+        if start is not None and not checkpoint_dirs(self.out_dir):
             name = run_config.get("stage") if isinstance(run_config, dict) else None
-            self.init_record = initialise_from(stage, stage.init_from_path(), name,  # type: ignore[arg-type]  # not None
-                                               announce=self.rank == 0)
+            self.init_record = initialise_from(stage, start, name, announce=self.rank == 0)
         for m in self.raw.values():
             m.to(self.device).train()
         stage.to(self.device)

@@ -102,7 +102,8 @@ def test_dit_starts_from_the_source_weights_at_step_zero(dit_source, tiny_latent
     trainer = started(cfg, tmp_path / "run", [f"init_from={path}"])
     assert_starts_from(trainer, "model", load_file(str(weights_file)))
     assert trainer.init_record is not None and trainer.init_record["files"]["model"] == {
-        "path": str(weights_file), "sha256": file_sha256(weights_file), "weights": "ema"}
+        "path": str(weights_file), "sha256": file_sha256(weights_file),
+        "weights": "ema" if which == "unfinished" else "exported"}
     assert trainer.init_record["source"] == ("checkpoint" if which == "unfinished" else "bundle")
     if which == "bundle":   # the first forward is the source's
         source = DiT.from_pretrained(path).eval()
