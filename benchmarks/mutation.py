@@ -411,6 +411,19 @@ MUTATIONS: list[Mutation] = [
       'fd: frechet_distance(compute_stats(fs["pool"]), compute_stats(fs["pool"])),',
       "tests/test_eval_t2i.py::test_samples_equal_to_their_references_give_zero_fid",
       "`fae eval t2i` measures the samples against the caption set's images"),
+    # ---- init_from (issue 28, item 4; docs/training.md)
+    M("init-from-on-resume", TR, "if start is not None and not checkpoint_dirs(self.out_dir):",
+      "if start is not None:", "tests/test_init_from.py::test_init_from_run_records_the_source_and_resumes_exactly_without_it",
+      "a resumed init_from run resumes its own checkpoint and never reads the source again"),
+    M("init-from-record-not-resumed", TR, 'self.init_record = state.get("init_from")', "pass",
+      "tests/test_init_from.py::test_init_from_run_records_the_source_and_resumes_exactly_without_it",
+      "run.json of a resumed init_from run still records the source"),
+    M("init-from-rule-never-fires", TR, "if r is not None and (r.always or differs(k))}", "if r is not None and r.always}",
+      "tests/test_init_from.py::test_another_class_count_reinitialises_the_class_table",
+      "another class count re-initialises the class table instead of refusing the source"),
+    M("init-from-latent-shape-unchecked", "fae/stages/generator.py", "        if theirs != mine:", "        if False:",
+      "tests/test_init_from.py::test_another_latent_shape_or_width_is_refused",
+      "a generator refuses a source of another latent shape, also where RoPE would load it silently"),
 ]
 
 
