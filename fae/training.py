@@ -239,9 +239,9 @@ class TrainStage:
 @dataclass(frozen=True)
 class InitRule:
     """How `init_from` treats the tensors of a module whose state_dict names match one of `patterns` (fnmatch):
-    where the source's shape differs (or either side lacks the tensor) this run's fresh tensor is kept and `reason`
-    is logged and recorded; `always`: this run's tensor is kept even when the shapes agree (a buffer the new data
-    sets, such as MMDiT's empty-prompt embedding)."""
+    where any of them differs from the source's in shape (or either side lacks it), all of them keep this run's
+    fresh values and `reason` is logged and recorded; `always`: they are this run's even when the shapes agree (a
+    buffer the new data sets, such as MMDiT's empty-prompt embedding)."""
 
     patterns: tuple[str, ...]
     reason: str
