@@ -7,9 +7,9 @@ cache computed once (small data sets). The exported bundle records which frozen 
 `latent_noise_flow` (a STARFlow run or bundle) the run is STARFlow's decoder fine-tune on FAE (docs/flow.md,
 "Sampling without the score step"): the FAE encoder is frozen and the feature decoder learns to map z + noise back to
 the features x, the noise being the flow's training noise (`noise_std` in the flow's channel-normalised space, so
-std_c * noise_std per channel of z). The bundle then records
-the latent space it decodes (`latent_space_sha256`, the starting FAE's identity: the encoder is unchanged) and the
-noise, so generators trained on the starting FAE's latents decode with it.
+std_c * noise_std per channel of z). The bundle then records the latent space it decodes (`latent_space_sha256`, the
+starting FAE's identity: the encoder is unchanged) and the noise, so generators trained on the starting FAE's latents
+decode with it.
 """
 from __future__ import annotations
 

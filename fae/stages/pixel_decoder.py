@@ -135,7 +135,7 @@ class PixelDecoderStage(TrainStage):
             fae_dir = require_bundle(cfg.fae, "fae", classes=["FeatureAutoEncoder"])  # type: ignore[arg-type]  # validate() requires fae
             self._check_reference(fae_dir)
             self.fae = FeatureAutoEncoder.from_pretrained(fae_dir).eval().requires_grad_(False)
-        if cfg.start_from is not None:   # its weights are loaded by the trainer (init_bundle, load_init_state)
+        if cfg.start_from is not None:   # its weights: loaded by the trainer (init_bundle)
             self.init_from = require_bundle(cfg.start_from, "pixel_decoder", classes=["PixelDecoder"])
             self._check_reference(self.init_from)
             bundled = from_dict(PixelDecoderConfig, read_bundle_config(self.init_from)["config"], "decoder")
