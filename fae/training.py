@@ -232,8 +232,10 @@ class TrainStage:
         ...). Every other tensor must be in the source under the same name with the same shape."""
         return {}
 
-    def check_init_source(self, source: InitSource) -> None:
-        """Refuse a source that the tensor shapes cannot judge (a generator on latents of another shape)."""
+    def check_init_source(self, source: InitSource) -> list[str]:
+        """Refuse a source that the tensor shapes cannot judge (a generator on latents of another shape); returns
+        notes on what loads but may not fit (another tokenizer of the same latent shape), warned and recorded."""
+        return []
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,7 @@ class InitSource:
     files: dict[str, Path]                         # module -> the safetensors file its weights were read from
     weights: dict[str, dict[str, torch.Tensor]]    # module -> state_dict
     model_config: dict[str, Any] | None = None     # the source model's config as recorded (bundle or config.yaml)
+    record: dict[str, Any] | None = None           # a fae bundle's whole config.json
 
 
 def bundle_source(path: Path, folder: str, classes: Sequence[str], module: str) -> InitSource | None:
@@ -271,7 +274,7 @@ def bundle_source(path: Path, folder: str, classes: Sequence[str], module: str) 
     record = read_bundle_config(found)
     weights = found / WEIGHTS_NAME
     return InitSource(str(path), "bundle", {module: weights},
-                      {module: load_weights(weights, record.get("weights_sha256"))}, record.get("config"))
+                      {module: load_weights(weights, record.get("weights_sha256"))}, record.get("config"), record)
 
 
 def checkpoint_source(path: Path, modules: Sequence[str], stage_name: str | None) -> InitSource:
@@ -359,7 +362,7 @@ def initialise_from(stage: TrainStage, path: str, stage_name: str | None = None,
     source = stage.init_bundle(where) or checkpoint_source(where, list(stage.modules), stage_name)
     if not source.weights:
         raise ConfigError(f"init_from={path}: holds none of this stage's modules ({', '.join(stage.modules)})")
-    stage.check_init_source(source)
+    notes = stage.check_init_source(source)
     rules = stage.init_rules()
     record: dict[str, Any] = {
         "path": str(path), "source": source.kind,
@@ -368,7 +371,7 @@ def initialise_from(stage: TrainStage, path: str, stage_name: str | None = None,
                       "ema" if f.name.endswith(".ema.safetensors") else "live"}
                   for n, f in source.files.items()},
         "reinitialised": {}, "from_this_run": [],
-        "fresh_modules": [n for n in stage.modules if n not in source.weights]}
+        "fresh_modules": [n for n in stage.modules if n not in source.weights], "notes": notes}
     for name, module in stage.modules.items():
         if name in source.weights:
             reinit, kept = load_init_weights(module, source.weights[name], rules.get(name, []),
@@ -382,6 +385,8 @@ def initialise_from(stage: TrainStage, path: str, stage_name: str | None = None,
         for why in dict.fromkeys(w.split(":")[0] for w in record["reinitialised"].values()):   # a line per rule
             keys = [k for k, w in record["reinitialised"].items() if w.startswith(why + ":")]
             warnings.warn(f"init_from {path}: {why}: {', '.join(keys)} re-initialised", stacklevel=2)
+        for note in notes:
+            warnings.warn(f"init_from {path}: {note}", stacklevel=2)
         if record["fresh_modules"]:
             warnings.warn(f"init_from {path}: {', '.join(record['fresh_modules'])} not in the source: freshly "
                           "initialised", stacklevel=2)

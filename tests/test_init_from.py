@@ -152,6 +152,22 @@ def test_another_class_count_reinitialises_the_class_table(dit_source, tiny_late
     assert json.loads((tmp_path / "run" / "run.json").read_text())["init_from"] == trainer.init_record
 
 
+def test_another_tokenizer_of_the_same_shape_loads_with_a_note(dit_source, tiny_latent_world, tmp_path):
+    """The bundle's record names the tokenizer whose latents it learned: another one of the same shape loads (the
+    tensors fit) but is warned about and noted in run.json; the same one gives no note."""
+    bundle = shutil.copytree(dit_source / "finished" / "dit", tmp_path / "other" / "dit")
+    record = json.loads((bundle / "config.json").read_text())
+    assert started(write(tmp_path / "new.yaml", DIT, cache=tiny_latent_world["cache"], classes=10, steps=4, seed=7),
+                   tmp_path / "same", [f"init_from={bundle}"]).init_record["notes"] == []
+    record["latents"]["fae"] = {"weights_sha256": "f" * 64}
+    record["latents"].get("tokenizer", {})["sha256"] = "f" * 64
+    (bundle / "config.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="the source learned the latents of fae ffffffffffff, this run's cache holds"):
+        trainer = started(tmp_path / "new.yaml", tmp_path / "other-run", [f"init_from={bundle}"])
+    assert len(trainer.init_record["notes"]) == 1
+    assert_starts_from(trainer, "model", load_file(str(bundle / "model.safetensors")))
+
+
 def test_another_latent_shape_or_width_is_refused(tiny_latent_world, tmp_path):
     """Another latent channel count or grid is another latent space (refused before any tensor is compared, since
     with RoPE a new grid would load silently); another hidden width is refused by the tensor shapes."""

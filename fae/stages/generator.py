@@ -23,7 +23,7 @@ from fae.config import ConfigError, from_dict, read_yaml
 from fae.data.labels import check_class_ids
 from fae.data.latents import LatentCache, LatentDataset
 from fae.evaluation import GeneratorEvalConfig, GeneratorScorer, load_eval_decoder
-from fae.generators import Generator, GeneratorFamily, GeneratorRecord, families, family, find_generator_bundle
+from fae.generators import Generator, GeneratorFamily, GeneratorRecord, LatentOrigin, families, family, find_generator_bundle
 from fae.generators import load_generator as load_generator_bundle
 from fae.io import atomic_write_text, replace_dir
 from fae.stages.preview import class_conditions, generator_sheets
@@ -129,9 +129,10 @@ class GeneratorStage(TrainStage):
         """`init_from`: a bundle of this family (or a finished run folder holding one)."""
         return bundle_source(path, self.spec.folder, [self.spec.bundle_class], "model")
 
-    def check_init_source(self, source: InitSource) -> None:
+    def check_init_source(self, source: InitSource) -> list[str]:
         """A generator transfers only between latents of one shape (channels x grid): another shape is another
-        latent space, and with RoPE a new grid would even load without a shape error (docs/training.md)."""
+        latent space, and with RoPE a new grid would even load without a shape error (docs/training.md). Another
+        tokenizer of the same shape (named in a bundle's record) loads, with a note."""
         model = source.model_config or {}
         theirs = [model.get("in_channels"), *(model.get("input_size") or [None, None])]
         mine = [self.cfg.model.in_channels, *self.cfg.model.input_size]
@@ -140,6 +141,16 @@ class GeneratorStage(TrainStage):
                               f"{'x'.join(map(str, mine))} (channels x height x width): another latent space, which "
                               "a generator cannot start from; train from scratch or encode the new data with the "
                               "source's tokenizer")
+        latents = (source.record or {}).get("latents")
+        theirs, mine = LatentOrigin.from_json(latents) if latents else None, LatentOrigin.from_json(self.cache.manifest)
+        if theirs is None or (theirs.source, theirs.tokenizer_sha256) == (mine.source, mine.tokenizer_sha256):
+            return []
+
+        def named(o: LatentOrigin) -> str:
+            return f"{o.tokenizer or o.source} {(o.tokenizer_sha256 or 'of unrecorded identity')[:12]}"
+
+        return [f"the source learned the latents of {named(theirs)}, this run's cache holds those of {named(mine)}: "
+                "the same shape, so the weights load, but they were fitted to another latent space"]
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """The freshly built model, before training (MMDiT takes its null condition from the cache here)."""
