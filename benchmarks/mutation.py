@@ -421,7 +421,7 @@ MUTATIONS: list[Mutation] = [
     M("init-from-rule-never-fires", TR, "if r is not None and (r.always or differs(k))}", "if r is not None and r.always}",
       "tests/test_init_from.py::test_another_class_count_reinitialises_the_class_table",
       "another class count re-initialises the class table instead of refusing the source"),
-    M("init-from-latent-shape-unchecked", "fae/stages/generator.py", "        if theirs != mine:", "        if False:",
+    M("init-from-latent-shape-unchecked", "fae/stages/generator.py", "        if their_shape != my_shape:", "        if False:",
       "tests/test_init_from.py::test_another_latent_shape_or_width_is_refused",
       "a generator refuses a source of another latent shape, also where RoPE would load it silently"),
 ]

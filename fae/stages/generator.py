@@ -134,22 +134,24 @@ class GeneratorStage(TrainStage):
         latent space, and with RoPE a new grid would even load without a shape error (docs/training.md). Another
         tokenizer of the same shape (named in a bundle's record) loads, with a note."""
         model = source.model_config or {}
-        theirs = [model.get("in_channels"), *(model.get("input_size") or [None, None])]
-        mine = [self.cfg.model.in_channels, *self.cfg.model.input_size]
-        if theirs != mine:
-            raise ConfigError(f"init_from={source.path}: its latents are {'x'.join(map(str, theirs))}, this run's "
-                              f"{'x'.join(map(str, mine))} (channels x height x width): another latent space, which "
-                              "a generator cannot start from; train from scratch or encode the new data with the "
-                              "source's tokenizer")
+        their_shape = [model.get("in_channels"), *(model.get("input_size") or [None, None])]
+        my_shape = [self.cfg.model.in_channels, *self.cfg.model.input_size]
+        if their_shape != my_shape:
+            raise ConfigError(f"init_from={source.path}: its latents are {'x'.join(map(str, their_shape))}, this "
+                              f"run's {'x'.join(map(str, my_shape))} (channels x height x width): another latent "
+                              "space, which a generator cannot start from; train from scratch or encode the new data "
+                              "with the source's tokenizer")
         latents = (source.record or {}).get("latents")
-        theirs, mine = LatentOrigin.from_json(latents) if latents else None, LatentOrigin.from_json(self.cache.manifest)
-        if theirs is None or (theirs.source, theirs.tokenizer_sha256) == (mine.source, mine.tokenizer_sha256):
+        if not latents:   # a checkpoint source: its tokenizer is not recorded beside the weights
+            return []
+        theirs, ours = LatentOrigin.from_json(latents), LatentOrigin.from_json(self.cache.manifest)
+        if (theirs.source, theirs.tokenizer_sha256) == (ours.source, ours.tokenizer_sha256):
             return []
 
         def named(o: LatentOrigin) -> str:
-            return f"{o.tokenizer or o.source} {(o.tokenizer_sha256 or 'of unrecorded identity')[:12]}"
+            return f"{o.tokenizer or o.source} {(o.tokenizer_sha256 or '?')[:12]}"
 
-        return [f"the source learned the latents of {named(theirs)}, this run's cache holds those of {named(mine)}: "
+        return [f"the source learned the latents of {named(theirs)}, this run's cache holds those of {named(ours)}: "
                 "the same shape, so the weights load, but they were fitted to another latent space"]
 
     def prepare(self, model: nn.Module) -> nn.Module:
