@@ -38,15 +38,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _check_init_from(stage: str) -> None:
-    """--init-from needs a stage whose config has `init_from` (every stage but the encoder pretraining)."""
+    """--init-from needs a stage whose config has `init_from` (every built-in stage but the encoder pretraining)."""
     import dataclasses
 
     from fae.config import ConfigError
     from fae.stages import stage_module
 
     if "init_from" not in {f.name for f in dataclasses.fields(stage_module(stage).Config)}:
-        raise ConfigError(f"fae train {stage} has no --init-from: the encoder pretraining makes the frozen encoder "
-                          "every latent space is built on, so it always starts from its own init (docs/training.md)")
+        why = (": the encoder pretraining makes the frozen encoder every latent space is built on, so it always "
+               "starts from its own init (docs/training.md)") if stage == "encoder" else " (its config has no init_from)"
+        raise ConfigError(f"fae train {stage} has no --init-from{why}")
 
 
 def _cmd_judge(args: argparse.Namespace) -> int:
