@@ -367,3 +367,12 @@ def check_same_encoder(expected: dict[str, Any] | None, actual: dict[str, Any] |
     if differs:
         raise ConfigError(f"{what} was made with another encoder than {against} (the frozen encoders differ in "
                           f"{', '.join(differs)}: {[expected.get(k) for k in differs]} vs {[actual.get(k) for k in differs]})")
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """The intact-looking checkpoints of a run folder (`checkpoints/step_N/` with a training state), oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "training_state.pt").is_file()]
+    return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))

@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 from seeding import subprocess_env
 
 from fae.cli import main
-from fae.io import read_bundle_config
+from fae.io import checkpoint_dirs, read_bundle_config
 from fae.models.autoencoder import FeatureAutoEncoder
-from fae.training import checkpoint_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,9 +17,10 @@ from torch import nn
 
 from fae.cli import main
 from fae.config import ConfigError
-from fae.io import file_sha256
+from fae.init_from import InitRule, load_init_weights
+from fae.io import checkpoint_dirs, file_sha256
 from fae.stages import load_stage_config, run_config, stage_module, train_stage
-from fae.training import InitRule, Trainer, checkpoint_dirs, load_init_weights
+from fae.training import Trainer
 
 DIT = """stage: dit
 latents: {cache}

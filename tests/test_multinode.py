@@ -113,7 +113,7 @@ def _logs(logs: Path) -> str:
 
 
 def _steps(out: Path) -> list[int]:
-    from fae.training import checkpoint_dirs
+    from fae.io import checkpoint_dirs
 
     return [int(p.name.split("_")[1]) for p in checkpoint_dirs(out)]
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fae.data import split_key
+from fae.io import checkpoint_dirs
 from fae.training import (
     EMA,
     OptimConfig,
@@ -19,7 +20,6 @@ from fae.training import (
     Trainer,
     TrainingError,
     TrainStage,
-    checkpoint_dirs,
     load_run_state,
     seed_step,
     step_seed,

@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import Dataset, get_worker_info
 
 from fae.data import split_key
-from fae.training import OptimConfig, TrainConfig, Trainer, TrainingInterrupted, TrainStage, checkpoint_dirs
+from fae.io import checkpoint_dirs
+from fae.training import OptimConfig, TrainConfig, Trainer, TrainingInterrupted, TrainStage
 
 
 class Data(Dataset):

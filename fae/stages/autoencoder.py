@@ -27,9 +27,10 @@ from fae.config import ConfigError
 from fae.data import DataConfig, build_dataset
 from fae.data.loading import num_items
 from fae.encoders import EncoderConfig, FrozenEncoder
+from fae.init_from import InitSource, bundle_source
 from fae.io import atomic_write_text, cache_root, find_bundle, read_bundle_config
 from fae.models.autoencoder import FAEConfig, FeatureAutoEncoder, check_encoder_shape, vae_loss
-from fae.training import InitSource, OptimConfig, TrainConfig, TrainStage, bundle_source
+from fae.training import OptimConfig, TrainConfig, TrainStage
 
 
 @dataclass

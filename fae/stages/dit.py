@@ -21,9 +21,10 @@ from torch.utils.data import Dataset
 from fae.config import to_dict
 from fae.data.latents import LatentDataset
 from fae.evaluation import GeneratorEvalConfig
+from fae.init_from import InitRule
 from fae.models.dit import DiT, DiTConfig
 from fae.stages.generator import GeneratorStage
-from fae.training import InitRule, OptimConfig, TrainConfig
+from fae.training import OptimConfig, TrainConfig
 from fae.transport import TransportConfig, flow_matching_loss
 
 

@@ -30,10 +30,11 @@ from torch.utils.data import Dataset
 from fae.config import ConfigError, to_dict
 from fae.data.latents import LatentCache, normalize
 from fae.evaluation import GeneratorEvalConfig
+from fae.init_from import InitRule
 from fae.io import atomic_write_text
 from fae.models.starflow import FlowSampling, StarFlow, StarFlowConfig, bits_per_dim, latent_norm
 from fae.stages.generator import GeneratorStage
-from fae.training import InitRule, OptimConfig, TrainConfig
+from fae.training import OptimConfig, TrainConfig
 
 
 @dataclass

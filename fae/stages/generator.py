@@ -25,9 +25,10 @@ from fae.data.latents import LatentCache, LatentDataset
 from fae.evaluation import GeneratorEvalConfig, GeneratorScorer, load_eval_decoder
 from fae.generators import Generator, GeneratorFamily, GeneratorRecord, LatentOrigin, families, family, find_generator_bundle
 from fae.generators import load_generator as load_generator_bundle
-from fae.io import atomic_write_text, replace_dir
+from fae.init_from import InitSource, bundle_source
+from fae.io import atomic_write_text, checkpoint_dirs, replace_dir
 from fae.stages.preview import class_conditions, generator_sheets
-from fae.training import InitSource, TrainStage, bundle_source, checkpoint_dirs
+from fae.training import TrainStage
 
 
 def check_model_matches_cache(model: Any, cache: LatentCache) -> None:

@@ -35,12 +35,13 @@ from fae import distributed as D
 from fae.data import DataConfig, build_dataset
 from fae.data.loading import num_items
 from fae.data.readable import collate_present, readable_batches
+from fae.init_from import InitSource
 from fae.io import atomic_write_text, replace_dir
 from fae.metrics.recon import PairedAccumulator, psnr
 from fae.metrics.reconstruction import save_grid
 from fae.stages.autoencoder import check_held_out_split
 from fae.stages.preview import PREVIEW_SAMPLES, reconstruction_sheet
-from fae.training import InitSource, OptimConfig, TrainConfig, TrainStage
+from fae.training import OptimConfig, TrainConfig, TrainStage
 
 EXPORT_NAME = "kl-vae"
 DOWN_BLOCK = "DownEncoderBlock2D"

@@ -23,10 +23,11 @@ from torch import nn
 from fae.config import ConfigError, to_dict
 from fae.data.latents import TEXT_KEYS, LatentCache
 from fae.evaluation import GeneratorEvalConfig
+from fae.init_from import InitRule
 from fae.models.mmdit import MMDiT, MMDiTConfig, TextCondition
 from fae.stages.generator import GeneratorStage
 from fae.stages.preview import PREVIEW_SAMPLES
-from fae.training import InitRule, OptimConfig, TrainConfig
+from fae.training import OptimConfig, TrainConfig
 from fae.transport import TransportConfig, flow_matching_loss
 
 

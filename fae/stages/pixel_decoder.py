@@ -31,6 +31,7 @@ from fae.data import DataConfig, class_strided_indices
 from fae.data.loading import num_items
 from fae.data.readable import collate_present
 from fae.encoders import EncoderConfig, FrozenEncoder
+from fae.init_from import InitSource, bundle_source
 from fae.io import atomic_save_safetensors, check_same_encoder, read_bundle_config, require_bundle
 from fae.losses import PatchDiscriminator, PixelLoss, PixelLossConfig
 from fae.metrics.recon import psnr
@@ -39,7 +40,7 @@ from fae.models.pixel_decoder import FeatureNoise, PixelDecoder, PixelDecoderCon
 from fae.stages.autoencoder import check_held_out_split, features_dataset
 from fae.stages.preview import PREVIEW_SAMPLES, reconstruction_sheet
 from fae.tokenizers import FAE
-from fae.training import InitSource, OptimConfig, TrainConfig, TrainStage, bundle_source
+from fae.training import OptimConfig, TrainConfig, TrainStage
 
 
 @dataclass
