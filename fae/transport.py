@@ -306,7 +306,8 @@ class GuidedVelocity:
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
-SAMPLER_METHODS = ("euler", "heun", "euler_maruyama", "dpmpp_2m", "dopri5")
+FIXED_STEP_METHODS = ("euler", "heun", "euler_maruyama", "dpmpp_2m")   # the cost is `steps` (Heun: 2x) evaluations
+SAMPLER_METHODS = (*FIXED_STEP_METHODS, "dopri5")                          # dopri5's is known only afterwards
 
 
 @dataclass

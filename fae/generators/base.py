@@ -29,7 +29,7 @@ from fae.config import ConfigError
 from fae.data.latents import LatentCache
 from fae.io import find_bundle, read_bundle_config
 from fae.speed import compile_in_place
-from fae.transport import SAMPLER_METHODS, SamplerConfig
+from fae.transport import FIXED_STEP_METHODS, SamplerConfig
 
 
 # ------------------------------------------------------------------------------------------------ the record
@@ -155,8 +155,9 @@ class Generator(ABC):
     @property
     def sampler_methods(self) -> tuple[str, ...]:
         """The SamplerConfig methods whose choice (and step count) changes what `sample` does; () when it has one
-        fixed pass (a flow's exact inverse). `fae serve` offers only these."""
-        return SAMPLER_METHODS
+        fixed pass (a flow's exact inverse). `fae serve` offers only these, so only the fixed-step ones, whose cost
+        it can bound before it starts; a velocity model's `sample` takes adaptive dopri5 too."""
+        return FIXED_STEP_METHODS
 
     guide: Generator | None = None       # autoguidance: the model whose velocity replaces the unconditional one
 

@@ -28,12 +28,14 @@ class DiTGenerator(BundledGenerator):
         self.time_shift = float(self.record.settings.get("transport", {}).get("time_shift", 1.0))
 
     def sample(self, noise: torch.Tensor, conditions: Any, sampler: SamplerConfig,
-               generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+               generators: Sequence[torch.Generator] | None = None, info: dict[str, Any] | None = None) -> torch.Tensor:
+        """Generator.sample; `info`, when given, receives "nfe", the velocity evaluations per sample (fae.transport)."""
         if isinstance(conditions, torch.Tensor):  # once per call, not once per step inside the model
             check_class_ids(conditions, self.num_classes, "class ids", null_ok=True)
         guide = self.guide.model if isinstance(self.guide, BundledGenerator) else None
         velocity = GuidedVelocity(self.model, sampler.guidance, batch=sampler.cfg_batch, guide=guide)
-        x0 = sample(velocity, noise, conditions, sampler, time_shift=self.time_shift, generators=generators)
+        x0 = sample(velocity, noise, conditions, sampler, time_shift=self.time_shift, generators=generators,
+                    info=info)
         return denormalize(x0.float(), self.mean, self.std)
 
     def set_guide(self, guide: Generator | None) -> None:
