@@ -72,14 +72,20 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = {"class_agreement": "class agreement (judge) - higher is better",
+              "fd_encoder": "FD (frozen encoder) - lower is better",
+              "latent_rms_to_reference": "latent RMS to the converged ODE sample"}
+    keys = [k for k in panels if all(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2))
     for method in (*FIXED, "dopri5"):
         mine = sorted((r for r in rows if r["sampler"] == method), key=lambda r: r["nfe_mean"])
         style = "o:" if method == "dopri5" else "o-"
-        for ax, key in zip(axes, ("class_agreement", "fd_encoder"), strict=True):
-            ax.plot([r["nfe_mean"] for r in mine], [r[key] for r in mine], style, label=method)
-    for ax, name in zip(axes, ("class agreement (judge) - higher is better", "FD (frozen encoder) - lower is better"),
-                        strict=True):
+        for ax, key in zip(axes, keys, strict=True):
+            points = [(r["nfe_mean"], r[key]) for r in mine if key != "latent_rms_to_reference" or r[key] > 0]
+            ax.plot(*zip(*points, strict=True), style, label=method)
+    if "latent_rms_to_reference" in keys:
+        axes[keys.index("latent_rms_to_reference")].set_yscale("log")
+    for ax, name in zip(axes, [panels[k] for k in keys], strict=True):
         ax.set_xscale("log")
         ax.set_xlabel("NFE per sample (velocity evaluations)")
         ax.set_title(name, fontsize=10)
@@ -89,6 +95,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def _title(report: dict[str, Any]) -> str:
+    return (f"demo FAE DiT, {report['samples']} samples, guidance {report['guidance']}, "
+            f"CPU {report['machine']['cpu_capability']}, fp32")
 
 
 def main() -> None:
@@ -101,7 +112,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/images/nfe_sweep.json")
     ap.add_argument("--plot", default="docs/images/nfe_sweep.png")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from the JSON at --out")
     args = ap.parse_args()
+    if args.replot:
+        report = json.loads(Path(args.out).read_text())
+        plot(report["rows"], Path(args.plot), _title(report))
+        return
 
     demo = Path(args.demo)
     budgets = [int(n) for n in args.nfe.split(",")]
@@ -144,8 +160,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    plot(rows, Path(args.plot), f"demo FAE DiT, {args.samples} samples, guidance {args.guidance}, "
-         f"CPU {report['machine']['cpu_capability']}, fp32")
+    plot(rows, Path(args.plot), _title(report))
     print(f"wrote {out} and {args.plot}")
 
 

@@ -24,8 +24,12 @@ w_t s has no 1/t, so the step is finite down to t = 0. The last step goes to the
 has SiT's fixed size 0.04: Euler-Maruyama covers [0.04, 1] in steps - 1 steps, then one mean step 0.04 -> 0
 (`SamplerConfig.sde_last_step`; 0 gives a plain grid whose last 1/steps step goes to the mean).
 
+DPM-Solver++(2M) ("dpmpp_2m") works on the data prediction x0 = x - t v with lambda = log((1 - t) / t); its
+endpoints are first order (`_dpmpp_2m_step`). "dopri5" is adaptive, with per-sample step control (fae.solvers).
+
 Classifier-free guidance acts on ALL channels (not the 3 of the DiT/SiT/LightningDiT code, a known leftover), with a
-piecewise-constant scale over t; `GuidanceSchedule.paper()` is the main-results schedule.
+piecewise-constant scale over t; `GuidanceSchedule.paper()` is the main-results schedule. Autoguidance (a second,
+weaker model in place of the unconditional branch) uses the same schedule (`GuidedVelocity(guide=...)`).
 """
 from __future__ import annotations
 
