@@ -226,3 +226,20 @@ def test_generate_with_dopri5_and_autoguidance_is_batch_independent():
     b = generate(gen, paint, 4, sampler=sampler, batch_size=3, progress=False, precision="fp32")
     assert (a.images.astype(int) - b.images.astype(int)).__abs__().max() <= 1
     assert a.settings["guidance_model"] == "dit-1"
+
+
+def test_a_text_guide_must_share_the_text_width_and_encoder():
+    from types import SimpleNamespace
+
+    from fae.generators import check_guide
+
+    def text_gen(width: int, encoder: str) -> SimpleNamespace:
+        record = dataclasses.replace(_generator().record, settings={"text": {"encoder": {"name": encoder}}})
+        return SimpleNamespace(record=record, latent_shape=(2, 2, 2), num_classes=0, condition_kind="text",
+                               model=SimpleNamespace(config=SimpleNamespace(text_dim=width)), source=encoder)
+
+    check_guide(text_gen(384, "minilm"), text_gen(384, "minilm"))
+    with pytest.raises(ConfigError, match="text width, text encoder"):
+        check_guide(text_gen(384, "minilm"), text_gen(2048, "minilm"))
+    with pytest.raises(ConfigError, match="t5"):
+        check_guide(text_gen(384, "minilm"), text_gen(384, "t5"))
