@@ -53,8 +53,8 @@ MUTATIONS: list[Mutation] = [
     # ---- the rows of issue 17's table
     M("ddp-off", TR, "if self.world > 1:\n            stage.modules", "if False:\n            stage.modules",
       f"{TRS}::test_two_process_step_equals_single_process_step", "multi-process training all-reduces gradients"),
-    M("generate-shift-1", "fae/generators/dit.py", "time_shift=self.time_shift, generators=generators)",
-      "time_shift=1.0, generators=generators)", f"{SMP}::test_sampling_calls_the_model_at_the_trained_shift",
+    M("generate-shift-1", "fae/generators/dit.py", "time_shift=self.time_shift, generators=generators,",
+      "time_shift=1.0, generators=generators,", f"{SMP}::test_sampling_calls_the_model_at_the_trained_shift",
       "sampling uses the time shift the model was trained with"),
     M("dit-default-transport", "fae/stages/dit.py", 'batch["label"], self.cfg.transport)',
       'batch["label"], TransportConfig())', "tests/test_dit.py::test_dit_stage_trains_at_the_configured_shift",
@@ -78,8 +78,8 @@ MUTATIONS: list[Mutation] = [
     M("path-swapped", TS, "return (1 - t) * x0 + t * eps", "return t * x0 + (1 - t) * eps",
       "tests/test_transport.py", "x_t = (1 - t) x0 + t eps"),
     M("velocity-sign", TS, "    return eps - x0", "    return x0 - eps", "tests/test_transport.py", "v = eps - x0"),
-    M("cfg-from-cond", TS, "guided = v_uncond + scale * (v_cond - v_uncond)",
-      "guided = v_cond + scale * (v_cond - v_uncond)", "tests/test_transport.py", "classifier-free guidance"),
+    M("cfg-from-cond", TS, "guided = v_uncond + scales[0] * (v_cond - v_uncond)",
+      "guided = v_cond + scales[0] * (v_cond - v_uncond)", "tests/test_transport.py", "classifier-free guidance"),
     M("sde-drift-ignores-norm", TS, "x_mean = x - h * (v + cfg.diffusion_norm * (x + (1 - t) * v))",
       "x_mean = x - h * (v + (x + (1 - t) * v))", f"{TPT}::test_sde_with_diffusion_norm_reaches_the_data",
       "diffusion_norm != 1 keeps the SDE's marginals"),
@@ -425,6 +425,17 @@ MUTATIONS: list[Mutation] = [
     M("init-from-latent-shape-unchecked", "fae/stages/generator.py", "        if their_shape != my_shape:", "        if False:",
       "tests/test_init_from.py::test_another_latent_shape_or_width_is_refused",
       "a generator refuses a source of another latent shape, also where RoPE would load it silently"),
+    # ---- samplers and autoguidance (issue 28)
+    M("dopri5-no-step-ladder", "fae/solvers.py", "    return torch.exp2(torch.floor(4 * torch.log2(h)) / 4)",
+      "    return h", "tests/test_samplers.py::test_a_sample_does_not_depend_on_its_batch",
+      "dopri5: a sample takes the same steps in any batch"),
+    M("dpmpp-first-order-only", TS, "        data = x0 + (x0 - previous[0]) / (2 * r)", "        data = x0",
+      "tests/test_samplers.py::test_dpmpp_2m_first_step_is_euler_and_it_converges_faster_than_euler",
+      "DPM-Solver++(2M) is second order"),
+    M("autoguide-unconditional-guide", TS, "return self.model(x, tt, y), self.guide(x, tt, y)",
+      "return self.model(x, tt, y), self.guide(x, tt, None)",
+      "tests/test_samplers.py::test_autoguidance_respects_the_interval_and_gives_the_guide_the_same_condition",
+      "autoguidance is conditional against conditional"),
 ]
 
 

@@ -34,7 +34,14 @@ from fae.models.pixel_decoder import PixelDecoder
 from fae.precision import resolve_precision
 from fae.speed import CompileMode, compile_in_place, compile_wanted
 from fae.tokenizers import FAE, Tokenizer, check_tokenizer, load_tokenizer
-from fae.transport import GuidanceSchedule, SamplerConfig, initial_noise, paper_method, sample_generators
+from fae.transport import (
+    SAMPLER_METHODS,
+    GuidanceSchedule,
+    SamplerConfig,
+    initial_noise,
+    paper_method,
+    sample_generators,
+)
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]   # (samples finished, samples this process makes), after each chunk
@@ -42,24 +49,24 @@ Progress = Callable[[int, int], None]   # (samples finished, samples this proces
 
 def sampler_config(guidance: str = "none", method: str = "auto", steps: int = 250, time_shift: float | None = None,
                    guidance_channels: int | None = None, cfg_batch: str = "auto", denoise: bool = True,
-                   flow: Sequence[str] = ()) -> SamplerConfig:
+                   flow: Sequence[str] = (), rtol: float = 1e-3, atol: float = 1e-6) -> SamplerConfig:
     """The SamplerConfig `fae sample`'s flags describe (`fae serve` builds it the same way): `guidance` as
     GuidanceSchedule.parse reads it, `method` auto (the paper's rule, fae.transport.paper_method) or a sampler name,
-    `flow` KEY=VALUE overrides of a flow bundle's sampling switches (checked against the bundle when it samples).
-    ConfigError names the bad value."""
+    `flow` KEY=VALUE overrides of a flow bundle's sampling switches (checked against the bundle when it samples),
+    `rtol`/`atol` dopri5's tolerances. ConfigError names the bad value."""
     try:
         schedule = GuidanceSchedule.parse(guidance)
     except ValueError as exc:
         raise ConfigError(f"--guidance: {exc}") from None
     schedule.channels = guidance_channels
-    if method not in ("auto", "euler", "heun", "euler_maruyama"):
-        raise ConfigError(f"unknown sampler {method!r}: auto, euler, heun or euler_maruyama")
+    if method != "auto" and method not in SAMPLER_METHODS:
+        raise ConfigError(f"unknown sampler {method!r}: auto, {', '.join(SAMPLER_METHODS)}")
     if cfg_batch not in ("auto", "concat", "separate"):
         raise ConfigError(f"cfg_batch must be auto, concat or separate, got {cfg_batch!r}")
     chosen = paper_method(schedule) if method == "auto" else method
     sampler = SamplerConfig(method=chosen, cfg_batch=cfg_batch,  # type: ignore[arg-type]  # both names checked above
                             steps=steps, time_shift=time_shift, guidance=schedule, flow_denoise=denoise,
-                            flow=apply_overrides({}, list(flow)))
+                            flow=apply_overrides({}, list(flow)), rtol=rtol, atol=atol)
     try:
         sampler.validate()
     except ValueError as exc:
@@ -281,9 +288,10 @@ def sample_conditions(gen: Generator, num_samples: int, labels: str | Sequence[i
     if prompt_list and not text:
         raise ConfigError("this generator takes no prompts (it is class-conditional or unconditional)")
     ys = torch.arange(num_samples) % len(prompt_list) if text else make_labels(labels, num_samples, gen.num_classes, seed)
-    if sampler.guidance.active and ys is None:
-        raise ConfigError("guidance needs a conditional model")
-    if sampler.guidance.active and not gen.supports_guidance:
+    autoguided = gen.guide is not None   # the guide replaces the unconditional branch: no condition needed
+    if sampler.guidance.active and ys is None and not autoguided:
+        raise ConfigError("guidance needs a conditional model (or a guidance model: autoguidance)")
+    if sampler.guidance.active and not gen.supports_guidance and not autoguided:
         raise ConfigError("this model was trained without label dropout (class_dropout=0) or caption dropout "
                           "(caption_dropout=0): it has no unconditional branch for classifier-free guidance; sample "
                           "with guidance 'none'")

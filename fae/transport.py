@@ -24,8 +24,12 @@ w_t s has no 1/t, so the step is finite down to t = 0. The last step goes to the
 has SiT's fixed size 0.04: Euler-Maruyama covers [0.04, 1] in steps - 1 steps, then one mean step 0.04 -> 0
 (`SamplerConfig.sde_last_step`; 0 gives a plain grid whose last 1/steps step goes to the mean).
 
+DPM-Solver++(2M) ("dpmpp_2m") works on the data prediction x0 = x - t v with lambda = log((1 - t) / t); its
+endpoints are first order (`_dpmpp_2m_step`). "dopri5" is adaptive, with per-sample step control (fae.solvers).
+
 Classifier-free guidance acts on ALL channels (not the 3 of the DiT/SiT/LightningDiT code, a known leftover), with a
-piecewise-constant scale over t; `GuidanceSchedule.paper()` is the main-results schedule.
+piecewise-constant scale over t; `GuidanceSchedule.paper()` is the main-results schedule. Autoguidance (a second,
+weaker model in place of the unconditional branch) uses the same schedule (`GuidedVelocity(guide=...)`).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from fae import kernels
+from fae.solvers import dopri5
 
 VelocityFn = Callable[[torch.Tensor, float, "torch.Tensor | None"], torch.Tensor]  # (x_t, t, condition) -> v
 
@@ -223,21 +228,30 @@ class GuidedVelocity:
     for the model, dtype and batch (fae.kernels kind `cfg_batch`; two calls won at every batch on the Intel Xeon of
     issue 26, docs/diffusion.md). The choice is made before the first guided call, on inputs of its shape, so a
     sample never depends on which one the timing ran first.
+
+    `guide` (autoguidance, Karras et al. 2024): a second velocity model of the same latent space takes the place of
+    the unconditional branch, v = v_guide + s (v_model - v_guide), with the guide given the same condition as the
+    model (conditional against conditional; an unconditional model is guided too). The schedule's scales and
+    interval apply as to CFG.
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], guidance: GuidanceSchedule | None = None,
-                 batch: Literal["auto", "concat", "separate"] = "auto", null_class: int | None = None) -> None:
-        self.model, self.guidance, self.batch = model, guidance or GuidanceSchedule(), batch
+                 batch: Literal["auto", "concat", "separate"] = "auto", null_class: int | None = None,
+                 guide: Callable[..., torch.Tensor] | None = None) -> None:
+        self.model, self.guidance, self.batch, self.guide = model, guidance or GuidanceSchedule(), batch, guide
         if null_class is None:
             null_class = getattr(getattr(model, "config", None), "null_class", None)
         self.null_class = null_class
         self._concat_possible = null_class is not None or hasattr(model, "null_condition")
         self._modes: dict[tuple, str] = {}  # input shape, dtype, autocast -> concat | separate
-        if self.guidance.active and self.batch == "concat" and not self._concat_possible:
+        if self.guidance.active and self.batch == "concat" and not self._concat_possible and guide is None:
             raise ValueError("concat guidance needs the model's null class id; pass null_class=")
 
     def _guided(self, mode: str, x: torch.Tensor, tt: torch.Tensor, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conditional and unconditional velocities, as one batch (concat) or two calls (separate)."""
+        """The conditional and unconditional velocities, as one batch (concat) or two calls (separate); with a
+        `guide` (autoguidance), the model's and the guide's velocities, both on the same condition."""
+        if self.guide is not None:
+            return self.model(x, tt, y), self.guide(x, tt, y)
         if mode == "concat":
             if isinstance(y, torch.Tensor):
                 both = torch.cat([y, torch.full_like(y, self.null_class)])  # type: ignore[arg-type]  # set in __init__
@@ -248,7 +262,7 @@ class GuidedVelocity:
         return self.model(x, tt, y), self.model(x, tt, None)
 
     def _mode(self, x: torch.Tensor, tt: torch.Tensor, y: Any) -> str:
-        if self.batch != "auto":
+        if self.batch != "auto" or self.guide is not None:
             return self.batch
         shape = (tuple(x.shape), x.dtype, torch.is_autocast_enabled("cpu"))
         if shape not in self._modes:
@@ -271,13 +285,24 @@ class GuidedVelocity:
         return kernels.choose("cfg_batch", key, candidates,
                               untimed="concat" if params * x.shape[0] < SMALL_CFG_BATCH else None)
 
-    def __call__(self, x: torch.Tensor, t: float, y: torch.Tensor | None) -> torch.Tensor:
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-        scale = self.guidance.scale_at(t)
-        if y is None or scale == 1.0:
+    def __call__(self, x: torch.Tensor, t: float | torch.Tensor, y: Any) -> torch.Tensor:
+        """The guided velocity at time `t`: one float for the batch, or a (B,) tensor, one time per sample (the
+        adaptive solver's), each sample then taking the guidance scale of its own time."""
+        if isinstance(t, torch.Tensor):
+            tt = t.to(device=x.device, dtype=torch.float32)
+            scales = [self.guidance.scale_at(float(s)) for s in t.tolist()]
+        else:
+            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+            scales = [self.guidance.scale_at(t)]
+        if all(s == 1.0 for s in scales) or (y is None and self.guide is None):
             return self.model(x, tt, y)
         v_cond, v_uncond = self._guided(self._mode(x, tt, y), x, tt, y)
-        guided = v_uncond + scale * (v_cond - v_uncond)
+        if len(scales) == 1:
+            guided = v_uncond + scales[0] * (v_cond - v_uncond)
+        else:
+            scale = torch.tensor(scales, device=x.device).view(-1, *([1] * (x.ndim - 1)))
+            # samples whose time lies in no interval stay exactly unguided, as they are when sampled alone
+            guided = torch.where(scale == 1.0, v_cond, v_uncond + scale.to(v_cond.dtype) * (v_cond - v_uncond))
         ch = self.guidance.channels
         if ch is None or ch >= x.shape[1]:
             return guided
@@ -285,13 +310,19 @@ class GuidedVelocity:
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
+FIXED_STEP_METHODS = ("euler", "heun", "euler_maruyama", "dpmpp_2m")   # the cost is `steps` (Heun: 2x) evaluations
+SAMPLER_METHODS = (*FIXED_STEP_METHODS, "dopri5")                          # dopri5's is known only afterwards
+
+
 @dataclass
 class SamplerConfig:
-    method: Literal["euler", "heun", "euler_maruyama"] = "euler"
-    steps: int = 250
+    method: Literal["euler", "heun", "euler_maruyama", "dpmpp_2m", "dopri5"] = "euler"
+    steps: int = 250                   # fixed-grid methods; dopri5 chooses its own steps from rtol/atol
     time_shift: float | None = None    # None: the time_shift the model was trained with (its bundle)
     diffusion_norm: float = 1.0        # SDE: w_t = diffusion_norm * sigma_t (SiT's "sigma" form)
     sde_last_step: float = 0.04        # SDE: size of the final noise-free mean step (SiT's default); 0 = 1/steps
+    rtol: float = 1e-3                 # dopri5: relative and absolute tolerance per sample (SiT's defaults)
+    atol: float = 1e-6
     guidance: GuidanceSchedule = field(default_factory=GuidanceSchedule)
     cfg_batch: Literal["auto", "concat", "separate"] = "auto"  # GuidedVelocity: auto = measured on a CPU
     flow_denoise: bool = True          # flows only: STARFlow's score-based denoising step after the inverse
@@ -307,6 +338,10 @@ class SamplerConfig:
             raise ValueError("diffusion_norm must be >= 0")
         if not 0 <= self.sde_last_step < 1:
             raise ValueError(f"sde_last_step must lie in [0, 1), got {self.sde_last_step}")
+        if self.rtol <= 0 or self.atol <= 0:
+            raise ValueError(f"rtol and atol must be > 0, got {self.rtol} and {self.atol}")
+        if self.method not in SAMPLER_METHODS:
+            raise ValueError(f"unknown sampler {self.method!r} ({', '.join(SAMPLER_METHODS)})")
         self.guidance.validate()
 
 
@@ -337,16 +372,53 @@ def _noise(shape: Sequence[int], generators: torch.Generator | Sequence[torch.Ge
     return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators]).to(device, dtype)
 
 
+def _log_snr(t: float) -> float:
+    """lambda = log(alpha_t / sigma_t) = log((1 - t) / t): -inf at t = 1 (noise), +inf at t = 0 (data)."""
+    if t >= 1.0:
+        return -math.inf
+    return math.inf if t <= 0.0 else math.log((1.0 - t) / t)
+
+
+def _dpmpp_2m_step(x: torch.Tensor, v: torch.Tensor, s: float, t: float,
+                   previous: tuple[torch.Tensor, float] | None) -> tuple[torch.Tensor, tuple[torch.Tensor, float]]:
+    """One DPM-Solver++(2M) step from time s to t < s in data prediction, on the path alpha = 1 - t, sigma = t.
+
+    x0 = x - s v is the model's data prediction. The exact solution for a data prediction D held constant over the
+    step is x_t = (t / s) x_s + (alpha_t - (t / s) alpha_s) D (finite at s = 1, where it is the Euler step). The
+    second order takes D = x0 + (x0 - x0_prev) / (2 r), r = h_prev / h in lambda. Where that difference vanishes or
+    is undefined the step is first order: after t = 1 (lambda = -inf, so r = inf) and into t = 0 (lambda = +inf,
+    where x_0 is the data prediction itself). A fixed number of first-order steps keeps the global order 2."""
+    x0 = x - s * v
+    lam_s, lam_t = _log_snr(s), _log_snr(t)
+    if t <= 0.0:
+        return x0, (x0, lam_s)
+    data = x0
+    if previous is not None and math.isfinite(previous[1]):
+        r = (lam_s - previous[1]) / (lam_t - lam_s)
+        data = x0 + (x0 - previous[0]) / (2 * r)
+    ratio = t / s
+    return ratio * x + ((1.0 - t) - ratio * (1.0 - s)) * data, (x0, lam_s)
+
+
 @torch.no_grad()
-def sample(velocity: VelocityFn, noise: torch.Tensor, y: torch.Tensor | None, cfg: SamplerConfig,
+def sample(velocity: VelocityFn, noise: torch.Tensor, y: Any, cfg: SamplerConfig,
            time_shift: float = 1.0, generators: torch.Generator | Sequence[torch.Generator] | None = None,
-           progress: bool = False) -> torch.Tensor:
+           progress: bool = False, info: dict[str, Any] | None = None) -> torch.Tensor:
     """Integrate from x_1 = `noise` at t = 1 to t = 0 and return x_0.
 
-    `velocity(x, t: float, y)` is e.g. a `GuidedVelocity`. `time_shift` is the trained model's s (overridden by
-    `cfg.time_shift`). `generators` feed the SDE noise (one per sample for batch-independent results).
+    `velocity(x, t: float, y)` is e.g. a `GuidedVelocity`; dopri5 calls it with a (B,) tensor of times and the
+    conditions of the samples still running (fae.solvers). `time_shift` is the trained model's s (overridden by
+    `cfg.time_shift`; dopri5 chooses its own times). `generators` feed the SDE noise (one per sample for
+    batch-independent results). `info`, when given, receives "nfe": the velocity evaluations per sample (B,)
+    (a guided evaluation is one, whatever number of network calls it takes).
     """
     cfg.validate()
+    if cfg.method == "dopri5":
+        x, nfe = dopri5(velocity, noise, y, cfg.rtol, cfg.atol,  # type: ignore[arg-type]  # takes tensor times
+                        breaks=[b for iv in cfg.guidance.intervals for b in (iv.t_min, iv.t_max)])
+        if info is not None:
+            info["nfe"] = nfe
+        return x
     shift = cfg.time_shift if cfg.time_shift is not None else time_shift
     ts = time_grid(cfg.steps, shift, cfg.sde_last_step if cfg.method == "euler_maruyama" else 0.0)
     x = noise
@@ -355,6 +427,7 @@ def sample(velocity: VelocityFn, noise: torch.Tensor, y: torch.Tensor | None, cf
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc=f"{cfg.method} x{cfg.steps}", leave=False)
+    previous: tuple[torch.Tensor, float] | None = None
     for i in steps:
         t, t_next = ts[i], ts[i + 1]
         h = t - t_next
@@ -364,14 +437,16 @@ def sample(velocity: VelocityFn, noise: torch.Tensor, y: torch.Tensor | None, cf
         elif cfg.method == "heun":
             x_pred = x - h * v
             x = x - h * 0.5 * (v + velocity(x_pred, t_next, y))
-        elif cfg.method == "euler_maruyama":
+        elif cfg.method == "dpmpp_2m":
+            x, previous = _dpmpp_2m_step(x, v, t, t_next, previous)
+        else:   # euler_maruyama
             w = cfg.diffusion_norm * t
             # drift of the reverse SDE: v - w * score, with w * score = -(diffusion_norm) * (x + (1 - t) v)
             x_mean = x - h * (v + cfg.diffusion_norm * (x + (1 - t) * v))
             last = i == cfg.steps - 1  # the last step goes to the mean
             x = x_mean if last else x_mean + math.sqrt(2 * w * h) * _noise(x.shape, generators, x.device, x.dtype)
-        else:
-            raise ValueError(f"unknown sampler {cfg.method!r} (euler, heun, euler_maruyama)")
+    if info is not None:
+        info["nfe"] = torch.full((x.shape[0],), cfg.steps * (2 if cfg.method == "heun" else 1), dtype=torch.long)
     return x
 
 

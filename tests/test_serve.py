@@ -124,7 +124,7 @@ def _cli_images(argv: list[str], out: Path) -> np.ndarray:
 def test_config_tells_the_page_what_the_generator_takes(running):
     status, cfg = running.call("/api/config")
     assert status == 200 and cfg["kind"] == "class" and cfg["class_names"] == CLASSES and cfg["guidance"]
-    assert cfg["samplers"] == ["auto", "euler", "heun", "euler_maruyama"] and cfg["limits"]["budget"] == 160
+    assert cfg["samplers"] == ["auto", "euler", "heun", "euler_maruyama", "dpmpp_2m"] and cfg["limits"]["budget"] == 160
     status, page = running.call("/")
     assert status == 200 and b'id="generate"' in page
 

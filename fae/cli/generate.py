@@ -54,7 +54,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     init_distributed()
     device = str(resolve_device(args.device))
     sampler = sampler_config(args.guidance, args.sampler, args.steps, args.time_shift, args.guidance_channels,
-                             args.cfg_batch, denoise=not args.no_denoise, flow=args.flow or ())
+                             args.cfg_batch, denoise=not args.no_denoise, flow=args.flow or (), rtol=args.rtol,
+                             atol=args.atol)
     prompts = list(args.prompt or [])
     if args.prompts:
         prompts += [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -73,6 +74,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("fae sample: give --pipeline <folder>, or --generator <run> with --fae <pixel-decoder "
                           "fine-tune run>")
+    if args.guidance_model:   # autoguidance: loaded like --generator, checked to share its latent space and conditions
+        gen.set_guide(load_run_generator(args.guidance_model, device=device))
     written = sample_to_dir(gen, decode, args.out, args.num_samples, seed=args.seed, labels=args.labels,
                             sampler=sampler, batch_size=args.batch_size, device=device, progress=not args.no_progress,
                             grid=not args.no_grid, pngs=not args.no_pngs, npz=not args.no_npz, per_row=args.per_row,
@@ -133,6 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_encode)
 
     from fae.generators import families
+    from fae.transport import SAMPLER_METHODS
 
     names = ", ".join(families())
     p = sub.add_parser("sample", help=f"generate images with a trained generator ({names})",
@@ -157,14 +161,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--num-samples", type=int, default=100)
     p.add_argument("--labels", default="equal", help="equal (sample i gets class i mod K) | random | ids like 0,3,7")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=["auto", "euler", "heun", "euler_maruyama"], default="auto",
-                   help="auto: Euler-Maruyama SDE without guidance, Euler ODE with it (the paper's protocol)")
+    p.add_argument("--sampler", choices=["auto", *SAMPLER_METHODS], default="auto",
+                   help="auto: Euler-Maruyama SDE without guidance, Euler ODE with it (the paper's protocol); "
+                   "dpmpp_2m: DPM-Solver++(2M) multistep; dopri5: adaptive, --steps unused (docs/diffusion.md)")
+    p.add_argument("--rtol", type=float, default=1e-3, help="dopri5: relative tolerance per sample (default 1e-3)")
+    p.add_argument("--atol", type=float, default=1e-6, help="dopri5: absolute tolerance per sample (default 1e-6)")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--guidance", default="none", help="none | paper (0.9 on t in [0.9,1], 2.5 on [0,0.7]) | "
                    "paper-text (1.5 on [0,0.9], the MMDiT's) | a scale "
                    "for all t | 't_min-t_max:scale,...' | starflow:W. A scale s is fae's: 1 = conditional, "
                    "uncond + s (cond - uncond); ml-starflow's cfg W is s = 1 + W, so its cfg 2.5 is 3.5 here "
                    "or starflow:2.5 (docs/flow.md)")
+    p.add_argument("--guidance-model", metavar="RUN",
+                   help="autoguidance (Karras et al. 2024): a smaller or less-trained generator run or bundle of the "
+                   "same family, latent space and conditions; --guidance's scales then weigh the main model against "
+                   "it (v_guide + s (v_main - v_guide)) instead of against the unconditional branch")
     p.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first N channels (3 = the DiT/SiT code's legacy behaviour); default all")
     p.add_argument("--time-shift", type=float, default=None, help="the paper's s; default: the training value")

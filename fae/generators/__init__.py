@@ -6,6 +6,7 @@ from fae.generators.base import (
     GeneratorFamily,
     GeneratorRecord,
     LatentOrigin,
+    check_guide,
     families,
     family,
     family_of_bundle,
@@ -19,7 +20,7 @@ from fae.generators.flow import FlowGenerator
 from fae.generators.mmdit import MMDiTGenerator
 
 __all__ = [
-    "BundledGenerator", "Generator", "GeneratorFamily", "GeneratorRecord", "LatentOrigin", "families", "family",
+    "BundledGenerator", "Generator", "GeneratorFamily", "GeneratorRecord", "LatentOrigin", "check_guide", "families", "family",
     "family_of_bundle", "find_generator_bundle", "load_generator", "register_family", "unregister_family",
     "DiTGenerator", "FlowGenerator", "MMDiTGenerator",
 ]

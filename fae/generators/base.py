@@ -29,7 +29,7 @@ from fae.config import ConfigError
 from fae.data.latents import LatentCache
 from fae.io import find_bundle, read_bundle_config
 from fae.speed import compile_in_place
-from fae.transport import SamplerConfig
+from fae.transport import FIXED_STEP_METHODS, SamplerConfig
 
 
 # ------------------------------------------------------------------------------------------------ the record
@@ -155,8 +155,17 @@ class Generator(ABC):
     @property
     def sampler_methods(self) -> tuple[str, ...]:
         """The SamplerConfig methods whose choice (and step count) changes what `sample` does; () when it has one
-        fixed pass (a flow's exact inverse). `fae serve` offers only these."""
-        return ("euler", "heun", "euler_maruyama")
+        fixed pass (a flow's exact inverse). `fae serve` offers only these, so only the fixed-step ones, whose cost
+        it can bound before it starts; a velocity model's `sample` takes adaptive dopri5 too."""
+        return FIXED_STEP_METHODS
+
+    guide: Generator | None = None       # autoguidance: the model whose velocity replaces the unconditional one
+
+    def set_guide(self, guide: Generator | None) -> None:
+        """Autoguidance (Karras et al. 2024): guide this generator with `guide`, a smaller or less-trained model of
+        the same family, latent space and conditions (`check_guide`); the sampler's guidance schedule then scales
+        v_guide + s (v_self - v_guide) instead of classifier-free guidance. None turns it off."""
+        raise ConfigError(f"{self.source}: autoguidance needs a velocity model (dit, mmdit), not a {type(self).__name__}")
 
     def settings(self, sampler: SamplerConfig) -> dict[str, Any]:
         """What a sampling run records about the generator besides the sampler."""
@@ -218,6 +227,31 @@ class BundledGenerator(Generator):
     def compile_model(self) -> bool:
         compile_in_place(self.model)  # its forward is the velocity of every sampling step
         return True
+
+
+def check_guide(main: Generator, guide: Generator) -> None:
+    """Refuse a guide whose velocities do not live where `main`'s do: another family, latent space (tokenizer kind
+    and the SHA-256 of its weights, latent shape, the latent statistics both normalise with) or conditions (class
+    count, text encoder and width). The message names every difference."""
+    def origin(g: Generator) -> tuple[Any, ...]:
+        o = g.record.latents
+        return (o.source, o.tokenizer, o.tokenizer_sha256) if o else (None, None, None)
+
+    def text(g: Generator) -> tuple[Any, ...]:
+        width = getattr(getattr(getattr(g, "model", None), "config", None), "text_dim", None)
+        return (g.condition_kind, width, (g.record.settings.get("text") or {}).get("encoder"))
+
+    checks = [("family", type(main).__name__, type(guide).__name__),
+              ("latent origin (source, tokenizer, weights SHA-256)", origin(main), origin(guide)),
+              ("latent shape", tuple(main.latent_shape), tuple(guide.latent_shape)),
+              ("latent statistics (mean, std)", (main.record.mean, main.record.std),
+               (guide.record.mean, guide.record.std)),
+              ("class count", main.num_classes, guide.num_classes),
+              ("conditions (kind, text width, text encoder)", text(main), text(guide))]
+    differ = [f"{what}: {a} vs {b}" for what, a, b in checks if a != b]
+    if differ:
+        raise ConfigError(f"guidance model {guide.source} cannot guide {main.source}: they differ in "
+                          + "; ".join(differ) + " (autoguidance needs the same latent space and conditions)")
 
 
 # ------------------------------------------------------------------------------------------------ the registry

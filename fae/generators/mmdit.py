@@ -64,12 +64,12 @@ class MMDiTGenerator(DiTGenerator):
         return TextCondition(*(torch.cat([getattr(r, k) for r in parts]) for k in ("tokens", "mask", "pooled")))
 
     def sample(self, noise: torch.Tensor, conditions: Any, sampler: SamplerConfig,
-               generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+               generators: Sequence[torch.Generator] | None = None, info: dict[str, Any] | None = None) -> torch.Tensor:
         if conditions is not None and not isinstance(conditions, TextCondition):
             if isinstance(conditions, (str, torch.Tensor)) or len(conditions) != noise.shape[0]:
                 raise ValueError(f"a text generator takes a list of {noise.shape[0]} prompts, one per sample")
             conditions = self.encode_prompts(conditions)
-        return super().sample(noise, conditions, sampler, generators)
+        return super().sample(noise, conditions, sampler, generators, info)
 
 
 FAMILY = register_family(GeneratorFamily("mmdit", MMDiT, MMDiTGenerator, "fae.stages.mmdit",
