@@ -17,6 +17,7 @@ from fae.cli.recon import register_recon
 from fae.config import ConfigError
 from fae.precision import PRECISIONS
 from fae.speed import COMPILE_MODES
+from fae.transport import SAMPLER_METHODS
 
 WEIGHTS_TEXT = """\
 Inception weights: the FID network needs pt_inception-2015-12-05-6726825d.pth (91 MB, the
@@ -369,7 +370,7 @@ def _register_generator(sub: Any) -> None:
     p.add_argument("-n", "--num-samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--sampler", default="euler", choices=["euler", "heun", "euler_maruyama"])
+    p.add_argument("--sampler", default="euler", choices=list(SAMPLER_METHODS))
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", default="none", help="none | a scale | 't_min-t_max:scale,...' | paper")
     p.add_argument("--device", default="auto")
@@ -446,7 +447,7 @@ def _register_t2i(sub: Any) -> None:
                    help="FID against all the caption set's images (default, as U-ViT's full validation-set "
                    "statistics) or only those of the chosen pairs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=["auto", "euler", "heun", "euler_maruyama"], default="auto",
+    p.add_argument("--sampler", choices=["auto", *SAMPLER_METHODS], default="auto",
                    help="auto: the Euler ODE with guidance, Euler-Maruyama without (the paper's rule)")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--guidance", default="paper-text", help="paper-text (default: 1.5 on t in [0, 0.9], the "

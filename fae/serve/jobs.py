@@ -55,7 +55,7 @@ class SampleRequest:
     labels: str                  # `--labels`: equal | random | one class id
     prompts: list[str]
     guidance: str                # `--guidance`
-    method: str                  # `--sampler` (auto | euler | heun | euler_maruyama)
+    method: str                  # `--sampler` (auto or one of fae.transport.FIXED_STEP_METHODS)
     steps: int
     sampler: SamplerConfig
     work: int                    # images x network evaluations, against ServeLimits.budget
