@@ -229,26 +229,6 @@ def t2i_reference_source(pairs: Sequence[tuple[Any, str]], image_size: int, name
     return DatasetSource(dataset, name, {"caption_set": name, "image_size": image_size})
 
 
-class OncePerCaption:
-    """A text generator whose prompts are encoded chunk by chunk and then dropped. MMDiTGenerator keeps every prompt it
-    has encoded (sampling asks for the same few prompts chunk after chunk), which for 30K captions of T5-XL states
-    (128 x 2048 floats each) would be about 31 GB on the device; here each caption is sampled once."""
-
-    def __init__(self, gen: Any) -> None:
-        self._gen = gen
-
-    def __getattr__(self, name: str) -> Any:   # everything but `sample` is the generator's own
-        return getattr(self._gen, name)
-
-    def sample(self, noise: torch.Tensor, conditions: Any, sampler: Any, generators: Any = None) -> torch.Tensor:
-        from fae.models.mmdit import TextCondition
-
-        if conditions is not None and not isinstance(conditions, TextCondition):
-            text = self._gen.text_encoder.encode(list(conditions))
-            conditions = TextCondition(text["text_tokens"], text["text_mask"], text["text_pooled"]).to(noise.device)
-        return self._gen.sample(noise, conditions, sampler, generators)
-
-
 def evaluate_text_to_image(gen: Any, decode: Any, captions: str | Path, out_dir: str | Path, clip: Any,
                            network: Any, *, num_samples: int | None = None, subset_seed: int | None = None,
                            seed: int = 0, sampler: Any = None, batch_size: int = 64,
@@ -298,8 +278,7 @@ def evaluate_text_to_image(gen: Any, decode: Any, captions: str | Path, out_dir:
         ref = load_reference(reference, network, batch_size=feature_batch_size, cache_dir=cache_dir,
                              progress=progress)
     out = Path(out_dir)
-    once: Any = OncePerCaption(gen)   # a Generator by delegation
-    written = sample_to_dir(once, decode, out, len(chosen), seed=seed, sampler=sampler, batch_size=batch_size,
+    written = sample_to_dir(gen, decode, out, len(chosen), seed=seed, sampler=sampler, batch_size=batch_size,
                             device=device, progress=progress, pngs=False, per_row=1, precision=precision,
                             prompts=prompts, compile=compile)
     samples = NpzSource(out / "samples.npz")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from fae.cli import main
 from fae.config import ConfigError
-from fae.evaluation import OncePerCaption, caption_pairs, choose_captions, t2i_reference_source
+from fae.evaluation import caption_pairs, choose_captions, t2i_reference_source
 from fae.generators import load_generator
 from fae.io import state_dict_sha256
 from fae.metrics.clip_score import ClipScorer
@@ -124,9 +124,10 @@ def test_t2i_writes_fid_and_clip_score_as_transformers_computes_it(world, first)
     assert np.allclose(scorer.scores(samples["arr_0"], captions, batch_size=4), expected, atol=1e-4)
 
 
-def test_samples_are_fae_samples_of_the_captions_without_filling_the_prompt_cache(world, first, tmp_path):
+def test_samples_are_fae_samples_of_the_captions_and_the_prompt_cache_is_bounded(world, first, tmp_path):
     """Sample i is what `fae sample` makes from caption i with the same seed and settings (the per-sample noise
-    rule), though the evaluation encodes each chunk's captions itself instead of through the generator's cache."""
+    rule); the generator keeps only its `prompt_cache_size` most recent prompts' encodings on the device, so 30K
+    captions do not pile up there, and a cached prompt gives what a fresh encoding gives."""
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(f"a {name} square" for name in sorted(COLOURS)) + "\n")
     assert main(["sample", "--generator", str(world["root"] / "run"), "--fae", str(world["pipeline"]), "--out",
@@ -138,13 +139,13 @@ def test_samples_are_fae_samples_of_the_captions_without_filling_the_prompt_cach
     # pixels, by up to 8 levels in this grey tiny model)
     assert np.abs(plain - ours).max() <= 1 and (plain != ours).mean() < 0.01
     gen = load_generator(world["root"] / "run")
+    gen.prompt_cache_size = 2
     noise, prompts = torch.randn(2, 4, 4, 4), ["a red square", "a blue square"]
     sampler = SamplerConfig(steps=2, guidance=GuidanceSchedule.paper_text())
-    assert torch.allclose(OncePerCaption(gen).sample(noise, prompts, sampler), gen.sample(noise, prompts, sampler),
-                          atol=1e-5)
-    gen = load_generator(world["root"] / "run")
-    OncePerCaption(gen).sample(noise, prompts, sampler)
-    assert gen._prompts == {}   # nothing kept
+    fresh = gen.sample(noise, prompts, sampler)
+    gen.sample(noise, ["a green square", "a red square"], sampler)   # red is used again, blue is the oldest
+    assert list(gen._prompts) == ["a green square", "a red square"]
+    assert torch.allclose(gen.sample(noise, prompts, sampler), fresh, atol=1e-5)   # red cached, blue encoded again
 
 
 def test_samples_equal_to_their_references_give_zero_fid(world, first, tmp_path):

@@ -2,6 +2,7 @@
 with (loaded on first use, or given), and guidance runs against the empty prompt, the model's null condition."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -16,17 +17,21 @@ from fae.transport import SamplerConfig
 
 
 class MMDiTGenerator(DiTGenerator):
+    # the most recent prompts whose encodings stay on the device: sampling asks for the same prompts chunk after chunk,
+    # while an evaluation over 30K captions (T5-XL: 128 x 2048 floats each) must not keep them all
+    prompt_cache_size = 256
+
     def __init__(self, model: Any, record: RecordLike, source: str, device: str | torch.device = "cpu",
                  text_encoder: TextEncoder | None = None) -> None:
         super().__init__(model, record, source, device)
         self._text_encoder = text_encoder
-        self._prompts: dict[str, TextCondition] = {}  # sampling asks for the same prompts chunk after chunk
+        self._prompts: OrderedDict[str, TextCondition] = OrderedDict()   # least recently used first
 
     def to(self, device: str | torch.device) -> MMDiTGenerator:
         super().to(device)
         if self._text_encoder is not None:
             self._text_encoder.to(self.device)
-        self._prompts = {}
+        self._prompts.clear()
         return self
 
     @property
@@ -52,7 +57,8 @@ class MMDiTGenerator(DiTGenerator):
 
     @text_encoder.setter
     def text_encoder(self, encoder: TextEncoder) -> None:
-        self._text_encoder, self._prompts = encoder, {}
+        self._text_encoder = encoder
+        self._prompts.clear()
 
     def encode_prompts(self, prompts: Sequence[str]) -> TextCondition:
         new = sorted(set(prompts) - set(self._prompts))
@@ -61,6 +67,10 @@ class MMDiTGenerator(DiTGenerator):
             rows = TextCondition(out["text_tokens"], out["text_mask"], out["text_pooled"]).to(self.device)
             self._prompts.update({p: rows.select([i]) for i, p in enumerate(new)})
         parts = [self._prompts[p] for p in prompts]
+        for p in prompts:
+            self._prompts.move_to_end(p)
+        while len(self._prompts) > self.prompt_cache_size:
+            self._prompts.popitem(last=False)
         return TextCondition(*(torch.cat([getattr(r, k) for r in parts]) for k in ("tokens", "mask", "pooled")))
 
     def sample(self, noise: torch.Tensor, conditions: Any, sampler: SamplerConfig,
