@@ -438,6 +438,8 @@ def sample(velocity: VelocityFn, noise: torch.Tensor, y: Any, cfg: SamplerConfig
             x_pred = x - h * v
             x = x - h * 0.5 * (v + velocity(x_pred, t_next, y))
         elif cfg.method == "dpmpp_2m":
+            if i > 0 and cfg.guidance.scale_at(ts[i - 1]) != cfg.guidance.scale_at(t):
+                previous = None   # the velocity jumped at a guidance edge: a difference across it is no derivative
             x, previous = _dpmpp_2m_step(x, v, t, t_next, previous)
         else:   # euler_maruyama
             w = cfg.diffusion_norm * t
