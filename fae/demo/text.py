@@ -28,7 +28,7 @@ EMOJI_BLOCKS = [(0x2600, 0x27C0), (0x1F300, 0x1FB00)]
 
 TEXT_PROFILES: dict[str, dict[str, Any]] = {
     "default": {
-        "emoji": 64, "copies": 8, "fashion": 1600,
+        "emoji": 48, "copies": 16, "fashion": 1000,
         "fae": ["train.steps=300"], "pixel-decoder": ["train.steps=300"], "finetune": ["train.steps=100"],
         "mmdit": [], "prompts": {"emoji": 10, "fashion": 10}, "per_prompt": 8, "sample_steps": 25,
         "held_out_copies": 8,
