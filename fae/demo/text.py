@@ -1,12 +1,14 @@
 """`fae demo --text`: text-to-image with MMDiT on FAE latents, offline, on a CPU, in about five minutes.
 
 Data: colour emoji rendered from the Debian font `fonts-noto-color-emoji`, captioned with their Unicode names
-("crescent moon"), plus Fashion-MNIST with templated captions ("a photo of a dark ankle boot": the class and
-whether the item is darker or lighter than its class's median). The shipped MiniLM encodes the captions. The steps
-are the main demo's (the shipped frozen encoder, FAE, pixel decoder, fine-tune; configs/demo/) on these images,
-then the caption latent cache, the MMDiT (configs/demo/mmdit.yaml) and sampling. Judged without a download: the
+("crescent moon"), several renders of each (scaled and shifted: a name with one image is hard for the MMDiT to
+learn and for the judge to find), plus Fashion-MNIST with templated captions ("a photo of a dark ankle boot": the
+class and whether the item is darker or lighter than its class's median). The shipped MiniLM encodes the captions.
+The steps are the main demo's (the shipped frozen encoder, FAE, pixel decoder, fine-tune; configs/demo/) on these
+images, then the caption latent cache, the MMDiT (configs/demo/mmdit.yaml) and sampling. Judged without a download: the
 nearest training image to each generated image, in the frozen encoder's feature space, should carry the prompt as
-its caption (top-1 / top-5, against chance), beside the Fréchet distance in the same space.
+its caption (top-1 / top-5, against chance; the emoji prompts also against the judge's score on held-out real
+renders, its ceiling), beside the Fréchet distance in the same space.
 """
 from __future__ import annotations
 
@@ -103,11 +105,6 @@ def emoji_renders(glyphs: list[tuple[Any, str]], size: int, copies: int, seed: i
             canvas.paste(small, (round((size - side) / 2 + dx * size), round((size - side) / 2 + dy * size)))
             out.append((np.asarray(canvas), name))
     return out
-
-
-def render_emoji(size: int, count: int | None = None) -> list[tuple[np.ndarray, str]]:
-    """(uint8 HWC image on black, lowercase Unicode name), one exactly framed render per emoji (emoji_glyphs)."""
-    return emoji_renders(emoji_glyphs(count), size, 1)
 
 
 def fashion_captions(images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> list[str]:
@@ -251,7 +248,7 @@ def step_text_samples(ctx: DemoContext) -> dict[str, Any]:
     prompts = eval_prompts(pairs.captions, p["prompts"])
     emoji_prompts = [c for c in prompts if not is_fashion(c)]
     # the judge's ceiling: how often it names held-out real renders of the prompted emoji (new scales and shifts)
-    held_out = emoji_renders([g for g in emoji_glyphs(text_profile(ctx)["emoji"]) if g[1] in emoji_prompts],
+    held_out = emoji_renders([g for g in emoji_glyphs(p["emoji"]) if g[1] in emoji_prompts],
                              ctx.data_config().image_size, p["held_out_copies"], seed=1, framed_first=False)
     judge_real = caption_agreement(tokens(np.stack([img for img, _ in held_out])), [c for _, c in held_out],
                                    real_tokens, pairs.captions)
