@@ -306,6 +306,8 @@ def test_emoji_renders_are_framed_then_jittered_and_seeded():
 
 @pytest.mark.margin
 def test_quick_text_demo_reports_emoji_agreement_against_chance_and_the_judge(tmp_path, monkeypatch, capsys):
+    from html import unescape
+
     from fae.demo.text import TEXT_PROFILES
 
     monkeypatch.setenv("FAE_CACHE", str(tmp_path / "cache"))
@@ -330,6 +332,6 @@ def test_quick_text_demo_reports_emoji_agreement_against_chance_and_the_judge(tm
         assert Path(v["grid"]).is_file()
     assert "[demo] text-image agreement" in printed and "emoji" in printed.split("text-image agreement")[1]
     html = (out / "index.html").read_text()
-    assert "emoji top-5" in html and "the judge's ceiling" in html
+    assert "emoji top-5" in html and "the judge's ceiling" in unescape(html)
     for src in referenced_images(html):
         assert (out / src).is_file(), src

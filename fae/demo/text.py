@@ -271,7 +271,7 @@ def step_text_samples(ctx: DemoContext) -> dict[str, Any]:
         write_samples(folder, samples, prompts, pngs=False, grid=False)
         # one row per prompt: its first real training image, then its samples
         image_grid(np.concatenate([np.stack([first_real[c] for c in prompts]), samples.images]),
-                   np.concatenate([np.arange(len(prompts)), samples.labels]),  # type: ignore[list-item]
+                   np.concatenate([np.arange(len(prompts)), samples.labels]),
                    prompts, per_row=p["per_prompt"] + 1).save(folder / "grid.png")
         said = [prompts[i] for i in samples.labels]  # type: ignore[union-attr]  # prompted samples carry their prompt ids
         features = tokens(samples.images)
