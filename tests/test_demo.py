@@ -304,7 +304,6 @@ def test_emoji_renders_are_framed_then_jittered_and_seeded():
     assert not any(np.array_equal(a, b) for (a, _), (b, _) in zip(renders, held_out, strict=True))
 
 
-@pytest.mark.margin
 def test_quick_text_demo_reports_emoji_agreement_against_chance_and_the_judge(tmp_path, monkeypatch, capsys):
     from html import unescape
 
