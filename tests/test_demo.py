@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from margins import within
 
@@ -284,3 +285,52 @@ def test_import_fae_offers_the_public_surface():
     for name in ("GenerationPipeline", "FAE", "load_generator", "SamplerConfig", "register_family", "encode_latents"):
         assert name in done.stdout
     assert done.stdout.strip().endswith("fae.pipeline")
+
+
+def test_emoji_renders_are_framed_then_jittered_and_seeded():
+    from fae.demo.text import emoji_glyphs, emoji_renders
+
+    glyphs = emoji_glyphs(3)
+    assert len(glyphs) == 3 and len({name for _, name in glyphs}) == 3
+    renders = emoji_renders(glyphs, 32, copies=4, seed=0)
+    assert [name for _, name in renders] == [name for _, name in glyphs for _ in range(4)]  # glyph-major
+    assert all(img.shape == (32, 32, 3) and img.dtype.name == "uint8" for img, _ in renders)
+    framed = renders[0][0]
+    assert framed.std(axis=2).mean() > 2  # colour, not a grey or empty glyph
+    assert all(not np.array_equal(framed, img) for img, _ in renders[1:4])  # each copy scaled and shifted anew
+    again = emoji_renders(glyphs, 32, copies=4, seed=0)
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(renders, again, strict=True))
+    held_out = emoji_renders(glyphs, 32, copies=4, seed=1, framed_first=False)  # the judge's ceiling check
+    assert not any(np.array_equal(a, b) for (a, _), (b, _) in zip(renders, held_out, strict=True))
+
+
+def test_quick_text_demo_reports_emoji_agreement_against_chance_and_the_judge(tmp_path, monkeypatch, capsys):
+    from html import unescape
+
+    from fae.demo.text import TEXT_PROFILES
+
+    monkeypatch.setenv("FAE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo-text"
+    assert main(["demo", "--text", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    profile = TEXT_PROFILES["quick"]
+    data = json.loads((out / "text-data" / "done.json").read_text())
+    assert data["emoji"] == profile["emoji"] and data["emoji_images"] == profile["emoji"] * profile["copies"]
+    assert len(list((out / "text-data" / "emoji").glob("*.png"))) == data["emoji_images"]
+    s = json.loads((out / "text-samples" / "done.json").read_text())
+    emoji_prompts = [p for p in s["prompts"] if not p.startswith("a photo of")]
+    assert len(emoji_prompts) == profile["prompts"]["emoji"]
+    judge = s["judge_on_real_emoji"]
+    assert judge["images"] == len(emoji_prompts) * profile["held_out_copies"] and 0 <= judge["top1"] <= judge["top5"]
+    for v in s["results"].values():
+        for kind in ("emoji", "fashion"):
+            assert 0 <= v[f"{kind}_top1"] <= v[f"{kind}_top5"] <= 1
+            # chance: the share of the training images carrying a prompt (each emoji has `copies` renders)
+            assert v[f"{kind}_chance_top1"] < v[f"{kind}_chance_top5"] < 1
+        assert v["emoji_chance_top1"] == pytest.approx(profile["copies"] / s["real_images"])
+        assert Path(v["grid"]).is_file()
+    assert "[demo] text-image agreement" in printed and "emoji" in printed.split("text-image agreement")[1]
+    html = (out / "index.html").read_text()
+    assert "emoji top-5" in html and "the judge's ceiling" in unescape(html)
+    for src in referenced_images(html):
+        assert (out / src).is_file(), src
