@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -52,6 +53,7 @@ class RunMonitor:
 
         # purge_step: events after the step we (re)start from were written by an interrupted run (log rows and
         # previews are stamped with the step just finished, >= 1)
+        _after_the_newest_event_file(self.out_dir / TENSORBOARD_DIR)
         self.writer = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR), purge_step=resumed_step + 1, flush_secs=30)
 
     def scalars(self, row: dict[str, Any], step: int) -> None:
@@ -134,3 +136,14 @@ def latent_sheet(latents: torch.Tensor, max_channels: int = 8, row_names: Sequen
     rows = [[to_uint8_hwc(tile) for tile in sample] for sample in grey]
     return picture_tensor(draw_grid(rows, row_names=row_names, column_names=[f"c{c}" for c in range(z.shape[1])],
                                     min_cell=min_cell))
+
+
+def _after_the_newest_event_file(folder: Path) -> None:
+    """Wait, if need be, until a new event file's name sorts after every existing one. TensorBoard reads a folder's
+    event files in name order, and a name is `events.out.tfevents.<second opened>.<host>.<pid>.<counter>`: a writer
+    opened in the same second by the same process (a resume right after a stop) sorts by its counter as text, so
+    counter 10 came before 9 and the resumed run's purge hid its own new steps."""
+    seconds = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*") if p.name.split(".")[3].isdigit()]
+    wait = max(seconds, default=0) + 1 - time.time()
+    if 0 < wait <= 1:
+        time.sleep(wait)

@@ -3,7 +3,10 @@ sheets at the right steps, `off` writes nothing, a resume does not duplicate ste
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import fae.monitoring
-from fae.monitoring import latent_sheet
-from fae.training import OptimConfig, TrainConfig, Trainer, TrainStage, checkpoint_dirs
+from fae.io import checkpoint_dirs
+from fae.monitoring import RunMonitor, latent_sheet
+from fae.training import OptimConfig, TrainConfig, Trainer, TrainStage
 
 
 class Data(Dataset):
@@ -125,6 +129,21 @@ def test_a_resume_does_not_duplicate_steps(tmp_path):
     _scalars_match_metrics(out)
     assert [row["step"] for row in _rows(out)] == [1, 2, 3, 4, 5, 6]
     assert [e.step for e in _events(out).Images("preview/noise")] == [3, 6]
+
+
+def test_a_writer_opened_in_the_same_second_sorts_after_the_earlier_files(tmp_path):
+    """TensorBoard reads event files in name order; a resume in the same second and process must not sort first
+    (the name's last field is a counter compared as text: 10 < 9)."""
+    folder = tmp_path / fae.monitoring.TENSORBOARD_DIR
+    folder.mkdir()
+    # this process's name fields and a counter that sorts after any counter as text
+    earlier = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.999999999"
+    earlier.write_bytes(b"")
+    monitor = RunMonitor(tmp_path, "on", resumed_step=2)
+    monitor.writer.flush()
+    names = sorted(p.name for p in folder.glob("events.out.tfevents.*"))
+    assert names[0] == earlier.name and len(names) == 2
+    monitor.writer.close()
 
 
 def test_latent_sheet_layout():
