@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fae.cli.generate import generator_and_decoder
 from fae.cli.recon import register_recon
 from fae.config import ConfigError
 from fae.precision import PRECISIONS
@@ -479,7 +480,7 @@ def _cmd_t2i(args: argparse.Namespace) -> int:
     network = _network(args)   # a missing weights file or CLIP model is reported before any sampling
     device = resolve_device(args.device)
     clip = ClipScorer.load(args.clip, device=device, revision=args.clip_revision)
-    gen, decode = _text_generator(args, str(device))
+    gen, decode = generator_and_decoder(args, str(device), "fae eval t2i")
     report = evaluate_text_to_image(gen, decode, args.captions, args.out, clip, network,
                                     num_samples=args.num_samples, subset_seed=args.subset_seed, seed=args.seed,
                                     sampler=sampler, batch_size=args.sample_batch_size, reference=args.reference,
@@ -495,25 +496,3 @@ def _cmd_t2i(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"report: {out}")
     return 0
-
-
-def _text_generator(args: argparse.Namespace, device: str) -> tuple[Any, Any]:
-    """The generator and its way to pixels, from --pipeline or --generator (+ --fae / --tokenizer), as `fae sample`
-    loads them."""
-    from fae.pipeline import GenerationPipeline
-    from fae.sampling import load_decoder
-    from fae.stages import load_run_generator
-
-    if args.pipeline:
-        if args.generator or args.fae or args.pixel_decoder or args.tokenizer:
-            raise ConfigError("--pipeline holds the generator and the tokenizer: drop --generator/--fae/"
-                              "--pixel-decoder/--tokenizer")
-        pipe = GenerationPipeline.from_pretrained(args.pipeline, device=device)
-        pipe.tokenizer.compile_networks(args.compile, device)
-        return pipe.generator, pipe.tokenizer.decode
-    if not args.generator:
-        raise ConfigError("fae eval t2i: give --pipeline <folder>, or --generator <run> with --fae <pixel-decoder "
-                          "fine-tune run>")
-    gen = load_run_generator(args.generator, device=device)
-    return gen, load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device,
-                             compile=args.compile, tokenizer=args.tokenizer)

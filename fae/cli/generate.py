@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fae.config import ConfigError, apply_overrides, from_dict, section_overrides, yaml_section
 from fae.precision import PRECISIONS
 from fae.speed import COMPILE_MODES
+
+if TYPE_CHECKING:
+    from fae.generators import Generator
+    from fae.sampling import Decoder
 
 
 def _tokenizer_help() -> str:
@@ -47,8 +52,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from fae.distributed import init_distributed, is_main, resolve_device
-    from fae.pipeline import GenerationPipeline
-    from fae.sampling import Decoder, load_decoder, sample_to_dir, sampler_config
+    from fae.sampling import sample_to_dir, sampler_config
     from fae.stages import load_run_generator
 
     init_distributed()
@@ -59,21 +63,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     prompts = list(args.prompt or [])
     if args.prompts:
         prompts += [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if args.pipeline:
-        if args.generator or args.fae or args.pixel_decoder or args.tokenizer:
-            raise ConfigError("--pipeline holds the generator and the tokenizer: drop --generator/--fae/"
-                              "--pixel-decoder/--tokenizer")
-        pipe = GenerationPipeline.from_pretrained(args.pipeline, device=device)
-        pipe.tokenizer.compile_networks(args.compile, device)
-        gen = pipe.generator
-        decode: Decoder = pipe.tokenizer.decode
-    elif args.generator:
-        gen = load_run_generator(args.generator, device=device)
-        decode = load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device, compile=args.compile,
-                              tokenizer=args.tokenizer)
-    else:
-        raise ConfigError("fae sample: give --pipeline <folder>, or --generator <run> with --fae <pixel-decoder "
-                          "fine-tune run>")
+    gen, decode = generator_and_decoder(args, device, "fae sample")
     if args.guidance_model:   # autoguidance: loaded like --generator, checked to share its latent space and conditions
         gen.set_guide(load_run_generator(args.guidance_model, device=device))
     written = sample_to_dir(gen, decode, args.out, args.num_samples, seed=args.seed, labels=args.labels,
@@ -84,6 +74,28 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         for kind, path in written.items():
             print(f"{kind}: {path}")
     return 0
+
+
+def generator_and_decoder(args: argparse.Namespace, device: str, command: str) -> tuple[Generator, Decoder]:
+    """The generator and its way to pixels from --pipeline, or from --generator with --fae / --pixel-decoder /
+    --tokenizer (the flags `fae sample` and `fae eval t2i` share)."""
+    from fae.pipeline import GenerationPipeline
+    from fae.sampling import load_decoder
+    from fae.stages import load_run_generator
+
+    if args.pipeline:
+        if args.generator or args.fae or args.pixel_decoder or args.tokenizer:
+            raise ConfigError("--pipeline holds the generator and the tokenizer: drop --generator/--fae/"
+                              "--pixel-decoder/--tokenizer")
+        pipe = GenerationPipeline.from_pretrained(args.pipeline, device=device)
+        pipe.tokenizer.compile_networks(args.compile, device)
+        return pipe.generator, pipe.tokenizer.decode
+    if not args.generator:
+        raise ConfigError(f"{command}: give --pipeline <folder>, or --generator <run> with --fae <pixel-decoder "
+                          "fine-tune run>")
+    gen = load_run_generator(args.generator, device=device)
+    return gen, load_decoder(gen, fae=args.fae, pixel_decoder=args.pixel_decoder, device=device,
+                             compile=args.compile, tokenizer=args.tokenizer)
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
