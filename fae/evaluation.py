@@ -6,6 +6,7 @@ the same metrics (fae.metrics.reconstruction), so only the latent space changes.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,9 +242,8 @@ def evaluate_text_to_image(gen: Any, decode: Any, captions: str | Path, out_dir:
     (through `network`) against the caption set's images (`reference_images` all | chosen) or `reference` (statistics
     or images); CLIP score (fae.metrics.clip_score, `clip` a ClipScorer) of each sample with its caption.
     Returns an EvalReport (metrics fid / fd_encoder, clip_score, clip_score_std)."""
-    import json
-
     from fae.io import state_dict_sha256
+    from fae.metrics.evaluate import FRECHET_DESCRIPTION
     from fae.metrics.features import NpzSource, extract_features
     from fae.metrics.frechet import FrechetError, compute_stats, frechet_distance
     from fae.metrics.reference import load_reference
@@ -298,7 +298,7 @@ def evaluate_text_to_image(gen: Any, decode: Any, captions: str | Path, out_dir:
         "sampling": {k: v for k, v in settings.items() if k not in ("prompts", "class_names", "outputs")},
         fd: {"reference": "given" if reference is not None else f"{reference_images} images of the caption set, "
              f"each once, centre-cropped to {image_size} px", "feature_cache": fs.cached,
-             "statistics": "pool features; float64, Cholesky/eigvalsh route (no sqrtm)"},
+             "statistics": FRECHET_DESCRIPTION},
         "clip_score": {"definition": "mean over pairs of 100 * max(cos(image_emb, text_emb), 0)",
                        "model": clip.info()}}
     notes = list(ref.notes) + [f"clip_score by {clip.name_or_path} (weights {clip.weights_sha256[:12]})"]

@@ -1,4 +1,4 @@
-"""`init_from` (`fae train STAGE --init-from RUN`, fae.training.initialise_from): a new run of any stage starts from
+"""`init_from` (`fae train STAGE --init-from RUN`, fae.init_from.initialise_from): a new run of any stage starts from
 another run's weights (bundle or newest checkpoint; EMA where kept) with a fresh optimizer, LR schedule and step 0;
 a different class count or text width re-initialises just those tensors, another latent shape is refused; run.json
 records the source; and a resumed init-from run resumes from its own checkpoint, never from the source again."""

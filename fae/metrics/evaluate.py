@@ -43,6 +43,9 @@ def _select_metrics(metrics: Sequence[str] | None, network: Any) -> list[str]:
     return list(metrics)
 
 
+FRECHET_DESCRIPTION = "Frechet distance of pool features; float64, Cholesky/eigvalsh route (no sqrtm)"
+
+
 def evaluate_generation(samples: str | Path | ImageSource | np.ndarray | torch.Tensor,
                         reference: str | Path | ImageSource | Reference, network: Any, *,
                         metrics: Sequence[str] | None = None, num_samples: int | None = None,
@@ -84,7 +87,7 @@ def evaluate_generation(samples: str | Path | ImageSource | np.ndarray | torch.T
         notes.append(f"{fd} from {fs.num_samples} samples: a Fréchet distance is biased upwards at small N; the "
                      "paper protocol uses 50,000")
     described = {
-        "fid": "Frechet distance of pool features; float64, Cholesky/eigvalsh route (no sqrtm)",
+        "fid": FRECHET_DESCRIPTION,
         "sfid": "Frechet distance of spatial features (mixed_6/conv = Mixed_6d.branch1x1, first 7 channels)",
         "is": {"splits": is_splits if is_split_size is None else None, "split_size": is_split_size,
                "logits": "pool @ W^T (no bias), all outputs"},

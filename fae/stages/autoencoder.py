@@ -3,7 +3,7 @@
 Loss: ||x_hat - x||^2 + beta * KL (eq. 4.1). Features come from the frozen encoder on the fly, or from a feature
 cache computed once (small data sets). The exported bundle records which frozen encoder it belongs to.
 
-`init_from` starts from a trained FAE's weights (a bundle or a run folder: fae.training.initialise_from). With
+`init_from` starts from a trained FAE's weights (a bundle or a run folder: fae.init_from.initialise_from). With
 `latent_noise_flow` (a STARFlow run or bundle) the run is STARFlow's decoder fine-tune on FAE (docs/flow.md,
 "Sampling without the score step"): the FAE encoder is frozen and the feature decoder learns to map z + noise back to
 the features x, the noise being the flow's training noise (`noise_std` in the flow's channel-normalised space, so
@@ -121,7 +121,7 @@ class FAEStage(TrainStage):
             self.modules["model"].encoder.requires_grad_(False)
 
     def _init_from(self, path: str) -> None:
-        """The starting FAE's identity (the trainer loads its weights: fae.training.initialise_from); an unfinished
+        """The starting FAE's identity (the trainer loads its weights: fae.init_from.initialise_from); an unfinished
         run's checkpoint has none."""
         bundle = find_bundle(Path(path), ["fae"], classes=[FeatureAutoEncoder.__name__])
         self.init_identity = fae_identity(read_bundle_config(bundle)) if bundle is not None else None

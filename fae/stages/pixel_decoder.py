@@ -5,7 +5,7 @@
   trains in parallel with stage Ia.
 - Stage II, fine-tuning (`fae train pixel-decoder --finetune-from <Gaussian run> --fae <stage-1 run>`): the same
   decoder, initialised from the Gaussian one, learns from x_hat = feature_decoder(z), z from the FAE encoder.
-  `finetune_from` is stage II's name for the key every stage has, `init_from` (fae.training.initialise_from): the
+  `finetune_from` is stage II's name for the key every stage has, `init_from` (fae.init_from.initialise_from): the
   decoder (and the discriminator with its LeCam averages, where the source has one) start from the source's weights.
   Without `fae`, `init_from` fine-tunes a decoder of either phase on new data in the Gaussian phase.
 
