@@ -200,7 +200,8 @@ def matmul_peak(precision: str, device: torch.device, sizes: tuple[int, ...], re
 # interleaved rounds. Each entry patches fae.nn while that variant runs.
 ABLATIONS: dict[str, dict[str, object]] = {
     "foreach AdamW": {},  # the optimizer, not a patch: see Workload construction below
-    "ATen tanh-GELU": {"gelu_tanh": lambda h: F.gelu(h, approximate="tanh")},
+    "ATen tanh-GELU": {"gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+                       "gelu_tanh_": lambda h: torch.ops.aten.gelu_(h, approximate="tanh")},
     "autograd addcmul": {"_Modulate": SimpleNamespace(apply=lambda x, shift, scale: torch.addcmul(
                              shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))),
                          "_GatedResidual": SimpleNamespace(apply=lambda x, gate, update: torch.addcmul(

@@ -6,7 +6,7 @@ fae times both the first time it meets a size class and uses the faster:
     linear       an fp32 CPU matrix product of a Linear, each of forward, grad input and grad weight on its own:
                  oneDNN or ATen (MKL's sgemm). MKL runs its AVX2 kernels on AMD CPUs, AVX-512 ones on Intel, so
                  oneDNN wins on one vendor and loses on the other (docs/benchmarks.md, issue 26).
-    linear_gelu  inference linear + tanh-GELU: one oneDNN primitive, or the linear then ATen's GELU.
+    linear_gelu  inference linear + tanh-GELU: one oneDNN primitive, or fae's linear then its GELU in place.
     gelu         fp32 tanh-GELU: ATen's kernel or four elementwise passes (its vectorised tanh is slow under AVX2).
     attention    CPU softmax attention: the fused SDPA kernel or matmul-softmax, per dtype and with/without backward.
     cfg_batch    a guided evaluation on a CPU: conditional and unconditional halves as one batch or as two calls
@@ -16,7 +16,7 @@ Timing follows fae.precision's bf16 probe: one thread, the thread's CPU time, th
 so a busy machine cannot tip a verdict. Verdicts are kept per process and on disk per machine
 (`<fae.io.cache_root()>/kernels/<fingerprint>.json`, written under a file lock), so the processes of one machine
 (the ranks of a run, the two halves of an exactness test, a resumed run) compute with the same kernels. The
-fingerprint holds the CPU model, torch's version and every variable that caps an ISA, so an emulated AVX2 run
+fingerprint holds the probes' version, the CPU model, torch's version and every variable that caps an ISA, so an emulated AVX2 run
 never reads a native verdict. Products too small to time reliably use ATen (stock PyTorch).
 
 Overrides (benchmarks, comparisons): FAE_LINEAR_BACKEND=onednn|aten|auto (linear, linear_gelu and gelu: `aten` is
@@ -52,6 +52,11 @@ OVERRIDES = {"linear": "FAE_LINEAR_BACKEND", "linear_gelu": "FAE_LINEAR_BACKEND"
 _FORCED = {"linear": {"onednn": "onednn", "aten": "aten"}, "linear_gelu": {"onednn": "onednn", "aten": "separate"},
            "gelu": {"onednn": "composed", "aten": "aten"},
            "attention": {"sdpa": "sdpa", "math": "math"}, "cfg_batch": {"concat": "concat", "separate": "separate"}}
+
+
+# what the candidates of each kind are; bumped when a probe changes what it times, so that no machine keeps a
+# verdict measured between other candidates (2: linear_gelu's `separate` became fae's own linear + GELU, issue 26)
+PROBES_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -159,8 +164,8 @@ def _cpu_model() -> str:
 
 
 def fingerprint() -> str:
-    """What the on-disk verdicts of this process hold for: CPU, torch, oneDNN, the ISA caps in force."""
-    parts = [_cpu_model(), torch.__version__, torch.backends.cpu.get_cpu_capability(),
+    """What the on-disk verdicts of this process hold for: the probes, CPU, torch, oneDNN, the ISA caps in force."""
+    parts = [f"probes {PROBES_VERSION}", _cpu_model(), torch.__version__, torch.backends.cpu.get_cpu_capability(),
              str(torch.backends.mkldnn.is_available()),
              *(f"{v}={os.environ.get(v, '')}" for v in _ISA_VARIABLES)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

@@ -190,6 +190,12 @@ def _linear_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 _ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _forward_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """x (M, K) @ weight.T + bias without autograd, by the backend measured faster for `rows` (an fp32 CPU call)."""
+    n, k = weight.shape
+    return _PRODUCTS["forward"][linear_backend("forward", rows, k, n, bias is not None)](x, weight, bias)
+
+
 def _fused_gelu_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype in which oneDNN can run linear + tanh-GELU as one primitive for this call, or None. Inference only
     (the fused op has no backward); fp32, or bf16 under CPU autocast where bf16 is native."""
@@ -204,15 +210,20 @@ def _fused_gelu_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | No
 
 
 def _gelu_probe(dtype: torch.dtype, rows: int, k: int, n: int) -> dict[str, Callable[[], object]]:
+    """The fused primitive against what fae runs without it: the linear by its own verdict, then the GELU in place
+    by its own (the alternative timed is the one that would run, not stock PyTorch's)."""
     g = torch.Generator().manual_seed(0)
     m = _probe_rows(rows, k, n)
     x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((m, k), (n, k), (n,)))
-    return {"onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh"),
-            "separate": lambda: F.gelu(F.linear(x, w, b), approximate="tanh")}
+
+    def separate() -> None:
+        with torch.no_grad():
+            gelu_tanh_(_forward_product(x, w, b, rows) if dtype == torch.float32 else F.linear(x, w, b))
+    return {"onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh"), "separate": separate}
 
 
 def fused_gelu_wins(dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
-    """Whether oneDNN's one-primitive linear + GELU beats the linear then ATen's GELU here (fae.kernels)."""
+    """Whether oneDNN's one-primitive linear + GELU beats fae's linear then its GELU here (fae.kernels)."""
     bucket = kernels.size_bucket(rows)
     key = f"{str(dtype).removeprefix('torch.')} {bucket}x{k}x{n}"
     return kernels.choose("linear_gelu", key, lambda: _gelu_probe(dtype, bucket, k, n),
@@ -224,6 +235,11 @@ _GELU_C1 = 2 * math.sqrt(2 / math.pi)
 _GELU_C3 = _GELU_C1 * 0.044715
 
 
+def _gelu_gate(h: torch.Tensor) -> torch.Tensor:
+    """sigmoid(2u), a new tensor, in three passes: tanh-GELU(h) = h * _gelu_gate(h)."""
+    return torch.addcmul(h.new_tensor(_GELU_C1), h, h, value=_GELU_C3).mul_(h).sigmoid_()
+
+
 class _ComposedTanhGelu(torch.autograd.Function):
     """fp32 tanh-GELU in four elementwise passes (addcmul, mul, sigmoid, mul) where ATen's kernel evaluates tanh
     with a slow vectorised tanh (AVX2: 11.9 ms against 8.6 for the four passes on 6.3M values, issue 26). Saves the
@@ -232,8 +248,7 @@ class _ComposedTanhGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(h)
-        gate = torch.addcmul(h.new_tensor(_GELU_C1), h, h, value=_GELU_C3)  # 2u / h
-        return gate.mul_(h).sigmoid_().mul_(h)
+        return _gelu_gate(h).mul_(h)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -257,17 +272,31 @@ def _gelu_calls(numel: int, backward: bool) -> dict[str, Callable[[], object]]:
             "composed": functools.partial(call, _ComposedTanhGelu.apply)}
 
 
+def _gelu_kernel(h: torch.Tensor, backward: bool) -> str:
+    """aten or composed for this fp32 CPU tensor (fae.kernels kind `gelu`)."""
+    bucket = kernels.size_bucket(h.numel())
+    key = f"float32 {'train' if backward else 'infer'} {bucket}"
+    return kernels.choose("gelu", key, lambda: _gelu_calls(bucket, backward),
+                          untimed="aten" if bucket < SMALL_ELEMENTWISE else None)
+
+
+def _composable(h: torch.Tensor) -> bool:
+    return h.dtype == torch.float32 and h.device.type == "cpu" and _plain(h) and not torch.is_autocast_enabled("cpu")
+
+
 def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
     """tanh-approximated GELU; on fp32 CPU tensors ATen's kernel or the four-pass composition, whichever this
     machine measured faster (fae.kernels kind `gelu`; bf16 keeps ATen's: four bf16 roundings would cost accuracy)."""
-    if h.dtype != torch.float32 or h.device.type != "cpu" or not _plain(h) or torch.is_autocast_enabled("cpu"):
+    if not _composable(h) or _gelu_kernel(h, torch.is_grad_enabled() and h.requires_grad) != "composed":
         return F.gelu(h, approximate="tanh")
-    backward = torch.is_grad_enabled() and h.requires_grad
-    bucket = kernels.size_bucket(h.numel())
-    key = f"float32 {'train' if backward else 'infer'} {bucket}"
-    choice = kernels.choose("gelu", key, lambda: _gelu_calls(bucket, backward),
-                            untimed="aten" if bucket < SMALL_ELEMENTWISE else None)
-    return _ComposedTanhGelu.apply(h) if choice == "composed" else F.gelu(h, approximate="tanh")
+    return _ComposedTanhGelu.apply(h)
+
+
+def gelu_tanh_(h: torch.Tensor) -> torch.Tensor:
+    """`gelu_tanh` in place, for inference (no autograd): no output buffer; the composed form needs one temporary."""
+    if not _composable(h) or _gelu_kernel(h, False) != "composed":
+        return torch.ops.aten.gelu_(h, approximate="tanh")
+    return h.mul_(_gelu_gate(h))
 
 
 class Linear(nn.Linear):
@@ -328,13 +357,20 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _fused_gelu_dtype(x, self.fc1.weight)
-        if dtype is None or not fused_gelu_wins(dtype, x.numel() // x.shape[-1], *self.fc1.weight.shape[::-1]):
+        if torch.is_grad_enabled() or x.device.type != "cpu" or not _plain(x, self.fc1.weight):
             return self.fc2(gelu_tanh(self.fc1(x)))
+        return self._inference(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.fc2.out_features)
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        """fc2(GELU(fc1(x))) over 2-D CPU rows without autograd: oneDNN's fused linear + GELU where it measured
+        faster, else fc1 then the GELU in place (no second hidden-sized buffer)."""
+        dtype = _fused_gelu_dtype(x, self.fc1.weight)
+        if dtype is None or not fused_gelu_wins(dtype, x.shape[0], *self.fc1.weight.shape[::-1]):
+            return self.fc2(gelu_tanh_(self.fc1(x)))
         bias = None if self.fc1.bias is None else self.fc1.bias.to(dtype)
-        hidden = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(dtype).contiguous(),
-                                                    self.fc1.weight.to(dtype), bias, "gelu", [], "tanh")
-        return self.fc2(hidden.view(*x.shape[:-1], self.fc1.out_features))
+        hidden = torch.ops.mkldnn._linear_pointwise(x.to(dtype).contiguous(), self.fc1.weight.to(dtype), bias,
+                                                    "gelu", [], "tanh")
+        return self.fc2(hidden)
 
 
 def make_mlp(kind: str, dim: int, mlp_ratio: float, bias: bool = True) -> nn.Module:
