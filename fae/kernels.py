@@ -155,12 +155,18 @@ def size_bucket(rows: int) -> int:
 
 
 @functools.cache
-def _cpu_model() -> str:
+def cpuinfo(field: str) -> str | None:
+    """The first value of `field` (model name, vendor_id, ...) in /proc/cpuinfo; None where there is none."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+            name, _, value = line.partition(":")
+            if name.strip() == field:
+                return value.strip()
+    return None
+
+
+def _cpu_model() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def fingerprint() -> str:
