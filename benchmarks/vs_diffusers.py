@@ -11,7 +11,9 @@ position table, no RoPE. Measured:
   nfe     one sampling network evaluation of the batch B (no grad, eval mode)
   nfe-cfg one guided evaluation: the conditional and unconditional halves as one batch of 2B
 Rounds interleave the two models (ours, theirs, ours, theirs, ...) after a warm-up call of each, so a machine whose
-load drifts slows both alike; the tables give medians and the ratio theirs/ours (> 1: fae is faster).
+load drifts slows both alike; the tables give medians and the ratio theirs/ours (> 1: fae is faster). fae runs as a
+user's process would: its kernel verdicts (fae.kernels) are measured or read in the warm-up, including whether its
+inference batch is split over the threads (fae.threads; `--ablate`'s "whole batch" takes that out).
 
 FLOPs are counted once with `torch.utils.flop_counter.FlopCounterMode` on fae's model with attention as explicit
 matmuls (the CPU SDPA kernel is not counted by FlopCounterMode), and the same count serves both models: they
@@ -208,21 +210,26 @@ ABLATIONS: dict[str, dict[str, object]] = {
                              x, gate.unsqueeze(1), update))},
     "oneDNN linears": {"linear_backend": lambda *args, **kwargs: "onednn"},
     "no fused linear+GELU": {"fused_gelu_wins": lambda *args: False},
+    "whole batch": {"fae.models.dit.splittable": lambda *args: False},  # no split over threads (fae.threads)
 }
 
 
 @contextlib.contextmanager
 def patched(name: str) -> Iterator[None]:
-    import fae.nn
+    """ABLATIONS[name] in force: each entry an attribute of fae.nn, or a dotted module path and attribute."""
+    import importlib
 
-    saved = {attr: getattr(fae.nn, attr) for attr in ABLATIONS.get(name, {})}
+    def target(attr: str) -> tuple[object, str]:
+        module, _, leaf = attr.rpartition(".")
+        return importlib.import_module(module or "fae.nn"), leaf
+    saved = {attr: getattr(*target(attr)) for attr in ABLATIONS.get(name, {})}
     for attr, value in ABLATIONS.get(name, {}).items():
-        setattr(fae.nn, attr, value)
+        setattr(*target(attr), value)
     try:
         yield
     finally:
         for attr, value in saved.items():
-            setattr(fae.nn, attr, value)
+            setattr(*target(attr), value)
 
 
 def compare(shape: Shape, precision: str, device: torch.device, rounds: int, warmup: int,

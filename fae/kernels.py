@@ -11,6 +11,9 @@ fae times both the first time it meets a size class and uses the faster:
     attention    CPU softmax attention: the fused SDPA kernel or matmul-softmax, per dtype and with/without backward.
     cfg_batch    a guided evaluation on a CPU: conditional and unconditional halves as one batch or as two calls
                  (fae.transport.GuidedVelocity), per model, dtype and batch.
+    batch_split  a CPU inference call as one batch on all threads, or split into one part per thread, the parts at
+                 once (fae.threads), per model, dtype, batch and thread count. Timed in wall-clock time (the
+                 point is several threads at once), outside the lock: the parts meet size classes of their own.
 
 Timing follows fae.precision's bf16 probe: one thread, the thread's CPU time, the best of a few interleaved runs,
 so a busy machine cannot tip a verdict. Verdicts are kept per process and on disk per machine
@@ -21,7 +24,7 @@ never reads a native verdict. Products too small to time reliably use ATen (stoc
 
 Overrides (benchmarks, comparisons): FAE_LINEAR_BACKEND=onednn|aten|auto (linear, linear_gelu and gelu: `aten` is
 stock PyTorch, `onednn` fae's own kernels everywhere), FAE_ATTENTION_BACKEND=sdpa|math|auto,
-FAE_CFG_BATCH=concat|separate|auto, FAE_KERNEL_CACHE=0 (measure in every process, keep nothing).
+FAE_CFG_BATCH=concat|separate|auto, FAE_BATCH_SPLIT=split|whole|auto, FAE_KERNEL_CACHE=0 (measure in every process, keep nothing).
 """
 from __future__ import annotations
 
@@ -47,11 +50,12 @@ from fae.io import cache_root
 _ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
                   "MKL_DEBUG_CPU_TYPE", "MKL_CBWR")
 OVERRIDES = {"linear": "FAE_LINEAR_BACKEND", "linear_gelu": "FAE_LINEAR_BACKEND", "gelu": "FAE_LINEAR_BACKEND",
-             "attention": "FAE_ATTENTION_BACKEND", "cfg_batch": "FAE_CFG_BATCH"}
+             "attention": "FAE_ATTENTION_BACKEND", "cfg_batch": "FAE_CFG_BATCH", "batch_split": "FAE_BATCH_SPLIT"}
 # what each override value means for each kind (`aten` = stock PyTorch)
 _FORCED = {"linear": {"onednn": "onednn", "aten": "aten"}, "linear_gelu": {"onednn": "onednn", "aten": "separate"},
            "gelu": {"onednn": "composed", "aten": "aten"},
-           "attention": {"sdpa": "sdpa", "math": "math"}, "cfg_batch": {"concat": "concat", "separate": "separate"}}
+           "attention": {"sdpa": "sdpa", "math": "math"}, "cfg_batch": {"concat": "concat", "separate": "separate"},
+           "batch_split": {"split": "split", "whole": "whole"}}
 
 
 # what the candidates of each kind are; bumped when a probe changes what it times, so that no machine keeps a
@@ -84,16 +88,25 @@ def measure(candidates: dict[str, Callable[[], object]], repeats: int = 3) -> di
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for run in candidates.values():
-            run()
-        best = dict.fromkeys(candidates, math.inf)
-        for _ in range(repeats):
-            for name, run in candidates.items():
-                start = time.thread_time()
-                run()
-                best[name] = min(best[name], time.thread_time() - start)
+        return _best_of(candidates, repeats, time.thread_time)
     finally:
         torch.set_num_threads(threads)
+
+
+def measure_wall(candidates: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, float]:
+    """As `measure`, in wall-clock time on the caller's threads: for choices about several threads at once."""
+    return _best_of(candidates, repeats, time.perf_counter)
+
+
+def _best_of(candidates: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float]) -> dict[str, float]:
+    for run in candidates.values():
+        run()
+    best = dict.fromkeys(candidates, math.inf)
+    for _ in range(repeats):
+        for name, run in candidates.items():
+            start = clock()
+            run()
+            best[name] = min(best[name], clock() - start)
     return {name: seconds * 1e3 for name, seconds in best.items()}
 
 
@@ -109,10 +122,12 @@ def forced(kind: str) -> str | None:
 
 
 def choose(kind: str, key: str, candidates: Callable[[], dict[str, Callable[[], object]]],
-           untimed: str | None = None) -> str:
+           untimed: str | None = None, wall: bool = False) -> str:
     """The kernel for (`kind`, `key`): forced, known to this process, `untimed` (a class too small to time, noted
     as `small`), known to this machine, or measured now. `candidates` builds the timed calls (name -> call) only
-    when a measurement is needed."""
+    when a measurement is needed. `wall`: timed in wall-clock time on all threads (`measure_wall`) and outside the
+    machine's lock, for candidates that run work on other threads (a worker meeting a size class of its own would
+    wait for the lock its caller holds); a verdict another process stored meanwhile wins."""
     override = forced(kind)
     if override is not None:
         return override
@@ -122,16 +137,24 @@ def choose(kind: str, key: str, candidates: Callable[[], dict[str, Callable[[], 
     if untimed is not None:
         _verdicts[(kind, key)] = Verdict(kind, key, untimed, "small", {})
         return untimed
+    measured: dict[str, float] | None = None
     with _machine_verdicts() as on_disk:
         stored = on_disk.get(f"{kind} {key}")
-        if stored is not None:
-            verdict = Verdict(kind, key, stored["choice"], "cached", stored["ms"])
-        else:
-            ms = measure(candidates())
-            verdict = Verdict(kind, key, min(ms, key=ms.__getitem__), "measured", ms)
-            on_disk[f"{kind} {key}"] = {"choice": verdict.choice, "ms": verdict.ms}
+        if stored is None and not wall:
+            stored = _store(on_disk, kind, key, measured := measure(candidates()))
+    if stored is None:  # wall: timed outside the lock, then stored unless another process stored one meanwhile
+        measured = measure_wall(candidates())
+        with _machine_verdicts() as on_disk:
+            stored = _store(on_disk, kind, key, measured)
+    source = "measured" if stored["ms"] is measured else "cached"
+    verdict = Verdict(kind, key, stored["choice"], source, stored["ms"])
     _verdicts[(kind, key)] = verdict
     return verdict.choice
+
+
+def _store(table: dict[str, dict], kind: str, key: str, ms: dict[str, float]) -> dict:
+    """The faster of `ms` as the machine's verdict for (`kind`, `key`), or the one already stored there."""
+    return table.setdefault(f"{kind} {key}", {"choice": min(ms, key=ms.__getitem__), "ms": ms})
 
 
 def verdicts() -> list[Verdict]:

@@ -109,6 +109,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """Kernel verdicts (fae.kernels): none known to this process, an empty machine cache, no override in force."""
+    import fae.kernels
+
+    monkeypatch.setenv("FAE_CACHE", str(tmp_path / "cache"))
+    for variable in set(fae.kernels.OVERRIDES.values()) | {"FAE_KERNEL_CACHE"}:
+        monkeypatch.delenv(variable, raising=False)
+    fae.kernels.reset()
+    yield tmp_path
+    fae.kernels.reset()
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory):
     """The suite's one tiny frozen encoder: a DINOv2 of width 32, one layer, two heads, patch 4 at 16 px (4x4 tokens),

@@ -14,17 +14,6 @@ import fae.kernels as K
 import fae.nn as N
 
 
-@pytest.fixture
-def fresh(tmp_path, monkeypatch):
-    """No verdict known to this process, an empty machine cache, no override in force."""
-    monkeypatch.setenv("FAE_CACHE", str(tmp_path / "cache"))
-    for variable in set(K.OVERRIDES.values()) | {"FAE_KERNEL_CACHE"}:
-        monkeypatch.delenv(variable, raising=False)
-    K.reset()
-    yield tmp_path
-    K.reset()
-
-
 def fake_machine(monkeypatch, winner: str) -> list[str]:
     """Replace the timer: `winner` takes 1 ms, every other candidate 2 ms. Returns the names of the timed calls."""
     timed: list[str] = []

@@ -1,0 +1,186 @@
+"""Sample-parallel CPU inference (fae.threads): a fake timing makes `auto` split the batch or not, the parts give the
+batch's velocity in the caller's modes, the thread count is left as it was, and a measurement that calls the model
+does not wait for itself."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import fae.kernels as K
+import fae.threads as T
+from fae.models.dit import DiT, DiTConfig
+
+
+@pytest.fixture
+def fresh(fresh):
+    """conftest's fresh verdicts, on two threads (a split needs two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield fresh
+    torch.set_num_threads(threads)
+
+
+def tiny_dit(hidden: int = 64, side: int = 4) -> DiT:
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(input_size=(side, side), in_channels=4, hidden_size=hidden, depth=2, num_heads=2,
+                          num_classes=10)).eval()
+    with torch.no_grad():  # adaLN-Zero starts as the identity: give every weight a value, so rows really differ
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def spy_on_parts(monkeypatch) -> list[str]:
+    """The names of the threads that ran a part."""
+    ran: list[str] = []
+    part = T._part
+
+    def recorded(*args, **kwargs):
+        ran.append(threading.current_thread().name)
+        return part(*args, **kwargs)
+    monkeypatch.setattr(T, "_part", recorded)
+    return ran
+
+
+@pytest.mark.parametrize("winner", ["split", "whole"])
+def test_a_fake_timing_makes_auto_split_or_not_and_both_give_the_batchs_velocity(fresh, monkeypatch, winner):
+    timed: list[str] = []
+
+    def measure_wall(candidates, repeats=3):
+        timed.extend(candidates)
+        return {name: 1.0 if name == winner else 2.0 for name in candidates}
+    monkeypatch.setattr(K, "measure_wall", measure_wall)
+    monkeypatch.setattr(T, "SMALL_SPLIT", 1)  # a tiny model, timed as a large one would be
+    ran = spy_on_parts(monkeypatch)
+    model = tiny_dit()
+    x, t, y = torch.randn(5, 4, 4, 4), torch.rand(5), torch.arange(5)
+    with torch.no_grad():
+        auto = model(x, t, y)
+        model(x, t, y)
+        whole = model._velocity(x, t, y)
+    assert timed == ["whole", "split"]  # measured once, then kept
+    (verdict,) = [v for v in K.verdicts() if v.kind == "batch_split"]
+    assert verdict.choice == winner and verdict.key.endswith("8x4x4x4 threads 2")  # batch 5 in the class of 8
+    # split: two calls, each in two parts (3 + 2 samples) on the workers, never on the caller's thread
+    assert len(ran) == (4 if winner == "split" else 0)
+    assert all(name.startswith("fae-batch") for name in ran)
+    torch.testing.assert_close(auto, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_the_parts_run_in_the_callers_autocast_and_inference_mode(fresh, monkeypatch):
+    monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
+    ran = spy_on_parts(monkeypatch)
+    model = tiny_dit()
+    x, t, y = torch.randn(4, 4, 4, 4), torch.rand(4), torch.arange(4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        split = model(x, t, y)
+        whole = model._velocity(x, t, y)
+    assert len(ran) == 2 and split.dtype == whole.dtype == torch.bfloat16  # autocast is per thread in PyTorch
+    torch.testing.assert_close(split, whole, rtol=0, atol=0)
+    with torch.inference_mode():
+        inferred = model(x, t, y)
+    assert inferred.is_inference() and len(ran) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(inferred.clone(), model._velocity(x, t, y), rtol=1e-6, atol=1e-6)
+
+
+def test_training_and_gradients_never_split(fresh, monkeypatch):
+    monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
+    ran = spy_on_parts(monkeypatch)
+    model = tiny_dit()
+    x, t, y = torch.randn(4, 4, 4, 4), torch.rand(4), torch.arange(4)
+    model(x, t, y).sum().backward()  # autograd on
+    with torch.no_grad():
+        model.train()(x, t, y)  # label dropout draws
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        model.eval()(x, t, y)  # one thread: nothing to split over
+    assert ran == []
+
+
+def test_a_mode_in_force_keeps_the_call_whole(fresh, monkeypatch):
+    """Dispatch and function modes are per thread: split, FlopCounterMode would count no part."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
+    ran = spy_on_parts(monkeypatch)
+    model = tiny_dit()
+    x, t, y = torch.randn(4, 4, 4, 4), torch.rand(4), torch.arange(4)
+    counts = []
+    for call in (model, model._velocity):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call(x, t, y)
+        counts.append(counter.get_total_flops())
+    assert ran == [] and counts[0] == counts[1] > 0
+
+
+def test_the_callers_thread_count_and_the_default_of_new_threads_are_kept(fresh, monkeypatch):
+    monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
+    ran = spy_on_parts(monkeypatch)
+    model = tiny_dit()
+    with torch.no_grad():
+        model(torch.randn(4, 4, 4, 4), torch.rand(4), torch.arange(4))
+    seen: list[int] = []
+    fresh_thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    fresh_thread.start()
+    fresh_thread.join()
+    # the workers run on one thread each, but the caller, and threads started later, keep two
+    assert len(ran) == 2 and torch.get_num_threads() == 2 and seen == [2]
+    assert T._executor(2).submit(torch.get_num_threads).result() == 1
+
+
+def test_an_error_in_a_part_reaches_the_caller_and_the_workers_stay_usable(fresh, monkeypatch):
+    monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
+    model = tiny_dit()
+    x, t = torch.randn(4, 4, 4, 4), torch.rand(4)
+    with torch.no_grad(), pytest.raises(IndexError):
+        model(x, t, torch.tensor([0, 1, 2, 99]))  # the second part's label is out of range
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, torch.arange(4)), model._velocity(x, t, torch.arange(4)),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_a_guided_measurement_that_calls_the_model_does_not_wait_for_itself(fresh, monkeypatch):
+    """Timing CFG batching calls the model while this thread holds the machine's verdicts. A split there would
+    wait for workers that wait for those verdicts (linears large enough to be timed); the measurement runs on one
+    thread, so the model runs whole there, and split afterwards."""
+    import fae.transport
+    from fae.transport import GuidanceSchedule, GuidedVelocity
+
+    monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
+    monkeypatch.setattr(fae.transport, "SMALL_CFG_BATCH", 1)
+    ran = spy_on_parts(monkeypatch)
+    model = tiny_dit(hidden=128, side=8)  # 8 x 64 rows x 128 x 512: the MLP's products are timed
+    x, y = torch.randn(8, 4, 8, 8), torch.arange(8)
+    done: list[torch.Tensor] = []
+
+    def guided() -> None:
+        with torch.no_grad():
+            done.append(GuidedVelocity(model, GuidanceSchedule.constant(2.0))(x, 0.5, y))
+    worker = threading.Thread(target=guided, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert done, "the guided call hung"
+    assert len(ran) >= 2  # and after the measurement, the guided call itself was split
+    assert {v.kind for v in K.verdicts()} >= {"cfg_batch", "linear"}
+
+
+def test_the_split_is_measured_on_the_wall_clock_once_per_machine(fresh, monkeypatch):
+    """Really timed (no fake): the verdict is measured, written to the machine's file outside the lock, and a later
+    process (here: this one after forgetting) reads it instead of timing again."""
+    monkeypatch.setattr(T, "SMALL_SPLIT", 1)
+    model = tiny_dit()
+    x, t, y = torch.randn(4, 4, 4, 4), torch.rand(4), torch.arange(4)
+    with torch.no_grad():
+        model(x, t, y)
+    (verdict,) = [v for v in K.verdicts() if v.kind == "batch_split"]
+    assert verdict.source == "measured" and set(verdict.ms) == {"whole", "split"}
+    assert verdict.choice == min(verdict.ms, key=verdict.ms.__getitem__)
+    K.reset()
+    monkeypatch.setattr(K, "measure_wall", lambda *args: pytest.fail("timed again"))
+    with torch.no_grad():
+        model(x, t, y)
+    (again,) = [v for v in K.verdicts() if v.kind == "batch_split"]
+    assert again.source == "cached" and again.choice == verdict.choice
