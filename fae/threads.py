@@ -52,9 +52,8 @@ def splittable(x: torch.Tensor, module: torch.nn.Module) -> bool:
     """Whether `module`'s call on the batch `x` may be split: CPU inference (no autograd, eval mode: no label
     dropout draws), plain tensors (not traced or compiled), no dispatch or function mode in force (modes, such as
     FlopCounterMode, are per thread: the workers would run outside them), two threads or more and a sample for
-    each. (A kernel
-    measurement that calls the model, as CFG batching's does, runs on one thread: it never splits, so no worker
-    waits for the machine's verdicts that its caller holds.)"""
+    each. A kernel measurement that calls the model, as CFG batching's does, runs on one thread, so it never
+    splits: no worker waits for the machine's verdicts while its caller holds them."""
     return (x.device.type == "cpu" and not torch.is_grad_enabled() and not module.training
             and type(x) is torch.Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
             and not torch._C._is_torch_function_mode_enabled() and torch.get_num_threads() >= 2 and x.shape[0] >= 2)
