@@ -172,6 +172,16 @@ def reset() -> None:
     _verdicts.clear()
 
 
+def model_call(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, int]:
+    """The size class of a model call on the batch `x` (the model's class and parameter count, the dtype it computes
+    in under CPU autocast, the batch rounded up to a power of two, a sample's shape), and the parameter count."""
+    params = sum(p.numel() for p in model.parameters())
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    key = (f"{type(model).__name__} {params} {str(dtype).removeprefix('torch.')} "
+           f"{size_bucket(x.shape[0])}x{'x'.join(map(str, x.shape[1:]))}")
+    return key, params
+
+
 def size_bucket(rows: int) -> int:
     """Rows (tokens x batch) rounded up to a power of two: one verdict per bucket, not per batch size."""
     return 1 << max(0, rows - 1).bit_length()

@@ -59,7 +59,7 @@ def splittable(x: torch.Tensor, module: torch.nn.Module) -> bool:
             and not torch._C._is_torch_function_mode_enabled() and torch.get_num_threads() >= 2 and x.shape[0] >= 2)
 
 
-def _part(fn: Callable[..., torch.Tensor], args: Sequence[torch.Tensor | None], inference: bool,
+def _part(fn: Callable[..., torch.Tensor], args: Sequence[torch.Tensor], inference: bool,
           autocast: torch.dtype | None) -> torch.Tensor:
     """fn(*args) on a worker, in the caller's grad and autocast modes (both are per thread in PyTorch)."""
     mode = torch.inference_mode() if inference else torch.no_grad()
@@ -68,15 +68,15 @@ def _part(fn: Callable[..., torch.Tensor], args: Sequence[torch.Tensor | None], 
         return fn(*args)
 
 
-def _split(fn: Callable[..., torch.Tensor], args: Sequence[torch.Tensor | None], threads: int) -> torch.Tensor:
+def _split(fn: Callable[..., torch.Tensor], args: Sequence[torch.Tensor], threads: int) -> torch.Tensor:
     """fn over the batch in `threads` parts at once, the outputs concatenated in order."""
-    batch = next(a for a in args if a is not None).shape[0]
-    parts = min(threads, batch)
-    pieces = [a.tensor_split(parts) if a is not None else [None] * parts for a in args]
+    parts = min(threads, args[0].shape[0])
+    pieces = [a.tensor_split(parts) for a in args]
     autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     run = functools.partial(_part, fn, inference=torch.is_inference_mode_enabled(), autocast=autocast)
+    executor = _executor(threads)
     try:
-        futures = [_executor(threads).submit(run, [p[i] for p in pieces]) for i in range(parts)]
+        futures = [executor.submit(run, [p[i] for p in pieces]) for i in range(parts)]
         concurrent.futures.wait(futures)  # every part done before an error is raised: none left running
         return torch.cat([f.result() for f in futures])
     finally:
@@ -84,15 +84,17 @@ def _split(fn: Callable[..., torch.Tensor], args: Sequence[torch.Tensor | None],
         torch.set_num_threads(threads)
 
 
-def batch_parallel(fn: Callable[..., torch.Tensor], args: Sequence[torch.Tensor | None], key: str,
-                   work: int) -> torch.Tensor:
-    """`fn(*args)`, with dim 0 of every tensor in `args` the batch (None passes to every part): as one call, or split
-    over this process's threads where this machine measured that faster for `key` (the model, dtype and batch
-    class). `work` (parameters x samples) below SMALL_SPLIT is not timed. Call only where `splittable` holds."""
+def batch_parallel(model: torch.nn.Module, fn: Callable[..., torch.Tensor],
+                   args: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`fn(*args)`, a call of `model` with dim 0 of every tensor in `args` the batch (args[0] the input it is sized
+    by): as one call, or split over this process's threads where this machine measured that faster for the model,
+    dtype, batch class and thread count (parameters x samples below SMALL_SPLIT: not timed, whole). Call only where
+    `splittable` holds."""
     threads = torch.get_num_threads()
+    key, params = kernels.model_call(model, args[0])
 
     def candidates() -> dict[str, Callable[[], object]]:
         return {"whole": functools.partial(fn, *args), "split": functools.partial(_split, fn, args, threads)}
     choice = kernels.choose("batch_split", f"{key} threads {threads}", candidates,
-                            untimed="whole" if work < SMALL_SPLIT else None, wall=True)
+                            untimed="whole" if params * args[0].shape[0] < SMALL_SPLIT else None, wall=True)
     return _split(fn, args, threads) if choice == "split" else fn(*args)

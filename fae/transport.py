@@ -274,10 +274,7 @@ class GuidedVelocity:
             return "separate"
         if x.device.type != "cpu" or not isinstance(self.model, torch.nn.Module):
             return "concat"
-        params = sum(p.numel() for p in self.model.parameters())
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        key = (f"{type(self.model).__name__} {params} {str(dtype).removeprefix('torch.')} "
-               f"{kernels.size_bucket(x.shape[0])}x{'x'.join(map(str, x.shape[1:]))}")
+        key, params = kernels.model_call(self.model, x)
 
         def candidates() -> dict[str, Callable[[], object]]:
             probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x)  # the model is deterministic

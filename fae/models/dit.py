@@ -23,13 +23,11 @@ import torch
 from torch import nn
 
 from fae.io import PretrainedMixin
-from fae.kernels import size_bucket
 from fae.nn import (
     Attention,
     AttentionBackend,
     LabelEmbedder,
     RoPE2D,
-    count_parameters,
     gated_residual,
     make_mlp,
     make_norm,
@@ -229,11 +227,7 @@ class DiT(nn.Module, PretrainedMixin):
         if y is None:  # (labels are range-checked where they enter, fae.data.labels: no host sync here)
             y = torch.full((b,), cfg.null_class, dtype=torch.long, device=x.device)
         if generator is None and splittable(x, self):  # on a CPU, the batch over the threads where that measured faster
-            params = count_parameters(self)
-            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-            key = (f"DiT {params} {str(dtype).removeprefix('torch.')} {size_bucket(b)}x{cfg.in_channels}x"
-                   f"{cfg.input_size[0]}x{cfg.input_size[1]}")
-            return batch_parallel(self._velocity, (x, t, y), key, params * b)
+            return batch_parallel(self, self._velocity, (x, t, y))
         return self._velocity(x, t, y, generator)
 
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
