@@ -13,7 +13,8 @@ position table, no RoPE. Measured:
 Rounds interleave the two models (ours, theirs, ours, theirs, ...) after a warm-up call of each, so a machine whose
 load drifts slows both alike; the tables give medians and the ratio theirs/ours (> 1: fae is faster). fae runs as a
 user's process would: its kernel verdicts (fae.kernels) are measured or read in the warm-up, including whether its
-inference batch is split over the threads (fae.threads; `--ablate`'s "whole batch" takes that out).
+batch is split over the threads, at inference and in training (fae.threads; `--ablate`'s "whole batch" takes that
+out).
 
 FLOPs are counted once with `torch.utils.flop_counter.FlopCounterMode` on fae's model with attention as explicit
 matmuls (the CPU SDPA kernel is not counted by FlopCounterMode), and the same count serves both models: they

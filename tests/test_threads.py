@@ -1,12 +1,15 @@
-"""Sample-parallel CPU inference (fae.threads): a fake timing makes `auto` split the batch or not, the parts give the
-batch's velocity in the caller's modes, the thread count is left as it was, and a measurement that calls the model
-does not wait for itself."""
+"""Sample-parallel CPU work (fae.threads): a fake timing makes `auto` split the batch or not, the parts give the
+batch's velocity in the caller's modes and, under autograd, the batch's gradients, the thread count is left as it
+was, and a measurement that calls the model does not wait for itself."""
 from __future__ import annotations
 
+import functools
 import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fae.kernels as K
 import fae.threads as T
@@ -30,6 +33,11 @@ def tiny_dit(hidden: int = 64, side: int = 4) -> DiT:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
+
+
+def unsplit(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The model's velocity computed as one batch, whatever the verdict."""
+    return model._velocity(x, model.t_embedder(t) + model.y_embedder(y))
 
 
 def spy_on_parts(monkeypatch) -> list[str]:
@@ -59,7 +67,7 @@ def test_a_fake_timing_makes_auto_split_or_not_and_both_give_the_batchs_velocity
     with torch.no_grad():
         auto = model(x, t, y)
         model(x, t, y)
-        whole = model._velocity(x, t, y)
+        whole = unsplit(model, x, t, y)
     assert timed == ["whole", "split"]  # measured once, then kept
     (verdict,) = [v for v in K.verdicts() if v.kind == "batch_split"]
     assert verdict.choice == winner and verdict.key.endswith("8x4x4x4 threads 2")  # batch 5 in the class of 8
@@ -76,44 +84,103 @@ def test_the_parts_run_in_the_callers_autocast_and_inference_mode(fresh, monkeyp
     x, t, y = torch.randn(4, 4, 4, 4), torch.rand(4), torch.arange(4)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         split = model(x, t, y)
-        whole = model._velocity(x, t, y)
+        whole = unsplit(model, x, t, y)
     assert len(ran) == 2 and split.dtype == whole.dtype == torch.bfloat16  # autocast is per thread in PyTorch
     torch.testing.assert_close(split, whole, rtol=0, atol=0)
     with torch.inference_mode():
         inferred = model(x, t, y)
     assert inferred.is_inference() and len(ran) == 4
     with torch.no_grad():
-        torch.testing.assert_close(inferred.clone(), model._velocity(x, t, y), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(inferred.clone(), unsplit(model, x, t, y), rtol=1e-6, atol=1e-6)
 
 
-def test_training_and_gradients_never_split(fresh, monkeypatch):
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_split_training_step_gives_the_whole_batchs_loss_and_gradients(fresh, monkeypatch, checkpointed):
+    """Under autograd each part records its graph on a worker and runs its backward there: the parameters'
+    gradients are the parts' summed, the input's the parts' rows, and label dropout is drawn once for the batch on
+    the caller's thread (the same draws as a whole call after the same seed); activation checkpointing recomputes
+    each part's blocks on its worker."""
+    ran = spy_on_parts(monkeypatch)
+    jobs: list[int] = []
+    on_workers = T._on_workers
+    monkeypatch.setattr(T, "_on_workers", lambda work, threads: jobs.append(len(work)) or on_workers(work, threads))
+    model = tiny_dit().train()
+    model.activation_checkpointing = checkpointed
+    model.y_embedder.dropout = 0.5
+    x, t, y = torch.randn(5, 4, 4, 4).requires_grad_(), torch.rand(5), torch.arange(5)
+    target = torch.randn(5, 4, 4, 4)
+
+    def step(how: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        monkeypatch.setenv("FAE_BATCH_SPLIT", how)
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(1)
+        loss = F.mse_loss(model(x, t, y), target)
+        loss.backward()
+        return loss.detach(), {"x": x.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
+    loss, grads = step("split")
+    assert len(ran) == 2 and all(name.startswith("fae-batch") for name in ran)
+    assert jobs == [2, 2]  # the forward's parts, then their backwards, each on the workers
+    whole_loss, whole_grads = step("whole")
+    assert len(ran) == 2 and grads.keys() == whole_grads.keys()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} <= grads.keys()  # embedders included
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=1e-7)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, whole_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_second_backward_through_a_split_says_how_to_run_it_whole(fresh, monkeypatch):
+    monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
+    model = tiny_dit()
+    out = model(torch.randn(4, 4, 4, 4), torch.rand(4), torch.arange(4)).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="FAE_BATCH_SPLIT=whole"):
+        out.backward()
+
+
+def test_hooks_and_one_thread_keep_the_call_whole(fresh, monkeypatch):
+    """A hook would see a part, on a worker; one thread has nothing to split over."""
     monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
     ran = spy_on_parts(monkeypatch)
     model = tiny_dit()
     x, t, y = torch.randn(4, 4, 4, 4), torch.rand(4), torch.arange(4)
-    model(x, t, y).sum().backward()  # autograd on
+    seen: list[int] = []
+    handle = model.blocks[1].register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
     with torch.no_grad():
-        model.train()(x, t, y)  # label dropout draws
+        model(x, t, y)
+    handle.remove()
+    assert seen == [4] and ran == []
     torch.set_num_threads(1)
     with torch.no_grad():
-        model.eval()(x, t, y)  # one thread: nothing to split over
+        model(x, t, y)
     assert ran == []
 
 
-def test_a_mode_in_force_keeps_the_call_whole(fresh, monkeypatch):
-    """Dispatch and function modes are per thread: split, FlopCounterMode would count no part."""
-    from torch.utils.flop_counter import FlopCounterMode
+class CountingMode(TorchDispatchMode):
+    """A dispatch mode that counts the ops it sees (on its own thread only, as every mode)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_mode_in_force_keeps_the_call_whole(fresh, monkeypatch):
+    """Dispatch and function modes are per thread: split, a mode would see no part's op. (FlopCounterMode also
+    installs global module hooks, so a plain dispatch mode is what tells the two checks apart.)"""
     monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
     ran = spy_on_parts(monkeypatch)
     model = tiny_dit()
     x, t, y = torch.randn(4, 4, 4, 4), torch.rand(4), torch.arange(4)
     counts = []
-    for call in (model, model._velocity):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    for call in (model, functools.partial(unsplit, model)):
+        with torch.no_grad(), CountingMode() as mode:
             call(x, t, y)
-        counts.append(counter.get_total_flops())
-    assert ran == [] and counts[0] == counts[1] > 0
+        counts.append(mode.ops)
+    assert ran == [] and counts[0] == counts[1] > 20
 
 
 def test_the_callers_thread_count_and_the_default_of_new_threads_are_kept(fresh, monkeypatch):
@@ -133,13 +200,23 @@ def test_the_callers_thread_count_and_the_default_of_new_threads_are_kept(fresh,
 
 def test_an_error_in_a_part_reaches_the_caller_and_the_workers_stay_usable(fresh, monkeypatch):
     monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
+    ran = spy_on_parts(monkeypatch)
     model = tiny_dit()
-    x, t = torch.randn(4, 4, 4, 4), torch.rand(4)
-    with torch.no_grad(), pytest.raises(IndexError):
-        model(x, t, torch.tensor([0, 1, 2, 99]))  # the second part's label is out of range
+    block = model.blocks[0].forward
+
+    def refuses_infinities(h: torch.Tensor, *args: object) -> torch.Tensor:
+        if not h.isfinite().all():
+            raise FloatingPointError(f"{h.shape[0]} rows with an infinity")
+        return block(h, *args)
+    monkeypatch.setattr(model.blocks[0], "forward", refuses_infinities)
+    x, t, y = torch.randn(4, 4, 4, 4), torch.rand(4), torch.arange(4)
+    bad = x.clone()
+    bad[3] = float("inf")  # the second part's last sample
+    with torch.no_grad(), pytest.raises(FloatingPointError, match="2 rows"):
+        model(bad, t, y)
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, torch.arange(4)), model._velocity(x, t, torch.arange(4)),
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model(x, t, y), unsplit(model, x, t, y), rtol=1e-6, atol=1e-6)
+    assert len(ran) == 4
 
 
 def test_a_guided_measurement_that_calls_the_model_does_not_wait_for_itself(fresh, monkeypatch):
@@ -167,20 +244,24 @@ def test_a_guided_measurement_that_calls_the_model_does_not_wait_for_itself(fres
     assert {v.kind for v in K.verdicts()} >= {"cfg_batch", "linear"}
 
 
-def test_the_split_is_measured_on_the_wall_clock_once_per_machine(fresh, monkeypatch):
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_split_is_measured_on_the_wall_clock_once_per_machine(fresh, monkeypatch, grad):
     """Really timed (no fake): the verdict is measured, written to the machine's file outside the lock, and a later
-    process (here: this one after forgetting) reads it instead of timing again."""
+    process (here: this one after forgetting) reads it instead of timing again. Under autograd the candidates are
+    timed with their backward, as a verdict of its own, and leave no gradient behind."""
     monkeypatch.setattr(T, "SMALL_SPLIT", 1)
     model = tiny_dit()
     x, t, y = torch.randn(4, 4, 4, 4), torch.rand(4), torch.arange(4)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         model(x, t, y)
     (verdict,) = [v for v in K.verdicts() if v.kind == "batch_split"]
     assert verdict.source == "measured" and set(verdict.ms) == {"whole", "split"}
     assert verdict.choice == min(verdict.ms, key=verdict.ms.__getitem__)
+    assert verdict.key.endswith(" backward") == grad
+    assert all(p.grad is None for p in model.parameters())
     K.reset()
     monkeypatch.setattr(K, "measure_wall", lambda *args: pytest.fail("timed again"))
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         model(x, t, y)
     (again,) = [v for v in K.verdicts() if v.kind == "batch_split"]
     assert again.source == "cached" and again.choice == verdict.choice

@@ -226,16 +226,16 @@ class DiT(nn.Module, PretrainedMixin):
         t = t.expand(b) if t.ndim == 0 else t
         if y is None:  # (labels are range-checked where they enter, fae.data.labels: no host sync here)
             y = torch.full((b,), cfg.null_class, dtype=torch.long, device=x.device)
-        if generator is None and splittable(x, self):  # on a CPU, the batch over the threads where that measured faster
-            return batch_parallel(self, self._velocity, (x, t, y))
-        return self._velocity(x, t, y, generator)
+        c = self.t_embedder(t) + self.y_embedder(y, generator)  # label dropout drawn here, once for the batch
+        if splittable(x, self):  # on a CPU, the batch over the threads where that measured faster
+            return batch_parallel(self, self._velocity, (x, c))
+        return self._velocity(x, c)
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+    def _velocity(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The velocity of latents `x` under the condition `c` (time and label embedded): no random draws."""
         h = self.x_embedder(self.patchify(x))
         if self.pos_embed is not None:
             h = h + self.pos_embed.to(h.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y, generator)
         for block in self.blocks:
             h = run_block(block, h, c, self.rope, checkpointed=self.activation_checkpointing)
         return self.unpatchify(self.final_layer(h, c))
