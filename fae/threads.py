@@ -5,7 +5,8 @@ PyTorch runs every op of a forward (and of a backward) on all its threads in tur
 each op, the elementwise ops between the matrix products are memory-bound and gain little from a second thread, and
 a product on two threads reaches less than twice its one-thread rate (AMD EPYC, AVX2: 160 GFLOP/s against 2 x 86).
 With the batch in parts, one per thread, one part's elementwise work overlaps another's products, and no op waits
-for a barrier (issue 26: DiT-S nfe 3-10% and the train step 7-16% faster on that CPU, docs/benchmarks.md).
+for a barrier (issue 26: DiT-S nfe 3-10% and the train step 7-16% faster on that CPU, an MMDiT 13-20%;
+docs/benchmarks.md). DiT and MMDiT take it.
 
 Whether that wins depends on the CPU, the model, the batch and whether gradients are wanted, so it is measured like
 every kernel choice (fae.kernels kind `batch_split`: `whole` or `split`), here in wall-clock time, since the point is
