@@ -168,6 +168,39 @@ def test_mmdit_splits_too_and_draws_its_caption_dropout_once(fresh, monkeypatch)
         torch.testing.assert_close(grad, whole_grads[name], rtol=1e-9, atol=1e-10, msg=name)
 
 
+def test_the_trainer_trains_split_and_resumes_to_the_same_weights(fresh, monkeypatch, tiny_latent_world, tmp_path):
+    """`fae train dit` with the batch split: every step's forward and backward in parts on the workers, a run
+    stopped at a checkpoint resumes to the weights of an uninterrupted one, bit for bit, and run.json says the
+    split was forced."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from fae.stages import load_stage_config, train_stage
+
+    monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
+    ran = spy_on_parts(monkeypatch)
+    cfg_file = tmp_path / "dit.yaml"
+    cfg_file.write_text(f"""
+stage: dit
+latents: {tiny_latent_world['cache']}
+model: {{input_size: [4, 4], in_channels: 4, hidden_size: 32, depth: 1, num_heads: 2, num_classes: 10}}
+optim: {{lr: 1.0e-3}}
+train: {{steps: 4, batch_size: 8, checkpoint_every: 2, log_every: 1, ema_decay: 0.9, seed: 1}}
+""")
+    _, cfg = load_stage_config(cfg_file)
+    train_stage("dit", cfg, tmp_path / "once", progress=False)
+    assert len(ran) >= 8 and all(name.startswith("fae-batch") for name in ran)  # two parts a step, four steps
+    train_stage("dit", cfg, tmp_path / "paused", progress=False, stop_at=2)
+    train_stage("dit", cfg, tmp_path / "paused", progress=False)
+    for name in ("model", "model.ema"):
+        once = load_file(str(tmp_path / "once" / "checkpoints" / "step_00000004" / f"{name}.safetensors"))
+        resumed = load_file(str(tmp_path / "paused" / "checkpoints" / "step_00000004" / f"{name}.safetensors"))
+        assert once.keys() == resumed.keys() and all(torch.equal(once[k], resumed[k]) for k in once), name
+    overrides = json.loads((tmp_path / "once" / "run.json").read_text())["kernels"]["overrides"]
+    assert overrides["FAE_BATCH_SPLIT"] == "split"
+
+
 def test_a_second_backward_through_a_split_says_how_to_run_it_whole(fresh, monkeypatch):
     monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
     model = tiny_dit()
