@@ -136,15 +136,18 @@ class _SplitWithGrad(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.graphs is None:
-            raise RuntimeError("a batch split over the threads runs its backward once (its graph is not retained); "
-                               "set FAE_BATCH_SPLIT=whole to run backward through it twice")
-        graphs, ctx.graphs = ctx.graphs, None  # the parts' graphs go with this backward
+            raise RuntimeError("backward through a batch split over the threads a second time: its parts' graphs "
+                               "were freed by the first (pass retain_graph=True to it, or set FAE_BATCH_SPLIT=whole)")
+        graphs = ctx.graphs
+        keep = _keeps_graph()  # backward(retain_graph=True): the parts keep theirs too
+        if not keep:
+            ctx.graphs = None  # the parts' graphs go with this backward
         wanted = ctx.needs_input_grad[3:]
         params = [p for p, want in zip(ctx.params, wanted[ctx.count:], strict=True) if want]
 
         def part_grads(leaves: list[torch.Tensor], out: torch.Tensor, part: torch.Tensor) -> list:
             inputs = [leaf for leaf, want in zip(leaves, wanted, strict=False) if want]
-            grads = torch.autograd.grad(out, inputs + params, part, allow_unused=True)
+            grads = torch.autograd.grad(out, inputs + params, part, retain_graph=keep, allow_unused=True)
             # an input the function did not use has zero gradient rows; an unused parameter keeps None
             return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=False)] + \
                 list(grads[len(inputs):])
@@ -162,6 +165,13 @@ class _SplitWithGrad(torch.autograd.Function):
                 present = [g for g in next(columns) if g is not None]
                 grads.append(functools.reduce(torch.add, present) if present else None)
         return (None, None, None, *grads)
+
+
+def _keeps_graph() -> bool:
+    """Whether the backward now running was asked to retain its graph (PyTorch exposes this only privately; where
+    it is missing, a split's graph goes with its first backward)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return bool(keep_graph()) if keep_graph is not None else False
 
 
 def _with_backward(call: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:

@@ -201,11 +201,19 @@ train: {{steps: 4, batch_size: 8, checkpoint_every: 2, log_every: 1, ema_decay: 
     assert overrides["FAE_BATCH_SPLIT"] == "split"
 
 
-def test_a_second_backward_through_a_split_says_how_to_run_it_whole(fresh, monkeypatch):
+def test_a_split_keeps_its_graph_where_backward_retains_it(fresh, monkeypatch):
+    """As a whole call: backward(retain_graph=True) leaves the graph for a second pass (the GAN weight's pattern:
+    two gradients through one graph), which adds the same gradients again; after a pass that did not retain it, a
+    further one raises and names the way out."""
     monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
-    model = tiny_dit()
-    out = model(torch.randn(4, 4, 4, 4), torch.rand(4), torch.arange(4)).sum()
+    model = tiny_dit().double()
+    x, t, y = torch.randn(4, 4, 4, 4, dtype=torch.float64), torch.rand(4), torch.arange(4)
+    out = model(x, t, y).sum()  # (a node that saves nothing: the split's own check speaks on the third pass)
     out.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    out.backward()
+    for name, grad in first.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, 2 * grad, rtol=1e-12, atol=0)
     with pytest.raises(RuntimeError, match="FAE_BATCH_SPLIT=whole"):
         out.backward()
 
