@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from seeding import subprocess_env
+from tiny import tiny_dit_yaml
 
 from fae.cli import main
 
@@ -59,13 +60,7 @@ def test_dit_training_and_sampling_resume_exactly(tiny_latent_world, tmp_path, m
     parts = tiny_latent_world["root"]
     monkeypatch.setenv("FAE_CACHE", str(tmp_path / "c"))
     cfg = tmp_path / "dit.yaml"
-    cfg.write_text(f"""
-stage: dit
-latents: {tiny_latent_world['cache']}
-model: {{input_size: [4, 4], in_channels: 4, hidden_size: 32, depth: 1, num_heads: 2, num_classes: 10}}
-optim: {{lr: 1.0e-3}}
-train: {{steps: 6, batch_size: 8, checkpoint_every: 2, log_every: 1, ema_decay: 0.9, seed: 1}}
-""")
+    cfg.write_text(tiny_dit_yaml(tiny_latent_world["cache"], steps=6))
     train = ["train", "dit", "--config", str(cfg)]
     assert main([*train, "--out", str(tmp_path / "straight"), "--no-progress"]) == 0
     killed_then_resumed([*train, "--out", str(tmp_path / "killed")], kill_at=5, tmp_path=tmp_path)  # 2nd checkpoint

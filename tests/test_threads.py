@@ -175,19 +175,14 @@ def test_the_trainer_trains_split_and_resumes_to_the_same_weights(fresh, monkeyp
     import json
 
     from safetensors.torch import load_file
+    from tiny import tiny_dit_yaml
 
     from fae.stages import load_stage_config, train_stage
 
     monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
     ran = spy_on_parts(monkeypatch)
     cfg_file = tmp_path / "dit.yaml"
-    cfg_file.write_text(f"""
-stage: dit
-latents: {tiny_latent_world['cache']}
-model: {{input_size: [4, 4], in_channels: 4, hidden_size: 32, depth: 1, num_heads: 2, num_classes: 10}}
-optim: {{lr: 1.0e-3}}
-train: {{steps: 4, batch_size: 8, checkpoint_every: 2, log_every: 1, ema_decay: 0.9, seed: 1}}
-""")
+    cfg_file.write_text(tiny_dit_yaml(tiny_latent_world["cache"], steps=4))
     _, cfg = load_stage_config(cfg_file)
     train_stage("dit", cfg, tmp_path / "once", progress=False)
     assert len(ran) >= 8 and all(name.startswith("fae-batch") for name in ran)  # two parts a step, four steps
