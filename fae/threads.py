@@ -174,6 +174,20 @@ def _keeps_graph() -> bool:
     return bool(keep_graph()) if keep_graph is not None else False
 
 
+def _gradient_copies(params: Sequence[torch.Tensor], parts: int) -> int:
+    """Bytes a split backward holds beyond a whole one: every part but the first has its own gradient of each
+    parameter until the parts' gradients are summed."""
+    return (parts - 1) * sum(p.numel() * p.element_size() for p in params)
+
+
+def _free_memory() -> int:
+    """Bytes of memory free on this machine now (where the OS does not say: no limit)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
 def _with_backward(call: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:
     """A timed call with its backward (the gradients returned, none accumulated into .grad)."""
     torch.autograd.grad(call().sum(), list(inputs), allow_unused=True)
@@ -190,6 +204,8 @@ def batch_parallel(model: torch.nn.Module, fn: Callable[..., torch.Tensor],
     key, params = kernels.model_call(model, args[0])
     trainable = [p for p in model.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
     grad = bool(trainable) or (torch.is_grad_enabled() and any(a.requires_grad for a in args))
+    if grad and _gradient_copies(trainable, min(threads, args[0].shape[0])) > _free_memory() // 4:
+        return fn(*args)  # each part's gradients of every parameter at once would crowd this machine's memory
 
     def split(*batch: torch.Tensor) -> torch.Tensor:
         if grad:

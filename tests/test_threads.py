@@ -213,6 +213,26 @@ def test_a_split_keeps_its_graph_where_backward_retains_it(fresh, monkeypatch):
         out.backward()
 
 
+def test_a_training_split_that_would_crowd_memory_stays_whole(fresh, monkeypatch):
+    """Every part but one holds its own gradient of each parameter until they are summed: where that would take
+    more than a quarter of the free memory (here: a machine faked to 4x those bytes, less one), the call stays
+    whole and no verdict is measured; at inference nothing is held and the split goes on."""
+    monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
+    ran = spy_on_parts(monkeypatch)
+    model = tiny_dit()
+    copy = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # one extra part
+    x, t, y = torch.randn(4, 4, 4, 4), torch.rand(4), torch.arange(4)
+    monkeypatch.setattr(T, "_free_memory", lambda: 4 * copy - 1)
+    model(x, t, y).sum().backward()
+    assert ran == []
+    with torch.no_grad():
+        model(x, t, y)
+    assert len(ran) == 2
+    monkeypatch.setattr(T, "_free_memory", lambda: 4 * copy)
+    model(x, t, y).sum().backward()
+    assert len(ran) == 4
+
+
 def test_hooks_and_one_thread_keep_the_call_whole(fresh, monkeypatch):
     """A hook would see a part, on a worker; one thread has nothing to split over."""
     monkeypatch.setenv("FAE_BATCH_SPLIT", "split")
