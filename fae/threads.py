@@ -23,6 +23,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -181,11 +182,13 @@ def _gradient_copies(params: Sequence[torch.Tensor], parts: int) -> int:
 
 
 def _free_memory() -> int:
-    """Bytes of memory free on this machine now (where the OS does not say: no limit)."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
+    """Bytes a process may still allocate on this machine (Linux's MemAvailable: free memory and the cache it can
+    drop); where the OS does not say, no limit."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
 
 
 def _with_backward(call: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor]) -> None:
