@@ -11,9 +11,10 @@ fae times both the first time it meets a size class and uses the faster:
     attention    CPU softmax attention: the fused SDPA kernel or matmul-softmax, per dtype and with/without backward.
     cfg_batch    a guided evaluation on a CPU: conditional and unconditional halves as one batch or as two calls
                  (fae.transport.GuidedVelocity), per model, dtype and batch.
-    batch_split  a CPU inference call as one batch on all threads, or split into one part per thread, the parts at
-                 once (fae.threads), per model, dtype, batch and thread count. Timed in wall-clock time (the
-                 point is several threads at once), outside the lock: the parts meet size classes of their own.
+    batch_split  a CPU model call (inference, or forward and backward) as one batch on all threads, or split into one
+                 part per thread, the parts at once (fae.threads), per model, dtype, batch, thread count and with or
+                 without backward. Timed in wall-clock time (the point is several threads at once), outside the
+                 lock: the parts meet size classes of their own.
 
 Timing follows fae.precision's bf16 probe: one thread, the thread's CPU time, the best of a few interleaved runs,
 so a busy machine cannot tip a verdict. Verdicts are kept per process and on disk per machine
@@ -187,15 +188,21 @@ def size_bucket(rows: int) -> int:
     return 1 << max(0, rows - 1).bit_length()
 
 
-@functools.cache
-def cpuinfo(field: str) -> str | None:
-    """The first value of `field` (model name, vendor_id, ...) in /proc/cpuinfo; None where there is none."""
+def proc_field(table: str, field: str) -> str | None:
+    """The first value of `field` in /proc/<table> (cpuinfo, meminfo, ...), read now; None where there is none."""
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in (Path("/proc") / table).read_text().splitlines():
             name, _, value = line.partition(":")
             if name.strip() == field:
                 return value.strip()
     return None
+
+
+@functools.cache
+def cpuinfo(field: str) -> str | None:
+    """The first value of `field` (model name, vendor_id, ...) in /proc/cpuinfo, read once; None where there is
+    none."""
+    return proc_field("cpuinfo", field)
 
 
 def _cpu_model() -> str:

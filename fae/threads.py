@@ -23,7 +23,6 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -184,10 +183,10 @@ def _gradient_copies(params: Sequence[torch.Tensor], parts: int) -> int:
 def _free_memory() -> int:
     """Bytes a process may still allocate on this machine (Linux's MemAvailable: free memory and the cache it can
     drop); where the OS does not say, no limit."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+    available = kernels.proc_field("meminfo", "MemAvailable")  # "123456 kB"
+    with contextlib.suppress(ValueError, IndexError):
+        if available is not None:
+            return int(available.split()[0]) * 1024
     return 1 << 62
 
 
